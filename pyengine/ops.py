@@ -1,0 +1,253 @@
+"""The op surface: torch references and the one backend registry.
+
+Every op has a torch reference here (runs on CPU and CUDA). Faster versions live in
+``pyengine.kernels`` (Triton, one op per file) and ``pyengine.cuda_ops`` (the CUDA
+extension). ``resolve_ops(backend, device)`` returns an :class:`Ops` namespace with one
+callable per op; a model holds it and calls ``self.ops.<name>(...)``. Nothing is swapped
+at import time.
+
+Choice per op: ``cuda`` > ``triton`` > ``torch`` by availability on the device, unless a
+backend is named (``LLM(kernel_backend=...)`` or ``PYENGINE_KERNEL_BACKEND``); a named
+backend is used for every op it implements and torch for the rest.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("cuda", "triton", "torch")
+ENV_VAR = "PYENGINE_KERNEL_BACKEND"
+
+
+# ----------------------------------------------------------------------------------------
+# torch references
+# ----------------------------------------------------------------------------------------
+
+def varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=False, scale=None, window=None):
+    """Attention within each packed sequence.
+
+    q: (T, Hq, D); k, v: (T, Hkv, D) with Hq % Hkv == 0; cu_seqlens: (B+1,) int32;
+    max_seqlen: int; window: None or (left, right) tokens visible on each side (-1 = all).
+    Returns (T, Hq, D) in q's dtype. Sequences never attend to each other: the rows are
+    scattered into a (B, max_seqlen) grid inside this op only, with a mask on the keys.
+    """
+    T, Hq, D = q.shape
+    Hkv = k.shape[1]
+    B = cu_seqlens.numel() - 1
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    starts = cu_seqlens[:-1].long()
+    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    S = int(max_seqlen)
+    seq_id = torch.repeat_interleave(torch.arange(B, device=q.device), lens, output_size=T)
+    pos = torch.arange(T, device=q.device) - starts[seq_id]
+
+    def grid(x):
+        out = x.new_zeros(B, S, x.shape[1], D)
+        out[seq_id, pos] = x
+        return out.transpose(1, 2)  # (B, H, S, D)
+
+    qg, kg, vg = grid(q), grid(k), grid(v)
+    if Hkv != Hq:
+        kg = kg.repeat_interleave(Hq // Hkv, dim=1)
+        vg = vg.repeat_interleave(Hq // Hkv, dim=1)
+    ar = torch.arange(S, device=q.device)
+    mask = ar[None, None, :] < lens[:, None, None]  # (B, 1, S) valid keys
+    rel = ar[None, :] - ar[:, None]  # key - query
+    allowed = torch.ones(S, S, dtype=torch.bool, device=q.device)
+    if causal:
+        allowed &= rel <= 0
+    if window is not None:
+        left, right = window
+        if left >= 0:
+            allowed &= rel >= -left
+        if right >= 0:
+            allowed &= rel <= right
+    mask = (mask & allowed[None]).unsqueeze(1)  # (B, 1, S, S)
+    out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, scale=scale)
+    return out.transpose(1, 2)[seq_id, pos]
+
+
+def gather_pooled(hidden, cu_seqlens, pooling):
+    """One row per sequence. hidden: (T, H); cu_seqlens: (B+1,) int32;
+    pooling: "cls" (first token), "last" (true last token) or "mean". Returns (B, H)."""
+    if pooling == "cls":
+        return hidden[cu_seqlens[:-1].long()]
+    if pooling == "last":
+        return hidden[cu_seqlens[1:].long() - 1]
+    if pooling == "mean":
+        lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+        seq_id = torch.repeat_interleave(
+            torch.arange(lens.numel(), device=hidden.device), lens, output_size=hidden.shape[0])
+        out = torch.zeros(lens.numel(), hidden.shape[1], dtype=torch.float32, device=hidden.device)
+        out.index_add_(0, seq_id, hidden.float())
+        return (out / lens[:, None]).to(hidden.dtype)
+    raise ValueError(f"unknown pooling {pooling!r}; expected 'cls', 'last' or 'mean'")
+
+
+def activation(logits, kind, logit_bias=None, logit_scale=None):
+    """act((logits - logit_bias) * logit_scale) in fp32. logits: (B, L);
+    kind: "softmax" | "sigmoid" | "identity". Returns (B, L) fp32."""
+    x = logits.float()
+    if logit_bias is not None:
+        x = x - logit_bias
+    if logit_scale is not None:
+        x = x * logit_scale
+    if kind == "softmax":
+        return torch.softmax(x, dim=-1)
+    if kind == "sigmoid":
+        return torch.sigmoid(x)
+    if kind == "identity":
+        return x
+    raise ValueError(f"unknown activation {kind!r}; expected softmax, sigmoid or identity")
+
+
+def add_layer_norm(x, residual, weight, bias, eps):
+    """LayerNorm(x + residual) over the last dim, statistics in fp32.
+    x, residual: (T, H) (residual may be None); weight, bias: (H,).
+    Returns (normed, summed), both (T, H) in x's dtype."""
+    s = x if residual is None else x + residual
+    y = F.layer_norm(s.float(), (s.shape[-1],), weight.float(), None if bias is None else bias.float(), eps)
+    return y.to(x.dtype), s
+
+
+def add_rms_norm(x, residual, weight, eps, offset=0.0):
+    """RMSNorm(x + residual) * (weight + offset) (offset=1 for Gemma), fp32 statistics.
+    Returns (normed, summed), both (T, H) in x's dtype."""
+    s = x if residual is None else x + residual
+    sf = s.float()
+    y = sf * torch.rsqrt(sf.pow(2).mean(-1, keepdim=True) + eps) * (weight.float() + offset)
+    return y.to(x.dtype), s
+
+
+def rotary(q, k, positions, cos_sin, neox=True):
+    """Rotary embedding on packed positions, in place on q (T, Hq, D) and k (T, Hkv, D).
+    positions: (T,) int64, restarting at 0 per sequence; cos_sin: (max_pos, R) fp32 with
+    cos in the first R/2 columns and sin in the last R/2, R <= D the rotated width.
+    neox=True rotates halves (Llama/Qwen); False rotates interleaved pairs (GPT-J)."""
+    R = cos_sin.shape[1]
+    cos, sin = cos_sin[positions].chunk(2, dim=-1)  # (T, R/2)
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    for x in (q, k):
+        xr = x[..., :R].float()
+        if neox:
+            x1, x2 = xr.chunk(2, dim=-1)
+            out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        else:
+            x1, x2 = xr[..., 0::2], xr[..., 1::2]
+            out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+        x[..., :R] = out.to(x.dtype)
+    return q, k
+
+
+def gated_act(x, kind):
+    """act(gate) * up for x: (T, 2I) = [gate | up]; kind: "silu" (SwiGLU) or
+    "gelu_tanh" (GeGLU as Gemma). Returns (T, I)."""
+    gate, up = x.chunk(2, dim=-1)
+    if kind == "silu":
+        return F.silu(gate) * up
+    if kind == "gelu_tanh":
+        return F.gelu(gate, approximate="tanh") * up
+    if kind == "gelu":
+        return F.gelu(gate) * up
+    raise ValueError(f"unknown gated activation {kind!r}")
+
+
+def embed_layer_norm(input_ids, positions, token_type_ids, word, pos, type_, weight, bias, eps,
+                     extra=None):
+    """BERT embeddings: LayerNorm(word[ids] + pos[positions] + type[token_type_ids] (+ extra)).
+    input_ids, positions, token_type_ids: (T,) int64; word: (V, H); pos: (P, H);
+    type_: (TT, H) or None; extra: (H,) or None (Ernie's task-type row). Returns (T, H)."""
+    x = F.embedding(input_ids, word) + F.embedding(positions, pos)
+    if type_ is not None:
+        x = x + F.embedding(token_type_ids, type_)
+    if extra is not None:
+        x = x + extra
+    return add_layer_norm(x, None, weight, bias, eps)[0]
+
+
+# ----------------------------------------------------------------------------------------
+# registry
+# ----------------------------------------------------------------------------------------
+
+OP_NAMES = ("varlen_attention", "gather_pooled", "activation", "add_layer_norm", "add_rms_norm",
+            "rotary", "gated_act", "embed_layer_norm")
+
+# Where the faster versions live: "module:function". A module that is missing or fails
+# to import (no triton, no built extension) simply makes that backend unavailable.
+_TRITON = {name: f"pyengine.kernels.{name}:{name}" for name in OP_NAMES}
+_CUDA = {name: f"pyengine.cuda_ops:{name}" for name in OP_NAMES}
+_IMPLS = {"triton": _TRITON, "cuda": _CUDA}
+
+
+def _load(spec):
+    mod, fn = spec.split(":")
+    try:
+        return getattr(importlib.import_module(mod), fn, None)
+    except ImportError:
+        return None
+
+
+def _available(backend, device):
+    if backend == "torch":
+        return True
+    if backend == "cuda":
+        if device.type != "cuda":
+            return False
+        try:
+            importlib.import_module("pyengine._C")
+        except ImportError:
+            return False
+        return True
+    if backend == "triton":
+        try:
+            importlib.import_module("triton")
+        except ImportError:
+            return False
+        # On CPU Triton only runs in interpreter mode, which is for tests, not speed.
+        return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    raise ValueError(f"unknown kernel backend {backend!r}; expected one of {BACKENDS} or 'auto'")
+
+
+@dataclass
+class Ops:
+    """One callable per op, resolved for a device; ``chosen[name]`` says which backend."""
+    backend: str
+    chosen: dict = field(default_factory=dict)
+
+    def describe(self):
+        return ", ".join(f"{k}={v}" for k, v in self.chosen.items())
+
+
+def resolve_ops(backend="auto", device="cpu"):
+    """Resolve every op for ``device``. backend: "auto" | "cuda" | "triton" | "torch";
+    "auto" reads PYENGINE_KERNEL_BACKEND first. A named backend that cannot run on the
+    device is an error, not a silent fallback."""
+    device = torch.device(device)
+    if backend in (None, "auto"):
+        backend = os.environ.get(ENV_VAR, "auto") or "auto"
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {backend!r}; expected one of {BACKENDS} or 'auto'")
+    if backend == "auto":
+        # The Triton interpreter is for tests: "auto" takes Triton only on a GPU.
+        order = [b for b in BACKENDS
+                 if _available(b, device) and (b != "triton" or device.type == "cuda")]
+    else:
+        if not _available(backend, device):
+            why = {"cuda": "needs a CUDA device and the built extension pyengine._C",
+                   "triton": "needs triton, and a CUDA device or TRITON_INTERPRET=1"}[backend]
+            raise RuntimeError(f"kernel backend {backend!r} is not available on {device}: {why}")
+        order = [backend, "torch"]
+    ops = Ops(backend=backend)
+    for name in OP_NAMES:
+        for b in order:
+            fn = globals()[name] if b == "torch" else _load(_IMPLS[b][name])
+            if fn is not None:
+                setattr(ops, name, fn)
+                ops.chosen[name] = b
+                break
+    return ops
