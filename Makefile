@@ -1,0 +1,29 @@
+# `make bench` runs the benchmark; `make test` runs the test suite. Both create the
+# virtual environment on first use. A machine whose Python already has a CUDA torch
+# keeps it (the venv sees system packages); otherwise torch==2.13.0 (CPU) is installed.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.pyengine-installed
+
+.PHONY: install bench test test-fast kernel clean
+
+install: $(STAMP)
+
+$(STAMP): setup.py Makefile
+	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q "transformers>=4.56" tokenizers safetensors tqdm numpy "triton>=3.0" \
+		pytest pytest-timeout pybind11 cmake
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+bench: install
+	$(PY) -m pyengine.bench
+
+test: install
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info pyengine/_C*.so

@@ -1,0 +1,102 @@
+"""Configuration dataclasses, validated when built."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class PoolerConfig:
+    """How pooled logits become outputs.
+
+    pooling_type: None (the model's own), "CLS", "LAST" or "MEAN".
+    use_activation: apply the activation by default (a request may override it).
+    logit_bias / logit_scale: outputs are act((logits - logit_bias) * logit_scale).
+    """
+    pooling_type: str | None = None
+    use_activation: bool = True
+    logit_bias: float | None = None
+    logit_scale: float | None = None
+
+    def __post_init__(self):
+        if self.pooling_type is not None:
+            p = str(self.pooling_type).upper()
+            if p not in ("CLS", "LAST", "MEAN"):
+                raise ValueError(f"PoolerConfig.pooling_type must be CLS, LAST or MEAN, got {self.pooling_type!r}")
+            self.pooling_type = p
+        if not isinstance(self.use_activation, bool):
+            raise TypeError(f"PoolerConfig.use_activation must be a bool, got {self.use_activation!r}")
+        for name in ("logit_bias", "logit_scale"):
+            v = getattr(self, name)
+            if v is not None and not isinstance(v, (int, float)):
+                raise TypeError(f"PoolerConfig.{name} must be a number, got {type(v).__name__}")
+
+
+@dataclass
+class EngineConfig:
+    """Everything LLM(...) takes. ``model`` is a local directory or a transformers
+    ``PreTrainedModel`` instance."""
+    model: Any
+    tokenizer: Any = None
+    dtype: str | torch.dtype = "auto"
+    device: str | torch.device = "auto"
+    max_model_len: int | None = None
+    max_num_batched_tokens: int = 16384
+    max_num_seqs: int = 256
+    hf_overrides: dict | None = None
+    pooler_config: PoolerConfig | None = None
+    kernel_backend: str = "auto"
+    convert: str = "auto"
+    torch_dtype: torch.dtype = field(init=False)
+    torch_device: torch.device = field(init=False)
+
+    def __post_init__(self):
+        for name in ("max_num_batched_tokens", "max_num_seqs"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 1):
+            raise ValueError(f"max_model_len must be a positive int or None, got {self.max_model_len!r}")
+        if self.hf_overrides is not None and not isinstance(self.hf_overrides, dict):
+            raise TypeError(f"hf_overrides must be a dict, got {type(self.hf_overrides).__name__}")
+        if self.pooler_config is None:
+            self.pooler_config = PoolerConfig()
+        elif isinstance(self.pooler_config, dict):
+            self.pooler_config = PoolerConfig(**self.pooler_config)
+        elif not isinstance(self.pooler_config, PoolerConfig):
+            raise TypeError(f"pooler_config must be a PoolerConfig or dict, got {type(self.pooler_config).__name__}")
+        if self.convert not in ("auto", "classify", "none"):
+            raise ValueError(f"convert must be 'auto', 'classify' or 'none', got {self.convert!r}")
+        if self.device in (None, "auto"):
+            self.torch_device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        else:
+            self.torch_device = torch.device(self.device)
+        if self.torch_device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(f"device {self.device!r} asked for, but torch sees no CUDA device")
+        self.torch_dtype = self._resolve_dtype()
+
+    def _resolve_dtype(self) -> torch.dtype:
+        d = self.dtype
+        if isinstance(d, torch.dtype):
+            dtype = d
+        elif d in (None, "auto"):
+            # bf16 on GPUs that have it, fp32 on CPU (where fp16/bf16 matmuls are slow).
+            if self.torch_device.type == "cuda":
+                return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return torch.float32
+        elif isinstance(d, str) and d.lower() in _DTYPES:
+            dtype = _DTYPES[d.lower()]
+        else:
+            raise ValueError(f"dtype must be 'auto', 'float32', 'float16' or 'bfloat16', got {d!r}")
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"dtype {dtype} is not supported; use float32, float16 or bfloat16")
+        if dtype == torch.bfloat16 and self.torch_device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ValueError(f"dtype bfloat16 is not supported by {torch.cuda.get_device_name(self.torch_device)}; "
+                             "use float16")
+        return dtype

@@ -1,0 +1,196 @@
+"""The engine core (a loop over a request queue) and the offline ``LLM`` API.
+
+``EngineCore.step()`` schedules one ragged batch from the waiting requests, runs it
+and finishes its requests; ``LLM`` adds a call's requests and steps until they are
+done, and an asyncio server can drive the same core from its own loop.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from .batch import RaggedBatch
+from .config import EngineConfig, PoolerConfig
+from .inputs import InputProcessor, TokenizedPrompt, parse_prompts
+from .models import model_class, resolve_architecture
+from .models.loader import iter_weights, load_hf_config
+from .ops import resolve_ops
+from .outputs import (ClassificationRequestOutput, PoolingOutput, PoolingRequestOutput,
+                      ScoringRequestOutput)
+from .pooler import Pooler, classify_activation, score_activation
+from .scheduler import next_batch
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt: TokenizedPrompt
+    activation: str | None  # None: raw logits
+    arrival: float = field(default_factory=time.monotonic)
+    output: torch.Tensor | None = None  # (num_labels,) fp32 on the host once finished
+
+
+def _load_tokenizer(cfg: EngineConfig):
+    from transformers import AutoTokenizer
+
+    tok = cfg.tokenizer
+    if tok is not None and not isinstance(tok, (str, os.PathLike)):
+        return tok  # already a tokenizer object
+    source = tok if tok is not None else cfg.model
+    if not isinstance(source, (str, os.PathLike)):
+        source = getattr(getattr(source, "config", None), "_name_or_path", None)
+        if not source or not os.path.isdir(source):
+            return None  # a model instance with no local tokenizer: token-id prompts only
+    try:
+        return AutoTokenizer.from_pretrained(os.fspath(source), local_files_only=True)
+    except (OSError, ValueError, TypeError) as e:
+        if tok is not None:
+            raise ValueError(f"cannot load tokenizer from {os.fspath(source)!r}: {e}") from e
+        return None
+
+
+class EngineCore:
+    """Owns the model, the tokenizer-side limits and the waiting queue."""
+
+    def __init__(self, cfg: EngineConfig):
+        self.cfg = cfg
+        self.device = cfg.torch_device
+        self.hf_config = load_hf_config(cfg.model, cfg.hf_overrides)
+        self.arch = resolve_architecture(self.hf_config, cfg.convert)
+        self.ops = resolve_ops(cfg.kernel_backend, self.device)
+        pooling = cfg.pooler_config.pooling_type.lower() if cfg.pooler_config.pooling_type else None
+        cls = model_class(self.arch)
+        self.model = cls(self.hf_config, self.arch, cfg.torch_dtype, self.device, self.ops, pooling)
+        self.model.load_weights(iter_weights(cfg.model))
+        self.model.eval()
+        self.num_labels = self.model.num_labels
+        limit = self.model.max_model_len
+        if cfg.max_model_len is not None and cfg.max_model_len > limit:
+            raise ValueError(f"max_model_len={cfg.max_model_len} exceeds the model's maximum {limit}")
+        self.max_model_len = cfg.max_model_len or limit
+        if self.max_model_len > cfg.max_num_batched_tokens:
+            raise ValueError(f"max_model_len={self.max_model_len} is larger than max_num_batched_tokens="
+                             f"{cfg.max_num_batched_tokens}: a prompt of full length could never be scheduled")
+        self.tokenizer = _load_tokenizer(cfg)
+        keep_types = bool(getattr(self.model, "type_vocab", 0))
+        self.inputs = InputProcessor(self.tokenizer, self.max_model_len, self.model.vocab_size, keep_types)
+        self.pooler = Pooler(self.ops, cfg.pooler_config)
+        self.classify_act = classify_activation(self.hf_config)
+        self.waiting: dict[str, Request] = {}
+        self._ids = itertools.count()
+
+    def new_request_id(self) -> str:
+        return str(next(self._ids))
+
+    # ------------------------------------------------------------------ queue
+    def add_request(self, req: Request):
+        if req.request_id in self.waiting:
+            raise ValueError(f"request id {req.request_id!r} is already queued")
+        self.waiting[req.request_id] = req
+
+    def abort(self, request_ids):
+        for rid in request_ids:
+            self.waiting.pop(rid, None)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting)
+
+    def step(self) -> list[Request]:
+        """Run one batch of waiting requests; returns the requests it finished."""
+        reqs = list(self.waiting.values())
+        chosen = next_batch([len(r.prompt.token_ids) for r in reqs],
+                            self.cfg.max_num_batched_tokens, self.cfg.max_num_seqs)
+        batch_reqs = [reqs[i] for i in chosen]
+        if not batch_reqs:
+            return []
+        outputs = self.run_batch([r.prompt for r in batch_reqs], [r.activation for r in batch_reqs])
+        for r, out in zip(batch_reqs, outputs):
+            r.output = out
+            del self.waiting[r.request_id]
+        return batch_reqs
+
+    @torch.inference_mode()
+    def run_batch(self, prompts: list[TokenizedPrompt], activations: list[str | None]) -> torch.Tensor:
+        """Forward one ragged batch. Returns (B, num_labels) fp32 on the host."""
+        types = None
+        if any(p.token_type_ids is not None for p in prompts):
+            types = [p.token_type_ids or [0] * len(p.token_ids) for p in prompts]
+        batch = RaggedBatch.build([p.token_ids for p in prompts], types, self.device)
+        logits = self.model(batch)
+        return self.pooler(logits, activations).cpu()
+
+
+class LLM:
+    """Offline sequence classification, scoring and pooling (vLLM's pooling API)."""
+
+    def __init__(self, model, tokenizer=None, dtype="auto", device="auto", max_model_len=None,
+                 max_num_batched_tokens=16384, max_num_seqs=256, hf_overrides=None,
+                 pooler_config: PoolerConfig | dict | None = None, kernel_backend="auto", convert="auto"):
+        self.config = EngineConfig(model=model, tokenizer=tokenizer, dtype=dtype, device=device,
+                                   max_model_len=max_model_len, max_num_batched_tokens=max_num_batched_tokens,
+                                   max_num_seqs=max_num_seqs, hf_overrides=hf_overrides,
+                                   pooler_config=pooler_config, kernel_backend=kernel_backend, convert=convert)
+        self.engine = EngineCore(self.config)
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    # ------------------------------------------------------------------ helpers
+    def _activation(self, use_activation, kind):
+        if use_activation is None:
+            use_activation = self.config.pooler_config.use_activation
+        if not isinstance(use_activation, bool):
+            raise TypeError(f"use_activation must be a bool or None, got {use_activation!r}")
+        return kind if use_activation else None
+
+    def _run(self, prompts: list[TokenizedPrompt], activation, use_tqdm, desc) -> list[PoolingRequestOutput]:
+        eng = self.engine
+        reqs = [Request(eng.new_request_id(), p, activation) for p in prompts]
+        for r in reqs:
+            eng.add_request(r)
+        done = 0
+        with tqdm(total=len(reqs), desc=desc, unit="prompt", disable=not use_tqdm) as bar:
+            try:
+                while done < len(reqs):
+                    n = len(eng.step())
+                    if n == 0:
+                        raise RuntimeError("the engine stopped with requests still waiting")
+                    done += n
+                    bar.update(n)
+            except BaseException:
+                eng.abort([r.request_id for r in reqs])
+                raise
+        return [PoolingRequestOutput(r.request_id, PoolingOutput(r.output), r.prompt.token_ids) for r in reqs]
+
+    # ------------------------------------------------------------------ API
+    def encode(self, prompts, pooling_task="classify", *, truncate_prompt_tokens=None, truncation_side=None,
+               use_activation=None, use_tqdm=True) -> list[PoolingRequestOutput]:
+        """Pooled classifier outputs per prompt: ``.outputs.data`` is (num_labels,) fp32."""
+        if pooling_task != "classify":
+            raise ValueError(f"pooling_task={pooling_task!r} is not supported; this engine serves 'classify'")
+        act = self._activation(use_activation, self.engine.classify_act)
+        toks = self.engine.inputs.process(parse_prompts(prompts), truncate_prompt_tokens, truncation_side)
+        return self._run(toks, act, use_tqdm, "Classifying")
+
+    def classify(self, prompts, *, truncate_prompt_tokens=None, truncation_side=None, use_activation=None,
+                 use_tqdm=True) -> list[ClassificationRequestOutput]:
+        """Class probabilities per prompt: ``.outputs.probs`` is a list of num_labels floats."""
+        outs = self.encode(prompts, "classify", truncate_prompt_tokens=truncate_prompt_tokens,
+                           truncation_side=truncation_side, use_activation=use_activation, use_tqdm=use_tqdm)
+        return [ClassificationRequestOutput.from_pooling(o) for o in outs]
+
+    def score(self, data_1, data_2, *, truncate_prompt_tokens=None, truncation_side=None, use_activation=None,
+              use_tqdm=True) -> list[ScoringRequestOutput]:
+        """Cross-encoder relevance of text pairs (1:1, 1:N or N:N): ``.outputs.score``."""
+        if self.engine.num_labels != 1:
+            raise ValueError(f"score() needs a model with num_labels == 1 (a cross-encoder); "
+                             f"this one has num_labels={self.engine.num_labels}")
+        act = self._activation(use_activation, score_activation(self.engine.hf_config))
+        toks, _, _ = self.engine.inputs.process_pairs(data_1, data_2, truncate_prompt_tokens, truncation_side)
+        outs = self._run(toks, act, use_tqdm, "Scoring")
+        return [ScoringRequestOutput.from_pooling(o) for o in outs]

@@ -1,0 +1,147 @@
+"""Prompt parsing, tokenisation, truncation and text pairs.
+
+Everything here runs before any model work, so a bad prompt anywhere in a call fails
+the whole call with a message naming the prompt, and nothing is half-done.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class TokenizedPrompt:
+    token_ids: list[int]
+    token_type_ids: list[int] | None = None
+
+
+def parse_prompts(prompts, what="prompts"):
+    """Normalise str | list[str] | {"prompt": str} | {"prompt_token_ids": [...]} (or a
+    list of those) into a list of ``str`` and ``list[int]``."""
+    if isinstance(prompts, (str, dict)):
+        prompts = [prompts]
+    if not isinstance(prompts, (list, tuple)):
+        raise TypeError(f"{what} must be a str, a dict or a list of them, got {type(prompts).__name__}")
+    if not prompts:
+        raise ValueError(f"{what} is an empty list")
+    out = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, dict):
+            if "prompt_token_ids" in p:
+                ids = p["prompt_token_ids"]
+                if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool)
+                                                                 for t in ids):
+                    raise TypeError(f"{what}[{i}]['prompt_token_ids'] must be a list of ints")
+                out.append(list(ids))
+            elif "prompt" in p:
+                if not isinstance(p["prompt"], str):
+                    raise TypeError(f"{what}[{i}]['prompt'] must be a str, got {type(p['prompt']).__name__}")
+                out.append(p["prompt"])
+            else:
+                raise ValueError(f"{what}[{i}] is a dict without 'prompt' or 'prompt_token_ids' "
+                                 f"(keys: {sorted(p)})")
+        elif isinstance(p, str):
+            out.append(p)
+        else:
+            raise TypeError(f"{what}[{i}] must be a str or a dict, got {type(p).__name__}")
+    return out
+
+
+def _as_text(x, what):
+    if isinstance(x, dict) and "prompt" in x:
+        x = x["prompt"]
+    if not isinstance(x, str):
+        raise TypeError(f"{what} must be a str, got {type(x).__name__}")
+    return x
+
+
+class InputProcessor:
+    """Turns prompts into token ids under the model's length limit."""
+
+    def __init__(self, tokenizer, max_model_len: int, vocab_size: int, keep_token_types: bool):
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+        self.vocab_size = vocab_size
+        self.keep_token_types = keep_token_types
+
+    # ------------------------------------------------------------------ limits
+    def _limit(self, truncate_prompt_tokens, truncation_side):
+        k = truncate_prompt_tokens
+        if truncation_side not in (None, "left", "right"):
+            raise ValueError(f"truncation_side must be 'left', 'right' or None, got {truncation_side!r}")
+        if k is None:
+            return None, "left"
+        if not isinstance(k, int) or isinstance(k, bool) or (k < 1 and k != -1):
+            raise ValueError(f"truncate_prompt_tokens must be None, -1 or a positive int, got {k!r}")
+        if k == -1:
+            k = self.max_model_len
+        if k > self.max_model_len:
+            raise ValueError(f"truncate_prompt_tokens={k} is greater than max_model_len={self.max_model_len}")
+        return k, truncation_side or "left"
+
+    def _check(self, prompts, what):
+        for i, p in enumerate(prompts):
+            n = len(p.token_ids)
+            if n > self.max_model_len:
+                raise ValueError(f"{what}[{i}] has {n} tokens, more than max_model_len={self.max_model_len}; "
+                                 "shorten it or pass truncate_prompt_tokens")
+            bad = [t for t in p.token_ids if t < 0 or t >= self.vocab_size]
+            if bad:
+                raise ValueError(f"{what}[{i}] has token id {bad[0]} outside the vocabulary "
+                                 f"[0, {self.vocab_size})")
+        return prompts
+
+    def _tokenize(self, texts, pairs, k, side):
+        if self.tokenizer is None:
+            raise ValueError("text prompts need a tokenizer; pass tokenizer=... or token ids")
+        tok = self.tokenizer
+        old = tok.truncation_side
+        tok.truncation_side = side
+        try:
+            enc = tok(texts, text_pair=pairs, add_special_tokens=True, truncation=k is not None,
+                      max_length=k, return_attention_mask=False,
+                      return_token_type_ids=self.keep_token_types)
+        finally:
+            tok.truncation_side = old
+        types = enc.get("token_type_ids") if self.keep_token_types else None
+        return [TokenizedPrompt(ids, types[i] if types is not None else None)
+                for i, ids in enumerate(enc["input_ids"])]
+
+    # ------------------------------------------------------------------ public
+    def process(self, prompts, truncate_prompt_tokens=None, truncation_side=None, what="prompts"):
+        """prompts: the output of :func:`parse_prompts`. Returns list[TokenizedPrompt]."""
+        k, side = self._limit(truncate_prompt_tokens, truncation_side)
+        for i, p in enumerate(prompts):
+            if len(p) == 0:
+                raise ValueError(f"{what}[{i}] is empty")
+        text_idx = [i for i, p in enumerate(prompts) if isinstance(p, str)]
+        out: list[TokenizedPrompt | None] = [None] * len(prompts)
+        if text_idx:
+            for i, tp in zip(text_idx, self._tokenize([prompts[i] for i in text_idx], None, k, side)):
+                out[i] = tp
+        for i, p in enumerate(prompts):
+            if not isinstance(p, str):
+                ids = p if k is None or len(p) <= k else (p[:k] if side == "right" else p[-k:])
+                out[i] = TokenizedPrompt(list(ids))
+        return self._check(out, what)
+
+    def process_pairs(self, data_1, data_2, truncate_prompt_tokens=None, truncation_side=None):
+        """Cross-encoder pairs: 1:1, 1:N (one query, N documents) or N:N. Each pair is
+        tokenised as the tokenizer does a text pair, keeping token_type_ids."""
+        d1 = [data_1] if isinstance(data_1, (str, dict)) else data_1
+        d2 = [data_2] if isinstance(data_2, (str, dict)) else data_2
+        if not isinstance(d1, (list, tuple)) or not isinstance(d2, (list, tuple)):
+            raise TypeError("score() takes a str or a list of str for data_1 and data_2")
+        if not d1 or not d2:
+            raise ValueError("score() got an empty list")
+        d1 = [_as_text(x, f"data_1[{i}]") for i, x in enumerate(d1)]
+        d2 = [_as_text(x, f"data_2[{i}]") for i, x in enumerate(d2)]
+        if len(d1) == 1 and len(d2) > 1:
+            d1 = d1 * len(d2)
+        if len(d1) != len(d2):
+            raise ValueError(f"score() pairs must be 1:1, 1:N or N:N; got {len(d1)} queries and {len(d2)} documents")
+        for name, d in (("data_1", d1), ("data_2", d2)):
+            for i, x in enumerate(d):
+                if not x:
+                    raise ValueError(f"{name}[{i}] is empty")
+        k, side = self._limit(truncate_prompt_tokens, truncation_side)
+        return self._check(self._tokenize(d1, d2, k, side), "pairs"), d1, d2

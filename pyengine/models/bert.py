@@ -1,0 +1,158 @@
+"""BERT-family encoders (BERT, RoBERTa, XLM-RoBERTa, ERNIE) over packed tokens.
+
+One implementation; the families differ in the weight prefix, how positions are
+numbered (RoBERTa counts from padding_idx + 1), ERNIE's task-type row, and the head
+(BERT/ERNIE: pooler dense+tanh then classifier; RoBERTa: classifier.dense+tanh then
+out_proj).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .loader import WeightSink
+
+_ACTS = {
+    "gelu": F.gelu,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+    "silu": F.silu,
+    "swish": F.silu,
+}
+
+_FAMILY = {
+    # architecture: (weight prefix, roberta-style positions, head kind)
+    "BertForSequenceClassification": ("bert", False, "pooler"),
+    "ErnieForSequenceClassification": ("ernie", False, "pooler"),
+    "RobertaForSequenceClassification": ("roberta", True, "roberta"),
+    "XLMRobertaForSequenceClassification": ("roberta", True, "roberta"),
+    "CamembertForSequenceClassification": ("roberta", True, "roberta"),
+}
+
+
+def _p(*shape, dtype, device):
+    return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
+
+
+class BertForSequenceClassification(nn.Module):
+    """forward(batch) -> (B, num_labels) fp32 logits of the pooled rows."""
+
+    default_pooling = "cls"
+
+    def __init__(self, config, arch, dtype, device, ops, pooling=None):
+        super().__init__()
+        self.config = config
+        self.ops = ops
+        self.prefix, self.roberta_positions, self.head_kind = _FAMILY[arch]
+        self.pooling = pooling or self.default_pooling
+        if getattr(config, "position_embedding_type", "absolute") not in (None, "absolute"):
+            raise ValueError(f"{arch}: position_embedding_type={config.position_embedding_type!r} "
+                             "is not supported (only 'absolute')")
+        if config.hidden_act not in _ACTS:
+            raise ValueError(f"{arch}: hidden_act={config.hidden_act!r} is not supported")
+        self.act = _ACTS[config.hidden_act]
+        H, I, V = config.hidden_size, config.intermediate_size, config.vocab_size
+        self.num_heads = config.num_attention_heads
+        self.head_dim = H // self.num_heads
+        self.eps = config.layer_norm_eps
+        self.num_labels = config.num_labels
+        self.vocab_size = V
+        self.pad_offset = (config.pad_token_id + 1) if self.roberta_positions else 0
+        self.max_model_len = config.max_position_embeddings - self.pad_offset
+        kw = dict(dtype=dtype, device=device)
+        f32 = dict(dtype=torch.float32, device=device)
+        self.word = _p(V, H, **kw)
+        self.pos = _p(config.max_position_embeddings, H, **kw)
+        self.type_vocab = getattr(config, "type_vocab_size", 0) or 0
+        self.tok_type = _p(self.type_vocab, H, **kw) if self.type_vocab else None
+        self.use_task_id = bool(getattr(config, "use_task_id", False))
+        self.task = _p(config.task_type_vocab_size, H, **kw) if self.use_task_id else None
+        self.emb_ln_w, self.emb_ln_b = _p(H, **kw), _p(H, **kw)
+        self.layers = nn.ModuleList()
+        for _ in range(config.num_hidden_layers):
+            layer = nn.Module()
+            layer.qkv_w, layer.qkv_b = _p(3 * H, H, **kw), _p(3 * H, **kw)
+            layer.o_w, layer.o_b = _p(H, H, **kw), _p(H, **kw)
+            layer.ln1_w, layer.ln1_b = _p(H, **kw), _p(H, **kw)
+            layer.up_w, layer.up_b = _p(I, H, **kw), _p(I, **kw)
+            layer.down_w, layer.down_b = _p(H, I, **kw), _p(H, **kw)
+            layer.ln2_w, layer.ln2_b = _p(H, **kw), _p(H, **kw)
+            self.layers.append(layer)
+        # The head runs in fp32 whatever the model dtype.
+        self.dense_w, self.dense_b = _p(H, H, **f32), _p(H, **f32)
+        self.out_w, self.out_b = _p(self.num_labels, H, **f32), _p(self.num_labels, **f32)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, batch):
+        ops = self.ops
+        T = batch.num_tokens
+        positions = batch.positions + self.pad_offset if self.pad_offset else batch.positions
+        extra = self.task[0] if self.use_task_id else None  # task_type_ids default to 0
+        x = ops.embed_layer_norm(batch.input_ids, positions, batch.token_type_ids, self.word, self.pos,
+                                 self.tok_type, self.emb_ln_w, self.emb_ln_b, self.eps, extra)
+        nh, hd = self.num_heads, self.head_dim
+        for layer in self.layers:
+            qkv = F.linear(x, layer.qkv_w, layer.qkv_b).view(T, 3, nh, hd)
+            attn = ops.varlen_attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], batch.cu_seqlens, batch.max_seqlen,
+                                        causal=False, scale=hd ** -0.5)
+            h = F.linear(attn.reshape(T, nh * hd), layer.o_w, layer.o_b)
+            x, _ = ops.add_layer_norm(h, x, layer.ln1_w, layer.ln1_b, self.eps)
+            h = F.linear(self.act(F.linear(x, layer.up_w, layer.up_b)), layer.down_w, layer.down_b)
+            x, _ = ops.add_layer_norm(h, x, layer.ln2_w, layer.ln2_b, self.eps)
+        pooled = ops.gather_pooled(x, batch.cu_seqlens, self.pooling).float()
+        return self.head(pooled)
+
+    def head(self, pooled):
+        """pooled: (B, H) fp32 -> (B, num_labels) fp32."""
+        h = torch.tanh(F.linear(pooled, self.dense_w, self.dense_b))
+        return F.linear(h, self.out_w, self.out_b)
+
+    # ------------------------------------------------------------------ weights
+    def load_weights(self, weights):
+        params = dict(self.named_parameters())
+        sink = WeightSink(params, type(self).__name__)
+        H = self.config.hidden_size
+        emb = {"word_embeddings.weight": "word", "position_embeddings.weight": "pos",
+               "token_type_embeddings.weight": "tok_type", "task_type_embeddings.weight": "task",
+               "LayerNorm.weight": "emb_ln_w", "LayerNorm.bias": "emb_ln_b"}
+        sub = {"attention.output.dense.weight": "o_w", "attention.output.dense.bias": "o_b",
+               "attention.output.LayerNorm.weight": "ln1_w", "attention.output.LayerNorm.bias": "ln1_b",
+               "intermediate.dense.weight": "up_w", "intermediate.dense.bias": "up_b",
+               "output.dense.weight": "down_w", "output.dense.bias": "down_b",
+               "output.LayerNorm.weight": "ln2_w", "output.LayerNorm.bias": "ln2_b"}
+        qkv = {"query": 0, "key": 1, "value": 2}
+        if self.head_kind == "pooler":
+            head = {f"{self.prefix}.pooler.dense.weight": "dense_w", f"{self.prefix}.pooler.dense.bias": "dense_b",
+                    "classifier.weight": "out_w", "classifier.bias": "out_b"}
+        else:
+            head = {"classifier.dense.weight": "dense_w", "classifier.dense.bias": "dense_b",
+                    "classifier.out_proj.weight": "out_w", "classifier.out_proj.bias": "out_b"}
+        for name, t in weights:
+            # Older checkpoints name LayerNorm parameters gamma/beta.
+            name = name.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
+            if name in head:
+                sink.put(head[name], t)
+                continue
+            if not name.startswith(self.prefix + "."):
+                continue
+            rest = name[len(self.prefix) + 1:]
+            if rest.startswith("embeddings."):
+                key = rest[len("embeddings."):]
+                if key in emb and emb[key] in params:
+                    sink.put(emb[key], t)
+            elif rest.startswith("encoder.layer."):
+                idx, key = rest[len("encoder.layer."):].split(".", 1)
+                if key.startswith("attention.self."):
+                    which, kind = key[len("attention.self."):].split(".")
+                    j = qkv[which]
+                    target = f"layers.{idx}.qkv_{'w' if kind == 'weight' else 'b'}"
+                    sink.put(target, t, rows=slice(j * H, (j + 1) * H))
+                elif key in sub:
+                    sink.put(f"layers.{idx}.{sub[key]}", t)
+        expected = [n for n in params if not n.startswith("layers.") or "qkv" not in n]
+        expected += [f"layers.{i}.qkv_{k}[{slice(j * H, (j + 1) * H)}]"
+                     for i in range(len(self.layers)) for k in "wb" for j in range(3)]
+        sink.check(expected)

@@ -1,0 +1,98 @@
+"""Reading configs and weights from a local directory or a transformers model."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterator
+
+import torch
+
+
+def load_hf_config(model, hf_overrides=None):
+    """The transformers config of ``model`` (a directory or a PreTrainedModel), with
+    ``hf_overrides`` applied. Never reaches a hub: a missing directory is an error."""
+    from transformers import AutoConfig, PretrainedConfig
+
+    if hasattr(model, "config") and isinstance(model.config, PretrainedConfig):
+        config = model.config.__class__.from_dict(model.config.to_dict())
+    else:
+        path = os.fspath(model)
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"model directory {path!r} does not exist (only local checkpoints are loaded)")
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise FileNotFoundError(f"{path!r} has no config.json")
+        try:
+            config = AutoConfig.from_pretrained(path, local_files_only=True)
+        except (ValueError, KeyError, OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"cannot read {os.path.join(path, 'config.json')}: {e}") from e
+    for key, value in (hf_overrides or {}).items():
+        setattr(config, key, value)
+    return config
+
+
+def _weight_files(path):
+    names = os.listdir(path)
+    for index_name, kind in (("model.safetensors.index.json", "st"), ("pytorch_model.bin.index.json", "bin")):
+        if index_name in names:
+            with open(os.path.join(path, index_name)) as f:
+                try:
+                    shards = sorted(set(json.load(f)["weight_map"].values()))
+                except (json.JSONDecodeError, KeyError) as e:
+                    raise ValueError(f"corrupt weight index {index_name} in {path!r}: {e}") from e
+            missing = [s for s in shards if s not in names]
+            if missing:
+                raise FileNotFoundError(f"{index_name} in {path!r} names missing shards: {missing}")
+            return kind, [os.path.join(path, s) for s in shards]
+    st = sorted(n for n in names if n.endswith(".safetensors"))
+    if st:
+        return "st", [os.path.join(path, n) for n in st]
+    bins = sorted(n for n in names if n.startswith("pytorch_model") and n.endswith(".bin"))
+    if bins:
+        return "bin", [os.path.join(path, n) for n in bins]
+    raise FileNotFoundError(f"no weights in {path!r}: expected *.safetensors or pytorch_model*.bin")
+
+
+def iter_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) pairs of a checkpoint directory (safetensors or .bin, sharded or
+    not) or of a PreTrainedModel instance, on the CPU."""
+    if isinstance(model, torch.nn.Module):
+        yield from model.state_dict().items()
+        return
+    kind, files = _weight_files(os.fspath(model))
+    for f in files:
+        try:
+            if kind == "st":
+                from safetensors import safe_open
+
+                with safe_open(f, framework="pt", device="cpu") as sf:
+                    for name in sf.keys():
+                        yield name, sf.get_tensor(name)
+            else:
+                yield from torch.load(f, map_location="cpu", weights_only=True).items()
+        except Exception as e:  # safetensors and torch.load raise many types on bad files
+            raise ValueError(f"corrupt or unreadable weight file {f!r}: {type(e).__name__}: {e}") from e
+
+
+class WeightSink:
+    """Collects named parameters of a model being loaded and reports what is missing."""
+
+    def __init__(self, params: dict[str, torch.nn.Parameter | torch.Tensor], what: str):
+        self.params = params
+        self.seen: set[str] = set()
+        self.what = what
+
+    def put(self, name, tensor, rows=None):
+        """Copy ``tensor`` into parameter ``name`` (into ``rows`` of dim 0 when given)."""
+        p = self.params[name]
+        dst = p.data if rows is None else p.data[rows]
+        if dst.shape != tensor.shape:
+            raise ValueError(f"{self.what}: weight {name!r} has shape {tuple(tensor.shape)}, "
+                             f"expected {tuple(dst.shape)}")
+        dst.copy_(tensor.to(dst.dtype))
+        self.seen.add(name if rows is None else f"{name}[{rows}]")
+
+    def check(self, expected: list[str]):
+        missing = [n for n in expected if n not in self.seen]
+        if missing:
+            raise ValueError(f"{self.what}: checkpoint lacks weights for {missing[:8]}"
+                             f"{' ...' if len(missing) > 8 else ''}")
