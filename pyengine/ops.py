@@ -170,12 +170,47 @@ def embed_layer_norm(input_ids, positions, token_type_ids, word, pos, type_, wei
     return add_layer_norm(x, None, weight, bias, eps)[0]
 
 
+def pooled_norm(hidden, cu_seqlens, pooling, norm_kind, weight, bias, eps, offset=0.0, residual=None):
+    """One pooled row per sequence through the model's final norm, in fp32: the input of
+    the fp32 head. hidden: (T, H); cu_seqlens: (B+1,) int32; pooling: "cls" | "last" |
+    "mean"; norm_kind: None | "layer" | "rms"; weight: (H,) (unused when norm_kind is
+    None); bias: (H,) or None ("layer" only); eps: float; offset: float added to the
+    weight for "rms" (1 for Gemma); residual: (T, H) or None, the last layer's pending
+    residual add, summed in hidden's dtype first (as add_*_norm do).
+
+    The norm is per token, so "cls" and "last" norm only the B pooled rows; "mean"
+    averages the normed tokens (the same as norming every token and then pooling).
+    Nothing is rounded back to hidden's dtype. Returns (B, H) fp32."""
+    s = hidden if residual is None else hidden + residual
+    H = s.shape[-1]
+
+    def norm(x):
+        if norm_kind is None:
+            return x
+        if norm_kind == "layer":
+            return F.layer_norm(x, (H,), weight.float(), None if bias is None else bias.float(), eps)
+        if norm_kind == "rms":
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * (weight.float() + offset)
+        raise ValueError(f"unknown norm_kind {norm_kind!r}; expected None, 'layer' or 'rms'")
+
+    if pooling in ("cls", "last"):
+        return norm(gather_pooled(s, cu_seqlens, pooling).float())
+    if pooling == "mean":
+        lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+        seq_id = torch.repeat_interleave(
+            torch.arange(lens.numel(), device=s.device), lens, output_size=s.shape[0])
+        out = torch.zeros(lens.numel(), H, dtype=torch.float32, device=s.device)
+        out.index_add_(0, seq_id, norm(s.float()))
+        return out / lens[:, None]
+    raise ValueError(f"unknown pooling {pooling!r}; expected 'cls', 'last' or 'mean'")
+
+
 # ----------------------------------------------------------------------------------------
 # registry
 # ----------------------------------------------------------------------------------------
 
 OP_NAMES = ("varlen_attention", "gather_pooled", "activation", "add_layer_norm", "add_rms_norm",
-            "rotary", "gated_act", "embed_layer_norm")
+            "rotary", "gated_act", "embed_layer_norm", "pooled_norm")
 
 # Where the faster versions live: "module:function". A module that is missing or fails
 # to import (no triton, no built extension) simply makes that backend unavailable.

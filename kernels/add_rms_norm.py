@@ -1,0 +1,83 @@
+"""Fused residual add + RMSNorm in Triton: one program per row, fp32 statistics."""
+import torch
+import triton
+import triton.language as tl
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MAX_H = 32768
+
+
+@triton.jit
+def _add_rms_norm_kernel(X, RES, W, OUT, SUM, stride_x, stride_r, stride_o, stride_s, H, eps, offset,
+                         HAS_RESIDUAL: tl.constexpr, BLOCK_H: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_H)
+    ok = offs < H
+    x = tl.load(X + row * stride_x + offs, mask=ok, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(RES + row * stride_r + offs, mask=ok, other=0.0)
+        # Round the sum to the input dtype before the statistics, as the reference does:
+        # the stored residual stream and the normed value then agree exactly.
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(SUM.dtype.element_ty)
+        tl.store(SUM + row * stride_s + offs, x, mask=ok)
+    xf = x.to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(xf * xf, 0) / H + eps)
+    w = tl.load(W + offs, mask=ok, other=0.0).to(tl.float32) + offset
+    tl.store(OUT + row * stride_o + offs, (xf * rstd * w).to(OUT.dtype.element_ty), mask=ok)
+
+
+def _check(cond, msg):
+    if not cond:
+        raise ValueError(f"add_rms_norm: {msg}")
+
+
+def _rows(t, H):
+    """A (rows, H) view of t with a unit last stride (copying only when no view exists)."""
+    t2 = t.reshape(-1, H)
+    if t2.shape[0] > 0 and H > 1 and t2.stride(1) != 1:
+        t2 = t2.contiguous()
+    return t2
+
+
+def _launch(x, residual, weight, eps, offset=0.0):
+    _check(isinstance(x, torch.Tensor) and x.dim() >= 1,
+           f"x must be a tensor (..., H), got {getattr(x, 'shape', type(x))}")
+    _check(x.dtype in _DTYPES, f"x.dtype must be float16, bfloat16 or float32, got {x.dtype}")
+    H = x.shape[-1]
+    _check(1 <= H <= _MAX_H, f"hidden size must be in [1, {_MAX_H}], got {H}")
+    if residual is not None:
+        _check(isinstance(residual, torch.Tensor) and residual.shape == x.shape,
+               f"residual must match x's shape {tuple(x.shape)}, got {getattr(residual, 'shape', type(residual))}")
+        _check(residual.dtype == x.dtype, f"residual.dtype must be x's {x.dtype}, got {residual.dtype}")
+        _check(residual.device == x.device, f"residual is on {residual.device}, expected x's device {x.device}")
+    _check(isinstance(weight, torch.Tensor) and weight.shape == (H,),
+           f"weight must be ({H},), got {getattr(weight, 'shape', type(weight))}")
+    _check(weight.dtype in _DTYPES, f"weight.dtype must be a float type, got {weight.dtype}")
+    _check(weight.device == x.device, f"weight is on {weight.device}, expected x's device {x.device}")
+    _check(weight.is_contiguous(), "weight must be contiguous")
+    x2 = _rows(x, H)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    summed = x if residual is None else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if x2.shape[0] == 0:
+        return out, summed
+    r2 = x2 if residual is None else _rows(residual, H)
+    o2 = out.view(-1, H)
+    s2 = summed.view(-1, H)
+    block_h = triton.next_power_of_2(H)
+    warps = 4 if block_h <= 1024 else (8 if block_h <= 4096 else 16)
+    _add_rms_norm_kernel[(x2.shape[0],)](
+        x2, r2, weight, o2, s2, x2.stride(0), r2.stride(0), o2.stride(0), s2.stride(0), H,
+        float(eps), float(offset), HAS_RESIDUAL=residual is not None, BLOCK_H=block_h,
+        num_warps=warps)
+    return out, summed
+
+
+def add_rms_norm(x, residual, weight, eps, offset=0.0):
+    """RMSNorm(x + residual) * (weight + offset), statistics in fp32 (offset=1 for Gemma).
+
+    x: (..., H) float16/bfloat16/float32 (usually (T, H)); residual: same shape and dtype,
+    or None; weight: (H,); eps, offset: float.
+    Returns (normed, summed), both x's shape and dtype; summed is x itself when residual
+    is None.
+    """
+    return _launch(x, residual, weight, eps, offset)

@@ -1,0 +1,78 @@
+"""Pooled-row gather in Triton: one row per packed sequence (first, last or mean)."""
+import torch
+import triton
+import triton.language as tl
+
+_POOLINGS = {"cls": 0, "last": 1, "mean": 2}
+
+
+@triton.jit
+def _gather_pooled_kernel(X, CU_SEQLENS, OUT, stride_xt, stride_ob, H,
+                          POOLING: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
+    seq = tl.program_id(0)
+    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_ok = offs_h < H
+    start = tl.load(CU_SEQLENS + seq)
+    end = tl.load(CU_SEQLENS + seq + 1)
+    if POOLING == 0:
+        row = tl.load(X + start.to(tl.int64) * stride_xt + offs_h, mask=h_ok, other=0.0)
+        out = row.to(tl.float32)
+    elif POOLING == 1:
+        row = tl.load(X + (end - 1).to(tl.int64) * stride_xt + offs_h, mask=h_ok, other=0.0)
+        out = row.to(tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_T, BLOCK_H], dtype=tl.float32)
+        offs_t = tl.arange(0, BLOCK_T)
+        for t0 in range(start, end, BLOCK_T):
+            rows = t0 + offs_t
+            x = tl.load(X + rows.to(tl.int64)[:, None] * stride_xt + offs_h[None, :],
+                        mask=(rows < end)[:, None] & h_ok[None, :], other=0.0)
+            acc += x.to(tl.float32)
+        # An empty sequence divides 0 by 0, as the reference does.
+        out = tl.sum(acc, 0) / (end - start).to(tl.float32)
+    tl.store(OUT + seq.to(tl.int64) * stride_ob + offs_h, out.to(OUT.dtype.element_ty), mask=h_ok)
+
+
+def _check(cond, msg):
+    if not cond:
+        raise ValueError(f"gather_pooled: {msg}")
+
+
+def _launch(hidden, cu_seqlens, pooling, out_dtype=None):
+    """out_dtype: hidden's dtype (the op's contract) unless given (float32 for fused heads)."""
+    _check(pooling in _POOLINGS, f"unknown pooling {pooling!r}; expected 'cls', 'last' or 'mean'")
+    _check(isinstance(hidden, torch.Tensor) and hidden.dim() == 2,
+           f"hidden must be a 2-D tensor (T, H), got {getattr(hidden, 'shape', type(hidden))}")
+    _check(hidden.dtype in (torch.float16, torch.bfloat16, torch.float32),
+           f"hidden.dtype must be float16, bfloat16 or float32, got {hidden.dtype}")
+    _check(hidden.stride(1) == 1 or hidden.shape[1] == 1,
+           f"hidden must be contiguous in its last dim, got strides {tuple(hidden.stride())}")
+    _check(isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.dim() == 1 and cu_seqlens.numel() >= 1,
+           f"cu_seqlens must be a 1-D (B+1,) tensor, got {getattr(cu_seqlens, 'shape', type(cu_seqlens))}")
+    _check(cu_seqlens.dtype == torch.int32, f"cu_seqlens.dtype must be int32, got {cu_seqlens.dtype}")
+    _check(cu_seqlens.device == hidden.device,
+           f"cu_seqlens is on {cu_seqlens.device}, expected hidden's device {hidden.device}")
+    _check(cu_seqlens.is_contiguous(), "cu_seqlens must be contiguous")
+    B = cu_seqlens.numel() - 1
+    H = hidden.shape[1]
+    out = torch.empty((B, H), dtype=out_dtype or hidden.dtype, device=hidden.device)
+    if B == 0 or H == 0:
+        return out
+    block_h = min(triton.next_power_of_2(H), 1024)
+    # Mean reads a (BLOCK_T, BLOCK_H) tile per step: about 4K elements keeps registers low.
+    block_t = max(1, 4096 // block_h)
+    grid = (B, triton.cdiv(H, block_h))
+    _gather_pooled_kernel[grid](hidden, cu_seqlens, out, hidden.stride(0), out.stride(0), H,
+                                POOLING=_POOLINGS[pooling], BLOCK_T=block_t, BLOCK_H=block_h,
+                                num_warps=4)
+    return out
+
+
+def gather_pooled(hidden, cu_seqlens, pooling):
+    """One row per sequence.
+
+    hidden: (T, H) float16/bfloat16/float32, last dim contiguous; cu_seqlens: (B+1,) int32;
+    pooling: "cls" (first token), "last" (true last token) or "mean" (fp32 sum / length).
+    Returns (B, H) in hidden's dtype.
+    """
+    return _launch(hidden, cu_seqlens, pooling)

@@ -1,0 +1,146 @@
+"""Pooled rows through the final norm in Triton: gather (cls / last / mean) + optional
+residual add + LayerNorm / RMSNorm, written in fp32 for the fp32 head. Only the pooled
+rows are normed for cls / last, instead of all T tokens."""
+import torch
+import triton
+import triton.language as tl
+
+_POOLINGS = {"cls": 0, "last": 1, "mean": 2}
+_NORMS = {None: 0, "layer": 1, "rms": 2}
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MAX_H = 32768
+
+
+@triton.jit
+def _load_rows(X, RES, rows, row_ok, offs_h, h_ok, stride_x, stride_r, HAS_RESIDUAL: tl.constexpr):
+    """(rows, BLOCK_H) tile of hidden (+ residual, rounded to hidden's dtype) in fp32."""
+    ok = row_ok[:, None] & h_ok[None, :]
+    r64 = rows.to(tl.int64)[:, None]
+    x = tl.load(X + r64 * stride_x + offs_h[None, :], mask=ok, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(RES + r64 * stride_r + offs_h[None, :], mask=ok, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _norm_rows(x, w, b, h_ok, H, eps, offset, NORM: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Row-wise norm of an fp32 (rows, BLOCK_H) tile; padded columns must hold 0."""
+    if NORM == 1:
+        mean = tl.sum(x, 1) / H
+        diff = tl.where(h_ok[None, :], x - mean[:, None], 0.0)
+        var = tl.sum(diff * diff, 1) / H
+        y = diff * tl.rsqrt(var + eps)[:, None] * w[None, :]
+        if HAS_BIAS:
+            y = y + b[None, :]
+    elif NORM == 2:
+        y = x * tl.rsqrt(tl.sum(x * x, 1) / H + eps)[:, None] * (w + offset)[None, :]
+    else:
+        y = x
+    return y
+
+
+@triton.jit
+def _pooled_norm_kernel(X, RES, CU_SEQLENS, W, B, OUT, stride_x, stride_r, stride_o, H, eps, offset,
+                        POOLING: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        HAS_RESIDUAL: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
+    seq = tl.program_id(0)
+    start = tl.load(CU_SEQLENS + seq)
+    end = tl.load(CU_SEQLENS + seq + 1)
+    offs_h = tl.arange(0, BLOCK_H)
+    h_ok = offs_h < H
+    w = tl.zeros([BLOCK_H], dtype=tl.float32)
+    b = tl.zeros([BLOCK_H], dtype=tl.float32)
+    if NORM != 0:
+        w = tl.load(W + offs_h, mask=h_ok, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        b = tl.load(B + offs_h, mask=h_ok, other=0.0).to(tl.float32)
+    if POOLING == 2:
+        offs_t = tl.arange(0, BLOCK_T)
+        acc = tl.zeros([BLOCK_T, BLOCK_H], dtype=tl.float32)
+        for t0 in range(start, end, BLOCK_T):
+            rows = t0 + offs_t
+            row_ok = rows < end
+            x = _load_rows(X, RES, rows, row_ok, offs_h, h_ok, stride_x, stride_r, HAS_RESIDUAL)
+            y = _norm_rows(x, w, b, h_ok, H, eps, offset, NORM, HAS_BIAS)
+            acc += tl.where(row_ok[:, None], y, 0.0)
+        # An empty sequence divides 0 by 0, as the reference does.
+        out = tl.sum(acc, 0) / (end - start).to(tl.float32)
+    else:
+        if POOLING == 0:
+            rows = start + tl.arange(0, 1)
+        else:
+            rows = end - 1 + tl.arange(0, 1)
+        x = _load_rows(X, RES, rows, rows >= 0, offs_h, h_ok, stride_x, stride_r, HAS_RESIDUAL)
+        out = tl.sum(_norm_rows(x, w, b, h_ok, H, eps, offset, NORM, HAS_BIAS), 0)
+    tl.store(OUT + seq.to(tl.int64) * stride_o + offs_h, out, mask=h_ok)
+
+
+def _check(cond, msg):
+    if not cond:
+        raise ValueError(f"pooled_norm: {msg}")
+
+
+def _launch(hidden, cu_seqlens, pooling, norm_kind, weight, bias, eps, offset=0.0, residual=None):
+    _check(pooling in _POOLINGS, f"unknown pooling {pooling!r}; expected 'cls', 'last' or 'mean'")
+    _check(norm_kind in _NORMS, f"unknown norm_kind {norm_kind!r}; expected None, 'layer' or 'rms'")
+    _check(isinstance(hidden, torch.Tensor) and hidden.dim() == 2,
+           f"hidden must be a 2-D tensor (T, H), got {getattr(hidden, 'shape', type(hidden))}")
+    _check(hidden.dtype in _DTYPES, f"hidden.dtype must be float16, bfloat16 or float32, got {hidden.dtype}")
+    _check(hidden.stride(1) == 1 or hidden.shape[1] == 1,
+           f"hidden must be contiguous in its last dim, got strides {tuple(hidden.stride())}")
+    T, H = hidden.shape
+    _check(1 <= H <= _MAX_H, f"hidden size must be in [1, {_MAX_H}], got {H}")
+    if residual is not None:
+        _check(isinstance(residual, torch.Tensor) and residual.shape == hidden.shape,
+               f"residual must match hidden's shape {tuple(hidden.shape)}, got {getattr(residual, 'shape', type(residual))}")
+        _check(residual.dtype == hidden.dtype, f"residual.dtype must be hidden's {hidden.dtype}, got {residual.dtype}")
+        _check(residual.device == hidden.device, f"residual is on {residual.device}, expected {hidden.device}")
+        _check(residual.stride(1) == 1 or H == 1,
+               f"residual must be contiguous in its last dim, got strides {tuple(residual.stride())}")
+    params = []
+    if norm_kind is not None:
+        params.append(("weight", weight))
+    if norm_kind == "layer" and bias is not None:
+        params.append(("bias", bias))
+    for name, t in params:
+        _check(isinstance(t, torch.Tensor) and t.shape == (H,),
+               f"{name} must be ({H},) for norm_kind={norm_kind!r}, got {getattr(t, 'shape', type(t))}")
+        _check(t.dtype in _DTYPES, f"{name}.dtype must be a float type, got {t.dtype}")
+        _check(t.device == hidden.device, f"{name} is on {t.device}, expected {hidden.device}")
+        _check(t.is_contiguous(), f"{name} must be contiguous")
+    _check(isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.dim() == 1 and cu_seqlens.numel() >= 1,
+           f"cu_seqlens must be a 1-D (B+1,) tensor, got {getattr(cu_seqlens, 'shape', type(cu_seqlens))}")
+    _check(cu_seqlens.dtype == torch.int32, f"cu_seqlens.dtype must be int32, got {cu_seqlens.dtype}")
+    _check(cu_seqlens.device == hidden.device, f"cu_seqlens is on {cu_seqlens.device}, expected {hidden.device}")
+    _check(cu_seqlens.is_contiguous(), "cu_seqlens must be contiguous")
+    B = cu_seqlens.numel() - 1
+    out = torch.empty((B, H), dtype=torch.float32, device=hidden.device)
+    if B == 0:
+        return out
+    has_bias = norm_kind == "layer" and bias is not None
+    block_h = triton.next_power_of_2(H)
+    # Mean norms a (BLOCK_T, BLOCK_H) tile per step: about 4K elements keeps registers low.
+    block_t = max(1, 4096 // block_h)
+    _pooled_norm_kernel[(B,)](
+        hidden, hidden if residual is None else residual, cu_seqlens,
+        hidden if norm_kind is None else weight, bias if has_bias else hidden, out,
+        hidden.stride(0), hidden.stride(0) if residual is None else residual.stride(0), out.stride(0),
+        H, float(eps), float(offset),
+        POOLING=_POOLINGS[pooling], NORM=_NORMS[norm_kind], HAS_BIAS=has_bias,
+        HAS_RESIDUAL=residual is not None, BLOCK_T=block_t, BLOCK_H=block_h,
+        num_warps=4 if block_h <= 1024 else (8 if block_h <= 4096 else 16))
+    return out
+
+
+def pooled_norm(hidden, cu_seqlens, pooling, norm_kind, weight, bias, eps, offset=0.0, residual=None):
+    """One pooled row per sequence through the model's final norm, in fp32.
+
+    hidden: (T, H) float16/bfloat16/float32, last dim contiguous; cu_seqlens: (B+1,) int32;
+    pooling: "cls" | "last" | "mean"; norm_kind: None | "layer" | "rms"; weight: (H,)
+    (unused when norm_kind is None); bias: (H,) or None ("layer" only); eps: float;
+    offset: float added to the weight for "rms" (1 for Gemma); residual: (T, H) or None,
+    added to hidden first and rounded to its dtype. "mean" averages the normed tokens.
+    Returns (B, H) float32.
+    """
+    return _launch(hidden, cu_seqlens, pooling, norm_kind, weight, bias, eps, offset, residual)

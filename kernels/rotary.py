@@ -1,0 +1,97 @@
+"""Rotary position embedding in Triton, in place on packed q and k."""
+import torch
+import triton
+import triton.language as tl
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@triton.jit
+def _rotate_heads(X, stride_h, n_heads, cos, sin, offs_j, j_ok,
+                  HALF: tl.constexpr, NEOX: tl.constexpr, BLOCK_HEADS: tl.constexpr):
+    """Rotate the first 2*HALF features of every head of one token, in place."""
+    offs_h = tl.arange(0, BLOCK_HEADS)
+    ok = (offs_h < n_heads)[:, None] & j_ok[None, :]
+    base = X + offs_h[:, None] * stride_h
+    if NEOX:
+        p1 = base + offs_j[None, :]
+        p2 = base + HALF + offs_j[None, :]
+    else:
+        p1 = base + 2 * offs_j[None, :]
+        p2 = base + 2 * offs_j[None, :] + 1
+    x1 = tl.load(p1, mask=ok, other=0.0)
+    x2 = tl.load(p2, mask=ok, other=0.0)
+    x1f = x1.to(tl.float32)
+    x2f = x2.to(tl.float32)
+    tl.store(p1, (x1f * cos - x2f * sin).to(x1.dtype), mask=ok)
+    tl.store(p2, (x2f * cos + x1f * sin).to(x1.dtype), mask=ok)
+
+
+@triton.jit
+def _rotary_kernel(Q, K, POS, COS_SIN, stride_qt, stride_qh, stride_kt, stride_kh, stride_cs, n_q, n_k,
+                   HALF: tl.constexpr, NEOX: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                   BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr):
+    tok = tl.program_id(0).to(tl.int64)
+    pos = tl.load(POS + tok).to(tl.int64)
+    offs_j = tl.arange(0, BLOCK_HALF)
+    j_ok = offs_j < HALF
+    # One cos/sin row serves every head of the token.
+    cos = tl.load(COS_SIN + pos * stride_cs + offs_j, mask=j_ok, other=0.0).to(tl.float32)[None, :]
+    sin = tl.load(COS_SIN + pos * stride_cs + HALF + offs_j, mask=j_ok, other=0.0).to(tl.float32)[None, :]
+    _rotate_heads(Q + tok * stride_qt, stride_qh, n_q, cos, sin, offs_j, j_ok, HALF, NEOX, BLOCK_HQ)
+    _rotate_heads(K + tok * stride_kt, stride_kh, n_k, cos, sin, offs_j, j_ok, HALF, NEOX, BLOCK_HK)
+
+
+def _check(cond, msg):
+    if not cond:
+        raise ValueError(f"rotary: {msg}")
+
+
+def _launch(q, k, positions, cos_sin, neox=True):
+    for name, t in (("q", q), ("k", k)):
+        _check(isinstance(t, torch.Tensor) and t.dim() == 3,
+               f"{name} must be a 3-D tensor (T, H, D), got {getattr(t, 'shape', type(t))}")
+        _check(t.dtype in _DTYPES, f"{name}.dtype must be float16, bfloat16 or float32, got {t.dtype}")
+        _check(t.stride(2) == 1 or t.shape[2] == 1,
+               f"{name} must be contiguous in its last dim, got strides {tuple(t.stride())}")
+        _check(t.device == q.device, f"{name} is on {t.device}, expected q's device {q.device}")
+    T, Hq, D = q.shape
+    _check(k.shape[0] == T and k.shape[2] == D,
+           f"k must be (T={T}, Hkv, D={D}) to match q {tuple(q.shape)}, got {tuple(k.shape)}")
+    _check(k.dtype == q.dtype, f"q and k must share a dtype, got q {q.dtype} k {k.dtype}")
+    _check(isinstance(positions, torch.Tensor) and positions.shape == (T,),
+           f"positions must be ({T},), got {getattr(positions, 'shape', type(positions))}")
+    _check(positions.dtype in (torch.int64, torch.int32),
+           f"positions.dtype must be int64 or int32, got {positions.dtype}")
+    _check(positions.device == q.device, f"positions is on {positions.device}, expected {q.device}")
+    _check(positions.is_contiguous(), "positions must be contiguous")
+    _check(isinstance(cos_sin, torch.Tensor) and cos_sin.dim() == 2,
+           f"cos_sin must be a 2-D tensor (max_pos, R), got {getattr(cos_sin, 'shape', type(cos_sin))}")
+    R = cos_sin.shape[1]
+    _check(R % 2 == 0 and 2 <= R <= D, f"cos_sin width R must be even and in [2, D={D}], got {R}")
+    _check(cos_sin.dtype in _DTYPES, f"cos_sin.dtype must be a float type, got {cos_sin.dtype}")
+    _check(cos_sin.device == q.device, f"cos_sin is on {cos_sin.device}, expected {q.device}")
+    _check(cos_sin.stride(1) == 1, f"cos_sin must be contiguous in its last dim, got {tuple(cos_sin.stride())}")
+    if T == 0:
+        return q, k
+    half = R // 2
+    block_half = triton.next_power_of_2(half)
+    block_hq = triton.next_power_of_2(Hq)
+    block_hk = triton.next_power_of_2(max(k.shape[1], 1))
+    _rotary_kernel[(T,)](q, k, positions, cos_sin, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+                         cos_sin.stride(0), Hq, k.shape[1], HALF=half, NEOX=bool(neox),
+                         BLOCK_HALF=block_half, BLOCK_HQ=block_hq, BLOCK_HK=block_hk,
+                         num_warps=4 if block_hq * block_half <= 2048 else 8)
+    return q, k
+
+
+def rotary(q, k, positions, cos_sin, neox=True):
+    """Rotary embedding on packed positions, in place on q and k.
+
+    q: (T, Hq, D); k: (T, Hkv, D), same float dtype, last dim contiguous (views of a
+    fused qkv tensor work); positions: (T,) int64 (or int32), restarting at 0 per
+    sequence, each < max_pos; cos_sin: (max_pos, R) fp32, cos in the first R/2 columns
+    and sin in the last R/2, R <= D even. neox=True rotates halves of the first R
+    features (Llama/Qwen); False rotates interleaved pairs (GPT-J). Returns (q, k).
+    """
+    return _launch(q, k, positions, cos_sin, neox)

@@ -1,0 +1,222 @@
+"""Varlen (packed, unpadded) attention: FlashAttention-style online softmax in Triton.
+
+One program handles BLOCK_M query rows of one sequence for one query head. Bounds come
+from ``cu_seqlens``; the grid is sized from ``max_seqlen`` and programs past the end of
+their sequence return at once. Only the head dim and feature flags are ``tl.constexpr``:
+T, B and max_seqlen never reach the kernel as constants, so ragged batches reuse one
+compiled kernel per (dtype, head_dim, causal, window on/off).
+"""
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+# Finite stand-in for -inf as the running max: a row that has seen no visible key yet
+# keeps m_i at this value, so exp2(m_i - m_new) stays finite (1 or 0) instead of NaN.
+_NEG_INIT = -1.0e30
+# A window side of -1 (unbounded) becomes this many tokens: larger than any sequence,
+# small enough that position arithmetic stays within int32.
+_UNBOUNDED = 1 << 30
+_LOG2E = 1.4426950408889634
+_MAX_GRID_YZ = 65535
+
+
+@triton.jit
+def _attend_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, offs_m, offs_n, offs_d, seq_len,
+                  qk_scale, window_left, window_right, stride_kt, stride_vt,
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
+                  IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr):
+    """One key block of the online softmax. MASKED blocks may hold keys some rows must
+    not see (past the sequence end, above the diagonal, outside the window)."""
+    cols = start_n + offs_n
+    d_ok = offs_d < HEAD_DIM
+    if MASKED:
+        k = tl.load(k_ptrs + start_n * stride_kt, mask=(cols < seq_len)[None, :] & d_ok[:, None], other=0.0)
+        v = tl.load(v_ptrs + start_n * stride_vt, mask=(cols < seq_len)[:, None] & d_ok[None, :], other=0.0)
+    elif BLOCK_D == HEAD_DIM:
+        k = tl.load(k_ptrs + start_n * stride_kt)
+        v = tl.load(v_ptrs + start_n * stride_vt)
+    else:
+        k = tl.load(k_ptrs + start_n * stride_kt, mask=d_ok[:, None], other=0.0)
+        v = tl.load(v_ptrs + start_n * stride_vt, mask=d_ok[None, :], other=0.0)
+    s = tl.dot(q, k, input_precision=PRECISION) * qk_scale
+    if MASKED:
+        ok = (cols < seq_len)[None, :]
+        if IS_CAUSAL:
+            ok = ok & (cols[None, :] <= offs_m[:, None])
+        if HAS_WINDOW:
+            ok = ok & (cols[None, :] >= offs_m[:, None] - window_left)
+            ok = ok & (cols[None, :] <= offs_m[:, None] + window_right)
+        s = tl.where(ok, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _varlen_attention_kernel(Q, K, V, O, CU_SEQLENS, qk_scale,
+                             stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                             stride_ot, stride_oh, kv_group, window_left, window_right,
+                             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                             IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                             PRECISION: tl.constexpr):
+    pid_m = tl.program_id(0)
+    head = tl.program_id(1)
+    seq = tl.program_id(2)
+    seq_start = tl.load(CU_SEQLENS + seq)
+    seq_len = tl.load(CU_SEQLENS + seq + 1) - seq_start
+    m0 = pid_m * BLOCK_M
+    # The grid covers max_seqlen; shorter sequences leave trailing programs idle.
+    if m0 >= seq_len:
+        return
+    m_last = tl.minimum(m0 + BLOCK_M, seq_len) - 1
+    # GQA: heads of one group read the same kv head; k/v are never repeated in memory.
+    kv_head = head // kv_group
+    # int64 base offsets: T * H * D overflows int32 on large batches.
+    row0 = seq_start.to(tl.int64)
+
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_ptrs = Q + row0 * stride_qt + head * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=(offs_m < seq_len)[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+    # k is read transposed, (BLOCK_D, BLOCK_N), so the score tile is a plain dot.
+    k_ptrs = K + row0 * stride_kt + kv_head * stride_kh + offs_n[None, :] * stride_kt + offs_d[:, None]
+    v_ptrs = V + row0 * stride_vt + kv_head * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :]
+
+    # [lo, hi): keys that some row of the block may see. [full_lo, full_hi): keys that
+    # every valid row sees; key blocks inside it need no masking at all.
+    lo = 0
+    hi = seq_len
+    full_lo = 0
+    full_hi = seq_len
+    if IS_CAUSAL:
+        # Key blocks past the diagonal are never visited.
+        hi = m_last + 1
+        full_hi = m0 + 1
+    if HAS_WINDOW:
+        lo = tl.maximum(m0 - window_left, 0)
+        full_lo = tl.maximum(m_last - window_left, 0)
+        hi = tl.minimum(hi, m_last + window_right + 1)
+        full_hi = tl.minimum(full_hi, m0 + window_right + 1)
+    lo = (lo // BLOCK_N) * BLOCK_N
+    mid_lo = tl.minimum(((full_lo + BLOCK_N - 1) // BLOCK_N) * BLOCK_N, hi)
+    mid_hi = tl.maximum((full_hi // BLOCK_N) * BLOCK_N, mid_lo)
+
+    m_i = tl.full([BLOCK_M], _NEG_INIT, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(lo, mid_lo, BLOCK_N):
+        acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, offs_m, offs_n, offs_d,
+                                      seq_len, qk_scale, window_left, window_right, stride_kt, stride_vt,
+                                      HEAD_DIM, BLOCK_D, True, IS_CAUSAL, HAS_WINDOW, PRECISION)
+    for start_n in range(mid_lo, mid_hi, BLOCK_N):
+        acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, offs_m, offs_n, offs_d,
+                                      seq_len, qk_scale, window_left, window_right, stride_kt, stride_vt,
+                                      HEAD_DIM, BLOCK_D, False, IS_CAUSAL, HAS_WINDOW, PRECISION)
+    for start_n in range(mid_hi, hi, BLOCK_N):
+        acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, offs_m, offs_n, offs_d,
+                                      seq_len, qk_scale, window_left, window_right, stride_kt, stride_vt,
+                                      HEAD_DIM, BLOCK_D, True, IS_CAUSAL, HAS_WINDOW, PRECISION)
+
+    # Rows past the sequence end saw nothing; keep them finite, they are not stored.
+    l_i = tl.where(l_i > 0.0, l_i, 1.0)
+    out = acc / l_i[:, None]
+    o_ptrs = O + row0 * stride_ot + head * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :]
+    tl.store(o_ptrs, out.to(O.dtype.element_ty),
+             mask=(offs_m < seq_len)[:, None] & (offs_d < HEAD_DIM)[None, :])
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) by padded head dim. Fixed per head dim on
+# purpose: choosing blocks from max_seqlen would recompile on ragged shapes.
+CONFIGS = {
+    16: (64, 64, 4, 3),
+    32: (64, 64, 4, 3),
+    64: (128, 64, 4, 3),
+    128: (128, 64, 8, 3),
+    256: (64, 32, 8, 2),
+}
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _check(cond, msg):
+    if not cond:
+        raise ValueError(f"varlen_attention: {msg}")
+
+
+def _launch(q, k, v, cu_seqlens, max_seqlen, causal=False, scale=None, window=None,
+            block_m=None, block_n=None):
+    """Validate, then launch. block_m/block_n override the per-head-dim config (tests use
+    small blocks to reach the multi-block paths on short sequences)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check(isinstance(t, torch.Tensor) and t.dim() == 3,
+               f"{name} must be a 3-D tensor (T, H, D), got {getattr(t, 'shape', type(t))}")
+        _check(t.dtype in _DTYPES, f"{name}.dtype must be float16, bfloat16 or float32, got {t.dtype}")
+        _check(t.stride(-1) == 1 or t.shape[-1] == 1,
+               f"{name} must be contiguous in its last dim, got strides {tuple(t.stride())}")
+        _check(t.device == q.device, f"{name} is on {t.device}, expected q's device {q.device}")
+    T, Hq, D = q.shape
+    Hkv = k.shape[1]
+    _check(k.shape == v.shape, f"k and v must have the same shape, got k {tuple(k.shape)} v {tuple(v.shape)}")
+    _check(k.shape[0] == T and k.shape[2] == D,
+           f"k must be (T={T}, Hkv, D={D}) to match q {tuple(q.shape)}, got {tuple(k.shape)}")
+    _check(k.dtype == q.dtype and v.dtype == q.dtype,
+           f"q, k, v must share a dtype, got q {q.dtype} k {k.dtype} v {v.dtype}")
+    _check(Hkv >= 1 and Hq % Hkv == 0, f"Hq ({Hq}) must be a multiple of Hkv ({Hkv})")
+    _check(1 <= D <= 256, f"head_dim must be in [1, 256], got {D}")
+    _check(isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.dim() == 1 and cu_seqlens.numel() >= 1,
+           f"cu_seqlens must be a 1-D (B+1,) tensor, got {getattr(cu_seqlens, 'shape', type(cu_seqlens))}")
+    _check(cu_seqlens.dtype == torch.int32, f"cu_seqlens.dtype must be int32, got {cu_seqlens.dtype}")
+    _check(cu_seqlens.device == q.device, f"cu_seqlens is on {cu_seqlens.device}, expected {q.device}")
+    _check(cu_seqlens.is_contiguous(), "cu_seqlens must be contiguous")
+    B = cu_seqlens.numel() - 1
+    _check(B <= _MAX_GRID_YZ, f"at most {_MAX_GRID_YZ} sequences per launch, got B={B}")
+    _check(isinstance(max_seqlen, int) and not isinstance(max_seqlen, bool) and max_seqlen >= 0,
+           f"max_seqlen must be a non-negative int (the longest sequence), got {max_seqlen!r}")
+    _check(Hq <= _MAX_GRID_YZ, f"at most {_MAX_GRID_YZ} heads, got Hq={Hq}")
+    if window is not None:
+        _check(isinstance(window, (tuple, list)) and len(window) == 2
+               and all(isinstance(w, int) for w in window),
+               f"window must be None or (left, right) ints, got {window!r}")
+        left, right = (int(w) if w >= 0 else _UNBOUNDED for w in window)
+        has_window = left < _UNBOUNDED or right < _UNBOUNDED
+    else:
+        left = right = _UNBOUNDED
+        has_window = False
+
+    out = torch.empty((T, Hq, D), dtype=q.dtype, device=q.device)
+    if T == 0 or B == 0 or max_seqlen == 0:
+        return out
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    block_d = max(16, triton.next_power_of_2(D))
+    bm, bn, warps, stages = CONFIGS[block_d]
+    bm = block_m or bm
+    bn = block_n or bn
+    grid = (triton.cdiv(max_seqlen, bm), Hq, B)
+    _varlen_attention_kernel[grid](
+        q, k, v, out, cu_seqlens, scale * _LOG2E,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        out.stride(0), out.stride(1), Hq // Hkv, left, right,
+        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn,
+        IS_CAUSAL=bool(causal), HAS_WINDOW=has_window,
+        # fp32 inputs keep fp32 products (no TF32) so they match the fp32 reference.
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=warps, num_stages=stages)
+    return out
+
+
+def varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=False, scale=None, window=None):
+    """Attention within each packed sequence.
+
+    q: (T, Hq, D); k, v: (T, Hkv, D), Hq % Hkv == 0, all float16/bfloat16/float32, last dim
+    contiguous (token and head strides are free, so views of a fused qkv tensor work);
+    cu_seqlens: (B+1,) int32 on q's device; max_seqlen: int >= the longest sequence;
+    causal: bool; scale: float or None (1/sqrt(D)); window: None or (left, right) tokens
+    visible on each side of the query, -1 = unbounded. Returns (T, Hq, D) in q's dtype.
+    """
+    return _launch(q, k, v, cu_seqlens, max_seqlen, causal, scale, window)
