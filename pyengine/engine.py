@@ -18,6 +18,7 @@ from .batch import RaggedBatch
 from .config import EngineConfig, PoolerConfig
 from .inputs import InputProcessor, TokenizedPrompt, parse_prompts
 from .models import model_class, resolve_architecture
+from .models.convert import resolve_token_ids
 from .models.loader import iter_weights, load_hf_config
 from .ops import resolve_ops
 from .outputs import (ClassificationRequestOutput, PoolingOutput, PoolingRequestOutput,
@@ -62,6 +63,9 @@ class EngineCore:
         self.device = cfg.torch_device
         self.hf_config = load_hf_config(cfg.model, cfg.hf_overrides)
         self.arch = resolve_architecture(self.hf_config, cfg.convert)
+        # Loaded before the model: a head built from classifier_from_token needs token ids.
+        self.tokenizer = _load_tokenizer(cfg)
+        resolve_token_ids(self.hf_config, self.tokenizer)
         self.ops = resolve_ops(cfg.kernel_backend, self.device)
         pooling = cfg.pooler_config.pooling_type.lower() if cfg.pooler_config.pooling_type else None
         cls = model_class(self.arch)
@@ -76,7 +80,6 @@ class EngineCore:
         if self.max_model_len > cfg.max_num_batched_tokens:
             raise ValueError(f"max_model_len={self.max_model_len} is larger than max_num_batched_tokens="
                              f"{cfg.max_num_batched_tokens}: a prompt of full length could never be scheduled")
-        self.tokenizer = _load_tokenizer(cfg)
         keep_types = bool(getattr(self.model, "type_vocab", 0))
         self.inputs = InputProcessor(self.tokenizer, self.max_model_len, self.model.vocab_size, keep_types)
         self.pooler = Pooler(self.ops, cfg.pooler_config)

@@ -13,6 +13,16 @@ _REGISTRY = {
     "XLMRobertaForSequenceClassification": "pyengine.models.bert:BertForSequenceClassification",
     "CamembertForSequenceClassification": "pyengine.models.bert:BertForSequenceClassification",
 }
+_DECODER = "pyengine.models.decoder:DecoderForSequenceClassification"
+# Sequence classifiers with their own head (score.weight / classifier.*).
+for _a in ("Qwen2", "Qwen3", "Llama", "Mistral", "Gemma", "GPT2", "LlamaBidirectional", "GteNew", "New"):
+    _REGISTRY[f"{_a}ForSequenceClassification"] = _DECODER
+# Causal LMs and bare backbones: classifiers only through conversion (convert="classify",
+# automatic under "auto"), with a head from classifier_from_token or a score.weight.
+_CONVERT_ONLY = {f"{a}{s}" for a in ("Qwen2", "Qwen3", "Llama", "Mistral", "Gemma") for s in ("ForCausalLM", "Model")}
+_CONVERT_ONLY |= {"GPT2LMHeadModel", "GPT2Model"}
+for _a in _CONVERT_ONLY:
+    _REGISTRY[_a] = _DECODER
 
 
 def supported_architectures():
@@ -20,15 +30,29 @@ def supported_architectures():
 
 
 def resolve_architecture(config, convert="auto"):
-    """The registered architecture this config runs as, or a clear error."""
+    """The registered architecture this config runs as, or a clear error.
+
+    convert: "auto" runs a classifier as itself and converts a causal LM or bare backbone
+    (``*ForCausalLM`` / ``*Model``) into a last-token classifier; "classify" does the same
+    and says so; "none" refuses conversion. Expands ``is_original_qwen3_reranker`` and
+    validates ``classifier_from_token`` / ``method``, setting ``config.num_labels`` to the
+    head's width (both changes are made on ``config``)."""
+    from .convert import apply_shorthands, check_token_head
+
+    apply_shorthands(config)
     archs = list(getattr(config, "architectures", None) or [])
     if not archs:
         raise ValueError("config.json names no 'architectures'; set one with "
                          "hf_overrides={'architectures': [...]}")
-    for arch in archs:
-        if arch in _REGISTRY:
-            return arch
-    raise ValueError(f"unknown architecture {archs}; supported: {', '.join(supported_architectures())}")
+    arch = next((a for a in archs if a in _REGISTRY), None)
+    if arch is None:
+        raise ValueError(f"unknown architecture {archs}; supported: {', '.join(supported_architectures())}")
+    if arch in _CONVERT_ONLY and convert == "none":
+        raise ValueError(f"{arch} has no classification head; pass convert='classify' (or 'auto') to classify "
+                         "its last token")
+    if check_token_head(config) and _REGISTRY[arch] != _DECODER:
+        raise ValueError(f"classifier_from_token is only supported for decoder models, not {arch}")
+    return arch
 
 
 def model_class(arch):

@@ -22,11 +22,40 @@ def load_hf_config(model, hf_overrides=None):
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise FileNotFoundError(f"{path!r} has no config.json")
         try:
-            config = AutoConfig.from_pretrained(path, local_files_only=True)
+            config = _remote_code_config(path) or AutoConfig.from_pretrained(
+                path, local_files_only=True, trust_remote_code=False)
         except (ValueError, KeyError, OSError, json.JSONDecodeError) as e:
             raise ValueError(f"cannot read {os.path.join(path, 'config.json')}: {e}") from e
     for key, value in (hf_overrides or {}).items():
         setattr(config, key, value)
+    return config
+
+
+# Remote-code model types whose config is a transformers config plus extra keys.
+_REMOTE_MODEL_TYPES = {"llama_bidirec": "llama"}
+
+
+def _remote_code_config(path):
+    """A config whose model_type transformers does not know (remote code such as mGTE's
+    "new" or "llama_bidirec"), read without running any remote code: the nearest
+    transformers config where one is listed above, else a plain PretrainedConfig, with
+    every key of config.json kept as an attribute. None for model types transformers
+    knows."""
+    from transformers import AutoConfig, PretrainedConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    with open(os.path.join(path, "config.json")) as f:
+        raw = json.load(f)
+    mt = raw.get("model_type") if isinstance(raw, dict) else None
+    if not mt or mt in CONFIG_MAPPING:
+        return None
+    fields = {k: v for k, v in raw.items() if k not in ("model_type", "auto_map")}
+    base = _REMOTE_MODEL_TYPES.get(mt)
+    config = AutoConfig.for_model(base, **fields) if base else PretrainedConfig(**fields)
+    kept = config.to_dict()
+    for k, v in fields.items():  # keys the config class dropped (e.g. "temperature")
+        if k not in kept:
+            setattr(config, k, v)
     return config
 
 

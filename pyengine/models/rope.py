@@ -1,0 +1,80 @@
+"""Rotary embedding tables: one (max_pos, R) fp32 table of [cos | sin] per model.
+
+Frequencies follow transformers' formulas in fp32 (inverse frequencies and the
+position product both in fp32), so cos/sin agree bit for bit with the checkpoint's
+own modeling code; ``ops.rotary`` then rotates the first R dims of each head at the
+packed positions.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+SUPPORTED = ("default", "linear", "llama3", "ntk")
+
+
+def rope_parameters(config):
+    """The config's rope settings as one flat dict with rope_type, rope_theta and the
+    type's own keys, from transformers 5's ``rope_parameters`` or the older
+    ``rope_theta`` + ``rope_scaling`` pair (remote-code configs keep the latter)."""
+    rp = getattr(config, "rope_parameters", None)
+    if rp and any(isinstance(v, dict) for v in rp.values()):
+        raise ValueError(f"per-layer-type rope_parameters {sorted(rp)} are not supported")
+    out = dict(getattr(config, "rope_scaling", None) or {})
+    out.update(rp or {})
+    out.setdefault("rope_theta", getattr(config, "rope_theta", None) or 10000.0)
+    out["rope_type"] = out.get("rope_type") or out.get("type") or "default"
+    if getattr(config, "partial_rotary_factor", None) is not None:
+        out.setdefault("partial_rotary_factor", config.partial_rotary_factor)
+    return out
+
+
+def inv_freq(params, rotary_dim, max_position_embeddings):
+    """(rotary_dim/2,) fp32 inverse frequencies for a rope_parameters dict."""
+    kind, base = params["rope_type"], float(params["rope_theta"])
+    if kind not in SUPPORTED:
+        raise ValueError(f"rope type {kind!r} is not supported; supported: {', '.join(SUPPORTED)}")
+    factor = float(params.get("factor", 1.0) or 1.0)
+    exps = torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim
+    if kind == "ntk" and factor > 1:
+        # Fixed / mixed NTK-aware scaling (mGTE's remote code): a larger base and a
+        # per-frequency divisor, applied to every position.
+        mixed_b = params.get("mixed_b")
+        if mixed_b is None:
+            return 1.0 / (base * factor) ** exps / factor ** (2 / rotary_dim)
+        a = math.log(factor) / (rotary_dim / 2) ** mixed_b
+        lam = (a * torch.arange(1, rotary_dim // 2 + 1).float() ** mixed_b).exp()
+        return 1.0 / base ** exps / lam
+    freqs = 1.0 / base ** exps
+    if kind == "linear":
+        return freqs / factor
+    if kind == "llama3":
+        old = params.get("original_max_position_embeddings") or max_position_embeddings
+        low, high = float(params["low_freq_factor"]), float(params["high_freq_factor"])
+        wavelen = 2 * math.pi / freqs
+        scaled = torch.where(wavelen > old / low, freqs / factor, freqs)
+        smooth = (old / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old / high) & ~(wavelen > old / low)
+        return torch.where(medium, smoothed, scaled)
+    return freqs
+
+
+def rotary_dim(config, head_dim):
+    """Rotated width R <= head_dim (partial rotary keeps the rest unrotated)."""
+    factor = float(rope_parameters(config).get("partial_rotary_factor", 1.0) or 1.0)
+    r = int(head_dim * factor)
+    if r % 2 or not 0 < r <= head_dim:
+        raise ValueError(f"partial_rotary_factor={factor} gives a rotary width {r} for head_dim {head_dim}; "
+                         "it must be even and in (0, head_dim]")
+    return r
+
+
+def cos_sin_table(config, head_dim, max_pos, device):
+    """(max_pos, R) fp32 with cos in the first R/2 columns and sin in the last R/2."""
+    params = rope_parameters(config)
+    r = rotary_dim(config, head_dim)
+    f = inv_freq(params, r, getattr(config, "max_position_embeddings", max_pos))
+    ang = torch.arange(max_pos, dtype=torch.float32)[:, None] * f[None, :]
+    return torch.cat((ang.cos(), ang.sin()), dim=-1).to(device)
