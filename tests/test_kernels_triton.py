@@ -1,0 +1,648 @@
+"""Triton kernels (pyengine.kernels) against the torch references in pyengine.ops.
+
+On CPU these run in the Triton interpreter (TRITON_INTERPRET=1 from conftest), so shapes
+stay small: fp32 and fp16 only, since the interpreter's bf16 arithmetic is not faithful.
+Tests marked gpu use bf16 and realistic shapes. Every output buffer the kernels allocate
+is filled with NaN first (see `poisoned`), so an element a kernel forgets to write fails.
+"""
+import importlib
+import inspect
+import math
+import os
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
+
+from pyengine import ops  # noqa: E402
+from kernel_refs import (FP16, FP32, activation64, assert_close, attention64, cu_seqlens,  # noqa: E402
+                         gated64, gather64, layer_norm64, positions, rms_norm64, rotary64)
+from pyengine.kernels.gated_act import _erf  # noqa: E402
+
+KERNEL_OPS = ("varlen_attention", "gather_pooled", "activation", "add_layer_norm", "add_rms_norm",
+              "rotary", "gated_act", "embed_layer_norm", "pooled_norm")
+DTYPES = [pytest.param(FP32, id="fp32"), pytest.param(FP16, id="fp16")]
+MIXED = [1, 17, 65]  # a 1-token sequence, a partial block, one full 64-block plus a 1-row tail
+
+
+def _mod(op):
+    return importlib.import_module(f"pyengine.kernels.{op}")
+
+
+def _kernel(op):
+    return getattr(_mod(op), op)
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _randn(*shape, seed, dtype=torch.float32, scale=1.0):
+    return (torch.randn(*shape, generator=_gen(seed)) * scale).to(dtype)
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Every floating tensor the kernels' launchers allocate starts as NaN."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def nan_fill(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: nan_fill(empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: nan_fill(empty_like(*a, **k)))
+
+
+def test_resolve_ops_triton_picks_every_kernel():
+    # conftest sets TRITON_INTERPRET=1, which makes the triton backend available on CPU.
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    chosen = ops.resolve_ops("triton", "cpu")
+    for op in KERNEL_OPS:
+        assert op in ops.OP_NAMES
+        assert chosen.chosen[op] == "triton", f"{op} resolved to {chosen.chosen[op]}"
+        assert getattr(chosen, op) is _kernel(op)
+
+
+@pytest.mark.parametrize("op", KERNEL_OPS)
+def test_public_signature_matches_reference(op):
+    assert inspect.signature(_kernel(op)) == inspect.signature(getattr(ops, op))
+
+
+# ----------------------------------------------------------------------------------------
+# varlen attention
+# ----------------------------------------------------------------------------------------
+
+def _qkv(lens, Hq, Hkv, D, dtype, seed=0):
+    T = sum(lens)
+    return (_randn(T, Hq, D, seed=seed, dtype=dtype), _randn(T, Hkv, D, seed=seed + 1, dtype=dtype),
+            _randn(T, Hkv, D, seed=seed + 2, dtype=dtype))
+
+
+def _check_attention(lens, Hq, Hkv, D, tol, causal, window=None, scale=None, block_m=None,
+                     block_n=None, seed=0):
+    dtype = tol[0]
+    q, k, v = _qkv(lens, Hq, Hkv, D, dtype, seed)
+    cu = cu_seqlens(lens)
+    launch = _mod("varlen_attention")._launch
+    out = launch(q, k, v, cu, max(lens), causal, scale, window, block_m, block_n)
+    assert out.dtype == dtype and out.shape == q.shape
+    what = f"lens={lens} Hq={Hq} Hkv={Hkv} D={D} {dtype} causal={causal} window={window}"
+    # The reference on the same values in fp32: the kernel accumulates in fp32 too.
+    ref = ops.varlen_attention(q.float(), k.float(), v.float(), cu, max(lens), causal, scale, window)
+    assert_close(out, ref, tol, what + " vs reference")
+    # And against per-sequence float64 attention (no packing, explicit mask).
+    assert_close(out, attention64(q, k, v, lens, causal, scale, window), tol, what + " vs float64")
+
+
+@pytest.mark.usefixtures("poisoned")
+@pytest.mark.parametrize("tol", DTYPES)
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+@pytest.mark.parametrize("D,heads", [
+    (64, (2, 2)),   # MHA
+    (64, (4, 1)),   # GQA 4:1: query head h reads kv head h // 4
+    (128, (4, 1)),  # the D=128 config (8 warps on GPU), GQA
+], ids=["64-mha", "64-gqa4", "128-gqa4"])
+def test_varlen_attention_default_config(tol, causal, D, heads):
+    # MIXED with the production blocks (BLOCK_M=128, BLOCK_N=64): len 65 crosses one key
+    # block into a masked tail, len 1 runs a single masked row, causal skips key blocks
+    # past the diagonal.
+    _check_attention(MIXED, *heads, D, tol, causal)
+
+
+@pytest.mark.usefixtures("poisoned")
+@pytest.mark.parametrize("lens", [
+    [1],            # a lone one-token sequence: every key block is the masked tail
+    [17],           # one partial query block
+    [65],           # five 16-row query blocks; causal walks the diagonal block by block
+    [65, 1, 17, 1],  # long first, one-token sequences between: bounds from cu_seqlens
+    [5, 0, 9],      # an empty sequence: its programs exit at once, neighbours unaffected
+], ids=["1", "17", "65", "mix", "empty"])
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_varlen_attention_small_blocks(lens, causal):
+    # 16x16 blocks reach the three-phase loop (masked head, unmasked middle, masked tail).
+    _check_attention(lens, 2, 1, 32, FP32, causal, block_m=16, block_n=16)
+
+
+@pytest.mark.usefixtures("poisoned")
+@pytest.mark.parametrize("D", [16, 32, 80, 96])  # 80/96 pad to 128 inside (masked columns)
+def test_varlen_attention_head_dims(D):
+    _check_attention(MIXED, 2, 1, D, FP32, True, block_m=32, block_n=16)
+
+
+@pytest.mark.usefixtures("poisoned")
+@pytest.mark.parametrize("window,causal", [
+    ((5, 3), False),    # both sides bounded: masked blocks on both ends, a full middle
+    ((20, -1), False),  # left only (Mistral-style): key blocks before the window skipped
+    ((20, -1), True),   # sliding causal window
+    ((0, 0), False),    # only the token itself
+    ((-1, 0), False),   # right=0 without causal flag behaves causally
+    ((-1, -1), True),   # both unbounded: the no-window kernel
+], ids=["5-3", "left20", "left20-causal", "self", "right0", "unbounded"])
+def test_varlen_attention_window(window, causal):
+    _check_attention(MIXED, 2, 2, 16, FP32, causal, window=window, block_m=16, block_n=16)
+
+
+@pytest.mark.usefixtures("poisoned")
+def test_varlen_attention_fp16_window_gqa():
+    _check_attention(MIXED, 4, 1, 64, FP16, True, window=(24, -1), block_m=32, block_n=16)
+
+
+@pytest.mark.usefixtures("poisoned")
+def test_varlen_attention_strided_views_and_scale():
+    # q, k, v as views of one fused (T, Hq + 2 Hkv, D) projection: token stride != H * D.
+    lens = [9, 33]
+    T, Hq, Hkv, D = sum(lens), 4, 2, 32
+    qkv = _randn(T, Hq + 2 * Hkv, D, seed=5)
+    q, k, v = qkv.split([Hq, Hkv, Hkv], dim=1)
+    assert not q.is_contiguous()
+    out = _kernel("varlen_attention")(q, k, v, cu_seqlens(lens), 33, causal=False, scale=0.2)
+    assert_close(out, attention64(q, k, v, lens, False, 0.2), FP32, "strided views")
+
+
+@pytest.mark.parametrize("bad,match", [
+    (lambda q, k, v, cu: (q.double(), k, v, cu), "q.dtype"),
+    (lambda q, k, v, cu: (q, k.half(), v, cu), "share a dtype"),
+    (lambda q, k, v, cu: (q[:, :3], k, v, cu), r"Hq \(3\) must be a multiple of Hkv \(2\)"),
+    (lambda q, k, v, cu: (q, k, v[:-1], cu), "same shape"),
+    (lambda q, k, v, cu: (q, k, v, cu.long()), "cu_seqlens.dtype must be int32"),
+    (lambda q, k, v, cu: (q.transpose(1, 2), k, v, cu), "q must be contiguous in its last dim"),
+])
+def test_varlen_attention_validation(bad, match):
+    q, k, v = _qkv([4, 4], 4, 2, 16, torch.float32)
+    with pytest.raises(ValueError, match=match):
+        _kernel("varlen_attention")(*bad(q, k, v, cu_seqlens([4, 4])), 4)
+
+
+# ----------------------------------------------------------------------------------------
+# the other ops
+# ----------------------------------------------------------------------------------------
+
+@pytest.mark.usefixtures("poisoned")
+@pytest.mark.parametrize("tol", DTYPES)
+@pytest.mark.parametrize("pooling", ["cls", "last", "mean"])
+@pytest.mark.parametrize("lens,H", [
+    (MIXED, 96),          # mean loops 65 rows in BLOCK_T steps; H not a power of two
+    ([3, 2], 1500),       # H past one 1024-wide block: a second program along H
+], ids=["mixed", "wide"])
+def test_gather_pooled(tol, pooling, lens, H):
+    h = _randn(sum(lens), H, seed=10, dtype=tol[0])
+    out = _kernel("gather_pooled")(h, cu_seqlens(lens), pooling)
+    assert out.dtype == h.dtype
+    assert_close(out, ops.gather_pooled(h, cu_seqlens(lens), pooling), tol, pooling)
+    assert_close(out, gather64(h, lens, pooling), tol, pooling + " vs float64")
+
+
+@pytest.mark.usefixtures("poisoned")
+@pytest.mark.parametrize("kind", ["softmax", "sigmoid", "identity"])
+@pytest.mark.parametrize("bias,scale", [
+    (None, None),                       # plain activation
+    (0.7, 2.5),                         # scalar arguments (PoolerConfig floats)
+    ("vec", "scalar_tensor"),           # per-label bias vector, 0-d scale tensor
+], ids=["none", "scalars", "tensors"])
+@pytest.mark.parametrize("L", [1, 2, 7])  # one label (sigmoid heads), binary, odd width
+def test_activation(kind, bias, scale, L):
+    logits = _randn(5, L, seed=11, scale=4.0)
+    if bias == "vec":
+        bias = _randn(L, seed=12)
+    if scale == "scalar_tensor":
+        scale = torch.tensor(1.5)
+    out = _kernel("activation")(logits, kind, bias, scale)
+    assert out.dtype == torch.float32
+    assert_close(out, ops.activation(logits, kind, bias, scale), FP32, kind)
+    assert_close(out, activation64(logits, kind, bias, scale), FP32, kind + " vs float64")
+
+
+def test_activation_extremes_and_fp16_input():
+    logits = torch.tensor([[-200.0, 0.0, 200.0], [1e4, -1e4, 3.0]], dtype=torch.float16)
+    for kind in ("softmax", "sigmoid"):
+        out = _kernel("activation")(logits, kind)
+        assert torch.isfinite(out).all(), out
+        assert_close(out, ops.activation(logits, kind), FP32, kind)
+
+
+@pytest.mark.usefixtures("poisoned")
+@pytest.mark.parametrize("tol", DTYPES)
+@pytest.mark.parametrize("residual", [False, True], ids=["nores", "res"])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_add_layer_norm(tol, residual, bias):
+    dtype = tol[0]
+    x = _randn(13, 96, seed=20, dtype=dtype)  # H=96 pads to 128: masked columns in the stats
+    r = _randn(13, 96, seed=21, dtype=dtype) if residual else None
+    w, b = _randn(96, seed=22), (_randn(96, seed=23) if bias else None)
+    y, s = _kernel("add_layer_norm")(x, r, w, b, 1e-5)
+    ry, rs = ops.add_layer_norm(x, r, w, b, 1e-5)
+    assert y.dtype == dtype and s.dtype == dtype
+    assert_close(s, rs, (0, 0), "summed (rounded exactly like the reference)")
+    assert_close(y, ry, tol, "normed")
+    assert_close(y, layer_norm64(s, w, b, 1e-5), tol, "normed vs float64")
+    if not residual:
+        assert s is x
+
+
+@pytest.mark.usefixtures("poisoned")
+@pytest.mark.parametrize("tol", DTYPES)
+@pytest.mark.parametrize("residual", [False, True], ids=["nores", "res"])
+@pytest.mark.parametrize("offset", [0.0, 1.0], ids=["llama", "gemma"])
+def test_add_rms_norm(tol, residual, offset):
+    dtype = tol[0]
+    x = _randn(13, 96, seed=30, dtype=dtype)
+    r = _randn(13, 96, seed=31, dtype=dtype) if residual else None
+    w = _randn(96, seed=32)
+    y, s = _kernel("add_rms_norm")(x, r, w, 1e-6, offset)
+    ry, rs = ops.add_rms_norm(x, r, w, 1e-6, offset)
+    assert_close(s, rs, (0, 0), "summed")
+    assert_close(y, ry, tol, "normed")
+    assert_close(y, rms_norm64(s, w, 1e-6, offset), tol, "normed vs float64")
+
+
+@pytest.mark.usefixtures("poisoned")
+def test_norms_leading_dims_and_strided_rows():
+    # (2, 5, H) input, and a residual that is a row-strided view (a slice of a wider buffer).
+    x = _randn(2, 5, 64, seed=33)
+    r = _randn(2, 5, 80, seed=34)[..., :64]
+    w, b = _randn(64, seed=35), _randn(64, seed=36)
+    for got, ref in ((_kernel("add_layer_norm")(x, r, w, b, 1e-5), ops.add_layer_norm(x, r, w, b, 1e-5)),
+                     (_kernel("add_rms_norm")(x, r, w, 1e-5), ops.add_rms_norm(x, r, w, 1e-5))):
+        assert got[0].shape == x.shape and got[1].shape == x.shape
+        assert_close(got[0], ref[0], FP32, "normed")
+        assert_close(got[1], ref[1], FP32, "summed")
+
+
+def _cos_sin(max_pos, R, seed):
+    ang = torch.rand(max_pos, R // 2, generator=_gen(seed)) * 2 * math.pi
+    return torch.cat([ang.cos(), ang.sin()], 1)
+
+
+@pytest.mark.parametrize("tol", DTYPES)
+@pytest.mark.parametrize("neox", [True, False], ids=["neox", "interleaved"])
+@pytest.mark.parametrize("D,R", [(64, 64), (64, 32), (80, 40)],
+                         ids=["full", "partial", "partial-nonpow2"])  # R < D leaves a tail untouched
+def test_rotary(tol, neox, D, R):
+    dtype = tol[0]
+    lens = [1, 17, 6]  # positions restart at 0 for each sequence
+    pos = positions(lens)
+    T = sum(lens)
+    cos_sin = _cos_sin(20, R, 40)
+    # q and k as views of a fused qkv buffer: strided token dim, in-place writes through views.
+    qkv = _randn(T, 4 + 2 + 2, D, seed=41, dtype=dtype)
+    q, k, _ = qkv.split([4, 2, 2], dim=1)
+    q0, k0 = q.clone(), k.clone()
+    v_before = qkv[:, 6:].clone()
+    rq, rk = q.clone(), k.clone()
+    ops.rotary(rq, rk, pos, cos_sin, neox)
+    q1, k1 = _kernel("rotary")(q, k, pos, cos_sin, neox)
+    assert q1 is q and k1 is k
+    assert_close(q, rq, tol, "q")
+    assert_close(k, rk, tol, "k")
+    assert_close(q, rotary64(q0, pos, cos_sin, neox), tol, "q vs float64")
+    assert_close(k, rotary64(k0, pos, cos_sin, neox), tol, "k vs float64")
+    assert torch.equal(q[..., R:], q0[..., R:]), "features past R must be untouched"
+    assert torch.equal(qkv[:, 6:], v_before), "v (beside q and k in the buffer) must be untouched"
+
+
+@pytest.mark.usefixtures("poisoned")
+@pytest.mark.parametrize("tol", [pytest.param(FP32, id="fp32"), pytest.param((torch.float16, 2e-2, 4e-3), id="fp16")])
+@pytest.mark.parametrize("kind", ["silu", "gelu_tanh", "gelu"])
+@pytest.mark.parametrize("I", [80, 2100])  # 2100 > the 2048 block: a second program per row
+def test_gated_act(tol, kind, I):
+    dtype = tol[0]
+    x = _randn(3, 2 * I, seed=50, dtype=dtype, scale=3.0)
+    out = _kernel("gated_act")(x, kind)
+    assert out.dtype == dtype and out.shape == (3, I)
+    # fp16: the reference rounds act(gate) to fp16 before the product; the kernel does not.
+    assert_close(out, ops.gated_act(x, kind), tol, kind)
+    assert_close(out, gated64(x, kind), tol, kind + " vs float64")
+
+
+@triton.jit
+def _erf_probe(X, OUT, N, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(OUT + offs, _erf(tl.load(X + offs, mask=offs < N)), mask=offs < N)
+
+
+def test_erf_approximation_is_fp32_accurate():
+    # The erf inside "gelu" (no libdevice) stays within ~2 ulp of float64 erf everywhere,
+    # including the switch between its two polynomials at |x| = 0.9277 and the tails.
+    x = torch.cat([torch.linspace(-6, 6, 24001), torch.tensor([0.0, 0.927734375, -0.927734375, 1e-30])])
+    out = torch.empty_like(x)
+    _erf_probe[(triton.cdiv(x.numel(), 8192),)](x, out, x.numel(), BLOCK=8192)
+    err = (out.double() - x.double().apply_(math.erf)).abs()
+    assert err.max() < 2.5e-7, f"max |erf error| {err.max():.3g} at x={x[err.argmax()]:.7g}"
+
+
+@pytest.mark.usefixtures("poisoned")
+@pytest.mark.parametrize("tol", [pytest.param(FP32, id="fp32"), pytest.param((torch.float16, 1e-2, 1e-2), id="fp16")])
+@pytest.mark.parametrize("with_type,with_extra,with_bias", [
+    (True, False, True),    # BERT: word + position + token type
+    (True, True, True),     # Ernie: + task-type row
+    (False, False, False),  # no type table (ids may be None), LayerNorm without bias
+], ids=["bert", "ernie", "bare"])
+def test_embed_layer_norm(tol, with_type, with_extra, with_bias):
+    dtype = tol[0]
+    lens = [4, 9]
+    T = sum(lens)
+    g = _gen(60)
+    ids = torch.randint(0, 50, (T,), generator=g)
+    tt = torch.randint(0, 2, (T,), generator=g) if with_type else None
+    pos = positions(lens)
+    word, pe = _randn(50, 96, seed=61, dtype=dtype), _randn(16, 96, seed=62, dtype=dtype)
+    te = _randn(2, 96, seed=63, dtype=dtype) if with_type else None
+    extra = _randn(96, seed=64, dtype=dtype) if with_extra else None
+    w = _randn(96, seed=65)
+    b = _randn(96, seed=66) if with_bias else None
+    args = (ids, pos, tt, word, pe, te, w, b, 1e-12, extra)
+    out = _kernel("embed_layer_norm")(*args)
+    assert out.dtype == dtype and out.shape == (T, 96)
+    # fp16: the reference rounds the embedding sum to fp16 before the norm; the kernel sums in fp32.
+    assert_close(out, ops.embed_layer_norm(*args), tol, "embed_layer_norm")
+    s = word.double()[ids] + pe.double()[pos]
+    if with_type:
+        s = s + te.double()[tt]
+    if with_extra:
+        s = s + extra.double()
+    assert_close(out, layer_norm64(s, w, b, 1e-12), tol, "embed_layer_norm vs float64")
+
+
+@pytest.mark.usefixtures("poisoned")
+@pytest.mark.parametrize("tol", DTYPES)
+@pytest.mark.parametrize("pooling", ["cls", "last", "mean"])
+@pytest.mark.parametrize("norm_kind", [None, "layer", "rms"])
+@pytest.mark.parametrize("residual", [False, True], ids=["nores", "res"])
+def test_pooled_norm(tol, pooling, norm_kind, residual):
+    dtype = tol[0]
+    T = sum(MIXED)
+    h = _randn(T, 96, seed=70, dtype=dtype)
+    r = _randn(T, 96, seed=71, dtype=dtype) if residual else None
+    w, b = _randn(96, seed=72), _randn(96, seed=73)
+    args = (h, cu_seqlens(MIXED), pooling, norm_kind, w, b, 1e-6, 0.5, r)
+    out = _kernel("pooled_norm")(*args)
+    assert out.dtype == torch.float32 and out.shape == (3, 96)
+    # Both compute from the same rounded hidden + residual, in fp32 after that.
+    assert_close(out, ops.pooled_norm(*args), FP32[1:], f"{pooling}/{norm_kind}")
+
+
+@pytest.mark.parametrize("op,args,match", [
+    ("gather_pooled", lambda: (torch.randn(4, 8), cu_seqlens([4]), "max"), "unknown pooling"),
+    ("gather_pooled", lambda: (torch.randn(4, 8), cu_seqlens([4]).long(), "cls"), "cu_seqlens.dtype"),
+    ("activation", lambda: (torch.randn(2, 3), "relu"), "unknown activation"),
+    ("activation", lambda: (torch.randn(2, 3), "softmax", torch.ones(2)), "logit_bias must have 1 or L=3"),
+    ("add_layer_norm", lambda: (torch.randn(2, 8), torch.randn(2, 7), torch.ones(8), None, 1e-5), "residual"),
+    ("add_rms_norm", lambda: (torch.randn(2, 8), None, torch.ones(7), 1e-5), r"weight must be \(8,\)"),
+    ("rotary", lambda: (torch.randn(3, 2, 8), torch.randn(3, 1, 8), torch.arange(3), torch.randn(4, 10)),
+     "R must be even and in"),
+    ("gated_act", lambda: (torch.randn(2, 7), "silu"), "must be even"),
+    ("gated_act", lambda: (torch.randn(2, 8), "relu"), "unknown gated activation"),
+    ("embed_layer_norm", lambda: (torch.arange(3), torch.arange(4), None, torch.randn(5, 8),
+                                  torch.randn(5, 8), None, torch.ones(8), None, 1e-5), r"positions must be \(3,\)"),
+    ("pooled_norm", lambda: (torch.randn(4, 8), cu_seqlens([4]), "cls", "batch", torch.ones(8), None, 1e-5),
+     "unknown norm_kind"),
+    ("pooled_norm", lambda: (torch.randn(4, 8), cu_seqlens([4]), "cls", "rms", torch.ones(6), None, 1e-5),
+     r"weight must be \(8,\)"),
+])
+def test_validation_messages(op, args, match):
+    with pytest.raises(ValueError, match=match):
+        _kernel(op)(*args())
+
+
+# ----------------------------------------------------------------------------------------
+# no recompilation on ragged shapes
+# ----------------------------------------------------------------------------------------
+
+# The constexpr parameters each kernel may have: head dims, block sizes and feature flags.
+# Nothing derived from T, B or max_seqlen may appear here.
+ALLOWED_CONSTEXPRS = {
+    "varlen_attention": {"HEAD_DIM", "BLOCK_D", "BLOCK_M", "BLOCK_N", "IS_CAUSAL", "HAS_WINDOW", "PRECISION"},
+    "gather_pooled": {"POOLING", "BLOCK_T", "BLOCK_H"},
+    "activation": {"KIND", "BIAS_MODE", "SCALE_MODE", "BLOCK_L"},
+    "add_layer_norm": {"HAS_RESIDUAL", "HAS_BIAS", "BLOCK_H"},
+    "add_rms_norm": {"HAS_RESIDUAL", "BLOCK_H"},
+    "rotary": {"HALF", "NEOX", "BLOCK_HALF", "BLOCK_HQ", "BLOCK_HK"},
+    "gated_act": {"KIND", "BLOCK"},
+    "embed_layer_norm": {"HAS_TYPE", "HAS_EXTRA", "HAS_BIAS", "BLOCK_H"},
+    "pooled_norm": {"POOLING", "NORM", "HAS_BIAS", "HAS_RESIDUAL", "BLOCK_T", "BLOCK_H"},
+}
+
+
+def _jit_kernel(op):
+    return getattr(_mod(op), f"_{op}_kernel")
+
+
+def _params(kernel):
+    """(name, is_constexpr) of a @triton.jit function, interpreted or compiled."""
+    fn = getattr(kernel, "fn", kernel)
+    return [(p.name, p.annotation is tl.constexpr or "constexpr" in str(p.annotation))
+            for p in inspect.signature(fn).parameters.values()]
+
+
+def _spec_key(kernel, args, kwargs):
+    """What Triton's JIT keys its compiled-kernel cache on: constexpr values, tensor
+    dtypes and 16-byte alignment, and for plain ints whether they are 1, divisible by 16,
+    and 32-bit (this module's kernels mark none do_not_specialize, so all ints count)."""
+    names = [n for n, _ in _params(kernel)]
+    constexpr = {n for n, c in _params(kernel) if c}
+    bound = dict(zip(names, args))
+    bound.update({k: v for k, v in kwargs.items() if k in names})
+    key = []
+    for name in names:
+        v = bound[name]
+        if name in constexpr:
+            key.append((name, v))
+        elif isinstance(v, torch.Tensor):
+            key.append((name, v.dtype, v.data_ptr() % 16 == 0))
+        elif isinstance(v, bool):
+            key.append((name, "i1", v))
+        elif isinstance(v, int):
+            key.append((name, "int", v == 1, v % 16 == 0, -2 ** 31 <= v < 2 ** 31))
+        elif isinstance(v, float):
+            key.append((name, "fp32"))
+        else:
+            key.append((name, type(v).__name__, v))
+    return tuple(key)
+
+
+class _Recorder:
+    """Stands in for a kernel: records each launch's specialisation key, then launches."""
+
+    def __init__(self, kernel):
+        self.kernel, self.keys, self.ints = kernel, [], []
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def run(*args, **kwargs):
+            self.keys.append(_spec_key(self.kernel, args, kwargs))
+            names = [n for n, _ in _params(self.kernel)]
+            self.ints.append({n: v for n, v in zip(names, args)
+                              if isinstance(v, int) and not isinstance(v, bool)})
+            return launch(*args, **kwargs)
+        return run
+
+
+def _ragged_call(op, lens):
+    """A call of `op` on a ragged batch with these lengths; model dims fixed."""
+    T = sum(lens)
+    cu, pos = cu_seqlens(lens), positions(lens)
+    h = _randn(T, 32, seed=T)
+    if op == "varlen_attention":
+        q, k, v = _qkv(lens, 2, 1, 16, torch.float32, seed=T)
+        return lambda f: f(q, k, v, cu, max(lens), True, None, (8, -1))
+    if op == "gather_pooled":
+        return lambda f: f(h, cu, "mean")
+    if op == "activation":
+        return lambda f: f(_randn(len(lens), 3, seed=T), "softmax", 0.5, None)
+    if op == "add_layer_norm":
+        return lambda f: f(h, h.clone(), torch.ones(32), torch.zeros(32), 1e-5)
+    if op == "add_rms_norm":
+        return lambda f: f(h, h.clone(), torch.ones(32), 1e-5, 1.0)
+    if op == "rotary":
+        q, k = _randn(T, 4, 16, seed=T), _randn(T, 2, 16, seed=T + 1)
+        return lambda f: f(q, k, pos, _cos_sin(80, 16, 0), True)
+    if op == "gated_act":
+        return lambda f: f(h, "silu")
+    if op == "embed_layer_norm":
+        ids = torch.arange(T) % 7
+        return lambda f: f(ids, pos, ids % 2, _randn(7, 32, seed=1), _randn(80, 32, seed=2),
+                           _randn(2, 32, seed=3), torch.ones(32), torch.zeros(32), 1e-12)
+    if op == "pooled_norm":
+        return lambda f: f(h, cu, "last", "rms", torch.ones(32), None, 1e-6, 0.0, None)
+    raise KeyError(op)
+
+
+# T = 1, 31, 32, 24; B = 1, 3, 2, 5; max_seqlen = 1, 17, 16, 9: they hit 1, multiples of
+# 16 and neither, which would split Triton's cache if they reached the kernel as ints.
+RAGGED = [[1], [1, 17, 13], [16, 16], [9, 2, 5, 1, 7]]
+
+
+@pytest.mark.parametrize("op", KERNEL_OPS)
+def test_ragged_shapes_do_not_change_specialisation(op, monkeypatch):
+    kernel = _jit_kernel(op)
+    constexpr = {n for n, c in _params(kernel) if c}
+    assert constexpr <= ALLOWED_CONSTEXPRS[op], f"unexpected constexprs {constexpr - ALLOWED_CONSTEXPRS[op]}"
+    rec = _Recorder(kernel)
+    monkeypatch.setattr(_mod(op), f"_{op}_kernel", rec)
+    for lens in RAGGED:
+        _ragged_call(op, lens)(_kernel(op))
+    assert len(rec.keys) == len(RAGGED)
+    # Stronger than the key: no runtime int takes a value that depends on the batch.
+    for name in rec.ints[0]:
+        values = {ints[name] for ints in rec.ints}
+        assert len(values) == 1, f"int argument {name} varies with the ragged shape: {sorted(values)}"
+    distinct = set(rec.keys)
+    assert len(distinct) == 1, "specialisation differs across ragged batches:\n" + "\n".join(
+        str([kv for kv in key if kv not in rec.keys[0]]) for key in distinct)
+
+
+# ----------------------------------------------------------------------------------------
+# GPU: bf16, realistic shapes, the compiled cache
+# ----------------------------------------------------------------------------------------
+
+def _cache_entries(kernel):
+    """Compiled variants held by a JITFunction (triton 3.x layouts)."""
+    if hasattr(kernel, "device_caches"):
+        return sum(len(c[0]) for c in kernel.device_caches.values())
+    return sum(len(c) for c in kernel.cache.values())
+
+
+def _mixed_lens(n, seed=0, lo=8, hi=512):
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.exp(torch.randn(n, generator=g) * 0.8 + math.log(120)).round().clamp(lo, hi)
+    return [int(x) for x in lens]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", KERNEL_OPS)
+def test_gpu_ragged_shapes_compile_once(op):
+    kernel = _jit_kernel(op)
+    calls = [_ragged_call(op, lens) for lens in RAGGED]
+
+    def on_cuda(*args):
+        return _kernel(op)(*[a.cuda() if isinstance(a, torch.Tensor) else a for a in args])
+
+    calls[0](on_cuda)  # compiles the one variant this feature set needs
+    before = _cache_entries(kernel)
+    for call in calls[1:]:
+        call(on_cuda)
+    torch.cuda.synchronize()
+    assert _cache_entries(kernel) == before, f"{op} recompiled for a ragged shape"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal,Hq,Hkv,D,window", [
+    (False, 12, 12, 64, None),     # BERT-base bidirectional
+    (True, 16, 8, 128, None),      # Qwen3-0.6B style GQA 2:1
+    (True, 12, 2, 128, None),      # Qwen2-1.5B style GQA 6:1
+    (True, 8, 8, 256, None),       # Gemma head_dim 256
+    (True, 16, 4, 96, (255, -1)),  # sliding window, padded head dim
+])
+def test_gpu_varlen_attention_bf16(causal, Hq, Hkv, D, window):
+    lens = _mixed_lens(64, seed=1)
+    T = sum(lens)
+    q, k, v = (torch.randn(T, h, D, device="cuda", dtype=torch.bfloat16) for h in (Hq, Hkv, Hkv))
+    cu = cu_seqlens(lens, "cuda")
+    out = _kernel("varlen_attention")(q, k, v, cu, max(lens), causal, None, window)
+    tol = (torch.bfloat16, 2e-2, 2e-2)
+    assert_close(out, ops.varlen_attention(q, k, v, cu, max(lens), causal, None, window), tol, "vs reference")
+    if window is None:
+        # Per-sequence SDPA, the independent check at realistic sizes.
+        start = 0
+        for n in lens[:16]:
+            qs, ks, vs = (x[start:start + n].transpose(0, 1) for x in (q, k, v))
+            ref = torch.nn.functional.scaled_dot_product_attention(
+                qs[None], ks[None], vs[None], is_causal=causal, enable_gqa=Hq != Hkv)[0].transpose(0, 1)
+            assert_close(out[start:start + n], ref, tol, f"seq len {n} vs SDPA")
+            start += n
+
+
+@pytest.mark.gpu
+def test_gpu_varlen_attention_matches_torch_varlen():
+    varlen = pytest.importorskip("torch.nn.attention.varlen")
+    lens = _mixed_lens(32, seed=2)
+    T = sum(lens)
+    q, k, v = (torch.randn(T, 16, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    cu = cu_seqlens(lens, "cuda")
+    try:
+        ref = varlen.varlen_attn(q, k, v, cu, cu, max(lens), max(lens), is_causal=True)
+    except Exception as e:  # signature or hardware support differs across torch versions
+        pytest.skip(f"torch varlen_attn unavailable here: {e}")
+    out = _kernel("varlen_attention")(q, k, v, cu, max(lens), True)
+    assert_close(out, ref, (2e-2, 2e-2), "vs torch.nn.attention.varlen")
+
+
+@pytest.mark.gpu
+def test_gpu_other_ops_bf16():
+    tol = (torch.bfloat16, 2e-2, 2e-2)
+    lens = _mixed_lens(64, seed=3)
+    T, H = sum(lens), 1024
+    cu = cu_seqlens(lens, "cuda")
+    dev = dict(device="cuda", dtype=torch.bfloat16)
+    x, r = torch.randn(T, H, **dev), torch.randn(T, H, **dev)
+    w, b = torch.randn(H, device="cuda"), torch.randn(H, device="cuda")
+    for got, ref in ((_kernel("add_layer_norm")(x, r, w, b, 1e-5), ops.add_layer_norm(x, r, w, b, 1e-5)),
+                     (_kernel("add_rms_norm")(x, r, w, 1e-6, 1.0), ops.add_rms_norm(x, r, w, 1e-6, 1.0))):
+        assert_close(got[1], ref[1], (0, 0), "summed")
+        assert_close(got[0], ref[0], tol, "normed")
+    for pooling in ("cls", "last", "mean"):
+        assert_close(_kernel("gather_pooled")(x, cu, pooling), ops.gather_pooled(x, cu, pooling), tol, pooling)
+        for nk in (None, "layer", "rms"):
+            assert_close(_kernel("pooled_norm")(x, cu, pooling, nk, w, b, 1e-6, 0.0, r),
+                         ops.pooled_norm(x, cu, pooling, nk, w, b, 1e-6, 0.0, r), (1e-3, 1e-3), f"{pooling}/{nk}")
+    g = torch.randn(T, 2 * 3072, **dev)
+    for kind in ("silu", "gelu_tanh", "gelu"):
+        assert_close(_kernel("gated_act")(g, kind), ops.gated_act(g, kind), tol, kind)
+    pos = positions(lens, "cuda")
+    cs = _cos_sin(512, 128, 0).cuda()
+    q, k = torch.randn(T, 16, 128, **dev), torch.randn(T, 8, 128, **dev)
+    rq, rk = q.clone(), k.clone()
+    _kernel("rotary")(q, k, pos, cs, True)
+    ops.rotary(rq, rk, pos, cs, True)
+    assert_close(q, rq, tol, "rotary q")
+    assert_close(k, rk, tol, "rotary k")
+    ids = torch.randint(0, 30522, (T,), device="cuda")
+    tables = (torch.randn(30522, 768, **dev), torch.randn(512, 768, **dev), torch.randn(2, 768, **dev))
+    args = (ids, pos, ids % 2, *tables, torch.ones(768, device="cuda"), torch.zeros(768, device="cuda"), 1e-12)
+    assert_close(_kernel("embed_layer_norm")(*args), ops.embed_layer_norm(*args), (5e-2, 5e-2), "embed")
+    logits = torch.randn(64, 3, device="cuda")
+    assert_close(_kernel("activation")(logits, "softmax", 0.5, 2.0),
+                 ops.activation(logits, "softmax", 0.5, 2.0), FP32, "activation")
