@@ -28,48 +28,94 @@ ENV_VAR = "PYENGINE_KERNEL_BACKEND"
 # torch references
 # ----------------------------------------------------------------------------------------
 
+def _attn_mask(q_pos, k_pos, k_len, causal, window):
+    """(n, 1, Lq, Lk) bool: keys inside their sequence, and inside the causal/window
+    band relative to each query's position. q_pos: (n, Lq); k_pos: (Lk,); k_len: (n,)."""
+    rel = k_pos[None, None, :] - q_pos[:, :, None]  # key - query
+    mask = (k_pos[None, None, :] < k_len[:, None, None]).expand_as(rel)
+    if causal:
+        mask = mask & (rel <= 0)
+    if window is not None:
+        left, right = window
+        if left >= 0:
+            mask = mask & (rel >= -left)
+        if right >= 0:
+            mask = mask & (rel <= right)
+    return mask.unsqueeze(1)
+
+
+def _length_groups(lens, max_tokens=16384, slack=1.25):
+    """Cut sequence indices, sorted by length, into groups whose padded attention work
+    (n * longest^2) stays within ``slack`` of the exact work (sum of length^2)."""
+    order = sorted(range(len(lens)), key=lens.__getitem__)
+    groups, cur, sq = [], [], 0
+    for i in order:
+        n = lens[i]
+        if cur and (n * n * (len(cur) + 1) > slack * (sq + n * n) or n * (len(cur) + 1) > max_tokens):
+            groups.append(cur)
+            cur, sq = [], 0
+        cur.append(i)
+        sq += n * n
+    if cur:
+        groups.append(cur)
+    return groups
+
+
 def varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=False, scale=None, window=None):
     """Attention within each packed sequence.
 
     q: (T, Hq, D); k, v: (T, Hkv, D) with Hq % Hkv == 0; cu_seqlens: (B+1,) int32;
     max_seqlen: int; window: None or (left, right) tokens visible on each side (-1 = all).
-    Returns (T, Hq, D) in q's dtype. Sequences never attend to each other: the rows are
-    scattered into a (B, max_seqlen) grid inside this op only, with a mask on the keys.
+    Returns (T, Hq, D) in q's dtype. Sequences never attend to each other: sequences of
+    like length are gathered into small padded groups inside this op only, keys masked
+    past each sequence's end; a group of equal lengths needs no mask at all.
     """
     T, Hq, D = q.shape
     Hkv = k.shape[1]
-    B = cu_seqlens.numel() - 1
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    starts = cu_seqlens[:-1].long()
-    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    cu = cu_seqlens.tolist()
+    lens = [b - a for a, b in zip(cu[:-1], cu[1:])]
+    out = torch.empty_like(q)
+    dev = q.device
+    for group in _length_groups(lens):
+        L = max(lens[i] for i in group)
+        starts = torch.tensor([cu[i] for i in group], device=dev)
+        glens = torch.tensor([lens[i] for i in group], device=dev)
+        ar = torch.arange(L, device=dev)
+        # Padded slots read token 0 and are masked out; they are never written back.
+        idx = torch.where(ar[None] < glens[:, None], starts[:, None] + ar[None], 0)  # (n, L)
+        qg, kg, vg = (x[idx].transpose(1, 2) for x in (q, k, v))  # (n, H, L, D)
+        uniform = all(lens[i] == L for i in group)
+        mask = None
+        if not uniform or window is not None:
+            mask = _attn_mask(ar[None].expand(len(group), L), ar, glens, causal, window)
+        o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, scale=scale,
+                                           is_causal=causal and mask is None, enable_gqa=Hq != Hkv)
+        valid = ar[None] < glens[:, None]
+        out[idx[valid]] = o.transpose(1, 2)[valid]
+    return out
+
+
+def pooled_query_attention(q, k, v, cu_seqlens, max_seqlen, q_pos, causal=False, scale=None, window=None):
+    """Attention for one query row per sequence against all of that sequence's keys:
+    the last layer of a model that pools one token needs nothing else.
+
+    q: (B, Hq, D); k, v: (T, Hkv, D); cu_seqlens: (B+1,) int32; max_seqlen: int;
+    q_pos: (B,) int64, the query's position inside its sequence (0 for CLS, len-1 for
+    the last token). Returns (B, Hq, D) in q's dtype."""
+    B, Hq, D = q.shape
+    Hkv = k.shape[1]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
     S = int(max_seqlen)
-    seq_id = torch.repeat_interleave(torch.arange(B, device=q.device), lens, output_size=T)
-    pos = torch.arange(T, device=q.device) - starts[seq_id]
-
-    def grid(x):
-        out = x.new_zeros(B, S, x.shape[1], D)
-        out[seq_id, pos] = x
-        return out.transpose(1, 2)  # (B, H, S, D)
-
-    qg, kg, vg = grid(q), grid(k), grid(v)
-    if Hkv != Hq:
-        kg = kg.repeat_interleave(Hq // Hkv, dim=1)
-        vg = vg.repeat_interleave(Hq // Hkv, dim=1)
+    starts = cu_seqlens[:-1].long()
+    lens = cu_seqlens[1:].long() - starts
     ar = torch.arange(S, device=q.device)
-    mask = ar[None, None, :] < lens[:, None, None]  # (B, 1, S) valid keys
-    rel = ar[None, :] - ar[:, None]  # key - query
-    allowed = torch.ones(S, S, dtype=torch.bool, device=q.device)
-    if causal:
-        allowed &= rel <= 0
-    if window is not None:
-        left, right = window
-        if left >= 0:
-            allowed &= rel >= -left
-        if right >= 0:
-            allowed &= rel <= right
-    mask = (mask & allowed[None]).unsqueeze(1)  # (B, 1, S, S)
-    out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, scale=scale)
-    return out.transpose(1, 2)[seq_id, pos]
+    idx = torch.where(ar[None] < lens[:, None], starts[:, None] + ar[None], 0)  # (B, S)
+    kg, vg = k[idx].transpose(1, 2), v[idx].transpose(1, 2)  # (B, Hkv, S, D)
+    mask = _attn_mask(q_pos.long()[:, None], ar, lens, causal, window)  # (B, 1, 1, S)
+    o = F.scaled_dot_product_attention(q[:, :, None], kg, vg, attn_mask=mask, scale=scale,
+                                       enable_gqa=Hq != Hkv)
+    return o[:, :, 0]
 
 
 def gather_pooled(hidden, cu_seqlens, pooling):
@@ -209,8 +255,8 @@ def pooled_norm(hidden, cu_seqlens, pooling, norm_kind, weight, bias, eps, offse
 # registry
 # ----------------------------------------------------------------------------------------
 
-OP_NAMES = ("varlen_attention", "gather_pooled", "activation", "add_layer_norm", "add_rms_norm",
-            "rotary", "gated_act", "embed_layer_norm", "pooled_norm")
+OP_NAMES = ("varlen_attention", "pooled_query_attention", "gather_pooled", "activation", "add_layer_norm",
+            "add_rms_norm", "rotary", "gated_act", "embed_layer_norm", "pooled_norm")
 
 # Where the faster versions live: "module:function". A module that is missing or fails
 # to import (no triton, no built extension) simply makes that backend unavailable.

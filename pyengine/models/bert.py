@@ -94,16 +94,38 @@ class BertForSequenceClassification(nn.Module):
         x = ops.embed_layer_norm(batch.input_ids, positions, batch.token_type_ids, self.word, self.pos,
                                  self.tok_type, self.emb_ln_w, self.emb_ln_b, self.eps, extra)
         nh, hd = self.num_heads, self.head_dim
-        for layer in self.layers:
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            if i == last and self.pooling != "mean":
+                return self.head(self._pooled_last_layer(x, layer, batch))
             qkv = F.linear(x, layer.qkv_w, layer.qkv_b).view(T, 3, nh, hd)
             attn = ops.varlen_attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], batch.cu_seqlens, batch.max_seqlen,
                                         causal=False, scale=hd ** -0.5)
-            h = F.linear(attn.reshape(T, nh * hd), layer.o_w, layer.o_b)
-            x, _ = ops.add_layer_norm(h, x, layer.ln1_w, layer.ln1_b, self.eps)
-            h = F.linear(self.act(F.linear(x, layer.up_w, layer.up_b)), layer.down_w, layer.down_b)
-            x, _ = ops.add_layer_norm(h, x, layer.ln2_w, layer.ln2_b, self.eps)
+            x = self._finish_layer(layer, attn.reshape(T, nh * hd), x)
         pooled = ops.gather_pooled(x, batch.cu_seqlens, self.pooling).float()
         return self.head(pooled)
+
+    def _finish_layer(self, layer, attn, x):
+        """Output projection, residual + LayerNorm, MLP, residual + LayerNorm."""
+        h = F.linear(attn, layer.o_w, layer.o_b)
+        x, _ = self.ops.add_layer_norm(h, x, layer.ln1_w, layer.ln1_b, self.eps)
+        h = F.linear(self.act(F.linear(x, layer.up_w, layer.up_b)), layer.down_w, layer.down_b)
+        return self.ops.add_layer_norm(h, x, layer.ln2_w, layer.ln2_b, self.eps)[0]
+
+    def _pooled_last_layer(self, x, layer, batch):
+        """The last layer for the pooled rows only: keys and values still come from every
+        token, but the query, the attention output, the projection and the MLP are only
+        computed where a row reaches the head. Returns (B, H) fp32."""
+        nh, hd, H = self.num_heads, self.head_dim, self.config.hidden_size
+        cu = batch.cu_seqlens
+        first = cu[:-1].long()
+        rows = first if self.pooling == "cls" else cu[1:].long() - 1
+        kv = F.linear(x, layer.qkv_w[H:], layer.qkv_b[H:]).view(-1, 2, nh, hd)
+        xr = x[rows]
+        q = F.linear(xr, layer.qkv_w[:H], layer.qkv_b[:H]).view(-1, nh, hd)
+        attn = self.ops.pooled_query_attention(q, kv[:, 0], kv[:, 1], cu, batch.max_seqlen, rows - first,
+                                               causal=False, scale=hd ** -0.5)
+        return self._finish_layer(layer, attn.reshape(-1, nh * hd), xr).float()
 
     def head(self, pooled):
         """pooled: (B, H) fp32 -> (B, num_labels) fp32."""
