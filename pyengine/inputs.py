@@ -81,6 +81,8 @@ class InputProcessor:
     def _check(self, prompts, what):
         for i, p in enumerate(prompts):
             n = len(p.token_ids)
+            if n == 0:  # text without special tokens can tokenise to nothing
+                raise ValueError(f"{what}[{i}] has no tokens")
             if n > self.max_model_len:
                 raise ValueError(f"{what}[{i}] has {n} tokens, more than max_model_len={self.max_model_len}; "
                                  "shorten it or pass truncate_prompt_tokens")
@@ -90,14 +92,14 @@ class InputProcessor:
                                  f"[0, {self.vocab_size})")
         return prompts
 
-    def _tokenize(self, texts, pairs, k, side):
+    def _tokenize(self, texts, pairs, k, side, add_special_tokens=True):
         if self.tokenizer is None:
             raise ValueError("text prompts need a tokenizer; pass tokenizer=... or token ids")
         tok = self.tokenizer
         old = tok.truncation_side
         tok.truncation_side = side
         try:
-            enc = tok(texts, text_pair=pairs, add_special_tokens=True, truncation=k is not None,
+            enc = tok(texts, text_pair=pairs, add_special_tokens=add_special_tokens, truncation=k is not None,
                       max_length=k, return_attention_mask=False,
                       return_token_type_ids=self.keep_token_types)
         finally:
@@ -107,8 +109,10 @@ class InputProcessor:
                 for i, ids in enumerate(enc["input_ids"])]
 
     # ------------------------------------------------------------------ public
-    def process(self, prompts, truncate_prompt_tokens=None, truncation_side=None, what="prompts"):
-        """prompts: the output of :func:`parse_prompts`. Returns list[TokenizedPrompt]."""
+    def process(self, prompts, truncate_prompt_tokens=None, truncation_side=None, what="prompts",
+                add_special_tokens=True):
+        """prompts: the output of :func:`parse_prompts`. Returns list[TokenizedPrompt].
+        add_special_tokens=False is for text a chat template has already framed."""
         k, side = self._limit(truncate_prompt_tokens, truncation_side)
         for i, p in enumerate(prompts):
             if len(p) == 0:
@@ -116,7 +120,8 @@ class InputProcessor:
         text_idx = [i for i, p in enumerate(prompts) if isinstance(p, str)]
         out: list[TokenizedPrompt | None] = [None] * len(prompts)
         if text_idx:
-            for i, tp in zip(text_idx, self._tokenize([prompts[i] for i in text_idx], None, k, side)):
+            texts = [prompts[i] for i in text_idx]
+            for i, tp in zip(text_idx, self._tokenize(texts, None, k, side, add_special_tokens)):
                 out[i] = tp
         for i, p in enumerate(prompts):
             if not isinstance(p, str):

@@ -1,0 +1,344 @@
+"""HTTP server with vLLM's pooling API: /classify, /pooling, /score, /rerank.
+
+    python -m pyengine.serve --model DIR --host 127.0.0.1 --port 8000
+
+Concurrent requests share ragged batches: each request is checked and tokenised on
+its own (so one bad request fails alone), then its sequences join the engine core's
+queue, which one worker thread packs under the token budget (see async_engine). A
+client that disconnects has its queued sequences dropped. Needs the ``serve`` extra
+(fastapi, uvicorn).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import socket
+import threading
+import time
+import uuid
+
+try:
+    import uvicorn
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, PlainTextResponse, Response
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+except ImportError as e:  # pragma: no cover - depends on the environment
+    raise ImportError("pyengine.serve needs fastapi and uvicorn: pip install 'fastapi>=0.110' 'uvicorn>=0.29'") from e
+
+from .async_engine import AsyncEngine
+from .config import EngineConfig
+from .engine import EngineCore
+from .metrics import Metrics
+from .pooler import score_activation
+from .serve_protocol import (ApiError, ClassifyRequest, PoolingRequest, RerankRequest, ScoreRequest, encode_floats,
+                             error_body, parse_input, render_chat, validate)
+
+log = logging.getLogger("pyengine.serve")
+
+
+class ClientGone(Exception):
+    """The client closed its connection before its answer was ready."""
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse(error_body(status, message), status_code=status)
+
+
+async def _wait_disconnect(request: Request):
+    # After the body is read, the server's receive() only returns at disconnect.
+    while True:
+        if (await request.receive())["type"] == "http.disconnect":
+            return
+        await asyncio.sleep(0.01)
+
+
+class Server:
+    """The routes over one EngineCore. ``names``: the served model names (the first is
+    the one responses report); ``max_inputs``: inputs (or pairs) one request may hold."""
+
+    def __init__(self, core: EngineCore, names: list[str], max_inputs: int = 1024,
+                 max_request_bytes: int = 64 << 20):
+        if max_inputs < 1:
+            raise ValueError(f"max_inputs must be positive, got {max_inputs}")
+        self.core, self.names, self.max_inputs = core, list(names), max_inputs
+        self.max_request_bytes = max_request_bytes
+        self.metrics = Metrics()
+        self.engine: AsyncEngine | None = None
+        self.created = int(time.time())
+        id2label = getattr(core.hf_config, "id2label", None) or {}
+        self.labels = [str(id2label.get(i, id2label.get(str(i), f"LABEL_{i}"))) for i in range(core.num_labels)]
+
+    # ------------------------------------------------------------------ plumbing
+    async def _read(self, request: Request, cls):
+        """Body -> validated request model, with the checks every route shares."""
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_request_bytes:
+            raise ApiError(413, f"request body of {length} bytes is over the limit of {self.max_request_bytes}")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.max_request_bytes:
+                raise ApiError(413, f"request body is over the limit of {self.max_request_bytes} bytes")
+            chunks.append(chunk)
+        try:
+            data = json.loads(b"".join(chunks))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"malformed JSON body: {e}") from None
+        req = validate(cls, data)
+        if req.model is not None and req.model not in self.names:
+            raise ApiError(404, f"The model `{req.model}` does not exist; this server serves {self.names}")
+        if req.priority != 0:
+            raise ApiError(400, "priority scheduling is not enabled on this server; priority must be 0")
+        return req
+
+    def _check_count(self, n: int, what: str):
+        if n > self.max_inputs:
+            raise ApiError(413, f"{n} {what} in one request; the limit is {self.max_inputs} "
+                                "(--max-inputs-per-request)")
+
+    def _activation(self, use_activation, kind):
+        if use_activation is None:
+            use_activation = self.core.cfg.pooler_config.use_activation
+        return kind if use_activation else None
+
+    async def _run(self, request, stats, prepare, *args):
+        """Tokenise (``prepare(*args)`` on the tokenizer thread) then run; abandoned if
+        the client goes away meanwhile. Returns (prompts, outputs)."""
+        async def work():
+            prompts, activation = await self.engine.preprocess(prepare, *args)
+            return prompts, await self.engine.run(prompts, activation)
+
+        task = asyncio.ensure_future(work())
+        watch = asyncio.ensure_future(_wait_disconnect(request))
+        try:
+            await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+            if not task.done():  # the client left first
+                task.cancel()  # cancels engine.run, which aborts the queued sequences
+                await asyncio.wait({task})
+        finally:
+            watch.cancel()
+            if not task.done():  # this handler itself was cancelled
+                task.cancel()
+        if task.cancelled():
+            stats["aborted"] = True
+            raise ClientGone()
+        prompts, out = task.result()
+        stats["tokens"] = sum(len(p.token_ids) for p in prompts)
+        stats["inputs"] = len(prompts)
+        return prompts, out
+
+    def _usage(self, stats):
+        return {"prompt_tokens": stats["tokens"], "total_tokens": stats["tokens"], "completion_tokens": 0,
+                "prompt_tokens_details": None}
+
+    def _head(self, prefix, req):
+        return {"id": f"{prefix}-{req.request_id or uuid.uuid4().hex}", "object": "list",
+                "created": int(time.time()), "model": self.names[0]}
+
+    # ------------------------------------------------------------------ tokenizer thread
+    def _prepare_single(self, req: ClassifyRequest, prompts):
+        """Messages or parsed input -> (TokenizedPrompts, activation)."""
+        if req.messages is not None:
+            prompts, what, special = [render_chat(self.core.tokenizer, req)], "messages", bool(req.add_special_tokens)
+        else:
+            what, special = "input", req.add_special_tokens is not False
+        toks = self.core.inputs.process(prompts, req.truncate_prompt_tokens, req.truncation_side, what, special)
+        return toks, self._activation(req.use_activation, self.core.classify_act)
+
+    def _prepare_pairs(self, req, first, second):
+        toks, _, _ = self.core.inputs.process_pairs(first, second, req.truncate_prompt_tokens, req.truncation_side)
+        return toks, self._activation(req.use_activation, score_activation(self.core.hf_config))
+
+    # ------------------------------------------------------------------ routes
+    async def _run_single(self, request, stats, req: ClassifyRequest):
+        prompts = parse_input(req.input) if req.input is not None else None
+        self._check_count(len(prompts) if prompts is not None else 1, "inputs")
+        _, out = await self._run(request, stats, self._prepare_single, req, prompts)
+        return out
+
+    async def classify(self, request, stats):
+        req = await self._read(request, ClassifyRequest)
+        out = await self._run_single(request, stats, req)
+        data = [{"index": i, "label": self.labels[int(row.argmax())], "probs": row.tolist(),
+                 "num_classes": row.numel()} for i, row in enumerate(out)]
+        return {**self._head("classify", req), "data": data, "usage": self._usage(stats)}
+
+    async def pooling(self, request, stats):
+        req = await self._read(request, PoolingRequest)
+        if req.task not in (None, "classify"):
+            raise ApiError(400, f"task {req.task!r} is not supported; this server serves task 'classify'")
+        if req.dimensions is not None:
+            raise ApiError(400, "'dimensions' applies to embedding models; this is a classifier")
+        out = await self._run_single(request, stats, req)
+        data = [{"index": i, "object": "pooling",
+                 "data": encode_floats(row, req.encoding_format, req.embed_dtype, req.endianness)}
+                for i, row in enumerate(out)]
+        return {**self._head("pool", req), "data": data, "usage": self._usage(stats)}
+
+    def _need_cross_encoder(self):
+        if self.core.num_labels != 1:
+            raise ApiError(400, f"score and rerank need a cross-encoder (num_labels == 1); this model has "
+                                f"num_labels={self.core.num_labels}")
+
+    async def score(self, request, stats):
+        req = await self._read(request, ScoreRequest)
+        self._need_cross_encoder()
+        first, second, _ = req.pair()
+        n = max(1 if isinstance(x, str) else len(x) for x in (first, second))
+        self._check_count(n, "pairs")
+        _, out = await self._run(request, stats, self._prepare_pairs, req, first, second)
+        data = [{"index": i, "object": "score", "score": float(row[0])} for i, row in enumerate(out)]
+        return {**self._head("score", req), "data": data, "usage": self._usage(stats)}
+
+    async def rerank(self, request, stats):
+        req = await self._read(request, RerankRequest)
+        self._need_cross_encoder()
+        self._check_count(len(req.documents), "documents")
+        _, out = await self._run(request, stats, self._prepare_pairs, req, req.query, req.documents)
+        scores = [float(row[0]) for row in out]
+        order = sorted(range(len(scores)), key=lambda i: -scores[i])  # stable: ties keep input order
+        if req.top_n:
+            order = order[:req.top_n]
+        results = [{"index": i, "document": {"text": req.documents[i]}, "relevance_score": scores[i]} for i in order]
+        return {"id": f"rerank-{req.request_id or uuid.uuid4().hex}", "model": self.names[0],
+                "usage": {"prompt_tokens": stats["tokens"], "total_tokens": stats["tokens"]}, "results": results}
+
+    # ------------------------------------------------------------------ app
+    async def _serve(self, route: str, request: Request, handler) -> Response:
+        """Run one POST route: map errors to vLLM-style bodies and record metrics."""
+        t0 = time.perf_counter()
+        stats = {"tokens": 0, "inputs": 0, "aborted": False}
+        self.metrics.request_started()
+        try:
+            body = await handler(request, stats)
+            try:
+                resp = JSONResponse(body)
+            except ValueError as e:  # JSON has no NaN or infinity: the model's fault, not the request's
+                raise RuntimeError(f"the output cannot be sent as JSON: {e}") from None
+        except ApiError as e:
+            resp = _error(e.status, e.message)
+        except (ValueError, TypeError) as e:  # the input checks' errors: the request was bad
+            resp = _error(400, str(e))
+        except ClientGone:
+            resp = Response(status_code=499)  # nobody reads it; the status is for metrics
+        except Exception as e:  # noqa: BLE001 - answer 500 and stay up
+            log.exception("%s failed", route)
+            resp = _error(500, f"{type(e).__name__}: {e}")
+        except BaseException:  # cancelled (server shutdown): still balance the in-flight gauge
+            self.metrics.request_done(route, 499, time.perf_counter() - t0)
+            raise
+        ok = resp.status_code == 200
+        self.metrics.request_done(route, resp.status_code, time.perf_counter() - t0,
+                                  stats["tokens"] if ok else 0, stats["inputs"] if ok else 0, stats["aborted"])
+        return resp
+
+    def build_app(self) -> FastAPI:
+        @contextlib.asynccontextmanager
+        async def lifespan(app):
+            self.engine = AsyncEngine(self.core, on_step=self.metrics.step_done)
+            try:
+                yield
+            finally:
+                self.engine.shutdown()
+
+        app = FastAPI(title="pyengine", lifespan=lifespan)
+
+        @app.exception_handler(StarletteHTTPException)
+        async def http_error(request, exc):  # unknown routes and methods, in the same error shape
+            return _error(exc.status_code, str(exc.detail))
+
+        routes = {"/classify": self.classify, "/pooling": self.pooling, "/score": self.score,
+                  "/v1/score": self.score, "/rerank": self.rerank, "/v1/rerank": self.rerank,
+                  "/v2/rerank": self.rerank}
+        def endpoint_for(path, handler):  # a closure: FastAPI would read default args as query params
+            async def endpoint(request: Request):
+                return await self._serve(path, request, handler)
+            return endpoint
+
+        for path, handler in routes.items():
+            app.add_api_route(path, endpoint_for(path, handler), methods=["POST"])
+
+        @app.get("/health")
+        async def health():
+            ok = self.engine is not None and self.engine.alive
+            return Response(status_code=200 if ok else 503)
+
+        @app.get("/v1/models")
+        async def models():
+            card = {"object": "model", "created": self.created, "owned_by": "pyengine",
+                    "root": str(self.core.cfg.model), "parent": None, "max_model_len": self.core.max_model_len,
+                    "permission": []}
+            return {"object": "list", "data": [{"id": n, **card} for n in self.names]}
+
+        @app.get("/metrics")
+        async def metrics():
+            depth = self.engine.num_waiting() if self.engine is not None else 0
+            return PlainTextResponse(self.metrics.render(depth), media_type="text/plain; version=0.0.4")
+
+        return app
+
+
+def serve_in_thread(app, host="127.0.0.1", port=0, timeout=60.0):
+    """Start ``app`` on a background thread; returns (base_url, stop). Port 0 picks a
+    free port (the socket is bound here, so there is no race for it)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="pyengine-http")
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the HTTP server did not start")
+        time.sleep(0.02)
+
+    def stop():
+        server.should_exit = True
+        thread.join(timeout)
+        sock.close()
+
+    return f"http://{host}:{sock.getsockname()[1]}", stop
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pyengine.serve", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="local model directory")
+    p.add_argument("--tokenizer", default=None)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-num-batched-tokens", type=int, default=16384)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--kernel-backend", default="auto")
+    p.add_argument("--convert", default="auto")
+    p.add_argument("--hf-overrides", type=json.loads, default=None, help="JSON object")
+    p.add_argument("--pooler-config", type=json.loads, default=None, help="JSON object")
+    p.add_argument("--served-model-name", nargs="+", default=None,
+                   help="names clients may use in 'model' (default: --model); the first is reported")
+    p.add_argument("--max-inputs-per-request", type=int, default=1024)
+    p.add_argument("--max-request-bytes", type=int, default=64 << 20)
+    p.add_argument("--log-level", default="info")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    core = EngineCore(EngineConfig(
+        model=args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device,
+        max_model_len=args.max_model_len, max_num_batched_tokens=args.max_num_batched_tokens,
+        max_num_seqs=args.max_num_seqs, hf_overrides=args.hf_overrides, pooler_config=args.pooler_config,
+        kernel_backend=args.kernel_backend, convert=args.convert))
+    server = Server(core, args.served_model_name or [args.model], args.max_inputs_per_request,
+                    args.max_request_bytes)
+    uvicorn.run(server.build_app(), host=args.host, port=args.port, log_level=args.log_level.lower())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,188 @@
+"""Request bodies of the HTTP API, shaped like vLLM's pooling API, and their checks.
+
+Field names and defaults follow vLLM's ``/classify``, ``/pooling``, ``/score`` and
+``/rerank`` requests so existing clients work unchanged. Types are checked strictly
+(a string where a bool belongs is an error, not a guess) and unknown fields are
+ignored, as vLLM ignores them.
+"""
+from __future__ import annotations
+
+import base64
+import inspect
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from transformers import PreTrainedTokenizerBase
+
+
+class ApiError(Exception):
+    """An error answered with ``status`` and a vLLM-style JSON error body."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+_ERROR_TYPES = {400: "BadRequestError", 404: "NotFoundError", 413: "RequestEntityTooLargeError",
+                499: "ClientClosedRequest", 500: "InternalServerError", 503: "ServiceUnavailableError"}
+
+
+def error_body(status: int, message: str) -> dict:
+    return {"error": {"message": message, "type": _ERROR_TYPES.get(status, "Error"), "param": None,
+                      "code": status}}
+
+
+class _Common(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    model: str | None = None
+    user: str | None = None
+    truncate_prompt_tokens: int | None = Field(None, ge=-1)
+    truncation_side: Literal["left", "right"] | None = None
+    request_id: str | None = None
+    priority: int = 0
+    use_activation: bool | None = None
+
+
+class ClassifyRequest(_Common):
+    """``input`` (str, [str], token ids or [token ids]) or chat ``messages``."""
+    input: Any = None
+    messages: list[dict[str, Any]] | None = None
+    add_special_tokens: bool | None = None  # None: True for input, False for messages (as vLLM)
+    add_generation_prompt: bool = False
+    continue_final_message: bool = False
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.input is None) == (self.messages is None):
+            raise ValueError("give exactly one of 'input' and 'messages'")
+        if self.add_generation_prompt and self.continue_final_message:
+            raise ValueError("'add_generation_prompt' and 'continue_final_message' cannot both be true")
+        return self
+
+
+class PoolingRequest(ClassifyRequest):
+    task: str | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+    embed_dtype: Literal["float32", "float16"] = "float32"
+    endianness: Literal["native", "little", "big"] = "native"
+    dimensions: int | None = None
+
+
+# vLLM accepts the score pair under any of these names.
+SCORE_FIELDS = (("text_1", "text_2"), ("data_1", "data_2"), ("queries", "documents"), ("queries", "items"))
+
+
+class ScoreRequest(_Common):
+    text_1: str | list[str] | None = None
+    text_2: str | list[str] | None = None
+    data_1: str | list[str] | None = None
+    data_2: str | list[str] | None = None
+    queries: str | list[str] | None = None
+    documents: str | list[str] | None = None
+    items: str | list[str] | None = None
+
+    def pair(self):
+        """(first, second, their field names) from whichever naming the client used."""
+        for a, b in SCORE_FIELDS:
+            x, y = getattr(self, a), getattr(self, b)
+            if x is not None and y is not None:
+                return x, y, (a, b)
+        raise ApiError(400, "score needs 'text_1' and 'text_2' (or 'data_1'/'data_2', "
+                            "'queries'/'documents', 'queries'/'items')")
+
+
+class RerankRequest(_Common):
+    query: str
+    documents: list[str]
+    top_n: int = Field(0, ge=0)  # 0: every document
+
+
+def validate(cls, data):
+    """Build a request model from parsed JSON, or raise a 400 naming each bad field."""
+    if not isinstance(data, dict):
+        raise ApiError(400, f"the request body must be a JSON object, got {type(data).__name__}")
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        parts = []
+        for err in e.errors()[:5]:
+            loc = ".".join(str(x) for x in err["loc"]) or "body"
+            parts.append(f"{loc}: {err['msg']}")
+        raise ApiError(400, "invalid request: " + "; ".join(parts)) from None
+
+
+def parse_input(value) -> list:
+    """``input`` into parse_prompts' form: a list of str and list[int]."""
+    def ids(x):
+        return isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and value:
+        if all(isinstance(x, str) for x in value):
+            return list(value)
+        if ids(value):
+            return [list(value)]
+        if all(isinstance(x, list) and x and ids(x) for x in value):
+            return [list(x) for x in value]
+    if isinstance(value, list) and not value:
+        raise ApiError(400, "input is an empty list")
+    raise ApiError(400, "input must be a string, a list of strings, a list of token ids or a list of "
+                        f"token-id lists, got {type(value).__name__}")
+
+
+# Arguments of apply_chat_template itself: chat_template_kwargs must not reach them.
+_RESERVED = set(inspect.signature(PreTrainedTokenizerBase.apply_chat_template).parameters) - {"self", "kwargs"}
+
+
+def _message_text(content, where):
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # OpenAI content parts: only text is served here
+        texts = []
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ApiError(400, f"{where}.content[{j}] must be a text part "
+                                    "{'type': 'text', 'text': str}; this model takes text only")
+            texts.append(part["text"])
+        return "\n".join(texts)
+    raise ApiError(400, f"{where}.content must be a string or a list of text parts")
+
+
+def render_chat(tokenizer, req: ClassifyRequest) -> str:
+    """The prompt text the chat template makes of ``req.messages``."""
+    if tokenizer is None:
+        raise ApiError(400, "chat messages need a tokenizer, and this model was loaded without one")
+    if not req.messages:
+        raise ApiError(400, "messages is an empty list")
+    msgs = []
+    for i, m in enumerate(req.messages):
+        if not isinstance(m.get("role"), str):
+            raise ApiError(400, f"messages[{i}] needs a string 'role'")
+        msgs.append({**m, "content": _message_text(m.get("content", ""), f"messages[{i}]")})
+    kwargs = dict(req.chat_template_kwargs or {})
+    clash = sorted(set(kwargs) & _RESERVED)
+    if clash:
+        raise ApiError(400, f"chat_template_kwargs may not set {clash}")
+    if req.chat_template is None and getattr(tokenizer, "chat_template", None) is None:
+        raise ApiError(400, "the tokenizer has no chat template; pass one in 'chat_template'")
+    try:
+        return tokenizer.apply_chat_template(msgs, chat_template=req.chat_template, tokenize=False,
+                                             add_generation_prompt=req.add_generation_prompt,
+                                             continue_final_message=req.continue_final_message, **kwargs)
+    except Exception as e:  # noqa: BLE001 - a template fault is the caller's template or messages
+        raise ApiError(400, f"cannot render the chat template: {type(e).__name__}: {e}") from None
+
+
+def encode_floats(row, fmt: str, dtype: str, endianness: str):
+    """One pooled row as a JSON list, or base64 of its bytes (vLLM's encoding_format)."""
+    if fmt == "float":
+        return row.tolist()
+    import numpy as np
+
+    arr = row.numpy().astype(np.float16 if dtype == "float16" else np.float32)
+    if endianness != "native":
+        arr = arr.astype(arr.dtype.newbyteorder("<" if endianness == "little" else ">"))
+    return base64.b64encode(arr.tobytes()).decode("ascii")

@@ -1,0 +1,408 @@
+"""The HTTP server against the offline LLM on the same weights, over real loopback HTTP."""
+import base64
+import http.client
+import json
+import random
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlsplit
+
+import pytest
+import torch
+from transformers import BertConfig
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+from pyengine import LLM  # noqa: E402
+from pyengine.config import EngineConfig  # noqa: E402
+from pyengine.engine import EngineCore  # noqa: E402
+from pyengine.serve import Server, serve_in_thread  # noqa: E402
+from tiny import WORDS, save_tiny  # noqa: E402
+
+ATOL = 1e-5  # DESIGN: a result does not depend on its batch, fp32 within 1e-5
+MAX_INPUTS = 8
+TEMPLATE = "{% for m in messages %}{{ m.role }} {{ m.content }} {% endfor %}{% if add_generation_prompt %}yes{% endif %}"
+
+
+def _config(num_labels):
+    return BertConfig(vocab_size=160, max_position_embeddings=64, hidden_size=32, num_hidden_layers=2,
+                      num_attention_heads=4, intermediate_size=64, hidden_dropout_prob=0.0,
+                      attention_probs_dropout_prob=0.0, num_labels=num_labels)
+
+
+class Gate:
+    """Wraps a core's run_batch: records batch sizes, and can hold batches back so a
+    test can line requests up in the queue deterministically."""
+
+    def __init__(self, core):
+        self.open, self.entered, self.sizes = threading.Event(), threading.Event(), []
+        self.open.set()
+        self.fail_next = False
+        run = core.run_batch
+
+        def gated(prompts, activations):
+            self.sizes.append(len(prompts))
+            self.entered.set()
+            self.open.wait(60)
+            if self.fail_next:
+                self.fail_next = False
+                raise RuntimeError("injected model fault")
+            return run(prompts, activations)
+        core.run_batch = gated
+
+    def close(self):
+        self.sizes.clear()
+        self.entered.clear()
+        self.open.clear()
+
+
+class Client:
+    def __init__(self, url, server):
+        self.host, self.port = urlsplit(url).hostname, urlsplit(url).port
+        self.server = server
+
+    def request(self, method, path, body=None, raw=None):
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=60)
+        try:
+            data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+            conn.request(method, path, body=data, headers={"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            text = resp.read().decode()
+            ctype = resp.getheader("content-type") or ""
+            return resp.status, (json.loads(text) if "json" in ctype else text)
+        finally:
+            conn.close()
+
+    def post(self, path, body=None, raw=None):
+        return self.request("POST", path, body, raw)
+
+    def metric(self, name):
+        _, text = self.request("GET", "/metrics")
+        for line in text.splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+        raise AssertionError(f"{name} not in /metrics")
+
+
+def wait_for(pred, what, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def _start(path, names):
+    core = EngineCore(EngineConfig(model=str(path), max_num_seqs=32))
+    gate = Gate(core)
+    server = Server(core, names, max_inputs=MAX_INPUTS)
+    url, stop = serve_in_thread(server.build_app())
+    return Client(url, server), gate, stop
+
+
+@pytest.fixture(scope="module")
+def cls_env(tmp_path_factory):
+    path = tmp_path_factory.mktemp("serve_cls")
+    _, tok = save_tiny(path, _config(3), seed=5)
+    client, gate, stop = _start(path, ["tiny-cls", "alias"])
+    yield client, gate, LLM(str(path)), tok
+    stop()
+
+
+@pytest.fixture(scope="module")
+def ce_env(tmp_path_factory):
+    path = tmp_path_factory.mktemp("serve_ce")
+    save_tiny(path, _config(1), seed=6)
+    client, gate, stop = _start(path, ["tiny-ce"])
+    yield client, gate, LLM(str(path))
+    stop()
+
+
+def texts(n, seed, max_words=12):
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, max_words))) for _ in range(n)]
+
+
+def close(a, b):
+    return torch.allclose(torch.tensor(a), torch.tensor(b), atol=ATOL, rtol=0)
+
+
+def probs(outs):
+    return [o.outputs.probs for o in outs]
+
+
+# ---------------------------------------------------------------------- routes vs offline
+def test_classify_matches_offline(cls_env):
+    client, _, llm, _ = cls_env
+    labels = llm.engine.hf_config.id2label
+    ids = [[2, 10, 11, 12, 3], [2, 40, 3]]
+    cases = [(texts(6, 0), None), (ids, [{"prompt_token_ids": x} for x in ids]), (ids[0], [{"prompt_token_ids": ids[0]}])]
+    for body_input, offline_input in cases:
+        status, r = client.post("/classify", {"model": "tiny-cls", "input": body_input, "request_id": "abc"})
+        assert status == 200, r
+        offline = llm.classify(offline_input or body_input, use_tqdm=False)
+        assert r["id"] == "classify-abc" and r["object"] == "list" and r["model"] == "tiny-cls"
+        assert len(r["data"]) == len(offline)
+        for i, (d, o) in enumerate(zip(r["data"], offline)):
+            assert d["index"] == i and d["num_classes"] == 3
+            assert close(d["probs"], o.outputs.probs), (i, d["probs"], o.outputs.probs)
+            assert d["label"] == labels[max(range(3), key=o.outputs.probs.__getitem__)]
+        ntok = sum(len(o.prompt_token_ids) for o in offline)
+        assert r["usage"] == {"prompt_tokens": ntok, "total_tokens": ntok, "completion_tokens": 0,
+                              "prompt_tokens_details": None}
+    # One string, the served alias, truncation and raw logits, each as the offline call.
+    long_text = " ".join(WORDS)
+    status, r = client.post("/classify", {"model": "alias", "input": long_text, "truncate_prompt_tokens": 7,
+                                          "truncation_side": "right", "use_activation": False})
+    assert status == 200, r
+    (o,) = llm.classify(long_text, truncate_prompt_tokens=7, truncation_side="right", use_activation=False,
+                        use_tqdm=False)
+    assert len(r["data"]) == 1 and close(r["data"][0]["probs"], o.outputs.probs)
+    assert r["usage"]["prompt_tokens"] == 7 and r["model"] == "tiny-cls"
+
+
+def test_classify_messages_use_the_chat_template(cls_env):
+    client, _, llm, tok = cls_env
+    msgs = [{"role": "user", "content": "the cat sat"},
+            {"role": "assistant", "content": [{"type": "text", "text": "on a mat"}]}]
+    status, r = client.post("/classify", {"messages": msgs, "chat_template": TEMPLATE, "add_generation_prompt": True})
+    assert status == 200, r
+    rendered = "user the cat sat assistant on a mat yes"
+    ids = tok(rendered, add_special_tokens=False)["input_ids"]  # messages default to no added specials
+    (o,) = llm.classify({"prompt_token_ids": ids}, use_tqdm=False)
+    assert close(r["data"][0]["probs"], o.outputs.probs) and r["usage"]["prompt_tokens"] == len(ids)
+    status, r = client.post("/classify", {"messages": msgs, "chat_template": TEMPLATE, "add_special_tokens": True,
+                                          "chat_template_kwargs": {"unused": 1}})
+    assert status == 200, r
+    (o,) = llm.classify("user the cat sat assistant on a mat", use_tqdm=False)
+    assert close(r["data"][0]["probs"], o.outputs.probs)
+
+
+def test_pooling_matches_encode(cls_env):
+    client, _, llm, _ = cls_env
+    prompts = texts(3, 1)
+    offline = llm.encode(prompts, pooling_task="classify", use_tqdm=False)
+    status, r = client.post("/pooling", {"input": prompts, "task": "classify"})
+    assert status == 200, r
+    assert r["id"].startswith("pool-") and r["object"] == "list"
+    for i, (d, o) in enumerate(zip(r["data"], offline)):
+        assert d["index"] == i and d["object"] == "pooling" and close(d["data"], o.outputs.data.tolist())
+    status, r = client.post("/pooling", {"input": prompts, "encoding_format": "base64", "use_activation": False})
+    assert status == 200, r
+    raw = llm.encode(prompts, pooling_task="classify", use_activation=False, use_tqdm=False)
+    for d, o in zip(r["data"], raw):
+        got = torch.frombuffer(bytearray(base64.b64decode(d["data"])), dtype=torch.float32)
+        assert torch.allclose(got, o.outputs.data, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("names", [("text_1", "text_2"), ("data_1", "data_2"), ("queries", "documents")])
+def test_score_matches_offline(ce_env, names):
+    client, _, llm = ce_env
+    q, docs = texts(3, 2), texts(3, 3)
+    for a, b in [(q[0], docs[0]), (q[0], docs), (q, docs)]:  # 1:1, 1:N, N:N
+        status, r = client.post("/score", {names[0]: a, names[1]: b})
+        assert status == 200, r
+        offline = llm.score(a, b, use_tqdm=False)
+        assert len(r["data"]) == len(offline) and r["id"].startswith("score-")
+        for i, (d, o) in enumerate(zip(r["data"], offline)):
+            assert d == {"index": i, "object": "score", "score": pytest.approx(o.outputs.score, abs=ATOL)}
+        assert r["usage"]["prompt_tokens"] == sum(len(o.prompt_token_ids) for o in offline)
+    status, r = client.post("/v1/score", {"text_1": q[1], "text_2": docs[1], "use_activation": False})
+    assert status == 200, r
+    (o,) = llm.score(q[1], docs[1], use_activation=False, use_tqdm=False)
+    assert r["data"][0]["score"] == pytest.approx(o.outputs.score, abs=ATOL)
+
+
+@pytest.mark.parametrize("path", ["/rerank", "/v1/rerank", "/v2/rerank"])
+def test_rerank_sorted_like_offline(ce_env, path):
+    client, _, llm = ce_env
+    query, docs = "who sat on the mat", texts(6, 4)
+    scores = [o.outputs.score for o in llm.score(query, docs, use_tqdm=False)]
+    status, r = client.post(path, {"model": "tiny-ce", "query": query, "documents": docs, "top_n": 4})
+    assert status == 200, r
+    want = sorted(range(len(docs)), key=lambda i: -scores[i])[:4]
+    assert [x["index"] for x in r["results"]] == want
+    for x in r["results"]:
+        assert x["document"] == {"text": docs[x["index"]]}
+        assert x["relevance_score"] == pytest.approx(scores[x["index"]], abs=ATOL)
+    assert r["model"] == "tiny-ce" and r["usage"]["total_tokens"] == r["usage"]["prompt_tokens"] > 0
+    status, r = client.post(path, {"query": query, "documents": docs})  # top_n absent: every document
+    assert status == 200 and len(r["results"]) == len(docs)
+
+
+def test_models_health_metrics(cls_env):
+    client, _, _, _ = cls_env
+    status, r = client.request("GET", "/v1/models")
+    assert status == 200 and [m["id"] for m in r["data"]] == ["tiny-cls", "alias"]
+    assert r["data"][0]["max_model_len"] == 64
+    assert client.request("GET", "/health")[0] == 200
+    before = client.metric("pyengine_prompt_tokens_total")
+    status, r = client.post("/classify", {"input": "the cat"})
+    assert status == 200
+    assert client.metric("pyengine_prompt_tokens_total") == before + r["usage"]["prompt_tokens"]
+    _, text = client.request("GET", "/metrics")
+    for name in ('pyengine_http_requests_total{route="/classify",status="200"}', "pyengine_queue_depth 0",
+                 "pyengine_batch_size_sequences_count", 'pyengine_request_latency_seconds_bucket{route="/classify"'):
+        assert name in text, name
+
+
+# ---------------------------------------------------------------------- bad input
+BAD = [
+    ("/classify", None, b"{not json", 400, "malformed JSON"),
+    ("/classify", [1, 2], None, 400, "JSON object"),
+    ("/classify", {"input": 5}, None, 400, "input must be"),
+    ("/classify", {"input": ["a", [1, 2]]}, None, 400, "input must be"),
+    ("/classify", {"input": []}, None, 400, "empty"),
+    ("/classify", {"input": "the", "use_activation": "yes"}, None, 400, "use_activation"),
+    ("/classify", {"input": "the", "model": "other"}, None, 404, "does not exist"),
+    ("/classify", {"input": "the cat " * 40}, None, 400, "max_model_len"),
+    ("/classify", {"input": ["a"] * (MAX_INPUTS + 1)}, None, 413, "limit"),
+    ("/classify", {"input": "the", "priority": 3}, None, 400, "priority"),
+    ("/classify", {"input": [[2, 999, 3]]}, None, 400, "outside the vocabulary"),
+    ("/classify", {"input": "the", "truncation_side": "middle"}, None, 400, "truncation_side"),
+    ("/classify", {"input": "the", "truncate_prompt_tokens": 0}, None, 400, "truncate_prompt_tokens"),
+    ("/classify", {"input": "the", "truncate_prompt_tokens": 100}, None, 400, "truncate_prompt_tokens"),
+    ("/classify", {"input": "the", "messages": [{"role": "user", "content": "x"}]}, None, 400, "exactly one"),
+    ("/classify", {"messages": [{"role": "user", "content": "x"}]}, None, 400, "chat template"),
+    ("/classify", {"messages": [{"role": "user", "content": "x"}], "chat_template": TEMPLATE,
+                   "chat_template_kwargs": {"tokenize": True}}, None, 400, "chat_template_kwargs"),
+    ("/classify", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}], "chat_template": TEMPLATE},
+     None, 400, "text"),
+    ("/pooling", {"input": "the", "task": "embed"}, None, 400, "task"),
+    ("/score", {"text_1": "a", "text_2": "b"}, None, 400, "cross-encoder"),
+    ("/rerank", {"query": "a", "documents": ["b"]}, None, 400, "cross-encoder"),
+    ("/nowhere", {"input": "a"}, None, 404, "Not Found"),
+]
+
+
+@pytest.mark.parametrize("path,body,raw,status,needle", BAD, ids=[f"{i}-{b[4]}" for i, b in enumerate(BAD)])
+def test_bad_input_gets_a_clear_error(cls_env, path, body, raw, status, needle):
+    client, _, _, _ = cls_env
+    got, r = client.post(path, body, raw)
+    assert got == status, r
+    assert r["error"]["code"] == status and needle in r["error"]["message"], r
+    assert client.post("/classify", {"input": "the cat"})[0] == 200  # and the server stays up
+
+
+@pytest.mark.parametrize("body,status,needle", [
+    ({"text_1": ["a", "b"], "text_2": ["c", "d", "e"]}, 400, "1:N"),
+    ({"text_1": "a"}, 400, "text_2"),
+    ({"text_1": "a", "text_2": ["b"] * (MAX_INPUTS + 1)}, 413, "limit"),
+    ({"text_1": "a", "text_2": [""]}, 400, "empty"),
+])
+def test_bad_score_input(ce_env, body, status, needle):
+    client, _, _ = ce_env
+    got, r = client.post("/score", body)
+    assert got == status and needle in r["error"]["message"], r
+
+
+@pytest.mark.parametrize("body,needle", [({"query": "a", "documents": ["b"], "top_n": -1}, "top_n"),
+                                         ({"query": "a", "documents": "b"}, "documents"),
+                                         ({"query": "a", "documents": []}, "empty")])
+def test_bad_rerank_input(ce_env, body, needle):
+    client, _, _ = ce_env
+    got, r = client.post("/rerank", body)
+    assert got == 400 and needle in r["error"]["message"], r
+
+
+def test_model_fault_is_a_500_and_the_server_stays_up(cls_env):
+    client, gate, llm, _ = cls_env
+    gate.fail_next = True
+    status, r = client.post("/classify", {"input": "the cat"})
+    assert status == 500 and "injected model fault" in r["error"]["message"], r
+    status, r = client.post("/classify", {"input": "the cat"})
+    (o,) = llm.classify("the cat", use_tqdm=False)
+    assert status == 200 and close(r["data"][0]["probs"], o.outputs.probs)
+    assert client.request("GET", "/health")[0] == 200
+
+
+# ---------------------------------------------------------------------- batching and concurrency
+def test_waiting_requests_share_one_batch(cls_env):
+    # Hold the first batch so the next seven requests queue up; they must then run together.
+    client, gate, llm, _ = cls_env
+    prompts = texts(8, 5)
+    gate.close()
+    with ThreadPoolExecutor(8) as pool:
+        try:
+            first = pool.submit(client.post, "/classify", {"input": prompts[0]})
+            assert gate.entered.wait(20)
+            rest = [pool.submit(client.post, "/classify", {"input": p}) for p in prompts[1:]]
+            # The held sequence counts as waiting until its batch returns: 1 + 7.
+            wait_for(lambda: client.server.engine.num_waiting() == 8, "7 more queued sequences")
+        finally:
+            gate.open.set()
+        results = [first.result(60)] + [f.result(60) for f in rest]
+    assert gate.sizes == [1, 7]
+    for (status, r), o in zip(results, llm.classify(prompts, use_tqdm=False)):
+        assert status == 200 and close(r["data"][0]["probs"], o.outputs.probs)
+
+
+def test_disconnected_client_work_is_dropped(cls_env):
+    client, gate, llm, _ = cls_env
+    aborted = client.metric("pyengine_requests_aborted_total")
+    gate.close()
+    with ThreadPoolExecutor(1) as pool:
+        try:
+            first = pool.submit(client.post, "/classify", {"input": "the cat"})
+            assert gate.entered.wait(20)
+            body = json.dumps({"input": texts(3, 6)}).encode()
+            sock = socket.create_connection((client.host, client.port), timeout=10)
+            sock.sendall(b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            wait_for(lambda: client.server.engine.num_waiting() == 1 + 3, "the 3 sequences handed over")
+            sock.close()
+            # The handler sends the abort before it counts it, so once counted, the abort is
+            # queued ahead of any later batch.
+            wait_for(lambda: client.metric("pyengine_requests_aborted_total") == aborted + 1, "the abort")
+        finally:
+            gate.open.set()
+        status, r = first.result(60)
+    wait_for(lambda: client.server.engine.num_waiting() == 0, "an empty queue")
+    assert status == 200 and gate.sizes == [1]  # the dropped request never ran
+    (o,) = llm.classify("the cat", use_tqdm=False)
+    assert close(r["data"][0]["probs"], o.outputs.probs)
+
+
+def test_concurrent_clients_match_offline(cls_env, ce_env):
+    # 64 clients for a bounded time, mixing routes, good and malformed requests.
+    cls_client, _, cls_llm, _ = cls_env
+    ce_client, _, ce_llm = ce_env
+    pool_texts, queries, docs = texts(24, 7), texts(3, 8), texts(8, 9)
+    want_probs = dict(zip(pool_texts, probs(cls_llm.classify(pool_texts, use_tqdm=False))))
+    qq = [q for q in queries for _ in docs]
+    pair_scores = [o.outputs.score for o in ce_llm.score(qq, docs * len(queries), use_tqdm=False)]
+    want_score = {(q, d): pair_scores[i * len(docs) + j] for i, q in enumerate(queries) for j, d in enumerate(docs)}
+    deadline = time.monotonic() + 4.0
+    failures, counts = [], {"ok": 0, "bad": 0}
+    lock = threading.Lock()
+
+    def one_client(seed):
+        rng = random.Random(seed)
+        for _ in range(25):  # bounded in count as well as time
+            if time.monotonic() > deadline:
+                return
+            kind = rng.choice(["classify", "classify", "rerank", "bad"])
+            if kind == "classify":
+                batch = rng.sample(pool_texts, rng.randint(1, 4))
+                status, r = cls_client.post("/classify", {"input": batch})
+                ok = status == 200 and all(close(d["probs"], want_probs[t]) for d, t in zip(r["data"], batch))
+            elif kind == "rerank":
+                q, ds = rng.choice(queries), rng.sample(docs, rng.randint(1, 5))
+                status, r = ce_client.post("/rerank", {"query": q, "documents": ds})
+                ok = status == 200 and len(r["results"]) == len(ds) and all(
+                    abs(x["relevance_score"] - want_score[(q, ds[x["index"]])]) <= ATOL for x in r["results"])
+            else:
+                status, r = cls_client.post("/classify", raw=b'{"input": ["the", 3]')
+                ok = status == 400
+            with lock:
+                counts["bad" if kind == "bad" else "ok"] += 1
+                if not ok:
+                    failures.append((kind, status, r))
+
+    with ThreadPoolExecutor(64) as pool:
+        list(pool.map(one_client, range(64)))
+    assert not failures, failures[:3]
+    assert counts["ok"] >= 64 and counts["bad"] > 0
