@@ -1,4 +1,10 @@
 """pyengine: fast sequence classification over ragged batches."""
+import warnings as _warnings
+
+# `python -m pyengine.batch` runs the batch command from the ragged-batch module, which
+# this package has imported by then; runpy's warning about that is expected.
+_warnings.filterwarnings("ignore", message="'pyengine.batch' found in sys.modules", category=RuntimeWarning)
+
 from .config import EngineConfig, PoolerConfig
 from .engine import LLM, EngineCore
 from .outputs import (ClassificationOutput, ClassificationRequestOutput, PoolingOutput, PoolingRequestOutput,

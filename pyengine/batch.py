@@ -55,3 +55,13 @@ class RaggedBatch:
             host = host.to(device, non_blocking=True)
             cu = cu.to(device, non_blocking=True)
         return cls(host[0], host[1], host[2], cu, max(lens), lens)
+
+
+if __name__ == "__main__":
+    # `python -m pyengine.batch` is the batch command (pyengine.batch_job); this module
+    # keeps its name because the engine imports the ragged batch from here.
+    import sys
+
+    from pyengine.batch_job import main
+
+    sys.exit(main())

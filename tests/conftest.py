@@ -21,3 +21,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local two-CPU Ray cluster, started once for every test that asks for it (a start
+    takes seconds); skipped where ray or Ray Data's dependencies are not installed."""
+    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray.data")
+    pytest.importorskip("pyarrow")
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 << 20)
+    yield ray
+    if started:
+        ray.shutdown()

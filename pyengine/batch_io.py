@@ -1,0 +1,336 @@
+"""Sharded, resumable file I/O for ``python -m pyengine.batch``: JSONL or Parquet in and out.
+
+A shard is ``shard_size`` consecutive input rows (in JSONL a row is a non-blank line).
+Finished shards live in ``OUTPUT.parts/`` as ``part-00000.jsonl`` (or ``.parquet``), each
+written to a ``.tmp`` name, fsynced and renamed, so a part file that exists is complete:
+a run killed at any point loses at most the shards it had not yet renamed, and a rerun
+redoes exactly those. ``manifest.json`` there names the job (input file, its size and
+mtime, shard size, columns, model and options); a rerun whose job differs is refused
+rather than mixed in. When every shard exists, the parts are joined in order into
+``OUTPUT.tmp``, renamed to ``OUTPUT``, and the parts folder is removed. Output rows keep
+the input order, each with every input column plus the output columns.
+"""
+from __future__ import annotations
+
+import bisect
+import fcntl
+import json
+import os
+import shutil
+from dataclasses import dataclass
+
+FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
+
+
+def file_format(path: str, what: str) -> str:
+    """'jsonl' or 'parquet' from the file's extension."""
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in FORMATS:
+        raise ValueError(f"{what} {path!r}: unknown format {ext or '(no extension)'!r}; use one of {sorted(FORMATS)}")
+    return FORMATS[ext]
+
+
+def _bad_value(value, kind) -> str | None:
+    """Why ``value`` cannot be a prompt of ``kind`` ('text' or 'ids'), or None."""
+    if kind == "text":
+        return None if isinstance(value, str) and value else "expected a non-empty string"
+    ok = isinstance(value, list) and value and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+    return None if ok else "expected a non-empty list of token ids"
+
+
+@dataclass
+class InputPlan:
+    """What a scan of the input learnt: its row count and where each shard starts."""
+    path: str
+    fmt: str
+    num_rows: int
+    shard_size: int
+    offsets: list[int] | None = None  # JSONL: byte offset of each shard's first line
+    group_starts: list[int] | None = None  # Parquet: first row of each row group, then num_rows
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.num_rows // self.shard_size)
+
+    def shard_rows(self, k: int) -> tuple[int, int]:
+        return k * self.shard_size, min((k + 1) * self.shard_size, self.num_rows)
+
+
+def scan_input(path, shard_size, prompt_columns, kind, output_columns) -> InputPlan:
+    """Check every row's prompt columns (so a bad row fails the job before any shard is
+    scored) and index the shards. ``kind``: 'text' or 'ids'."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"input file {path!r} does not exist")
+    fmt = file_format(path, "input")
+    if fmt == "jsonl":
+        return _scan_jsonl(path, shard_size, prompt_columns, kind, output_columns)
+    return _scan_parquet(path, shard_size, prompt_columns, kind, output_columns)
+
+
+def _scan_jsonl(path, shard_size, prompt_columns, kind, output_columns):
+    offsets, row, pos = [], 0, 0
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            start, pos = pos, pos + len(line)
+            if not line.strip():
+                continue
+            where = f"{path} line {lineno} (row {row})"
+            try:
+                obj = json.loads(line)
+            except ValueError as e:
+                raise ValueError(f"{where}: not valid JSON: {e}") from None
+            if not isinstance(obj, dict):
+                raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+            for c in prompt_columns:
+                if c not in obj:
+                    raise ValueError(f"{where} has no field {c!r}; its fields are {sorted(obj)}")
+                why = _bad_value(obj[c], kind)
+                if why:
+                    raise ValueError(f"{where}, field {c!r}: {why}, got {obj[c]!r:.60}")
+            taken = [c for c in output_columns if c in obj]
+            if taken:
+                raise ValueError(f"{where} already has field(s) {taken}; pass --output-prefix to name the outputs")
+            if row % shard_size == 0:
+                offsets.append(start)
+            row += 1
+    if row == 0:
+        raise ValueError(f"input file {path!r} has no rows")
+    return InputPlan(path, "jsonl", row, shard_size, offsets=offsets)
+
+
+def _scan_parquet(path, shard_size, prompt_columns, kind, output_columns):
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise ValueError(f"input file {path!r} is not a readable Parquet file: {e}") from None
+    schema = pf.schema_arrow
+    for c in prompt_columns:
+        if c not in schema.names:
+            raise ValueError(f"{path} has no column {c!r}; its columns are {schema.names}")
+        t = schema.field(c).type
+        ok = (pa.types.is_string(t) or pa.types.is_large_string(t)) if kind == "text" else (
+            (pa.types.is_list(t) or pa.types.is_large_list(t)) and pa.types.is_integer(t.value_type))
+        if not ok:
+            want = "a string column" if kind == "text" else "a list-of-integers column"
+            raise ValueError(f"{path} column {c!r} has type {t}; expected {want}")
+    taken = [c for c in output_columns if c in schema.names]
+    if taken:
+        raise ValueError(f"{path} already has column(s) {taken}; pass --output-prefix to name the outputs")
+    base = 0
+    for batch in pf.iter_batches(batch_size=65536, columns=list(prompt_columns)):
+        for c in prompt_columns:
+            col = batch.column(c)
+            lengths = pc.utf8_length(col) if kind == "text" else pc.list_value_length(col)
+            bad = pc.or_kleene(pc.is_null(col), pc.equal(lengths, 0)).fill_null(True)
+            if kind == "ids":  # a null inside a list marks its row bad
+                flat_null = pc.is_null(pc.list_flatten(col)).to_numpy(zero_copy_only=False)
+                if flat_null.any():
+                    parents = pc.list_parent_indices(col).to_numpy()
+                    i = int(parents[np.flatnonzero(flat_null)[0]])
+                    raise ValueError(f"{path} row {base + i}, column {c!r}: a token id is null")
+            hits = np.flatnonzero(bad.to_numpy(zero_copy_only=False))
+            if hits.size:
+                i = int(hits[0])
+                why = _bad_value(col[i].as_py(), kind) or "null"
+                raise ValueError(f"{path} row {base + i}, column {c!r}: {why}, got {col[i].as_py()!r:.60}")
+        base += batch.num_rows
+    md = pf.metadata
+    if md.num_rows == 0:
+        raise ValueError(f"input file {path!r} has no rows")
+    starts = [0]
+    for g in range(md.num_row_groups):
+        starts.append(starts[-1] + md.row_group(g).num_rows)
+    return InputPlan(path, "parquet", md.num_rows, shard_size, group_starts=starts)
+
+
+class ShardReader:
+    """Random access to shards. JSONL seeks to the shard's offset; Parquet decodes the row
+    groups that hold the shard and keeps the last one, so reading shards in order decodes
+    each row group once even where a row group spans many shards."""
+
+    def __init__(self, plan: InputPlan):
+        self.plan = plan
+        self._pf = None
+        self._cached = (None, None)  # (key, table)
+
+    def rows(self, k: int, columns=None):
+        """Shard ``k``: a list of dicts (JSONL) or a pyarrow Table (Parquet)."""
+        start, stop = self.plan.shard_rows(k)
+        if self.plan.fmt == "jsonl":
+            rows = []
+            with open(self.plan.path, "rb") as f:
+                f.seek(self.plan.offsets[k])
+                for line in f:
+                    if line.strip():
+                        rows.append(json.loads(line))
+                        if len(rows) == stop - start:
+                            break
+            return rows if columns is None else [{c: r[c] for c in columns} for r in rows]
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if self._pf is None:
+            self._pf = pq.ParquetFile(self.plan.path)
+        starts = self.plan.group_starts
+        parts = []
+        for g in range(bisect.bisect_right(starts, start) - 1, len(starts) - 1):
+            if starts[g] >= stop:
+                break
+            key = (g, None if columns is None else tuple(columns))
+            if self._cached[0] != key:
+                self._cached = (key, self._pf.read_row_group(g, columns=columns))
+            lo, hi = max(start, starts[g]), min(stop, starts[g + 1])
+            parts.append(self._cached[1].slice(lo - starts[g], hi - lo))
+        return pa.concat_tables(parts)
+
+    def prompts(self, k: int, columns) -> dict[str, list]:
+        """The prompt columns of shard ``k`` as Python lists."""
+        rows = self.rows(k, columns)
+        if isinstance(rows, list):
+            return {c: [r[c] for r in rows] for c in columns}
+        return {c: rows.column(c).to_pylist() for c in columns}
+
+
+def _plain(v):
+    return v.tolist() if hasattr(v, "tolist") else v
+
+
+def _json_default(v):
+    if hasattr(v, "tolist"):  # numpy values
+        return v.tolist()
+    if isinstance(v, (bytes, bytearray)):
+        return v.decode("utf-8", "replace")
+    return str(v)  # dates, decimals: as Parquet readers print them
+
+
+def _table_from_rows(rows):
+    import pyarrow as pa
+
+    names = list(dict.fromkeys(k for r in rows for k in r))  # every key, in order of appearance
+    return pa.table({n: [r.get(n) for r in rows] for n in names})
+
+
+def _conform(table, schema):
+    """``table`` with ``schema``'s columns, in its order and types (missing ones null)."""
+    import pyarrow as pa
+
+    cols = [table.column(f.name).cast(f.type) if f.name in table.column_names else pa.nulls(len(table), f.type)
+            for f in schema]
+    return pa.Table.from_arrays(cols, schema=schema)
+
+
+class ShardStore:
+    """The part files, manifest and lock of one output (see the module docstring)."""
+
+    def __init__(self, output: str, identity: dict, num_shards: int, overwrite: bool = False):
+        self.output = os.path.abspath(output)
+        self.fmt = file_format(output, "output")
+        self.dir = self.output + ".parts"
+        self.num_shards = num_shards
+        parent = os.path.dirname(self.output)
+        if not os.path.isdir(parent):
+            raise FileNotFoundError(f"output folder {parent!r} does not exist")
+        if overwrite:
+            shutil.rmtree(self.dir, ignore_errors=True)
+        elif os.path.exists(self.output) and not os.path.isdir(self.dir):
+            raise FileExistsError(f"output {self.output!r} exists (a finished job); pass --overwrite to redo it")
+        os.makedirs(self.dir, exist_ok=True)
+        self._lock = open(os.path.join(self.dir, ".lock"), "w")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            raise RuntimeError(f"another batch job is writing {self.output!r} (it holds {self.dir}/.lock)") from None
+        manifest = os.path.join(self.dir, "manifest.json")
+        job = {**identity, "num_shards": num_shards, "output_format": self.fmt}
+        if os.path.exists(manifest):
+            with open(manifest) as f:
+                old = json.load(f)
+            diff = sorted(k for k in set(old) | set(job) if old.get(k) != job.get(k))
+            if diff:
+                raise ValueError(f"{self.dir} holds shards of a different job (differs in {diff}); "
+                                 "pass --overwrite to start over")
+        else:
+            self._atomic_write(manifest, json.dumps(job, indent=1, sort_keys=True).encode())
+
+    def part(self, k: int) -> str:
+        return os.path.join(self.dir, f"part-{k:05d}.{self.fmt}")
+
+    def done(self) -> set[int]:
+        return {k for k in range(self.num_shards) if os.path.exists(self.part(k))}
+
+    @staticmethod
+    def _atomic_write(path, data: bytes):
+        tmp = path + ".tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def write(self, k: int, rows, outputs: dict):
+        """Shard ``k``: its input rows (list of dicts or Table) plus the output columns."""
+        if self.fmt == "jsonl":
+            rows = rows.to_pylist() if not isinstance(rows, list) else rows
+            lines = []
+            for i, row in enumerate(rows):
+                row = {**row, **{name: _plain(vals[i]) for name, vals in outputs.items()}}
+                lines.append(json.dumps(row, ensure_ascii=False, default=_json_default))
+            self._atomic_write(self.part(k), ("\n".join(lines) + "\n").encode())
+            return
+        import numpy as np
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = _table_from_rows(rows) if isinstance(rows, list) else rows
+        for name, vals in outputs.items():
+            if name.endswith("probs"):
+                arr = pa.array([np.asarray(v, dtype=np.float32) for v in vals], type=pa.list_(pa.float32()))
+            elif name.endswith("label"):
+                arr = pa.array(list(vals), type=pa.string())
+            else:
+                arr = pa.array(np.asarray(vals, dtype=np.float32))
+            table = table.append_column(name, arr)
+        tmp = self.part(k) + ".tmp"
+        pq.write_table(table, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, self.part(k))
+
+    def assemble(self):
+        """Join every part, in order, into the output; then drop the parts folder."""
+        missing = sorted(set(range(self.num_shards)) - self.done())
+        if missing:
+            raise RuntimeError(f"cannot assemble {self.output}: shard(s) {missing[:10]} are missing")
+        tmp = self.output + ".tmp"
+        parts = [self.part(k) for k in range(self.num_shards)]
+        if self.fmt == "jsonl":
+            with open(tmp, "wb") as out:
+                for p in parts:
+                    with open(p, "rb") as f:
+                        shutil.copyfileobj(f, out)
+                out.flush()
+                os.fsync(out.fileno())
+        else:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            # JSONL rows may give a column a type in one shard and null in another.
+            schema = pa.unify_schemas([pq.read_schema(p) for p in parts], promote_options="permissive")
+            with pq.ParquetWriter(tmp, schema) as w:
+                for p in parts:
+                    w.write_table(_conform(pq.read_table(p), schema))
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, self.output)
+        self.close()
+        shutil.rmtree(self.dir)
+
+    def close(self):
+        if not self._lock.closed:
+            self._lock.close()

@@ -1,0 +1,198 @@
+"""Ray integration (extra ``ray``): score a Ray Dataset with one engine per actor, and
+run the HTTP server under Ray Serve with one replica per GPU.
+
+    import ray
+    from pyengine.integrations.ray import PyEngineClassifier
+
+    ds = ray.data.read_parquet("corpus/")
+    ds = ds.map_batches(PyEngineClassifier, fn_constructor_kwargs={"model": "/models/clf"},
+                        concurrency=8, num_gpus=1, batch_size=1024)
+    ds.write_parquet("scored/")
+
+Each actor builds one engine, so the model is loaded once per actor; each call hands its
+whole batch to the engine, which sorts it by length and packs it under its token budget.
+The classifier needs only numpy (Ray calls it; it never calls Ray), so importing this
+module does not import Ray; :func:`serve_app` imports Ray Serve when it is called.
+See docs/SCALE_OUT.md.
+"""
+from __future__ import annotations
+
+import inspect
+
+import numpy as np
+
+from ..engine import LLM
+
+ENGINE_KWARGS = frozenset(inspect.signature(LLM.__init__).parameters) - {"self", "model"}
+
+
+def labels_of(engine) -> list[str]:
+    """id2label of the engine's model as a list (``LABEL_i`` where the config has none)."""
+    id2label = getattr(engine.hf_config, "id2label", None) or {}
+    return [str(id2label.get(i, id2label.get(str(i), f"LABEL_{i}"))) for i in range(engine.num_labels)]
+
+
+def _kind(batch) -> str:
+    if isinstance(batch, dict):
+        return "dict"
+    module = type(batch).__module__
+    if module.startswith("pyarrow") and hasattr(batch, "append_column"):
+        return "arrow"
+    if module.startswith("pandas") and hasattr(batch, "assign"):
+        return "pandas"
+    raise TypeError(f"a batch must be a dict of arrays, a pandas DataFrame or a pyarrow Table, "
+                    f"got {type(batch).__name__}")
+
+
+def _names(batch, kind) -> list[str]:
+    return list(batch.keys()) if kind == "dict" else list(batch.column_names if kind == "arrow" else batch.columns)
+
+
+def _column(batch, kind, name):
+    if name not in _names(batch, kind):
+        raise ValueError(f"the batch has no column {name!r}; its columns are {_names(batch, kind)}")
+    if kind == "arrow":
+        return batch.column(name).to_pylist()
+    return batch[name] if kind == "dict" else batch[name].to_numpy()
+
+
+def _texts(values, name) -> list[str]:
+    out = []
+    for i, x in enumerate(values):
+        if not isinstance(x, str) or not x:
+            raise ValueError(f"column {name!r}, row {i} of this batch: expected a non-empty string, got {x!r:.60}")
+        out.append(str(x))  # np.str_ -> str
+    return out
+
+
+def _token_ids(values, name) -> list[dict]:
+    out = []
+    for i, x in enumerate(values):
+        a = np.asarray(x) if x is not None else None
+        if a is None or a.ndim != 1 or a.size == 0 or a.dtype.kind not in "iu":
+            raise ValueError(f"column {name!r}, row {i} of this batch: expected a non-empty list of token ids, "
+                             f"got {x!r:.60}")
+        out.append({"prompt_token_ids": a.tolist()})
+    return out
+
+
+class PyEngineClassifier:
+    """A callable class for ``Dataset.map_batches`` that adds the engine's outputs as columns.
+
+    Input, one of: ``text_column`` (default "text") of strings; ``text_column`` and
+    ``pair_column`` of strings, scored as text pairs (needs a cross-encoder, num_labels 1);
+    or ``token_ids_column`` of non-empty int lists (prompts already tokenised).
+    Output columns, each name prefixed by ``output_prefix``: ``probs`` (num_labels floats,
+    raw logits with ``use_activation=False``) and ``label`` (id2label of the argmax); for
+    pairs ``score``. Every input column is kept, rows in their order. A batch may be a dict
+    of numpy arrays (Ray's default), a pandas DataFrame or a pyarrow Table.
+    ``truncate_prompt_tokens``, ``truncation_side`` and ``use_activation`` are as in
+    ``LLM.classify``; every other keyword goes to ``LLM(model, ...)``.
+    """
+
+    def __init__(self, model, *, text_column=None, pair_column=None, token_ids_column=None, output_prefix="",
+                 truncate_prompt_tokens=None, truncation_side=None, use_activation=None, **engine_kwargs):
+        unknown = sorted(set(engine_kwargs) - ENGINE_KWARGS)
+        if unknown:
+            raise TypeError(f"PyEngineClassifier got unknown keyword(s) {unknown}; "
+                            f"the engine takes {sorted(ENGINE_KWARGS)}")
+        if token_ids_column is not None and (text_column is not None or pair_column is not None):
+            raise ValueError("give token_ids_column alone, or text_column (with an optional pair_column)")
+        if token_ids_column is None and text_column is None:
+            text_column = "text"
+        for what, v in (("text_column", text_column), ("pair_column", pair_column),
+                        ("token_ids_column", token_ids_column), ("output_prefix", output_prefix)):
+            if v is not None and not isinstance(v, str):
+                raise TypeError(f"{what} must be a str, got {type(v).__name__}")
+        if pair_column is not None and pair_column == text_column:
+            raise ValueError(f"text_column and pair_column are both {pair_column!r}")
+        if use_activation is not None and not isinstance(use_activation, bool):
+            raise TypeError(f"use_activation must be a bool or None, got {use_activation!r}")
+        self.llm = LLM(model, **engine_kwargs)
+        engine = self.llm.engine
+        engine.inputs._limit(truncate_prompt_tokens, truncation_side)  # bad values fail here, not per batch
+        if pair_column is not None and engine.num_labels != 1:
+            raise ValueError(f"pair_column needs a cross-encoder (num_labels == 1); this model has "
+                             f"num_labels={engine.num_labels}")
+        self.text_column, self.pair_column, self.token_ids_column = text_column, pair_column, token_ids_column
+        self.options = dict(truncate_prompt_tokens=truncate_prompt_tokens, truncation_side=truncation_side,
+                            use_activation=use_activation, use_tqdm=False)
+        self.labels = labels_of(engine)
+        outputs = ("score",) if pair_column is not None else ("probs", "label")
+        self.output_columns = tuple(output_prefix + c for c in outputs)
+
+    def predict(self, batch) -> dict[str, np.ndarray]:
+        """The output columns alone for ``batch``, each an array of its length."""
+        kind = _kind(batch)
+        taken = [c for c in self.output_columns if c in _names(batch, kind)]
+        if taken:
+            raise ValueError(f"the batch already has column(s) {taken}; pass output_prefix=... to name the outputs")
+        if self.token_ids_column is not None:
+            prompts = _token_ids(_column(batch, kind, self.token_ids_column), self.token_ids_column)
+        else:
+            prompts = _texts(_column(batch, kind, self.text_column), self.text_column)
+        if self.pair_column is not None:
+            pairs = _texts(_column(batch, kind, self.pair_column), self.pair_column)
+            scores = [o.outputs.score for o in self.llm.score(prompts, pairs, **self.options)] if prompts else []
+            return {self.output_columns[0]: np.asarray(scores, dtype=np.float32)}
+        probs = np.empty(len(prompts), dtype=object)  # one float32 array per row: Arrow list<float>
+        labels = np.empty(len(prompts), dtype=object)
+        if prompts:
+            data = np.stack([o.outputs.data.numpy() for o in self.llm.encode(prompts, **self.options)])
+            for i, (row, best) in enumerate(zip(data, data.argmax(axis=1))):
+                probs[i], labels[i] = row, self.labels[best]
+        return dict(zip(self.output_columns, (probs, labels)))
+
+    def __call__(self, batch):
+        out = self.predict(batch)
+        kind = _kind(batch)
+        if kind == "dict":
+            return {**batch, **out}
+        if kind == "pandas":
+            return batch.assign(**out)
+        import pyarrow as pa
+
+        for name, values in out.items():
+            batch = batch.append_column(name, pa.array(list(values)))
+        return batch
+
+
+def serve_app(model, *, num_replicas=1, num_gpus=1, num_cpus=1, served_model_name=None,
+              max_inputs_per_request=1024, max_request_bytes=64 << 20, **engine_kwargs):
+    """A Ray Serve application of pyengine's HTTP server (pyengine.serve), ``num_replicas``
+    replicas of ``num_gpus`` GPU each; Ray Serve's proxy spreads requests over them.
+
+        from ray import serve
+        serve.run(serve_app("/models/reranker", num_replicas=8), route_prefix="/")
+
+    Every replica loads the model from ``model``, a path that must exist on its node.
+    """
+    from ray import serve
+
+    unknown = sorted(set(engine_kwargs) - ENGINE_KWARGS)
+    if unknown:
+        raise TypeError(f"serve_app got unknown keyword(s) {unknown}; the engine takes {sorted(ENGINE_KWARGS)}")
+    for what, v in (("num_replicas", num_replicas), ("max_inputs_per_request", max_inputs_per_request)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{what} must be a positive int, got {v!r}")
+    names = list(served_model_name or [str(model)])
+
+    class PyEngineServer:
+        """One replica: an engine core and the server's FastAPI app over it."""
+
+        def __init__(self):
+            # Absolute imports: Ray pickles this class by value, without its package.
+            from pyengine.config import EngineConfig
+            from pyengine.engine import EngineCore
+            from pyengine.serve import Server
+
+            core = EngineCore(EngineConfig(model=model, **engine_kwargs))
+            self.server = Server(core, names, max_inputs_per_request, max_request_bytes)
+
+        def __serve_build_asgi_app__(self):
+            # Called by Ray Serve after __init__; the app's lifespan starts the engine thread.
+            return self.server.build_app()
+
+    deployment = serve.deployment(serve.ingress()(PyEngineServer), name="pyengine", num_replicas=num_replicas,
+                                  ray_actor_options={"num_gpus": num_gpus, "num_cpus": num_cpus})
+    return deployment.bind()

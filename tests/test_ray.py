@@ -1,0 +1,153 @@
+"""PyEngineClassifier (Ray Data) and serve_app (Ray Serve) against the offline LLM."""
+import json
+import random
+import socket
+import subprocess
+import sys
+import urllib.request
+
+import numpy as np
+import pytest
+from transformers import BertConfig
+
+from pyengine import LLM
+from pyengine.integrations.ray import PyEngineClassifier
+from tiny import WORDS, save_tiny
+
+ATOL = 1e-5  # a prompt's result may not depend on its batch (DESIGN, fp32)
+
+
+def _bert(num_labels):
+    return BertConfig(vocab_size=160, max_position_embeddings=64, hidden_size=32, num_hidden_layers=2,
+                      num_attention_heads=2, intermediate_size=64, num_labels=num_labels,
+                      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+
+def texts(n, seed, max_words=8):
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, max_words))) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def clf_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("clf")
+    save_tiny(path, _bert(3), seed=1)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def ce_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ce")
+    save_tiny(path, _bert(1), seed=2)
+    return str(path)
+
+
+def reference(model, prompts):
+    return np.array([o.outputs.probs for o in LLM(model).classify(prompts, use_tqdm=False)], dtype=np.float32)
+
+
+def test_importing_pyengine_does_not_import_ray():
+    code = ("import sys, pyengine, pyengine.batch_job, pyengine.integrations.ray; "
+            "sys.exit(1 if 'ray' in sys.modules else 0)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0, "importing pyengine imported ray"
+
+
+def test_classifier_batch_kinds_without_ray(clf_dir):
+    # The callable is plain Python: every batch format Ray Data hands out gives the LLM's rows.
+    pd = pytest.importorskip("pandas")
+    pa = pytest.importorskip("pyarrow")
+    prompts = texts(40, seed=3)
+    ref = reference(clf_dir, prompts)
+    clf = PyEngineClassifier(clf_dir, text_column="t")
+    labels = [f"LABEL_{i}" for i in ref.argmax(1)]
+    ids = np.arange(len(prompts))
+    for batch in ({"t": np.array(prompts, dtype=object), "id": ids}, pd.DataFrame({"t": prompts, "id": ids}),
+                  pa.table({"t": prompts, "id": ids})):
+        out = clf(batch)
+        get = (lambda c: out.column(c).to_pylist()) if isinstance(out, pa.Table) else (lambda c: list(out[c]))
+        np.testing.assert_allclose(np.array([list(p) for p in get("probs")]), ref, atol=ATOL, rtol=0)
+        assert list(get("label")) == labels and list(get("id")) == ids.tolist() and list(get("t")) == prompts
+
+
+def test_classifier_pairs_and_token_ids(clf_dir, ce_dir):
+    q, d = texts(20, seed=4), texts(20, seed=5)
+    ref = [o.outputs.score for o in LLM(ce_dir).score(q, d, use_tqdm=False)]
+    out = PyEngineClassifier(ce_dir, text_column="q", pair_column="d")({"q": np.array(q), "d": np.array(d)})
+    np.testing.assert_allclose(out["score"], ref, atol=ATOL, rtol=0)
+    assert "probs" not in out
+
+    tok = LLM(clf_dir).get_tokenizer()
+    ids = [tok(t)["input_ids"] for t in q]
+    col = np.empty(len(ids), dtype=object)
+    col[:] = [np.array(x) for x in ids]  # ragged rows, as Ray Data hands them out
+    out = PyEngineClassifier(clf_dir, token_ids_column="ids", output_prefix="p_")({"ids": col})
+    np.testing.assert_allclose(np.stack(out["p_probs"]), reference(clf_dir, q), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("kwargs,batch,err,match", [
+    ({"text_column": "t"}, {"x": np.array(["a"])}, ValueError, "no column 't'"),
+    ({}, {"text": np.array(["the cat", ""], dtype=object)}, ValueError, "column 'text', row 1"),
+    ({}, {"text": np.array(["a", None], dtype=object)}, ValueError, "row 1 .*non-empty string"),
+    ({}, {"text": np.array(["a"]), "label": np.array(["x"])}, ValueError, "already has column.*label"),
+    ({"token_ids_column": "ids"}, {"ids": np.array([[1.5, 2.0]])}, ValueError, "list of token ids"),
+])
+def test_classifier_bad_batches(clf_dir, kwargs, batch, err, match):
+    with pytest.raises(err, match=match):
+        PyEngineClassifier(clf_dir, **kwargs)(batch)
+
+
+@pytest.mark.parametrize("kwargs,err,match", [
+    ({"pair_column": "d"}, ValueError, "num_labels == 1"),
+    ({"token_ids_column": "ids", "text_column": "t"}, ValueError, "token_ids_column alone"),
+    ({"max_num_seq": 4}, TypeError, "unknown keyword.*max_num_seq"),
+    ({"truncate_prompt_tokens": 0}, ValueError, "truncate_prompt_tokens"),
+])
+def test_classifier_bad_arguments(clf_dir, kwargs, err, match):
+    with pytest.raises(err, match=match):
+        PyEngineClassifier(clf_dir, **kwargs)
+
+
+def test_ray_data_two_actors_match_llm(ray_cluster, clf_dir):
+    ray = ray_cluster
+    prompts = texts(3000, seed=6)
+    ds = ray.data.from_items([{"id": i, "text": t} for i, t in enumerate(prompts)], override_num_blocks=12)
+    ds = ds.map_batches(PyEngineClassifier, fn_constructor_kwargs={"model": clf_dir},
+                        compute=ray.data.ActorPoolStrategy(size=2), num_cpus=1, batch_size=256)
+    rows = sorted(ds.take_all(), key=lambda r: r["id"])
+    assert [r["id"] for r in rows] == list(range(len(prompts))), "rows were lost or duplicated"
+    assert [r["text"] for r in rows] == prompts
+    ref = reference(clf_dir, prompts)
+    got = np.array([list(r["probs"]) for r in rows])
+    np.testing.assert_allclose(got, ref, atol=ATOL, rtol=0)
+    assert [r["label"] for r in rows] == [f"LABEL_{i}" for i in ref.argmax(1)]
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ray_serve_runs_the_http_app(ray_cluster, ce_dir):
+    pytest.importorskip("pyengine.serve", exc_type=ImportError)
+    serve = pytest.importorskip("ray.serve")
+    from pyengine.integrations.ray import serve_app
+
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(serve_app(ce_dir, num_replicas=1, num_gpus=0, num_cpus=0.5, served_model_name=["ce"]),
+                  name="pyengine", route_prefix="/")
+        q, d = "the cat sat", texts(5, seed=7)
+        body = json.dumps({"model": "ce", "text_1": q, "text_2": d}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/score", body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            data = json.load(resp)["data"]
+        ref = [o.outputs.score for o in LLM(ce_dir).score(q, d, use_tqdm=False)]
+        np.testing.assert_allclose([x["score"] for x in data], ref, atol=ATOL, rtol=0)
+        bad = urllib.request.Request(f"http://127.0.0.1:{port}/score", b'{"text_1": "a"', {})
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(bad, timeout=60)
+        assert e.value.code == 400  # the server's own error mapping survives under Serve
+    finally:
+        serve.shutdown()
