@@ -406,3 +406,15 @@ def test_concurrent_clients_match_offline(cls_env, ce_env):
         list(pool.map(one_client, range(64)))
     assert not failures, failures[:3]
     assert counts["ok"] >= 64 and counts["bad"] > 0
+
+
+def test_bench_serve_smoke(tmp_path):
+    # The benchmark end to end (server subprocess, clients, report), briefly.
+    from pyengine.bench import serve as bench_serve
+
+    out = tmp_path / "report.json"
+    rc = bench_serve.main(["--preset", "tiny", "--route", "rerank", "--inputs-per-request", "3", "--concurrency", "4",
+                           "--duration", "1", "--warmup", "0", "--max-words", "12", "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert rc == 0 and report["errors"] == 0 and report["requests"] > 0, report
+    assert report["sequences_per_s"] == pytest.approx(3 * report["requests_per_s"])
