@@ -1,0 +1,181 @@
+"""Decoder classifiers (Llama, Mistral, Qwen2, Qwen3, Gemma, GPT-2) against transformers,
+on the torch backend: last-token pooling, GQA, rotary variants, sliding windows, and
+the batch-invariance bar."""
+import pytest
+import torch
+from transformers import AutoConfig
+
+from pyengine import LLM, PoolerConfig
+from tiny import save_tiny
+
+ATOL = 1e-4  # DESIGN's fp32 CPU bar on probabilities
+LENS = [1, 2, 3, 7, 16, 31, 64, 100, 181, 300]
+_COMMON = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+               max_position_embeddings=512, pad_token_id=0, num_labels=3)
+
+# name -> config factory; together they cover GQA with one kv head, head_dim 16 and 32,
+# biases, linear and llama3 rope, per-layer and global sliding windows, Gemma's and
+# GPT-2's quirks.
+CONFIGS = {
+    "qwen3": lambda: AutoConfig.for_model("qwen3", num_attention_heads=4, num_key_value_heads=1, head_dim=16,
+                                          **_COMMON),
+    "qwen2-sliding": lambda: AutoConfig.for_model("qwen2", num_attention_heads=2, num_key_value_heads=1,
+                                                  use_sliding_window=True, sliding_window=16, max_window_layers=1,
+                                                  **_COMMON),
+    "llama-linear-rope": lambda: AutoConfig.for_model(
+        "llama", num_attention_heads=2, num_key_value_heads=2, head_dim=32, attention_bias=True, mlp_bias=True,
+        rope_scaling={"rope_type": "linear", "factor": 2.0}, **_COMMON),
+    "llama3-rope": lambda: AutoConfig.for_model(
+        "llama", num_attention_heads=4, num_key_value_heads=2, head_dim=16, rope_theta=500.0,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 64}, **_COMMON),
+    "mistral": lambda: AutoConfig.for_model("mistral", num_attention_heads=4, num_key_value_heads=1, head_dim=16,
+                                            sliding_window=7, **_COMMON),
+    "gemma": lambda: AutoConfig.for_model("gemma", num_attention_heads=4, num_key_value_heads=1, head_dim=16,
+                                          **_COMMON),
+    "gpt2": lambda: AutoConfig.for_model("gpt2", vocab_size=320, n_embd=64, n_layer=2, n_head=4, n_positions=512,
+                                         pad_token_id=0, num_labels=3, scale_attn_by_inverse_layer_idx=True),
+}
+
+
+def random_prompts(lens, seed, vocab=320, low=1):
+    """Token ids in [low, vocab): low=1 keeps the pad token (id 0) out."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(low, vocab, (n,), generator=g).tolist() for n in lens]
+
+
+def ids(prompts):
+    return [{"prompt_token_ids": p} for p in prompts]
+
+
+def hf_logits(model, prompts):
+    """transformers' forward one prompt at a time (no padding anywhere)."""
+    with torch.no_grad():
+        return torch.stack([model(torch.tensor([p])).logits.float()[0] for p in prompts])
+
+
+def probs(outs):
+    return torch.tensor([o.outputs.probs for o in outs])
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def family(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(request.param)
+    model, tok = save_tiny(path, CONFIGS[request.param](), tokenizer="decoder")
+    return request.param, path, model, tok
+
+
+def test_classify_matches_transformers(family):
+    name, path, model, _ = family
+    prompts = random_prompts(LENS, seed=1)
+    llm = LLM(str(path), kernel_backend="torch")
+    got = probs(llm.classify(ids(prompts), use_tqdm=False))
+    ref = hf_logits(model, prompts).softmax(-1)
+    assert (ref.max(-1).values > 0.6).any(), "weights too tame: probabilities are near uniform"
+    torch.testing.assert_close(got, ref, atol=ATOL, rtol=0)
+
+
+def test_batch_invariance(family):
+    _, path, _, _ = family
+    prompts = random_prompts(LENS[::-1] + [5, 40], seed=2)
+    llm = LLM(str(path), kernel_backend="torch", max_num_batched_tokens=1024)
+    packed = probs(llm.classify(ids(prompts), use_tqdm=False))
+    alone = torch.cat([probs(llm.classify(ids([p]), use_tqdm=False)) for p in prompts])
+    torch.testing.assert_close(packed, alone, atol=1e-5, rtol=0)
+
+
+def test_text_prompts_and_pairs(tmp_path):
+    """Text goes through the checkpoint's tokenizer; without a score template a pair is
+    the tokenizer's own pair encoding (for this byte-level BPE: the two texts' tokens
+    back to back, no separator)."""
+    path = tmp_path
+    model, tok = save_tiny(path, CONFIGS["gemma"](), tokenizer="decoder")
+    texts = ["the cat sat on a mat", "why is it blue", "no"]
+    llm = LLM(str(path), kernel_backend="torch")
+    got = probs(llm.classify(texts, use_tqdm=False))
+    torch.testing.assert_close(got, hf_logits(model, [tok(t).input_ids for t in texts]).softmax(-1),
+                               atol=ATOL, rtol=0)
+    pair = tok("what is red", text_pair="the dog is red").input_ids
+    assert pair == tok("what is red").input_ids + tok("the dog is red").input_ids
+
+
+def test_last_token_trap(tmp_path):
+    """A prompt ending in the pad token (here pad == eos) is pooled on that token.
+    transformers pools the rightmost non-pad token instead, which for causal attention
+    equals running the prompt without its trailing pad."""
+    model, _ = save_tiny(tmp_path, CONFIGS["qwen3"](), tokenizer="decoder")
+    pad = model.config.pad_token_id
+    prompts = random_prompts([5, 30, 90], seed=3)
+    with_pad = [p + [pad] for p in prompts]
+    llm = LLM(str(tmp_path), kernel_backend="torch")
+    got = probs(llm.classify(ids(with_pad), use_tqdm=False))
+    got_stripped = probs(llm.classify(ids(prompts), use_tqdm=False))
+    hf_pad_aware = hf_logits(model, with_pad).softmax(-1)
+    model.config.pad_token_id = None  # batch of one: transformers then pools index -1
+    hf_true_last = hf_logits(model, with_pad).softmax(-1)
+    model.config.pad_token_id = pad
+    torch.testing.assert_close(got, hf_true_last, atol=ATOL, rtol=0)
+    torch.testing.assert_close(got_stripped, hf_pad_aware, atol=ATOL, rtol=0)
+    assert (got - got_stripped).abs().max() > 1e-3
+
+
+def test_reward_model_raw_score(tmp_path):
+    """num_labels=1 with use_activation=False is the raw reward (transformers' logit)."""
+    cfg = CONFIGS["llama3-rope"]()
+    cfg.num_labels = 1
+    model, _ = save_tiny(tmp_path, cfg, tokenizer="decoder")
+    prompts = random_prompts([4, 50, 120], seed=4)
+    llm = LLM(str(tmp_path), kernel_backend="torch")
+    raw = torch.tensor([o.outputs.data.tolist() for o in llm.encode(ids(prompts), use_activation=False,
+                                                                       use_tqdm=False)])
+    ref = hf_logits(model, prompts)
+    torch.testing.assert_close(raw, ref, atol=ATOL, rtol=0)
+    assert (raw < 0).any()  # raw logits, not probabilities
+    torch.testing.assert_close(probs(llm.classify(ids(prompts), use_tqdm=False)), ref.sigmoid(),
+                               atol=ATOL, rtol=0)
+
+
+def test_pooler_config_overrides_pooling(tmp_path):
+    model, _ = save_tiny(tmp_path, CONFIGS["mistral"](), tokenizer="decoder")
+    prompts = random_prompts([6, 20], seed=5)
+    llm = LLM(str(tmp_path), kernel_backend="torch", pooler_config=PoolerConfig(pooling_type="MEAN"))
+    got = probs(llm.classify(ids(prompts), use_tqdm=False))
+    with torch.no_grad():
+        ref = torch.stack([model.score(model.model(torch.tensor([p])).last_hidden_state.mean(1)).float()[0]
+                           for p in prompts]).softmax(-1)
+    torch.testing.assert_close(got, ref, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("rope,match", [
+    ({"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 64}, "rope type 'yarn'"),
+    ({"rope_type": "dynamic", "factor": 2.0}, "rope type 'dynamic'"),
+    ({"rope_type": "default", "partial_rotary_factor": 0.1}, "partial_rotary_factor=0.1"),
+])
+def test_unsupported_rope_is_an_error(tmp_path, rope, match):
+    cfg = AutoConfig.for_model("llama", num_attention_heads=4, num_key_value_heads=1, head_dim=16, **_COMMON)
+    save_tiny(tmp_path, cfg, tokenizer="decoder")
+    with pytest.raises(ValueError, match=match):
+        LLM(str(tmp_path), kernel_backend="torch", hf_overrides={"rope_parameters": {"rope_theta": 1e4, **rope}})
+
+
+def test_triton_backend_runs_the_decoder(tmp_path):
+    """The same model through the Triton kernels (interpreter on CPU): GQA, q/k norm,
+    rotary and causal attention plug in through the op surface. Short prompts keep the
+    interpreter fast."""
+    save_tiny(tmp_path, CONFIGS["qwen3"](), tokenizer="decoder")
+    prompts = random_prompts([1, 4, 9], seed=6)
+    ref = probs(LLM(str(tmp_path), kernel_backend="torch").classify(ids(prompts), use_tqdm=False))
+    got = probs(LLM(str(tmp_path), kernel_backend="triton").classify(ids(prompts), use_tqdm=False))
+    torch.testing.assert_close(got, ref, atol=ATOL, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["qwen3", "llama3-rope", "gemma", "qwen2-sliding"])
+def test_bf16_on_gpu(tmp_path, name):
+    """DESIGN's GPU bar: bf16 within 2e-2 of transformers' fp32 and the same argmax."""
+    model, _ = save_tiny(tmp_path, CONFIGS[name](), tokenizer="decoder")
+    prompts = random_prompts(LENS * 3, seed=7)
+    got = probs(LLM(str(tmp_path), dtype="bfloat16", device="cuda").classify(ids(prompts), use_tqdm=False))
+    ref = hf_logits(model, prompts).softmax(-1)
+    assert (got - ref).abs().max() < 2e-2
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.99
