@@ -7,9 +7,9 @@ relatives ride on the same code: LlamaBidirectional (Llama without the causal ma
 pooled as its config's ``pooling`` names) and mGTE's GteNew (a post-norm rotary
 encoder with a GeGLU MLP, [CLS] pooler and classifier).
 
-The pooled rows are chosen before the last layer's output projection: for last-token
-and [CLS] pooling only B rows go through the last o_proj, MLP and final norm (the
-final norm runs on the gathered rows, in fp32), then the fp32 head.
+For last-token and [CLS] pooling the last layer runs for the pooled rows only: their
+queries attend to every key of their sequence, and only those B rows go through the
+last o_proj, MLP and final norm (in fp32, on the gathered rows), then the fp32 head.
 
 Pooling takes the true last token (``cu_seqlens[1:] - 1``), even when a prompt ends
 with the pad token. transformers' ``*ForSequenceClassification`` instead pools the
@@ -239,8 +239,9 @@ class DecoderForSequenceClassification(nn.Module):
             return self.ops.add_rms_norm(x, residual, w, self.eps, self.fam.norm_offset)
         return self.ops.add_layer_norm(x, residual, w, b, self.eps)
 
-    def _attention(self, i, layer, h, batch):
-        """h: (T, H) -> attention output before o_proj, (T, Hq * D)."""
+    def _attention(self, i, layer, h, batch, rows=None):
+        """h: (T, H) -> attention output before o_proj, (T, Hq * D); with rows (B,) only
+        those query rows attend (against every key), giving (B, Hq * D)."""
         ops, nh, nkv, hd = self.ops, self.nh, self.nkv, self.hd
         T = h.shape[0]
         qkv = F.linear(h, layer.qkv_w, layer.qkv_b)
@@ -251,9 +252,14 @@ class DecoderForSequenceClassification(nn.Module):
             k = ops.add_rms_norm(k.reshape(T * nkv, hd), None, layer.k_norm, self.eps)[0].view(T, nkv, hd)
         if not self.fam.learned_pos:
             q, k = ops.rotary(q, k, batch.positions, self.cos_sin)
-        out = ops.varlen_attention(q, k, v, batch.cu_seqlens, batch.max_seqlen, causal=self.causal,
-                                   scale=self.scales[i], window=self.windows[i])
-        return out.reshape(T, nh * hd)
+        if rows is None:
+            out = ops.varlen_attention(q, k, v, batch.cu_seqlens, batch.max_seqlen, causal=self.causal,
+                                       scale=self.scales[i], window=self.windows[i])
+        else:
+            out = ops.pooled_query_attention(q[rows], k, v, batch.cu_seqlens, batch.max_seqlen,
+                                             batch.positions[rows], causal=self.causal, scale=self.scales[i],
+                                             window=self.windows[i])
+        return out.reshape(out.shape[0], nh * hd)
 
     def _mlp(self, layer, h):
         u = F.linear(h, layer.up_w, layer.up_b)
@@ -292,17 +298,19 @@ class DecoderForSequenceClassification(nn.Module):
         last = self.num_layers - 1
         if self.fam.post_norm:
             for i, layer in enumerate(self.layers):
-                a = self._attention(i, layer, x, batch)
                 if i == last and rows is not None:
-                    a, x = a[rows], x[rows]
+                    a, x = self._attention(i, layer, x, batch, rows), x[rows]
+                else:
+                    a = self._attention(i, layer, x, batch)
                 x = self._norm(F.linear(a, layer.o_w, layer.o_b), x, layer.ln1_w, layer.ln1_b)[0]
                 x = self._norm(self._mlp(layer, x), x, layer.ln2_w, layer.ln2_b)[0]
             return self.head(self.ops.pooled_norm(x, cu, pooling, None, None, None, self.eps))
         h, res = self._norm(x, None, self.layers[0].ln1_w, self.layers[0].ln1_b)
         for i, layer in enumerate(self.layers):
-            a = self._attention(i, layer, h, batch)
             if i == last and rows is not None:
-                a, res = a[rows], res[rows]
+                a, res = self._attention(i, layer, h, batch, rows), res[rows]
+            else:
+                a = self._attention(i, layer, h, batch)
             h, res = self._norm(F.linear(a, layer.o_w, layer.o_b), res, layer.ln2_w, layer.ln2_b)
             m = self._mlp(layer, h)
             if i < last:
