@@ -93,7 +93,8 @@ def _launch(hidden, cu_seqlens, pooling, norm_kind, weight, bias, eps, offset=0.
     _check(1 <= H <= _MAX_H, f"hidden size must be in [1, {_MAX_H}], got {H}")
     if residual is not None:
         _check(isinstance(residual, torch.Tensor) and residual.shape == hidden.shape,
-               f"residual must match hidden's shape {tuple(hidden.shape)}, got {getattr(residual, 'shape', type(residual))}")
+               f"residual must match hidden's shape {tuple(hidden.shape)}, "
+               f"got {getattr(residual, 'shape', type(residual))}")
         _check(residual.dtype == hidden.dtype, f"residual.dtype must be hidden's {hidden.dtype}, got {residual.dtype}")
         _check(residual.device == hidden.device, f"residual is on {residual.device}, expected {hidden.device}")
         _check(residual.stride(1) == 1 or H == 1,

@@ -1,12 +1,10 @@
 """The torch references in pyengine.ops against independent float64 computations."""
-import math
-
 import pytest
 import torch
 
 from pyengine import ops
 from kernel_refs import (activation64, assert_close, attention64, cu_seqlens, gated64, gather64,
-                         layer_norm64, positions, rms_norm64, rotary64, spans)
+                         layer_norm64, positions, rms_norm64, rotary64)
 
 LENS = [1, 17, 65]  # one token, a short tail, a sequence longer than one 64-wide block
 TOL = (1e-5, 1e-5)

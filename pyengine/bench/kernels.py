@@ -1,0 +1,432 @@
+"""Op microbenchmarks: every op, per available backend, against torch on realistic shapes.
+
+``run(device=None, backends=None, quick=False, json_path=None) -> list[dict]`` times each
+case and prints a table; ``main(argv)`` is its command line (``python -m pyengine.bench
+kernels``). Backends come from ``pyengine.ops.resolve_ops(backend, device)``: a backend
+is timed on an op only where it really implements it. Attention also gets two outside
+baselines: SDPA over padded, length-sorted batches of 64 (what a careful transformers
+user runs) and ``torch.nn.attention.varlen`` where this torch has it.
+
+Shapes. On GPU, one ragged batch of DESIGN's "mixed" workload (2048 prompts, lengths
+round(exp(N(ln 120, 0.8))) clipped to [8, 512], seed 0: about 325k tokens) in bf16:
+bidirectional attention Hq=Hkv=12 D=64 (BERT-base), causal Hq=16 Hkv=8 D=128
+(Qwen3-0.6B), causal Hq=12 Hkv=2 D=128 (Qwen2-1.5B); norms at hidden 1024; rotary and the
+gated MLP of Qwen3-0.6B; BERT-base embeddings; pooling of 2048 rows. With quick=True (the
+default on CPU) the same cases run on tiny shapes in fp32 within seconds.
+
+Each row: ms (median over repeats, device synchronised), GB/s for memory-bound ops (the
+bytes the op must move at least: inputs read once, outputs written once) or TFLOP/s for
+attention (useful FLOPs: 4 * D * Hq per visible query-key pair), the speedup over the
+torch backend, and the max abs difference to torch's output.
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from pyengine import ops as ops_mod
+
+BACKENDS = ("cuda", "triton", "torch")
+EXTRA_BACKENDS = ("sdpa-padded", "torch-varlen")  # attention baselines outside the registry
+
+
+# ----------------------------------------------------------------------------------------
+# cases (shared with benchmarks/test_ops_bench.py)
+# ----------------------------------------------------------------------------------------
+
+@dataclass
+class Case:
+    op: str                       # op name in pyengine.ops
+    name: str                     # stable id, the same in quick and full mode
+    shape: str                    # human-readable shapes
+    make: Callable[[], tuple]     # fresh arguments on the device (in-place ops need fresh ones)
+    bytes: float = 0.0            # minimum bytes moved (memory-bound ops)
+    flops: float = 0.0            # useful FLOPs (attention)
+    attn: dict | None = None      # lens/causal/window for the attention baselines
+
+    @property
+    def id(self):
+        return f"{self.op}/{self.name}"
+
+
+def mixed_lengths(n=2048, seed=0, lo=8, hi=512):
+    """DESIGN's "mixed" lengths: round(exp(N(ln 120, 0.8))) clipped to [lo, hi]."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=g, dtype=torch.float64) * 0.8 + math.log(120)
+    return x.exp().round().clamp(lo, hi).long().tolist()
+
+
+def attention_pairs(lens, causal=False, window=None):
+    """Number of (query, key) pairs attention must visit, summed over sequences."""
+    total = 0
+    left, right = (window if window is not None else (-1, -1))
+    for n in set(lens):
+        i = torch.arange(n)
+        hi = torch.full((n,), n - 1) if not causal else i
+        if right >= 0:
+            hi = torch.minimum(hi, i + right)
+        lo = torch.zeros(n, dtype=torch.long) if left < 0 else (i - left).clamp(min=0)
+        total += int((hi - lo + 1).clamp(min=0).sum()) * lens.count(n)
+    return total
+
+
+def _cu(lens, device):
+    cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(lens).cumsum(0)
+    return cu.to(device)
+
+
+def _positions(lens, device):
+    return torch.cat([torch.arange(n) for n in lens]).to(device)
+
+
+def cases(device="cpu", quick=False):
+    """The benchmark cases for a device; quick: tiny shapes (CPU, interpreter)."""
+    device = torch.device(device)
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    es = torch.finfo(dtype).bits // 8
+    lens = [5, 17, 9, 30, 1] if quick else mixed_lengths()
+    T, B = sum(lens), len(lens)
+    H = 64 if quick else 1024
+    Hb = 64 if quick else 768  # BERT-base width for the embeddings
+    I = 96 if quick else 3072
+    V = 100 if quick else 30522
+
+    def rand(*shape, seed, dt=dtype):
+        g = torch.Generator(device=device).manual_seed(seed)
+        return torch.randn(*shape, generator=g, device=device, dtype=torch.float32).to(dt)
+
+    out = []
+    for name, Hq, Hkv, D, causal in (("bidir-mha", 12, 12, 64, False), ("causal-gqa2", 16, 8, 128, True),
+                                     ("causal-gqa6", 12, 2, 128, True)):
+        if quick:
+            Hq, Hkv, D = Hq // 4 or 1, max(Hkv // 4, 1), 16 if D == 64 else 32
+        pairs = attention_pairs(lens, causal)
+
+        def make(Hq=Hq, Hkv=Hkv, D=D, causal=causal):
+            return (rand(T, Hq, D, seed=1), rand(T, Hkv, D, seed=2), rand(T, Hkv, D, seed=3),
+                    _cu(lens, device), max(lens), causal)
+        out.append(Case("varlen_attention", name, f"T={T} B={B} Hq={Hq} Hkv={Hkv} D={D}", make,
+                        bytes=2 * T * (Hq + Hkv) * D * es, flops=4.0 * D * Hq * pairs,
+                        attn=dict(lens=lens, causal=causal, window=None)))
+    Hq, Hkv, D, W = (2, 1, 16, 8) if quick else (8, 2, 64, 64)
+    out.append(Case("varlen_attention", "sliding-window", f"T={T} window=({W},0) Hq={Hq} Hkv={Hkv} D={D}",
+                    lambda: (rand(T, Hq, D, seed=1), rand(T, Hkv, D, seed=2), rand(T, Hkv, D, seed=3),
+                             _cu(lens, device), max(lens), True, None, (W, 0)),
+                    flops=4.0 * D * Hq * attention_pairs(lens, True, (W, 0)),
+                    attn=dict(lens=lens, causal=True, window=(W, 0))))
+    out.append(Case("add_rms_norm", "residual", f"T={T} H={H}",
+                    lambda: (rand(T, H, seed=4), rand(T, H, seed=5), rand(H, seed=6), 1e-6),
+                    bytes=4 * T * H * es + H * es))
+    out.append(Case("add_layer_norm", "residual", f"T={T} H={H}",
+                    lambda: (rand(T, H, seed=4), rand(T, H, seed=5), rand(H, seed=6), rand(H, seed=7), 1e-5),
+                    bytes=4 * T * H * es + 2 * H * es))
+    Hq, Hkv, D = (4, 2, 32) if quick else (16, 8, 128)
+    ang = rand(max(lens), D // 2, seed=8, dt=torch.float32)
+    out.append(Case("rotary", "neox", f"T={T} Hq={Hq} Hkv={Hkv} D={D}",
+                    lambda: (rand(T, Hq, D, seed=9), rand(T, Hkv, D, seed=10), _positions(lens, device),
+                             torch.cat([ang.cos(), ang.sin()], 1), True),
+                    bytes=2 * T * (Hq + Hkv) * D * es + T * D * 4 + T * 8))
+    for kind in ("silu", "gelu"):
+        out.append(Case("gated_act", kind, f"T={T} I={I}", lambda kind=kind: (rand(T, 2 * I, seed=11), kind),
+                        bytes=3 * T * I * es))
+    g = torch.Generator().manual_seed(12)
+    ids = torch.randint(0, V, (T,), generator=g).to(device)
+    out.append(Case("embed_layer_norm", "bert", f"T={T} H={Hb} V={V}",
+                    lambda: (ids, _positions(lens, device), ids % 2, rand(V, Hb, seed=13),
+                             rand(512, Hb, seed=14), rand(2, Hb, seed=15), rand(Hb, seed=16),
+                             rand(Hb, seed=17), 1e-12),
+                    bytes=4 * T * Hb * es + 3 * T * 8))
+    for pooling in ("last", "mean"):
+        read = (T if pooling == "mean" else B) * H * es
+        out.append(Case("gather_pooled", pooling, f"T={T} B={B} H={H}",
+                        lambda pooling=pooling: (rand(T, H, seed=18), _cu(lens, device), pooling),
+                        bytes=read + B * H * es))
+    out.append(Case("pooled_norm", "last-rms-residual", f"T={T} B={B} H={H}",
+                    lambda: (rand(T, H, seed=18), _cu(lens, device), "last", "rms", rand(H, seed=19), None,
+                             1e-6, 0.0, rand(T, H, seed=20)),
+                    bytes=2 * B * H * es + B * H * 4))
+    out.append(Case("pooled_norm", "mean-layer", f"T={T} B={B} H={H}",
+                    lambda: (rand(T, H, seed=18), _cu(lens, device), "mean", "layer", rand(H, seed=19),
+                             rand(H, seed=21), 1e-6),
+                    bytes=T * H * es + B * H * 4))
+    out.append(Case("activation", "softmax", f"B={B} L=2",
+                    lambda: (rand(B, 2, seed=22, dt=torch.float32), "softmax", 0.5, 2.0),
+                    bytes=B * 2 * 4 * 2))
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# attention baselines outside the registry
+# ----------------------------------------------------------------------------------------
+
+def torch_varlen_fn():
+    """torch.nn.attention.varlen.varlen_attn adapted to this op's arguments, or None.
+    Older torch takes is_causal, newer only window_size; GQA needs enable_gqa."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+
+    def run(q, k, v, cu, max_seqlen, causal=False, scale=None, window=None):
+        kw = {} if scale is None else {"scale": scale}
+        left, right = window if window is not None else (-1, -1)
+        if causal:
+            right = 0
+        if "window_size" in params:
+            kw["window_size"] = (left, right)
+        elif "is_causal" in params and left < 0 and right in (-1, 0):
+            kw["is_causal"] = right == 0
+        else:
+            raise NotImplementedError("this torch's varlen_attn has no sliding window")
+        if q.shape[1] != k.shape[1]:
+            if "enable_gqa" not in params:
+                raise NotImplementedError("this torch's varlen_attn has no GQA")
+            kw["enable_gqa"] = True
+        return varlen_attn(q, k, v, cu, cu, max_seqlen, max_seqlen, **kw)
+    return run
+
+
+def padded_sdpa(q, k, v, lens, causal, window=None, batch=64):
+    """A callable running SDPA over length-sorted padded batches of `batch` sequences,
+    with the padding (and the tensors it needs) built here, outside the timed call."""
+    if window is not None:
+        raise NotImplementedError("padded SDPA baseline: no sliding window")
+    Hq, Hkv = q.shape[1], k.shape[1]
+    gqa = Hq != Hkv and "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
+    starts = [0]
+    for n in lens:
+        starts.append(starts[-1] + n)
+    order = sorted(range(len(lens)), key=lens.__getitem__)
+    groups = []
+    for g0 in range(0, len(order), batch):
+        idx = order[g0:g0 + batch]
+        S = max(lens[i] for i in idx)
+
+        def pad(x):
+            out = x.new_zeros(len(idx), S, x.shape[1], x.shape[2])
+            for j, i in enumerate(idx):
+                out[j, :lens[i]] = x[starts[i]:starts[i] + lens[i]]
+            return out.transpose(1, 2)  # (b, H, S, D)
+        qg, kg, vg = pad(q), pad(k), pad(v)
+        if Hq != Hkv and not gqa:
+            kg, vg = kg.repeat_interleave(Hq // Hkv, 1), vg.repeat_interleave(Hq // Hkv, 1)
+        glens = torch.tensor([lens[i] for i in idx], device=q.device)
+        if bool((glens == S).all()):
+            mask = None  # no padding: SDPA may take its fastest (flash) path
+        else:
+            ar = torch.arange(S, device=q.device)
+            mask = (ar[None, None, None, :] < glens[:, None, None, None])
+            if causal:
+                mask = mask & (ar[None, :] <= ar[:, None])[None, None]
+        groups.append((qg, kg, vg, mask))
+
+    def run():
+        outs = []
+        for qg, kg, vg, mask in groups:
+            kw = {"enable_gqa": True} if gqa and Hq != Hkv else {}
+            outs.append(F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask,
+                                                       is_causal=causal and mask is None, **kw))
+        return outs
+    return run
+
+
+# ----------------------------------------------------------------------------------------
+# timing
+# ----------------------------------------------------------------------------------------
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn, device, repeats=20, warmup=2, budget_ms=2000.0, min_repeats=3):
+    """Median milliseconds of fn() over up to `repeats` runs (fewer when one run is slow,
+    at least min_repeats), after `warmup` runs (the first compiles)."""
+    device = torch.device(device)
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    one = (time.perf_counter() - t0) * 1e3
+    n = max(min_repeats, min(repeats, int(budget_ms / max(one, 1e-3))))
+    times = []
+    for _ in range(n):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _first_tensor(x):
+    while isinstance(x, (tuple, list)):
+        x = x[0]
+    return x
+
+
+def _clone(x):
+    if isinstance(x, torch.Tensor):
+        return x.clone()
+    if isinstance(x, (tuple, list)):
+        return type(x)(_clone(y) for y in x)
+    return x
+
+
+def _max_diff(a, b):
+    if a is None or b is None:
+        return None
+    a, b = _first_tensor(a), _first_tensor(b)
+    if not isinstance(a, torch.Tensor) or a.shape != b.shape:
+        return None
+    return float((a.float() - b.float()).abs().max()) if a.numel() else 0.0
+
+
+def _available_backends(device, backends):
+    """{backend: Ops} for the registry backends that run on device."""
+    out = {}
+    for b in backends:
+        if b in EXTRA_BACKENDS:
+            continue
+        if b == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            continue
+        try:
+            out[b] = ops_mod.resolve_ops(b, device)
+        except (RuntimeError, ImportError):
+            continue
+    return out
+
+
+def run(device=None, backends=None, quick=False, json_path=None, ops=None, repeats=20, out=sys.stdout):
+    """Time every case on every available backend; print a table; return the rows.
+
+    device: "cuda" if available else "cpu" by default; backends: names among
+    cuda/triton/torch/sdpa-padded/torch-varlen (default: all that run here); quick: tiny
+    shapes (forced on CPU); json_path: also write the rows there; ops: op names to keep."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cpu":
+        quick = True
+    backends = list(backends or (BACKENDS + EXTRA_BACKENDS))
+    if "torch" not in backends:
+        backends.append("torch")  # the baseline every speedup is against
+    resolved = _available_backends(device, backends)
+    varlen = torch_varlen_fn() if device.type == "cuda" and "torch-varlen" in backends else None
+    rows = []
+    for case in cases(device, quick):
+        if ops and case.op not in ops:
+            continue
+        torch_out, torch_ms = None, None
+        order = ["torch"] + [b for b in backends if b != "torch"]
+        for b in order:
+            if b in resolved:
+                if resolved[b].chosen.get(case.op) != b:
+                    continue  # a named backend falls back to torch for ops it lacks
+                fn = getattr(resolved[b], case.op)
+            elif b == "sdpa-padded" and case.attn is not None:
+                fn = None
+            elif b == "torch-varlen" and case.attn is not None and varlen is not None:
+                fn = varlen
+            else:
+                continue
+            row = {"op": case.op, "case": case.name, "shape": case.shape, "backend": b,
+                   "device": str(device), "ms": None, "gbps": None, "tflops": None,
+                   "vs_torch": None, "max_diff": None, "error": None}
+            try:
+                args = case.make()
+                if b == "sdpa-padded":
+                    call = padded_sdpa(*args[:3], case.attn["lens"], case.attn["causal"], case.attn["window"])
+                    first = None  # padded layout: not comparable element-wise
+                else:
+                    def call(fn=fn, args=args):
+                        return fn(*args)
+                    first = _clone(call())
+                if device.type == "cpu" and b == "triton":
+                    # The interpreter runs kernels in Python: one run says all it can.
+                    row["ms"] = time_call(call, device, repeats=1, warmup=0, min_repeats=1)
+                else:
+                    row["ms"] = time_call(call, device, repeats=3 if quick else repeats, warmup=1)
+                if b == "torch":
+                    torch_out, torch_ms = first, row["ms"]
+                else:
+                    row["max_diff"] = _max_diff(first, torch_out)
+                del args, first
+            except Exception as e:  # one failing backend (OOM, missing feature) must not end the run
+                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            if row["ms"]:
+                s = row["ms"] / 1e3
+                row["gbps"] = case.bytes / s / 1e9 if case.bytes and not case.flops else None
+                row["tflops"] = case.flops / s / 1e12 if case.flops else None
+                row["vs_torch"] = torch_ms / row["ms"] if torch_ms else None
+            rows.append(row)
+        torch_out = None
+    print_table(rows, out=out)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(rows, f, indent=1)
+    return rows
+
+
+def _fmt(v, spec):
+    return "-" if v is None else format(v, spec)
+
+
+def print_table(rows, out=sys.stdout):
+    head = ("op", "case", "backend", "ms", "GB/s", "TFLOP/s", "vs torch", "max diff", "shape / error")
+    lines = [head]
+    for r in rows:
+        lines.append((r["op"], r["case"], r["backend"], _fmt(r["ms"], ".4g"), _fmt(r["gbps"], ".4g"),
+                      _fmt(r["tflops"], ".4g"), _fmt(r["vs_torch"], ".2f") + ("x" if r["vs_torch"] else ""),
+                      _fmt(r["max_diff"], ".2g"), r["error"] or r["shape"]))
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(head) - 1)]
+    for line in lines:
+        print("  ".join(str(c).ljust(w) for c, w in zip(line, widths)) + "  " + str(line[-1]), file=out)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m pyengine.bench kernels", description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--backends", default=None,
+                   help="comma list among cuda,triton,torch,sdpa-padded,torch-varlen (default: all available)")
+    p.add_argument("--ops", default=None, help="comma list of op names (default: all)")
+    p.add_argument("--quick", action="store_true", help="tiny shapes (always on CPU)")
+    p.add_argument("--repeats", type=int, default=20, help="timed runs per case (median reported)")
+    p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    a = p.parse_args(argv)
+    split = (lambda s: [x.strip() for x in s.split(",") if x.strip()] if s else None)
+    backends = split(a.backends)
+    unknown = [b for b in backends or () if b not in BACKENDS + EXTRA_BACKENDS]
+    if unknown:
+        p.error(f"unknown backend(s) {unknown}; expected among {BACKENDS + EXTRA_BACKENDS}")
+    op_names = split(a.ops)
+    bad = [o for o in op_names or () if o not in ops_mod.OP_NAMES]
+    if bad:
+        p.error(f"unknown op(s) {bad}; expected among {ops_mod.OP_NAMES}")
+    run(a.device, backends, a.quick, a.json, ops=op_names, repeats=a.repeats)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

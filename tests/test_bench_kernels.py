@@ -1,0 +1,44 @@
+"""The op microbenchmark (pyengine.bench.kernels) runs on CPU in quick mode."""
+import io
+import json
+
+import pytest
+
+from pyengine.bench import kernels as kb
+
+KERNEL_OPS = ("varlen_attention", "gather_pooled", "activation", "add_layer_norm", "add_rms_norm",
+              "rotary", "gated_act", "embed_layer_norm", "pooled_norm")
+
+
+def test_quick_cpu_run_times_every_op(tmp_path):
+    out = io.StringIO()
+    path = tmp_path / "k.json"
+    rows = kb.run("cpu", backends=["torch", "sdpa-padded"], quick=True, json_path=str(path), out=out)
+    timed = {r["op"] for r in rows if r["backend"] == "torch" and r["ms"]}
+    assert timed == set(KERNEL_OPS), [r for r in rows if r["error"]]
+    assert all(r["error"] is None for r in rows if r["backend"] == "torch")
+    sdpa = [r for r in rows if r["backend"] == "sdpa-padded" and r["ms"]]
+    assert sdpa and all(r["tflops"] and r["vs_torch"] for r in sdpa)
+    assert all(r["gbps"] for r in rows if r["backend"] == "torch" and r["op"] != "varlen_attention")
+    assert json.loads(path.read_text()) == rows
+    assert "varlen_attention" in out.getvalue() and "GB/s" in out.getvalue()
+
+
+def test_attention_pairs():
+    assert kb.attention_pairs([3]) == 9
+    assert kb.attention_pairs([3], causal=True) == 6
+    assert kb.attention_pairs([4, 4], causal=True, window=(1, 0)) == 2 * 7
+    assert kb.attention_pairs([5], window=(0, 0)) == 5
+
+
+def test_mixed_lengths_match_design():
+    lens = kb.mixed_lengths()
+    assert len(lens) == 2048 and min(lens) >= 8 and max(lens) <= 512
+    assert 150 < sum(lens) / len(lens) < 170  # DESIGN: mean about 159
+
+
+def test_main_rejects_unknown_names():
+    with pytest.raises(SystemExit):
+        kb.main(["--ops", "not_an_op"])
+    with pytest.raises(SystemExit):
+        kb.main(["--backends", "tpu"])
