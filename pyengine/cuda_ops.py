@@ -1,0 +1,535 @@
+"""The CUDA backend: the kernels in csrc/ (built as ``pyengine._C``) as torch custom ops.
+
+Each op is a ``torch.library.custom_op`` in the ``pyengine`` namespace with a fake
+(meta) implementation, so it works under ``torch.compile`` and FakeTensorMode. The
+public functions here are named and called exactly like the torch references in
+:mod:`pyengine.ops`; the registry there loads ``pyengine.cuda_ops:<op>`` when the
+extension imports and the device is CUDA.
+
+Every op validates device, dtype, shape and strides before launch and raises a
+``ValueError`` (``TypeError`` for a non-tensor) that names the op and the argument.
+Launch and runtime failures come back from the extension as ``RuntimeError`` naming the
+op and the CUDA error. This module imports without a GPU and without the built
+extension: ``pyengine._C`` is imported on the first launch.
+
+What the kernels trust (not checked, as it would need a device sync): ``positions``
+lie in ``[0, cos_sin.shape[0])``, ``cu_seqlens`` is non-decreasing from 0 to T and
+every sequence is non-empty (an empty one under "mean" gives NaN, as the reference).
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["add_rms_norm", "add_layer_norm", "rotary", "gather_pooled", "pooled_norm",
+           "activation", "extension", "is_available"]
+
+_DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_POOLING = {"cls": 0, "last": 1, "mean": 2}
+_NORM = {None: 0, "layer": 1, "rms": 2}
+_ACTIVATION = {"softmax": 0, "sigmoid": 1, "identity": 2}
+
+_ext = None
+
+
+def extension():
+    """The compiled module ``pyengine._C`` (imported once); a clear error if it is absent."""
+    global _ext
+    if _ext is None:
+        try:
+            from pyengine import _C  # noqa: PLC0415
+        except ImportError as e:
+            raise RuntimeError(
+                "pyengine.cuda_ops: the CUDA extension pyengine._C is not built "
+                f"({e}); build it with `pip install --no-build-isolation -e .` where nvcc is "
+                "on PATH (see docs/KERNELS.md)") from e
+        _ext = _C
+    return _ext
+
+
+def is_available() -> bool:
+    """True when the extension imports and torch sees a CUDA device."""
+    try:
+        extension()
+    except RuntimeError:
+        return False
+    return torch.cuda.is_available()
+
+
+# ----------------------------------------------------------------------------------------
+# validation
+# ----------------------------------------------------------------------------------------
+
+def _fail(op, msg):
+    raise ValueError(f"pyengine.cuda_ops.{op}: {msg}")
+
+
+def _tensor(op, name, t):
+    if not isinstance(t, Tensor):
+        raise TypeError(f"pyengine.cuda_ops.{op}: {name} must be a torch.Tensor, "
+                        f"got {type(t).__name__}")
+
+
+def _float_dtype(op, name, t):
+    if t.dtype not in _DTYPE_CODE:
+        _fail(op, f"{name}.dtype must be float32, float16 or bfloat16, got {t.dtype}")
+
+
+def _last_contiguous(op, name, t):
+    if t.dim() > 0 and t.shape[-1] > 1 and t.stride(-1) != 1:
+        _fail(op, f"{name} must be contiguous in its last dim, got strides {tuple(t.stride())}")
+
+
+def _same_device(op, named, real):
+    """On a real launch: every tensor is a CUDA tensor on one device. Fake / meta
+    tensors (torch.compile tracing) skip this."""
+    if not real:
+        return
+    first = None
+    for name, t in named:
+        if t is None:
+            continue
+        if t.device.type != "cuda":
+            _fail(op, f"{name} must be a CUDA tensor, got device {t.device} "
+                      "(the CUDA backend runs on GPU tensors only; use the torch or triton "
+                      "backend on this device)")
+        if first is None:
+            first = (name, t.device)
+        elif t.device != first[1]:
+            _fail(op, f"{name} is on {t.device} but {first[0]} is on {first[1]}")
+
+
+def _rows_2d(op, name, t):
+    """(rows, H, row_stride) of a (..., H) tensor seen as rows with one row stride."""
+    if t.dim() == 2:
+        return t.shape[0], t.shape[1], t.stride(0) if t.shape[0] > 1 else t.shape[1]
+    if t.dim() >= 1 and t.is_contiguous():
+        H = t.shape[-1]
+        return t.numel() // H if H else 0, H, H
+    _fail(op, f"{name} must be 2-D (rows, H) or contiguous, got shape {tuple(t.shape)} "
+              f"and strides {tuple(t.stride())}")
+
+
+def _weight(op, name, w, H, x_dtype):
+    _tensor(op, name, w)
+    if tuple(w.shape) != (H,):
+        _fail(op, f"{name} must have shape ({H},), got {tuple(w.shape)}")
+    _float_dtype(op, name, w)
+    if not w.is_contiguous():
+        _fail(op, f"{name} must be contiguous")
+    if w.dtype not in (x_dtype, torch.float32):
+        _fail(op, f"{name}.dtype must be float32 or the input's {x_dtype}, got {w.dtype}")
+
+
+def _check_norm(op, x, residual, weight, bias, real):
+    _tensor(op, "x", x)
+    _float_dtype(op, "x", x)
+    _last_contiguous(op, "x", x)
+    rows, H, _ = _rows_2d(op, "x", x)
+    if H == 0:
+        _fail(op, "x has an empty last dim")
+    if residual is not None:
+        _tensor(op, "residual", residual)
+        if residual.shape != x.shape:
+            _fail(op, f"residual must match x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+        if residual.dtype != x.dtype:
+            _fail(op, f"residual.dtype must be x's {x.dtype}, got {residual.dtype}")
+        _last_contiguous(op, "residual", residual)
+        _rows_2d(op, "residual", residual)
+    _weight(op, "weight", weight, H, x.dtype)
+    if bias is not None:
+        _weight(op, "bias", bias, H, x.dtype)
+    _same_device(op, [("x", x), ("residual", residual), ("weight", weight), ("bias", bias)], real)
+    return rows, H
+
+
+def _ptr(t):
+    return 0 if t is None else t.data_ptr()
+
+
+def _stream(t):
+    return torch.cuda.current_stream(t.device).cuda_stream
+
+
+# ----------------------------------------------------------------------------------------
+# add_rms_norm / add_layer_norm
+# ----------------------------------------------------------------------------------------
+
+def _launch_norm(op, x, residual, weight, bias, eps, offset):
+    """Allocates (normed, summed-or-None) and launches; inputs already validated."""
+    rows, H, x_stride = _rows_2d(op, "x", x)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    summed = None
+    res_stride = 0
+    if residual is not None:
+        summed = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        res_stride = _rows_2d(op, "residual", residual)[2]
+    if rows:
+        C = extension()
+        args = (_DTYPE_CODE[x.dtype], _DTYPE_CODE[weight.dtype], x.data_ptr(), x_stride,
+                _ptr(residual), res_stride, weight.data_ptr())
+        tail = (out.data_ptr(), _ptr(summed), rows, H, float(eps))
+        if op == "add_rms_norm":
+            C.add_rms_norm(*args, *tail, float(offset), x.device.index, _stream(x))
+        else:
+            C.add_layer_norm(*args, _ptr(bias), *tail, x.device.index, _stream(x))
+    return out, summed
+
+
+@torch.library.custom_op("pyengine::rms_norm", mutates_args=())
+def _rms_norm_op(x: Tensor, weight: Tensor, eps: float, offset: float) -> Tensor:
+    _check_norm("add_rms_norm", x, None, weight, None, real=True)
+    return _launch_norm("add_rms_norm", x, None, weight, None, eps, offset)[0]
+
+
+@_rms_norm_op.register_fake
+def _(x, weight, eps, offset):
+    _check_norm("add_rms_norm", x, None, weight, None, real=False)
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("pyengine::add_rms_norm", mutates_args=())
+def _add_rms_norm_op(x: Tensor, residual: Tensor, weight: Tensor, eps: float,
+                     offset: float) -> tuple[Tensor, Tensor]:
+    _check_norm("add_rms_norm", x, residual, weight, None, real=True)
+    return _launch_norm("add_rms_norm", x, residual, weight, None, eps, offset)
+
+
+@_add_rms_norm_op.register_fake
+def _(x, residual, weight, eps, offset):
+    _check_norm("add_rms_norm", x, residual, weight, None, real=False)
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            torch.empty_like(x, memory_format=torch.contiguous_format))
+
+
+@torch.library.custom_op("pyengine::layer_norm", mutates_args=())
+def _layer_norm_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], eps: float) -> Tensor:
+    _check_norm("add_layer_norm", x, None, weight, bias, real=True)
+    return _launch_norm("add_layer_norm", x, None, weight, bias, eps, 0.0)[0]
+
+
+@_layer_norm_op.register_fake
+def _(x, weight, bias, eps):
+    _check_norm("add_layer_norm", x, None, weight, bias, real=False)
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("pyengine::add_layer_norm", mutates_args=())
+def _add_layer_norm_op(x: Tensor, residual: Tensor, weight: Tensor, bias: Optional[Tensor],
+                       eps: float) -> tuple[Tensor, Tensor]:
+    _check_norm("add_layer_norm", x, residual, weight, bias, real=True)
+    return _launch_norm("add_layer_norm", x, residual, weight, bias, eps, 0.0)
+
+
+@_add_layer_norm_op.register_fake
+def _(x, residual, weight, bias, eps):
+    _check_norm("add_layer_norm", x, residual, weight, bias, real=False)
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            torch.empty_like(x, memory_format=torch.contiguous_format))
+
+
+def _as_rows(t):
+    """An N-D (N != 2) input that is not contiguous is copied, as the kernels see rows of
+    one stride; 2-D inputs keep any row stride."""
+    if isinstance(t, Tensor) and t.dim() != 2 and not t.is_contiguous():
+        return t.contiguous()
+    return t
+
+
+def add_rms_norm(x, residual, weight, eps, offset=0.0):
+    """RMSNorm(x + residual) * (weight + offset), fp32 statistics (pyengine.ops.add_rms_norm).
+
+    x: (rows, H) with any row stride, or contiguous (..., H); float32/float16/bfloat16.
+    residual: like x, or None; weight: (H,) in x's dtype or float32.
+    Returns (normed, summed) in x's dtype; summed is x itself when residual is None."""
+    xs, rs = _as_rows(x), _as_rows(residual)
+    if residual is None:
+        return torch.ops.pyengine.rms_norm(xs, weight, float(eps), float(offset)), x
+    return torch.ops.pyengine.add_rms_norm(xs, rs, weight, float(eps), float(offset))
+
+
+def add_layer_norm(x, residual, weight, bias, eps):
+    """LayerNorm(x + residual), fp32 statistics (pyengine.ops.add_layer_norm).
+
+    Shapes and dtypes as add_rms_norm; bias: (H,) or None.
+    Returns (normed, summed) in x's dtype; summed is x itself when residual is None."""
+    xs, rs = _as_rows(x), _as_rows(residual)
+    if residual is None:
+        return torch.ops.pyengine.layer_norm(xs, weight, bias, float(eps)), x
+    return torch.ops.pyengine.add_layer_norm(xs, rs, weight, bias, float(eps))
+
+
+# ----------------------------------------------------------------------------------------
+# rotary
+# ----------------------------------------------------------------------------------------
+
+def _check_rotary(q, k, positions, cos_sin, real):
+    op = "rotary"
+    for name, t in (("q", q), ("k", k), ("positions", positions), ("cos_sin", cos_sin)):
+        _tensor(op, name, t)
+    if q.dim() != 3 or k.dim() != 3:
+        _fail(op, f"q and k must be 3-D (T, heads, head_dim), got {tuple(q.shape)} and {tuple(k.shape)}")
+    _float_dtype(op, "q", q)
+    if k.dtype != q.dtype:
+        _fail(op, f"k.dtype must be q's {q.dtype}, got {k.dtype}")
+    T, _, D = q.shape
+    if k.shape[0] != T or k.shape[2] != D:
+        _fail(op, f"k must be (T={T}, heads, D={D}), got {tuple(k.shape)}")
+    _last_contiguous(op, "q", q)
+    _last_contiguous(op, "k", k)
+    if positions.dim() != 1 or positions.shape[0] != T:
+        _fail(op, f"positions must be 1-D of length T={T}, got {tuple(positions.shape)}")
+    if positions.dtype != torch.int64:
+        _fail(op, f"positions.dtype must be int64, got {positions.dtype}")
+    if not positions.is_contiguous():
+        _fail(op, "positions must be contiguous")
+    if cos_sin.dim() != 2 or cos_sin.dtype != torch.float32 or not cos_sin.is_contiguous():
+        _fail(op, f"cos_sin must be a contiguous 2-D (max_pos, R) float32 tensor, got shape "
+                  f"{tuple(cos_sin.shape)}, dtype {cos_sin.dtype}")
+    R = cos_sin.shape[1]
+    if R == 0 or R % 2 or R > D:
+        _fail(op, f"the rotated width R=cos_sin.shape[1]={R} must be even, > 0 and <= head_dim={D}")
+    _same_device(op, [("q", q), ("k", k), ("positions", positions), ("cos_sin", cos_sin)], real)
+
+
+@torch.library.custom_op("pyengine::rotary", mutates_args=("q", "k"))
+def _rotary_op(q: Tensor, k: Tensor, positions: Tensor, cos_sin: Tensor, neox: bool) -> None:
+    _check_rotary(q, k, positions, cos_sin, real=True)
+    T, Hq, _ = q.shape
+    Hk = k.shape[1]
+    if T == 0 or Hq + Hk == 0:
+        return
+    extension().rotary(_DTYPE_CODE[q.dtype], q.data_ptr(), q.stride(0), q.stride(1), Hq,
+                       k.data_ptr(), k.stride(0), k.stride(1), Hk, positions.data_ptr(),
+                       cos_sin.data_ptr(), T, cos_sin.shape[1], bool(neox), q.device.index,
+                       _stream(q))
+
+
+@_rotary_op.register_fake
+def _(q, k, positions, cos_sin, neox):
+    _check_rotary(q, k, positions, cos_sin, real=False)
+
+
+def rotary(q, k, positions, cos_sin, neox=True):
+    """Rotary embedding in place on q (T, Hq, D) and k (T, Hk, D) (pyengine.ops.rotary).
+
+    q, k: float32/float16/bfloat16, last dim contiguous, any token/head stride (views of a
+    fused qkv buffer work); positions: (T,) int64; cos_sin: (max_pos, R) float32
+    contiguous, cos then sin, R even and <= D (partial rotary rotates the first R).
+    neox=True rotates halves, False interleaved pairs. Returns (q, k)."""
+    torch.ops.pyengine.rotary(q, k, positions, cos_sin, bool(neox))
+    return q, k
+
+
+# ----------------------------------------------------------------------------------------
+# gather_pooled / pooled_norm
+# ----------------------------------------------------------------------------------------
+
+def _check_cu(op, cu_seqlens):
+    _tensor(op, "cu_seqlens", cu_seqlens)
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        _fail(op, f"cu_seqlens must be 1-D (B+1,), got shape {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.dtype != torch.int32:
+        _fail(op, f"cu_seqlens.dtype must be int32, got {cu_seqlens.dtype}")
+    if not cu_seqlens.is_contiguous():
+        _fail(op, "cu_seqlens must be contiguous")
+
+
+def _check_hidden(op, hidden):
+    _tensor(op, "hidden", hidden)
+    if hidden.dim() != 2:
+        _fail(op, f"hidden must be 2-D (T, H), got shape {tuple(hidden.shape)}")
+    _float_dtype(op, "hidden", hidden)
+    _last_contiguous(op, "hidden", hidden)
+    if hidden.shape[1] == 0:
+        _fail(op, "hidden has an empty last dim")
+
+
+def _check_gather(hidden, cu_seqlens, pooling, real):
+    op = "gather_pooled"
+    if pooling not in _POOLING:
+        _fail(op, f"unknown pooling {pooling!r}; expected 'cls', 'last' or 'mean'")
+    _check_hidden(op, hidden)
+    _check_cu(op, cu_seqlens)
+    _same_device(op, [("hidden", hidden), ("cu_seqlens", cu_seqlens)], real)
+
+
+def _row_stride(t):
+    return t.stride(0) if t.shape[0] > 1 else t.shape[1]
+
+
+@torch.library.custom_op("pyengine::gather_pooled", mutates_args=())
+def _gather_pooled_op(hidden: Tensor, cu_seqlens: Tensor, pooling: str) -> Tensor:
+    _check_gather(hidden, cu_seqlens, pooling, real=True)
+    B = cu_seqlens.numel() - 1
+    H = hidden.shape[1]
+    out = torch.empty((B, H), dtype=hidden.dtype, device=hidden.device)
+    if B:
+        extension().gather_pooled(_DTYPE_CODE[hidden.dtype], hidden.data_ptr(),
+                                  _row_stride(hidden), H, cu_seqlens.data_ptr(), B,
+                                  _POOLING[pooling], out.data_ptr(), hidden.device.index,
+                                  _stream(hidden))
+    return out
+
+
+@_gather_pooled_op.register_fake
+def _(hidden, cu_seqlens, pooling):
+    _check_gather(hidden, cu_seqlens, pooling, real=False)
+    return hidden.new_empty((cu_seqlens.shape[0] - 1, hidden.shape[1]))
+
+
+def gather_pooled(hidden, cu_seqlens, pooling):
+    """One row per sequence (pyengine.ops.gather_pooled). hidden: (T, H), last dim
+    contiguous; cu_seqlens: (B+1,) int32; pooling: "cls" | "last" | "mean" (fp32 sum).
+    Returns (B, H) in hidden's dtype."""
+    return torch.ops.pyengine.gather_pooled(hidden, cu_seqlens, pooling)
+
+
+def _check_pooled_norm(hidden, cu_seqlens, pooling, norm_kind, weight, bias, residual, real):
+    op = "pooled_norm"
+    if pooling not in _POOLING:
+        _fail(op, f"unknown pooling {pooling!r}; expected 'cls', 'last' or 'mean'")
+    if norm_kind not in _NORM:
+        _fail(op, f"unknown norm_kind {norm_kind!r}; expected None, 'layer' or 'rms'")
+    _check_hidden(op, hidden)
+    _check_cu(op, cu_seqlens)
+    H = hidden.shape[1]
+    if residual is not None:
+        _tensor(op, "residual", residual)
+        if residual.shape != hidden.shape:
+            _fail(op, f"residual must match hidden's shape {tuple(hidden.shape)}, got {tuple(residual.shape)}")
+        if residual.dtype != hidden.dtype:
+            _fail(op, f"residual.dtype must be hidden's {hidden.dtype}, got {residual.dtype}")
+        _last_contiguous(op, "residual", residual)
+    if norm_kind is not None:
+        if weight is None:
+            _fail(op, f"norm_kind={norm_kind!r} needs a weight")
+        _weight(op, "weight", weight, H, hidden.dtype)
+        if norm_kind == "layer" and bias is not None:
+            _weight(op, "bias", bias, H, hidden.dtype)
+            if bias.dtype != weight.dtype:
+                _fail(op, f"bias.dtype must be weight's {weight.dtype}, got {bias.dtype}")
+    named = [("hidden", hidden), ("cu_seqlens", cu_seqlens), ("residual", residual)]
+    if norm_kind is not None:
+        named += [("weight", weight), ("bias", bias if norm_kind == "layer" else None)]
+    _same_device(op, named, real)
+
+
+@torch.library.custom_op("pyengine::pooled_norm", mutates_args=())
+def _pooled_norm_op(hidden: Tensor, cu_seqlens: Tensor, pooling: str, norm_kind: Optional[str],
+                    weight: Optional[Tensor], bias: Optional[Tensor], eps: float, offset: float,
+                    residual: Optional[Tensor]) -> Tensor:
+    _check_pooled_norm(hidden, cu_seqlens, pooling, norm_kind, weight, bias, residual, real=True)
+    B = cu_seqlens.numel() - 1
+    H = hidden.shape[1]
+    out = torch.empty((B, H), dtype=torch.float32, device=hidden.device)
+    if B:
+        if norm_kind is None:
+            weight = bias = None
+        elif norm_kind == "rms":
+            bias = None
+        extension().pooled_norm(
+            _DTYPE_CODE[hidden.dtype], _DTYPE_CODE[weight.dtype] if weight is not None else 0,
+            hidden.data_ptr(), _row_stride(hidden), _ptr(residual),
+            0 if residual is None else _row_stride(residual), cu_seqlens.data_ptr(), B,
+            _POOLING[pooling], _NORM[norm_kind], _ptr(weight), _ptr(bias), float(eps),
+            float(offset), out.data_ptr(), H, hidden.device.index, _stream(hidden))
+    return out
+
+
+@_pooled_norm_op.register_fake
+def _(hidden, cu_seqlens, pooling, norm_kind, weight, bias, eps, offset, residual):
+    _check_pooled_norm(hidden, cu_seqlens, pooling, norm_kind, weight, bias, residual, real=False)
+    return hidden.new_empty((cu_seqlens.shape[0] - 1, hidden.shape[1]), dtype=torch.float32)
+
+
+def pooled_norm(hidden, cu_seqlens, pooling, norm_kind, weight, bias, eps, offset=0.0,
+                residual=None):
+    """Pooled rows through the final norm, in fp32 (pyengine.ops.pooled_norm).
+
+    hidden: (T, H), last dim contiguous; cu_seqlens: (B+1,) int32; pooling: "cls" |
+    "last" | "mean"; norm_kind: None | "layer" | "rms"; weight, bias: (H,) in hidden's
+    dtype or float32 (bias "layer" only, may be None); offset added to the weight for
+    "rms"; residual: like hidden or None, added first in hidden's dtype. "mean" averages
+    the normed rows. Returns (B, H) float32."""
+    return torch.ops.pyengine.pooled_norm(hidden, cu_seqlens, pooling, norm_kind, weight, bias,
+                                          float(eps), float(offset), residual)
+
+
+# ----------------------------------------------------------------------------------------
+# activation
+# ----------------------------------------------------------------------------------------
+
+def _check_activation(logits, kind, bias_vec, scale_vec, real):
+    op = "activation"
+    if kind not in _ACTIVATION:
+        _fail(op, f"unknown activation {kind!r}; expected softmax, sigmoid or identity")
+    _tensor(op, "logits", logits)
+    if logits.dim() != 2:
+        _fail(op, f"logits must be 2-D (B, L), got shape {tuple(logits.shape)}")
+    _float_dtype(op, "logits", logits)
+    _last_contiguous(op, "logits", logits)
+    L = logits.shape[1]
+    for name, v in (("logit_bias", bias_vec), ("logit_scale", scale_vec)):
+        if v is not None and (v.dtype != torch.float32 or tuple(v.shape) != (L,)
+                              or not v.is_contiguous()):
+            _fail(op, f"{name} vector must be contiguous float32 ({L},), got {tuple(v.shape)} {v.dtype}")
+    _same_device(op, [("logits", logits), ("logit_bias", bias_vec), ("logit_scale", scale_vec)],
+                 real)
+
+
+@torch.library.custom_op("pyengine::activation", mutates_args=())
+def _activation_op(logits: Tensor, kind: str, bias: float, scale: float,
+                   bias_vec: Optional[Tensor], scale_vec: Optional[Tensor]) -> Tensor:
+    _check_activation(logits, kind, bias_vec, scale_vec, real=True)
+    B, L = logits.shape
+    out = torch.empty((B, L), dtype=torch.float32, device=logits.device)
+    if B and L:
+        extension().activation(_DTYPE_CODE[logits.dtype], logits.data_ptr(), _row_stride(logits),
+                               B, L, _ACTIVATION[kind], float(bias), float(scale),
+                               _ptr(bias_vec), _ptr(scale_vec), out.data_ptr(),
+                               logits.device.index, _stream(logits))
+    return out
+
+
+@_activation_op.register_fake
+def _(logits, kind, bias, scale, bias_vec, scale_vec):
+    _check_activation(logits, kind, bias_vec, scale_vec, real=False)
+    return logits.new_empty(logits.shape, dtype=torch.float32)
+
+
+def _operand(name, value, default, L, device):
+    """(scalar, vector-or-None) for a logit_bias / logit_scale that is None, a number, or a
+    tensor of 1 or L elements (broadcast over labels, as the reference's arithmetic)."""
+    if value is None:
+        return default, None
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value), None
+    if not isinstance(value, Tensor):
+        raise TypeError(f"pyengine.cuda_ops.activation: {name} must be None, a number or a "
+                        f"tensor, got {type(value).__name__}")
+    if value.dim() > 1 or value.numel() not in (1, L):
+        _fail("activation", f"{name} must have 1 or L={L} elements (shape () or (L,)), "
+                            f"got shape {tuple(value.shape)}")
+    if value.device != device:
+        _fail("activation", f"{name} is on {value.device}, expected the logits' device {device}")
+    return default, value.reshape(-1).to(torch.float32).expand(L).contiguous()
+
+
+def activation(logits, kind, logit_bias=None, logit_scale=None):
+    """act((logits - logit_bias) * logit_scale) in fp32 (pyengine.ops.activation).
+
+    logits: (B, L) float32/float16/bfloat16, last dim contiguous; kind: "softmax" |
+    "sigmoid" | "identity"; logit_bias, logit_scale: None, a number, or a tensor of shape
+    () or (L,). Returns (B, L) float32."""
+    _tensor("activation", "logits", logits)
+    if logits.dim() == 2:
+        L, device = logits.shape[1], logits.device
+        bias, bias_vec = _operand("logit_bias", logit_bias, 0.0, L, device)
+        scale, scale_vec = _operand("logit_scale", logit_scale, 1.0, L, device)
+    else:  # let the op's checks name the problem
+        bias, bias_vec, scale, scale_vec = 0.0, None, 1.0, None
+    return torch.ops.pyengine.activation(logits, kind, bias, scale, bias_vec, scale_vec)
