@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from .batch import RaggedBatch
 from .config import EngineConfig, PoolerConfig
-from .inputs import InputProcessor, TokenizedPrompt, parse_prompts
+from .inputs import InputProcessor, TokenizedPrompt, pair_lists, parse_prompts
 from .models import model_class, resolve_architecture
 from .models.convert import resolve_token_ids
 from .models.loader import iter_weights, load_hf_config
@@ -25,6 +25,7 @@ from .outputs import (ClassificationRequestOutput, PoolingOutput, PoolingRequest
                       ScoringRequestOutput)
 from .pooler import Pooler, classify_activation, score_activation
 from .scheduler import next_batch
+from .templates import load_score_template, render_pairs
 
 
 @dataclass
@@ -182,18 +183,32 @@ class LLM:
 
     def classify(self, prompts, *, truncate_prompt_tokens=None, truncation_side=None, use_activation=None,
                  use_tqdm=True) -> list[ClassificationRequestOutput]:
-        """Class probabilities per prompt: ``.outputs.probs`` is a list of num_labels floats."""
+        """Class probabilities per prompt: ``.outputs.probs`` is a list of num_labels floats.
+
+        A reward model is a classifier with num_labels == 1: ``use_activation=False``
+        returns its raw reward (the logit), the default its sigmoid."""
         outs = self.encode(prompts, "classify", truncate_prompt_tokens=truncate_prompt_tokens,
                            truncation_side=truncation_side, use_activation=use_activation, use_tqdm=use_tqdm)
         return [ClassificationRequestOutput.from_pooling(o) for o in outs]
 
     def score(self, data_1, data_2, *, truncate_prompt_tokens=None, truncation_side=None, use_activation=None,
-              use_tqdm=True) -> list[ScoringRequestOutput]:
-        """Cross-encoder relevance of text pairs (1:1, 1:N or N:N): ``.outputs.score``."""
+              use_tqdm=True, score_template=None) -> list[ScoringRequestOutput]:
+        """Cross-encoder relevance of text pairs (1:1, 1:N or N:N): ``.outputs.score``.
+
+        Without ``score_template`` a pair is tokenised as the tokenizer does a text pair,
+        whatever its pair template is (Qwen's tokenizer, for one, puts the two texts'
+        tokens back to back with nothing between). With it (Jinja source or a file path, see
+        :mod:`pyengine.templates`) each pair is rendered into one prompt from ``query``
+        and ``document`` and tokenised as a single text."""
         if self.engine.num_labels != 1:
             raise ValueError(f"score() needs a model with num_labels == 1 (a cross-encoder); "
                              f"this one has num_labels={self.engine.num_labels}")
         act = self._activation(use_activation, score_activation(self.engine.hf_config))
-        toks, _, _ = self.engine.inputs.process_pairs(data_1, data_2, truncate_prompt_tokens, truncation_side)
+        if score_template is not None:
+            template = load_score_template(score_template)
+            texts = render_pairs(template, *pair_lists(data_1, data_2))
+            toks = self.engine.inputs.process(texts, truncate_prompt_tokens, truncation_side, what="pairs")
+        else:
+            toks, _, _ = self.engine.inputs.process_pairs(data_1, data_2, truncate_prompt_tokens, truncation_side)
         outs = self._run(toks, act, use_tqdm, "Scoring")
         return [ScoringRequestOutput.from_pooling(o) for o in outs]

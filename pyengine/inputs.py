@@ -132,21 +132,27 @@ class InputProcessor:
     def process_pairs(self, data_1, data_2, truncate_prompt_tokens=None, truncation_side=None):
         """Cross-encoder pairs: 1:1, 1:N (one query, N documents) or N:N. Each pair is
         tokenised as the tokenizer does a text pair, keeping token_type_ids."""
-        d1 = [data_1] if isinstance(data_1, (str, dict)) else data_1
-        d2 = [data_2] if isinstance(data_2, (str, dict)) else data_2
-        if not isinstance(d1, (list, tuple)) or not isinstance(d2, (list, tuple)):
-            raise TypeError("score() takes a str or a list of str for data_1 and data_2")
-        if not d1 or not d2:
-            raise ValueError("score() got an empty list")
-        d1 = [_as_text(x, f"data_1[{i}]") for i, x in enumerate(d1)]
-        d2 = [_as_text(x, f"data_2[{i}]") for i, x in enumerate(d2)]
-        if len(d1) == 1 and len(d2) > 1:
-            d1 = d1 * len(d2)
-        if len(d1) != len(d2):
-            raise ValueError(f"score() pairs must be 1:1, 1:N or N:N; got {len(d1)} queries and {len(d2)} documents")
-        for name, d in (("data_1", d1), ("data_2", d2)):
-            for i, x in enumerate(d):
-                if not x:
-                    raise ValueError(f"{name}[{i}] is empty")
+        d1, d2 = pair_lists(data_1, data_2)
         k, side = self._limit(truncate_prompt_tokens, truncation_side)
         return self._check(self._tokenize(d1, d2, k, side), "pairs"), d1, d2
+
+
+def pair_lists(data_1, data_2):
+    """score()'s inputs as two equal-length lists of non-empty texts (1:1, 1:N or N:N)."""
+    d1 = [data_1] if isinstance(data_1, (str, dict)) else data_1
+    d2 = [data_2] if isinstance(data_2, (str, dict)) else data_2
+    if not isinstance(d1, (list, tuple)) or not isinstance(d2, (list, tuple)):
+        raise TypeError("score() takes a str or a list of str for data_1 and data_2")
+    if not d1 or not d2:
+        raise ValueError("score() got an empty list")
+    d1 = [_as_text(x, f"data_1[{i}]") for i, x in enumerate(d1)]
+    d2 = [_as_text(x, f"data_2[{i}]") for i, x in enumerate(d2)]
+    if len(d1) == 1 and len(d2) > 1:
+        d1 = d1 * len(d2)
+    if len(d1) != len(d2):
+        raise ValueError(f"score() pairs must be 1:1, 1:N or N:N; got {len(d1)} queries and {len(d2)} documents")
+    for name, d in (("data_1", d1), ("data_2", d2)):
+        for i, x in enumerate(d):
+            if not x:
+                raise ValueError(f"{name}[{i}] is empty")
+    return d1, d2

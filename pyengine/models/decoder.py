@@ -418,6 +418,10 @@ class DecoderForSequenceClassification(nn.Module):
                     emb_rows = t[self.token_ids].float()
         if self.token_head:
             self._load_token_head(sink, lm_rows, emb_rows)
+        elif "score_w" not in sink.seen:
+            raise ValueError(f"{self.arch}: the checkpoint has no classifier head (score.weight); for a causal "
+                             "LM pass hf_overrides classifier_from_token=[...] and method='from_2_way_softmax' "
+                             "or 'no_post_processing' to build one from the LM head")
         sink.check(self._expected(params))
 
     def _load_token_head(self, sink, lm_rows, emb_rows):
