@@ -1,0 +1,151 @@
+"""Model presets: configs with random weights, saved once so every provider loads
+the same checkpoint (nothing is downloaded).
+
+Weights are redrawn so every linear layer keeps unit scale (std 1/sqrt(fan_in),
+embeddings std 1): transformers' std-0.02 init makes every prompt's probabilities
+nearly equal, which would hide any difference between providers. Speed does not
+depend on the values.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+
+import torch
+
+_BERT = dict(vocab_size=30522, max_position_embeddings=512, type_vocab_size=2,
+             architectures=["BertForSequenceClassification"])
+_QWEN = dict(vocab_size=151936, rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
+             pad_token_id=151643, bos_token_id=151643, eos_token_id=151645)
+
+# name -> (transformers config class name, config kwargs)
+PRESETS = {
+    "minilm-l6": ("BertConfig", dict(_BERT, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+                                     intermediate_size=1536, num_labels=1)),
+    "bert-base": ("BertConfig", dict(_BERT, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                                     intermediate_size=3072, num_labels=2)),
+    "qwen3-0.6b": ("Qwen3Config", dict(_QWEN, hidden_size=1024, num_hidden_layers=28, num_attention_heads=16,
+                                       num_key_value_heads=8, head_dim=128, intermediate_size=3072,
+                                       max_position_embeddings=40960, num_labels=1,
+                                       architectures=["Qwen3ForSequenceClassification"])),
+    "qwen2-1.5b": ("Qwen2Config", dict(_QWEN, hidden_size=1536, num_hidden_layers=28, num_attention_heads=12,
+                                       num_key_value_heads=2, intermediate_size=8960,
+                                       max_position_embeddings=32768, num_labels=2,
+                                       architectures=["Qwen2ForSequenceClassification"])),
+    "tiny": ("BertConfig", dict(_BERT, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                                intermediate_size=1024, num_labels=2)),
+}
+GPU_PRESETS = ("minilm-l6", "bert-base", "qwen3-0.6b", "qwen2-1.5b")
+CPU_PRESETS = ("tiny",)
+
+# Encoders whose prompts are wrapped in begin/end ids, and which attend both ways.
+ENCODER_TYPES = {"bert", "roberta", "xlm-roberta", "ernie", "camembert", "electra", "distilbert"}
+_HEAD_NAMES = ("classifier", "score", "pooler")
+
+
+def preset_config(name: str, layers: int | None = None):
+    """The transformers config of preset ``name``, with num_hidden_layers=layers if given."""
+    import transformers
+
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+    cls_name, kw = PRESETS[name]
+    kw = dict(kw)
+    if layers is not None:
+        kw["num_hidden_layers"] = layers
+    return getattr(transformers, cls_name)(**kw)
+
+
+def architecture_missing(config) -> str | None:
+    """Why pyengine cannot run ``config`` (its architecture is not registered), or None."""
+    from ..models import resolve_architecture
+
+    try:
+        resolve_architecture(config)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def _randomize(model, seed):
+    dev = next(model.parameters()).device
+    g = torch.Generator(dev).manual_seed(seed)
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, torch.nn.Linear):
+                mod.weight.normal_(0.0, mod.weight.shape[1] ** -0.5, generator=g)
+            elif isinstance(mod, torch.nn.Embedding):
+                mod.weight.normal_(0.0, 1.0, generator=g)
+
+
+def build_checkpoint(name: str, config, cache_dir: str, dtype: torch.dtype, device, seed: int = 0) -> str:
+    """Save a randomly initialised ``config`` model (weights in ``dtype``) under
+    ``cache_dir``, unless a finished copy is there already. Returns its directory."""
+    from transformers import AutoModelForSequenceClassification
+
+    key = hashlib.sha1(f"{config.to_json_string()}|{dtype}|{seed}".encode()).hexdigest()[:12]
+    path = os.path.join(cache_dir, f"{name}-{key}")
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return path
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{name}-", dir=cache_dir)
+    try:
+        torch.manual_seed(seed)
+        with torch.device(device):  # initialise on the GPU: a CPU init of 1.5B weights takes minutes
+            model = AutoModelForSequenceClassification.from_config(config, dtype=dtype)
+        _randomize(model, seed)
+        model.save_pretrained(tmp)
+        del model
+        try:
+            os.replace(tmp, path)  # atomic: a concurrent run sees all of it or nothing
+        except OSError:
+            if not os.path.isfile(os.path.join(path, "config.json")):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def model_facts(config) -> dict:
+    """What the harness needs of a model: encoder or decoder, begin/end ids of
+    synthetic prompts, ids never to draw, the length limit, and the per-token shape
+    for FLOP counting."""
+    encoder = config.model_type in ENCODER_TYPES
+    ends = None
+    if encoder:
+        if config.model_type in ("bert", "ernie", "electra", "distilbert"):
+            ends = (101, 102) if config.vocab_size > 102 else None  # [CLS], [SEP] in BERT vocabularies
+        else:
+            ends = (config.bos_token_id, config.eos_token_id)
+            ends = None if None in ends else ends
+    limit = config.max_position_embeddings
+    if config.model_type in ("roberta", "xlm-roberta", "camembert"):
+        limit -= (config.pad_token_id or 0) + 1  # positions start at padding_idx + 1
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    specials = [getattr(config, k, None) for k in ("pad_token_id", "bos_token_id", "eos_token_id")]
+    return {"encoder": encoder, "ends": ends, "special_ids": [s for s in specials if isinstance(s, int)],
+            "max_len": limit, "layers": config.num_hidden_layers, "heads": heads, "head_dim": head_dim}
+
+
+def linear_params(config) -> int:
+    """Weights of the per-token linear layers (attention and MLP; embeddings and the
+    per-sequence head excluded), counted on a meta-device model."""
+    from transformers import AutoModelForSequenceClassification
+
+    with torch.device("meta"):
+        model = AutoModelForSequenceClassification.from_config(config)
+    return sum(m.weight.numel() for n, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and not any(h in n.split(".") for h in _HEAD_NAMES))
+
+
+def workload_flops(config, lengths, linear: int | None = None) -> float:
+    """Matmul FLOPs of one pass over ``lengths``: 2 * linear params * tokens plus
+    attention (QK^T and PV: 4 * L^2 * heads * head_dim per layer, half of it for
+    causal models, which skip the masked half). linear: linear_params(config) if known."""
+    f = model_facts(config)
+    linear = linear_params(config) if linear is None else linear
+    attn = 4 * sum(n * n for n in lengths) * f["heads"] * f["head_dim"] * f["layers"]
+    return 2.0 * linear * sum(lengths) + (attn if f["encoder"] else attn / 2)

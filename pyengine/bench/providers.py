@@ -1,0 +1,140 @@
+"""Benchmark providers: one setup function each, returning ``run(prompts)`` that
+classifies a whole list of token-id prompts and returns (N, num_labels) fp32
+probabilities on the host, in input order.
+
+Every provider starts from the same Python lists of token ids, so the cost of
+turning them into tensors (padded for transformers, packed for pyengine) is inside
+the timing for all of them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..ops import _available
+
+HF_NAMES = ("hf-b32", "hf-sorted-b64", "hf-sorted-b256", "hf-single")
+PYENGINE_BACKENDS = ("torch", "triton", "cuda")
+ALL_NAMES = HF_NAMES + tuple(f"pyengine-{b}" for b in PYENGINE_BACKENDS)
+
+
+@dataclass
+class Context:
+    model_dir: str
+    device: torch.device
+    dtype: torch.dtype
+    max_num_batched_tokens: int = 16384
+    max_num_seqs: int = 256
+    max_model_len: int | None = None
+
+
+@dataclass
+class Provider:
+    name: str
+    label: str
+    kind: str          # "baseline" or "pyengine"
+    setup: Callable    # setup(ctx) -> run(prompts) -> (N, L) fp32 tensor
+    sampled: bool = False  # runs on a sample of the prompts only (slow one-at-a-time)
+
+
+def hf_activation(config) -> str:
+    """The activation transformers users apply to these logits (as the design's
+    classify semantics): identity for regression, sigmoid for multi-label or one
+    label, softmax otherwise."""
+    problem = getattr(config, "problem_type", None)
+    if problem == "regression":
+        return "identity"
+    if problem == "multi_label_classification" or config.num_labels < 2:
+        return "sigmoid"
+    return "softmax"
+
+
+def _act(logits, kind):
+    x = logits.float()
+    return x if kind == "identity" else torch.sigmoid(x) if kind == "sigmoid" else torch.softmax(x, -1)
+
+
+def hf_setup(ctx: Context, batch_size: int, sort: bool):
+    """transformers with SDPA: batches of ``batch_size`` prompts, right-padded, in
+    arrival order or sorted by length (outputs put back in input order)."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(
+        ctx.model_dir, attn_implementation="sdpa", dtype=ctx.dtype).to(ctx.device).eval()
+    pad = model.config.pad_token_id
+    if pad is None:  # decoders pick the last non-pad token; the synthetic ids never include 0
+        pad = model.config.pad_token_id = 0
+    act = hf_activation(model.config)
+    num_labels = model.config.num_labels
+
+    @torch.inference_mode()
+    def run(prompts):
+        n = len(prompts)
+        order = sorted(range(n), key=lambda i: len(prompts[i])) if sort else list(range(n))
+        out = torch.empty(n, num_labels)
+        for s in range(0, n, batch_size):
+            idx = order[s:s + batch_size]
+            width = max(len(prompts[i]) for i in idx)
+            ids = torch.full((len(idx), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for j, i in enumerate(idx):
+                ids[j, :len(prompts[i])] = torch.tensor(prompts[i])
+                mask[j, :len(prompts[i])] = 1
+            logits = model(input_ids=ids.to(ctx.device), attention_mask=mask.to(ctx.device)).logits
+            out[idx] = _act(logits, act).cpu()
+        return out
+
+    return run
+
+
+def pyengine_setup(ctx: Context, backend: str):
+    """pyengine's LLM.classify on token-id prompts with kernel backend ``backend``."""
+    from ..engine import LLM
+
+    llm = LLM(ctx.model_dir, dtype=ctx.dtype, device=str(ctx.device), kernel_backend=backend,
+              max_num_batched_tokens=ctx.max_num_batched_tokens, max_num_seqs=ctx.max_num_seqs,
+              max_model_len=ctx.max_model_len)
+
+    def run(prompts):
+        outs = llm.classify([{"prompt_token_ids": p} for p in prompts], use_tqdm=False)
+        return torch.tensor([o.outputs.probs for o in outs], dtype=torch.float32)
+
+    run.ops = llm.engine.ops.describe()
+    return run
+
+
+def backend_unavailable(backend: str, device: torch.device) -> str | None:
+    """Why pyengine's ``backend`` cannot be timed on ``device``, or None."""
+    if backend == "torch":
+        return None
+    if device.type != "cuda":
+        return {"cuda": "the CUDA kernels need a CUDA device",
+                "triton": "on CPU Triton runs only in its interpreter, which is never timed"}[backend]
+    if not _available(backend, device):
+        return {"cuda": "the CUDA extension pyengine._C is not built",
+                "triton": "triton is not installed"}[backend]
+    from ..ops import resolve_ops
+
+    ops = resolve_ops(backend, device)
+    if backend not in ops.chosen.values():
+        return f"no op has a {backend} implementation yet"
+    return None
+
+
+def providers(single_sampled: bool) -> list[Provider]:
+    """Every provider, baselines first. single_sampled: the one-at-a-time baseline
+    runs on a sample of the prompts."""
+    out = [
+        Provider("hf-b32", "transformers b32 arrival order", "baseline", lambda c: hf_setup(c, 32, False)),
+        Provider("hf-sorted-b64", "transformers b64 length-sorted", "baseline", lambda c: hf_setup(c, 64, True)),
+        Provider("hf-sorted-b256", "transformers b256 length-sorted", "baseline",
+                 lambda c: hf_setup(c, 256, True)),
+        Provider("hf-single", "transformers one at a time", "baseline", lambda c: hf_setup(c, 1, False),
+                 sampled=single_sampled),
+    ]
+    for b in PYENGINE_BACKENDS:
+        out.append(Provider(f"pyengine-{b}", f"pyengine {b} kernels", "pyengine",
+                            lambda c, b=b: pyengine_setup(c, b)))
+    return out

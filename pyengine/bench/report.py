@@ -1,0 +1,130 @@
+"""Environment, matmul peak, timing and the printed table of the model benchmark."""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+
+def environment(device: torch.device) -> dict:
+    """Device name and library versions of this run."""
+    import transformers
+
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    from .. import __version__
+
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"CPU {platform.processor() or platform.machine()} ({os.cpu_count()} cores, " \
+               f"{torch.get_num_threads()} torch threads)"
+    return {"device": str(device), "device_name": name, "torch": torch.__version__, "triton": triton_version,
+            "transformers": transformers.__version__, "pyengine": __version__,
+            "python": platform.python_version(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device):
+    """(seconds, result) of fn() with the device synchronised on both ends."""
+    sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - t0, out
+
+
+def matmul_peak(device: torch.device) -> dict:
+    """Measured matmul throughput: bf16 8192^3 on a GPU, fp32 1024^3 on CPU (labelled:
+    a CPU has no fast bf16 path). Best of several timed products, in FLOP/s."""
+    if device.type == "cuda":
+        n, dtype, reps, label = 8192, torch.bfloat16, 10, "bf16 matmul 8192^3"
+    else:
+        n, dtype, reps, label = 1024, torch.float32, 3, "fp32 matmul 1024^3 (CPU)"
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    torch.matmul(a, b)  # warm-up: library init and kernel choice
+    best = float("inf")
+    for _ in range(3):
+        t, _ = timed(lambda: [torch.matmul(a, b) for _ in range(reps)], device)
+        best = min(best, t / reps)
+    return {"label": label, "flops_per_s": 2.0 * n ** 3 / best}
+
+
+def median(xs):
+    return statistics.median(xs) if xs else None
+
+
+def _fmt(x, spec, none="n/a"):
+    return none if x is None else format(x, spec)
+
+
+def _mem(b):
+    return "n/a" if b is None else f"{b / 2**30:.2f} GiB"
+
+
+def format_table(report: dict) -> str:
+    """The human-readable report: one block per preset, then the peak and environment."""
+    lines = []
+    for res in report["results"]:
+        head = f"== {res['preset']}"
+        if res.get("status") == "skipped":
+            lines += [f"{head}: skipped: {res['reason']}", ""]
+            continue
+        w = res["workload"]
+        lines.append(f"{head} ({res['architecture']}, {res['layers']} layers, hidden {res['hidden_size']}) | "
+                     f"{w['name']}: {w['num_prompts']} prompts, {w['num_tokens']} tokens "
+                     f"(mean {w['mean_len']:.1f}, {w['min_len']}..{w['max_len']}) | {res['dtype']} on "
+                     f"{res['device']} | {res['repeats']} timed repeats, median")
+        cols = f"{'provider':<36}{'seq/s':>10}{'tok/s':>12}{'median s':>10}{'%peak':>8}" \
+               f"{'peak mem':>11}{'max|dprob|':>12}{'argmax':>8}"
+        lines += [cols, "-" * len(cols)]
+        for p in res["providers"]:
+            label = p["label"] + (f" [{p['num_prompts']} sampled]" if p.get("sampled") else "")
+            if p["status"] != "ok":
+                lines.append(f"{label:<36}  skipped: {p['reason']}")
+                continue
+            frac = None if p["frac_peak"] is None else 100 * p["frac_peak"]
+            agree = None if p["argmax_agree"] is None else 100 * p["argmax_agree"]
+            dp = "ref" if p["name"] == res["reference"] else _fmt(p["max_abs_dprob"], ".2e")
+            lines.append(f"{label:<36}{p['seq_per_s']:>10.1f}{p['tok_per_s']:>12.0f}{p['median_s']:>10.3f}"
+                         f"{_fmt(frac, '.2f'):>7}%{_mem(p['peak_mem_bytes']):>11}{dp:>12}"
+                         f"{'ref' if dp == 'ref' else _fmt(agree, '.1f') + '%':>8}")
+        ratios = res["ratios"]
+        if ratios:
+            bases = list(next(iter(ratios.values())))
+            lines.append("")
+            lines.append(f"{'pyengine speed-up (seq/s ratio)':<36}" + "".join(f"{b:>16}" for b in bases))
+            for name, row in ratios.items():
+                lines.append(f"{name:<36}" + "".join(f"{row[b]:>15.2f}x" for b in bases))
+        if res.get("baseline_to_beat"):
+            best = res["best_pyengine"]
+            lines.append(f"baseline to beat: {res['baseline_to_beat']} (better of the sorted ones); "
+                         f"{best}: {ratios[best][res['baseline_to_beat']]:.2f}x")
+        if res.get("reference"):
+            lines.append(f"max|dprob|, argmax agreement: against {res['reference_label']} ({res['reference']}), "
+                         "same prompts")
+        lines += [f"note: {p['note']}" for p in res["providers"] if p.get("note")]
+        lines.append("")
+    pk = report["peak"]
+    unit = "TFLOP/s" if pk["flops_per_s"] > 1e12 else "GFLOP/s"
+    scale = 1e12 if unit == "TFLOP/s" else 1e9
+    lines.append(f"%peak: model matmul FLOPs (2 x linear params x tokens + attention, real tokens only) per "
+                 f"second over the {pk['label']} measured in this run: {pk['flops_per_s'] / scale:.1f} {unit}")
+    env = report["env"]
+    lines.append(f"environment: {env['device_name']} | torch {env['torch']} | triton {env['triton']} | "
+                 f"transformers {env['transformers']} | pyengine {env['pyengine']} | "
+                 f"python {env['python']} | {env['date']}")
+    return "\n".join(lines)

@@ -1,0 +1,188 @@
+"""The model benchmark (`python -m pyengine.bench`) on CPU: workloads, FLOP counts,
+an end-to-end run on a one-layer tiny preset, a dataset run, and argument errors."""
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from pyengine.bench import __main__ as bench_main
+from pyengine.bench import model as bench_model
+from pyengine.bench import presets as P
+from pyengine.bench.workloads import mixed_lengths, parse_workload, read_dataset, synthetic
+from tiny import save_tiny
+
+
+def test_mixed_lengths_are_seeded_with_the_design_statistics():
+    a = mixed_lengths(2048, seed=0)
+    assert a == mixed_lengths(2048, seed=0)
+    assert a != mixed_lengths(2048, seed=1)
+    assert min(a) >= 8 and max(a) <= 512
+    assert 150 <= sum(a) / len(a) <= 168  # DESIGN: mean about 159
+    # the median of round(exp(N(ln 120, 0.8))) is 120
+    assert 110 <= sorted(a)[1024] <= 130
+    assert max(mixed_lengths(2048, seed=0, max_len=300)) == 300
+
+
+def test_synthetic_prompts_are_identical_and_avoid_special_ids():
+    w = synthetic("mixed", 64, 3, vocab_size=30522, ends=(101, 102))
+    assert w.prompts == synthetic("mixed", 64, 3, vocab_size=30522, ends=(101, 102)).prompts
+    assert w.lengths == mixed_lengths(64, 3)
+    for p in w.prompts:
+        assert p[0] == 101 and p[-1] == 102
+        assert all(1000 <= t < 30522 for t in p[1:-1])
+    w = synthetic("fixed:40", 5, 0, vocab_size=151936, special_ids=[151643, 151645])
+    assert w.lengths == [40] * 5
+    assert all(1000 <= t < 151643 for p in w.prompts for t in p)
+    s = w.summary()
+    assert (s["num_prompts"], s["num_tokens"], s["min_len"], s["max_len"]) == (5, 200, 40, 40)
+
+
+@pytest.mark.parametrize("spec,msg", [("fixed:x", "integer N"), ("fixed:1", "N >= 2"), ("zipf", "unknown workload")])
+def test_bad_workload_specs(spec, msg):
+    with pytest.raises(ValueError, match=msg):
+        parse_workload(spec)
+
+
+def test_workload_limits():
+    with pytest.raises(ValueError, match="exceed the model's maximum of 512"):
+        synthetic("fixed:600", 2, 0, vocab_size=30522)
+    with pytest.raises(ValueError, match="positive int"):
+        synthetic("mixed", 0, 0, vocab_size=30522)
+
+
+def test_flop_count_matches_a_hand_count():
+    cfg = P.preset_config("tiny", layers=1)
+    H, inter = 256, 1024
+    assert P.linear_params(cfg) == 4 * H * H + 2 * H * inter  # q, k, v, o, up, down; no head
+    lengths = [10, 20]
+    attn = 4 * (10 ** 2 + 20 ** 2) * 4 * 64  # QK^T + PV, 4 heads of 64
+    assert P.workload_flops(cfg, lengths) == 2 * (4 * H * H + 2 * H * inter) * 30 + attn
+    qcfg = P.preset_config("qwen3-0.6b", layers=2)
+    f = P.model_facts(qcfg)
+    assert (f["encoder"], f["ends"], f["head_dim"], f["heads"]) == (False, None, 128, 16)
+    assert P.workload_flops(qcfg, [8]) == 2 * P.linear_params(qcfg) * 8 + 4 * 64 * 16 * 128 * 2 / 2
+
+
+def _run(argv, capsys):
+    rc = bench_main.main(argv)
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_end_to_end_on_the_tiny_preset(tmp_path, capsys):
+    path = tmp_path / "r.json"
+    rc, out, err = _run(["--preset", "tiny", "--layers", "1", "--num-prompts", "12", "--repeats", "1",
+                         "--single-sample", "5", "--cache-dir", str(tmp_path / "cache"), "--json", str(path),
+                         "--no-progress"], capsys)
+    assert rc == 0, err
+    rep = json.loads(path.read_text())
+    assert set(rep) >= {"env", "peak", "args", "results"}
+    assert set(rep["env"]) >= {"device", "device_name", "torch", "triton", "transformers", "date"}
+    assert rep["peak"]["flops_per_s"] > 0 and "fp32" in rep["peak"]["label"]
+    (res,) = rep["results"]
+    assert res["status"] == "ok" and res["layers"] == 1 and res["dtype"] == "float32"
+    assert res["workload"]["num_prompts"] == 12
+    assert res["workload"]["num_tokens"] == sum(mixed_lengths(12, 0))
+    by = {p["name"]: p for p in res["providers"]}
+    assert set(by) == {"hf-b32", "hf-sorted-b64", "hf-sorted-b256", "hf-single", "pyengine-torch",
+                       "pyengine-triton", "pyengine-cuda"}
+    assert by["pyengine-triton"]["status"] == "skipped" and "interpreter" in by["pyengine-triton"]["reason"]
+    assert by["pyengine-cuda"]["status"] == "skipped"
+    assert res["reference"] == "hf-single" and by["hf-single"]["num_prompts"] == 5
+    for name in ("hf-b32", "hf-sorted-b64", "hf-sorted-b256", "hf-single", "pyengine-torch"):
+        p = by[name]
+        assert p["status"] == "ok"
+        for key in ("seq_per_s", "tok_per_s", "median_s", "frac_peak"):
+            assert p[key] > 0 and math.isfinite(p[key])
+        assert p["peak_mem_bytes"] is None  # CPU
+        assert math.isclose(p["seq_per_s"], p["num_prompts"] / p["median_s"])
+        if name != "hf-single":
+            assert p["max_abs_dprob"] < 1e-4 and p["argmax_agree"] == 1.0  # DESIGN's fp32 bar
+    t = by["pyengine-torch"]["median_s"]
+    assert math.isclose(by["pyengine-torch"]["frac_peak"], res["flops_per_pass"] / t / rep["peak"]["flops_per_s"])
+    ratios = res["ratios"]["pyengine-torch"]
+    assert set(ratios) == {"hf-b32", "hf-sorted-b64", "hf-sorted-b256", "hf-single"}
+    assert math.isclose(ratios["hf-b32"], by["pyengine-torch"]["seq_per_s"] / by["hf-b32"]["seq_per_s"])
+    assert res["baseline_to_beat"] in ("hf-sorted-b64", "hf-sorted-b256")
+    assert "pyengine speed-up" in out and "environment:" in out.splitlines()[-1]
+    assert "sampled" in out
+
+
+def test_dataset_workload_with_a_local_model(tmp_path, capsys):
+    from transformers import BertConfig
+
+    cfg = BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=64, num_labels=1,
+                     architectures=["BertForSequenceClassification"])
+    model_dir = tmp_path / "m"
+    _, tok = save_tiny(str(model_dir), cfg)
+    data = tmp_path / "d.jsonl"
+    rows = [{"text": "the cat sat on a mat"}, {"text": "what is red", "text_pair": "the dog is red"}]
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    w = read_dataset(str(data), tok, 64)
+    assert w.prompts == [tok("the cat sat on a mat")["input_ids"], tok("what is red", "the dog is red")["input_ids"]]
+    txt = tmp_path / "d.txt"
+    txt.write_text("the cat\n\nyes no very\n")
+    assert read_dataset(str(txt), tok, 64, num_prompts=1).prompts == [tok("the cat")["input_ids"]]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a"}\n{"txt": "b"}\n')
+    with pytest.raises(ValueError, match="line 2: expected an object with a string 'text'"):
+        read_dataset(str(bad), tok, 64)
+    path = tmp_path / "r.json"
+    rc, out, err = _run(["--model", str(model_dir), "--dataset", str(data), "--repeats", "1", "--providers",
+                         "hf-sorted-b64,pyengine", "--json", str(path), "--no-progress"], capsys)
+    assert rc == 0, err
+    (res,) = json.loads(path.read_text())["results"]
+    assert res["workload"]["name"] == "dataset:d.jsonl" and res["workload"]["num_prompts"] == 2
+    by = {p["name"]: p for p in res["providers"]}
+    assert res["reference"] == "hf-sorted-b64" and by["pyengine-torch"]["max_abs_dprob"] < 1e-4
+
+
+def test_an_unregistered_architecture_is_skipped(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(P, "architecture_missing", lambda cfg: "unknown architecture ['X']")
+    rc, out, err = _run(["--preset", "tiny", "--cache-dir", str(tmp_path), "--no-progress"], capsys)
+    assert rc == 1
+    assert "tiny: skipped: pyengine cannot run it yet: unknown architecture" in out
+    assert "every preset was skipped" in err
+    assert not os.listdir(tmp_path)  # nothing was built
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--num-prompts", "0"], "--num-prompts must be a positive integer"),
+    (["--repeats", "-1"], "--repeats must be a positive integer"),
+    (["--preset", "tiny,nope"], "unknown preset nope"),
+    (["--workload", "fixed:abc"], "fixed:N needs an integer N"),
+    (["--dataset", "x.txt"], "--dataset needs --model DIR"),
+    (["--model", "/nonexistent/dir"], "not a checkpoint directory"),
+    (["--providers", "hf-b32,vllm"], "unknown provider 'vllm'"),
+    (["--dtype", "int8"], "--dtype 'int8'"),
+    (["--device", "tpu"], "is not a device"), (["--device", "meta"], "only cpu and cuda"),
+    (["--json", "/nonexistent/dir/r.json"], "does not exist"),
+    (["--single-sample", "-3"], "--single-sample must be >= 0"),
+])
+def test_bad_arguments_are_clear_errors(argv, msg, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench_model.main(argv)
+    assert e.value.code == 2
+    assert msg in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_cuda_without_a_gpu_is_a_clear_error(capsys):
+    with pytest.raises(SystemExit):
+        bench_model.main(["--device", "cuda"])
+    assert "torch sees no CUDA device" in capsys.readouterr().err
+
+
+def test_subcommands_dispatch_lazily(capsys, monkeypatch):
+    assert bench_main.main(["nope"]) == 2
+    assert "unknown subcommand 'nope'" in capsys.readouterr().err
+    monkeypatch.setitem(bench_main.SUBCOMMANDS, "serve", "pyengine.bench._absent_module")
+    assert bench_main.main(["serve"]) == 2
+    assert "not available in this build" in capsys.readouterr().err
+    seen = []
+    monkeypatch.setattr(bench_model, "main", lambda argv: seen.append(argv) or 0)
+    assert bench_main.main(["--repeats", "2"]) == 0 and bench_main.main(["model", "-h"]) == 0
+    assert seen == [["--repeats", "2"], ["-h"]]
