@@ -150,8 +150,9 @@ class DecoderForSequenceClassification(nn.Module):
         self.embed = _p(V, H, **kw)
         self.pos_embed = _p(max_pos, H, **kw) if fam.learned_pos else None
         self.type_embed = _p(self.type_vocab, H, **kw) if self.type_vocab else None
+        # mGTE's embedding norm is a LayerNorm whatever layer_norm_type says.
         self.emb_ln_w = _p(H, **kw) if fam.layout == "gte" else None
-        self.emb_ln_b = _p(H, **kw) if fam.layout == "gte" and nb else None
+        self.emb_ln_b = _p(H, **kw) if fam.layout == "gte" else None
         qkv_rows = (nh + 2 * nkv) * hd
         self.layers = nn.ModuleList()
         for _ in range(L):
@@ -276,7 +277,7 @@ class DecoderForSequenceClassification(nn.Module):
         if self.type_embed is not None:
             x = x + F.embedding(batch.token_type_ids, self.type_embed)
         if self.emb_ln_w is not None:
-            x = self._norm(x, None, self.emb_ln_w, self.emb_ln_b)[0]
+            x = self.ops.add_layer_norm(x, None, self.emb_ln_w, self.emb_ln_b, self.eps)[0]
         return x
 
     def _rows(self, batch):
