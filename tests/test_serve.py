@@ -287,6 +287,16 @@ def test_bad_input_gets_a_clear_error(cls_env, path, body, raw, status, needle):
     assert client.post("/classify", {"input": "the cat"})[0] == 200  # and the server stays up
 
 
+def test_oversized_body_is_413(cls_env):
+    client, _, _, _ = cls_env
+    limit, client.server.max_request_bytes = client.server.max_request_bytes, 200
+    try:
+        status, r = client.post("/classify", {"input": ["the cat sat"] * 20})
+    finally:
+        client.server.max_request_bytes = limit
+    assert status == 413 and "limit" in r["error"]["message"], r
+
+
 @pytest.mark.parametrize("body,status,needle", [
     ({"text_1": ["a", "b"], "text_2": ["c", "d", "e"]}, 400, "1:N"),
     ({"text_1": "a"}, 400, "text_2"),
