@@ -251,12 +251,63 @@ def pooled_norm(hidden, cu_seqlens, pooling, norm_kind, weight, bias, eps, offse
     raise ValueError(f"unknown pooling {pooling!r}; expected 'cls', 'last' or 'mean'")
 
 
+def causal_conv1d(x, weight, bias, positions, activation=None):
+    """Depthwise causal convolution within each packed sequence (Mamba's conv).
+    x: (T, C); weight: (C, K) (tap K-1 multiplies the current token); bias: (C,) or
+    None; positions: (T,) int64 restarting at 0 per sequence, so no tap reaches back
+    past its sequence's first token; activation: None or "silu". Returns (T, C) in x's
+    dtype, computed in fp32."""
+    K = weight.shape[1]
+    xf, w = x.float(), weight.float()
+    out = xf * w[:, K - 1]
+    for j in range(1, min(K, x.shape[0])):  # tap K-1-j reads the token j steps back
+        back = F.pad(xf[:-j], (0, 0, j, 0))
+        out = out + back * w[:, K - 1 - j] * (positions >= j)[:, None]
+    if bias is not None:
+        out = out + bias.float()
+    if activation == "silu":
+        out = F.silu(out)
+    elif activation is not None:
+        raise ValueError(f"unknown conv activation {activation!r}; expected None or 'silu'")
+    return out.to(x.dtype)
+
+
+def selective_scan(x, dt, A, B, C, D, z, dt_bias, cu_seqlens, max_seqlen):
+    """Mamba's selective scan over packed sequences; the state is zero before each
+    sequence's first token. x, dt, z: (T, Ci); A: (Ci, N), negative; B, C: (T, N);
+    D, dt_bias: (Ci,); cu_seqlens: (B+1,) int32; max_seqlen: int.
+    With d = softplus(dt + dt_bias): h_t = exp(d_t A) h_{t-1} + d_t B_t x_t,
+    y_t = (C_t . h_t + D x_t) * silu(z_t), in fp32. Returns (T, Ci) in x's dtype."""
+    T, Ci = x.shape
+    cu = cu_seqlens.tolist()
+    starts, lens = torch.tensor(cu[:-1]), [b - a for a, b in zip(cu[:-1], cu[1:])]
+    # Longest first: the sequences still running at step s are a prefix of this order.
+    order = sorted(range(len(lens)), key=lambda i: -lens[i])
+    starts = starts[order].to(x.device)
+    sorted_lens = [lens[i] for i in order]
+    d = F.softplus(dt.float() + dt_bias.float())
+    xf, Af, Bf, Cf = x.float(), A.float(), B.float(), C.float()
+    h = torch.zeros(len(lens), Ci, A.shape[1], dtype=torch.float32, device=x.device)
+    y = torch.empty(T, Ci, dtype=torch.float32, device=x.device)
+    n = len(lens)
+    for step in range(int(max_seqlen)):
+        while n and sorted_lens[n - 1] <= step:
+            n -= 1
+        rows = starts[:n] + step
+        dr = d[rows]
+        h[:n] = torch.exp(dr[:, :, None] * Af) * h[:n] + (dr * xf[rows])[:, :, None] * Bf[rows][:, None, :]
+        y[rows] = (h[:n] @ Cf[rows][:, :, None])[:, :, 0]
+    y = (y + xf * D.float()) * F.silu(z.float())
+    return y.to(x.dtype)
+
+
 # ----------------------------------------------------------------------------------------
 # registry
 # ----------------------------------------------------------------------------------------
 
 OP_NAMES = ("varlen_attention", "pooled_query_attention", "gather_pooled", "activation", "add_layer_norm",
-            "add_rms_norm", "rotary", "gated_act", "embed_layer_norm", "pooled_norm")
+            "add_rms_norm", "rotary", "gated_act", "embed_layer_norm", "pooled_norm", "causal_conv1d",
+            "selective_scan")
 
 # Where the faster versions live: "module:function". A module that is missing or fails
 # to import (no triton, no built extension) simply makes that backend unavailable.

@@ -23,6 +23,7 @@ _CONVERT_ONLY = {f"{a}{s}" for a in ("Qwen2", "Qwen3", "Llama", "Mistral", "Gemm
 _CONVERT_ONLY |= {"GPT2LMHeadModel", "GPT2Model"}
 for _a in _CONVERT_ONLY:
     _REGISTRY[_a] = _DECODER
+_REGISTRY["JambaForSequenceClassification"] = "pyengine.models.jamba:JambaForSequenceClassification"
 
 
 def supported_architectures():
