@@ -424,7 +424,7 @@ def test_bench_serve_smoke(tmp_path):
 
     out = tmp_path / "report.json"
     rc = bench_serve.main(["--preset", "tiny", "--route", "rerank", "--inputs-per-request", "3", "--concurrency", "4",
-                           "--duration", "1", "--warmup", "0", "--max-words", "12", "--json", str(out)])
+                           "--duration", "3", "--warmup", "1", "--max-words", "12", "--json", str(out)])
     report = json.loads(out.read_text())
     assert rc == 0 and report["errors"] == 0 and report["requests"] > 0, report
     assert report["sequences_per_s"] == pytest.approx(3 * report["requests_per_s"])

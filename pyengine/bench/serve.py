@@ -149,15 +149,15 @@ def _batch_stats(port):
 
 
 def _client(port, args, seed, start, stop, records, errors):
+    """Closed loop: the next request goes out when the last is answered. A request is
+    counted when it completes inside [start, stop], so the window sees steady state
+    whatever the latency; answers after stop are dropped."""
     rng = random.Random(seed)
     conn = None
-    while True:
-        now = time.monotonic()
-        if now >= stop:
-            break
+    while time.monotonic() < stop:
         path, body = _body(rng, args)
         data = json.dumps(body).encode()
-        t0 = time.perf_counter()
+        t0 = time.monotonic()
         try:
             if conn is None:
                 conn = http.client.HTTPConnection("127.0.0.1", port, timeout=args.request_timeout)
@@ -170,12 +170,12 @@ def _client(port, args, seed, start, stop, records, errors):
             if conn is not None:
                 conn.close()
             conn = None
-        latency = time.perf_counter() - t0
-        if now < start:
-            continue  # warm-up
+        t1 = time.monotonic()
+        if not start <= t1 <= stop:
+            continue
         if ok:
             usage = json.loads(payload)["usage"]
-            records.append((latency, args.inputs_per_request, usage["prompt_tokens"]))
+            records.append((t1 - t0, args.inputs_per_request, usage["prompt_tokens"]))
         else:
             errors.append(payload[:200].decode(errors="replace"))
     if conn is not None:
@@ -202,8 +202,8 @@ def run(args) -> dict:
             for t in threads:
                 t.start()
             for t in threads:
-                t.join(args.warmup + args.duration + args.request_timeout + 5)
-            elapsed = time.monotonic() - start
+                t.join(max(0.0, stop - time.monotonic()) + args.request_timeout + 5)
+            elapsed = args.duration
             mean_batch = _batch_stats(port)
         finally:
             _stop(proc)
@@ -234,12 +234,14 @@ def main(argv=None) -> int:
     mb = report["mean_batch_sequences"]
     print(f"  requests {report['requests']}, errors {report['errors']}, mean batch "
           f"{'n/a' if mb is None else f'{mb:.1f}'} sequences (includes warm-up)")
+    if not report["requests"]:
+        print("  no request completed inside the window: raise --duration (or --warmup)")
     if report["first_error"]:
         print(f"  first error: {report['first_error']}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
-    return 1 if report["errors"] else 0
+    return 1 if report["errors"] or not report["requests"] else 0
 
 
 if __name__ == "__main__":
