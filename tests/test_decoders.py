@@ -149,7 +149,8 @@ def test_pooler_config_overrides_pooling(tmp_path):
 @pytest.mark.parametrize("rope,match", [
     ({"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 64}, "rope type 'yarn'"),
     ({"rope_type": "dynamic", "factor": 2.0}, "rope type 'dynamic'"),
-    ({"rope_type": "default", "partial_rotary_factor": 0.1}, "partial_rotary_factor=0.1"),
+    ({"rope_type": "default", "partial_rotary_factor": 0.1}, "partial_rotary_factor=0.1 gives a rotary width 1"),
+    ({"rope_type": "default", "partial_rotary_factor": 0.5}, "partial_rotary_factor=0.5 is not supported"),
 ])
 def test_unsupported_rope_is_an_error(tmp_path, rope, match):
     cfg = AutoConfig.for_model("llama", num_attention_heads=4, num_key_value_heads=1, head_dim=16, **_COMMON)
@@ -179,3 +180,24 @@ def test_bf16_on_gpu(tmp_path, name):
     ref = hf_logits(model, prompts).softmax(-1)
     assert (got - ref).abs().max() < 2e-2
     assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.99
+
+
+@pytest.mark.parametrize("partial", [1.0, 0.5])
+@pytest.mark.parametrize("rope_params", [
+    {"rope_type": "linear", "factor": 3.0},
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 64},
+])
+def test_rope_frequencies_match_transformers(rope_params, partial):
+    """Inverse frequencies (partial rotary included) equal transformers' own init functions."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from pyengine.models import rope
+
+    cfg = AutoConfig.for_model("llama", num_attention_heads=2, head_dim=32, **_COMMON,
+                               rope_parameters={"rope_theta": 5000.0, "partial_rotary_factor": partial, **rope_params})
+    params = rope.rope_parameters(cfg)
+    ours = rope.inv_freq(params, rope.rotary_dim(cfg, 32), cfg.max_position_embeddings)
+    theirs, scaling = ROPE_INIT_FUNCTIONS[rope_params["rope_type"]](cfg, "cpu")
+    assert ours.shape == (int(32 * partial) // 2,) and scaling == 1.0
+    torch.testing.assert_close(ours, theirs.float(), atol=0, rtol=1e-6)

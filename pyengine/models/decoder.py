@@ -48,6 +48,7 @@ class Family:
     head: str = "score"              # "score" (no bias) | "pooler" (dense + tanh, classifier)
     pooling: str = "last"
     sliding: str = "none"            # "none" | "global" (Mistral) | "layer_types" (Qwen2/3)
+    partial_rotary: bool = False     # honours partial_rotary_factor (none of these families does)
 
 
 FAMILIES = {
@@ -172,7 +173,7 @@ class DecoderForSequenceClassification(nn.Module):
         if not fam.post_norm:  # the final norm runs on the pooled rows in fp32
             self.norm_w, self.norm_b = _p(H, **f32), (_p(H, **f32) if nb else None)
         if not fam.learned_pos:
-            cs = rope.cos_sin_table(config, hd, max_pos, device)
+            cs = rope.cos_sin_table(config, hd, max_pos, device, partial=fam.partial_rotary)
             self.register_buffer("cos_sin", cs, persistent=False)
         self.token_head = getattr(config, "classifier_from_token", None) is not None
         if self.token_head:

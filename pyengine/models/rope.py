@@ -71,10 +71,15 @@ def rotary_dim(config, head_dim):
     return r
 
 
-def cos_sin_table(config, head_dim, max_pos, device):
-    """(max_pos, R) fp32 with cos in the first R/2 columns and sin in the last R/2."""
+def cos_sin_table(config, head_dim, max_pos, device, partial=True):
+    """(max_pos, R) fp32 with cos in the first R/2 columns and sin in the last R/2.
+    partial=False is for families whose transformers code rotates the whole head: a
+    partial_rotary_factor in their config is then an error, not a silent difference."""
     params = rope_parameters(config)
     r = rotary_dim(config, head_dim)
+    if r != head_dim and not partial:
+        raise ValueError(f"partial_rotary_factor={params['partial_rotary_factor']} is not supported for this "
+                         "architecture: its transformers implementation rotates the whole head")
     f = inv_freq(params, r, getattr(config, "max_position_embeddings", max_pos))
     ang = torch.arange(max_pos, dtype=torch.float32)[:, None] * f[None, :]
     return torch.cat((ang.cos(), ang.sin()), dim=-1).to(device)
