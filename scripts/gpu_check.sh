@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# GPU machine check, offline, about 8 minutes: build pyengine._C, run every GPU test
+# (whoever wrote them), the kernel microbenchmarks and the model benchmark, then print a
+# table of steps, status and timings. Each step has a time budget (env below); a step
+# that fails or runs out of time is reported in the table and makes the script exit 1:
+# nothing fails silently. Logs go to $GPU_CHECK_LOGS (default bench-results/gpu_check).
+#
+# usage: scripts/gpu_check.sh
+# env:   PYTHON (default python3; the machine's Python with torch), PYENGINE_CUDA_ARCHS
+#        (default 80;90), the budgets in seconds BUILD_S=180 TESTS_S=180 KERNELS_S=75
+#        BENCH_S=150, GPU_CHECK_ALLOW_CPU=1 (dry run of this script without a GPU).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+LOGS=${GPU_CHECK_LOGS:-bench-results/gpu_check}
+mkdir -p "$LOGS"
+export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1 PYENGINE_REQUIRE_CUDA_BUILD=1 TOKENIZERS_PARALLELISM=false
+T_START=$(date +%s.%N)
+
+NAMES=() STATUS=() SECS=()
+record() { NAMES+=("$1"); STATUS+=("$2"); SECS+=("$3"); }
+elapsed() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }'; }
+
+# step NAME BUDGET_S CMD...: runs CMD under a timeout, output to the screen and $LOGS/NAME.log
+step() {
+  local name=$1 budget=$2; shift 2
+  echo
+  echo "=============== $name (budget ${budget}s): $*"
+  local t0; t0=$(date +%s.%N)
+  timeout --signal=TERM --kill-after=10 "$budget" "$@" 2>&1 | tee "$LOGS/$name.log"
+  local rc=${PIPESTATUS[0]}
+  local s; s=$(elapsed "$t0")
+  if [ "$rc" = 0 ]; then record "$name" ok "$s"
+  elif [ "$rc" = 124 ] || [ "$rc" = 137 ]; then record "$name" "TIMEOUT(${budget}s)" "$s"
+  else record "$name" "FAILED(rc=$rc)" "$s"; fi
+  return "$rc"
+}
+skip() { echo; echo "=============== $1: skipped ($2)"; record "$1" "skipped: $2" 0; }
+
+echo "gpu_check: $(date -u +%FT%TZ) in $PWD"
+nvidia-smi -L 2>/dev/null || echo "gpu_check: nvidia-smi not found"
+"$PY" - <<'PYEOF' || [ "${GPU_CHECK_ALLOW_CPU:-0}" = 1 ] || { echo "gpu_check: no usable torch+CUDA in $PY"; exit 1; }
+import sys, torch
+print(f"python {sys.version.split()[0]}, torch {torch.__version__}, CUDA {torch.version.cuda}, "
+      f"GPU: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'NONE'}")
+sys.exit(0 if torch.cuda.is_available() else 1)
+PYEOF
+
+# 1. build (editable, offline, no dependency resolution)
+if step build "${BUILD_S:-180}" "$PY" -m pip install --no-deps --no-build-isolation -v -e .; then
+  step import-ext 30 "$PY" -c "import pyengine._C as C; print(C.__file__); print(C.build_info())"
+else
+  skip import-ext "the build failed"
+fi
+
+# 2. every GPU test in the tree
+PYTEST_TIMEOUT=()
+"$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST_TIMEOUT=(--timeout=120)
+step gpu-tests "${TESTS_S:-180}" "$PY" -m pytest -m gpu -q -rfE "${PYTEST_TIMEOUT[@]}" tests
+
+# 3. kernel microbenchmarks (pyengine/bench/kernels.py), where the tree has them
+if "$PY" -c "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('pyengine.bench.kernels') else 1)" 2>/dev/null; then
+  step bench-kernels "${KERNELS_S:-75}" "$PY" -c "from pyengine.bench.kernels import main; main(['--repeats', '10', '--json', '$LOGS/kernels.json'])"
+else
+  skip bench-kernels "pyengine.bench.kernels not in this tree"
+fi
+
+# 4. the model benchmark (python -m pyengine.bench), where the tree has it
+if [ -f pyengine/bench/__main__.py ]; then
+  step bench "${BENCH_S:-150}" "$PY" -m pyengine.bench
+else
+  skip bench "pyengine/bench/__main__.py not in this tree"
+fi
+
+# summary
+echo
+echo "=============== gpu_check summary ($(elapsed "$T_START") s in all; logs in $LOGS)"
+grep -E "passed|failed|error|skipped|no tests ran" "$LOGS/gpu-tests.log" 2>/dev/null | tail -1 | sed 's/^/gpu-tests: /'
+FAILED=0
+printf '%-15s %-30s %8s\n' step status seconds
+for i in "${!NAMES[@]}"; do
+  printf '%-15s %-30s %8s\n' "${NAMES[$i]}" "${STATUS[$i]}" "${SECS[$i]}"
+  case "${STATUS[$i]}" in ok|skipped*) ;; *) FAILED=1 ;; esac
+done
+if [ "$FAILED" = 1 ]; then echo "gpu_check: FAILED"; exit 1; fi
+echo "gpu_check: OK"
