@@ -165,7 +165,7 @@ setup(
     packages=["pyengine", "pyengine.models", "pyengine.bench", "pyengine.kernels"],
     package_dir={"pyengine": "pyengine", "pyengine.kernels": "kernels"},
     install_requires=[
-        "torch>=2.4",
+        "torch>=2.5",
         "transformers>=4.56",
         "tokenizers",
         "safetensors",
@@ -174,7 +174,11 @@ setup(
     ],
     extras_require={
         "triton": ["triton>=3.0"],
-        "test": ["pytest", "pytest-timeout"],
+        "serve": ["fastapi", "uvicorn"],
+        "ray": ["ray[data]", "pyarrow"],
+        "templates": ["jinja2"],
+        "test": ["pytest", "pytest-timeout", "pytest-benchmark", "fastapi", "uvicorn", "ray[data]", "pyarrow",
+                 "jinja2"],
     },
     ext_modules=_cuda_extensions(),
     cmdclass={"build_ext": CMakeBuild},
