@@ -162,7 +162,7 @@ setup(
     version="0.1.0",
     description="Ragged-batch inference engine for sequence-classification models",
     python_requires=">=3.10",
-    packages=["pyengine", "pyengine.models", "pyengine.bench", "pyengine.kernels"],
+    packages=["pyengine", "pyengine.models", "pyengine.bench", "pyengine.integrations", "pyengine.kernels"],
     package_dir={"pyengine": "pyengine", "pyengine.kernels": "kernels"},
     install_requires=[
         "torch>=2.5",
