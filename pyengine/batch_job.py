@@ -14,6 +14,7 @@ again with the same arguments, the job skips finished shards (see pyengine.batch
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -71,8 +72,14 @@ def _check_args(a):
         v = getattr(a, flag)
         if v is not None and v < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {v}")
-    file_format(a.input, "--input")
-    file_format(a.output, "--output")
+    formats = {file_format(a.input, "--input"), file_format(a.output, "--output")}
+    need = (["pyarrow"] if "parquet" in formats else []) + (["ray", "ray.data", "pyarrow"] if a.ray_address else [])
+    for module in dict.fromkeys(need):
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            why = "--ray-address needs Ray Data" if module.startswith("ray") else "Parquet needs pyarrow"
+            raise ValueError(f"{why}: pip install 'ray[data]' pyarrow ({e})") from None
     if os.path.abspath(a.input) == os.path.abspath(a.output):
         raise ValueError("--output must not be the --input file")
     for flag in ("hf_overrides", "pooler_config"):

@@ -109,8 +109,8 @@ def test_classifier_bad_arguments(clf_dir, kwargs, err, match):
 
 def test_ray_data_two_actors_match_llm(ray_cluster, clf_dir):
     ray = ray_cluster
-    prompts = texts(3000, seed=6)
-    ds = ray.data.from_items([{"id": i, "text": t} for i, t in enumerate(prompts)], override_num_blocks=12)
+    prompts = texts(2000, seed=6)
+    ds = ray.data.from_items([{"id": i, "text": t} for i, t in enumerate(prompts)], override_num_blocks=8)
     ds = ds.map_batches(PyEngineClassifier, fn_constructor_kwargs={"model": clf_dir},
                         compute=ray.data.ActorPoolStrategy(size=2), num_cpus=1, batch_size=256)
     rows = sorted(ds.take_all(), key=lambda r: r["id"])
@@ -131,13 +131,15 @@ def _free_port():
 def test_ray_serve_runs_the_http_app(ray_cluster, ce_dir):
     pytest.importorskip("pyengine.serve", exc_type=ImportError)
     serve = pytest.importorskip("ray.serve")
-    from pyengine.integrations.ray import serve_app
+    from pyengine.integrations.ray import build_app
 
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
-        serve.run(serve_app(ce_dir, num_replicas=1, num_gpus=0, num_cpus=0.5, served_model_name=["ce"]),
-                  name="pyengine", route_prefix="/")
+        # As `serve run pyengine.integrations.ray:build_app model=... num_gpus=0 ...` passes them.
+        app = build_app({"model": ce_dir, "num_replicas": "1", "num_gpus": "0", "num_cpus": "0.5",
+                         "served_model_name": '["ce"]'})
+        serve.run(app, name="pyengine", route_prefix="/")
         q, d = "the cat sat", texts(5, seed=7)
         body = json.dumps({"model": "ce", "text_1": q, "text_2": d}).encode()
         req = urllib.request.Request(f"http://127.0.0.1:{port}/score", body, {"Content-Type": "application/json"})

@@ -18,6 +18,7 @@ See docs/SCALE_OUT.md.
 from __future__ import annotations
 
 import inspect
+import json
 
 import numpy as np
 
@@ -158,7 +159,7 @@ class PyEngineClassifier:
 
 
 def serve_app(model, *, num_replicas=1, num_gpus=1, num_cpus=1, served_model_name=None,
-              max_inputs_per_request=1024, max_request_bytes=64 << 20, **engine_kwargs):
+              max_inputs_per_request=1024, max_request_bytes=64 << 20, deployment_options=None, **engine_kwargs):
     """A Ray Serve application of pyengine's HTTP server (pyengine.serve), ``num_replicas``
     replicas of ``num_gpus`` GPU each; Ray Serve's proxy spreads requests over them.
 
@@ -166,6 +167,8 @@ def serve_app(model, *, num_replicas=1, num_gpus=1, num_cpus=1, served_model_nam
         serve.run(serve_app("/models/reranker", num_replicas=8), route_prefix="/")
 
     Every replica loads the model from ``model``, a path that must exist on its node.
+    ``deployment_options`` go to ``serve.deployment`` (e.g. ``max_ongoing_requests``, or
+    ``autoscaling_config``, which then replaces ``num_replicas``).
     """
     from ray import serve
 
@@ -193,6 +196,30 @@ def serve_app(model, *, num_replicas=1, num_gpus=1, num_cpus=1, served_model_nam
             # Called by Ray Serve after __init__; the app's lifespan starts the engine thread.
             return self.server.build_app()
 
-    deployment = serve.deployment(serve.ingress()(PyEngineServer), name="pyengine", num_replicas=num_replicas,
-                                  ray_actor_options={"num_gpus": num_gpus, "num_cpus": num_cpus})
-    return deployment.bind()
+    options = {"name": "pyengine", "num_replicas": num_replicas,
+               "ray_actor_options": {"num_gpus": num_gpus, "num_cpus": num_cpus}}
+    if deployment_options is not None and not isinstance(deployment_options, dict):
+        raise TypeError(f"deployment_options must be a dict, got {type(deployment_options).__name__}")
+    if deployment_options and "autoscaling_config" in deployment_options:
+        del options["num_replicas"]  # Serve refuses both
+    options.update(deployment_options or {})
+    return serve.deployment(serve.ingress()(PyEngineServer), **options).bind()
+
+
+def build_app(args: dict):
+    """Builder for Ray Serve's CLI and config files:
+    ``serve run pyengine.integrations.ray:build_app model=/models/x num_replicas=8``.
+    Each value given as a string is read as JSON where it parses (``8``, ``0.5``,
+    ``true``, ``{...}``) and kept as the string otherwise (paths)."""
+    def value(v):
+        if not isinstance(v, str):
+            return v
+        try:
+            return json.loads(v)
+        except ValueError:
+            return v
+
+    args = {k: value(v) for k, v in args.items()}
+    if "model" not in args:
+        raise ValueError("build_app needs model=DIR")
+    return serve_app(**args)

@@ -1,0 +1,226 @@
+"""`python -m pyengine.batch`: JSONL and Parquet, in one process and on Ray, resumed
+after an interruption, against the offline LLM."""
+import json
+import os
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from transformers import BertConfig
+
+from pyengine import LLM
+from pyengine.batch_job import build_parser, main, run
+from tiny import WORDS, save_tiny
+
+ATOL = 1e-5  # a prompt's result may not depend on its batch (DESIGN, fp32)
+N = 300
+SHARD = 64  # 5 shards, the last one short
+
+
+def _bert(num_labels):
+    return BertConfig(vocab_size=160, max_position_embeddings=64, hidden_size=32, num_hidden_layers=2,
+                      num_attention_heads=2, intermediate_size=64, num_labels=num_labels,
+                      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    save_tiny(root / "clf", _bert(3), seed=1)
+    save_tiny(root / "ce", _bert(1), seed=2)
+    return str(root / "clf"), str(root / "ce")
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    rng = random.Random(0)
+    words = lambda: " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 12)))  # noqa: E731
+    # "meta" is a nested field some rows lack: it must come out as it went in.
+    return [{"id": i, "text": words(), "text_2": words(), **({"meta": {"k": i}} if i % 7 == 0 else {})}
+            for i in range(N)]
+
+
+@pytest.fixture(scope="module")
+def expected(models, corpus):
+    clf, ce = models
+    probs = np.array([o.outputs.probs for o in LLM(clf).classify([r["text"] for r in corpus], use_tqdm=False)])
+    scores = [o.outputs.score for o in LLM(ce).score([r["text"] for r in corpus], [r["text_2"] for r in corpus],
+                                                     use_tqdm=False)]
+    return probs, np.array(scores)
+
+
+def write_input(rows, path):
+    if str(path).endswith(".jsonl"):
+        with open(path, "w") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in rows))
+            f.write("\n")  # a blank line is not a row
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        # Row groups of 100 rows: shards cross row-group boundaries.
+        pq.write_table(pa.Table.from_pylist([{k: r[k] for k in ("id", "text", "text_2")} for r in rows]), path,
+                       row_group_size=100)
+    return str(path)
+
+
+def read_output(path):
+    if str(path).endswith(".jsonl"):
+        with open(path) as f:
+            return [json.loads(line) for line in f]
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path).to_pylist()
+
+
+def job(model, inp, out, *extra, hook=None):
+    args = build_parser().parse_args(["--model", model, "--input", inp, "--output", str(out),
+                                      "--shard-size", str(SHARD), "--no-progress", *extra])
+    return run(args, on_shard_done=hook)
+
+
+def check(rows, corpus, expected, pairs=False):
+    assert [r["id"] for r in rows] == list(range(N)), "rows lost, duplicated or out of order"
+    assert [r["text"] for r in rows] == [r["text"] for r in corpus]
+    probs, scores = expected
+    if pairs:
+        np.testing.assert_allclose([r["score"] for r in rows], scores, atol=ATOL, rtol=0)
+    else:
+        np.testing.assert_allclose(np.array([r["probs"] for r in rows]), probs, atol=ATOL, rtol=0)
+        assert [r["label"] for r in rows] == [f"LABEL_{i}" for i in probs.argmax(1)]
+
+
+class Stop(Exception):
+    pass
+
+
+def stop_after(n):
+    done = []
+
+    def hook(k):
+        done.append(k)
+        if len(done) == n:
+            raise Stop()
+    return hook, done
+
+
+@pytest.mark.parametrize("src,dst", [("jsonl", "jsonl"), ("parquet", "parquet"), ("jsonl", "parquet"),
+                                     ("parquet", "jsonl")])
+def test_local_formats(tmp_path, models, corpus, expected, src, dst):
+    if "parquet" in (src, dst):
+        pytest.importorskip("pyarrow")
+    inp = write_input(corpus, tmp_path / f"in.{src}")
+    assert job(models[0], inp, tmp_path / f"out.{dst}") == N
+    rows = read_output(tmp_path / f"out.{dst}")
+    check(rows, corpus, expected)
+    if src == dst == "jsonl":  # untouched fields survive, including absent ones
+        assert [r.get("meta") for r in rows] == [r.get("meta") for r in corpus]
+    assert not os.path.exists(f"{tmp_path}/out.{dst}.parts"), "the parts folder was left behind"
+
+
+def test_local_pairs_and_token_ids(tmp_path, models, corpus, expected):
+    inp = write_input(corpus, tmp_path / "in.jsonl")
+    job(models[1], inp, tmp_path / "pairs.jsonl", "--pair-column", "text_2")
+    check(read_output(tmp_path / "pairs.jsonl"), corpus, expected, pairs=True)
+
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    tok = LLM(models[0]).get_tokenizer()
+    ids = [tok(r["text"])["input_ids"] for r in corpus]
+    pq.write_table(pa.table({"id": list(range(N)), "text": [r["text"] for r in corpus], "ids": ids}),
+                   tmp_path / "ids.parquet")
+    job(models[0], str(tmp_path / "ids.parquet"), tmp_path / "ids_out.parquet", "--token-ids-column", "ids")
+    check(read_output(tmp_path / "ids_out.parquet"), corpus, expected)
+
+
+def test_local_interrupted_run_resumes(tmp_path, models, corpus, expected):
+    inp = write_input(corpus, tmp_path / "in.jsonl")
+    job(models[0], inp, tmp_path / "whole.jsonl")
+    out = tmp_path / "out.jsonl"
+    hook, done = stop_after(2)
+    with pytest.raises(Stop):
+        job(models[0], inp, out, hook=hook)
+    assert not out.exists()
+    # A kill during a shard's write leaves a .tmp file: it is not a finished shard.
+    (tmp_path / "out.jsonl.parts" / "part-00002.jsonl.tmp").write_text('{"half a line')
+    resumed = []
+    assert job(models[0], inp, out, hook=resumed.append) == N - 2 * SHARD
+    assert sorted(resumed) == [2, 3, 4], "finished shards were redone, or pending ones skipped"
+    assert out.read_bytes() == (tmp_path / "whole.jsonl").read_bytes()
+    check(read_output(out), corpus, expected)
+
+
+def test_refuses_to_mix_jobs_or_clobber(tmp_path, models, corpus):
+    inp = write_input(corpus, tmp_path / "in.jsonl")
+    out = tmp_path / "out.jsonl"
+    hook, _ = stop_after(1)
+    with pytest.raises(Stop):
+        job(models[0], inp, out, hook=hook)
+    with pytest.raises(ValueError, match="different job.*shard_size"):
+        job(models[0], inp, out, "--shard-size", "32")
+    job(models[0], inp, out)
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        job(models[0], inp, out)
+    assert job(models[0], inp, out, "--overwrite") == N
+
+
+@pytest.mark.parametrize("rows,extra,match", [
+    ([{"text": "a"}, {"txt": "b"}], [], "line 2 \\(row 1\\) has no field 'text'"),
+    ([{"text": "a"}, {"text": ""}], [], "row 1.*field 'text': expected a non-empty string"),
+    ([{"text": "a"}, {"text": 3}], [], "row 1.*non-empty string"),
+    ([{"text": "a", "label": "x"}], [], "already has field.*label.*--output-prefix"),
+    ([{"ids": [1, 2]}, {"ids": []}], ["--token-ids-column", "ids"], "row 1.*list of token ids"),
+    ([{"text": "a"}], ["--pair-column", "text"], "num_labels == 1"),
+    ([{"text": "a"}], ["--shard-size", "0"], "--shard-size must be positive"),
+])
+def test_bad_input_fails_before_any_work(tmp_path, models, rows, extra, match):
+    inp = write_input(rows, tmp_path / "in.jsonl")
+    with pytest.raises(ValueError, match=match):
+        job(models[0], inp, tmp_path / "out.jsonl", *extra)
+    assert not (tmp_path / "out.jsonl.parts").exists() and not (tmp_path / "out.jsonl").exists()
+
+
+def test_bad_parquet_input(tmp_path, models):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["a", None, "b"]}), tmp_path / "in.parquet")
+    with pytest.raises(ValueError, match="row 1, column 'text'"):
+        job(models[0], str(tmp_path / "in.parquet"), tmp_path / "out.parquet")
+    pq.write_table(pa.table({"text": [1, 2]}), tmp_path / "ints.parquet")
+    with pytest.raises(ValueError, match="column 'text' has type int64"):
+        job(models[0], str(tmp_path / "ints.parquet"), tmp_path / "out.parquet")
+
+
+def test_python_dash_m(tmp_path, models, corpus, expected):
+    inp = write_input(corpus, tmp_path / "in.jsonl")
+    cmd = [sys.executable, "-m", "pyengine.batch", "--model", models[0], "--input", inp, "--no-progress"]
+    p = subprocess.run(cmd + ["--output", str(tmp_path / "out.jsonl")], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert "RuntimeWarning" not in p.stderr and f"scored {N} rows" in p.stderr
+    check(read_output(tmp_path / "out.jsonl"), corpus, expected)
+
+
+def test_main_exit_code_and_message(tmp_path, models, capsys):
+    assert main(["--model", models[0], "--input", str(tmp_path / "missing.jsonl"), "--output",
+                 str(tmp_path / "x.csv")]) == 2
+    assert "unknown format '.csv'" in capsys.readouterr().err
+
+
+def test_ray_interrupted_and_resumed_both_ways(ray_cluster, tmp_path, models, corpus, expected):
+    # Each run's finished shards are the other mode's to skip: Ray resumes a local run and
+    # a local run resumes Ray's, over both formats in and out.
+    on_ray = ["--ray-address", "local", "--num-replicas", "2", "--batch-size", "50"]
+    for src, dst, first, then in (("jsonl", "parquet", on_ray, []), ("parquet", "jsonl", [], on_ray)):
+        inp = write_input(corpus, tmp_path / f"in.{src}")
+        out = tmp_path / f"out.{dst}"
+        hook, done = stop_after(2)
+        with pytest.raises(Stop):
+            job(models[0], inp, out, *first, hook=hook)
+        resumed = []
+        job(models[0], inp, out, *then, hook=resumed.append)
+        assert sorted(done + resumed) == [0, 1, 2, 3, 4], f"{src}->{dst}: a shard was redone or skipped"
+        check(read_output(out), corpus, expected)
