@@ -4,7 +4,10 @@ Each op is a ``torch.library.custom_op`` in the ``pyengine`` namespace with a fa
 (meta) implementation, so it works under ``torch.compile`` and FakeTensorMode. The
 public functions here are named and called exactly like the torch references in
 :mod:`pyengine.ops`; the registry there loads ``pyengine.cuda_ops:<op>`` when the
-extension imports and the device is CUDA.
+extension imports and the device is CUDA. In eager mode on plain tensors they call the
+op's implementation directly (the same code the custom op runs), which saves the
+dispatcher's per-call overhead; under torch.compile, on fake tensors or on tensor
+subclasses they go through ``torch.ops.pyengine.<op>``.
 
 Every op validates device, dtype, shape and strides before launch and raises a
 ``ValueError`` (``TypeError`` for a non-tensor) that names the op and the argument.
@@ -92,14 +95,14 @@ def _same_device(op, named, real):
     for name, t in named:
         if t is None:
             continue
-        if t.device.type != "cuda":
+        if not t.is_cuda:
             _fail(op, f"{name} must be a CUDA tensor, got device {t.device} "
                       "(the CUDA backend runs on GPU tensors only; use the torch or triton "
                       "backend on this device)")
         if first is None:
-            first = (name, t.device)
-        elif t.device != first[1]:
-            _fail(op, f"{name} is on {t.device} but {first[0]} is on {first[1]}")
+            first = (name, t)
+        elif t.get_device() != first[1].get_device():
+            _fail(op, f"{name} is on {t.device} but {first[0]} is on {first[1].device}")
 
 
 def _rows_2d(op, name, t):
@@ -115,7 +118,7 @@ def _rows_2d(op, name, t):
 
 def _weight(op, name, w, H, x_dtype):
     _tensor(op, name, w)
-    if tuple(w.shape) != (H,):
+    if w.shape != (H,):
         _fail(op, f"{name} must have shape ({H},), got {tuple(w.shape)}")
     _float_dtype(op, name, w)
     if not w.is_contiguous():
@@ -128,9 +131,10 @@ def _check_norm(op, x, residual, weight, bias, real):
     _tensor(op, "x", x)
     _float_dtype(op, "x", x)
     _last_contiguous(op, "x", x)
-    rows, H, _ = _rows_2d(op, "x", x)
+    rows, H, x_stride = _rows_2d(op, "x", x)
     if H == 0:
         _fail(op, "x has an empty last dim")
+    res_stride = 0
     if residual is not None:
         _tensor(op, "residual", residual)
         if residual.shape != x.shape:
@@ -138,51 +142,64 @@ def _check_norm(op, x, residual, weight, bias, real):
         if residual.dtype != x.dtype:
             _fail(op, f"residual.dtype must be x's {x.dtype}, got {residual.dtype}")
         _last_contiguous(op, "residual", residual)
-        _rows_2d(op, "residual", residual)
+        res_stride = _rows_2d(op, "residual", residual)[2]
     _weight(op, "weight", weight, H, x.dtype)
     if bias is not None:
         _weight(op, "bias", bias, H, x.dtype)
     _same_device(op, [("x", x), ("residual", residual), ("weight", weight), ("bias", bias)], real)
-    return rows, H
+    return rows, H, x_stride, res_stride
 
 
 def _ptr(t):
     return 0 if t is None else t.data_ptr()
 
 
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
 def _stream(t):
+    """torch's current stream on t's device, as a cudaStream_t integer."""
+    if _raw_stream is not None:
+        return _raw_stream(t.get_device())
     return torch.cuda.current_stream(t.device).cuda_stream
+
+
+def _eager(t):
+    """True for a plain tensor outside torch.compile: the public functions then call the
+    implementation directly, skipping the dispatcher's per-call overhead (tens of us).
+    Tracing, fake tensors and subclasses go through torch.ops.pyengine.* (and the fake
+    implementations)."""
+    return t.__class__ is Tensor and not torch.compiler.is_compiling()
 
 
 # ----------------------------------------------------------------------------------------
 # add_rms_norm / add_layer_norm
 # ----------------------------------------------------------------------------------------
 
-def _launch_norm(op, x, residual, weight, bias, eps, offset):
-    """Allocates (normed, summed-or-None) and launches; inputs already validated."""
-    rows, H, x_stride = _rows_2d(op, "x", x)
+def _norm(op, x, residual, weight, bias, eps, offset):
+    """Validates, allocates (normed, summed-or-None) and launches."""
+    rows, H, x_stride, res_stride = _check_norm(op, x, residual, weight, bias, real=True)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     summed = None
-    res_stride = 0
     if residual is not None:
         summed = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        res_stride = _rows_2d(op, "residual", residual)[2]
     if rows:
         C = extension()
         args = (_DTYPE_CODE[x.dtype], _DTYPE_CODE[weight.dtype], x.data_ptr(), x_stride,
                 _ptr(residual), res_stride, weight.data_ptr())
         tail = (out.data_ptr(), _ptr(summed), rows, H, float(eps))
         if op == "add_rms_norm":
-            C.add_rms_norm(*args, *tail, float(offset), x.device.index, _stream(x))
+            C.add_rms_norm(*args, *tail, float(offset), x.get_device(), _stream(x))
         else:
-            C.add_layer_norm(*args, _ptr(bias), *tail, x.device.index, _stream(x))
+            C.add_layer_norm(*args, _ptr(bias), *tail, x.get_device(), _stream(x))
     return out, summed
 
 
-@torch.library.custom_op("pyengine::rms_norm", mutates_args=())
-def _rms_norm_op(x: Tensor, weight: Tensor, eps: float, offset: float) -> Tensor:
-    _check_norm("add_rms_norm", x, None, weight, None, real=True)
-    return _launch_norm("add_rms_norm", x, None, weight, None, eps, offset)[0]
+def _rms_norm_impl(x: Tensor, weight: Tensor, eps: float, offset: float) -> Tensor:
+    return _norm("add_rms_norm", x, None, weight, None, eps, offset)[0]
+
+
+_rms_norm_op = torch.library.custom_op("pyengine::rms_norm", _rms_norm_impl, mutates_args=())
 
 
 @_rms_norm_op.register_fake
@@ -191,11 +208,12 @@ def _(x, weight, eps, offset):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("pyengine::add_rms_norm", mutates_args=())
-def _add_rms_norm_op(x: Tensor, residual: Tensor, weight: Tensor, eps: float,
+def _add_rms_norm_impl(x: Tensor, residual: Tensor, weight: Tensor, eps: float,
                      offset: float) -> tuple[Tensor, Tensor]:
-    _check_norm("add_rms_norm", x, residual, weight, None, real=True)
-    return _launch_norm("add_rms_norm", x, residual, weight, None, eps, offset)
+    return _norm("add_rms_norm", x, residual, weight, None, eps, offset)
+
+
+_add_rms_norm_op = torch.library.custom_op("pyengine::add_rms_norm", _add_rms_norm_impl, mutates_args=())
 
 
 @_add_rms_norm_op.register_fake
@@ -205,10 +223,11 @@ def _(x, residual, weight, eps, offset):
             torch.empty_like(x, memory_format=torch.contiguous_format))
 
 
-@torch.library.custom_op("pyengine::layer_norm", mutates_args=())
-def _layer_norm_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], eps: float) -> Tensor:
-    _check_norm("add_layer_norm", x, None, weight, bias, real=True)
-    return _launch_norm("add_layer_norm", x, None, weight, bias, eps, 0.0)[0]
+def _layer_norm_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], eps: float) -> Tensor:
+    return _norm("add_layer_norm", x, None, weight, bias, eps, 0.0)[0]
+
+
+_layer_norm_op = torch.library.custom_op("pyengine::layer_norm", _layer_norm_impl, mutates_args=())
 
 
 @_layer_norm_op.register_fake
@@ -217,11 +236,12 @@ def _(x, weight, bias, eps):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("pyengine::add_layer_norm", mutates_args=())
-def _add_layer_norm_op(x: Tensor, residual: Tensor, weight: Tensor, bias: Optional[Tensor],
+def _add_layer_norm_impl(x: Tensor, residual: Tensor, weight: Tensor, bias: Optional[Tensor],
                        eps: float) -> tuple[Tensor, Tensor]:
-    _check_norm("add_layer_norm", x, residual, weight, bias, real=True)
-    return _launch_norm("add_layer_norm", x, residual, weight, bias, eps, 0.0)
+    return _norm("add_layer_norm", x, residual, weight, bias, eps, 0.0)
+
+
+_add_layer_norm_op = torch.library.custom_op("pyengine::add_layer_norm", _add_layer_norm_impl, mutates_args=())
 
 
 @_add_layer_norm_op.register_fake
@@ -245,10 +265,14 @@ def add_rms_norm(x, residual, weight, eps, offset=0.0):
     x: (rows, H) with any row stride, or contiguous (..., H); float32/float16/bfloat16.
     residual: like x, or None; weight: (H,) in x's dtype or float32.
     Returns (normed, summed) in x's dtype; summed is x itself when residual is None."""
-    xs, rs = _as_rows(x), _as_rows(residual)
+    xs, rs, eps, offset = _as_rows(x), _as_rows(residual), float(eps), float(offset)
     if residual is None:
-        return torch.ops.pyengine.rms_norm(xs, weight, float(eps), float(offset)), x
-    return torch.ops.pyengine.add_rms_norm(xs, rs, weight, float(eps), float(offset))
+        if _eager(x):
+            return _rms_norm_impl(xs, weight, eps, offset), x
+        return torch.ops.pyengine.rms_norm(xs, weight, eps, offset), x
+    if _eager(x):
+        return _add_rms_norm_impl(xs, rs, weight, eps, offset)
+    return torch.ops.pyengine.add_rms_norm(xs, rs, weight, eps, offset)
 
 
 def add_layer_norm(x, residual, weight, bias, eps):
@@ -256,10 +280,14 @@ def add_layer_norm(x, residual, weight, bias, eps):
 
     Shapes and dtypes as add_rms_norm; bias: (H,) or None.
     Returns (normed, summed) in x's dtype; summed is x itself when residual is None."""
-    xs, rs = _as_rows(x), _as_rows(residual)
+    xs, rs, eps = _as_rows(x), _as_rows(residual), float(eps)
     if residual is None:
-        return torch.ops.pyengine.layer_norm(xs, weight, bias, float(eps)), x
-    return torch.ops.pyengine.add_layer_norm(xs, rs, weight, bias, float(eps))
+        if _eager(x):
+            return _layer_norm_impl(xs, weight, bias, eps), x
+        return torch.ops.pyengine.layer_norm(xs, weight, bias, eps), x
+    if _eager(x):
+        return _add_layer_norm_impl(xs, rs, weight, bias, eps)
+    return torch.ops.pyengine.add_layer_norm(xs, rs, weight, bias, eps)
 
 
 # ----------------------------------------------------------------------------------------
@@ -295,8 +323,7 @@ def _check_rotary(q, k, positions, cos_sin, real):
     _same_device(op, [("q", q), ("k", k), ("positions", positions), ("cos_sin", cos_sin)], real)
 
 
-@torch.library.custom_op("pyengine::rotary", mutates_args=("q", "k"))
-def _rotary_op(q: Tensor, k: Tensor, positions: Tensor, cos_sin: Tensor, neox: bool) -> None:
+def _rotary_impl(q: Tensor, k: Tensor, positions: Tensor, cos_sin: Tensor, neox: bool) -> None:
     _check_rotary(q, k, positions, cos_sin, real=True)
     T, Hq, _ = q.shape
     Hk = k.shape[1]
@@ -304,8 +331,11 @@ def _rotary_op(q: Tensor, k: Tensor, positions: Tensor, cos_sin: Tensor, neox: b
         return
     extension().rotary(_DTYPE_CODE[q.dtype], q.data_ptr(), q.stride(0), q.stride(1), Hq,
                        k.data_ptr(), k.stride(0), k.stride(1), Hk, positions.data_ptr(),
-                       cos_sin.data_ptr(), T, cos_sin.shape[1], bool(neox), q.device.index,
+                       cos_sin.data_ptr(), T, cos_sin.shape[1], bool(neox), q.get_device(),
                        _stream(q))
+
+
+_rotary_op = torch.library.custom_op("pyengine::rotary", _rotary_impl, mutates_args=("q", "k"))
 
 
 @_rotary_op.register_fake
@@ -320,7 +350,10 @@ def rotary(q, k, positions, cos_sin, neox=True):
     fused qkv buffer work); positions: (T,) int64; cos_sin: (max_pos, R) float32
     contiguous, cos then sin, R even and <= D (partial rotary rotates the first R).
     neox=True rotates halves, False interleaved pairs. Returns (q, k)."""
-    torch.ops.pyengine.rotary(q, k, positions, cos_sin, bool(neox))
+    if _eager(q):
+        _rotary_impl(q, k, positions, cos_sin, bool(neox))
+    else:
+        torch.ops.pyengine.rotary(q, k, positions, cos_sin, bool(neox))
     return q, k
 
 
@@ -361,8 +394,7 @@ def _row_stride(t):
     return t.stride(0) if t.shape[0] > 1 else t.shape[1]
 
 
-@torch.library.custom_op("pyengine::gather_pooled", mutates_args=())
-def _gather_pooled_op(hidden: Tensor, cu_seqlens: Tensor, pooling: str) -> Tensor:
+def _gather_pooled_impl(hidden: Tensor, cu_seqlens: Tensor, pooling: str) -> Tensor:
     _check_gather(hidden, cu_seqlens, pooling, real=True)
     B = cu_seqlens.numel() - 1
     H = hidden.shape[1]
@@ -370,9 +402,12 @@ def _gather_pooled_op(hidden: Tensor, cu_seqlens: Tensor, pooling: str) -> Tenso
     if B:
         extension().gather_pooled(_DTYPE_CODE[hidden.dtype], hidden.data_ptr(),
                                   _row_stride(hidden), H, cu_seqlens.data_ptr(), B,
-                                  _POOLING[pooling], out.data_ptr(), hidden.device.index,
+                                  _POOLING[pooling], out.data_ptr(), hidden.get_device(),
                                   _stream(hidden))
     return out
+
+
+_gather_pooled_op = torch.library.custom_op("pyengine::gather_pooled", _gather_pooled_impl, mutates_args=())
 
 
 @_gather_pooled_op.register_fake
@@ -385,6 +420,8 @@ def gather_pooled(hidden, cu_seqlens, pooling):
     """One row per sequence (pyengine.ops.gather_pooled). hidden: (T, H), last dim
     contiguous; cu_seqlens: (B+1,) int32; pooling: "cls" | "last" | "mean" (fp32 sum).
     Returns (B, H) in hidden's dtype."""
+    if _eager(hidden):
+        return _gather_pooled_impl(hidden, cu_seqlens, pooling)
     return torch.ops.pyengine.gather_pooled(hidden, cu_seqlens, pooling)
 
 
@@ -418,8 +455,7 @@ def _check_pooled_norm(hidden, cu_seqlens, pooling, norm_kind, weight, bias, res
     _same_device(op, named, real)
 
 
-@torch.library.custom_op("pyengine::pooled_norm", mutates_args=())
-def _pooled_norm_op(hidden: Tensor, cu_seqlens: Tensor, pooling: str, norm_kind: Optional[str],
+def _pooled_norm_impl(hidden: Tensor, cu_seqlens: Tensor, pooling: str, norm_kind: Optional[str],
                     weight: Optional[Tensor], bias: Optional[Tensor], eps: float, offset: float,
                     residual: Optional[Tensor]) -> Tensor:
     _check_pooled_norm(hidden, cu_seqlens, pooling, norm_kind, weight, bias, residual, real=True)
@@ -436,8 +472,11 @@ def _pooled_norm_op(hidden: Tensor, cu_seqlens: Tensor, pooling: str, norm_kind:
             hidden.data_ptr(), _row_stride(hidden), _ptr(residual),
             0 if residual is None else _row_stride(residual), cu_seqlens.data_ptr(), B,
             _POOLING[pooling], _NORM[norm_kind], _ptr(weight), _ptr(bias), float(eps),
-            float(offset), out.data_ptr(), H, hidden.device.index, _stream(hidden))
+            float(offset), out.data_ptr(), H, hidden.get_device(), _stream(hidden))
     return out
+
+
+_pooled_norm_op = torch.library.custom_op("pyengine::pooled_norm", _pooled_norm_impl, mutates_args=())
 
 
 @_pooled_norm_op.register_fake
@@ -455,8 +494,11 @@ def pooled_norm(hidden, cu_seqlens, pooling, norm_kind, weight, bias, eps, offse
     dtype or float32 (bias "layer" only, may be None); offset added to the weight for
     "rms"; residual: like hidden or None, added first in hidden's dtype. "mean" averages
     the normed rows. Returns (B, H) float32."""
-    return torch.ops.pyengine.pooled_norm(hidden, cu_seqlens, pooling, norm_kind, weight, bias,
-                                          float(eps), float(offset), residual)
+    args = (hidden, cu_seqlens, pooling, norm_kind, weight, bias, float(eps), float(offset),
+            residual)
+    if _eager(hidden):
+        return _pooled_norm_impl(*args)
+    return torch.ops.pyengine.pooled_norm(*args)
 
 
 # ----------------------------------------------------------------------------------------
@@ -481,8 +523,7 @@ def _check_activation(logits, kind, bias_vec, scale_vec, real):
                  real)
 
 
-@torch.library.custom_op("pyengine::activation", mutates_args=())
-def _activation_op(logits: Tensor, kind: str, bias: float, scale: float,
+def _activation_impl(logits: Tensor, kind: str, bias: float, scale: float,
                    bias_vec: Optional[Tensor], scale_vec: Optional[Tensor]) -> Tensor:
     _check_activation(logits, kind, bias_vec, scale_vec, real=True)
     B, L = logits.shape
@@ -491,8 +532,11 @@ def _activation_op(logits: Tensor, kind: str, bias: float, scale: float,
         extension().activation(_DTYPE_CODE[logits.dtype], logits.data_ptr(), _row_stride(logits),
                                B, L, _ACTIVATION[kind], float(bias), float(scale),
                                _ptr(bias_vec), _ptr(scale_vec), out.data_ptr(),
-                               logits.device.index, _stream(logits))
+                               logits.get_device(), _stream(logits))
     return out
+
+
+_activation_op = torch.library.custom_op("pyengine::activation", _activation_impl, mutates_args=())
 
 
 @_activation_op.register_fake
@@ -532,4 +576,6 @@ def activation(logits, kind, logit_bias=None, logit_scale=None):
         scale, scale_vec = _operand("logit_scale", logit_scale, 1.0, L, device)
     else:  # let the op's checks name the problem
         bias, bias_vec, scale, scale_vec = 0.0, None, 1.0, None
+    if _eager(logits):
+        return _activation_impl(logits, kind, bias, scale, bias_vec, scale_vec)
     return torch.ops.pyengine.activation(logits, kind, bias, scale, bias_vec, scale_vec)

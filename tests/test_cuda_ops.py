@@ -123,6 +123,16 @@ def test_cpu_tensors_are_rejected_with_the_op_and_device(op):
         _cpu_calls()[op]()
 
 
+def test_dispatcher_path_validates_too():
+    """torch.ops.pyengine.* (what torch.compile calls) runs the same checks."""
+    x, w = torch.randn(4, 8), torch.ones(8)
+    with pytest.raises(ValueError, match=r"pyengine\.cuda_ops\.add_rms_norm: x must be a CUDA tensor"):
+        torch.ops.pyengine.rms_norm(x, w, 1e-6, 0.0)
+    with pytest.raises(ValueError, match=r"pyengine\.cuda_ops\.rotary: q must be a CUDA tensor"):
+        torch.ops.pyengine.rotary(torch.randn(4, 2, 8), torch.randn(4, 1, 8), torch.arange(4),
+                                  torch.randn(16, 8), True)
+
+
 def _meta(*shape, dtype=torch.float16):
     return torch.empty(*shape, dtype=dtype, device="meta")
 
