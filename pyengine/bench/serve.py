@@ -46,12 +46,16 @@ def build_parser():
     p.add_argument("--request-timeout", type=float, default=60.0)
     p.add_argument("--start-timeout", type=float, default=180.0)
     p.add_argument("--json", default=None, help="also write the report here")
+    p.add_argument("--server-threads", type=int, default=None,
+                   help="OMP_NUM_THREADS for the server (torch's intra-op threads); default: torch's own")
     p.add_argument("--server-arg", action="append", default=[],
                    help="extra argument for pyengine.serve (repeat), e.g. --server-arg=--max-num-seqs=64")
     return p
 
 
 def _check(args, parser):
+    if args.server_threads is not None and args.server_threads < 1:
+        parser.error("--server-threads must be at least 1")
     for name in ("concurrency", "inputs_per_request", "min_words"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -109,10 +113,13 @@ def _get(port, path, timeout=5.0):
         conn.close()
 
 
-def _start_server(model, port, extra, timeout):
+def _start_server(model, port, extra, timeout, threads=None):
     cmd = [sys.executable, "-m", "pyengine.serve", "--model", model, "--host", "127.0.0.1", "--port", str(port),
            "--served-model-name", "bench", "--log-level", "warning", *extra]
-    proc = subprocess.Popen(cmd, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    proc = subprocess.Popen(cmd, env=env)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -191,7 +198,7 @@ def run(args) -> dict:
     with tempfile.TemporaryDirectory(prefix="pyengine-bench-serve-") as tmp:
         model = args.model or build_checkpoint(args.preset, tmp)
         port = _free_port()
-        proc = _start_server(model, port, args.server_arg, args.start_timeout)
+        proc = _start_server(model, port, args.server_arg, args.start_timeout, args.server_threads)
         try:
             records, errors = [], []
             start = time.monotonic() + args.warmup
@@ -211,6 +218,7 @@ def run(args) -> dict:
     return {
         "model": args.model or f"random {args.preset} (BERT, num_labels=1)", "route": args.route,
         "concurrency": args.concurrency, "inputs_per_request": args.inputs_per_request,
+        "server_threads": args.server_threads,
         "duration_s": round(elapsed, 2), "requests": len(records), "errors": len(errors),
         "first_error": errors[0] if errors else None,
         "requests_per_s": len(records) / elapsed, "sequences_per_s": sum(r[1] for r in records) / elapsed,
