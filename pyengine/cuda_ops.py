@@ -199,7 +199,8 @@ def _rms_norm_impl(x: Tensor, weight: Tensor, eps: float, offset: float) -> Tens
     return _norm("add_rms_norm", x, None, weight, None, eps, offset)[0]
 
 
-_rms_norm_op = torch.library.custom_op("pyengine::rms_norm", _rms_norm_impl, mutates_args=())
+_rms_norm_op = torch.library.custom_op(
+    "pyengine::rms_norm", _rms_norm_impl, mutates_args=())
 
 
 @_rms_norm_op.register_fake
@@ -213,7 +214,8 @@ def _add_rms_norm_impl(x: Tensor, residual: Tensor, weight: Tensor, eps: float,
     return _norm("add_rms_norm", x, residual, weight, None, eps, offset)
 
 
-_add_rms_norm_op = torch.library.custom_op("pyengine::add_rms_norm", _add_rms_norm_impl, mutates_args=())
+_add_rms_norm_op = torch.library.custom_op(
+    "pyengine::add_rms_norm", _add_rms_norm_impl, mutates_args=())
 
 
 @_add_rms_norm_op.register_fake
@@ -227,7 +229,8 @@ def _layer_norm_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], eps: flo
     return _norm("add_layer_norm", x, None, weight, bias, eps, 0.0)[0]
 
 
-_layer_norm_op = torch.library.custom_op("pyengine::layer_norm", _layer_norm_impl, mutates_args=())
+_layer_norm_op = torch.library.custom_op(
+    "pyengine::layer_norm", _layer_norm_impl, mutates_args=())
 
 
 @_layer_norm_op.register_fake
@@ -241,7 +244,8 @@ def _add_layer_norm_impl(x: Tensor, residual: Tensor, weight: Tensor, bias: Opti
     return _norm("add_layer_norm", x, residual, weight, bias, eps, 0.0)
 
 
-_add_layer_norm_op = torch.library.custom_op("pyengine::add_layer_norm", _add_layer_norm_impl, mutates_args=())
+_add_layer_norm_op = torch.library.custom_op(
+    "pyengine::add_layer_norm", _add_layer_norm_impl, mutates_args=())
 
 
 @_add_layer_norm_op.register_fake
@@ -335,7 +339,8 @@ def _rotary_impl(q: Tensor, k: Tensor, positions: Tensor, cos_sin: Tensor, neox:
                        _stream(q))
 
 
-_rotary_op = torch.library.custom_op("pyengine::rotary", _rotary_impl, mutates_args=("q", "k"))
+_rotary_op = torch.library.custom_op(
+    "pyengine::rotary", _rotary_impl, mutates_args=("q", "k"))
 
 
 @_rotary_op.register_fake
@@ -407,7 +412,8 @@ def _gather_pooled_impl(hidden: Tensor, cu_seqlens: Tensor, pooling: str) -> Ten
     return out
 
 
-_gather_pooled_op = torch.library.custom_op("pyengine::gather_pooled", _gather_pooled_impl, mutates_args=())
+_gather_pooled_op = torch.library.custom_op(
+    "pyengine::gather_pooled", _gather_pooled_impl, mutates_args=())
 
 
 @_gather_pooled_op.register_fake
@@ -476,7 +482,8 @@ def _pooled_norm_impl(hidden: Tensor, cu_seqlens: Tensor, pooling: str, norm_kin
     return out
 
 
-_pooled_norm_op = torch.library.custom_op("pyengine::pooled_norm", _pooled_norm_impl, mutates_args=())
+_pooled_norm_op = torch.library.custom_op(
+    "pyengine::pooled_norm", _pooled_norm_impl, mutates_args=())
 
 
 @_pooled_norm_op.register_fake
@@ -536,7 +543,8 @@ def _activation_impl(logits: Tensor, kind: str, bias: float, scale: float,
     return out
 
 
-_activation_op = torch.library.custom_op("pyengine::activation", _activation_impl, mutates_args=())
+_activation_op = torch.library.custom_op(
+    "pyengine::activation", _activation_impl, mutates_args=())
 
 
 @_activation_op.register_fake
