@@ -235,9 +235,7 @@ class ShardStore:
         parent = os.path.dirname(self.output)
         if not os.path.isdir(parent):
             raise FileNotFoundError(f"output folder {parent!r} does not exist")
-        if overwrite:
-            shutil.rmtree(self.dir, ignore_errors=True)
-        elif os.path.exists(self.output) and not os.path.isdir(self.dir):
+        if not overwrite and os.path.exists(self.output) and not os.path.isdir(self.dir):
             raise FileExistsError(f"output {self.output!r} exists (a finished job); pass --overwrite to redo it")
         os.makedirs(self.dir, exist_ok=True)
         self._lock = open(os.path.join(self.dir, ".lock"), "w")
@@ -246,6 +244,10 @@ class ShardStore:
         except BlockingIOError:
             self._lock.close()
             raise RuntimeError(f"another batch job is writing {self.output!r} (it holds {self.dir}/.lock)") from None
+        if overwrite:  # only once the lock is ours: a running job's shards are not swept away
+            for name in os.listdir(self.dir):
+                if name != ".lock":
+                    os.remove(os.path.join(self.dir, name))
         manifest = os.path.join(self.dir, "manifest.json")
         job = {**identity, "num_shards": num_shards, "output_format": self.fmt}
         if os.path.exists(manifest):

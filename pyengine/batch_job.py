@@ -117,6 +117,37 @@ class _ShardClassifier(PyEngineClassifier):
         return {"__shard": batch["__shard"], "__i": batch["__i"], **self.predict(batch)}
 
 
+class ShardCollector:
+    """Regroups output rows that arrive in any order, any number of times (Ray retries
+    tasks), into whole shards, each handed out once. Holds only the outputs."""
+
+    def __init__(self, plan):
+        self.plan = plan
+        self.partial = {}  # shard -> (filled flags, {output column: values})
+        self.finished = set()
+
+    def add(self, shards, rows, outputs: dict):
+        """Rows (shard k, row i of it) with their ``outputs`` columns. Returns (the number
+        of rows not seen before, [(k, {column: values}) for each shard now complete])."""
+        new, touched = 0, set()
+        for j, (k, i) in enumerate(zip(shards, rows)):
+            if k in self.finished:
+                continue
+            if k not in self.partial:
+                start, stop = self.plan.shard_rows(k)
+                self.partial[k] = ([False] * (stop - start), {c: [None] * (stop - start) for c in outputs})
+            filled, vals = self.partial[k]
+            if not filled[i]:
+                filled[i] = True
+                new += 1
+                for c in outputs:
+                    vals[c][i] = outputs[c][j]
+            touched.add(k)
+        done = [k for k in sorted(touched) if all(self.partial[k][0])]
+        self.finished.update(done)
+        return new, [(k, self.partial.pop(k)[1]) for k in done]
+
+
 class _PromptReader:
     """On Ray: shard numbers -> that shard's prompt columns, tagged with (shard, row)."""
 
@@ -183,33 +214,18 @@ def _run_ray(a, plan, store, pending, kw, bar, on_shard_done):
         ds = ds.map_batches(_ShardClassifier, fn_constructor_kwargs=kw, batch_size=a.batch_size,
                             compute=ray.data.ActorPoolStrategy(size=replicas), num_gpus=gpus,
                             num_cpus=a.num_cpus_per_replica)
-        reader = ShardReader(plan)
-        partial = {}  # shard -> (filled flags, {output column: values}); results are small
+        reader, collector = ShardReader(plan), ShardCollector(plan)
         for tbl in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            shards, rows = tbl.column("__shard").to_pylist(), tbl.column("__i").to_pylist()
             outs = {c: tbl.column(c).to_pylist() for c in tbl.column_names if not c.startswith("__")}
-            touched = set()
-            for j, (k, i) in enumerate(zip(shards, rows)):
-                if k not in partial:
-                    n = plan.shard_rows(k)[1] - plan.shard_rows(k)[0]
-                    partial[k] = ([False] * n, {c: [None] * n for c in outs}, [0])
-                filled, vals, count = partial[k]
-                if not filled[i]:  # a retried task may deliver a row twice
-                    filled[i] = True
-                    count[0] += 1
-                    bar.update(1)
-                for c in outs:
-                    vals[c][i] = outs[c][j]
-                touched.add(k)
-            for k in sorted(touched):
-                filled, vals, count = partial[k]
-                if count[0] == len(filled):
-                    store.write(k, reader.rows(k), vals)
-                    del partial[k]
-                    if on_shard_done is not None:
-                        on_shard_done(k)
-        if partial:
-            raise RuntimeError(f"Ray returned only part of shard(s) {sorted(partial)[:10]}")
+            new, finished = collector.add(tbl.column("__shard").to_pylist(), tbl.column("__i").to_pylist(), outs)
+            bar.update(new)
+            for k, vals in finished:
+                store.write(k, reader.rows(k), vals)
+                if on_shard_done is not None:
+                    on_shard_done(k)
+        missing = sorted(set(pending) - collector.finished)
+        if missing:
+            raise RuntimeError(f"Ray Data finished without all the rows of shard(s) {missing[:10]}")
     finally:
         if started:
             ray.shutdown()

@@ -11,7 +11,8 @@ import pytest
 from transformers import BertConfig
 
 from pyengine import LLM
-from pyengine.batch_job import build_parser, main, run
+from pyengine.batch_io import InputPlan
+from pyengine.batch_job import ShardCollector, build_parser, main, run
 from tiny import WORDS, save_tiny
 
 ATOL = 1e-5  # a prompt's result may not depend on its batch (DESIGN, fp32)
@@ -181,6 +182,20 @@ def test_bad_input_fails_before_any_work(tmp_path, models, rows, extra, match):
     with pytest.raises(ValueError, match=match):
         job(models[0], inp, tmp_path / "out.jsonl", *extra)
     assert not (tmp_path / "out.jsonl.parts").exists() and not (tmp_path / "out.jsonl").exists()
+
+
+def test_collector_hands_each_shard_out_once():
+    # Rows as Ray may deliver them: shards interleaved, out of order, some rows twice,
+    # one even after its shard was complete.
+    c = ShardCollector(InputPlan("x.jsonl", "jsonl", num_rows=5, shard_size=2))
+    got = []
+    for shards, rows in (([1, 0, 2], [1, 1, 0]), ([0, 1], [1, 1]), ([1, 0], [0, 0]), ([0, 1, 1], [0, 1, 0])):
+        new, finished = c.add(shards, rows, {"score": [10 * k + i for k, i in zip(shards, rows)]})
+        got += [(new, finished)]
+    assert [n for n, _ in got] == [3, 0, 2, 0]
+    assert got[0][1] == [(2, {"score": [20]})]
+    assert got[2][1] == [(0, {"score": [0, 1]}), (1, {"score": [10, 11]})]
+    assert got[1][1] == got[3][1] == [] and not c.partial and c.finished == {0, 1, 2}
 
 
 def test_bad_parquet_input(tmp_path, models):
