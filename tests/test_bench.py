@@ -73,8 +73,8 @@ def _run(argv, capsys):
 
 def test_end_to_end_on_the_tiny_preset(tmp_path, capsys):
     path = tmp_path / "r.json"
-    rc, out, err = _run(["--preset", "tiny", "--layers", "1", "--num-prompts", "12", "--repeats", "1",
-                         "--single-sample", "5", "--cache-dir", str(tmp_path / "cache"), "--json", str(path),
+    rc, out, err = _run(["--preset", "tiny", "--layers", "1", "--num-prompts", "8", "--repeats", "1",
+                         "--single-sample", "3", "--cache-dir", str(tmp_path / "cache"), "--json", str(path),
                          "--no-progress"], capsys)
     assert rc == 0, err
     rep = json.loads(path.read_text())
@@ -83,14 +83,14 @@ def test_end_to_end_on_the_tiny_preset(tmp_path, capsys):
     assert rep["peak"]["flops_per_s"] > 0 and "fp32" in rep["peak"]["label"]
     (res,) = rep["results"]
     assert res["status"] == "ok" and res["layers"] == 1 and res["dtype"] == "float32"
-    assert res["workload"]["num_prompts"] == 12
-    assert res["workload"]["num_tokens"] == sum(mixed_lengths(12, 0))
+    assert res["workload"]["num_prompts"] == 8
+    assert res["workload"]["num_tokens"] == sum(mixed_lengths(8, 0))
     by = {p["name"]: p for p in res["providers"]}
     assert set(by) == {"hf-b32", "hf-sorted-b64", "hf-sorted-b256", "hf-single", "pyengine-torch",
                        "pyengine-triton", "pyengine-cuda"}
     assert by["pyengine-triton"]["status"] == "skipped" and "interpreter" in by["pyengine-triton"]["reason"]
     assert by["pyengine-cuda"]["status"] == "skipped"
-    assert res["reference"] == "hf-single" and by["hf-single"]["num_prompts"] == 5
+    assert res["reference"] == "hf-single" and by["hf-single"]["num_prompts"] == 3
     for name in ("hf-b32", "hf-sorted-b64", "hf-sorted-b256", "hf-single", "pyengine-torch"):
         p = by[name]
         assert p["status"] == "ok"
@@ -108,6 +108,9 @@ def test_end_to_end_on_the_tiny_preset(tmp_path, capsys):
     assert res["baseline_to_beat"] in ("hf-sorted-b64", "hf-sorted-b256")
     assert "pyengine speed-up" in out and "environment:" in out.splitlines()[-1]
     assert "sampled" in out
+    assert "threads busy" in out and res["torch_threads"] >= 1
+    assert all(p["cpu_s"] > 0 for p in by.values() if p["status"] == "ok")
+    assert len(rep["peak"]["measured"]) == 2
 
 
 def test_dataset_workload_with_a_local_model(tmp_path, capsys):
@@ -186,3 +189,23 @@ def test_subcommands_dispatch_lazily(capsys, monkeypatch):
     monkeypatch.setattr(bench_model, "main", lambda argv: seen.append(argv) or 0)
     assert bench_main.main(["--repeats", "2"]) == 0 and bench_main.main(["model", "-h"]) == 0
     assert seen == [["--repeats", "2"], ["-h"]]
+
+
+def test_decoder_model_dir_with_padded_baselines(tmp_path, capsys):
+    # Decoders pool the last token: the right-padded transformers batches must agree
+    # with pyengine's packed ones on a synthetic workload.
+    from transformers import Qwen3Config
+
+    cfg = Qwen3Config(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=8, intermediate_size=64, max_position_embeddings=256,
+                      num_labels=2, pad_token_id=0, eos_token_id=0, architectures=["Qwen3ForSequenceClassification"])
+    model_dir = tmp_path / "q"
+    save_tiny(str(model_dir), cfg, tokenizer="decoder")
+    path = tmp_path / "r.json"
+    rc, out, err = _run(["--model", str(model_dir), "--num-prompts", "6", "--repeats", "1", "--providers",
+                         "hf-b32,hf-single,pyengine-torch", "--json", str(path), "--no-progress"], capsys)
+    assert rc == 0, err
+    (res,) = json.loads(path.read_text())["results"]
+    assert res["workload"]["max_len"] <= 256 and res["workload"]["min_len"] >= 8
+    by = {p["name"]: p for p in res["providers"]}
+    assert by["hf-b32"]["max_abs_dprob"] < 1e-4 and by["pyengine-torch"]["max_abs_dprob"] < 1e-4

@@ -87,7 +87,7 @@ def format_table(report: dict) -> str:
         lines.append(f"{head} ({res['architecture']}, {res['layers']} layers, hidden {res['hidden_size']}) | "
                      f"{w['name']}: {w['num_prompts']} prompts, {w['num_tokens']} tokens "
                      f"(mean {w['mean_len']:.1f}, {w['min_len']}..{w['max_len']}) | {res['dtype']} on "
-                     f"{res['device']} | {res['repeats']} timed repeats, median")
+                     f"{res['device']} | median of {res['repeats']} timed pass(es)")
         cols = f"{'provider':<36}{'seq/s':>10}{'tok/s':>12}{'median s':>10}{'%peak':>8}" \
                f"{'peak mem':>11}{'max|dprob|':>12}{'argmax':>8}"
         lines += [cols, "-" * len(cols)]
@@ -117,6 +117,12 @@ def format_table(report: dict) -> str:
             lines.append(f"max|dprob|, argmax agreement: against {res['reference_label']} ({res['reference']}), "
                          "same prompts")
         lines += [f"note: {p['note']}" for p in res["providers"] if p.get("note")]
+        ok = [p for p in res["providers"] if p["status"] == "ok"]
+        if res["device"] == "cpu" and ok:
+            # Wall time on a machine shared with other work runs long; CPU time shows it.
+            use = sum(p["cpu_s"] for p in ok) / sum(p["median_s"] for p in ok)
+            lines.append(f"note: the timed passes kept {use:.2f} of {res['torch_threads']} torch threads busy "
+                         "on average (well below means the machine was shared and the times are inflated)")
         lines.append("")
     pk = report["peak"]
     unit = "TFLOP/s" if pk["flops_per_s"] > 1e12 else "GFLOP/s"
