@@ -209,3 +209,26 @@ def test_decoder_model_dir_with_padded_baselines(tmp_path, capsys):
     assert res["workload"]["max_len"] <= 256 and res["workload"]["min_len"] >= 8
     by = {p["name"]: p for p in res["providers"]}
     assert by["hf-b32"]["max_abs_dprob"] < 1e-4 and by["pyengine-torch"]["max_abs_dprob"] < 1e-4
+
+
+@pytest.mark.gpu
+def test_end_to_end_on_a_gpu_in_bf16(tmp_path, capsys):
+    path = tmp_path / "r.json"
+    rc, out, err = _run(["--preset", "tiny,qwen3-0.6b", "--layers", "2", "--num-prompts", "64", "--repeats", "2",
+                         "--single-sample", "16", "--cache-dir", str(tmp_path / "cache"), "--json", str(path),
+                         "--no-progress"], capsys)
+    assert rc == 0, err
+    rep = json.loads(path.read_text())
+    assert "bf16" in rep["peak"]["label"] and rep["env"]["device_name"] in out
+    for res in rep["results"]:
+        assert res["status"] == "ok" and res["dtype"] == "bfloat16"
+        by = {p["name"]: p for p in res["providers"]}
+        assert by["pyengine-torch"]["status"] == "ok"
+        if by["pyengine-triton"]["status"] == "skipped":
+            assert "not installed" in by["pyengine-triton"]["reason"] or "no op" in by["pyengine-triton"]["reason"]
+        for p in by.values():
+            assert p["status"] in ("ok", "skipped"), p
+            if p["status"] == "ok":
+                assert p["peak_mem_bytes"] > 0 and 0 < p["frac_peak"] < 1
+                if p["kind"] == "pyengine":  # DESIGN's bf16 bar; on 16 prompts one near-tie may flip
+                    assert p["max_abs_dprob"] < 2e-2 and p["argmax_agree"] >= 0.9

@@ -98,6 +98,8 @@ def build_checkpoint(name: str, config, cache_dir: str, dtype: torch.dtype, devi
         _randomize(model, seed)
         model.save_pretrained(tmp)
         del model
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()  # the providers' peak memory must not see this model
         try:
             os.replace(tmp, path)  # atomic: a concurrent run sees all of it or nothing
         except OSError:
