@@ -24,7 +24,8 @@ def tiny(tmp_path_factory):
     config = P.preset_config("tiny")
     path = P.build_checkpoint("tiny", config, str(tmp_path_factory.mktemp("bench-cache")), dtype, device)
     facts = P.model_facts(config)
-    workload = synthetic("mixed", 256 if device.type == "cuda" else 32, 0, config.vocab_size, facts["ends"], facts["special_ids"])
+    n = 256 if device.type == "cuda" else 32
+    workload = synthetic("mixed", n, 0, config.vocab_size, facts["ends"], facts["special_ids"])
     return PR.Context(path, device, dtype), workload
 
 

@@ -195,6 +195,27 @@ def _run_provider(prov, ctx, prompts, repeats, bar):
     return times, cpu, out, peak, ops
 
 
+def _compare(ok, outs):
+    """Fill max_abs_dprob and argmax_agree of every finished provider against the
+    reference: transformers one at a time (no padding at all) where it ran, else the
+    first transformers baseline. Compared on the reference's prompts. Returns the
+    reference row or None."""
+    ref = next((r for r in ok if r["name"] == "hf-single"), next((r for r in ok if r["kind"] == "baseline"), None))
+    for r in ok:
+        r["max_abs_dprob"] = r["argmax_agree"] = None
+        if ref is None or r is ref:
+            continue
+        ref_idx, ref_out = outs[ref["name"]]
+        idx, out = outs[r["name"]]
+        pos = {i: k for k, i in enumerate(idx)}
+        mine = out[[pos[i] for i in ref_idx]]
+        r["max_abs_dprob"] = (mine - ref_out).abs().max().item()
+        # one label (sigmoid): the decision is the 0.5 threshold
+        same = mine.argmax(-1) == ref_out.argmax(-1) if mine.shape[1] > 1 else (mine > 0.5) == (ref_out > 0.5)
+        r["argmax_agree"] = same.float().mean().item()
+    return ref
+
+
 def bench_one(args, name, bar) -> dict:
     """Every selected provider on one preset (or --model). Returns its result record."""
     label = name or os.path.basename(os.path.normpath(args.model))
@@ -249,18 +270,7 @@ def bench_one(args, name, bar) -> dict:
             row["note"] = (f"{prov.name} ran on a seeded sample of {len(idx)} of {n} prompts; its seq/s and tok/s "
                            "are rates on that sample, taken as the rates of the whole workload")
     ok = [r for r in rows if r["status"] == "ok"]
-    ref = next((r for r in ok if r["name"] == "hf-single"), next((r for r in ok if r["kind"] == "baseline"), None))
-    for r in ok:
-        r["max_abs_dprob"] = r["argmax_agree"] = None
-        if ref is None or r is ref:
-            continue
-        ref_idx, ref_out = outs[ref["name"]]
-        idx, out = outs[r["name"]]
-        pos = {i: k for k, i in enumerate(idx)}
-        mine = out[[pos[i] for i in ref_idx]]
-        r["max_abs_dprob"] = (mine - ref_out).abs().max().item()
-        same = mine.argmax(-1) == ref_out.argmax(-1) if mine.shape[1] > 1 else (mine > 0.5) == (ref_out > 0.5)
-        r["argmax_agree"] = same.float().mean().item()
+    ref = _compare(ok, outs)
     bases = [r for r in ok if r["kind"] == "baseline"]
     mine = [r for r in ok if r["kind"] == "pyengine"]
     ratios = {p["name"]: {b["name"]: p["seq_per_s"] / b["seq_per_s"] for b in bases} for p in mine}
