@@ -1,0 +1,161 @@
+"""Checks the kernels in csrc/ against the torch references on a CPU, through the
+emulated build of scripts/cuda_emu/build.sh (build/cuda_emu/_C*.so).
+
+The emulation runs every CUDA thread as a std::thread (blocks one after another), so it
+checks indexing, vector widths, the scalar fallbacks, shared-memory reductions and the
+Python launch path (pointers, strides, dtype codes) of pyengine.cuda_ops. It says nothing
+about speed, real alignment faults or the compiler's GPU code: the `-m gpu` tests do.
+
+    scripts/cuda_emu/check.sh [OP ...]      # build, then run this
+"""
+import itertools
+import pathlib
+import random
+import sys
+
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "build" / "cuda_emu"))
+import _C as emu_C  # noqa: E402
+
+import pyengine.cuda_ops as co  # noqa: E402
+import pyengine.ops as ref  # noqa: E402
+
+
+class _Proxy:
+    def __getattr__(self, name):
+        return getattr(emu_C, name)
+
+
+co._ext = _Proxy()
+co._same_device = lambda *a, **k: None  # host tensors stand in for device tensors
+co._stream = lambda t: 0
+
+TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
+results = {"ok": 0, "fail": 0}
+
+
+def close(name, got, want, dtype):
+    atol, rtol = TOL[dtype] if got.dtype != torch.float32 or dtype == torch.float32 else (1e-4, 1e-4)
+    if got.dtype != want.dtype or got.shape != want.shape:
+        print(f"FAIL {name}: dtype/shape {got.dtype} {tuple(got.shape)} vs {want.dtype} {tuple(want.shape)}")
+        results["fail"] += 1
+    elif not torch.allclose(got.float(), want.float(), atol=atol, rtol=rtol, equal_nan=True):
+        print(f"FAIL {name}: max diff {(got.float() - want.float()).abs().max().item():.3g}")
+        results["fail"] += 1
+    else:
+        results["ok"] += 1
+
+
+def cu_of(lens):
+    return torch.tensor([0] + list(itertools.accumulate(lens)), dtype=torch.int32)
+
+
+def check_norms():
+    cases = [(torch.float32, 64, 3, True, None, 0), (torch.float16, 384, 4, True, None, 0),
+             (torch.bfloat16, 96, 2, False, torch.float32, 0), (torch.float16, 37, 3, True, None, 0),
+             (torch.bfloat16, 128, 3, True, None, 3), (torch.float32, 2048, 2, True, None, 0),
+             (torch.float16, 4096, 1, False, None, 0), (torch.float32, 16384, 2, True, None, 1)]
+    for dt, H, rows, res, wdt, pad in cases:
+        base = torch.randn(rows, H + pad, dtype=dt)
+        x = base[:, pad:] if pad == 1 else base[:, :H]
+        r = torch.randn(rows, H, dtype=dt) if res else None
+        w, b = torch.randn(H, dtype=wdt or dt), torch.randn(H, dtype=wdt or dt)
+        tag = f"{dt} H={H} rows={rows} res={res} pad={pad}"
+        for off in (0.0, 1.0):
+            got, want = co.add_rms_norm(x, r, w, 1e-6, off), ref.add_rms_norm(x, r, w, 1e-6, off)
+            close(f"add_rms_norm {tag} offset={off}", got[0], want[0], dt)
+            close(f"add_rms_norm summed {tag}", got[1], want[1], dt)
+        for bias in (b, None):
+            got, want = co.add_layer_norm(x, r, w, bias, 1e-5), ref.add_layer_norm(x, r, w, bias, 1e-5)
+            close(f"add_layer_norm {tag} bias={bias is not None}", got[0], want[0], dt)
+            close(f"add_layer_norm summed {tag}", got[1], want[1], dt)
+    x, w = torch.randn(2, 3, 64, dtype=torch.float16), torch.randn(64, dtype=torch.float16)
+    close("add_rms_norm 3-D", co.add_rms_norm(x, None, w, 1e-6)[0], ref.add_rms_norm(x, None, w, 1e-6)[0],
+          torch.float16)
+
+
+def check_rotary():
+    cases = [(torch.float32, 5, 2, 1, 64, 64, True, False), (torch.float16, 4, 4, 2, 128, 128, True, True),
+             (torch.bfloat16, 3, 2, 2, 64, 32, False, True), (torch.float16, 3, 3, 1, 64, 64, False, False),
+             (torch.float16, 2, 2, 1, 10, 6, True, False), (torch.bfloat16, 2, 2, 1, 10, 6, False, True),
+             (torch.float32, 3, 2, 2, 80, 20, False, False), (torch.float16, 3, 2, 1, 80, 40, True, True)]
+    for dt, T, Hq, Hk, D, R, neox, fused in cases:
+        pos = torch.tensor([random.randrange(0, 50) for _ in range(T)], dtype=torch.int64)
+        cs = torch.randn(50, R)
+        if fused:
+            qkv = torch.randn(T, Hq + 2 * Hk, D, dtype=dt)
+            q, k = qkv[:, :Hq], qkv[:, Hq:Hq + Hk]
+            v = qkv[:, Hq + Hk:].clone()
+        else:
+            q, k = torch.randn(T, Hq, D, dtype=dt), torch.randn(T, Hk, D, dtype=dt)
+        q2, k2 = q.clone(), k.clone()
+        ref.rotary(q2, k2, pos, cs, neox)
+        co.rotary(q, k, pos, cs, neox)
+        tag = f"{dt} D={D} R={R} neox={neox} fused={fused}"
+        close(f"rotary q {tag}", q, q2, dt)
+        close(f"rotary k {tag}", k, k2, dt)
+        if fused:
+            close(f"rotary v untouched {tag}", qkv[:, Hq + Hk:], v, dt)
+
+
+def check_pooling():
+    cases = [(torch.float32, 64, [1, 5, 3], 0), (torch.float16, 384, [2, 1, 7, 1], 0),
+             (torch.bfloat16, 40, [3, 9], 8), (torch.float16, 33, [1, 2], 0), (torch.bfloat16, 256, [20, 1], 0)]
+    for dt, H, lens, pad in cases:
+        T = sum(lens)
+        hid = torch.randn(T, H + pad, dtype=dt)[:, :H]
+        cu = cu_of(lens)
+        res = torch.randn(T, H, dtype=dt)
+        for p in ("cls", "last", "mean"):
+            tag = f"{dt} H={H} lens={lens} pad={pad} {p}"
+            close(f"gather_pooled {tag}", co.gather_pooled(hid, cu, p), ref.gather_pooled(hid, cu, p), dt)
+            for nk in (None, "layer", "rms"):
+                for rr in (None, res):
+                    for wdt in (dt, torch.float32):
+                        w, b = torch.randn(H, dtype=wdt), torch.randn(H, dtype=wdt)
+                        off = 1.0 if nk == "rms" else 0.0
+                        close(f"pooled_norm {tag} {nk} res={rr is not None} w={wdt}",
+                              co.pooled_norm(hid, cu, p, nk, w, b, 1e-5, off, rr),
+                              ref.pooled_norm(hid, cu, p, nk, w, b, 1e-5, off, rr), dt)
+
+
+def check_activation():
+    for dt, B, L in [(torch.float32, 5, 1), (torch.float32, 6, 2), (torch.float16, 3, 40),
+                     (torch.bfloat16, 9, 70), (torch.float32, 2, 1000)]:
+        lg = torch.randn(B, L, dtype=dt) * 4
+        for kind in ("softmax", "sigmoid", "identity"):
+            for bias, scale in [(None, None), (0.5, None), (0.25, 2.0), (torch.tensor(0.3), torch.randn(L))]:
+                close(f"activation {dt} {kind} B={B} L={L} bias={bias is not None}",
+                      co.activation(lg, kind, bias, scale), ref.activation(lg, kind, bias, scale), torch.float32)
+
+
+def check_dispatcher():
+    """torch.ops.pyengine.* gives what the eager fast path gives."""
+    x, r, w = torch.randn(5, 64, dtype=torch.bfloat16), torch.randn(5, 64, dtype=torch.bfloat16), torch.randn(64)
+    a, b = torch.ops.pyengine.add_rms_norm(x, r, w, 1e-6, 1.0), co.add_rms_norm(x, r, w, 1e-6, 1.0)
+    close("dispatcher add_rms_norm", a[0], b[0], torch.bfloat16)
+    q, k = torch.randn(3, 2, 16), torch.randn(3, 1, 16)
+    q2, k2 = q.clone(), k.clone()
+    pos, cs = torch.tensor([0, 1, 2]), torch.randn(4, 16)
+    torch.ops.pyengine.rotary(q, k, pos, cs, False)
+    co.rotary(q2, k2, pos, cs, False)
+    close("dispatcher rotary", q, q2, torch.float32)
+
+
+CHECKS = {"add_rms_norm": check_norms, "add_layer_norm": check_norms, "rotary": check_rotary,
+          "gather_pooled": check_pooling, "pooled_norm": check_pooling, "activation": check_activation}
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    random.seed(0)
+    wanted = sys.argv[1:] or ["all"]
+    bad = [w for w in wanted if w != "all" and w not in CHECKS]
+    if bad:
+        sys.exit(f"unknown op(s) {bad}; expected among {sorted(CHECKS)} or all")
+    fns = list(dict.fromkeys(CHECKS.values())) if "all" in wanted else list(dict.fromkeys(CHECKS[w] for w in wanted))
+    for fn in fns + [check_dispatcher]:
+        fn()
+    print(f"cuda_emu: {results['ok']} passed, {results['fail']} failed")
+    sys.exit(1 if results["fail"] else 0)
