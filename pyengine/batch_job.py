@@ -273,7 +273,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         run(args)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, TypeError, RuntimeError, OSError) as e:  # the message says it all
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
