@@ -175,9 +175,9 @@ setup(
     extras_require={
         "triton": ["triton>=3.0"],
         "serve": ["fastapi", "uvicorn"],
-        "ray": ["ray[data]", "pyarrow"],
+        "ray": ["ray[data,serve]>=2.60", "pyarrow>=14"],
         "templates": ["jinja2"],
-        "test": ["pytest", "pytest-timeout", "pytest-benchmark", "fastapi", "uvicorn", "ray[data]", "pyarrow",
+        "test": ["pytest", "pytest-timeout", "pytest-benchmark", "fastapi", "uvicorn", "ray[data,serve]>=2.60", "pyarrow>=14",
                  "jinja2"],
     },
     ext_modules=_cuda_extensions(),
