@@ -59,6 +59,9 @@ def _load_tokenizer(cfg: EngineConfig):
 class EngineCore:
     """Owns the model, the tokenizer-side limits and the waiting queue."""
 
+    # A request older than this is scheduled next, whatever its length.
+    MAX_WAIT_S = 2.0
+
     def __init__(self, cfg: EngineConfig):
         self.cfg = cfg
         self.device = cfg.torch_device
@@ -71,16 +74,21 @@ class EngineCore:
         pooling = cfg.pooler_config.pooling_type.lower() if cfg.pooler_config.pooling_type else None
         cls = model_class(self.arch)
         self.model = cls(self.hf_config, self.arch, cfg.torch_dtype, self.device, self.ops, pooling)
-        self.model.load_weights(iter_weights(cfg.model))
-        self.model.eval()
         self.num_labels = self.model.num_labels
         limit = self.model.max_model_len
         if cfg.max_model_len is not None and cfg.max_model_len > limit:
             raise ValueError(f"max_model_len={cfg.max_model_len} exceeds the model's maximum {limit}")
-        self.max_model_len = cfg.max_model_len or limit
-        if self.max_model_len > cfg.max_num_batched_tokens:
-            raise ValueError(f"max_model_len={self.max_model_len} is larger than max_num_batched_tokens="
+        if cfg.max_model_len is None:
+            # Long-context decoders allow more positions than one batch holds; like vLLM's
+            # pooling runner, the default is what one batch can take.
+            self.max_model_len = min(limit, cfg.max_num_batched_tokens)
+        elif cfg.max_model_len > cfg.max_num_batched_tokens:
+            raise ValueError(f"max_model_len={cfg.max_model_len} is larger than max_num_batched_tokens="
                              f"{cfg.max_num_batched_tokens}: a prompt of full length could never be scheduled")
+        else:
+            self.max_model_len = cfg.max_model_len
+        self.model.load_weights(iter_weights(cfg.model))
+        self.model.eval()
         keep_types = bool(getattr(self.model, "type_vocab", 0))
         self.inputs = InputProcessor(self.tokenizer, self.max_model_len, self.model.vocab_size, keep_types)
         self.pooler = Pooler(self.ops, cfg.pooler_config)
@@ -106,9 +114,10 @@ class EngineCore:
 
     def step(self) -> list[Request]:
         """Run one batch of waiting requests; returns the requests it finished."""
-        reqs = list(self.waiting.values())
+        reqs = list(self.waiting.values())  # arrival order: reqs[0] is the oldest
+        first = 0 if reqs and time.monotonic() - reqs[0].arrival > self.MAX_WAIT_S else None
         chosen = next_batch([len(r.prompt.token_ids) for r in reqs],
-                            self.cfg.max_num_batched_tokens, self.cfg.max_num_seqs)
+                            self.cfg.max_num_batched_tokens, self.cfg.max_num_seqs, first)
         batch_reqs = [reqs[i] for i in chosen]
         if not batch_reqs:
             return []

@@ -26,6 +26,16 @@ def pack(lengths, max_num_batched_tokens, max_num_seqs):
     return batches
 
 
-def next_batch(lengths, max_num_batched_tokens, max_num_seqs):
-    """The first batch :func:`pack` would cut: indices of the sequences to run now."""
-    return pack(lengths, max_num_batched_tokens, max_num_seqs)[0] if lengths else []
+def next_batch(lengths, max_num_batched_tokens, max_num_seqs, first=None):
+    """The indices of the sequences to run now: the first batch :func:`pack` would cut,
+    or, when ``first`` is given, a batch cut from the length-sorted order starting at
+    sequence ``first`` (so a long request that has waited too long runs next instead
+    of yielding forever to shorter arrivals)."""
+    if not lengths:
+        return []
+    if first is None:
+        return pack(lengths, max_num_batched_tokens, max_num_seqs)[0]
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i != first))
+    tail = order[order.index(first):]
+    # pack's sort is stable and tail is already sorted, so ``first`` stays in front.
+    return [tail[j] for j in pack([lengths[i] for i in tail], max_num_batched_tokens, max_num_seqs)[0]]

@@ -334,8 +334,9 @@ def test_bad_model_and_engine_args(tmp_path, small_llm):
         LLM(str(good), max_model_len=100)
     with pytest.raises(ValueError, match="max_num_seqs must be a positive int"):
         LLM(str(good), max_num_seqs=0)
-    with pytest.raises(ValueError, match="larger than max_num_batched_tokens"):
-        LLM(str(good), max_num_batched_tokens=32)
+    with pytest.raises(ValueError, match="max_model_len=64 is larger than max_num_batched_tokens=32"):
+        LLM(str(good), max_model_len=64, max_num_batched_tokens=32)
+    assert LLM(str(good), max_num_batched_tokens=32).engine.max_model_len == 32
     with pytest.raises(ValueError, match="dtype must be"):
         LLM(str(good), dtype="int8")
     with pytest.raises(ValueError, match="unknown kernel backend"):
