@@ -14,7 +14,7 @@ import triton.language as tl
 
 # Finite stand-in for -inf as the running max: a row that has seen no visible key yet
 # keeps m_i at this value, so exp2(m_i - m_new) stays finite (1 or 0) instead of NaN.
-_NEG_INIT = -1.0e30
+_NEG_INIT = tl.constexpr(-1.0e30)
 # A window side of -1 (unbounded) becomes this many tokens: larger than any sequence,
 # small enough that position arithmetic stays within int32.
 _UNBOUNDED = 1 << 30
@@ -53,7 +53,8 @@ def _attend_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, offs_m, offs_n, off
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    # Rescaled acc goes in as the dot's accumulator: no second (BLOCK_M, BLOCK_D) tile live.
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
     return acc, l_i, m_new
 
 
@@ -132,8 +133,10 @@ def _varlen_attention_kernel(Q, K, V, O, CU_SEQLENS, qk_scale,
              mask=(offs_m < seq_len)[:, None] & (offs_d < HEAD_DIM)[None, :])
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) by padded head dim. Fixed per head dim on
-# purpose: choosing blocks from max_seqlen would recompile on ragged shapes.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) by padded head dim, for 16-bit inputs and for
+# fp32 (twice the bytes per tile: smaller tiles keep shared memory under the 227 KB of
+# an H100). Fixed per head dim on purpose: blocks chosen from max_seqlen would
+# recompile on ragged shapes.
 CONFIGS = {
     16: (64, 64, 4, 3),
     32: (64, 64, 4, 3),
@@ -141,7 +144,23 @@ CONFIGS = {
     128: (128, 64, 8, 3),
     256: (64, 32, 8, 2),
 }
+CONFIGS_FP32 = {
+    16: (64, 32, 4, 2),
+    32: (64, 32, 4, 2),
+    64: (64, 32, 4, 2),
+    128: (64, 32, 4, 2),
+    256: (32, 16, 4, 2),
+}
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _fp32_precision(device):
+    """Dot precision for fp32 inputs: 3xTF32 on NVIDIA GPUs with TF32 (Ampere and later)
+    gives fp32-level accuracy on tensor cores; elsewhere (the CPU interpreter, older or
+    non-NVIDIA GPUs) plain fp32 FMA ("ieee"), which is exact but slow and spills on GPU."""
+    if device.type != "cuda" or torch.version.hip is not None:
+        return "ieee"
+    return "tf32x3" if torch.cuda.get_device_capability(device)[0] >= 8 else "ieee"
 
 
 def _check(cond, msg):
@@ -194,7 +213,7 @@ def _launch(q, k, v, cu_seqlens, max_seqlen, causal=False, scale=None, window=No
         return out
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     block_d = max(16, triton.next_power_of_2(D))
-    bm, bn, warps, stages = CONFIGS[block_d]
+    bm, bn, warps, stages = (CONFIGS_FP32 if q.dtype == torch.float32 else CONFIGS)[block_d]
     bm = block_m or bm
     bn = block_n or bn
     grid = (triton.cdiv(max_seqlen, bm), Hq, B)
@@ -204,8 +223,9 @@ def _launch(q, k, v, cu_seqlens, max_seqlen, causal=False, scale=None, window=No
         out.stride(0), out.stride(1), Hq // Hkv, left, right,
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn,
         IS_CAUSAL=bool(causal), HAS_WINDOW=has_window,
-        # fp32 inputs keep fp32 products (no TF32) so they match the fp32 reference.
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        # fp32 inputs keep fp32-level products (never plain TF32) to match the reference;
+        # the precision is ignored for 16-bit inputs.
+        PRECISION=_fp32_precision(q.device) if q.dtype == torch.float32 else "tf32",
         num_warps=warps, num_stages=stages)
     return out
 
