@@ -164,6 +164,7 @@ def test_an_unregistered_architecture_is_skipped(tmp_path, capsys, monkeypatch):
     (["--device", "tpu"], "is not a device"), (["--device", "meta"], "only cpu and cuda"),
     (["--json", "/nonexistent/dir/r.json"], "does not exist"),
     (["--single-sample", "-3"], "--single-sample must be >= 0"),
+    (["--threads", "0"], "--threads must be a positive integer"),
 ])
 def test_bad_arguments_are_clear_errors(argv, msg, capsys):
     with pytest.raises(SystemExit) as e:

@@ -54,6 +54,7 @@ def build_parser():
                                                      "(0 = all; default 128 on GPU, 64 on CPU)")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
     p.add_argument("--max-num-batched-tokens", type=int, default=16384, help="pyengine's token budget per batch")
     p.add_argument("--max-num-seqs", type=int, default=256, help="pyengine's sequences per batch")
     p.add_argument("--cache-dir", help="where preset checkpoints are saved (default $PYENGINE_BENCH_CACHE "
@@ -69,7 +70,7 @@ def _check(args, parser):
         if v is not None and (v < 0 or (v == 0 and not zero_ok)):
             parser.error(f"--{name} must be {'>= 0' if zero_ok else 'a positive integer'}, got {v}")
 
-    for name in ("layers", "num_prompts", "repeats", "max_num_batched_tokens", "max_num_seqs"):
+    for name in ("layers", "num_prompts", "repeats", "threads", "max_num_batched_tokens", "max_num_seqs"):
         need_positive(name.replace("_", "-"), getattr(args, name))
     need_positive("single-sample", args.single_sample, zero_ok=True)
     if args.device == "auto":
@@ -293,6 +294,8 @@ def main(argv=None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # its per-load bars would break up ours
+    if args.threads:
+        torch.set_num_threads(args.threads)
     env = environment(args.device)
     _log(f"measuring the matmul peak on {env['device_name']}")
     first = matmul_peak(args.device)

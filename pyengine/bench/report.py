@@ -93,27 +93,28 @@ def format_table(report: dict) -> str:
                      f"{w['name']}: {w['num_prompts']} prompts, {w['num_tokens']} tokens "
                      f"(mean {w['mean_len']:.1f}, {w['min_len']}..{w['max_len']}) | {res['dtype']} on "
                      f"{res['device']} | median of {res['repeats']} timed pass(es)")
-        cols = f"{'provider':<36}{'seq/s':>10}{'tok/s':>12}{'median s':>10}{'%peak':>8}" \
+        cols = f"{'provider':<42}{'seq/s':>10}{'tok/s':>12}{'median s':>10}{'cpu s':>9}{'%peak':>8}" \
                f"{'peak mem':>11}{'max|dprob|':>12}{'argmax':>8}"
         lines += [cols, "-" * len(cols)]
         for p in res["providers"]:
             label = p["label"] + (f" [{p['num_prompts']} sampled]" if p.get("sampled") else "")
             if p["status"] != "ok":
-                lines.append(f"{label:<36}  skipped: {p['reason']}")
+                lines.append(f"{label:<42}  skipped: {p['reason']}")
                 continue
             frac = None if p["frac_peak"] is None else 100 * p["frac_peak"]
             agree = None if p["argmax_agree"] is None else 100 * p["argmax_agree"]
             dp = "ref" if p["name"] == res["reference"] else _fmt(p["max_abs_dprob"], ".2e")
-            lines.append(f"{label:<36}{p['seq_per_s']:>10.1f}{p['tok_per_s']:>12.0f}{p['median_s']:>10.3f}"
+            lines.append(f"{label:<42}{p['seq_per_s']:>10.1f}{p['tok_per_s']:>12.0f}{p['median_s']:>10.3f}"
+                         f"{p['cpu_s']:>9.2f}"
                          f"{_fmt(frac, '.2f'):>7}%{_mem(p['peak_mem_bytes']):>11}{dp:>12}"
                          f"{'ref' if dp == 'ref' else _fmt(agree, '.1f') + '%':>8}")
         ratios = res["ratios"]
         if ratios:
             bases = list(next(iter(ratios.values())))
             lines.append("")
-            lines.append(f"{'pyengine speed-up (seq/s ratio)':<36}" + "".join(f"{b:>16}" for b in bases))
+            lines.append(f"{'pyengine speed-up (seq/s ratio)':<42}" + "".join(f"{b:>16}" for b in bases))
             for name, row in ratios.items():
-                lines.append(f"{name:<36}" + "".join(f"{row[b]:>15.2f}x" for b in bases))
+                lines.append(f"{name:<42}" + "".join(f"{row[b]:>15.2f}x" for b in bases))
         if res.get("baseline_to_beat"):
             best = res["best_pyengine"]
             lines.append(f"baseline to beat: {res['baseline_to_beat']} (better of the sorted ones); "
@@ -128,6 +129,7 @@ def format_table(report: dict) -> str:
             use = sum(p["cpu_s"] for p in ok) / sum(p["median_s"] for p in ok)
             lines.append(f"note: the timed passes kept {use:.2f} of {res['torch_threads']} torch threads busy "
                          "on average (well below means the machine was shared and the times are inflated)")
+        lines.append("cpu s: process CPU time of the median pass, all threads (on a GPU: the host's share)")
         lines.append("")
     pk = report["peak"]
     unit = "TFLOP/s" if pk["flops_per_s"] > 1e12 else "GFLOP/s"
