@@ -195,12 +195,13 @@ def _launch(q, k, v, cu_seqlens, max_seqlen, causal=False, scale=None, window=No
     _check(cu_seqlens.is_contiguous(), "cu_seqlens must be contiguous")
     B = cu_seqlens.numel() - 1
     _check(B <= _MAX_GRID_YZ, f"at most {_MAX_GRID_YZ} sequences per launch, got B={B}")
-    _check(isinstance(max_seqlen, int) and not isinstance(max_seqlen, bool) and max_seqlen >= 0,
+    _check(hasattr(max_seqlen, "__index__") and not isinstance(max_seqlen, bool) and int(max_seqlen) >= 0,
            f"max_seqlen must be a non-negative int (the longest sequence), got {max_seqlen!r}")
+    max_seqlen = int(max_seqlen)
     _check(Hq <= _MAX_GRID_YZ, f"at most {_MAX_GRID_YZ} heads, got Hq={Hq}")
     if window is not None:
         _check(isinstance(window, (tuple, list)) and len(window) == 2
-               and all(isinstance(w, int) for w in window),
+               and all(hasattr(w, "__index__") and not isinstance(w, bool) for w in window),
                f"window must be None or (left, right) ints, got {window!r}")
         left, right = (int(w) if w >= 0 else _UNBOUNDED for w in window)
         has_window = left < _UNBOUNDED or right < _UNBOUNDED
@@ -235,7 +236,9 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=False, scale=None, 
 
     q: (T, Hq, D); k, v: (T, Hkv, D), Hq % Hkv == 0, all float16/bfloat16/float32, last dim
     contiguous (token and head strides are free, so views of a fused qkv tensor work);
-    cu_seqlens: (B+1,) int32 on q's device; max_seqlen: int >= the longest sequence;
+    cu_seqlens: (B+1,) int32 on q's device with cu_seqlens[-1] == T (rows outside every
+    sequence are left unwritten); max_seqlen: int >= the longest sequence (the grid covers
+    max_seqlen rows per sequence: a smaller value leaves rows unwritten);
     causal: bool; scale: float or None (1/sqrt(D)); window: None or (left, right) tokens
     visible on each side of the query, -1 = unbounded. Returns (T, Hq, D) in q's dtype.
     """
