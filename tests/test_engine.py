@@ -343,3 +343,18 @@ def test_bad_model_and_engine_args(tmp_path, small_llm):
         LLM(str(good), kernel_backend="opencl")
     with pytest.raises(RuntimeError, match="'cuda' is not available on cpu"):
         LLM(str(good), kernel_backend="cuda", device="cpu")
+
+
+def test_triton_backend_matches_transformers(tmp_path):
+    # The whole BERT engine through the Triton kernels (the interpreter on CPU): fused
+    # embedding + LayerNorm, varlen attention, add + LayerNorm, pooled gather and the
+    # activation plug in through the op surface. Short prompts keep the interpreter fast.
+    factory, _ = FAMILIES["bert"]
+    model, tok = save_tiny(tmp_path, factory(num_labels=3), seed=8)
+    texts = ["the cat", "a dog sat on the mat", "why"]
+    llm = LLM(str(tmp_path), kernel_backend="triton")
+    assert {llm.engine.ops.chosen[k] for k in ("varlen_attention", "embed_layer_norm", "add_layer_norm",
+                                                "activation")} == {"triton"}
+    got = torch.tensor([o.outputs.probs for o in llm.classify(texts, use_tqdm=False)])
+    ref = hf_probs(model, tok, texts, "softmax")
+    assert torch.allclose(got, ref, atol=ATOL, rtol=0), report(got, ref)
