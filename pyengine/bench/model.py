@@ -166,7 +166,7 @@ def _prepare(args, name):
         path = args.model
     else:
         _log(f"[{name}] preparing the random-weight checkpoint under {args.cache_dir}")
-        path = P.build_checkpoint(name, config, args.cache_dir, args.dtype, args.device, args.seed)
+        path = P.build_checkpoint(name, config, args.cache_dir, args.dtype, args.device)  # weights: seed 0
     return config, path, workload, facts
 
 

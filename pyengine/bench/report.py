@@ -134,8 +134,10 @@ def format_table(report: dict) -> str:
     pk = report["peak"]
     unit = "TFLOP/s" if pk["flops_per_s"] > 1e12 else "GFLOP/s"
     scale = 1e12 if unit == "TFLOP/s" else 1e9
-    lines.append(f"%peak: model matmul FLOPs (2 x linear params x tokens + attention, real tokens only) per "
-                 f"second over the {pk['label']} measured in this run: {pk['flops_per_s'] / scale:.1f} {unit}")
+    lines.append(f"%peak: nominal model matmul FLOPs (2 x linear params x tokens + attention, every layer on every "
+                 f"real token, padding not counted) per second, over the {pk['label']} measured in this run: "
+                 f"{pk['flops_per_s'] / scale:.1f} {unit}; work an engine skips (a last layer run for pooled rows "
+                 "only) still counts, so shallow models can read high")
     env = report["env"]
     lines.append(f"environment: {env['device_name']} | torch {env['torch']} | triton {env['triton']} | "
                  f"transformers {env['transformers']} | pyengine {env['pyengine']} | "
