@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.pyengine-installed
 
-.PHONY: install bench test test-fast kernel clean
+.PHONY: install bench test kernel clean
 
 install: $(STAMP)
 
@@ -24,6 +24,10 @@ bench: install
 
 test: install
 	$(PY) -m pytest -q tests
+
+# Rebuild the CUDA extension in place, then one op's tests and microbenchmark: make kernel OP=rotary
+kernel: install
+	PYTHON=$(PY) scripts/dev_op.sh $(OP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info pyengine/_C*.so
