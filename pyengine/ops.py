@@ -61,21 +61,70 @@ def _length_groups(lens, max_tokens=16384, slack=1.25):
     return groups
 
 
+def _band(L, causal, window, device):
+    """(L, L) bool: which keys each query may see, or None when it sees all of them."""
+    if not causal and window is None:
+        return None
+    ar = torch.arange(L, device=device)
+    rel = ar[None, :] - ar[:, None]  # key - query
+    allowed = torch.ones(L, L, dtype=torch.bool, device=device)
+    if causal:
+        allowed &= rel <= 0
+    if window is not None:
+        left, right = window
+        if left >= 0:
+            allowed &= rel >= -left
+        if right >= 0:
+            allowed &= rel <= right
+    return allowed
+
+
+def _one_sequence(q, k, v, causal, scale, window):
+    """Exact attention of one sequence on the CPU. q: (L, Hq, D); k, v: (L, Hkv, D).
+
+    Up to 1024 tokens the scores are materialised and two batched matmuls do the work
+    (faster on CPU than the fused kernel at these sizes); the query heads that share a
+    kv head are stacked into one matmul, so k and v are never repeated. Longer
+    sequences take the fused kernel, whose memory does not grow with L^2."""
+    L, Hq, D = q.shape
+    Hkv = k.shape[1]
+    g = Hq // Hkv
+    if L > 1024:
+        band = _band(L, causal, window, q.device) if window is not None else None
+        o = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=band,
+                                           scale=scale, is_causal=causal and band is None, enable_gqa=g > 1)
+        return o.transpose(0, 1)
+    qg = q.reshape(L, Hkv, g, D).permute(1, 2, 0, 3).reshape(Hkv, g * L, D)
+    s = torch.bmm(qg.float() * scale, k.permute(1, 2, 0).float())  # (Hkv, g*L, L)
+    allowed = _band(L, causal, window, q.device)
+    if allowed is not None:
+        s.view(Hkv, g, L, L).masked_fill_(~allowed, float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    o = torch.bmm(p, v.transpose(0, 1).float())  # (Hkv, g*L, D)
+    return o.view(Hkv, g, L, D).permute(2, 0, 1, 3).reshape(L, Hq, D).to(q.dtype)
+
+
 def varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=False, scale=None, window=None):
     """Attention within each packed sequence.
 
     q: (T, Hq, D); k, v: (T, Hkv, D) with Hq % Hkv == 0; cu_seqlens: (B+1,) int32;
     max_seqlen: int; window: None or (left, right) tokens visible on each side (-1 = all).
-    Returns (T, Hq, D) in q's dtype. Sequences never attend to each other: sequences of
-    like length are gathered into small padded groups inside this op only, keys masked
-    past each sequence's end; a group of equal lengths needs no mask at all.
+    Returns (T, Hq, D) in q's dtype. Sequences never attend to each other. On the CPU
+    each sequence is computed on its own views (no copies, no padding); on a GPU,
+    sequences of like length are gathered into small padded groups (few launches), keys
+    masked past each sequence's end, and a group of equal lengths needs no mask.
     """
     T, Hq, D = q.shape
     Hkv = k.shape[1]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     cu = cu_seqlens.tolist()
-    lens = [b - a for a, b in zip(cu[:-1], cu[1:])]
     out = torch.empty_like(q)
+    if q.device.type == "cpu":
+        for a, b in zip(cu[:-1], cu[1:]):
+            if b > a:
+                out[a:b] = _one_sequence(q[a:b], k[a:b], v[a:b], causal, scale, window)
+        return out
+    lens = [b - a for a, b in zip(cu[:-1], cu[1:])]
     dev = q.device
     for group in _length_groups(lens):
         L = max(lens[i] for i in group)

@@ -29,6 +29,32 @@ def test_varlen_attention_reference(causal, heads, window):
     assert_close(out, attention64(q, k, v, LENS, causal, None, window), TOL, "varlen_attention")
 
 
+@pytest.mark.parametrize("causal,window", [(False, None), (True, None), (True, (40, -1))])
+def test_varlen_attention_reference_long_sequence(causal, window):
+    # A sequence over 1024 tokens takes the fused kernel instead of materialised scores.
+    g = _gen(4)
+    lens = [3, 1100]
+    q = torch.randn(sum(lens), 4, 16, generator=g)
+    k, v = (torch.randn(sum(lens), 2, 16, generator=g) for _ in range(2))
+    out = ops.varlen_attention(q, k, v, cu_seqlens(lens), max(lens), causal=causal, window=window)
+    assert_close(out, attention64(q, k, v, lens, causal, None, window), TOL, "varlen_attention long")
+
+
+def test_pooled_query_attention_reference():
+    # One query per sequence (CLS at 0, or the last token) against every key of its sequence.
+    g = _gen(5)
+    lens = [1, 17, 65]
+    T = sum(lens)
+    q_all = torch.randn(T, 4, 32, generator=g)
+    k, v = (torch.randn(T, 2, 32, generator=g) for _ in range(2))
+    cu = cu_seqlens(lens)
+    for causal, pos in ((False, torch.zeros(3, dtype=torch.long)), (True, torch.tensor(lens) - 1)):
+        rows = cu[:-1].long() + pos
+        out = ops.pooled_query_attention(q_all[rows], k, v, cu, max(lens), pos, causal=causal)
+        full = attention64(q_all, k, v, lens, causal)
+        assert_close(out, full[rows], TOL, f"pooled_query_attention causal={causal}")
+
+
 def test_varlen_attention_reference_scale_and_isolation():
     # A sequence's output must not change when other sequences share the batch.
     g = _gen(2)
