@@ -1,9 +1,12 @@
 """Classification activation in Triton: act((logits - logit_bias) * logit_scale) in fp32."""
+import functools
 import numbers
 
 import torch
 import triton
 import triton.language as tl
+
+from . import _validate as _v
 
 _KINDS = {"softmax": 0, "sigmoid": 1, "identity": 2}
 
@@ -38,9 +41,7 @@ def _activation_kernel(X, OUT, BIAS, SCALE, bias, scale, stride_xb, stride_ob, L
     tl.store(OUT + row * stride_ob + offs, y, mask=ok)
 
 
-def _check(cond, msg):
-    if not cond:
-        raise ValueError(f"activation: {msg}")
+_check = functools.partial(_v.check, "activation")
 
 
 def _as_operand(name, value, L, device):
@@ -60,12 +61,7 @@ def _as_operand(name, value, L, device):
 
 def _launch(logits, kind, logit_bias=None, logit_scale=None):
     _check(kind in _KINDS, f"unknown activation {kind!r}; expected softmax, sigmoid or identity")
-    _check(isinstance(logits, torch.Tensor) and logits.dim() == 2,
-           f"logits must be a 2-D tensor (B, L), got {getattr(logits, 'shape', type(logits))}")
-    _check(logits.dtype in (torch.float16, torch.bfloat16, torch.float32),
-           f"logits.dtype must be float16, bfloat16 or float32, got {logits.dtype}")
-    _check(logits.stride(1) == 1 or logits.shape[1] == 1,
-           f"logits must be contiguous in its last dim, got strides {tuple(logits.stride())}")
+    _v.check_float("activation", "logits", logits, 2, "(B, L)")
     B, L = logits.shape
     bias_mode, bias, bias_vec = _as_operand("logit_bias", logit_bias, L, logits.device)
     scale_mode, scale, scale_vec = _as_operand("logit_scale", logit_scale, L, logits.device)

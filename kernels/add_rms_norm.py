@@ -3,8 +3,7 @@ import torch
 import triton
 import triton.language as tl
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_MAX_H = 32768
+from . import _validate as _v
 
 
 @triton.jit
@@ -26,41 +25,17 @@ def _add_rms_norm_kernel(X, RES, W, OUT, SUM, stride_x, stride_r, stride_o, stri
     tl.store(OUT + row * stride_o + offs, (xf * rstd * w).to(OUT.dtype.element_ty), mask=ok)
 
 
-def _check(cond, msg):
-    if not cond:
-        raise ValueError(f"add_rms_norm: {msg}")
-
-
-def _rows(t, H):
-    """A (rows, H) view of t with a unit last stride (copying only when no view exists)."""
-    t2 = t.reshape(-1, H)
-    if t2.shape[0] > 0 and H > 1 and t2.stride(1) != 1:
-        t2 = t2.contiguous()
-    return t2
-
-
 def _launch(x, residual, weight, eps, offset=0.0):
-    _check(isinstance(x, torch.Tensor) and x.dim() >= 1,
-           f"x must be a tensor (..., H), got {getattr(x, 'shape', type(x))}")
-    _check(x.dtype in _DTYPES, f"x.dtype must be float16, bfloat16 or float32, got {x.dtype}")
-    H = x.shape[-1]
-    _check(1 <= H <= _MAX_H, f"hidden size must be in [1, {_MAX_H}], got {H}")
+    H = _v.check_x("add_rms_norm", x)
     if residual is not None:
-        _check(isinstance(residual, torch.Tensor) and residual.shape == x.shape,
-               f"residual must match x's shape {tuple(x.shape)}, got {getattr(residual, 'shape', type(residual))}")
-        _check(residual.dtype == x.dtype, f"residual.dtype must be x's {x.dtype}, got {residual.dtype}")
-        _check(residual.device == x.device, f"residual is on {residual.device}, expected x's device {x.device}")
-    _check(isinstance(weight, torch.Tensor) and weight.shape == (H,),
-           f"weight must be ({H},), got {getattr(weight, 'shape', type(weight))}")
-    _check(weight.dtype in _DTYPES, f"weight.dtype must be a float type, got {weight.dtype}")
-    _check(weight.device == x.device, f"weight is on {weight.device}, expected x's device {x.device}")
-    _check(weight.is_contiguous(), "weight must be contiguous")
-    x2 = _rows(x, H)
+        _v.check_residual("add_rms_norm", residual, x)
+    _v.check_param("add_rms_norm", "weight", weight, H, x.device, f"x's device {x.device}")
+    x2 = _v.rows(x, H)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     summed = x if residual is None else torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if x2.shape[0] == 0:
         return out, summed
-    r2 = x2 if residual is None else _rows(residual, H)
+    r2 = x2 if residual is None else _v.rows(residual, H)
     o2 = out.view(-1, H)
     s2 = summed.view(-1, H)
     block_h = triton.next_power_of_2(H)

@@ -1,12 +1,14 @@
 """BERT-style embeddings in Triton: word + position + token type (+ extra row), then
 LayerNorm, one program per token, the sum and the statistics in fp32."""
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+from . import _validate as _v
+
 _INDEX_DTYPES = (torch.int64, torch.int32)
-_MAX_H = 32768
 
 
 @triton.jit
@@ -35,18 +37,16 @@ def _embed_layer_norm_kernel(IDS, POS_IDS, TYPE_IDS, WORD, POS, TYPE, EXTRA, W, 
     tl.store(OUT + tok * stride_o + offs, y.to(OUT.dtype.element_ty), mask=ok)
 
 
-def _check(cond, msg):
-    if not cond:
-        raise ValueError(f"embed_layer_norm: {msg}")
+_check = functools.partial(_v.check, "embed_layer_norm")
 
 
 def _launch(input_ids, positions, token_type_ids, word, pos, type_, weight, bias, eps, extra=None):
     _check(isinstance(word, torch.Tensor) and word.dim() == 2,
            f"word must be a 2-D table (V, H), got {getattr(word, 'shape', type(word))}")
-    _check(word.dtype in _DTYPES, f"word.dtype must be float16, bfloat16 or float32, got {word.dtype}")
+    _check(word.dtype in _v.DTYPES, f"word.dtype must be float16, bfloat16 or float32, got {word.dtype}")
     H = word.shape[1]
     dev = word.device
-    _check(1 <= H <= _MAX_H, f"hidden size must be in [1, {_MAX_H}], got {H}")
+    _v.hidden_size("embed_layer_norm", H)
     _check(isinstance(input_ids, torch.Tensor) and input_ids.dim() == 1,
            f"input_ids must be a 1-D (T,) tensor, got {getattr(input_ids, 'shape', type(input_ids))}")
     T = input_ids.shape[0]
@@ -70,7 +70,7 @@ def _launch(input_ids, positions, token_type_ids, word, pos, type_, weight, bias
         want = "(rows, H)" if dims == 2 else f"({H},)"
         _check(isinstance(t, torch.Tensor) and t.dim() == dims and t.shape[-1] == H,
                f"{name} must be {want} with H={H}, got {getattr(t, 'shape', type(t))}")
-        _check(t.dtype in _DTYPES, f"{name}.dtype must be a float type, got {t.dtype}")
+        _check(t.dtype in _v.DTYPES, f"{name}.dtype must be a float type, got {t.dtype}")
         _check(t.device == dev, f"{name} is on {t.device}, expected word's device {dev}")
         _check(t.stride(-1) == 1, f"{name} must be contiguous in its last dim, got {tuple(t.stride())}")
     _check(word.stride(1) == 1, f"word must be contiguous in its last dim, got {tuple(word.stride())}")

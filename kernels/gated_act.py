@@ -1,10 +1,13 @@
 """Gated MLP activation in Triton: act(gate) * up for x = [gate | up]."""
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
+from . import _validate as _v
+
 _KINDS = {"silu": 0, "gelu_tanh": 1, "gelu": 2}
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
@@ -63,16 +66,14 @@ def _gated_act_kernel(X, OUT, stride_x, stride_o, I, KIND: tl.constexpr, BLOCK: 
     tl.store(OUT + row * stride_o + offs, (a * up).to(OUT.dtype.element_ty), mask=ok)
 
 
-def _check(cond, msg):
-    if not cond:
-        raise ValueError(f"gated_act: {msg}")
+_check = functools.partial(_v.check, "gated_act")
 
 
 def _launch(x, kind):
     _check(kind in _KINDS, f"unknown gated activation {kind!r}; expected 'silu', 'gelu_tanh' or 'gelu'")
     _check(isinstance(x, torch.Tensor) and x.dim() >= 1,
            f"x must be a tensor (..., 2I), got {getattr(x, 'shape', type(x))}")
-    _check(x.dtype in _DTYPES, f"x.dtype must be float16, bfloat16 or float32, got {x.dtype}")
+    _check(x.dtype in _v.DTYPES, f"x.dtype must be float16, bfloat16 or float32, got {x.dtype}")
     _check(x.shape[-1] % 2 == 0, f"x's last dim must be even ([gate | up]), got {x.shape[-1]}")
     I2 = x.shape[-1]
     I = I2 // 2

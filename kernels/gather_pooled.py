@@ -1,7 +1,11 @@
 """Pooled-row gather in Triton: one row per packed sequence (first, last or mean)."""
+import functools
+
 import torch
 import triton
 import triton.language as tl
+
+from . import _validate as _v
 
 _POOLINGS = {"cls": 0, "last": 1, "mean": 2}
 
@@ -33,26 +37,14 @@ def _gather_pooled_kernel(X, CU_SEQLENS, OUT, stride_xt, stride_ob, H,
     tl.store(OUT + seq.to(tl.int64) * stride_ob + offs_h, out.to(OUT.dtype.element_ty), mask=h_ok)
 
 
-def _check(cond, msg):
-    if not cond:
-        raise ValueError(f"gather_pooled: {msg}")
+_check = functools.partial(_v.check, "gather_pooled")
 
 
 def _launch(hidden, cu_seqlens, pooling, out_dtype=None):
     """out_dtype: hidden's dtype (the op's contract) unless given (float32 for fused heads)."""
     _check(pooling in _POOLINGS, f"unknown pooling {pooling!r}; expected 'cls', 'last' or 'mean'")
-    _check(isinstance(hidden, torch.Tensor) and hidden.dim() == 2,
-           f"hidden must be a 2-D tensor (T, H), got {getattr(hidden, 'shape', type(hidden))}")
-    _check(hidden.dtype in (torch.float16, torch.bfloat16, torch.float32),
-           f"hidden.dtype must be float16, bfloat16 or float32, got {hidden.dtype}")
-    _check(hidden.stride(1) == 1 or hidden.shape[1] == 1,
-           f"hidden must be contiguous in its last dim, got strides {tuple(hidden.stride())}")
-    _check(isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.dim() == 1 and cu_seqlens.numel() >= 1,
-           f"cu_seqlens must be a 1-D (B+1,) tensor, got {getattr(cu_seqlens, 'shape', type(cu_seqlens))}")
-    _check(cu_seqlens.dtype == torch.int32, f"cu_seqlens.dtype must be int32, got {cu_seqlens.dtype}")
-    _check(cu_seqlens.device == hidden.device,
-           f"cu_seqlens is on {cu_seqlens.device}, expected hidden's device {hidden.device}")
-    _check(cu_seqlens.is_contiguous(), "cu_seqlens must be contiguous")
+    _v.check_float("gather_pooled", "hidden", hidden, 2, "(T, H)")
+    _v.check_cu_seqlens("gather_pooled", cu_seqlens, hidden.device, f"hidden's device {hidden.device}")
     B = cu_seqlens.numel() - 1
     H = hidden.shape[1]
     out = torch.empty((B, H), dtype=out_dtype or hidden.dtype, device=hidden.device)

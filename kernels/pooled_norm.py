@@ -1,14 +1,16 @@
 """Pooled rows through the final norm in Triton: gather (cls / last / mean) + optional
 residual add + LayerNorm / RMSNorm, written in fp32 for the fp32 head. Only the pooled
 rows are normed for cls / last, instead of all T tokens."""
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
+from . import _validate as _v
+
 _POOLINGS = {"cls": 0, "last": 1, "mean": 2}
 _NORMS = {None: 0, "layer": 1, "rms": 2}
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_MAX_H = 32768
 
 
 @triton.jit
@@ -76,21 +78,15 @@ def _pooled_norm_kernel(X, RES, CU_SEQLENS, W, B, OUT, stride_x, stride_r, strid
     tl.store(OUT + seq.to(tl.int64) * stride_o + offs_h, out, mask=h_ok)
 
 
-def _check(cond, msg):
-    if not cond:
-        raise ValueError(f"pooled_norm: {msg}")
+_check = functools.partial(_v.check, "pooled_norm")
 
 
 def _launch(hidden, cu_seqlens, pooling, norm_kind, weight, bias, eps, offset=0.0, residual=None):
     _check(pooling in _POOLINGS, f"unknown pooling {pooling!r}; expected 'cls', 'last' or 'mean'")
     _check(norm_kind in _NORMS, f"unknown norm_kind {norm_kind!r}; expected None, 'layer' or 'rms'")
-    _check(isinstance(hidden, torch.Tensor) and hidden.dim() == 2,
-           f"hidden must be a 2-D tensor (T, H), got {getattr(hidden, 'shape', type(hidden))}")
-    _check(hidden.dtype in _DTYPES, f"hidden.dtype must be float16, bfloat16 or float32, got {hidden.dtype}")
-    _check(hidden.stride(1) == 1 or hidden.shape[1] == 1,
-           f"hidden must be contiguous in its last dim, got strides {tuple(hidden.stride())}")
+    _v.check_float("pooled_norm", "hidden", hidden, 2, "(T, H)")
     T, H = hidden.shape
-    _check(1 <= H <= _MAX_H, f"hidden size must be in [1, {_MAX_H}], got {H}")
+    _v.hidden_size("pooled_norm", H)
     if residual is not None:
         _check(isinstance(residual, torch.Tensor) and residual.shape == hidden.shape,
                f"residual must match hidden's shape {tuple(hidden.shape)}, "
@@ -105,16 +101,9 @@ def _launch(hidden, cu_seqlens, pooling, norm_kind, weight, bias, eps, offset=0.
     if norm_kind == "layer" and bias is not None:
         params.append(("bias", bias))
     for name, t in params:
-        _check(isinstance(t, torch.Tensor) and t.shape == (H,),
-               f"{name} must be ({H},) for norm_kind={norm_kind!r}, got {getattr(t, 'shape', type(t))}")
-        _check(t.dtype in _DTYPES, f"{name}.dtype must be a float type, got {t.dtype}")
-        _check(t.device == hidden.device, f"{name} is on {t.device}, expected {hidden.device}")
-        _check(t.is_contiguous(), f"{name} must be contiguous")
-    _check(isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.dim() == 1 and cu_seqlens.numel() >= 1,
-           f"cu_seqlens must be a 1-D (B+1,) tensor, got {getattr(cu_seqlens, 'shape', type(cu_seqlens))}")
-    _check(cu_seqlens.dtype == torch.int32, f"cu_seqlens.dtype must be int32, got {cu_seqlens.dtype}")
-    _check(cu_seqlens.device == hidden.device, f"cu_seqlens is on {cu_seqlens.device}, expected {hidden.device}")
-    _check(cu_seqlens.is_contiguous(), "cu_seqlens must be contiguous")
+        _v.check_param("pooled_norm", name, t, H, hidden.device, f"{hidden.device}",
+                       note=f" for norm_kind={norm_kind!r}")
+    _v.check_cu_seqlens("pooled_norm", cu_seqlens, hidden.device, f"{hidden.device}")
     B = cu_seqlens.numel() - 1
     out = torch.empty((B, H), dtype=torch.float32, device=hidden.device)
     if B == 0:

@@ -1,9 +1,11 @@
 """Rotary position embedding in Triton, in place on packed q and k."""
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+from . import _validate as _v
 
 
 @triton.jit
@@ -42,18 +44,12 @@ def _rotary_kernel(Q, K, POS, COS_SIN, stride_qt, stride_qh, stride_kt, stride_k
     _rotate_heads(K + tok * stride_kt, stride_kh, n_k, cos, sin, offs_j, j_ok, HALF, NEOX, BLOCK_HK)
 
 
-def _check(cond, msg):
-    if not cond:
-        raise ValueError(f"rotary: {msg}")
+_check = functools.partial(_v.check, "rotary")
 
 
 def _launch(q, k, positions, cos_sin, neox=True):
     for name, t in (("q", q), ("k", k)):
-        _check(isinstance(t, torch.Tensor) and t.dim() == 3,
-               f"{name} must be a 3-D tensor (T, H, D), got {getattr(t, 'shape', type(t))}")
-        _check(t.dtype in _DTYPES, f"{name}.dtype must be float16, bfloat16 or float32, got {t.dtype}")
-        _check(t.stride(2) == 1 or t.shape[2] == 1,
-               f"{name} must be contiguous in its last dim, got strides {tuple(t.stride())}")
+        _v.check_float("rotary", name, t, 3, "(T, H, D)")
         _check(t.device == q.device, f"{name} is on {t.device}, expected q's device {q.device}")
     T, Hq, D = q.shape
     _check(k.shape[0] == T and k.shape[2] == D,
@@ -69,7 +65,7 @@ def _launch(q, k, positions, cos_sin, neox=True):
            f"cos_sin must be a 2-D tensor (max_pos, R), got {getattr(cos_sin, 'shape', type(cos_sin))}")
     R = cos_sin.shape[1]
     _check(R % 2 == 0 and 2 <= R <= D, f"cos_sin width R must be even and in [2, D={D}], got {R}")
-    _check(cos_sin.dtype in _DTYPES, f"cos_sin.dtype must be a float type, got {cos_sin.dtype}")
+    _check(cos_sin.dtype in _v.DTYPES, f"cos_sin.dtype must be a float type, got {cos_sin.dtype}")
     _check(cos_sin.device == q.device, f"cos_sin is on {cos_sin.device}, expected {q.device}")
     _check(cos_sin.stride(1) == 1, f"cos_sin must be contiguous in its last dim, got {tuple(cos_sin.stride())}")
     if T == 0:

@@ -6,11 +6,14 @@ their sequence return at once. Only the head dim and feature flags are ``tl.cons
 T, B and max_seqlen never reach the kernel as constants, so ragged batches reuse one
 compiled kernel per (dtype, head_dim, causal, window on/off).
 """
+import functools
 import math
 
 import torch
 import triton
 import triton.language as tl
+
+from . import _validate as _v
 
 # Finite stand-in for -inf as the running max: a row that has seen no visible key yet
 # keeps m_i at this value, so exp2(m_i - m_new) stays finite (1 or 0) instead of NaN.
@@ -151,7 +154,6 @@ CONFIGS_FP32 = {
     128: (64, 32, 4, 2),
     256: (32, 16, 4, 2),
 }
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _fp32_precision(device):
@@ -163,9 +165,7 @@ def _fp32_precision(device):
     return "tf32x3" if torch.cuda.get_device_capability(device)[0] >= 8 else "ieee"
 
 
-def _check(cond, msg):
-    if not cond:
-        raise ValueError(f"varlen_attention: {msg}")
+_check = functools.partial(_v.check, "varlen_attention")
 
 
 def _launch(q, k, v, cu_seqlens, max_seqlen, causal=False, scale=None, window=None,
@@ -173,11 +173,7 @@ def _launch(q, k, v, cu_seqlens, max_seqlen, causal=False, scale=None, window=No
     """Validate, then launch. block_m/block_n override the per-head-dim config (tests use
     small blocks to reach the multi-block paths on short sequences)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
-        _check(isinstance(t, torch.Tensor) and t.dim() == 3,
-               f"{name} must be a 3-D tensor (T, H, D), got {getattr(t, 'shape', type(t))}")
-        _check(t.dtype in _DTYPES, f"{name}.dtype must be float16, bfloat16 or float32, got {t.dtype}")
-        _check(t.stride(-1) == 1 or t.shape[-1] == 1,
-               f"{name} must be contiguous in its last dim, got strides {tuple(t.stride())}")
+        _v.check_float("varlen_attention", name, t, 3, "(T, H, D)")
         _check(t.device == q.device, f"{name} is on {t.device}, expected q's device {q.device}")
     T, Hq, D = q.shape
     Hkv = k.shape[1]
@@ -188,11 +184,7 @@ def _launch(q, k, v, cu_seqlens, max_seqlen, causal=False, scale=None, window=No
            f"q, k, v must share a dtype, got q {q.dtype} k {k.dtype} v {v.dtype}")
     _check(Hkv >= 1 and Hq % Hkv == 0, f"Hq ({Hq}) must be a multiple of Hkv ({Hkv})")
     _check(1 <= D <= 256, f"head_dim must be in [1, 256], got {D}")
-    _check(isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.dim() == 1 and cu_seqlens.numel() >= 1,
-           f"cu_seqlens must be a 1-D (B+1,) tensor, got {getattr(cu_seqlens, 'shape', type(cu_seqlens))}")
-    _check(cu_seqlens.dtype == torch.int32, f"cu_seqlens.dtype must be int32, got {cu_seqlens.dtype}")
-    _check(cu_seqlens.device == q.device, f"cu_seqlens is on {cu_seqlens.device}, expected {q.device}")
-    _check(cu_seqlens.is_contiguous(), "cu_seqlens must be contiguous")
+    _v.check_cu_seqlens("varlen_attention", cu_seqlens, q.device, f"{q.device}")
     B = cu_seqlens.numel() - 1
     _check(B <= _MAX_GRID_YZ, f"at most {_MAX_GRID_YZ} sequences per launch, got B={B}")
     _check(hasattr(max_seqlen, "__index__") and not isinstance(max_seqlen, bool) and int(max_seqlen) >= 0,

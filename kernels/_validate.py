@@ -1,0 +1,70 @@
+"""Input checks shared by the Triton launchers. Every check takes the op's name, which
+starts each error message ("add_rms_norm: ..."), so the messages read as the op's own."""
+import torch
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_H = 32768
+
+
+def check(op, cond, msg):
+    if not cond:
+        raise ValueError(f"{op}: {msg}")
+
+
+def rows(t, H):
+    """A (rows, H) view of t with a unit last stride (copying only when no view exists)."""
+    t2 = t.reshape(-1, H)
+    if t2.shape[0] > 0 and H > 1 and t2.stride(1) != 1:
+        t2 = t2.contiguous()
+    return t2
+
+
+def hidden_size(op, H):
+    check(op, 1 <= H <= MAX_H, f"hidden size must be in [1, {MAX_H}], got {H}")
+
+
+def check_x(op, x):
+    """x: a float (..., H) tensor with 1 <= H <= MAX_H; returns H."""
+    check(op, isinstance(x, torch.Tensor) and x.dim() >= 1,
+          f"x must be a tensor (..., H), got {getattr(x, 'shape', type(x))}")
+    check(op, x.dtype in DTYPES, f"x.dtype must be float16, bfloat16 or float32, got {x.dtype}")
+    H = x.shape[-1]
+    hidden_size(op, H)
+    return H
+
+
+def check_residual(op, residual, x):
+    """residual: x's shape, dtype and device."""
+    check(op, isinstance(residual, torch.Tensor) and residual.shape == x.shape,
+          f"residual must match x's shape {tuple(x.shape)}, got {getattr(residual, 'shape', type(residual))}")
+    check(op, residual.dtype == x.dtype, f"residual.dtype must be x's {x.dtype}, got {residual.dtype}")
+    check(op, residual.device == x.device, f"residual is on {residual.device}, expected x's device {x.device}")
+
+
+def check_param(op, name, t, H, device, expected, note=""):
+    """A contiguous float (H,) parameter on device; `expected` names that device in the
+    message, `note` follows the wanted shape."""
+    check(op, isinstance(t, torch.Tensor) and t.shape == (H,),
+          f"{name} must be ({H},){note}, got {getattr(t, 'shape', type(t))}")
+    check(op, t.dtype in DTYPES, f"{name}.dtype must be a float type, got {t.dtype}")
+    check(op, t.device == device, f"{name} is on {t.device}, expected {expected}")
+    check(op, t.is_contiguous(), f"{name} must be contiguous")
+
+
+def check_float(op, name, t, ndim, layout):
+    """A float16/bfloat16/float32 tensor of ndim dims (layout, e.g. "(T, H)", is for the
+    message), contiguous in its last dim (or of size 1 there)."""
+    check(op, isinstance(t, torch.Tensor) and t.dim() == ndim,
+          f"{name} must be a {ndim}-D tensor {layout}, got {getattr(t, 'shape', type(t))}")
+    check(op, t.dtype in DTYPES, f"{name}.dtype must be float16, bfloat16 or float32, got {t.dtype}")
+    check(op, t.stride(-1) == 1 or t.shape[-1] == 1,
+          f"{name} must be contiguous in its last dim, got strides {tuple(t.stride())}")
+
+
+def check_cu_seqlens(op, cu_seqlens, device, expected):
+    """cu_seqlens: a contiguous 1-D (B+1,) int32 tensor on device (`expected` names it)."""
+    check(op, isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.dim() == 1 and cu_seqlens.numel() >= 1,
+          f"cu_seqlens must be a 1-D (B+1,) tensor, got {getattr(cu_seqlens, 'shape', type(cu_seqlens))}")
+    check(op, cu_seqlens.dtype == torch.int32, f"cu_seqlens.dtype must be int32, got {cu_seqlens.dtype}")
+    check(op, cu_seqlens.device == device, f"cu_seqlens is on {cu_seqlens.device}, expected {expected}")
+    check(op, cu_seqlens.is_contiguous(), "cu_seqlens must be contiguous")
