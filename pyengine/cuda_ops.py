@@ -127,6 +127,16 @@ def _weight(op, name, w, H, x_dtype):
         _fail(op, f"{name}.dtype must be float32 or the input's {x_dtype}, got {w.dtype}")
 
 
+def _residual(op, residual, like, like_name):
+    """residual: a tensor of like's shape and dtype, contiguous in its last dim."""
+    _tensor(op, "residual", residual)
+    if residual.shape != like.shape:
+        _fail(op, f"residual must match {like_name}'s shape {tuple(like.shape)}, got {tuple(residual.shape)}")
+    if residual.dtype != like.dtype:
+        _fail(op, f"residual.dtype must be {like_name}'s {like.dtype}, got {residual.dtype}")
+    _last_contiguous(op, "residual", residual)
+
+
 def _check_norm(op, x, residual, weight, bias, real):
     _tensor(op, "x", x)
     _float_dtype(op, "x", x)
@@ -136,12 +146,7 @@ def _check_norm(op, x, residual, weight, bias, real):
         _fail(op, "x has an empty last dim")
     res_stride = 0
     if residual is not None:
-        _tensor(op, "residual", residual)
-        if residual.shape != x.shape:
-            _fail(op, f"residual must match x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
-        if residual.dtype != x.dtype:
-            _fail(op, f"residual.dtype must be x's {x.dtype}, got {residual.dtype}")
-        _last_contiguous(op, "residual", residual)
+        _residual(op, residual, x, "x")
         res_stride = _rows_2d(op, "residual", residual)[2]
     _weight(op, "weight", weight, H, x.dtype)
     if bias is not None:
@@ -441,12 +446,7 @@ def _check_pooled_norm(hidden, cu_seqlens, pooling, norm_kind, weight, bias, res
     _check_cu(op, cu_seqlens)
     H = hidden.shape[1]
     if residual is not None:
-        _tensor(op, "residual", residual)
-        if residual.shape != hidden.shape:
-            _fail(op, f"residual must match hidden's shape {tuple(hidden.shape)}, got {tuple(residual.shape)}")
-        if residual.dtype != hidden.dtype:
-            _fail(op, f"residual.dtype must be hidden's {hidden.dtype}, got {residual.dtype}")
-        _last_contiguous(op, "residual", residual)
+        _residual(op, residual, hidden, "hidden")
     if norm_kind is not None:
         if weight is None:
             _fail(op, f"norm_kind={norm_kind!r} needs a weight")
