@@ -177,6 +177,23 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
   return warp_sum(v);
 }
 
+// rsqrt(biased variance + eps) of a row staged in fp32 at srow[j * nvec + i] (element
+// i*VEC + j), two-pass about `mean` (inv_h = 1 / H). Each thread reads only the elements
+// it wrote itself, so no sync is needed before the call; every thread gets the result.
+template <int VEC>
+__device__ __forceinline__ float layer_norm_rstd(const float* srow, int nvec, float mean,
+                                                 float inv_h, float eps, float* scratch) {
+  float sq = 0.f;
+  for (int i = threadIdx.x; i < nvec; i += blockDim.x) {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      const float d = srow[j * nvec + i] - mean;
+      sq += d * d;
+    }
+  }
+  return rsqrtf(block_sum(sq, scratch) * inv_h + eps);
+}
+
 }  // namespace pyengine
 
 // Dispatch on a dtype code: defines `scalar_t` inside the body.

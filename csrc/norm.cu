@@ -54,15 +54,7 @@ __global__ void add_norm_kernel(const T* __restrict__ x, int64_t x_stride,
     rstd = rsqrtf(mean + eps);
   } else {
     // Two-pass variance over the fp32 row this thread wrote itself (no sync needed).
-    float sq = 0.f;
-    for (int i = threadIdx.x; i < nvec; i += blockDim.x) {
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) {
-        const float d = srow[j * nvec + i] - mean;
-        sq += d * d;
-      }
-    }
-    rstd = rsqrtf(block_sum(sq, scratch) * inv_h + eps);
+    rstd = layer_norm_rstd<VEC>(srow, nvec, mean, inv_h, eps, scratch);
   }
 
   T* orow = out + row * static_cast<int64_t>(hidden);

@@ -180,15 +180,7 @@ __global__ void pooled_norm_kernel(const T* __restrict__ hidden, int64_t h_strid
     float mean = 0.f, rstd;
     if (norm_kind == 1) {
       mean = block_sum(part, scratch) * inv_h;
-      float sq = 0.f;
-      for (int i = threadIdx.x; i < nvec; i += blockDim.x) {
-#pragma unroll
-        for (int j = 0; j < VEC; ++j) {
-          const float d = srow[j * nvec + i] - mean;
-          sq += d * d;
-        }
-      }
-      rstd = rsqrtf(block_sum(sq, scratch) * inv_h + eps);
+      rstd = layer_norm_rstd<VEC>(srow, nvec, mean, inv_h, eps, scratch);
     } else {
       rstd = rsqrtf(block_sum(part, scratch) * inv_h + eps);
     }
