@@ -62,21 +62,12 @@ def _length_groups(lens, max_tokens=16384, slack=1.25):
 
 
 def _band(L, causal, window, device):
-    """(L, L) bool: which keys each query may see, or None when it sees all of them."""
+    """(L, L) bool: which keys each query of one sequence may see, or None when it sees
+    all of them."""
     if not causal and window is None:
         return None
     ar = torch.arange(L, device=device)
-    rel = ar[None, :] - ar[:, None]  # key - query
-    allowed = torch.ones(L, L, dtype=torch.bool, device=device)
-    if causal:
-        allowed &= rel <= 0
-    if window is not None:
-        left, right = window
-        if left >= 0:
-            allowed &= rel >= -left
-        if right >= 0:
-            allowed &= rel <= right
-    return allowed
+    return _attn_mask(ar[None], ar, torch.tensor([L], device=device), causal, window)[0, 0]
 
 
 def _one_sequence(q, k, v, causal, scale, window):
