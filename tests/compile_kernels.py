@@ -98,6 +98,11 @@ def main(arch=90):
     attention = _patched("varlen_attention", target)
     for D, causal, window in ((64, False, None), (128, True, (64, -1))):
         attention(z(T, 4, D, dtype=bf), z(T, 2, D, dtype=bf), z(T, 2, D, dtype=bf), cu, 15, causal, None, window)
+    pooled = _patched("pooled_query_attention", target)
+    pos = torch.tensor([4, 14])
+    for dt, D, Hq, Hkv, causal, window in ((bf, 64, 12, 12, False, None), (bf, 128, 16, 2, True, (64, -1)),
+                                           (bf, 256, 8, 8, True, None), (torch.float32, 128, 16, 8, True, None)):
+        pooled(z(2, Hq, D, dtype=dt), z(T, Hkv, D, dtype=dt), z(T, Hkv, D, dtype=dt), cu, 15, pos, causal, None, window)
     _patched("gather_pooled", target)(h, cu, "mean")
     _patched("activation", target)(z(4, 3), "softmax", 0.5, z(3))
     _patched("add_layer_norm", target)(h, h, z(H), z(H), 1e-5)

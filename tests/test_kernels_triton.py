@@ -21,7 +21,7 @@ from kernel_refs import (FP16, FP32, activation64, assert_close, attention64, cu
                          gated64, gather64, layer_norm64, positions, rms_norm64, rotary64)
 from pyengine.kernels.gated_act import _erf  # noqa: E402
 
-KERNEL_OPS = ("varlen_attention", "gather_pooled", "activation", "add_layer_norm", "add_rms_norm",
+KERNEL_OPS = ("varlen_attention", "pooled_query_attention", "gather_pooled", "activation", "add_layer_norm", "add_rms_norm",
               "rotary", "gated_act", "embed_layer_norm", "pooled_norm")
 DTYPES = [pytest.param(FP32, id="fp32"), pytest.param(FP16, id="fp16")]
 MIXED = [1, 17, 65]  # a 1-token sequence, a partial block, one full 64-block plus a 1-row tail
@@ -173,6 +173,100 @@ def test_varlen_attention_validation(bad, match):
     q, k, v = _qkv([4, 4], 4, 2, 16, torch.float32)
     with pytest.raises(ValueError, match=match):
         _kernel("varlen_attention")(*bad(q, k, v, cu_seqlens([4, 4])), 4)
+
+
+# ----------------------------------------------------------------------------------------
+# pooled-query attention
+# ----------------------------------------------------------------------------------------
+
+def _q_pos(lens, kind):
+    """(B,) int64 query positions: "cls" 0, "last" len-1, "mid" len//2, "mix" cycles them."""
+    pick = {"cls": lambda n, i: 0, "last": lambda n, i: n - 1, "mid": lambda n, i: n // 2,
+            "mix": lambda n, i: (0, n - 1, n // 2)[i % 3]}[kind]
+    return torch.tensor([pick(n, i) for i, n in enumerate(lens)], dtype=torch.int64)
+
+
+def _check_pooled(lens, kind, Hq, Hkv, D, tol, causal, window=None, scale=None, block_n=None, seed=0):
+    dtype = tol[0]
+    q_all, k, v = _qkv(lens, Hq, Hkv, D, dtype, seed)
+    cu = cu_seqlens(lens)
+    pos = _q_pos(lens, kind)
+    rows = cu[:-1].long() + pos
+    q = q_all[rows]
+    out = _mod("pooled_query_attention")._launch(q, k, v, cu, max(lens), pos, causal, scale, window, block_n)
+    assert out.dtype == dtype and out.shape == q.shape
+    what = f"lens={lens} q_pos={pos.tolist()} Hq={Hq} Hkv={Hkv} D={D} {dtype} causal={causal} window={window}"
+    ref = ops.pooled_query_attention(q.float(), k.float(), v.float(), cu, max(lens), pos, causal, scale, window)
+    assert_close(out, ref, tol, what + " vs reference")
+    # Full float64 attention per sequence, read at the pooled rows.
+    assert_close(out, attention64(q_all, k, v, lens, causal, scale, window)[rows], tol, what + " vs float64")
+
+
+@pytest.mark.usefixtures("poisoned")
+@pytest.mark.parametrize("tol", DTYPES)
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+@pytest.mark.parametrize("kind", ["cls", "last", "mid"])
+@pytest.mark.parametrize("Hq,Hkv,D", [(4, 1, 64), (2, 2, 16)], ids=["gqa4-64", "mha-16"])
+def test_pooled_query_attention(tol, causal, kind, Hq, Hkv, D):
+    # MIXED with the production blocks: len 65 crosses key blocks, len 1 is a single key;
+    # causal with q_pos = 0 sees one key, with len-1 the whole sequence, mid half of it.
+    _check_pooled(MIXED, kind, Hq, Hkv, D, tol, causal)
+
+
+@pytest.mark.usefixtures("poisoned")
+@pytest.mark.parametrize("window,causal,kind", [
+    ((5, 3), False, "mid"),     # bounded both sides: the first key block starts mid-block
+    ((20, -1), True, "last"),   # sliding causal window from the last token
+    ((0, 0), False, "mix"),     # only the token itself
+    ((-1, -1), True, "mix"),    # both unbounded: the no-window kernel
+], ids=["5-3", "left20-causal", "self", "unbounded"])
+def test_pooled_query_attention_window(window, causal, kind):
+    _check_pooled([65, 1, 17, 40], kind, 4, 1, 16, FP32, causal, window=window, block_n=16)
+
+
+@pytest.mark.usefixtures("poisoned")
+def test_pooled_query_attention_fp16_gqa_padded_head_dim():
+    # g = 8 rows padded to 16, head dim 80 padded to 128, several 16-key blocks.
+    _check_pooled(MIXED, "mix", 8, 1, 80, FP16, True, window=(24, -1), scale=0.1, block_n=16)
+
+
+@pytest.mark.usefixtures("poisoned")
+def test_pooled_query_attention_views_and_empty_sequence():
+    # k and v as views of a fused (T, 2, Hkv, D) projection (as BERT's last layer passes
+    # them), q a strided view; an empty sequence gets zeros, its neighbours are unaffected.
+    lens = [9, 0, 33]
+    T, Hq, Hkv, D = sum(lens), 4, 2, 32
+    kv = _randn(T, 2, Hkv, D, seed=7)
+    k, v = kv[:, 0], kv[:, 1]
+    q_all = _randn(T, Hq, D, seed=8)
+    pos = torch.tensor([8, 0, 5])
+    rows = cu_seqlens(lens)[:-1].long() + pos
+    q = _randn(3, Hq, 2 * D, seed=9)[:, :, :D]
+    q[[0, 2]] = q_all[rows[[0, 2]]]
+    assert not q.is_contiguous() and not k.is_contiguous()
+    out = _kernel("pooled_query_attention")(q, k, v, cu_seqlens(lens), 33, pos, causal=False, scale=0.2)
+    ref = attention64(q_all, k, v, lens, False, 0.2)
+    assert_close(out[[0, 2]], ref[rows[[0, 2]]], FP32, "strided views")
+    assert torch.equal(out[1], torch.zeros(Hq, D)), "an empty sequence's output must be zeros"
+
+
+@pytest.mark.parametrize("bad,match", [
+    (lambda q, k, v, cu, p: (q.double(), k, v, cu, p), "q.dtype"),
+    (lambda q, k, v, cu, p: (q, k.half(), v, cu, p), "share a dtype"),
+    (lambda q, k, v, cu, p: (q[:, :3], k, v, cu, p), r"Hq \(3\) must be a multiple of Hkv \(2\)"),
+    (lambda q, k, v, cu, p: (q, k, v[:-1], cu, p), "same shape"),
+    (lambda q, k, v, cu, p: (q, k, v, cu.long(), p), "cu_seqlens.dtype must be int32"),
+    (lambda q, k, v, cu, p: (q[:1], k, v, cu, p[:1]), r"cu_seqlens must be \(B\+1,\) = \(2,\)"),
+    (lambda q, k, v, cu, p: (q, k, v, cu, p[:1]), r"q_pos must be a \(2,\) tensor"),
+    (lambda q, k, v, cu, p: (q, k, v, cu, p.float()), "q_pos.dtype must be int64 or int32"),
+    (lambda q, k, v, cu, p: (q.transpose(1, 2), k, v, cu, p), "q must be contiguous in its last dim"),
+])
+def test_pooled_query_attention_validation(bad, match):
+    _, k, v = _qkv([4, 4], 4, 2, 16, torch.float32)
+    q = _randn(2, 4, 16, seed=3)
+    q_, k_, v_, cu_, p_ = bad(q, k, v, cu_seqlens([4, 4]), torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match="^pooled_query_attention: .*" + match):
+        _kernel("pooled_query_attention")(q_, k_, v_, cu_, 4, p_)
 
 
 # ----------------------------------------------------------------------------------------
@@ -414,6 +508,8 @@ def test_validation_messages(op, args, match):
 # Nothing derived from T, B or max_seqlen may appear here.
 ALLOWED_CONSTEXPRS = {
     "varlen_attention": {"HEAD_DIM", "BLOCK_D", "BLOCK_M", "BLOCK_N", "IS_CAUSAL", "HAS_WINDOW", "PRECISION"},
+    "pooled_query_attention": {"HEAD_DIM", "BLOCK_D", "BLOCK_G", "BLOCK_N", "IS_CAUSAL", "HAS_WINDOW",
+                               "PRECISION"},
     "gather_pooled": {"POOLING", "BLOCK_T", "BLOCK_H"},
     "activation": {"KIND", "BIAS_MODE", "SCALE_MODE", "BLOCK_L"},
     "add_layer_norm": {"HAS_RESIDUAL", "HAS_BIAS", "BLOCK_H"},
@@ -488,6 +584,10 @@ def _ragged_call(op, lens):
     if op == "varlen_attention":
         q, k, v = _qkv(lens, 2, 1, 16, torch.float32, seed=T)
         return lambda f: f(q, k, v, cu, max(lens), True, None, (8, -1))
+    if op == "pooled_query_attention":
+        q, k, v = _qkv(lens, 4, 1, 16, torch.float32, seed=T)
+        pos = cu[1:].long() - cu[:-1].long() - 1
+        return lambda f: f(q[:len(lens)], k, v, cu, max(lens), pos, True, None, (8, -1))
     if op == "gather_pooled":
         return lambda f: f(h, cu, "mean")
     if op == "activation":
@@ -660,3 +760,28 @@ def test_gpu_other_ops_bf16():
     logits = torch.randn(64, 3, device="cuda")
     assert_close(_kernel("activation")(logits, "softmax", 0.5, 2.0),
                  ops.activation(logits, "softmax", 0.5, 2.0), FP32, "activation")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal,Hq,Hkv,D,window,kind", [
+    (False, 12, 12, 64, None, "cls"),       # BERT-base CLS pooling
+    (True, 16, 8, 128, None, "last"),       # Qwen3-0.6B style, last-token pooling
+    (True, 14, 2, 64, None, "mix"),         # GQA 7:1, mixed positions
+    (True, 8, 8, 256, None, "last"),        # head_dim 256
+    (True, 16, 4, 96, (255, -1), "last"),   # sliding window, padded head dim
+])
+def test_gpu_pooled_query_attention_bf16(causal, Hq, Hkv, D, window, kind):
+    lens = _mixed_lens(64, seed=5)
+    T = sum(lens)
+    q_all, k, v = (torch.randn(T, h, D, device="cuda", dtype=torch.bfloat16) for h in (Hq, Hkv, Hkv))
+    cu = cu_seqlens(lens, "cuda")
+    pos = _q_pos(lens, kind).cuda()
+    rows = cu[:-1].long() + pos
+    q = q_all[rows]
+    out = _kernel("pooled_query_attention")(q, k, v, cu, max(lens), pos, causal, None, window)
+    tol = (torch.bfloat16, 2e-2, 2e-2)
+    assert_close(out, ops.pooled_query_attention(q, k, v, cu, max(lens), pos, causal, None, window), tol,
+                 "vs reference")
+    # The same rows of full varlen attention (the Triton kernel, checked on its own above).
+    full = _kernel("varlen_attention")(q_all, k, v, cu, max(lens), causal, None, window)
+    assert_close(out, full[rows], tol, "vs varlen_attention rows")
