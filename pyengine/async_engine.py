@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from .engine import EngineCore, Request
+from .engine import BatchError, EngineCore, Request
 from .inputs import TokenizedPrompt
 
 log = logging.getLogger("pyengine.async_engine")
@@ -147,10 +147,13 @@ class AsyncEngine:
             t0 = time.perf_counter()
             try:
                 finished = self.core.step()
-            except Exception as e:  # noqa: BLE001 - a model fault must not kill the loop
-                # Inputs were validated before queueing, so this is the engine's fault, not
-                # one caller's; which requests were in the failed batch is not known, so
-                # every waiting request fails rather than retrying into the same fault.
+            except BatchError as e:
+                # Inputs were validated before queueing, so this is the engine's fault: the
+                # callers with a sequence in that batch fail, everyone else carries on.
+                log.exception("engine step failed")
+                self._fail_requests(e.request_ids, RuntimeError(f"engine step failed: {e}"))
+                continue
+            except Exception as e:  # noqa: BLE001 - a fault outside a batch must not kill the loop
                 log.exception("engine step failed")
                 self._fail_all(RuntimeError(f"engine step failed: {type(e).__name__}: {e}"))
                 continue
@@ -163,6 +166,20 @@ class AsyncEngine:
                     owner[0].finish(owner[1], r.output)
         self._drain()
         self._fail_all(RuntimeError("the engine was shut down"))
+
+    def _fail_requests(self, request_ids, exc):
+        """Fail the callers owning ``request_ids`` and drop their other queued sequences."""
+        calls = {}
+        for rid in request_ids:
+            owner = self._owner.get(rid)
+            if owner is not None:
+                calls[id(owner[0])] = owner[0]
+        doomed = [rid for rid, (c, _) in self._owner.items() if id(c) in calls]
+        self.core.abort(doomed)
+        for rid in doomed:
+            del self._owner[rid]
+        for c in calls.values():
+            c.fail(exc)
 
     def _fail_all(self, exc):
         calls = {id(c): c for c, _ in self._owner.values()}

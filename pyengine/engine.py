@@ -28,6 +28,15 @@ from .scheduler import next_batch
 from .templates import load_score_template, render_pairs
 
 
+class BatchError(RuntimeError):
+    """A batch failed inside the model. ``request_ids`` are the requests it held, already
+    taken off the queue; every other waiting request is untouched."""
+
+    def __init__(self, request_ids: list[str], cause: BaseException):
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.request_ids = request_ids
+
+
 @dataclass
 class Request:
     request_id: str
@@ -121,7 +130,12 @@ class EngineCore:
         batch_reqs = [reqs[i] for i in chosen]
         if not batch_reqs:
             return []
-        outputs = self.run_batch([r.prompt for r in batch_reqs], [r.activation for r in batch_reqs])
+        try:
+            outputs = self.run_batch([r.prompt for r in batch_reqs], [r.activation for r in batch_reqs])
+        except Exception as e:
+            ids = [r.request_id for r in batch_reqs]
+            self.abort(ids)
+            raise BatchError(ids, e) from e
         for r, out in zip(batch_reqs, outputs):
             r.output = out
             del self.waiting[r.request_id]

@@ -358,3 +358,30 @@ def test_triton_backend_matches_transformers(tmp_path):
     got = torch.tensor([o.outputs.probs for o in llm.classify(texts, use_tqdm=False)])
     ref = hf_probs(model, tok, texts, "softmax")
     assert torch.allclose(got, ref, atol=ATOL, rtol=0), report(got, ref)
+
+
+def test_failed_batch_names_its_requests_and_leaves_the_rest(small_llm, monkeypatch):
+    # A batch budget of 16 tokens puts the two requests in separate batches.
+    from pyengine.engine import BatchError, Request
+    from pyengine.inputs import TokenizedPrompt
+
+    llm, _ = small_llm
+    core = llm.engine
+    monkeypatch.setattr(core.cfg, "max_num_batched_tokens", 16)
+    short, long_ = Request("s", TokenizedPrompt([2, 5, 3]), None), Request("l", TokenizedPrompt([2] * 15), None)
+    core.add_request(short)
+    core.add_request(long_)
+    run = core.run_batch
+
+    def boom(*args):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(core, "run_batch", boom)
+    with pytest.raises(BatchError, match="RuntimeError: boom") as info:
+        core.step()
+    assert info.value.request_ids == ["s"]
+    assert list(core.waiting) == ["l"]
+    monkeypatch.setattr(core, "run_batch", run)
+    finished = core.step()
+    assert [r.request_id for r in finished] == ["l"] and finished[0].output.shape == (3,)
+    assert not core.has_unfinished()

@@ -350,6 +350,28 @@ def test_waiting_requests_share_one_batch(cls_env):
         assert status == 200 and close(r["data"][0]["probs"], o.outputs.probs)
 
 
+
+def test_model_fault_fails_only_the_requests_in_that_batch(cls_env):
+    # The held first batch fails; the seven requests queued behind it still succeed.
+    client, gate, llm, _ = cls_env
+    prompts = texts(8, 9)
+    gate.close()
+    with ThreadPoolExecutor(8) as pool:
+        try:
+            first = pool.submit(client.post, "/classify", {"input": prompts[0]})
+            assert gate.entered.wait(20)
+            rest = [pool.submit(client.post, "/classify", {"input": p}) for p in prompts[1:]]
+            wait_for(lambda: client.server.engine.num_waiting() == 8, "7 more queued sequences")
+            gate.fail_next = True
+        finally:
+            gate.open.set()
+        status, r = first.result(60)
+        results = [f.result(60) for f in rest]
+    assert status == 500 and "injected model fault" in r["error"]["message"], r
+    assert gate.sizes == [1, 7]
+    for (status, r), o in zip(results, llm.classify(prompts[1:], use_tqdm=False)):
+        assert status == 200 and close(r["data"][0]["probs"], o.outputs.probs), r
+
 def test_disconnected_client_work_is_dropped(cls_env):
     client, gate, llm, _ = cls_env
     aborted = client.metric("pyengine_requests_aborted_total")
