@@ -68,3 +68,22 @@ def check_cu_seqlens(op, cu_seqlens, device, expected):
     check(op, cu_seqlens.dtype == torch.int32, f"cu_seqlens.dtype must be int32, got {cu_seqlens.dtype}")
     check(op, cu_seqlens.device == device, f"cu_seqlens is on {cu_seqlens.device}, expected {expected}")
     check(op, cu_seqlens.is_contiguous(), "cu_seqlens must be contiguous")
+
+
+def check_max_seqlen(op, max_seqlen):
+    """max_seqlen as a non-negative int (the longest sequence)."""
+    check(op, hasattr(max_seqlen, "__index__") and not isinstance(max_seqlen, bool) and int(max_seqlen) >= 0,
+          f"max_seqlen must be a non-negative int (the longest sequence), got {max_seqlen!r}")
+    return int(max_seqlen)
+
+
+def window_bounds(op, window, unbounded):
+    """(left, right, has_window) from None or (left, right) ints, -1 meaning unbounded
+    (given as ``unbounded`` tokens to the kernel)."""
+    if window is None:
+        return unbounded, unbounded, False
+    check(op, isinstance(window, (tuple, list)) and len(window) == 2
+          and all(hasattr(w, "__index__") and not isinstance(w, bool) for w in window),
+          f"window must be None or (left, right) ints, got {window!r}")
+    left, right = (int(w) if w >= 0 else unbounded for w in window)
+    return left, right, left < unbounded or right < unbounded

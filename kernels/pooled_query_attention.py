@@ -127,17 +127,8 @@ def _launch(q, k, v, cu_seqlens, max_seqlen, q_pos, causal=False, scale=None, wi
            f"q_pos must be a ({B},) tensor, got {getattr(q_pos, 'shape', type(q_pos))}")
     _check(q_pos.dtype in (torch.int64, torch.int32), f"q_pos.dtype must be int64 or int32, got {q_pos.dtype}")
     _check(q_pos.device == q.device, f"q_pos is on {q_pos.device}, expected q's device {q.device}")
-    _check(hasattr(max_seqlen, "__index__") and not isinstance(max_seqlen, bool) and int(max_seqlen) >= 0,
-           f"max_seqlen must be a non-negative int (the longest sequence), got {max_seqlen!r}")
-    if window is not None:
-        _check(isinstance(window, (tuple, list)) and len(window) == 2
-               and all(hasattr(w, "__index__") and not isinstance(w, bool) for w in window),
-               f"window must be None or (left, right) ints, got {window!r}")
-        left, right = (int(w) if w >= 0 else _UNBOUNDED for w in window)
-        has_window = left < _UNBOUNDED or right < _UNBOUNDED
-    else:
-        left = right = _UNBOUNDED
-        has_window = False
+    _v.check_max_seqlen(_OP, max_seqlen)
+    left, right, has_window = _v.window_bounds(_OP, window, _UNBOUNDED)
 
     out = torch.empty((B, Hq, D), dtype=q.dtype, device=q.device)
     if B == 0 or Hq == 0:

@@ -187,19 +187,9 @@ def _launch(q, k, v, cu_seqlens, max_seqlen, causal=False, scale=None, window=No
     _v.check_cu_seqlens("varlen_attention", cu_seqlens, q.device, f"{q.device}")
     B = cu_seqlens.numel() - 1
     _check(B <= _MAX_GRID_YZ, f"at most {_MAX_GRID_YZ} sequences per launch, got B={B}")
-    _check(hasattr(max_seqlen, "__index__") and not isinstance(max_seqlen, bool) and int(max_seqlen) >= 0,
-           f"max_seqlen must be a non-negative int (the longest sequence), got {max_seqlen!r}")
-    max_seqlen = int(max_seqlen)
+    max_seqlen = _v.check_max_seqlen("varlen_attention", max_seqlen)
     _check(Hq <= _MAX_GRID_YZ, f"at most {_MAX_GRID_YZ} heads, got Hq={Hq}")
-    if window is not None:
-        _check(isinstance(window, (tuple, list)) and len(window) == 2
-               and all(hasattr(w, "__index__") and not isinstance(w, bool) for w in window),
-               f"window must be None or (left, right) ints, got {window!r}")
-        left, right = (int(w) if w >= 0 else _UNBOUNDED for w in window)
-        has_window = left < _UNBOUNDED or right < _UNBOUNDED
-    else:
-        left = right = _UNBOUNDED
-        has_window = False
+    left, right, has_window = _v.window_bounds("varlen_attention", window, _UNBOUNDED)
 
     out = torch.empty((T, Hq, D), dtype=q.dtype, device=q.device)
     if T == 0 or B == 0 or max_seqlen == 0:
