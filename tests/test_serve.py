@@ -330,43 +330,39 @@ def test_model_fault_is_a_500_and_the_server_stays_up(cls_env):
 
 
 # ---------------------------------------------------------------------- batching and concurrency
-def test_waiting_requests_share_one_batch(cls_env):
-    # Hold the first batch so the next seven requests queue up; they must then run together.
-    client, gate, llm, _ = cls_env
-    prompts = texts(8, 5)
+def _hold_first_then_queue(client, gate, prompts, fail_first=False):
+    """Hold the first request's batch until the others are queued behind it, then let
+    it go (failing it when asked). Returns the (status, body) of every request."""
     gate.close()
-    with ThreadPoolExecutor(8) as pool:
+    with ThreadPoolExecutor(len(prompts)) as pool:
         try:
             first = pool.submit(client.post, "/classify", {"input": prompts[0]})
             assert gate.entered.wait(20)
             rest = [pool.submit(client.post, "/classify", {"input": p}) for p in prompts[1:]]
-            # The held sequence counts as waiting until its batch returns: 1 + 7.
-            wait_for(lambda: client.server.engine.num_waiting() == 8, "7 more queued sequences")
+            # The held sequence counts as waiting until its batch returns.
+            wait_for(lambda: client.server.engine.num_waiting() == len(prompts),
+                     f"{len(prompts) - 1} more queued sequences")
+            gate.fail_next = fail_first
         finally:
             gate.open.set()
-        results = [first.result(60)] + [f.result(60) for f in rest]
+        return [first.result(60)] + [f.result(60) for f in rest]
+
+
+def test_waiting_requests_share_one_batch(cls_env):
+    # Hold the first batch so the next seven requests queue up; they must then run together.
+    client, gate, llm, _ = cls_env
+    prompts = texts(8, 5)
+    results = _hold_first_then_queue(client, gate, prompts)
     assert gate.sizes == [1, 7]
     for (status, r), o in zip(results, llm.classify(prompts, use_tqdm=False)):
         assert status == 200 and close(r["data"][0]["probs"], o.outputs.probs)
-
 
 
 def test_model_fault_fails_only_the_requests_in_that_batch(cls_env):
     # The held first batch fails; the seven requests queued behind it still succeed.
     client, gate, llm, _ = cls_env
     prompts = texts(8, 9)
-    gate.close()
-    with ThreadPoolExecutor(8) as pool:
-        try:
-            first = pool.submit(client.post, "/classify", {"input": prompts[0]})
-            assert gate.entered.wait(20)
-            rest = [pool.submit(client.post, "/classify", {"input": p}) for p in prompts[1:]]
-            wait_for(lambda: client.server.engine.num_waiting() == 8, "7 more queued sequences")
-            gate.fail_next = True
-        finally:
-            gate.open.set()
-        status, r = first.result(60)
-        results = [f.result(60) for f in rest]
+    (status, r), *results = _hold_first_then_queue(client, gate, prompts, fail_first=True)
     assert status == 500 and "injected model fault" in r["error"]["message"], r
     assert gate.sizes == [1, 7]
     for (status, r), o in zip(results, llm.classify(prompts[1:], use_tqdm=False)):
