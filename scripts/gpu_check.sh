@@ -7,8 +7,11 @@
 #
 # usage: scripts/gpu_check.sh
 # env:   PYTHON (default python3; the machine's Python with torch), PYENGINE_CUDA_ARCHS
-#        (default 80;90), the budgets in seconds BUILD_S=180 TESTS_S=180 KERNELS_S=75
-#        BENCH_S=150, GPU_CHECK_ALLOW_CPU=1 (dry run of this script without a GPU).
+#        (default 80;90), the budgets in seconds BUILD_S=120 TESTS_S=150 KERNELS_S=90
+#        BENCH_S=150, TEST_WORKERS=6 (pytest-xdist workers where it is installed: the GPU
+#        tests are mostly Triton compiles, which run on the CPU), BENCH_ARGS (the model
+#        benchmark's options; default two presets, 2 repeats), GPU_CHECK_ALLOW_CPU=1 (dry
+#        run of this script without a GPU).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -40,39 +43,62 @@ skip() { echo; echo "=============== $1: skipped ($2)"; record "$1" "skipped: $2
 echo "gpu_check: $(date -u +%FT%TZ) in $PWD"
 nvidia-smi -L 2>/dev/null || echo "gpu_check: nvidia-smi not found"
 "$PY" - <<'PYEOF' || [ "${GPU_CHECK_ALLOW_CPU:-0}" = 1 ] || { echo "gpu_check: no usable torch+CUDA in $PY"; exit 1; }
-import sys, torch
+import sys, sysconfig, os, torch
+try:
+    import triton
+    tv = triton.__version__
+except ImportError:
+    tv = "none"
+inc = sysconfig.get_paths()["include"]
+print(f"Python.h {'found' if os.path.exists(os.path.join(inc, 'Python.h')) else 'MISSING'} in {inc}; triton {tv}")
 print(f"python {sys.version.split()[0]}, torch {torch.__version__}, CUDA {torch.version.cuda}, "
       f"GPU: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'NONE'}")
 sys.exit(0 if torch.cuda.is_available() else 1)
 PYEOF
 
 # 1. build (editable, offline, no dependency resolution)
-if step build "${BUILD_S:-180}" "$PY" -m pip install --no-deps --no-build-isolation -v -e .; then
+if step build "${BUILD_S:-120}" "$PY" -m pip install --no-deps --no-build-isolation -v -e .; then
   step import-ext 30 "$PY" -c "import pyengine._C as C; print(C.__file__); print(C.build_info())"
 else
   skip import-ext "the build failed"
 fi
 
 # 2. every GPU test in the tree
-PYTEST_TIMEOUT=()
-"$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST_TIMEOUT=(--timeout=120)
-step gpu-tests "${TESTS_S:-180}" "$PY" -m pytest -m gpu -q -rfE "${PYTEST_TIMEOUT[@]}" tests
+PYTEST_OPTS=()
+"$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST_OPTS=(--timeout=120)
+"$PY" -c "import xdist" 2>/dev/null && [ "${TEST_WORKERS:-6}" -gt 1 ] && PYTEST_OPTS+=(-n "${TEST_WORKERS:-6}")
+step gpu-tests "${TESTS_S:-150}" "$PY" -m pytest -m gpu -q -rfE -p no:cacheprovider "${PYTEST_OPTS[@]}" tests
 
 # 3. kernel microbenchmarks (pyengine/bench/kernels.py), where the tree has them
 if "$PY" -c "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('pyengine.bench.kernels') else 1)" 2>/dev/null; then
-  step bench-kernels "${KERNELS_S:-75}" "$PY" -c "from pyengine.bench.kernels import main; main(['--repeats', '10', '--json', '$LOGS/kernels.json'])"
+  step bench-kernels "${KERNELS_S:-90}" "$PY" -c "from pyengine.bench.kernels import main; main(['--repeats', '10', '--json', '$LOGS/kernels.json'])"
 else
   skip bench-kernels "pyengine.bench.kernels not in this tree"
 fi
 
 # 4. the model benchmark (python -m pyengine.bench), where the tree has it
 if [ -f pyengine/bench/__main__.py ]; then
-  step bench "${BENCH_S:-150}" "$PY" -m pyengine.bench
+  # shellcheck disable=SC2086
+  step bench "${BENCH_S:-150}" "$PY" -m pyengine.bench ${BENCH_ARGS:---preset bert-base,qwen3-0.6b --repeats 2 --single-sample 64 --no-progress --json $LOGS/bench.json}
 else
   skip bench "pyengine/bench/__main__.py not in this tree"
 fi
 
 # summary
+echo
+if [ -f "$LOGS/kernels.json" ]; then
+  echo "=============== kernels (ms; GB/s and % of copy bandwidth, or TFLOP/s; x torch)"
+  "$PY" - "$LOGS/kernels.json" <<'PYEOF'
+import json, sys
+for r in json.load(open(sys.argv[1])):
+    v = (f"{r['gbps']:.0f} GB/s {r.get('pct_copy') or 0:.0f}%" if r["gbps"] else
+         f"{r['tflops']:.0f} TFLOP/s" if r["tflops"] else "")
+    x = f"{r['vs_torch']:.2f}x" if r["vs_torch"] else ""
+    print(f"{r['op'][:16]:16} {r['case'][:18]:18} {r['backend']:12} "
+          + (f"{r['ms']:8.4f} ms {v:18} {x}" if r["ms"] else f"ERROR {r['error']}"))
+PYEOF
+fi
+[ -f "$LOGS/bench.log" ] && { echo "=============== model benchmark (tail)"; tail -n 40 "$LOGS/bench.log"; }
 echo
 echo "=============== gpu_check summary ($(elapsed "$T_START") s in all; logs in $LOGS)"
 grep -E "passed|failed|error|skipped|no tests ran" "$LOGS/gpu-tests.log" 2>/dev/null | tail -1 | sed 's/^/gpu-tests: /'

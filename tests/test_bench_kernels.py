@@ -19,9 +19,15 @@ def test_quick_cpu_run_times_every_op(tmp_path):
     assert all(r["error"] is None for r in rows if r["backend"] == "torch")
     sdpa = [r for r in rows if r["backend"] == "sdpa-padded" and r["ms"]]
     assert sdpa and all(r["tflops"] and r["vs_torch"] for r in sdpa)
-    assert all(r["gbps"] for r in rows if r["backend"] == "torch" and r["op"] != "varlen_attention")
+    assert all(r["gbps"] and r["pct_copy"] for r in rows if r["backend"] == "torch" and r["op"] != "varlen_attention")
     assert json.loads(path.read_text()) == rows
     assert "varlen_attention" in out.getvalue() and "GB/s" in out.getvalue()
+
+
+def test_copy_bandwidth_is_a_positive_rate():
+    # 16 MiB read and written in a measured time: a finite, positive figure.
+    gbps = kb.copy_bandwidth("cpu", nbytes=16 << 20, repeats=3)
+    assert 0.01 < gbps < 1e5
 
 
 def test_attention_pairs():

@@ -15,7 +15,8 @@ gated MLP of Qwen3-0.6B; BERT-base embeddings; pooling of 2048 rows. With quick=
 default on CPU) the same cases run on tiny shapes in fp32 within seconds.
 
 Each row: ms (median over repeats, device synchronised), GB/s for memory-bound ops (the
-bytes the op must move at least: inputs read once, outputs written once) or TFLOP/s for
+bytes the op must move at least: inputs read once, outputs written once) and that as a
+percentage of a measured device-to-device copy (``copy_bandwidth``), or TFLOP/s for
 attention (useful FLOPs: 4 * D * Hq per visible query-key pair), the speedup over the
 torch backend, and the max abs difference to torch's output.
 """
@@ -280,6 +281,19 @@ def time_call(fn, device, repeats=20, warmup=2, budget_ms=2000.0, min_repeats=3)
     return statistics.median(times)
 
 
+def copy_bandwidth(device, nbytes=None, repeats=20):
+    """GB/s of a plain device-to-device copy (bytes read + bytes written), the ceiling the
+    memory-bound ops are held against. nbytes: the source size (default 1 GiB on GPU,
+    so the copy is far past the L2 cache; 16 MiB on CPU)."""
+    device = torch.device(device)
+    nbytes = nbytes or ((1 << 30) if device.type == "cuda" else (16 << 20))
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
+    dst = torch.empty_like(src)
+    ms = time_call(lambda: dst.copy_(src), device, repeats=repeats, warmup=2)
+    del src, dst
+    return 2 * nbytes / (ms / 1e3) / 1e9
+
+
 def _first_tensor(x):
     while isinstance(x, (tuple, list)):
         x = x[0]
@@ -332,6 +346,8 @@ def run(device=None, backends=None, quick=False, json_path=None, ops=None, repea
         backends.append("torch")  # the baseline every speedup is against
     resolved = _available_backends(device, backends)
     varlen = torch_varlen_fn() if device.type == "cuda" and "torch-varlen" in backends else None
+    copy_gbps = copy_bandwidth(device)
+    print(f"device-to-device copy: {copy_gbps:.0f} GB/s (read + write); '% copy' is GB/s against it", file=out)
     rows = []
     for case in cases(device, quick):
         if ops and case.op not in ops:
@@ -351,7 +367,7 @@ def run(device=None, backends=None, quick=False, json_path=None, ops=None, repea
                 continue
             row = {"op": case.op, "case": case.name, "shape": case.shape, "backend": b,
                    "device": str(device), "ms": None, "gbps": None, "tflops": None,
-                   "vs_torch": None, "max_diff": None, "error": None}
+                   "pct_copy": None, "vs_torch": None, "max_diff": None, "error": None}
             try:
                 args = case.make()
                 if b == "sdpa-padded":
@@ -378,6 +394,7 @@ def run(device=None, backends=None, quick=False, json_path=None, ops=None, repea
             if row["ms"]:
                 s = row["ms"] / 1e3
                 row["gbps"] = case.bytes / s / 1e9 if case.bytes and not case.flops else None
+                row["pct_copy"] = 100.0 * row["gbps"] / copy_gbps if row["gbps"] else None
                 row["tflops"] = case.flops / s / 1e12 if case.flops else None
                 row["vs_torch"] = torch_ms / row["ms"] if torch_ms else None
             rows.append(row)
@@ -394,10 +411,11 @@ def _fmt(v, spec):
 
 
 def print_table(rows, out=sys.stdout):
-    head = ("op", "case", "backend", "ms", "GB/s", "TFLOP/s", "vs torch", "max diff", "shape / error")
+    head = ("op", "case", "backend", "ms", "GB/s", "% copy", "TFLOP/s", "vs torch", "max diff", "shape / error")
     lines = [head]
     for r in rows:
         lines.append((r["op"], r["case"], r["backend"], _fmt(r["ms"], ".4g"), _fmt(r["gbps"], ".4g"),
+                      _fmt(r.get("pct_copy"), ".0f"),
                       _fmt(r["tflops"], ".4g"), _fmt(r["vs_torch"], ".2f") + ("x" if r["vs_torch"] else ""),
                       _fmt(r["max_diff"], ".2g"), r["error"] or r["shape"]))
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(head) - 1)]
