@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# GPU machine check, offline, about 8 minutes: build pyengine._C, run every GPU test
-# (whoever wrote them), the kernel microbenchmarks and the model benchmark, then print a
+# GPU machine check, offline, about 6 minutes: build pyengine._C, run every GPU test
+# (whoever wrote them), the kernel microbenchmarks, the model benchmark and a profile of
+# one engine pass, then print a
 # table of steps, status and timings. Each step has a time budget (env below); a step
 # that fails or runs out of time is reported in the table and makes the script exit 1:
 # nothing fails silently. Logs go to $GPU_CHECK_LOGS (default bench-results/gpu_check).
@@ -10,7 +11,8 @@
 #        (default 80;90), the budgets in seconds BUILD_S=120 TESTS_S=150 KERNELS_S=90
 #        BENCH_S=150, TEST_WORKERS=6 (pytest-xdist workers where it is installed: the GPU
 #        tests are mostly Triton compiles, which run on the CPU), BENCH_ARGS (the model
-#        benchmark's options; default two presets, 2 repeats), GPU_CHECK_ALLOW_CPU=1 (dry
+#        benchmark's options; default two presets, 2 repeats), PROFILE_S=90 (0 skips the
+#        profile of one engine pass per preset, PROFILE_PRESETS), GPU_CHECK_ALLOW_CPU=1 (dry
 #        run of this script without a GPU).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -82,6 +84,13 @@ if [ -f pyengine/bench/__main__.py ]; then
   step bench "${BENCH_S:-150}" "$PY" -m pyengine.bench ${BENCH_ARGS:---preset bert-base,qwen3-0.6b --repeats 2 --single-sample 64 --no-progress --json $LOGS/bench.json}
 else
   skip bench "pyengine/bench/__main__.py not in this tree"
+fi
+
+# 5. where an engine pass spends its time (host vs GPU, top kernels); PROFILE_S=0 skips it
+if [ "${PROFILE_S:-90}" -gt 0 ]; then
+  step profile "${PROFILE_S:-90}" "$PY" scripts/profile_engine.py --preset "${PROFILE_PRESETS:-bert-base,qwen3-0.6b}"
+else
+  skip profile "PROFILE_S=0"
 fi
 
 # summary
