@@ -398,7 +398,8 @@ class Ops:
 def resolve_ops(backend="auto", device="cpu"):
     """Resolve every op for ``device``. backend: "auto" | "cuda" | "triton" | "torch";
     "auto" reads PYENGINE_KERNEL_BACKEND first. A named backend that cannot run on the
-    device is an error, not a silent fallback."""
+    device is an error, not a silent fallback; its missing ops fall back to torch, except
+    that "cuda" takes Triton before torch (so "cuda" on a GPU is the same as "auto")."""
     device = torch.device(device)
     if backend in (None, "auto"):
         backend = os.environ.get(ENV_VAR, "auto") or "auto"
@@ -413,7 +414,11 @@ def resolve_ops(backend="auto", device="cpu"):
             why = {"cuda": "needs a CUDA device and the built extension pyengine._C",
                    "triton": "needs triton, and a CUDA device or TRITON_INTERPRET=1"}[backend]
             raise RuntimeError(f"kernel backend {backend!r} is not available on {device}: {why}")
+        # "cuda" means the CUDA ops first: the ops it has no CUDA version of (attention,
+        # the gated MLP, embeddings) run in Triton where it can, rather than in torch.
         order = [backend, "torch"]
+        if backend == "cuda" and _available("triton", device):
+            order = ["cuda", "triton", "torch"]
     ops = Ops(backend=backend)
     for name in OP_NAMES:
         for b in order:

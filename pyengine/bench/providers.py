@@ -135,6 +135,7 @@ def providers(single_sampled: bool) -> list[Provider]:
                  sampled=single_sampled),
     ]
     for b in PYENGINE_BACKENDS:
-        out.append(Provider(f"pyengine-{b}", f"pyengine {b} kernels", "pyengine",
+        label = "pyengine cuda+triton (default)" if b == "cuda" else f"pyengine {b} kernels"
+        out.append(Provider(f"pyengine-{b}", label, "pyengine",
                             lambda c, b=b: pyengine_setup(c, b)))
     return out
