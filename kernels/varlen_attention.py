@@ -147,6 +147,16 @@ CONFIGS = {
     128: (128, 64, 8, 3),
     256: (64, 32, 8, 2),
 }
+# Candidates the benchmark times (python -m pyengine.bench kernels --attn-sweep) for
+# 16-bit inputs, by padded head dim; each compiles for sm_90 without spills
+# (tests/test_kernels_compile.py).
+SWEEP_CONFIGS = {
+    64: [(128, 64, 4, 3), (64, 64, 4, 3), (64, 32, 4, 3), (128, 128, 8, 3), (64, 128, 4, 3), (128, 32, 4, 4)],
+    128: [(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (128, 32, 8, 3), (64, 64, 8, 3), (128, 64, 8, 2)],
+}
+# Causal 16-bit inputs: the same until measured otherwise (the benchmark's sweep times
+# each candidate on the mixed workload).
+CONFIGS_CAUSAL = dict(CONFIGS)
 CONFIGS_FP32 = {
     16: (64, 32, 4, 2),
     32: (64, 32, 4, 2),
@@ -168,10 +178,19 @@ def _fp32_precision(device):
 _check = functools.partial(_v.check, "varlen_attention")
 
 
+def config_for(dtype, head_dim, causal):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) the launcher uses for these inputs."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    if dtype == torch.float32:
+        return CONFIGS_FP32[block_d]
+    return (CONFIGS_CAUSAL if causal else CONFIGS)[block_d]
+
+
 def _launch(q, k, v, cu_seqlens, max_seqlen, causal=False, scale=None, window=None,
-            block_m=None, block_n=None):
+            block_m=None, block_n=None, config=None):
     """Validate, then launch. block_m/block_n override the per-head-dim config (tests use
-    small blocks to reach the multi-block paths on short sequences)."""
+    small blocks to reach the multi-block paths on short sequences); config: a whole
+    (BLOCK_M, BLOCK_N, num_warps, num_stages) tuple (the benchmark's config sweep)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         _v.check_float("varlen_attention", name, t, 3, "(T, H, D)")
         _check(t.device == q.device, f"{name} is on {t.device}, expected q's device {q.device}")
@@ -196,7 +215,10 @@ def _launch(q, k, v, cu_seqlens, max_seqlen, causal=False, scale=None, window=No
         return out
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     block_d = max(16, triton.next_power_of_2(D))
-    bm, bn, warps, stages = (CONFIGS_FP32 if q.dtype == torch.float32 else CONFIGS)[block_d]
+    if config is not None:
+        _check(len(config) == 4 and all(isinstance(c, int) and c > 0 for c in config),
+               f"config must be (BLOCK_M, BLOCK_N, num_warps, num_stages) positive ints, got {config!r}")
+    bm, bn, warps, stages = config or config_for(q.dtype, D, causal)
     bm = block_m or bm
     bn = block_n or bn
     grid = (triton.cdiv(max_seqlen, bm), Hq, B)

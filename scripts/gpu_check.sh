@@ -73,7 +73,7 @@ step gpu-tests "${TESTS_S:-150}" "$PY" -m pytest -m gpu -q -rfE -p no:cacheprovi
 
 # 3. kernel microbenchmarks (pyengine/bench/kernels.py), where the tree has them
 if "$PY" -c "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('pyengine.bench.kernels') else 1)" 2>/dev/null; then
-  step bench-kernels "${KERNELS_S:-90}" "$PY" -c "from pyengine.bench.kernels import main; main(['--repeats', '10', '--json', '$LOGS/kernels.json'])"
+  step bench-kernels "${KERNELS_S:-90}" "$PY" -c "from pyengine.bench.kernels import main; main(['--repeats', '10', '--attn-sweep', '--json', '$LOGS/kernels.json'])"
 else
   skip bench-kernels "pyengine.bench.kernels not in this tree"
 fi
@@ -100,9 +100,9 @@ if [ -f "$LOGS/kernels.json" ]; then
   "$PY" - "$LOGS/kernels.json" <<'PYEOF'
 import json, sys
 for r in json.load(open(sys.argv[1])):
-    v = (f"{r['gbps']:.0f} GB/s {r.get('pct_copy') or 0:.0f}%" if r["gbps"] else
-         f"{r['tflops']:.0f} TFLOP/s" if r["tflops"] else "")
-    x = f"{r['vs_torch']:.2f}x" if r["vs_torch"] else ""
+    v = (f"{r['gbps']:.0f} GB/s {r.get('pct_copy') or 0:.0f}%" if r.get("gbps") else
+         f"{r['tflops']:.0f} TFLOP/s" if r.get("tflops") else "")
+    x = f"{r['vs_torch']:.2f}x" if r.get("vs_torch") else ""
     print(f"{r['op'][:16]:16} {r['case'][:18]:18} {r['backend']:12} "
           + (f"{r['ms']:8.4f} ms {v:18} {x}" if r["ms"] else f"ERROR {r['error']}"))
 PYEOF

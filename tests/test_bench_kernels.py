@@ -48,3 +48,18 @@ def test_main_rejects_unknown_names():
         kb.main(["--ops", "not_an_op"])
     with pytest.raises(SystemExit):
         kb.main(["--backends", "tpu"])
+
+
+def test_attention_sweep_times_each_candidate(monkeypatch):
+    # Interpreter run on the quick shapes (head dims 16 and 32): one small candidate per
+    # head dim, checked against the launcher's default output.
+    from pyengine.kernels import varlen_attention as va
+
+    monkeypatch.setattr(va, "SWEEP_CONFIGS", {16: [(16, 16, 4, 1)], 32: [(32, 16, 4, 1)]})
+    out = io.StringIO()
+    rows = kb.attention_sweep("cpu", repeats=1, out=out)
+    assert {r["case"] for r in rows} == {"bidir-mha", "causal-gqa2", "causal-gqa6"}
+    for r in rows:
+        assert r["error"] is None and r["ms"] > 0 and r["tflops"] > 0, r
+        assert r["max_diff"] < 1e-4, r
+    assert "config sweep" in out.getvalue()

@@ -282,16 +282,17 @@ def time_call(fn, device, repeats=20, warmup=2, budget_ms=2000.0, min_repeats=3)
 
 
 def copy_bandwidth(device, nbytes=None, repeats=20):
-    """GB/s of a plain device-to-device copy (bytes read + bytes written), the ceiling the
-    memory-bound ops are held against. nbytes: the source size (default 1 GiB on GPU,
-    so the copy is far past the L2 cache; 16 MiB on CPU)."""
+    """GB/s of a plain device-to-device copy, counting bytes read + bytes written, the
+    ceiling the memory-bound ops are held against. nbytes: read + written bytes (default
+    2 GiB on GPU, far past the L2 cache; 32 MiB on CPU)."""
     device = torch.device(device)
-    nbytes = nbytes or ((1 << 30) if device.type == "cuda" else (16 << 20))
-    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
+    nbytes = nbytes or ((2 << 30) if device.type == "cuda" else (32 << 20))
+    src = torch.empty(max(1, nbytes // 4), dtype=torch.bfloat16, device=device).normal_()
     dst = torch.empty_like(src)
     ms = time_call(lambda: dst.copy_(src), device, repeats=repeats, warmup=2)
+    moved = 2 * src.numel() * src.element_size()
     del src, dst
-    return 2 * nbytes / (ms / 1e3) / 1e9
+    return moved / (ms / 1e3) / 1e9
 
 
 def _first_tensor(x):
@@ -347,7 +348,9 @@ def run(device=None, backends=None, quick=False, json_path=None, ops=None, repea
     resolved = _available_backends(device, backends)
     varlen = torch_varlen_fn() if device.type == "cuda" and "torch-varlen" in backends else None
     copy_gbps = copy_bandwidth(device)
-    print(f"device-to-device copy: {copy_gbps:.0f} GB/s (read + write); '% copy' is GB/s against it", file=out)
+    print(f"device copy of {'2 GiB' if device.type == 'cuda' else '32 MiB'}: {copy_gbps:.0f} GB/s (read + "
+          "write); '% copy': the time of a copy moving the op's bytes over the op's time", file=out)
+    copy_ms = {}  # bytes -> ms of a copy that reads and writes that many bytes in all
     rows = []
     for case in cases(device, quick):
         if ops and case.op not in ops:
@@ -394,7 +397,13 @@ def run(device=None, backends=None, quick=False, json_path=None, ops=None, repea
             if row["ms"]:
                 s = row["ms"] / 1e3
                 row["gbps"] = case.bytes / s / 1e9 if case.bytes and not case.flops else None
-                row["pct_copy"] = 100.0 * row["gbps"] / copy_gbps if row["gbps"] else None
+                if row["gbps"]:
+                    # Against a copy of the same bytes: small ops are launch-latency bound,
+                    # and so is a copy of their size.
+                    nbytes = max(4, int(case.bytes) // 4 * 4)
+                    if nbytes not in copy_ms:
+                        copy_ms[nbytes] = nbytes / (copy_bandwidth(device, nbytes) * 1e9) * 1e3
+                    row["pct_copy"] = 100.0 * copy_ms[nbytes] / row["ms"]
                 row["tflops"] = case.flops / s / 1e12 if case.flops else None
                 row["vs_torch"] = torch_ms / row["ms"] if torch_ms else None
             rows.append(row)
@@ -403,6 +412,43 @@ def run(device=None, backends=None, quick=False, json_path=None, ops=None, repea
     if json_path:
         with open(json_path, "w") as f:
             json.dump(rows, f, indent=1)
+    return rows
+
+
+def attention_sweep(device=None, repeats=20, out=sys.stdout):
+    """Time every candidate config of the Triton varlen attention (SWEEP_CONFIGS) on the
+    GPU attention cases; print a table; return rows like run()'s, backend
+    "triton BMxBN/wW/sS" and "default" marking the launcher's own choice."""
+    from pyengine.kernels import varlen_attention as va
+
+    device = torch.device(device or "cuda")
+    rows = []
+    for case in cases(device, quick=device.type == "cpu"):  # CPU: interpreter tests only
+        if case.op != "varlen_attention" or case.attn["window"] is not None:
+            continue
+        args = case.make()
+        q, k, v, cu, max_seqlen, causal = args[:6]
+        D = q.shape[-1]
+        default = va.config_for(q.dtype, D, causal)
+        ref = va._launch(q, k, v, cu, max_seqlen, causal)
+        for cfg in va.SWEEP_CONFIGS.get(max(16, 1 << (D - 1).bit_length()), []):
+            row = {"op": case.op, "case": case.name, "shape": case.shape, "device": str(device),
+                   "backend": "triton {}x{}/w{}/s{}".format(*cfg) + (" default" if tuple(cfg) == default else ""),
+                   "config": list(cfg), "ms": None, "tflops": None, "max_diff": None, "error": None}
+            try:
+                def call(cfg=cfg):
+                    return va._launch(q, k, v, cu, max_seqlen, causal, config=cfg)
+                row["max_diff"] = _max_diff(call(), ref)
+                row["ms"] = time_call(call, device, repeats=repeats, warmup=1)
+                row["tflops"] = case.flops / (row["ms"] / 1e3) / 1e12
+            except Exception as e:  # a config the GPU refuses must not end the sweep
+                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+            rows.append(row)
+        del args, q, k, v, ref
+    print("\nvarlen_attention config sweep (BLOCK_M x BLOCK_N / warps / stages)", file=out)
+    for r in rows:
+        print(f"  {r['case']:14} {r['backend']:28} " + (f"{r['ms']:.4f} ms  {r['tflops']:.0f} TFLOP/s  "
+              f"max diff {r['max_diff']:.2g}" if r["ms"] else f"ERROR {r['error']}"), file=out)
     return rows
 
 
@@ -432,6 +478,8 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="tiny shapes (always on CPU)")
     p.add_argument("--repeats", type=int, default=20, help="timed runs per case (median reported)")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    p.add_argument("--attn-sweep", action="store_true",
+                   help="also time every candidate Triton attention config (GPU only)")
     a = p.parse_args(argv)
     split = (lambda s: [x.strip() for x in s.split(",") if x.strip()] if s else None)
     backends = split(a.backends)
@@ -442,7 +490,14 @@ def main(argv=None):
     bad = [o for o in op_names or () if o not in ops_mod.OP_NAMES]
     if bad:
         p.error(f"unknown op(s) {bad}; expected among {ops_mod.OP_NAMES}")
-    run(a.device, backends, a.quick, a.json, ops=op_names, repeats=a.repeats)
+    rows = run(a.device, backends, a.quick, None, ops=op_names, repeats=a.repeats)
+    if a.attn_sweep:
+        if not torch.cuda.is_available() or (a.device and torch.device(a.device).type != "cuda"):
+            p.error("--attn-sweep needs a CUDA device")
+        rows += attention_sweep(a.device, repeats=a.repeats)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(rows, f, indent=1)
     return 0
 
 
