@@ -230,6 +230,16 @@ def rotary(q, k, positions, cos_sin, neox=True):
     return q, k
 
 
+def qk_norm_rotary(q, k, q_weight, k_weight, positions, cos_sin, eps, offset=0.0, neox=True):
+    """Per-head RMSNorm of q and k (Qwen3's q_norm/k_norm), then rotary, in place on both.
+    q: (T, Hq, D); k: (T, Hkv, D), same float dtype (views of a fused qkv tensor work);
+    q_weight, k_weight: (D,); eps, offset: as in add_rms_norm (each head normed over D in
+    fp32 and rounded to q's dtype); positions, cos_sin, neox: as in rotary. Returns (q, k)."""
+    q.copy_(add_rms_norm(q, None, q_weight, eps, offset)[0])
+    k.copy_(add_rms_norm(k, None, k_weight, eps, offset)[0])
+    return rotary(q, k, positions, cos_sin, neox)
+
+
 def gated_act(x, kind):
     """act(gate) * up for x: (T, 2I) = [gate | up]; kind: "silu" (SwiGLU) or
     "gelu_tanh" (GeGLU as Gemma). Returns (T, I)."""
@@ -346,8 +356,8 @@ def selective_scan(x, dt, A, B, C, D, z, dt_bias, cu_seqlens, max_seqlen):
 # ----------------------------------------------------------------------------------------
 
 OP_NAMES = ("varlen_attention", "pooled_query_attention", "gather_pooled", "activation", "add_layer_norm",
-            "add_rms_norm", "rotary", "gated_act", "embed_layer_norm", "pooled_norm", "causal_conv1d",
-            "selective_scan")
+            "add_rms_norm", "rotary", "qk_norm_rotary", "gated_act", "embed_layer_norm", "pooled_norm",
+            "causal_conv1d", "selective_scan")
 
 # Where the faster versions live: "module:function". A module that is missing or fails
 # to import (no triton, no built extension) simply makes that backend unavailable.

@@ -109,6 +109,14 @@ def main(arch=90):
     _patched("add_rms_norm", target)(h, h, z(H, dtype=bf), 1e-6, 1.0)
     _patched("rotary", target)(z(T, 16, 128, dtype=bf), z(T, 8, 128, dtype=bf), z(T, dtype=torch.int64),
                                z(10, 64), False)
+    # q and k as strided views of a fused qkv output (Qwen3-0.6B heads), and a partial
+    # rotary width with interleaved pairs for the tail branch.
+    qk_norm_rotary = _patched("qk_norm_rotary", target)
+    qkv = z(T, 16 + 2 * 8, 128, dtype=bf)
+    qk_norm_rotary(qkv[:, :16], qkv[:, 16:24], z(128, dtype=bf), z(128, dtype=bf), z(T, dtype=torch.int64),
+                   z(10, 128), 1e-6, 0.0, True)
+    qkv = z(T, 64 + 2 * 8, 96)
+    qk_norm_rotary(qkv[:, :64], qkv[:, 64:72], z(96), z(96), z(T, dtype=torch.int32), z(10, 48), 1e-6, 1.0, False)
     _patched("gated_act", target)(z(T, 2 * 3072, dtype=bf), "gelu")
     ids = z(T, dtype=torch.int64)
     _patched("embed_layer_norm", target)(ids, ids, ids, z(100, 768, dtype=bf), z(10, 768, dtype=bf),

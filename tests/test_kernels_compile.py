@@ -25,8 +25,8 @@ def test_kernels_compile_for_sm90():
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert {r["op"] for r in rows} == {"varlen_attention", "pooled_query_attention", "gather_pooled", "activation",
-                                       "add_layer_norm", "add_rms_norm", "rotary", "gated_act", "embed_layer_norm",
-                                       "pooled_norm"}
+                                       "add_layer_norm", "add_rms_norm", "rotary", "qk_norm_rotary", "gated_act",
+                                       "embed_layer_norm", "pooled_norm"}
     failed = [f"{r['op']} {r['constexprs']}: {r['error']}" for r in rows if not r["ok"]]
     assert not failed, "\n\n".join(failed)
     for r in rows:

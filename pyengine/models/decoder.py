@@ -249,11 +249,16 @@ class DecoderForSequenceClassification(nn.Module):
         qkv = F.linear(h, layer.qkv_w, layer.qkv_b)
         q, k, v = qkv.split([nh * hd, nkv * hd, nkv * hd], dim=-1)
         q, k, v = q.view(T, nh, hd), k.view(T, nkv, hd), v.view(T, nkv, hd)
-        if layer.q_norm is not None:
-            q = ops.add_rms_norm(q.reshape(T * nh, hd), None, layer.q_norm, self.eps)[0].view(T, nh, hd)
-            k = ops.add_rms_norm(k.reshape(T * nkv, hd), None, layer.k_norm, self.eps)[0].view(T, nkv, hd)
-        if not self.fam.learned_pos:
-            q, k = ops.rotary(q, k, batch.positions, self.cos_sin)
+        if layer.q_norm is not None and not self.fam.learned_pos:
+            # One in-place pass on the strided q/k views: no copy out of qkv for the norm,
+            # and q/k are read and written once rather than by a norm and then a rotary.
+            q, k = ops.qk_norm_rotary(q, k, layer.q_norm, layer.k_norm, batch.positions, self.cos_sin, self.eps)
+        else:
+            if layer.q_norm is not None:  # q/k norm without rotary (no family has this)
+                q = ops.add_rms_norm(q.reshape(T * nh, hd), None, layer.q_norm, self.eps)[0].view(T, nh, hd)
+                k = ops.add_rms_norm(k.reshape(T * nkv, hd), None, layer.k_norm, self.eps)[0].view(T, nkv, hd)
+            if not self.fam.learned_pos:
+                q, k = ops.rotary(q, k, batch.positions, self.cos_sin)
         if rows is None:
             out = ops.varlen_attention(q, k, v, batch.cu_seqlens, batch.max_seqlen, causal=self.causal,
                                        scale=self.scales[i], window=self.windows[i])

@@ -1,0 +1,140 @@
+"""Per-head RMSNorm of q and k followed by rotary, in Triton, in place on packed q and k.
+
+One pass replaces ``add_rms_norm`` on the (T * H, D) rows plus ``rotary``: q and k stay
+strided views of the fused qkv output (no copies), each element is read and written
+once, and one program handles every head of a token, so one cos/sin row serves them all.
+"""
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _validate as _v
+
+
+@triton.jit
+def _norm_rotate_heads(X, stride_h, n_heads, W, eps, offset, cos, sin,
+                       HEAD_DIM: tl.constexpr, HALF: tl.constexpr, NEOX: tl.constexpr,
+                       BLOCK_HALF: tl.constexpr, BLOCK_TAIL: tl.constexpr, BLOCK_H: tl.constexpr):
+    """RMSNorm over HEAD_DIM features, then rotation of the first 2*HALF, for every head
+    of one token (X points at its head 0), in place. cos, sin: (1, BLOCK_HALF) fp32."""
+    offs_j = tl.arange(0, BLOCK_HALF)
+    j_ok = offs_j < HALF
+    # The two members of each rotated pair: halves (neox) or neighbours (interleaved).
+    if NEOX:
+        c1 = offs_j
+        c2 = offs_j + HALF
+    else:
+        c1 = 2 * offs_j
+        c2 = 2 * offs_j + 1
+    w1 = (tl.load(W + c1, mask=j_ok, other=0.0).to(tl.float32) + offset)[None, :]
+    w2 = (tl.load(W + c2, mask=j_ok, other=0.0).to(tl.float32) + offset)[None, :]
+    # Features past the rotated width (partial rotary) are normed only.
+    offs_t = 2 * HALF + tl.arange(0, BLOCK_TAIL)
+    t_ok = offs_t < HEAD_DIM
+    if HEAD_DIM > 2 * HALF:
+        wt = (tl.load(W + offs_t, mask=t_ok, other=0.0).to(tl.float32) + offset)[None, :]
+    for h0 in range(0, n_heads, BLOCK_H):
+        offs_h = h0 + tl.arange(0, BLOCK_H)
+        h_ok = (offs_h < n_heads)[:, None]
+        base = X + offs_h[:, None] * stride_h
+        ok = h_ok & j_ok[None, :]
+        x1 = tl.load(base + c1[None, :], mask=ok, other=0.0)
+        x2 = tl.load(base + c2[None, :], mask=ok, other=0.0)
+        x1f = x1.to(tl.float32)
+        x2f = x2.to(tl.float32)
+        ss = tl.sum(x1f * x1f, 1) + tl.sum(x2f * x2f, 1)
+        if HEAD_DIM > 2 * HALF:
+            tail_ok = h_ok & t_ok[None, :]
+            xt = tl.load(base + offs_t[None, :], mask=tail_ok, other=0.0).to(tl.float32)
+            ss += tl.sum(xt * xt, 1)
+        rstd = tl.rsqrt(ss / HEAD_DIM + eps)[:, None]
+        # The normed value is rounded to the input dtype before the rotation, as the
+        # two-step path (add_rms_norm, then rotary) stores it between its kernels.
+        n1 = (x1f * rstd * w1).to(x1.dtype).to(tl.float32)
+        n2 = (x2f * rstd * w2).to(x1.dtype).to(tl.float32)
+        tl.store(base + c1[None, :], (n1 * cos - n2 * sin).to(x1.dtype), mask=ok)
+        tl.store(base + c2[None, :], (n2 * cos + n1 * sin).to(x1.dtype), mask=ok)
+        if HEAD_DIM > 2 * HALF:
+            tl.store(base + offs_t[None, :], (xt * rstd * wt).to(x1.dtype), mask=tail_ok)
+
+
+@triton.jit
+def _qk_norm_rotary_kernel(Q, K, QW, KW, POS, COS_SIN, stride_qt, stride_qh, stride_kt, stride_kh, stride_cs,
+                           n_q, n_k, eps, offset,
+                           HEAD_DIM: tl.constexpr, HALF: tl.constexpr, NEOX: tl.constexpr,
+                           BLOCK_HALF: tl.constexpr, BLOCK_TAIL: tl.constexpr,
+                           BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr):
+    tok = tl.program_id(0).to(tl.int64)
+    pos = tl.load(POS + tok).to(tl.int64)
+    offs_j = tl.arange(0, BLOCK_HALF)
+    j_ok = offs_j < HALF
+    # One cos/sin row serves every q and k head of the token.
+    cos = tl.load(COS_SIN + pos * stride_cs + offs_j, mask=j_ok, other=0.0).to(tl.float32)[None, :]
+    sin = tl.load(COS_SIN + pos * stride_cs + HALF + offs_j, mask=j_ok, other=0.0).to(tl.float32)[None, :]
+    _norm_rotate_heads(Q + tok * stride_qt, stride_qh, n_q, QW, eps, offset, cos, sin,
+                       HEAD_DIM, HALF, NEOX, BLOCK_HALF, BLOCK_TAIL, BLOCK_HQ)
+    _norm_rotate_heads(K + tok * stride_kt, stride_kh, n_k, KW, eps, offset, cos, sin,
+                       HEAD_DIM, HALF, NEOX, BLOCK_HALF, BLOCK_TAIL, BLOCK_HK)
+
+
+_check = functools.partial(_v.check, "qk_norm_rotary")
+
+# Heads per loop step: at most this many (head, pair) elements, 2 per thread of 4 warps
+# for each half, so a step stays in registers at any head count.
+_MAX_PAIRS = 1024
+
+
+def _launch(q, k, q_weight, k_weight, positions, cos_sin, eps, offset=0.0, neox=True):
+    for name, t in (("q", q), ("k", k)):
+        _v.check_float("qk_norm_rotary", name, t, 3, "(T, H, D)")
+        _check(t.device == q.device, f"{name} is on {t.device}, expected q's device {q.device}")
+    T, Hq, D = q.shape
+    _v.hidden_size("qk_norm_rotary", D)
+    _check(k.shape[0] == T and k.shape[2] == D,
+           f"k must be (T={T}, Hkv, D={D}) to match q {tuple(q.shape)}, got {tuple(k.shape)}")
+    _check(k.dtype == q.dtype, f"q and k must share a dtype, got q {q.dtype} k {k.dtype}")
+    for name, w in (("q_weight", q_weight), ("k_weight", k_weight)):
+        _v.check_param("qk_norm_rotary", name, w, D, q.device, f"q's device {q.device}", " (head_dim)")
+    _check(isinstance(positions, torch.Tensor) and positions.shape == (T,),
+           f"positions must be ({T},), got {getattr(positions, 'shape', type(positions))}")
+    _check(positions.dtype in (torch.int64, torch.int32),
+           f"positions.dtype must be int64 or int32, got {positions.dtype}")
+    _check(positions.device == q.device, f"positions is on {positions.device}, expected {q.device}")
+    _check(positions.is_contiguous(), "positions must be contiguous")
+    _check(isinstance(cos_sin, torch.Tensor) and cos_sin.dim() == 2,
+           f"cos_sin must be a 2-D tensor (max_pos, R), got {getattr(cos_sin, 'shape', type(cos_sin))}")
+    R = cos_sin.shape[1]
+    _check(R % 2 == 0 and 2 <= R <= D, f"cos_sin width R must be even and in [2, D={D}], got {R}")
+    _check(cos_sin.dtype in _v.DTYPES, f"cos_sin.dtype must be a float type, got {cos_sin.dtype}")
+    _check(cos_sin.device == q.device, f"cos_sin is on {cos_sin.device}, expected {q.device}")
+    _check(cos_sin.stride(1) == 1, f"cos_sin must be contiguous in its last dim, got {tuple(cos_sin.stride())}")
+    if T == 0:
+        return q, k
+    half = R // 2
+    block_half = triton.next_power_of_2(half)
+    block_tail = triton.next_power_of_2(max(D - R, 1))
+    cap = max(_MAX_PAIRS // block_half, 1)
+    block_hq = min(triton.next_power_of_2(max(Hq, 1)), cap)
+    block_hk = min(triton.next_power_of_2(max(k.shape[1], 1)), cap)
+    _qk_norm_rotary_kernel[(T,)](
+        q, k, q_weight, k_weight, positions, cos_sin, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        cos_sin.stride(0), Hq, k.shape[1], float(eps), float(offset), HEAD_DIM=D, HALF=half, NEOX=bool(neox),
+        BLOCK_HALF=block_half, BLOCK_TAIL=block_tail, BLOCK_HQ=block_hq, BLOCK_HK=block_hk, num_warps=4)
+    return q, k
+
+
+def qk_norm_rotary(q, k, q_weight, k_weight, positions, cos_sin, eps, offset=0.0, neox=True):
+    """Per-head RMSNorm of q and k, then rotary on packed positions, in place on both.
+
+    q: (T, Hq, D); k: (T, Hkv, D), same dtype float16/bfloat16/float32, last dim
+    contiguous, any token and head strides (views of a fused qkv tensor work);
+    q_weight, k_weight: (D,) float; positions: (T,) int64 (or int32), restarting at 0
+    per sequence, each < max_pos; cos_sin: (max_pos, R) fp32, cos in the first R/2
+    columns and sin in the last R/2, R <= D even; eps, offset: float. Each head becomes
+    x * rsqrt(mean(x^2) + eps) * (w + offset) in fp32, rounded to q's dtype, then its
+    first R features rotate as in ``rotary`` (neox=True halves, False interleaved pairs).
+    Returns (q, k).
+    """
+    return _launch(q, k, q_weight, k_weight, positions, cos_sin, eps, offset, neox)
