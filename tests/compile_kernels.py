@@ -98,6 +98,13 @@ def main(arch=90):
     attention = _patched("varlen_attention", target)
     for D, causal, window in ((64, False, None), (128, True, (64, -1))):
         attention(z(T, 4, D, dtype=bf), z(T, 2, D, dtype=bf), z(T, 2, D, dtype=bf), cu, 15, causal, None, window)
+    # The benchmark's sweep candidates too: a config that spills or overflows shared
+    # memory is caught here, not on the GPU machine.
+    sweep = importlib.import_module("pyengine.kernels.varlen_attention")
+    for D, configs in sweep.SWEEP_CONFIGS.items():
+        for cfg in configs:
+            sweep._launch(z(T, 4, D, dtype=bf), z(T, 2, D, dtype=bf), z(T, 2, D, dtype=bf), cu, 15, D == 128,
+                          config=cfg)
     pooled = _patched("pooled_query_attention", target)
     pos = torch.tensor([4, 14])
     for dt, D, Hq, Hkv, causal, window in ((bf, 64, 12, 12, False, None), (bf, 128, 16, 2, True, (64, -1)),

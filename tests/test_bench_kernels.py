@@ -6,7 +6,7 @@ import pytest
 
 from pyengine.bench import kernels as kb
 
-KERNEL_OPS = ("varlen_attention", "gather_pooled", "activation", "add_layer_norm", "add_rms_norm",
+KERNEL_OPS = ("varlen_attention", "gather_pooled", "activation", "add_layer_norm", "add_rms_norm", "qk_norm_rotary",
               "rotary", "gated_act", "embed_layer_norm", "pooled_norm")
 
 

@@ -139,6 +139,13 @@ def cases(device="cpu", quick=False):
                     lambda: (rand(T, Hq, D, seed=9), rand(T, Hkv, D, seed=10), _positions(lens, device),
                              torch.cat([ang.cos(), ang.sin()], 1), True),
                     bytes=2 * T * (Hq + Hkv) * D * es + T * D * 4 + T * 8))
+    # Qwen3's per-head q/k RMSNorm fused with rotary, in place on views of the qkv output.
+    def make_qk(Hq=Hq, Hkv=Hkv, D=D):
+        qkv = rand(T, Hq + 2 * Hkv, D, seed=23)
+        return (qkv[:, :Hq], qkv[:, Hq:Hq + Hkv], rand(D, seed=24), rand(D, seed=25), _positions(lens, device),
+                torch.cat([ang.cos(), ang.sin()], 1), 1e-6)
+    out.append(Case("qk_norm_rotary", "qwen3", f"T={T} Hq={Hq} Hkv={Hkv} D={D}", make_qk,
+                    bytes=2 * T * (Hq + Hkv) * D * es + T * D * 4 + T * 8 + 2 * D * es))
     for kind in ("silu", "gelu"):
         out.append(Case("gated_act", kind, f"T={T} I={I}", lambda kind=kind: (rand(T, 2 * I, seed=11), kind),
                         bytes=3 * T * I * es))
