@@ -50,8 +50,11 @@ def _launch(hidden, cu_seqlens, pooling, out_dtype=None):
     out = torch.empty((B, H), dtype=out_dtype or hidden.dtype, device=hidden.device)
     if B == 0 or H == 0:
         return out
-    block_h = min(triton.next_power_of_2(H), 1024)
-    # Mean reads a (BLOCK_T, BLOCK_H) tile per step: about 4K elements keeps registers low.
+    # cls / last move one row per sequence: wide blocks. Mean streams every row of its
+    # sequence in one program, so a long sequence is a serial chain of loads: narrow
+    # column blocks (more programs per sequence) and tall row tiles (fewer steps each)
+    # keep the longest chain short. Either way a tile is about 4K elements.
+    block_h = min(triton.next_power_of_2(H), 1024 if pooling != "mean" else 128)
     block_t = max(1, 4096 // block_h)
     grid = (B, triton.cdiv(H, block_h))
     _gather_pooled_kernel[grid](hidden, cu_seqlens, out, hidden.stride(0), out.stride(0), H,

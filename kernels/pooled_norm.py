@@ -43,9 +43,12 @@ def _norm_rows(x, w, b, h_ok, H, eps, offset, NORM: tl.constexpr, HAS_BIAS: tl.c
 
 
 @triton.jit
-def _pooled_norm_kernel(X, RES, CU_SEQLENS, W, B, OUT, stride_x, stride_r, stride_o, H, eps, offset,
+def _pooled_norm_kernel(X, RES, CU_SEQLENS, W, B, OUT, stride_x, stride_r, stride_o, H, eps, offset, n_splits,
                         POOLING: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
                         HAS_RESIDUAL: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
+    """cls / last: OUT is (B, H), one normed row per sequence. mean: OUT is the (B *
+    n_splits, H) fp32 workspace; program (seq, split) sums the normed rows of its slice
+    of the sequence, and _mean_finish_kernel adds the slices up."""
     seq = tl.program_id(0)
     start = tl.load(CU_SEQLENS + seq)
     end = tl.load(CU_SEQLENS + seq + 1)
@@ -58,16 +61,22 @@ def _pooled_norm_kernel(X, RES, CU_SEQLENS, W, B, OUT, stride_x, stride_r, strid
     if HAS_BIAS:
         b = tl.load(B + offs_h, mask=h_ok, other=0.0).to(tl.float32)
     if POOLING == 2:
+        # The sequence is cut into n_splits slices, one program each, so a long sequence
+        # is not one long serial chain of loads.
+        split = tl.program_id(1)
+        chunk = (end - start + n_splits - 1) // n_splits
+        lo = start + split * chunk
+        hi = tl.minimum(lo + chunk, end)
         offs_t = tl.arange(0, BLOCK_T)
         acc = tl.zeros([BLOCK_T, BLOCK_H], dtype=tl.float32)
-        for t0 in range(start, end, BLOCK_T):
+        for t0 in range(lo, hi, BLOCK_T):
             rows = t0 + offs_t
-            row_ok = rows < end
+            row_ok = rows < hi
             x = _load_rows(X, RES, rows, row_ok, offs_h, h_ok, stride_x, stride_r, HAS_RESIDUAL)
             y = _norm_rows(x, w, b, h_ok, H, eps, offset, NORM, HAS_BIAS)
             acc += tl.where(row_ok[:, None], y, 0.0)
-        # An empty sequence divides 0 by 0, as the reference does.
-        out = tl.sum(acc, 0) / (end - start).to(tl.float32)
+        slot = seq.to(tl.int64) * n_splits + split
+        tl.store(OUT + slot * stride_o + offs_h, tl.sum(acc, 0), mask=h_ok)
     else:
         if POOLING == 0:
             rows = start + tl.arange(0, 1)
@@ -75,7 +84,22 @@ def _pooled_norm_kernel(X, RES, CU_SEQLENS, W, B, OUT, stride_x, stride_r, strid
             rows = end - 1 + tl.arange(0, 1)
         x = _load_rows(X, RES, rows, rows >= 0, offs_h, h_ok, stride_x, stride_r, HAS_RESIDUAL)
         out = tl.sum(_norm_rows(x, w, b, h_ok, H, eps, offset, NORM, HAS_BIAS), 0)
-    tl.store(OUT + seq.to(tl.int64) * stride_o + offs_h, out, mask=h_ok)
+        tl.store(OUT + seq.to(tl.int64) * stride_o + offs_h, out, mask=h_ok)
+
+
+@triton.jit
+def _mean_finish_kernel(WS, CU_SEQLENS, OUT, stride_o, H, n_splits, BLOCK_H: tl.constexpr):
+    """OUT[seq] = sum of the seq's n_splits workspace rows (in order: deterministic) / length."""
+    seq = tl.program_id(0)
+    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_ok = offs_h < H
+    n = tl.load(CU_SEQLENS + seq + 1) - tl.load(CU_SEQLENS + seq)
+    base = WS + seq.to(tl.int64) * n_splits * H
+    acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+    for s in range(0, n_splits):
+        acc += tl.load(base + s * H + offs_h, mask=h_ok, other=0.0)
+    # An empty sequence divides 0 by 0, as the reference does.
+    tl.store(OUT + seq.to(tl.int64) * stride_o + offs_h, acc / n.to(tl.float32), mask=h_ok)
 
 
 _check = functools.partial(_v.check, "pooled_norm")
@@ -112,14 +136,23 @@ def _launch(hidden, cu_seqlens, pooling, norm_kind, weight, bias, eps, offset=0.
     block_h = triton.next_power_of_2(H)
     # Mean norms a (BLOCK_T, BLOCK_H) tile per step: about 4K elements keeps registers low.
     block_t = max(1, 4096 // block_h)
-    _pooled_norm_kernel[(B,)](
+    mean = pooling == "mean"
+    # Mean: slices of about 32 tokens on average (T and B are host ints: no sync), at most
+    # 16 per sequence. A runtime argument, so ragged batches share one compiled kernel.
+    n_splits = min(16, max(1, T // (32 * B))) if mean else 1
+    dest = torch.empty((B * n_splits, H), dtype=torch.float32, device=hidden.device) if mean else out
+    _pooled_norm_kernel[(B, n_splits)](
         hidden, hidden if residual is None else residual, cu_seqlens,
-        hidden if norm_kind is None else weight, bias if has_bias else hidden, out,
-        hidden.stride(0), hidden.stride(0) if residual is None else residual.stride(0), out.stride(0),
-        H, float(eps), float(offset),
+        hidden if norm_kind is None else weight, bias if has_bias else hidden, dest,
+        hidden.stride(0), hidden.stride(0) if residual is None else residual.stride(0), dest.stride(0),
+        H, float(eps), float(offset), n_splits,
         POOLING=_POOLINGS[pooling], NORM=_NORMS[norm_kind], HAS_BIAS=has_bias,
         HAS_RESIDUAL=residual is not None, BLOCK_T=block_t, BLOCK_H=block_h,
         num_warps=4 if block_h <= 1024 else (8 if block_h <= 4096 else 16))
+    if mean:
+        fin_h = min(block_h, 1024)
+        _mean_finish_kernel[(B, triton.cdiv(H, fin_h))](dest, cu_seqlens, out, out.stride(0), H, n_splits,
+                                                         BLOCK_H=fin_h, num_warps=4)
     return out
 
 

@@ -81,10 +81,13 @@ class _Compile:
 
 
 def _patched(op, target):
+    """The op's public function, with every launched kernel of its module (``_*_kernel``:
+    the main one and helpers such as a finishing pass) replaced by a compiling stub."""
     mod = importlib.import_module(f"pyengine.kernels.{op}")
-    name = f"_{op}_kernel"
-    if not isinstance(getattr(mod, name), _Compile):
-        setattr(mod, name, _Compile(getattr(mod, name), op, target))
+    for name in dir(mod):
+        kernel = getattr(mod, name)
+        if name.startswith("_") and name.endswith("_kernel") and isinstance(kernel, triton.runtime.JITFunction):
+            setattr(mod, name, _Compile(kernel, op, target))
     return getattr(mod, op)
 
 

@@ -477,6 +477,32 @@ def test_pooled_norm(tol, pooling, norm_kind, residual):
     assert_close(out, ops.pooled_norm(*args), FP32[1:], f"{pooling}/{norm_kind}")
 
 
+@pytest.mark.parametrize("norm_kind", [None, "layer", "rms"])
+@pytest.mark.parametrize("lens", [
+    [1, 100, 300, 7],        # T >= 64 B: the mean is cut into 3 slices per sequence
+    [600],                   # one long sequence: 18 slices capped at 16
+    [40, 0, 90],             # an empty sequence among sliced ones: NaN, as the reference
+], ids=["sliced", "one-long", "empty"])
+def test_pooled_norm_mean_slices(lens, norm_kind):
+    """Mean pooling sums slices of each sequence in separate programs, then adds them up;
+    checked against the reference and a float64 mean of the normed rows."""
+    T, H = sum(lens), 96
+    h, r = _randn(T, H, seed=80), _randn(T, H, seed=81)
+    w, b = _randn(H, seed=82), _randn(H, seed=83)
+    cu = cu_seqlens(lens)
+    args = (h, cu, "mean", norm_kind, w, b, 1e-6, 0.0, r)
+    out = _kernel("pooled_norm")(*args)
+    ref = ops.pooled_norm(*args)
+    assert_close(out, ref, FP32[1:], f"mean/{norm_kind} {lens}")
+    x = (h + r).double()
+    if norm_kind == "layer":
+        x = torch.nn.functional.layer_norm(x, (H,), w.double(), b.double(), 1e-6)
+    elif norm_kind == "rms":
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w.double()
+    ref64 = torch.stack([x[a:e].mean(0) for a, e in zip(cu[:-1].tolist(), cu[1:].tolist())])
+    torch.testing.assert_close(out.double(), ref64, atol=1e-4, rtol=1e-4, equal_nan=True)
+
+
 @pytest.mark.parametrize("op,args,match", [
     ("gather_pooled", lambda: (torch.randn(4, 8), cu_seqlens([4]), "max"), "unknown pooling"),
     ("gather_pooled", lambda: (torch.randn(4, 8), cu_seqlens([4]).long(), "cls"), "cu_seqlens.dtype"),
