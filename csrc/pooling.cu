@@ -4,19 +4,29 @@
 //   cls: hidden[cu[b]]   last: hidden[cu[b+1] - 1]   mean: fp32 sum / length
 //   out in hidden's dtype (or fp32, for pooled_norm without a norm).
 //   Grid (B, column blocks); block (TX, TY): TX threads across VEC-wide column packs,
-//   TY threads down the rows of a sequence (mean only), reduced through shared memory.
+//   TY threads down the rows of a sequence (mean only), each with kMeanUnroll rows' loads
+//   in flight per step, reduced through shared memory in a fixed order (deterministic).
 //
 // pooled_norm (pyengine/ops.py pooled_norm): s = hidden (+ residual, rounded to hidden's
 //   dtype); each pooled token's row goes through LayerNorm / RMSNorm (weight + offset) in
-//   fp32; mean averages the normed rows; fp32 out, nothing rounded back. One block per
-//   sequence; the current row lives in shared memory as fp32, the running sum too.
+//   fp32; mean averages the normed rows; fp32 out, nothing rounded back.
+//   mean (vectorisable rows, H <= 32 * VEC * 16, or * 8 with a residual):
+//     pooled_norm_mean_kernel, one warp per row, statistics by warp shuffles only, no block
+//     barrier until the epilogue.
+//   cls / last, and mean rows the warp kernel cannot hold: pooled_norm_kernel, one block
+//     per sequence; the current row lives in shared memory as fp32, the running sum too.
 #include "common.cuh"
 #include "ops.h"
 
 namespace pyengine {
 namespace {
 
-constexpr int kMeanRows = 8;  // TY for mean pooling
+// gather_pooled mean: TY rows of threads, each keeping kMeanUnroll independent 16-byte loads
+// in flight per step, so a (128 x 4)-thread block has 16 rows (32 KB of bf16 at H=1024) in
+// flight. More rows per block (rather than more blocks) also shortens the tail that the
+// longest sequences' blocks leave at the end of a ragged batch.
+constexpr int kMeanRows = 4;
+constexpr int kMeanUnroll = 4;
 
 // ---------------------------------------------------------------------------------------
 // gather_pooled
@@ -45,11 +55,23 @@ __global__ void gather_pooled_kernel(const T* __restrict__ hidden, int64_t row_s
 #pragma unroll
     for (int j = 0; j < VEC; ++j) acc[j] = 0.f;
     if (active) {
-      for (int64_t r = start + threadIdx.y; r < end; r += blockDim.y) {
-        Pack<T, VEC> v;
-        v.load(hidden + r * row_stride + col);
+      const int64_t ny = blockDim.y;
+      // All kMeanUnroll loads are issued before any is summed; rows past the end are
+      // skipped (not added as zeros), and the order of the sums is fixed, so the result
+      // is bitwise reproducible.
+      for (int64_t r = start + threadIdx.y; r < end; r += kMeanUnroll * ny) {
+        Pack<T, VEC> v[kMeanUnroll];
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) acc[j] += to_float(v.v[j]);
+        for (int u = 0; u < kMeanUnroll; ++u) {
+          if (r + u * ny < end) v[u].load(hidden + (r + u * ny) * row_stride + col);
+        }
+#pragma unroll
+        for (int u = 0; u < kMeanUnroll; ++u) {
+          if (r + u * ny < end) {
+#pragma unroll
+            for (int j = 0; j < VEC; ++j) acc[j] += to_float(v[u].v[j]);
+          }
+        }
       }
     }
     // Reduce over threadIdx.y: partial sums laid out [y-1][j][x] (conflict-free).
@@ -213,6 +235,182 @@ __global__ void pooled_norm_kernel(const T* __restrict__ hidden, int64_t h_strid
   }
 }
 
+// Mean pooling through the norm, one warp per row: blockDim (32, kPnWarps), one block per
+// sequence; warp w takes rows start + w, start + w + kPnWarps, ... Lane l holds the packs
+// (p * 32 + l), p < PACKS, of its row in registers (packs past H are masked), so the row's
+// mean / variance / mean square are warp shuffles and the block never synchronises inside
+// the row loop. Each warp keeps its own fp32 running sum of
+//   z = (s - mean) * rstd   (layer)      z = s * rstd   (rms)      z = s   (none)
+// and the affine part is applied once per column after averaging, since it is the same for
+// every row: mean_t(z_t * w + b) = mean_t(z_t) * w + b, and likewise (w + offset) for rms.
+// That keeps the weight and bias out of the per-row loop and out of the registers.
+//
+// hidden: (T, H) rows of h_stride elements, 16-byte aligned; residual: the same or null;
+// weight, bias: (H,) in W, bias may be null; out: (B, H) fp32. H % VEC == 0 and
+// H <= 32 * VEC * PACKS (checked by the launcher).
+constexpr int kPnWarps = 8;
+constexpr int kMaxPacks = 16;
+// A residual doubles the packed row a lane holds; past 8 packs that no longer fits beside
+// the running sums without spilling (ptxas, sm_90), so those rows take the block kernel.
+constexpr int kMaxPacksRes = 8;
+
+template <typename T, typename W, int VEC, int PACKS, bool RES>
+__global__ void __launch_bounds__(32 * kPnWarps)
+pooled_norm_mean_kernel(const T* __restrict__ hidden, int64_t h_stride,
+                        const T* __restrict__ residual, int64_t r_stride,
+                        const int* __restrict__ cu_seqlens, int norm_kind,
+                        const W* __restrict__ weight, const W* __restrict__ bias, float eps,
+                        float offset, float* __restrict__ out, int hidden_size) {
+  // Up to 64 bytes of the next row per lane are loaded before the current one is reduced,
+  // so a warp's loads stay in flight during its shuffles. Larger rows (and residual rows,
+  // which double the bytes) already give each warp enough loads in flight, and double
+  // buffering them would cost registers the running sums need.
+  constexpr bool kPrefetch = !RES && PACKS * VEC * sizeof(T) <= 64;
+  constexpr int kChunk = 32 * VEC;  // columns covered by one pack index p across the warp
+  __shared__ float red[kPnWarps][kChunk];
+
+  const int lane = threadIdx.x, warp = threadIdx.y;
+  const int H = hidden_size;
+  const int b = blockIdx.x;
+  const int64_t start = cu_seqlens[b], end = cu_seqlens[b + 1];
+  const float inv_h = 1.f / static_cast<float>(H);
+
+  bool ok[PACKS];
+#pragma unroll
+  for (int p = 0; p < PACKS; ++p) ok[p] = p * kChunk + lane * VEC < H;
+
+  float acc[PACKS][VEC];
+#pragma unroll
+  for (int p = 0; p < PACKS; ++p) {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) acc[p][j] = 0.f;
+  }
+
+  Pack<T, VEC> x[PACKS], xn[PACKS];
+  Pack<T, VEC> rs[RES ? PACKS : 1];
+  // Masked packs load as zeros.
+  auto load = [&](Pack<T, VEC>* dst, int64_t r) {
+#pragma unroll
+    for (int p = 0; p < PACKS; ++p) {
+      if (ok[p]) {
+        dst[p].load(hidden + r * h_stride + p * kChunk + lane * VEC);
+      } else {
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) dst[p].v[j] = from_float<T>(0.f);
+      }
+    }
+    if constexpr (RES) {
+#pragma unroll
+      for (int p = 0; p < PACKS; ++p) {
+        if (ok[p]) rs[p].load(residual + r * r_stride + p * kChunk + lane * VEC);
+      }
+    }
+  };
+
+  int64_t r = start + warp;
+  if (r < end) load(x, r);
+  for (; r < end; r += kPnWarps) {
+    const int64_t rn = r + kPnWarps;
+    if constexpr (kPrefetch) {
+      if (rn < end) load(xn, rn);
+    }
+    if constexpr (RES) {
+      // The reference adds in hidden's dtype before the norm. Masked packs stay zero (their
+      // residual pack was never loaded).
+#pragma unroll
+      for (int p = 0; p < PACKS; ++p) {
+        if (!ok[p]) continue;
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+          x[p].v[j] = from_float<T>(to_float(x[p].v[j]) + to_float(rs[p].v[j]));
+        }
+      }
+    }
+    // Every pass re-reads the row from its packed form (a 16-bit to fp32 conversion is one
+    // instruction) instead of keeping an fp32 copy, which would cost as many registers as
+    // the running sums. Masked packs hold zeros, so they drop out of the plain sums.
+    float part = 0.f;
+#pragma unroll
+    for (int p = 0; p < PACKS; ++p) {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        const float f = to_float(x[p].v[j]);
+        part += norm_kind == 2 ? f * f : f;
+      }
+    }
+    if (norm_kind == 1) {
+      // Two passes: the variance of (s - mean), as the reference.
+      const float mean = warp_sum(part) * inv_h;
+      float sq = 0.f;
+#pragma unroll
+      for (int p = 0; p < PACKS; ++p) {
+        if (!ok[p]) continue;
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+          const float d = to_float(x[p].v[j]) - mean;
+          sq += d * d;
+        }
+      }
+      const float rstd = rsqrtf(warp_sum(sq) * inv_h + eps);
+#pragma unroll
+      for (int p = 0; p < PACKS; ++p) {
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) acc[p][j] += (to_float(x[p].v[j]) - mean) * rstd;
+      }
+    } else if (norm_kind == 2) {
+      const float rstd = rsqrtf(warp_sum(part) * inv_h + eps);
+#pragma unroll
+      for (int p = 0; p < PACKS; ++p) {
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) acc[p][j] += to_float(x[p].v[j]) * rstd;
+      }
+    } else {
+#pragma unroll
+      for (int p = 0; p < PACKS; ++p) {
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) acc[p][j] += to_float(x[p].v[j]);
+      }
+    }
+    if constexpr (kPrefetch) {
+#pragma unroll
+      for (int p = 0; p < PACKS; ++p) x[p] = xn[p];
+    } else {
+      if (rn < end) load(x, rn);
+    }
+  }
+
+  // Epilogue, one kChunk of columns at a time: the warps' sums meet in shared memory and
+  // are added in warp order (deterministic); thread t finishes column p * kChunk + t, so
+  // the weight / bias reads and the output stores are coalesced. An empty sequence gives
+  // 0 / 0 = NaN, as the reference does.
+  const float len = static_cast<float>(end - start);
+  float* orow = out + static_cast<int64_t>(b) * H;
+  const int tid = warp * 32 + lane;
+#pragma unroll
+  for (int p = 0; p < PACKS; ++p) {
+    if (p * kChunk >= H) break;  // uniform across the block
+    if (p > 0) __syncthreads();  // the previous chunk has been read
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) red[warp][lane * VEC + j] = acc[p][j];
+    __syncthreads();
+    for (int t = tid; t < kChunk; t += 32 * kPnWarps) {
+      const int c = p * kChunk + t;
+      if (c >= H) break;
+      float sum = 0.f;
+#pragma unroll
+      for (int w = 0; w < kPnWarps; ++w) sum += red[w][t];
+      float y = sum / len;
+      if (norm_kind == 1) {
+        y *= to_float(weight[c]);
+        if (bias != nullptr) y += to_float(bias[c]);
+      } else if (norm_kind == 2) {
+        y *= to_float(weight[c]) + offset;
+      }
+      orow[c] = y;
+    }
+  }
+}
+
 template <typename T, typename W, int VEC>
 void launch_pooled_norm_typed(uintptr_t hidden, int64_t h_stride, uintptr_t residual,
                               int64_t r_stride, uintptr_t cu_seqlens, int64_t batch, int pooling,
@@ -236,6 +434,27 @@ void launch_pooled_norm_typed(uintptr_t hidden, int64_t h_stride, uintptr_t resi
   check_launch(op, "pooled_norm kernel");
 }
 
+template <typename T, typename W, int VEC, int PACKS>
+void launch_pooled_norm_mean(uintptr_t hidden, int64_t h_stride, uintptr_t residual,
+                             int64_t r_stride, uintptr_t cu_seqlens, int64_t batch, int norm_kind,
+                             uintptr_t weight, uintptr_t bias, float eps, float offset,
+                             uintptr_t out, int64_t hidden_size, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(batch)), block(32, kPnWarps);
+  auto args = [&](auto kernel) {
+    kernel<<<grid, block, 0, stream>>>(
+        reinterpret_cast<const T*>(hidden), h_stride, reinterpret_cast<const T*>(residual),
+        r_stride, reinterpret_cast<const int*>(cu_seqlens), norm_kind,
+        reinterpret_cast<const W*>(weight), reinterpret_cast<const W*>(bias), eps, offset,
+        reinterpret_cast<float*>(out), static_cast<int>(hidden_size));
+  };
+  if (residual != 0) {
+    if constexpr (PACKS <= kMaxPacksRes) args(pooled_norm_mean_kernel<T, W, VEC, PACKS, true>);
+  } else {
+    args(pooled_norm_mean_kernel<T, W, VEC, PACKS, false>);
+  }
+  check_launch("pooled_norm", "pooled_norm mean kernel");
+}
+
 template <typename T, typename W>
 void launch_pooled_norm_vec(uintptr_t hidden, int64_t h_stride, uintptr_t residual,
                             int64_t r_stride, uintptr_t cu_seqlens, int64_t batch, int pooling,
@@ -250,7 +469,31 @@ void launch_pooled_norm_vec(uintptr_t hidden, int64_t h_stride, uintptr_t residu
              aligned(out, AO) && (weight == 0 || aligned(weight, AW)) &&
              (bias == 0 || aligned(bias, AW));
   if (residual != 0) vec = vec && aligned(residual, AT) && (r_stride * sizeof(T)) % AT == 0;
-  if (vec) {
+  const int64_t packs = ceil_div(hidden_size, 32 * V);  // per lane, for the mean kernel
+  const int64_t max_packs = residual != 0 ? kMaxPacksRes : kMaxPacks;
+  if (vec && pooling == 2 && packs <= max_packs) {
+    if (packs <= 1) {
+      launch_pooled_norm_mean<T, W, V, 1>(hidden, h_stride, residual, r_stride, cu_seqlens,
+                                          batch, norm_kind, weight, bias, eps, offset, out,
+                                          hidden_size, stream);
+    } else if (packs <= 2) {
+      launch_pooled_norm_mean<T, W, V, 2>(hidden, h_stride, residual, r_stride, cu_seqlens,
+                                          batch, norm_kind, weight, bias, eps, offset, out,
+                                          hidden_size, stream);
+    } else if (packs <= 4) {
+      launch_pooled_norm_mean<T, W, V, 4>(hidden, h_stride, residual, r_stride, cu_seqlens,
+                                          batch, norm_kind, weight, bias, eps, offset, out,
+                                          hidden_size, stream);
+    } else if (packs <= 8) {
+      launch_pooled_norm_mean<T, W, V, 8>(hidden, h_stride, residual, r_stride, cu_seqlens,
+                                          batch, norm_kind, weight, bias, eps, offset, out,
+                                          hidden_size, stream);
+    } else {
+      launch_pooled_norm_mean<T, W, V, kMaxPacks>(hidden, h_stride, residual, r_stride,
+                                                  cu_seqlens, batch, norm_kind, weight, bias,
+                                                  eps, offset, out, hidden_size, stream);
+    }
+  } else if (vec) {
     launch_pooled_norm_typed<T, W, V>(hidden, h_stride, residual, r_stride, cu_seqlens, batch,
                                       pooling, norm_kind, weight, bias, eps, offset, out,
                                       hidden_size, stream);

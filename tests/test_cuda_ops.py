@@ -388,7 +388,10 @@ def test_gather_pooled_matches_reference(dtype, H, pooling, layout):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("pooling", ["cls", "last", "mean"])
 @pytest.mark.parametrize("norm_kind", [None, "layer", "rms"])
-@pytest.mark.parametrize("H", [384, 1000, 4096])
+# 64: one pack per lane with most lanes masked; 1000: a partly masked last pack; 4096: the
+# largest warp-per-row mean for 16-bit rows without a residual (fp32, or with a residual:
+# the block kernel); 8192: the block kernel for every dtype.
+@pytest.mark.parametrize("H", [64, 384, 1000, 4096, 8192])
 def test_pooled_norm_matches_reference(dtype, pooling, norm_kind, H):
     gen = torch.Generator(device="cuda").manual_seed(H + 7)
     lens = [1, 9, 200, 1, 33]
@@ -408,6 +411,36 @@ def test_pooled_norm_matches_reference(dtype, pooling, norm_kind, H):
                 # fp32 out; inputs rounded in dtype first, so bf16/fp16 only differ in fp32 math
                 _close(got, want, dtype, f"pooled_norm {layout} w={wdt} res={residual is not None} "
                        f"bias={bias is not None}", tol=(2e-5, 2e-5) if norm_kind else FP32_OUT)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("norm_kind", [None, "layer", "rms"])
+@pytest.mark.parametrize("H", [1024, 4096, 1000 + 3])
+def test_pooled_mean_empty_sequence_and_determinism(dtype, norm_kind, H):
+    """An empty sequence pools to a NaN row (0 / 0, as the reference) without touching its
+    neighbours, and mean pooling gives bitwise the same result on every call."""
+    gen = torch.Generator(device="cuda").manual_seed(H + 11)
+    lens = [3, 0, 700, 1, 0, 64]
+    cu = _cu(lens, "cuda")
+    hidden = torch.randn(sum(lens), H, dtype=dtype, device="cuda", generator=gen)
+    w = torch.randn(H, dtype=dtype, device="cuda", generator=gen)
+    b = torch.randn(H, dtype=dtype, device="cuda", generator=gen)
+    bias = b if norm_kind == "layer" else None
+    empty = torch.tensor([n == 0 for n in lens], device="cuda")
+    for residual in (None, hidden):
+        _poison()
+        got = cuda_ops.pooled_norm(hidden, cu, "mean", norm_kind, w, bias, 1e-6, 0.0, residual)
+        want = ref.pooled_norm(hidden, cu, "mean", norm_kind, w, bias, 1e-6, 0.0, residual)
+        what = f"pooled_norm mean {norm_kind} res={residual is not None}"
+        assert got[empty].isnan().all(), f"{what}: an empty sequence must pool to NaN"
+        _close(got[~empty], want[~empty], dtype, what, tol=(2e-5, 2e-5))
+        again = cuda_ops.pooled_norm(hidden, cu, "mean", norm_kind, w, bias, 1e-6, 0.0, residual)
+        assert torch.equal(got[~empty], again[~empty]), f"{what}: not deterministic"
+    g = cuda_ops.gather_pooled(hidden, cu, "mean")
+    assert g[empty].isnan().all()
+    _close(g[~empty], ref.gather_pooled(hidden, cu, "mean")[~empty], dtype, "gather_pooled mean")
+    assert torch.equal(g[~empty], cuda_ops.gather_pooled(hidden, cu, "mean")[~empty])
 
 
 @pytest.mark.gpu

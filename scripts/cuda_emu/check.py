@@ -121,6 +121,36 @@ def check_pooling():
                               ref.pooled_norm(hid, cu, p, nk, w, b, 1e-5, off, rr), dt)
 
 
+def check_pooled_mean():
+    """pooled_norm "mean" through the warp-per-row kernel (H <= 32 * VEC * 16; 8 with a
+    residual) and the block kernel it falls back to (H not a multiple of the vector width,
+    a misaligned row, larger H), plus gather_pooled "mean" across its unrolled row loop.
+    Lengths cover 1, an empty sequence (NaN), fewer rows than warps and several rounds."""
+    lens = [1, 0, 5, 19, 2]
+    cases = [(torch.float32, 13, 0), (torch.bfloat16, 13, 0), (torch.float16, 64, 0),
+             (torch.bfloat16, 384, 0), (torch.float32, 384, 1), (torch.bfloat16, 1024, 0),
+             (torch.float16, 1536, 0), (torch.float32, 1536, 0), (torch.bfloat16, 4096, 0),
+             (torch.float32, 4096, 0), (torch.float16, 8192, 0)]
+    for dt, H, pad in cases:
+        T = sum(lens)
+        base = torch.randn(T, H + pad, dtype=dt) * 3 + 0.5
+        hid = base[:, pad:] if pad else base
+        cu = cu_of(lens)
+        res = torch.randn(T, H, dtype=dt)
+        tag = f"{dt} H={H} lens={lens} pad={pad} mean"
+        close(f"gather_pooled {tag}", co.gather_pooled(hid, cu, "mean"), ref.gather_pooled(hid, cu, "mean"), dt)
+        for nk in (None, "layer", "rms"):
+            for rr in (None, res):
+                wdts = (dt, torch.float32) if H <= 1024 else (torch.float32,)
+                for wdt in wdts:
+                    w, b = torch.randn(H, dtype=wdt), torch.randn(H, dtype=wdt)
+                    off = 1.0 if nk == "rms" else 0.0
+                    for bias in ((b, None) if nk == "layer" else (None,)):
+                        close(f"pooled_norm {tag} {nk} res={rr is not None} w={wdt} bias={bias is not None}",
+                              co.pooled_norm(hid, cu, "mean", nk, w, bias, 1e-5, off, rr),
+                              ref.pooled_norm(hid, cu, "mean", nk, w, bias, 1e-5, off, rr), dt)
+
+
 def check_activation():
     for dt, B, L in [(torch.float32, 5, 1), (torch.float32, 6, 2), (torch.float16, 3, 40),
                      (torch.bfloat16, 9, 70), (torch.float32, 2, 1000)]:
@@ -145,7 +175,8 @@ def check_dispatcher():
 
 
 CHECKS = {"add_rms_norm": check_norms, "add_layer_norm": check_norms, "rotary": check_rotary,
-          "gather_pooled": check_pooling, "pooled_norm": check_pooling, "activation": check_activation}
+          "gather_pooled": check_pooling, "pooled_norm": check_pooling,
+          "pooled_mean": check_pooled_mean, "activation": check_activation}
 
 if __name__ == "__main__":
     torch.manual_seed(0)
