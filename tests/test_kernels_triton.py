@@ -161,6 +161,22 @@ def test_varlen_attention_strided_views_and_scale():
     assert_close(out, attention64(q, k, v, lens, False, 0.2), FP32, "strided views")
 
 
+def test_varlen_attention_tile_map():
+    """The work list: one entry per (sequence, query block) in order, the tile count and
+    each sequence's first tile; an empty sequence has none."""
+    va = _mod("varlen_attention")
+    lens = [5, 0, 16, 17, 1]
+    tile_seq, tile_info, n = va.tile_map(cu_seqlens(lens), sum(lens), 16)
+    expect = [0, 2, 3, 3, 4]  # ceil(len / 16) tiles each
+    assert n == math.ceil(sum(lens) / 16) + len(lens) >= len(expect)
+    assert tile_info.tolist() == [len(expect), 0, 1, 1, 2, 4]
+    assert tile_seq[:len(expect)].tolist() == expect
+    many = [(7 * i) % 40 for i in range(37)]  # several 8-wide blocks of sequences, empty ones too
+    tile_seq, tile_info, _ = va.tile_map(cu_seqlens(many), sum(many), 16, block_b=8)
+    expect = [i for i, n_ in enumerate(many) for _ in range(math.ceil(n_ / 16))]
+    assert tile_info[0].item() == len(expect) and tile_seq[:len(expect)].tolist() == expect
+
+
 @pytest.mark.parametrize("bad,match", [
     (lambda q, k, v, cu: (q.double(), k, v, cu), "q.dtype"),
     (lambda q, k, v, cu: (q, k.half(), v, cu), "share a dtype"),
