@@ -181,7 +181,8 @@ def cases(device="cpu", quick=False):
 
 def torch_varlen_fn():
     """torch.nn.attention.varlen.varlen_attn adapted to this op's arguments, or None.
-    Older torch takes is_causal, newer only window_size; GQA needs enable_gqa."""
+    Older torch takes is_causal, newer only window_size; GQA through enable_gqa where
+    it exists, else with k/v repeated per query head."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
@@ -200,9 +201,13 @@ def torch_varlen_fn():
         else:
             raise NotImplementedError("this torch's varlen_attn has no sliding window")
         if q.shape[1] != k.shape[1]:
-            if "enable_gqa" not in params:
-                raise NotImplementedError("this torch's varlen_attn has no GQA")
-            kw["enable_gqa"] = True
+            if "enable_gqa" in params:
+                kw["enable_gqa"] = True
+            else:
+                # No GQA in this torch: k/v repeated per query head, inside the timed call
+                # (what a user of this API has to do).
+                g = q.shape[1] // k.shape[1]
+                k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
         return varlen_attn(q, k, v, cu, cu, max_seqlen, max_seqlen, **kw)
     return run
 
