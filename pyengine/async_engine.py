@@ -3,10 +3,13 @@
 One worker thread owns the core: it takes new requests and aborts from a command
 queue, steps the core while anything waits, and resolves each caller's future back on
 that caller's event loop. Because ``EngineCore.step`` packs whatever is waiting under
-the token budget, requests that arrive while a batch runs share the next batch; no
-artificial batching delay is needed. Tokenisation runs on a second single thread: it
-keeps the event loop free, and the tokenizer is not safe to share between threads
-(``InputProcessor`` sets its truncation side per call).
+the token budget, requests that arrive while a batch runs share the next batch
+launched; no artificial batching delay is needed. On CUDA the core keeps two batches
+in flight, so a step launches the next batch before it waits for the previous one and
+delivers that one's results; an abort of a sequence in flight drops its result.
+Tokenisation runs on a second single thread: it keeps the event loop free, and the
+tokenizer is not safe to share between threads (``InputProcessor`` sets its
+truncation side per call).
 """
 from __future__ import annotations
 
@@ -81,9 +84,9 @@ class AsyncEngine:
 
     def num_waiting(self) -> int:
         """Sequences not yet finished: handed over but not yet taken by the worker (it
-        takes them between batches), plus those in the core's queue (including the
-        batch now running). Racy reads, fine for a gauge."""
-        return self._handed_over + len(self.core.waiting)
+        takes them between batches), plus those in the core (waiting or in a batch in
+        flight). Racy reads, fine for a gauge."""
+        return self._handed_over + self.core.num_unfinished()
 
     async def preprocess(self, fn, *args):
         """Run ``fn(*args)`` (tokenisation, template rendering) on the tokenizer thread."""

@@ -1,14 +1,15 @@
 """The engine core (a loop over a request queue) and the offline ``LLM`` API.
 
-``EngineCore.step()`` schedules one ragged batch from the waiting requests, runs it
-and finishes its requests; ``LLM`` adds a call's requests and steps until they are
-done, and an asyncio server can drive the same core from its own loop.
+``EngineCore.step()`` schedules ragged batches from the waiting requests, launches
+them and finishes the oldest batch in flight; ``LLM`` adds a call's requests and steps
+until they are done, and an asyncio server can drive the same core from its own loop.
 """
 from __future__ import annotations
 
 import itertools
 import os
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
@@ -24,13 +25,14 @@ from .ops import resolve_ops
 from .outputs import (ClassificationRequestOutput, PoolingOutput, PoolingRequestOutput,
                       ScoringRequestOutput)
 from .pooler import Pooler, classify_activation, score_activation
-from .scheduler import next_batch
+from .scheduler import WaitingQueue
 from .templates import load_score_template, render_pairs
 
 
 class BatchError(RuntimeError):
-    """A batch failed inside the model. ``request_ids`` are the requests it held, already
-    taken off the queue; every other waiting request is untouched."""
+    """A batch failed, while being launched or while its results were awaited.
+    ``request_ids`` are the requests it held (less any aborted meanwhile), already taken
+    off the engine; every other request, waiting or in flight, is untouched."""
 
     def __init__(self, request_ids: list[str], cause: BaseException):
         super().__init__(f"{type(cause).__name__}: {cause}")
@@ -44,6 +46,45 @@ class Request:
     activation: str | None  # None: raw logits
     arrival: float = field(default_factory=time.monotonic)
     output: torch.Tensor | None = None  # (num_labels,) fp32 on the host once finished
+
+
+class _Done:
+    """The event of work that was finished when it was launched (any non-CUDA device)."""
+
+    @staticmethod
+    def synchronize():
+        pass
+
+    @staticmethod
+    def query() -> bool:
+        return True
+
+
+DONE = _Done()
+
+
+class PendingBatch:
+    """One launched batch. ``output``: (B, num_labels) fp32 on the host, valid once
+    ``ready`` (a ``torch.cuda.Event``, or :data:`DONE`) has completed; ``pinned``: the
+    output is a pinned staging buffer; ``requests`` are set by the engine, in row order."""
+
+    __slots__ = ("output", "ready", "pinned", "requests")
+
+    def __init__(self, output: torch.Tensor, ready=DONE, pinned: bool = False):
+        self.output = output
+        self.ready = ready
+        self.pinned = pinned
+        self.requests: list[Request] = []
+
+    def wait(self) -> torch.Tensor:
+        """Block until the batch is done; returns (B, num_labels) fp32 on the host. A CUDA
+        error raised by the batch's kernels surfaces here."""
+        self.ready.synchronize()
+        if self.pinned:
+            # A pageable copy lets the pinned block go back to torch's host cache now,
+            # not when the caller drops the last result row.
+            return self.output.clone()
+        return self.output
 
 
 def _load_tokenizer(cfg: EngineConfig):
@@ -66,7 +107,15 @@ def _load_tokenizer(cfg: EngineConfig):
 
 
 class EngineCore:
-    """Owns the model, the tokenizer-side limits and the waiting queue."""
+    """Owns the model, the tokenizer-side limits, the waiting queue and the batches in
+    flight.
+
+    ``pipeline_depth`` is how many batches may be in flight at once: 2 on CUDA, where
+    :meth:`step` launches batch N+1 (host-side batch building, kernel launches) while
+    the GPU still runs batch N, and only then waits for N; 1 elsewhere, where a launch
+    finishes the work. Any depth goes through the same code, so depth 2 is tested on
+    the CPU too.
+    """
 
     # A request older than this is scheduled next, whatever its length.
     MAX_WAIT_S = 2.0
@@ -102,54 +151,138 @@ class EngineCore:
         self.inputs = InputProcessor(self.tokenizer, self.max_model_len, self.model.vocab_size, keep_types)
         self.pooler = Pooler(self.ops, cfg.pooler_config)
         self.classify_act = classify_activation(self.hf_config)
-        self.waiting: dict[str, Request] = {}
+        self.waiting = WaitingQueue()  # not yet launched: request id -> Request, arrival order
+        self.running: dict[str, Request] = {}  # launched and not yet finished
+        self._inflight: deque[PendingBatch] = deque()  # launch order
+        # Requests added and not yet finished, aborted or failed. A counter rather than
+        # len(waiting) + len(running): other threads read it while a batch moves from
+        # one to the other.
+        self._num_unfinished = 0
+        self.pipeline_depth = 2 if self.device.type == "cuda" else 1
         self._ids = itertools.count()
 
     def new_request_id(self) -> str:
         return str(next(self._ids))
 
     # ------------------------------------------------------------------ queue
+    @property
+    def pipeline_depth(self) -> int:
+        return self._pipeline_depth
+
+    @pipeline_depth.setter
+    def pipeline_depth(self, depth: int):
+        if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
+            raise ValueError(f"pipeline_depth must be a positive int, got {depth!r}")
+        self._pipeline_depth = depth
+
     def add_request(self, req: Request):
-        if req.request_id in self.waiting:
+        if req.request_id in self.waiting or req.request_id in self.running:
             raise ValueError(f"request id {req.request_id!r} is already queued")
-        self.waiting[req.request_id] = req
+        self.waiting.add(req.request_id, len(req.prompt.token_ids), req)
+        self._num_unfinished += 1
 
     def abort(self, request_ids):
+        """Drop requests, waiting or in flight; unknown ids are ignored. An in-flight
+        request's batch still runs; its output is dropped."""
+        hit_running = False
         for rid in request_ids:
-            self.waiting.pop(rid, None)
+            if self.waiting.remove(rid) is not None:
+                self._num_unfinished -= 1
+            elif self.running.pop(rid, None) is not None:
+                self._num_unfinished -= 1
+                hit_running = True
+        if hit_running:
+            # A batch with nothing left to deliver is not waited for.
+            self._inflight = deque(b for b in self._inflight if self._live(b))
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting)
+        """Whether any request is waiting or in flight."""
+        return bool(self.waiting) or bool(self.running)
+
+    def num_unfinished(self) -> int:
+        """Requests waiting or in flight (safe to read from another thread)."""
+        return self._num_unfinished
 
     def step(self) -> list[Request]:
-        """Run one batch of waiting requests; returns the requests it finished."""
-        reqs = list(self.waiting.values())  # arrival order: reqs[0] is the oldest
-        first = 0 if reqs and time.monotonic() - reqs[0].arrival > self.MAX_WAIT_S else None
-        chosen = next_batch([len(r.prompt.token_ids) for r in reqs],
-                            self.cfg.max_num_batched_tokens, self.cfg.max_num_seqs, first)
-        batch_reqs = [reqs[i] for i in chosen]
-        if not batch_reqs:
+        """Launch batches of waiting requests until ``pipeline_depth`` are in flight, then
+        wait for the oldest one; returns the requests it finished (empty only when
+        nothing was waiting or in flight).
+
+        Raises :class:`BatchError` naming the requests of the one batch that failed,
+        either the one being launched (the batches already in flight stay in flight) or
+        the one waited for (the others stay in flight); the engine stays usable.
+        """
+        while len(self._inflight) < self._pipeline_depth and self.waiting:
+            self._launch_next()
+        if not self._inflight:
             return []
+        return self._finish(self._inflight.popleft())
+
+    def _live(self, pending: PendingBatch) -> list[Request]:
+        running = self.running
+        return [r for r in pending.requests if running.get(r.request_id) is r]
+
+    def _launch_next(self):
+        oldest = self.waiting.oldest()
+        anchored = time.monotonic() - oldest.arrival > self.MAX_WAIT_S
+        reqs = self.waiting.pop_batch(self.cfg.max_num_batched_tokens, self.cfg.max_num_seqs, anchored)
+        for r in reqs:
+            self.running[r.request_id] = r
         try:
-            outputs = self.run_batch([r.prompt for r in batch_reqs], [r.activation for r in batch_reqs])
+            pending = self.launch_batch([r.prompt for r in reqs], [r.activation for r in reqs])
         except Exception as e:
-            ids = [r.request_id for r in batch_reqs]
-            self.abort(ids)
-            raise BatchError(ids, e) from e
-        for r, out in zip(batch_reqs, outputs):
-            r.output = out
-            del self.waiting[r.request_id]
-        return batch_reqs
+            self._fail(reqs, e)
+        except BaseException:
+            self._drop(reqs)  # interrupted: nothing will ever finish these
+            raise
+        pending.requests = reqs
+        self._inflight.append(pending)
+
+    def _finish(self, pending: PendingBatch) -> list[Request]:
+        try:
+            output = pending.wait()
+        except Exception as e:
+            self._fail(self._live(pending), e)
+        except BaseException:
+            self._drop(self._live(pending))  # interrupted: the batch has left the pipeline
+            raise
+        running, done = self.running, []
+        for r, row in zip(pending.requests, output.unbind(0)):
+            if running.get(r.request_id) is r:  # not aborted while in flight
+                r.output = row
+                done.append(r)
+        self._drop(done)
+        return done
+
+    def _drop(self, reqs: list[Request]):
+        for r in reqs:
+            del self.running[r.request_id]
+        self._num_unfinished -= len(reqs)
+
+    def _fail(self, reqs: list[Request], cause: Exception):
+        self._drop(reqs)
+        raise BatchError([r.request_id for r in reqs], cause) from cause
 
     @torch.inference_mode()
-    def run_batch(self, prompts: list[TokenizedPrompt], activations: list[str | None]) -> torch.Tensor:
-        """Forward one ragged batch. Returns (B, num_labels) fp32 on the host."""
+    def launch_batch(self, prompts: list[TokenizedPrompt], activations: list[str | None]) -> PendingBatch:
+        """Build one ragged batch and queue its forward, pooling and device-to-host copy
+        without waiting for them (on CUDA). Returns its :class:`PendingBatch`."""
         types = None
         if any(p.token_type_ids is not None for p in prompts):
-            types = [p.token_type_ids or [0] * len(p.token_ids) for p in prompts]
+            types = [p.token_type_ids for p in prompts]
         batch = RaggedBatch.build([p.token_ids for p in prompts], types, self.device)
-        logits = self.model(batch)
-        return self.pooler(logits, activations).cpu()
+        out = self.pooler(self.model(batch), activations)  # (B, num_labels) fp32 on the device
+        if self.device.type != "cuda":
+            return PendingBatch(out.cpu())
+        host = torch.empty(out.shape, dtype=torch.float32, pin_memory=True)
+        host.copy_(out, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record(torch.cuda.current_stream(self.device))
+        return PendingBatch(host, ready, pinned=True)
+
+    def run_batch(self, prompts: list[TokenizedPrompt], activations: list[str | None]) -> torch.Tensor:
+        """Forward one ragged batch outside the queue. Returns (B, num_labels) fp32 on the host."""
+        return self.launch_batch(prompts, activations).wait()
 
 
 class LLM:

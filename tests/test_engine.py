@@ -1,5 +1,6 @@
 """The engine on the torch backend against transformers' own BERT-family models."""
 import random
+import time
 
 import pytest
 import torch
@@ -371,17 +372,274 @@ def test_failed_batch_names_its_requests_and_leaves_the_rest(small_llm, monkeypa
     short, long_ = Request("s", TokenizedPrompt([2, 5, 3]), None), Request("l", TokenizedPrompt([2] * 15), None)
     core.add_request(short)
     core.add_request(long_)
-    run = core.run_batch
+    launch = core.launch_batch
 
     def boom(*args):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(core, "run_batch", boom)
+    monkeypatch.setattr(core, "launch_batch", boom)
     with pytest.raises(BatchError, match="RuntimeError: boom") as info:
         core.step()
     assert info.value.request_ids == ["s"]
     assert list(core.waiting) == ["l"]
-    monkeypatch.setattr(core, "run_batch", run)
+    monkeypatch.setattr(core, "launch_batch", launch)
     finished = core.step()
     assert [r.request_id for r in finished] == ["l"] and finished[0].output.shape == (3,)
     assert not core.has_unfinished()
+
+
+# ------------------------------------------------------------------ batches in flight
+# On CUDA the engine keeps two batches in flight; on the CPU a launch finishes the work,
+# so these tests set pipeline_depth=2 and stand a logged event in for the CUDA one.
+@pytest.fixture(scope="module")
+def pipe_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("pipe")
+    factory, _ = FAMILIES["bert"]
+    save_tiny(path, factory(num_labels=3), seed=4)
+    return path
+
+
+class _Event:
+    """A completed event that logs its wait and can raise the error a device would."""
+
+    def __init__(self, pipe, k):
+        self.pipe, self.k = pipe, k
+
+    def synchronize(self):
+        self.pipe.log.append(("wait", self.k))
+        if self.k in self.pipe.fail_wait:
+            raise RuntimeError(f"device fault in batch {self.k}")
+
+    def query(self):
+        return True
+
+
+class Pipeline:
+    """Wraps a core's launch_batch: numbers the launches, logs launches and waits, and
+    fails the launches or waits it is told to."""
+
+    def __init__(self, core, monkeypatch):
+        self.log, self.batches, self.fail_launch, self.fail_wait = [], [], set(), set()
+        launch = core.launch_batch
+
+        def wrapped(prompts, activations):
+            k = len(self.batches)
+            self.batches.append([p.token_ids for p in prompts])
+            self.log.append(("launch", k))
+            if k in self.fail_launch:
+                raise RuntimeError(f"launch {k} failed")
+            pending = launch(prompts, activations)
+            pending.ready = _Event(self, k)
+            return pending
+
+        monkeypatch.setattr(core, "launch_batch", wrapped)
+
+
+def _llm(path, depth, **kw):
+    """An LLM with ``depth`` batches in flight whose batching does not depend on timing
+    (no request ever counts as waited too long), so two runs cut the same batches."""
+    llm = LLM(str(path), **kw)
+    llm.engine.pipeline_depth = depth
+    llm.engine.MAX_WAIT_S = float("inf")
+    return llm
+
+
+def _prompts(n, seed, vocab=160, max_len=12, head=(2,)):
+    """n distinct token-id prompts of 1 to max_len tokens (a batch's prompts name its requests)."""
+    g, out = random.Random(seed), {}
+    while len(out) < n:
+        p = list(head) + [g.randrange(5, vocab) for _ in range(g.randint(0, max_len - 1 - len(head)))] + [3]
+        out[tuple(p)] = p
+    return list(out.values())
+
+
+def _queue(core, prompts, prefix="r", act="softmax"):
+    from pyengine.engine import Request
+    from pyengine.inputs import TokenizedPrompt
+
+    reqs = [Request(f"{prefix}{i}", TokenizedPrompt(p), act) for i, p in enumerate(prompts)]
+    for r in reqs:
+        core.add_request(r)
+    return reqs
+
+
+def _reference(path, prompts, **kw):
+    """Outputs of the synchronous path (depth 1) with the same batching, by token ids."""
+    core = _llm(path, 1, **kw).engine
+    reqs = _queue(core, prompts)
+    while core.has_unfinished():
+        core.step()
+    return [r.output for r in reqs]
+
+
+def test_two_in_flight_equals_the_synchronous_path(pipe_path, cross_encoder):
+    # Many ragged prompts in small batches: bit-identical to depth 1, for classify and
+    # for scoring (token types, and per-request activations in one batch).
+    texts = random_texts(300, random.Random(21), max_words=30)
+    llm1 = _llm(pipe_path, 1, max_num_seqs=7, max_num_batched_tokens=96)
+    llm2 = _llm(pipe_path, 2, max_num_seqs=7, max_num_batched_tokens=96)
+    a = [o.outputs.data for o in llm1.encode(texts, use_tqdm=False)]
+    b = [o.outputs.data for o in llm2.encode(texts, use_tqdm=False)]
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    path, _, _ = cross_encoder
+    s1, s2 = _llm(path, 1, max_num_seqs=5), _llm(path, 3, max_num_seqs=5)
+    q, docs = "who sat on the mat", random_texts(40, random.Random(22))
+    assert [o.outputs.score for o in s1.score(q, docs, use_tqdm=False)] == \
+           [o.outputs.score for o in s2.score(q, docs, use_tqdm=False)]
+    # Raw logits and activations mixed in one batch.
+    core1, core2 = s1.engine, s2.engine
+    prompts = _prompts(30, 23)
+    outs = []
+    for core in (core1, core2):
+        reqs = _queue(core, prompts[:15], "a", None) + _queue(core, prompts[15:], "b", "sigmoid")
+        while core.has_unfinished():
+            core.step()
+        outs.append(torch.stack([r.output for r in reqs]))
+    assert torch.equal(*outs)
+
+
+def test_next_batch_launches_before_the_previous_is_awaited(pipe_path, monkeypatch):
+    core = _llm(pipe_path, 2, max_num_seqs=4).engine
+    pipe = Pipeline(core, monkeypatch)
+    prompts = _prompts(10, 24)
+    reqs = _queue(core, prompts)
+    finished = []
+    while core.has_unfinished():
+        finished.append(core.step())
+    assert pipe.log == [("launch", 0), ("launch", 1), ("wait", 0), ("launch", 2), ("wait", 1), ("wait", 2)]
+    assert [len(f) for f in finished] == [4, 4, 2]
+    assert core.step() == [] and core.num_unfinished() == 0
+    ref = _reference(pipe_path, prompts, max_num_seqs=4)
+    assert all(torch.equal(r.output, o) for r, o in zip(reqs, ref))
+
+
+def test_has_unfinished_counts_batches_in_flight(pipe_path, monkeypatch):
+    core = _llm(pipe_path, 2, max_num_seqs=3).engine
+    pipe = Pipeline(core, monkeypatch)
+    _queue(core, _prompts(6, 25))
+    assert core.num_unfinished() == 6
+    first = core.step()
+    assert len(first) == 3 and pipe.log[-1] == ("wait", 0)
+    # Nothing waits any more; the second batch is launched and not yet awaited.
+    assert len(core.waiting) == 0 and len(core.running) == 3
+    assert core.has_unfinished() and core.num_unfinished() == 3
+    assert len(core.step()) == 3 and not core.has_unfinished() and core.num_unfinished() == 0
+
+
+def test_abort_of_a_request_in_flight_drops_its_output(pipe_path, monkeypatch):
+    core = _llm(pipe_path, 2, max_num_seqs=4).engine
+    pipe = Pipeline(core, monkeypatch)
+    prompts = _prompts(12, 26)
+    reqs = _queue(core, prompts)
+    first = core.step()  # batches 0 and 1 launched, 0 finished
+    in_flight = list(core.running)
+    assert len(first) == 4 and len(in_flight) == 4
+    core.abort([in_flight[1], "no-such-id"])
+    assert core.num_unfinished() == 7 and in_flight[1] not in core.running
+    second = core.step()  # launches 2, finishes 1 without the aborted request
+    assert [r.request_id for r in second] == [in_flight[0]] + in_flight[2:]
+    aborted = next(r for r in reqs if r.request_id == in_flight[1])
+    assert aborted.output is None
+    # Aborting the whole batch in flight: it is never awaited, and nothing is returned for it.
+    core.abort(list(core.running))
+    assert core.running == {} and not core.has_unfinished() and core.num_unfinished() == 0
+    assert core.step() == []
+    assert pipe.log == [("launch", 0), ("launch", 1), ("wait", 0), ("launch", 2), ("wait", 1)]
+    ref = _reference(pipe_path, prompts, max_num_seqs=4)
+    for r, o in zip(reqs, ref):
+        if r.output is not None:
+            assert torch.equal(r.output, o)
+    # A new request may reuse an aborted id; the engine still works.
+    _queue(core, prompts[:1], prefix=in_flight[1])
+    assert len(core.step()) == 1 and not core.has_unfinished()
+
+
+@pytest.mark.parametrize("where", ["wait", "launch"])
+def test_a_failed_batch_names_its_requests_and_the_other_in_flight_completes(pipe_path, monkeypatch, where):
+    # Batch 1 fails while batch 0 (a failed launch) or batch 2 (a failed wait) is in
+    # flight: the error names batch 1's requests only, the other batch still delivers.
+    from pyengine.engine import BatchError
+
+    core = _llm(pipe_path, 2, max_num_seqs=4).engine
+    pipe = Pipeline(core, monkeypatch)
+    prompts = _prompts(14, 27)
+    reqs = _queue(core, prompts)
+    by_id = {r.request_id: r for r in reqs}
+    finished = []
+    if where == "wait":
+        pipe.fail_wait.add(1)
+        finished += core.step()  # launches batches 0 and 1, finishes 0
+        batch1 = set(core.running)
+        with pytest.raises(BatchError, match="RuntimeError: device fault in batch 1") as info:
+            core.step()  # launches batch 2, then waits for batch 1
+        assert pipe.log == [("launch", 0), ("launch", 1), ("wait", 0), ("launch", 2), ("wait", 1)]
+    else:
+        pipe.fail_launch.add(1)
+        with pytest.raises(BatchError, match="RuntimeError: launch 1 failed") as info:
+            core.step()  # batch 0 launched, batch 1's launch fails
+        batch1 = set(info.value.request_ids)
+        assert pipe.log == [("launch", 0), ("launch", 1)]
+    assert len(info.value.request_ids) == len(batch1) == 4
+    assert set(info.value.request_ids) == batch1
+    assert sorted(by_id[i].prompt.token_ids for i in batch1) == sorted(pipe.batches[1])
+    assert not batch1 & set(core.running) and not batch1 & set(core.waiting)
+    assert core.num_unfinished() == 14 - len(finished) - 4 and core.has_unfinished()
+    # The other batch in flight completes; the engine carries on with the rest.
+    while core.has_unfinished():
+        finished += core.step()
+    assert len(finished) == 10 and pipe.log[-1] == ("wait", 3)
+    assert ("wait", 1) not in pipe.log if where == "launch" else True
+    ref = dict(zip(by_id, _reference(pipe_path, prompts, max_num_seqs=4)))
+    assert {r.request_id for r in finished} == set(by_id) - batch1
+    for r in reqs:
+        assert (r.output is None) == (r.request_id in batch1)
+        if r.output is not None:
+            assert torch.equal(r.output, ref[r.request_id])
+
+
+def test_async_engine_with_two_batches_in_flight(pipe_path, monkeypatch):
+    # The server's driver over a depth-2 core: concurrent callers get the synchronous
+    # path's results (to the batch-invariance bar: their batches differ); a fault in one
+    # batch fails exactly the callers with a sequence in it; a cancelled caller's
+    # sequences are dropped; the loop carries on.
+    import asyncio
+
+    from pyengine.async_engine import AsyncEngine
+    from pyengine.inputs import TokenizedPrompt
+
+    prompts = _prompts(60, 28)
+    ref = {tuple(p): o for p, o in zip(prompts, _reference(pipe_path, prompts, max_num_seqs=4))}
+    core = _llm(pipe_path, 2, max_num_seqs=4).engine
+    pipe = Pipeline(core, monkeypatch)
+    pipe.fail_wait.add(2)
+    engine = AsyncEngine(core)
+    groups = [prompts[i:i + 3] for i in range(0, len(prompts), 3)]
+
+    async def main():
+        async def one(group):
+            return await engine.run([TokenizedPrompt(p) for p in group], "softmax")
+
+        cancelled = asyncio.ensure_future(one(_prompts(40, 29, head=(2, 4))))
+        await asyncio.sleep(0)
+        cancelled.cancel()
+        results = await asyncio.gather(*(one(g) for g in groups), return_exceptions=True)
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        return results
+
+    try:
+        results = asyncio.run(main())
+        wait_until = time.monotonic() + 20
+        while engine.num_waiting() and time.monotonic() < wait_until:
+            time.sleep(0.01)
+        assert engine.num_waiting() == 0 and not core.has_unfinished()
+    finally:
+        engine.shutdown()
+    failed = {tuple(p) for p in pipe.batches[2]}
+    assert ("wait", 2) in pipe.log and any(isinstance(r, torch.Tensor) for r in results)
+    for group, res in zip(groups, results):
+        if any(tuple(p) in failed for p in group):
+            assert isinstance(res, RuntimeError) and "device fault in batch 2" in str(res)
+        else:
+            # Batches here form as callers arrive: equal to the batch-invariance bar.
+            assert torch.allclose(res, torch.stack([ref[tuple(p)] for p in group]), atol=1e-5, rtol=0)

@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from pyengine.scheduler import next_batch, pack
+from pyengine.scheduler import WaitingQueue, next_batch, pack
 
 
 @pytest.mark.parametrize("n,budget,seqs", [(50, 64, 8), (200, 1000, 256), (7, 10, 1)])
@@ -31,3 +31,41 @@ def test_next_batch_anchored_on_an_old_request():
     assert next_batch(lens, 100, 8, first=0) == [0]
     assert next_batch(lens, 120, 8, first=0) == [0, 5]
     assert next_batch([], 10, 2) == []
+
+
+def test_waiting_queue_picks_what_next_batch_picks():
+    # Random adds, removals and anchored or plain pops against next_batch over the
+    # waiting items in arrival order.
+    rng = random.Random(0)
+    q, ref, ids = WaitingQueue(), {}, iter(range(10 ** 6))
+    for step in range(3000):
+        op = rng.random()
+        if op < 0.5:
+            rid = str(next(ids))
+            n = rng.randint(1, 12)
+            q.add(rid, n, ("item", rid))
+            ref[rid] = n
+        elif op < 0.7 and ref:
+            rid = rng.choice(list(ref) + ["missing"])
+            assert q.remove(rid) == (None if rid == "missing" else ("item", rid))
+            ref.pop(rid, None)
+        else:
+            budget, seqs, anchored = rng.randint(12, 40), rng.randint(1, 6), rng.random() < 0.3
+            order = list(ref)
+            want = [order[i] for i in next_batch([ref[r] for r in order], budget, seqs, 0 if anchored else None)]
+            got = q.pop_batch(budget, seqs, anchored)
+            assert got == [("item", r) for r in want], step
+            for r in want:
+                del ref[r]
+        assert list(q) == list(ref) and len(q) == len(ref)
+        assert q.oldest() == (("item", next(iter(ref))) if ref else None)
+    with pytest.raises(ValueError, match="already queued"):
+        q.add("x", 1, None) or q.add("x", 1, None)
+
+
+def test_waiting_queue_rejects_a_sequence_over_budget_and_keeps_it():
+    q = WaitingQueue()
+    q.add("a", 9, "a")
+    with pytest.raises(ValueError, match="request 'a' has 9 tokens, more than max_num_batched_tokens=8"):
+        q.pop_batch(8, 4)
+    assert list(q) == ["a"] and q.pop_batch(9, 4) == ["a"] and not q

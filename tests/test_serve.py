@@ -34,14 +34,14 @@ def _config(num_labels):
 
 
 class Gate:
-    """Wraps a core's run_batch: records batch sizes, and can hold batches back so a
+    """Wraps a core's launch_batch: records batch sizes, and can hold batches back so a
     test can line requests up in the queue deterministically."""
 
     def __init__(self, core):
         self.open, self.entered, self.sizes = threading.Event(), threading.Event(), []
         self.open.set()
         self.fail_next = False
-        run = core.run_batch
+        run = core.launch_batch
 
         def gated(prompts, activations):
             self.sizes.append(len(prompts))
@@ -51,7 +51,7 @@ class Gate:
                 self.fail_next = False
                 raise RuntimeError("injected model fault")
             return run(prompts, activations)
-        core.run_batch = gated
+        core.launch_batch = gated
 
     def close(self):
         self.sizes.clear()
