@@ -87,3 +87,30 @@ def window_bounds(op, window, unbounded):
           f"window must be None or (left, right) ints, got {window!r}")
     left, right = (int(w) if w >= 0 else unbounded for w in window)
     return left, right, left < unbounded or right < unbounded
+
+
+def rotary_inputs(op, q, k, positions, cos_sin):
+    """Checks q (T, Hq, D) and k (T, Hkv, D) of one float dtype and device, positions
+    (T,) int64/int32 contiguous, cos_sin (max_pos, R) float with R even in [2, D] and a
+    contiguous last dim. Returns (T, Hq, D, R)."""
+    for name, t in (("q", q), ("k", k)):
+        check_float(op, name, t, 3, "(T, H, D)")
+        check(op, t.device == q.device, f"{name} is on {t.device}, expected q's device {q.device}")
+    T, Hq, D = q.shape
+    check(op, k.shape[0] == T and k.shape[2] == D,
+          f"k must be (T={T}, Hkv, D={D}) to match q {tuple(q.shape)}, got {tuple(k.shape)}")
+    check(op, k.dtype == q.dtype, f"q and k must share a dtype, got q {q.dtype} k {k.dtype}")
+    check(op, isinstance(positions, torch.Tensor) and positions.shape == (T,),
+          f"positions must be ({T},), got {getattr(positions, 'shape', type(positions))}")
+    check(op, positions.dtype in (torch.int64, torch.int32),
+          f"positions.dtype must be int64 or int32, got {positions.dtype}")
+    check(op, positions.device == q.device, f"positions is on {positions.device}, expected {q.device}")
+    check(op, positions.is_contiguous(), "positions must be contiguous")
+    check(op, isinstance(cos_sin, torch.Tensor) and cos_sin.dim() == 2,
+          f"cos_sin must be a 2-D tensor (max_pos, R), got {getattr(cos_sin, 'shape', type(cos_sin))}")
+    R = cos_sin.shape[1]
+    check(op, R % 2 == 0 and 2 <= R <= D, f"cos_sin width R must be even and in [2, D={D}], got {R}")
+    check(op, cos_sin.dtype in DTYPES, f"cos_sin.dtype must be a float type, got {cos_sin.dtype}")
+    check(op, cos_sin.device == q.device, f"cos_sin is on {cos_sin.device}, expected {q.device}")
+    check(op, cos_sin.stride(1) == 1, f"cos_sin must be contiguous in its last dim, got {tuple(cos_sin.stride())}")
+    return T, Hq, D, R

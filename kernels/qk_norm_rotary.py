@@ -4,9 +4,7 @@ One pass replaces ``add_rms_norm`` on the (T * H, D) rows plus ``rotary``: q and
 strided views of the fused qkv output (no copies), each element is read and written
 once, and one program handles every head of a token, so one cos/sin row serves them all.
 """
-import functools
 
-import torch
 import triton
 import triton.language as tl
 
@@ -79,7 +77,6 @@ def _qk_norm_rotary_kernel(Q, K, QW, KW, POS, COS_SIN, stride_qt, stride_qh, str
                        HEAD_DIM, HALF, NEOX, BLOCK_HALF, BLOCK_TAIL, BLOCK_HK)
 
 
-_check = functools.partial(_v.check, "qk_norm_rotary")
 
 # Heads per loop step: at most this many (head, pair) elements, 2 per thread of 4 warps
 # for each half, so a step stays in registers at any head count.
@@ -87,29 +84,10 @@ _MAX_PAIRS = 1024
 
 
 def _launch(q, k, q_weight, k_weight, positions, cos_sin, eps, offset=0.0, neox=True):
-    for name, t in (("q", q), ("k", k)):
-        _v.check_float("qk_norm_rotary", name, t, 3, "(T, H, D)")
-        _check(t.device == q.device, f"{name} is on {t.device}, expected q's device {q.device}")
-    T, Hq, D = q.shape
+    T, Hq, D, R = _v.rotary_inputs("qk_norm_rotary", q, k, positions, cos_sin)
     _v.hidden_size("qk_norm_rotary", D)
-    _check(k.shape[0] == T and k.shape[2] == D,
-           f"k must be (T={T}, Hkv, D={D}) to match q {tuple(q.shape)}, got {tuple(k.shape)}")
-    _check(k.dtype == q.dtype, f"q and k must share a dtype, got q {q.dtype} k {k.dtype}")
     for name, w in (("q_weight", q_weight), ("k_weight", k_weight)):
         _v.check_param("qk_norm_rotary", name, w, D, q.device, f"q's device {q.device}", " (head_dim)")
-    _check(isinstance(positions, torch.Tensor) and positions.shape == (T,),
-           f"positions must be ({T},), got {getattr(positions, 'shape', type(positions))}")
-    _check(positions.dtype in (torch.int64, torch.int32),
-           f"positions.dtype must be int64 or int32, got {positions.dtype}")
-    _check(positions.device == q.device, f"positions is on {positions.device}, expected {q.device}")
-    _check(positions.is_contiguous(), "positions must be contiguous")
-    _check(isinstance(cos_sin, torch.Tensor) and cos_sin.dim() == 2,
-           f"cos_sin must be a 2-D tensor (max_pos, R), got {getattr(cos_sin, 'shape', type(cos_sin))}")
-    R = cos_sin.shape[1]
-    _check(R % 2 == 0 and 2 <= R <= D, f"cos_sin width R must be even and in [2, D={D}], got {R}")
-    _check(cos_sin.dtype in _v.DTYPES, f"cos_sin.dtype must be a float type, got {cos_sin.dtype}")
-    _check(cos_sin.device == q.device, f"cos_sin is on {cos_sin.device}, expected {q.device}")
-    _check(cos_sin.stride(1) == 1, f"cos_sin must be contiguous in its last dim, got {tuple(cos_sin.stride())}")
     if T == 0:
         return q, k
     half = R // 2

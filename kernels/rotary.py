@@ -1,7 +1,5 @@
 """Rotary position embedding in Triton, in place on packed q and k."""
-import functools
 
-import torch
 import triton
 import triton.language as tl
 
@@ -44,30 +42,10 @@ def _rotary_kernel(Q, K, POS, COS_SIN, stride_qt, stride_qh, stride_kt, stride_k
     _rotate_heads(K + tok * stride_kt, stride_kh, n_k, cos, sin, offs_j, j_ok, HALF, NEOX, BLOCK_HK)
 
 
-_check = functools.partial(_v.check, "rotary")
 
 
 def _launch(q, k, positions, cos_sin, neox=True):
-    for name, t in (("q", q), ("k", k)):
-        _v.check_float("rotary", name, t, 3, "(T, H, D)")
-        _check(t.device == q.device, f"{name} is on {t.device}, expected q's device {q.device}")
-    T, Hq, D = q.shape
-    _check(k.shape[0] == T and k.shape[2] == D,
-           f"k must be (T={T}, Hkv, D={D}) to match q {tuple(q.shape)}, got {tuple(k.shape)}")
-    _check(k.dtype == q.dtype, f"q and k must share a dtype, got q {q.dtype} k {k.dtype}")
-    _check(isinstance(positions, torch.Tensor) and positions.shape == (T,),
-           f"positions must be ({T},), got {getattr(positions, 'shape', type(positions))}")
-    _check(positions.dtype in (torch.int64, torch.int32),
-           f"positions.dtype must be int64 or int32, got {positions.dtype}")
-    _check(positions.device == q.device, f"positions is on {positions.device}, expected {q.device}")
-    _check(positions.is_contiguous(), "positions must be contiguous")
-    _check(isinstance(cos_sin, torch.Tensor) and cos_sin.dim() == 2,
-           f"cos_sin must be a 2-D tensor (max_pos, R), got {getattr(cos_sin, 'shape', type(cos_sin))}")
-    R = cos_sin.shape[1]
-    _check(R % 2 == 0 and 2 <= R <= D, f"cos_sin width R must be even and in [2, D={D}], got {R}")
-    _check(cos_sin.dtype in _v.DTYPES, f"cos_sin.dtype must be a float type, got {cos_sin.dtype}")
-    _check(cos_sin.device == q.device, f"cos_sin is on {cos_sin.device}, expected {q.device}")
-    _check(cos_sin.stride(1) == 1, f"cos_sin must be contiguous in its last dim, got {tuple(cos_sin.stride())}")
+    T, Hq, D, R = _v.rotary_inputs("rotary", q, k, positions, cos_sin)
     if T == 0:
         return q, k
     half = R // 2
