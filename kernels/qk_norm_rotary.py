@@ -9,6 +9,7 @@ import triton
 import triton.language as tl
 
 from . import _validate as _v
+from .rotary import _token_cos_sin
 
 
 @triton.jit
@@ -64,13 +65,7 @@ def _qk_norm_rotary_kernel(Q, K, QW, KW, POS, COS_SIN, stride_qt, stride_qh, str
                            HEAD_DIM: tl.constexpr, HALF: tl.constexpr, NEOX: tl.constexpr,
                            BLOCK_HALF: tl.constexpr, BLOCK_TAIL: tl.constexpr,
                            BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr):
-    tok = tl.program_id(0).to(tl.int64)
-    pos = tl.load(POS + tok).to(tl.int64)
-    offs_j = tl.arange(0, BLOCK_HALF)
-    j_ok = offs_j < HALF
-    # One cos/sin row serves every q and k head of the token.
-    cos = tl.load(COS_SIN + pos * stride_cs + offs_j, mask=j_ok, other=0.0).to(tl.float32)[None, :]
-    sin = tl.load(COS_SIN + pos * stride_cs + HALF + offs_j, mask=j_ok, other=0.0).to(tl.float32)[None, :]
+    tok, cos, sin = _token_cos_sin(POS, COS_SIN, stride_cs, HALF, BLOCK_HALF)
     _norm_rotate_heads(Q + tok * stride_qt, stride_qh, n_q, QW, eps, offset, cos, sin,
                        HEAD_DIM, HALF, NEOX, BLOCK_HALF, BLOCK_TAIL, BLOCK_HQ)
     _norm_rotate_heads(K + tok * stride_kt, stride_kh, n_k, KW, eps, offset, cos, sin,

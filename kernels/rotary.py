@@ -28,16 +28,25 @@ def _rotate_heads(X, stride_h, n_heads, cos, sin, offs_j, j_ok,
 
 
 @triton.jit
-def _rotary_kernel(Q, K, POS, COS_SIN, stride_qt, stride_qh, stride_kt, stride_kh, stride_cs, n_q, n_k,
-                   HALF: tl.constexpr, NEOX: tl.constexpr, BLOCK_HALF: tl.constexpr,
-                   BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr):
+def _token_cos_sin(POS, COS_SIN, stride_cs, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """This program's token (int64) and its cos and sin rows, (1, BLOCK_HALF) fp32 each:
+    one row serves every head of the token."""
     tok = tl.program_id(0).to(tl.int64)
     pos = tl.load(POS + tok).to(tl.int64)
     offs_j = tl.arange(0, BLOCK_HALF)
     j_ok = offs_j < HALF
-    # One cos/sin row serves every head of the token.
     cos = tl.load(COS_SIN + pos * stride_cs + offs_j, mask=j_ok, other=0.0).to(tl.float32)[None, :]
     sin = tl.load(COS_SIN + pos * stride_cs + HALF + offs_j, mask=j_ok, other=0.0).to(tl.float32)[None, :]
+    return tok, cos, sin
+
+
+@triton.jit
+def _rotary_kernel(Q, K, POS, COS_SIN, stride_qt, stride_qh, stride_kt, stride_kh, stride_cs, n_q, n_k,
+                   HALF: tl.constexpr, NEOX: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                   BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr):
+    tok, cos, sin = _token_cos_sin(POS, COS_SIN, stride_cs, HALF, BLOCK_HALF)
+    offs_j = tl.arange(0, BLOCK_HALF)
+    j_ok = offs_j < HALF
     _rotate_heads(Q + tok * stride_qt, stride_qh, n_q, cos, sin, offs_j, j_ok, HALF, NEOX, BLOCK_HQ)
     _rotate_heads(K + tok * stride_kt, stride_kh, n_k, cos, sin, offs_j, j_ok, HALF, NEOX, BLOCK_HK)
 
