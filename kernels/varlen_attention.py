@@ -93,9 +93,13 @@ def _varlen_attention_kernel(Q, K, V, O, CU_SEQLENS, TILE_SEQ, TILE_INFO, qk_sca
                              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                              IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                             PRECISION: tl.constexpr):
+                             PRECISION: tl.constexpr, GROUP: tl.constexpr):
+    """One tile: BLOCK_M tokens of one sequence for GROUP query heads of one kv group.
+    GROUP > 1 stacks the heads as tile rows (row r: head r // BLOCK_M, token r % BLOCK_M),
+    so each k/v block is loaded once for the group and the dots are GROUP times taller,
+    while the causal diagonal keeps the geometry of BLOCK_M tokens."""
     tile = tl.program_id(0)
-    head = tl.program_id(1)
+    head = tl.program_id(1) * GROUP
     # The grid holds an upper bound of the tile count; TILE_INFO[0] is the true one.
     if tile >= tl.load(TILE_INFO):
         return
@@ -110,10 +114,15 @@ def _varlen_attention_kernel(Q, K, V, O, CU_SEQLENS, TILE_SEQ, TILE_INFO, qk_sca
     # int64 base offsets: T * H * D overflows int32 on large batches.
     row0 = seq_start.to(tl.int64)
 
-    offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    q_ptrs = Q + row0 * stride_qt + head * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :]
+    if GROUP == 1:
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        q_ptrs = Q + row0 * stride_qt + head * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :]
+    else:
+        offs_m = m0 + tl.arange(0, GROUP * BLOCK_M) % BLOCK_M
+        row_head = head + tl.arange(0, GROUP * BLOCK_M) // BLOCK_M
+        q_ptrs = Q + row0 * stride_qt + row_head[:, None] * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :]
     q = tl.load(q_ptrs, mask=(offs_m < seq_len)[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
     # k is read transposed, (BLOCK_D, BLOCK_N), so the score tile is a plain dot.
     k_ptrs = K + row0 * stride_kt + kv_head * stride_kh + offs_n[None, :] * stride_kt + offs_d[:, None]
@@ -138,9 +147,9 @@ def _varlen_attention_kernel(Q, K, V, O, CU_SEQLENS, TILE_SEQ, TILE_INFO, qk_sca
     mid_lo = tl.minimum(((full_lo + BLOCK_N - 1) // BLOCK_N) * BLOCK_N, hi)
     mid_hi = tl.maximum((full_hi // BLOCK_N) * BLOCK_N, mid_lo)
 
-    m_i = tl.full([BLOCK_M], _NEG_INIT, dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([GROUP * BLOCK_M], _NEG_INIT, dtype=tl.float32)
+    l_i = tl.zeros([GROUP * BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([GROUP * BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range(lo, mid_lo, BLOCK_N):
         acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, offs_m, offs_n, offs_d,
                                       seq_len, qk_scale, window_left, window_right, stride_kt, stride_vt,
@@ -157,7 +166,13 @@ def _varlen_attention_kernel(Q, K, V, O, CU_SEQLENS, TILE_SEQ, TILE_INFO, qk_sca
     # Rows past the sequence end saw nothing; keep them finite, they are not stored.
     l_i = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / l_i[:, None]
-    o_ptrs = O + row0 * stride_ot + head * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :]
+    # Output pointers are formed here, not next to q's: kept live across the key loop
+    # they cost registers.
+    if GROUP == 1:
+        o_ptrs = O + row0 * stride_ot + head * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :]
+    else:
+        row_head = head + tl.arange(0, GROUP * BLOCK_M) // BLOCK_M
+        o_ptrs = O + row0 * stride_ot + row_head[:, None] * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty),
              mask=(offs_m < seq_len)[:, None] & (offs_d < HEAD_DIM)[None, :])
 
@@ -179,11 +194,14 @@ CONFIGS = {
     256: (64, 32, 8, 2),
 }
 # Candidates the benchmark times (python -m pyengine.bench kernels --attn-sweep) for
-# 16-bit inputs, by padded head dim; each compiles for sm_90 without spills
-# (tests/test_kernels_compile.py).
+# 16-bit inputs, by padded head dim, as (BLOCK_M, BLOCK_N, num_warps, num_stages[, GROUP]);
+# each compiles for sm_90 without spills (tests/test_kernels_compile.py). The GROUP=2
+# rows were added after the last GPU run and are not measured yet.
 SWEEP_CONFIGS = {
     64: [(128, 64, 4, 3), (64, 64, 4, 3), (64, 32, 4, 3), (128, 128, 8, 3), (64, 128, 4, 3), (128, 32, 4, 4)],
-    128: [(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (128, 32, 8, 3), (64, 64, 8, 3), (128, 64, 8, 2)],
+    128: [(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (128, 32, 8, 3), (64, 64, 8, 3), (128, 64, 8, 2),
+          # Two query heads of a kv group per program (GQA only): k/v loaded once for both.
+          (32, 32, 4, 3, 2), (32, 64, 4, 3, 2), (64, 32, 8, 3, 2)],
 }
 # Causal 16-bit inputs: the sweep picked the same 64x32 tiles as for bidirectional.
 CONFIGS_CAUSAL = dict(CONFIGS)
@@ -226,7 +244,8 @@ def tile_map(cu_seqlens, T, block_m, block_b=1024):
 
 
 def config_for(dtype, head_dim, causal):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) the launcher uses for these inputs."""
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) the launcher uses for these inputs (one
+    query head per program)."""
     block_d = max(16, triton.next_power_of_2(head_dim))
     if dtype == torch.float32:
         return CONFIGS_FP32[block_d]
@@ -237,7 +256,9 @@ def _launch(q, k, v, cu_seqlens, max_seqlen, causal=False, scale=None, window=No
             block_m=None, block_n=None, config=None):
     """Validate, then launch. block_m/block_n override the per-head-dim config (tests use
     small blocks to reach the multi-block paths on short sequences); config: a whole
-    (BLOCK_M, BLOCK_N, num_warps, num_stages) tuple (the benchmark's config sweep)."""
+    (BLOCK_M, BLOCK_N, num_warps, num_stages[, GROUP]) tuple (the benchmark's config
+    sweep), GROUP query heads of one kv group per program (default 1; it must divide
+    Hq / Hkv)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         _v.check_float("varlen_attention", name, t, 3, "(T, H, D)")
         _check(t.device == q.device, f"{name} is on {t.device}, expected q's device {q.device}")
@@ -262,13 +283,15 @@ def _launch(q, k, v, cu_seqlens, max_seqlen, causal=False, scale=None, window=No
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     block_d = max(16, triton.next_power_of_2(D))
     if config is not None:
-        _check(len(config) == 4 and all(isinstance(c, int) and c > 0 for c in config),
-               f"config must be (BLOCK_M, BLOCK_N, num_warps, num_stages) positive ints, got {config!r}")
-    bm, bn, warps, stages = config or config_for(q.dtype, D, causal)
+        _check(len(config) in (4, 5) and all(isinstance(c, int) and c > 0 for c in config),
+               f"config must be (BLOCK_M, BLOCK_N, num_warps, num_stages[, GROUP]) positive ints, got {config!r}")
+    bm, bn, warps, stages, group = (*(config or config_for(q.dtype, D, causal)), 1)[:5]
+    _check((Hq // Hkv) % group == 0, f"GROUP={group} heads per program must divide Hq / Hkv = {Hq // Hkv}")
+    _check(group & (group - 1) == 0, f"GROUP={group} heads per program must be a power of two (tile rows)")
     bm = block_m or bm
     bn = block_n or bn
     tile_seq, tile_info, n_tiles = tile_map(cu_seqlens, T, bm)
-    _varlen_attention_kernel[(n_tiles, Hq)](
+    _varlen_attention_kernel[(n_tiles, Hq // group)](
         q, k, v, out, cu_seqlens, tile_seq, tile_info, scale * _LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1), Hq // Hkv, left, right,
@@ -276,7 +299,7 @@ def _launch(q, k, v, cu_seqlens, max_seqlen, causal=False, scale=None, window=No
         IS_CAUSAL=bool(causal), HAS_WINDOW=has_window,
         # fp32 inputs keep fp32-level products (never plain TF32) to match the reference;
         # the precision is ignored for 16-bit inputs.
-        PRECISION=_fp32_precision(q.device) if q.dtype == torch.float32 else "tf32",
+        PRECISION=_fp32_precision(q.device) if q.dtype == torch.float32 else "tf32", GROUP=group,
         num_warps=warps, num_stages=stages)
     return out
 

@@ -55,10 +55,14 @@ def test_attention_sweep_times_each_candidate(monkeypatch):
     # head dim, checked against the launcher's default output.
     from pyengine.kernels import varlen_attention as va
 
-    monkeypatch.setattr(va, "SWEEP_CONFIGS", {16: [(16, 16, 4, 1)], 32: [(32, 16, 4, 1)]})
+    # The grouped candidate runs where it divides the kv group (gqa2: 4 heads over 2) and
+    # is left out where it does not (gqa6 in quick mode: 3 heads over 1).
+    monkeypatch.setattr(va, "SWEEP_CONFIGS", {16: [(16, 16, 4, 1)], 32: [(32, 16, 4, 1), (16, 16, 4, 1, 2)]})
     out = io.StringIO()
     rows = kb.attention_sweep("cpu", repeats=1, out=out)
-    assert {r["case"] for r in rows} == {"bidir-mha", "causal-gqa2", "causal-gqa6"}
+    assert sorted((r["case"], r["backend"]) for r in rows) == [
+        ("bidir-mha", "triton 16x16/w4/s1"), ("causal-gqa2", "triton 16x16/w4/s1/g2"),
+        ("causal-gqa2", "triton 32x16/w4/s1"), ("causal-gqa6", "triton 32x16/w4/s1")]
     for r in rows:
         assert r["error"] is None and r["ms"] > 0 and r["tflops"] > 0, r
         assert r["max_diff"] < 1e-4, r

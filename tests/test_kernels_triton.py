@@ -161,6 +161,32 @@ def test_varlen_attention_strided_views_and_scale():
     assert_close(out, attention64(q, k, v, lens, False, 0.2), FP32, "strided views")
 
 
+@pytest.mark.usefixtures("poisoned")
+@pytest.mark.parametrize("Hq,Hkv,group,causal,window", [
+    (4, 1, 2, True, None),      # two of four heads per program, causal diagonal per token
+    (4, 1, 4, False, None),     # the whole kv group in one program
+    (8, 2, 2, True, (5, -1)),   # several kv heads, a sliding window masks per token row
+    (8, 1, 8, False, (3, 3)),   # eight heads per program under a two-sided window
+], ids=["g2-causal", "g4-bidir", "g2-window", "g8-band"])
+def test_varlen_attention_grouped_heads(Hq, Hkv, group, causal, window):
+    """GROUP query heads of one kv group stacked as tile rows give the same attention."""
+    lens = [1, 17, 40, 9]
+    q, k, v = _qkv(lens, Hq, Hkv, 16, torch.float32, seed=11)
+    cu = cu_seqlens(lens)
+    out = _mod("varlen_attention")._launch(q, k, v, cu, max(lens), causal, None, window, config=(16, 16, 4, 1, group))
+    what = f"Hq={Hq} Hkv={Hkv} GROUP={group} causal={causal} window={window}"
+    assert_close(out, attention64(q, k, v, lens, causal, None, window), FP32, what + " vs float64")
+
+
+def test_varlen_attention_group_must_divide_the_kv_group():
+    q, k, v = _qkv([4, 4], 4, 2, 16, torch.float32)
+    with pytest.raises(ValueError, match=r"GROUP=4 heads per program must divide Hq / Hkv = 2"):
+        _mod("varlen_attention")._launch(q, k, v, cu_seqlens([4, 4]), 4, config=(16, 16, 4, 1, 4))
+    q, k, v = _qkv([4, 4], 6, 2, 16, torch.float32)
+    with pytest.raises(ValueError, match=r"GROUP=3 .* a power of two"):
+        _mod("varlen_attention")._launch(q, k, v, cu_seqlens([4, 4]), 4, config=(16, 16, 4, 1, 3))
+
+
 def test_varlen_attention_tile_map():
     """The work list: one entry per (sequence, query block) in order, the tile count and
     each sequence's first tile; an empty sequence has none."""
@@ -549,7 +575,8 @@ def test_validation_messages(op, args, match):
 # The constexpr parameters each kernel may have: head dims, block sizes and feature flags.
 # Nothing derived from T, B or max_seqlen may appear here.
 ALLOWED_CONSTEXPRS = {
-    "varlen_attention": {"HEAD_DIM", "BLOCK_D", "BLOCK_M", "BLOCK_N", "IS_CAUSAL", "HAS_WINDOW", "PRECISION"},
+    "varlen_attention": {"HEAD_DIM", "BLOCK_D", "BLOCK_M", "BLOCK_N", "IS_CAUSAL", "HAS_WINDOW", "PRECISION",
+                         "GROUP"},
     "pooled_query_attention": {"HEAD_DIM", "BLOCK_D", "BLOCK_G", "BLOCK_N", "IS_CAUSAL", "HAS_WINDOW",
                                "PRECISION"},
     "gather_pooled": {"POOLING", "BLOCK_T", "BLOCK_H"},
