@@ -11,7 +11,8 @@
 #        (default 80;90), the budgets in seconds BUILD_S=120 TESTS_S=150 KERNELS_S=90
 #        BENCH_S=150, TEST_WORKERS=6 (pytest-xdist workers where it is installed: the GPU
 #        tests are mostly Triton compiles, which run on the CPU), BENCH_ARGS (the model
-#        benchmark's options; default two presets, 2 repeats), PROFILE_S=90 (0 skips the
+#        benchmark's options; default two presets, 2 repeats), KERNELS_ARGS (the kernel
+#        benchmark's; default --repeats 10 --attn-sweep --graph), PROFILE_S=90 (0 skips the
 #        profile of one engine pass per preset, PROFILE_PRESETS), GPU_CHECK_ALLOW_CPU=1 (dry
 #        run of this script without a GPU).
 set -uo pipefail
@@ -73,7 +74,8 @@ step gpu-tests "${TESTS_S:-150}" "$PY" -m pytest -m gpu -q -rfE -p no:cacheprovi
 
 # 3. kernel microbenchmarks (pyengine/bench/kernels.py), where the tree has them
 if "$PY" -c "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('pyengine.bench.kernels') else 1)" 2>/dev/null; then
-  step bench-kernels "${KERNELS_S:-90}" "$PY" -c "from pyengine.bench.kernels import main; main(['--repeats', '10', '--attn-sweep', '--json', '$LOGS/kernels.json'])"
+  # shellcheck disable=SC2086
+  step bench-kernels "${KERNELS_S:-90}" "$PY" -m pyengine.bench kernels ${KERNELS_ARGS:---repeats 10 --attn-sweep --graph} --json "$LOGS/kernels.json"
 else
   skip bench-kernels "pyengine.bench.kernels not in this tree"
 fi

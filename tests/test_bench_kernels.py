@@ -24,6 +24,12 @@ def test_quick_cpu_run_times_every_op(tmp_path):
     assert "varlen_attention" in out.getvalue() and "GB/s" in out.getvalue()
 
 
+def test_graph_timing_is_a_no_op_on_cpu():
+    # CUDA-graph replay exists on CUDA only: on CPU the same rows come from wall-clock timing.
+    rows = kb.run("cpu", backends=["torch"], quick=True, ops=["add_rms_norm"], out=io.StringIO(), graph=True)
+    assert rows and all(r["timing"] == "events" and r["ms"] > 0 for r in rows)
+
+
 def test_copy_bandwidth_is_a_positive_rate():
     # 16 MiB read and written in a measured time: a finite, positive figure.
     gbps = kb.copy_bandwidth("cpu", nbytes=16 << 20, repeats=3)

@@ -293,7 +293,7 @@ def time_call(fn, device, repeats=20, warmup=2, budget_ms=2000.0, min_repeats=3)
     return statistics.median(times)
 
 
-def copy_bandwidth(device, nbytes=None, repeats=20):
+def copy_bandwidth(device, nbytes=None, repeats=20, graph=False):
     """GB/s of a plain device-to-device copy, counting bytes read + bytes written, the
     ceiling the memory-bound ops are held against. nbytes: read + written bytes (default
     2 GiB on GPU, far past the L2 cache; 32 MiB on CPU)."""
@@ -301,10 +301,47 @@ def copy_bandwidth(device, nbytes=None, repeats=20):
     nbytes = nbytes or ((2 << 30) if device.type == "cuda" else (32 << 20))
     src = torch.empty(max(1, nbytes // 4), dtype=torch.bfloat16, device=device).normal_()
     dst = torch.empty_like(src)
-    ms = time_call(lambda: dst.copy_(src), device, repeats=repeats, warmup=2)
+    ms = None
+    if graph and device.type == "cuda":
+        try:
+            ms = time_graph(lambda: dst.copy_(src), device)
+        except Exception:  # capture refused: event pairs instead
+            torch.cuda.synchronize(device)
+    if ms is None:
+        ms = time_call(lambda: dst.copy_(src), device, repeats=repeats, warmup=2)
     moved = 2 * src.numel() * src.element_size()
     del src, dst
     return moved / (ms / 1e3) / 1e9
+
+
+def time_graph(fn, device, calls=20, replays=5):
+    """Median milliseconds of one fn() from CUDA-graph replays of `calls` back-to-back
+    calls: the GPU time alone, without the Python and launch overhead that an event
+    pair around one call includes (which dominates ops that run for a few microseconds).
+    Raises whatever capture raises (the caller falls back to time_call)."""
+    device = torch.device(device)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):  # capture needs warmed-up kernels and allocator pools
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize(device)
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    del graph
+    return statistics.median(times)
 
 
 def _first_tensor(x):
@@ -345,12 +382,15 @@ def _available_backends(device, backends):
     return out
 
 
-def run(device=None, backends=None, quick=False, json_path=None, ops=None, repeats=20, out=sys.stdout):
+def run(device=None, backends=None, quick=False, json_path=None, ops=None, repeats=20, out=sys.stdout,
+        graph=False):
     """Time every case on every available backend; print a table; return the rows.
 
     device: "cuda" if available else "cpu" by default; backends: names among
     cuda/triton/torch/sdpa-padded/torch-varlen (default: all that run here); quick: tiny
-    shapes (forced on CPU); json_path: also write the rows there; ops: op names to keep."""
+    shapes (forced on CPU); json_path: also write the rows there; ops: op names to keep;
+    graph: on CUDA, time ops and copies by CUDA-graph replay (time_graph), falling back to
+    event pairs per case where capture fails (row["timing"] says which)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cpu":
         quick = True
@@ -359,6 +399,7 @@ def run(device=None, backends=None, quick=False, json_path=None, ops=None, repea
         backends.append("torch")  # the baseline every speedup is against
     resolved = _available_backends(device, backends)
     varlen = torch_varlen_fn() if device.type == "cuda" and "torch-varlen" in backends else None
+    graph = graph and device.type == "cuda"
     copy_gbps = copy_bandwidth(device)
     print(f"device copy of {'2 GiB' if device.type == 'cuda' else '32 MiB'}: {copy_gbps:.0f} GB/s (read + "
           "write); '% copy': the time of a copy moving the op's bytes over the op's time", file=out)
@@ -382,7 +423,7 @@ def run(device=None, backends=None, quick=False, json_path=None, ops=None, repea
                 continue
             row = {"op": case.op, "case": case.name, "shape": case.shape, "backend": b,
                    "device": str(device), "ms": None, "gbps": None, "tflops": None,
-                   "pct_copy": None, "vs_torch": None, "max_diff": None, "error": None}
+                   "pct_copy": None, "vs_torch": None, "max_diff": None, "error": None, "timing": "events"}
             try:
                 args = case.make()
                 if b == "sdpa-padded":
@@ -396,7 +437,14 @@ def run(device=None, backends=None, quick=False, json_path=None, ops=None, repea
                     # The interpreter runs kernels in Python: one run says all it can.
                     row["ms"] = time_call(call, device, repeats=1, warmup=0, min_repeats=1)
                 else:
-                    row["ms"] = time_call(call, device, repeats=3 if quick else repeats, warmup=1)
+                    row["ms"] = None
+                    if graph and b != "sdpa-padded":
+                        try:
+                            row["ms"], row["timing"] = time_graph(call, device), "graph"
+                        except Exception:  # not capturable: event pairs instead
+                            torch.cuda.synchronize(device)
+                    if row["ms"] is None:
+                        row["ms"] = time_call(call, device, repeats=3 if quick else repeats, warmup=1)
                 if b == "torch":
                     torch_out, torch_ms = first, row["ms"]
                 else:
@@ -414,7 +462,7 @@ def run(device=None, backends=None, quick=False, json_path=None, ops=None, repea
                     # and so is a copy of their size.
                     nbytes = max(4, int(case.bytes) // 4 * 4)
                     if nbytes not in copy_ms:
-                        copy_ms[nbytes] = nbytes / (copy_bandwidth(device, nbytes) * 1e9) * 1e3
+                        copy_ms[nbytes] = nbytes / (copy_bandwidth(device, nbytes, graph=graph) * 1e9) * 1e3
                     row["pct_copy"] = 100.0 * copy_ms[nbytes] / row["ms"]
                 row["tflops"] = case.flops / s / 1e12 if case.flops else None
                 row["vs_torch"] = torch_ms / row["ms"] if torch_ms else None
@@ -494,6 +542,8 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="tiny shapes (always on CPU)")
     p.add_argument("--repeats", type=int, default=20, help="timed runs per case (median reported)")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    p.add_argument("--graph", action="store_true",
+                   help="time by CUDA-graph replay (GPU time without per-call host overhead)")
     p.add_argument("--attn-sweep", action="store_true",
                    help="also time every candidate Triton attention config (GPU only)")
     a = p.parse_args(argv)
@@ -506,7 +556,7 @@ def main(argv=None):
     bad = [o for o in op_names or () if o not in ops_mod.OP_NAMES]
     if bad:
         p.error(f"unknown op(s) {bad}; expected among {ops_mod.OP_NAMES}")
-    rows = run(a.device, backends, a.quick, None, ops=op_names, repeats=a.repeats)
+    rows = run(a.device, backends, a.quick, None, ops=op_names, repeats=a.repeats, graph=a.graph)
     if a.attn_sweep:
         if not torch.cuda.is_available() or (a.device and torch.device(a.device).type != "cuda"):
             p.error("--attn-sweep needs a CUDA device")
