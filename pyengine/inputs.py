@@ -14,6 +14,15 @@ class TokenizedPrompt:
     token_type_ids: list[int] | None = None
 
 
+def all_ints(ids) -> bool:
+    """Every element an int and none a bool. The exact-type set is the fast path (a C
+    loop, not a Python-level generator per token); other int subclasses take the slow one."""
+    types = set(map(type, ids))
+    if types <= {int}:
+        return True
+    return all(isinstance(t, int) and not isinstance(t, bool) for t in ids)
+
+
 def parse_prompts(prompts, what="prompts"):
     """Normalise str | list[str] | {"prompt": str} | {"prompt_token_ids": [...]} (or a
     list of those) into a list of ``str`` and ``list[int]``."""
@@ -28,8 +37,7 @@ def parse_prompts(prompts, what="prompts"):
         if isinstance(p, dict):
             if "prompt_token_ids" in p:
                 ids = p["prompt_token_ids"]
-                if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool)
-                                                                 for t in ids):
+                if not isinstance(ids, (list, tuple)) or not all_ints(ids):
                     raise TypeError(f"{what}[{i}]['prompt_token_ids'] must be a list of ints")
                 out.append(list(ids))
             elif "prompt" in p:
@@ -86,9 +94,10 @@ class InputProcessor:
             if n > self.max_model_len:
                 raise ValueError(f"{what}[{i}] has {n} tokens, more than max_model_len={self.max_model_len}; "
                                  "shorten it or pass truncate_prompt_tokens")
-            bad = [t for t in p.token_ids if t < 0 or t >= self.vocab_size]
-            if bad:
-                raise ValueError(f"{what}[{i}] has token id {bad[0]} outside the vocabulary "
+            # min/max run in C; the offending id is looked up only on failure.
+            if min(p.token_ids) < 0 or max(p.token_ids) >= self.vocab_size:
+                bad = next(t for t in p.token_ids if t < 0 or t >= self.vocab_size)
+                raise ValueError(f"{what}[{i}] has token id {bad} outside the vocabulary "
                                  f"[0, {self.vocab_size})")
         return prompts
 
@@ -125,8 +134,8 @@ class InputProcessor:
                 out[i] = tp
         for i, p in enumerate(prompts):
             if not isinstance(p, str):
-                ids = p if k is None or len(p) <= k else (p[:k] if side == "right" else p[-k:])
-                out[i] = TokenizedPrompt(list(ids))
+                # p is parse_prompts' own copy: kept as is, or sliced (a new list).
+                out[i] = TokenizedPrompt(p if k is None or len(p) <= k else (p[:k] if side == "right" else p[-k:]))
         return self._check(out, what)
 
     def process_pairs(self, data_1, data_2, truncate_prompt_tokens=None, truncation_side=None):

@@ -14,6 +14,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from transformers import PreTrainedTokenizerBase
 
+from .inputs import all_ints
+
 
 class ApiError(Exception):
     """An error answered with ``status`` and a vLLM-style JSON error body."""
@@ -116,7 +118,7 @@ def validate(cls, data):
 def parse_input(value) -> list:
     """``input`` into parse_prompts' form: a list of str and list[int]."""
     def ids(x):
-        return isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+        return isinstance(x, list) and all_ints(x)
 
     if isinstance(value, str):
         return [value]

@@ -285,6 +285,8 @@ def small_llm(tmp_path_factory):
      r"prompts\[0\] has token id 100000 outside the vocabulary \[0, 160\)"),
     (lambda l: l.classify([{"prompt_token_ids": [2, -1]}]), ValueError, r"token id -1 outside"),
     (lambda l: l.classify([3]), TypeError, r"prompts\[0\] must be a str or a dict, got int"),
+    (lambda l: l.classify([{"prompt_token_ids": [2, True, 3]}]), TypeError, r"must be a list of ints"),
+    (lambda l: l.classify([{"prompt_token_ids": [2, 3.0]}]), TypeError, r"must be a list of ints"),
     (lambda l: l.classify([{"text": "x"}]), ValueError, r"without 'prompt' or 'prompt_token_ids'"),
     (lambda l: l.classify([]), ValueError, "empty list"),
     (lambda l: l.classify("cat", truncate_prompt_tokens=0), ValueError, "truncate_prompt_tokens must be"),
@@ -643,3 +645,17 @@ def test_async_engine_with_two_batches_in_flight(pipe_path, monkeypatch):
         else:
             # Batches here form as callers arrive: equal to the batch-invariance bar.
             assert torch.allclose(res, torch.stack([ref[tuple(p)] for p in group]), atol=1e-5, rtol=0)
+
+
+def test_token_ids_of_an_int_subclass_are_ints(small_llm):
+    """The exact-int fast path of the token check falls back for int subclasses."""
+    import enum
+
+    class Tok(enum.IntEnum):
+        A = 2
+        B = 5
+
+    llm, _ = small_llm
+    (plain,) = llm.classify([{"prompt_token_ids": [2, 5]}], use_tqdm=False)
+    (sub,) = llm.classify([{"prompt_token_ids": [Tok.A, Tok.B]}], use_tqdm=False)
+    assert sub.outputs.probs == plain.outputs.probs
