@@ -7,8 +7,21 @@ MAX_H = 32768
 
 
 def check(op, cond, msg):
+    """Raise ValueError("op: msg") unless cond. msg may be a callable returning the text:
+    the launchers pass lambdas, so a call that passes every check formats no message
+    (f-strings with shapes cost microseconds each, on every launch)."""
     if not cond:
-        raise ValueError(f"{op}: {msg}")
+        raise ValueError(f"{op}: {msg() if callable(msg) else msg}")
+
+
+def cdiv(a, b):
+    """ceil(a / b) for ints; plain Python, as triton.cdiv costs a wrapper call per launch."""
+    return -(-a // b)
+
+
+def next_pow2(n):
+    """The smallest power of two >= n for n >= 1 (0 for 0), as triton.next_power_of_2."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
 
 
 def rows(t, H):
@@ -20,14 +33,14 @@ def rows(t, H):
 
 
 def hidden_size(op, H):
-    check(op, 1 <= H <= MAX_H, f"hidden size must be in [1, {MAX_H}], got {H}")
+    check(op, 1 <= H <= MAX_H, lambda: f"hidden size must be in [1, {MAX_H}], got {H}")
 
 
 def check_x(op, x):
     """x: a float (..., H) tensor with 1 <= H <= MAX_H; returns H."""
     check(op, isinstance(x, torch.Tensor) and x.dim() >= 1,
-          f"x must be a tensor (..., H), got {getattr(x, 'shape', type(x))}")
-    check(op, x.dtype in DTYPES, f"x.dtype must be float16, bfloat16 or float32, got {x.dtype}")
+          lambda: f"x must be a tensor (..., H), got {getattr(x, 'shape', type(x))}")
+    check(op, x.dtype in DTYPES, lambda: f"x.dtype must be float16, bfloat16 or float32, got {x.dtype}")
     H = x.shape[-1]
     hidden_size(op, H)
     return H
@@ -36,44 +49,44 @@ def check_x(op, x):
 def check_residual(op, residual, x):
     """residual: x's shape, dtype and device."""
     check(op, isinstance(residual, torch.Tensor) and residual.shape == x.shape,
-          f"residual must match x's shape {tuple(x.shape)}, got {getattr(residual, 'shape', type(residual))}")
-    check(op, residual.dtype == x.dtype, f"residual.dtype must be x's {x.dtype}, got {residual.dtype}")
-    check(op, residual.device == x.device, f"residual is on {residual.device}, expected x's device {x.device}")
+          lambda: f"residual must match x's shape {tuple(x.shape)}, got {getattr(residual, 'shape', type(residual))}")
+    check(op, residual.dtype == x.dtype, lambda: f"residual.dtype must be x's {x.dtype}, got {residual.dtype}")
+    check(op, residual.device == x.device, lambda: f"residual is on {residual.device}, expected x's device {x.device}")
 
 
 def check_param(op, name, t, H, device, expected, note=""):
     """A contiguous float (H,) parameter on device; `expected` names that device in the
     message, `note` follows the wanted shape."""
     check(op, isinstance(t, torch.Tensor) and t.shape == (H,),
-          f"{name} must be ({H},){note}, got {getattr(t, 'shape', type(t))}")
-    check(op, t.dtype in DTYPES, f"{name}.dtype must be a float type, got {t.dtype}")
-    check(op, t.device == device, f"{name} is on {t.device}, expected {expected}")
-    check(op, t.is_contiguous(), f"{name} must be contiguous")
+          lambda: f"{name} must be ({H},){note}, got {getattr(t, 'shape', type(t))}")
+    check(op, t.dtype in DTYPES, lambda: f"{name}.dtype must be a float type, got {t.dtype}")
+    check(op, t.device == device, lambda: f"{name} is on {t.device}, expected {expected}")
+    check(op, t.is_contiguous(), lambda: f"{name} must be contiguous")
 
 
 def check_float(op, name, t, ndim, layout):
     """A float16/bfloat16/float32 tensor of ndim dims (layout, e.g. "(T, H)", is for the
     message), contiguous in its last dim (or of size 1 there)."""
     check(op, isinstance(t, torch.Tensor) and t.dim() == ndim,
-          f"{name} must be a {ndim}-D tensor {layout}, got {getattr(t, 'shape', type(t))}")
-    check(op, t.dtype in DTYPES, f"{name}.dtype must be float16, bfloat16 or float32, got {t.dtype}")
+          lambda: f"{name} must be a {ndim}-D tensor {layout}, got {getattr(t, 'shape', type(t))}")
+    check(op, t.dtype in DTYPES, lambda: f"{name}.dtype must be float16, bfloat16 or float32, got {t.dtype}")
     check(op, t.stride(-1) == 1 or t.shape[-1] == 1,
-          f"{name} must be contiguous in its last dim, got strides {tuple(t.stride())}")
+          lambda: f"{name} must be contiguous in its last dim, got strides {tuple(t.stride())}")
 
 
 def check_cu_seqlens(op, cu_seqlens, device, expected):
     """cu_seqlens: a contiguous 1-D (B+1,) int32 tensor on device (`expected` names it)."""
     check(op, isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.dim() == 1 and cu_seqlens.numel() >= 1,
-          f"cu_seqlens must be a 1-D (B+1,) tensor, got {getattr(cu_seqlens, 'shape', type(cu_seqlens))}")
-    check(op, cu_seqlens.dtype == torch.int32, f"cu_seqlens.dtype must be int32, got {cu_seqlens.dtype}")
-    check(op, cu_seqlens.device == device, f"cu_seqlens is on {cu_seqlens.device}, expected {expected}")
+          lambda: f"cu_seqlens must be a 1-D (B+1,) tensor, got {getattr(cu_seqlens, 'shape', type(cu_seqlens))}")
+    check(op, cu_seqlens.dtype == torch.int32, lambda: f"cu_seqlens.dtype must be int32, got {cu_seqlens.dtype}")
+    check(op, cu_seqlens.device == device, lambda: f"cu_seqlens is on {cu_seqlens.device}, expected {expected}")
     check(op, cu_seqlens.is_contiguous(), "cu_seqlens must be contiguous")
 
 
 def check_max_seqlen(op, max_seqlen):
     """max_seqlen as a non-negative int (the longest sequence)."""
     check(op, hasattr(max_seqlen, "__index__") and not isinstance(max_seqlen, bool) and int(max_seqlen) >= 0,
-          f"max_seqlen must be a non-negative int (the longest sequence), got {max_seqlen!r}")
+          lambda: f"max_seqlen must be a non-negative int (the longest sequence), got {max_seqlen!r}")
     return int(max_seqlen)
 
 
@@ -84,7 +97,7 @@ def window_bounds(op, window, unbounded):
         return unbounded, unbounded, False
     check(op, isinstance(window, (tuple, list)) and len(window) == 2
           and all(hasattr(w, "__index__") and not isinstance(w, bool) for w in window),
-          f"window must be None or (left, right) ints, got {window!r}")
+          lambda: f"window must be None or (left, right) ints, got {window!r}")
     left, right = (int(w) if w >= 0 else unbounded for w in window)
     return left, right, left < unbounded or right < unbounded
 
@@ -95,22 +108,23 @@ def rotary_inputs(op, q, k, positions, cos_sin):
     contiguous last dim. Returns (T, Hq, D, R)."""
     for name, t in (("q", q), ("k", k)):
         check_float(op, name, t, 3, "(T, H, D)")
-        check(op, t.device == q.device, f"{name} is on {t.device}, expected q's device {q.device}")
+        check(op, t.device == q.device, lambda: f"{name} is on {t.device}, expected q's device {q.device}")
     T, Hq, D = q.shape
     check(op, k.shape[0] == T and k.shape[2] == D,
-          f"k must be (T={T}, Hkv, D={D}) to match q {tuple(q.shape)}, got {tuple(k.shape)}")
-    check(op, k.dtype == q.dtype, f"q and k must share a dtype, got q {q.dtype} k {k.dtype}")
+          lambda: f"k must be (T={T}, Hkv, D={D}) to match q {tuple(q.shape)}, got {tuple(k.shape)}")
+    check(op, k.dtype == q.dtype, lambda: f"q and k must share a dtype, got q {q.dtype} k {k.dtype}")
     check(op, isinstance(positions, torch.Tensor) and positions.shape == (T,),
-          f"positions must be ({T},), got {getattr(positions, 'shape', type(positions))}")
+          lambda: f"positions must be ({T},), got {getattr(positions, 'shape', type(positions))}")
     check(op, positions.dtype in (torch.int64, torch.int32),
-          f"positions.dtype must be int64 or int32, got {positions.dtype}")
-    check(op, positions.device == q.device, f"positions is on {positions.device}, expected {q.device}")
+          lambda: f"positions.dtype must be int64 or int32, got {positions.dtype}")
+    check(op, positions.device == q.device, lambda: f"positions is on {positions.device}, expected {q.device}")
     check(op, positions.is_contiguous(), "positions must be contiguous")
     check(op, isinstance(cos_sin, torch.Tensor) and cos_sin.dim() == 2,
-          f"cos_sin must be a 2-D tensor (max_pos, R), got {getattr(cos_sin, 'shape', type(cos_sin))}")
+          lambda: f"cos_sin must be a 2-D tensor (max_pos, R), got {getattr(cos_sin, 'shape', type(cos_sin))}")
     R = cos_sin.shape[1]
-    check(op, R % 2 == 0 and 2 <= R <= D, f"cos_sin width R must be even and in [2, D={D}], got {R}")
-    check(op, cos_sin.dtype in DTYPES, f"cos_sin.dtype must be a float type, got {cos_sin.dtype}")
-    check(op, cos_sin.device == q.device, f"cos_sin is on {cos_sin.device}, expected {q.device}")
-    check(op, cos_sin.stride(1) == 1, f"cos_sin must be contiguous in its last dim, got {tuple(cos_sin.stride())}")
+    check(op, R % 2 == 0 and 2 <= R <= D, lambda: f"cos_sin width R must be even and in [2, D={D}], got {R}")
+    check(op, cos_sin.dtype in DTYPES, lambda: f"cos_sin.dtype must be a float type, got {cos_sin.dtype}")
+    check(op, cos_sin.device == q.device, lambda: f"cos_sin is on {cos_sin.device}, expected {q.device}")
+    check(op, cos_sin.stride(1) == 1,
+          lambda: f"cos_sin must be contiguous in its last dim, got {tuple(cos_sin.stride())}")
     return T, Hq, D, R

@@ -52,15 +52,15 @@ def _as_operand(name, value, L, device):
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
         return 1, float(value), None
     _check(isinstance(value, torch.Tensor),
-           f"{name} must be None, a number or a tensor, got {type(value).__name__}")
+           lambda: f"{name} must be None, a number or a tensor, got {type(value).__name__}")
     _check(value.numel() in (1, L) and value.dim() <= 1,
-           f"{name} must have 1 or L={L} elements (shape () or (L,)), got shape {tuple(value.shape)}")
-    _check(value.device == device, f"{name} is on {value.device}, expected the logits' device {device}")
+           lambda: f"{name} must have 1 or L={L} elements (shape () or (L,)), got shape {tuple(value.shape)}")
+    _check(value.device == device, lambda: f"{name} is on {value.device}, expected the logits' device {device}")
     return 2, 0.0, value.reshape(-1).to(torch.float32).expand(L).contiguous()
 
 
 def _launch(logits, kind, logit_bias=None, logit_scale=None):
-    _check(kind in _KINDS, f"unknown activation {kind!r}; expected softmax, sigmoid or identity")
+    _check(kind in _KINDS, lambda: f"unknown activation {kind!r}; expected softmax, sigmoid or identity")
     _v.check_float("activation", "logits", logits, 2, "(B, L)")
     B, L = logits.shape
     bias_mode, bias, bias_vec = _as_operand("logit_bias", logit_bias, L, logits.device)
@@ -68,7 +68,7 @@ def _launch(logits, kind, logit_bias=None, logit_scale=None):
     out = torch.empty((B, L), dtype=torch.float32, device=logits.device)
     if B == 0 or L == 0:
         return out
-    block_l = triton.next_power_of_2(L)
+    block_l = _v.next_pow2(L)
     # Unused vector pointers still need a tensor argument: pass the output.
     _activation_kernel[(B,)](logits, out, out if bias_vec is None else bias_vec,
                              out if scale_vec is None else scale_vec, bias, scale,

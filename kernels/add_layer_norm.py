@@ -45,7 +45,7 @@ def _launch(x, residual, weight, bias, eps):
     r2 = x2 if residual is None else _v.rows(residual, H)
     o2 = out.view(-1, H)
     s2 = summed.view(-1, H)
-    block_h = triton.next_power_of_2(H)
+    block_h = _v.next_pow2(H)
     warps = 4 if block_h <= 1024 else (8 if block_h <= 4096 else 16)
     _add_layer_norm_kernel[(x2.shape[0],)](
         x2, r2, weight, weight if bias is None else bias, o2, s2,

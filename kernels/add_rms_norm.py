@@ -38,7 +38,7 @@ def _launch(x, residual, weight, eps, offset=0.0):
     r2 = x2 if residual is None else _v.rows(residual, H)
     o2 = out.view(-1, H)
     s2 = summed.view(-1, H)
-    block_h = triton.next_power_of_2(H)
+    block_h = _v.next_pow2(H)
     warps = 4 if block_h <= 1024 else (8 if block_h <= 4096 else 16)
     _add_rms_norm_kernel[(x2.shape[0],)](
         x2, r2, weight, o2, s2, x2.stride(0), r2.stride(0), o2.stride(0), s2.stride(0), H,

@@ -42,23 +42,23 @@ _check = functools.partial(_v.check, "embed_layer_norm")
 
 def _launch(input_ids, positions, token_type_ids, word, pos, type_, weight, bias, eps, extra=None):
     _check(isinstance(word, torch.Tensor) and word.dim() == 2,
-           f"word must be a 2-D table (V, H), got {getattr(word, 'shape', type(word))}")
-    _check(word.dtype in _v.DTYPES, f"word.dtype must be float16, bfloat16 or float32, got {word.dtype}")
+           lambda: f"word must be a 2-D table (V, H), got {getattr(word, 'shape', type(word))}")
+    _check(word.dtype in _v.DTYPES, lambda: f"word.dtype must be float16, bfloat16 or float32, got {word.dtype}")
     H = word.shape[1]
     dev = word.device
     _v.hidden_size("embed_layer_norm", H)
     _check(isinstance(input_ids, torch.Tensor) and input_ids.dim() == 1,
-           f"input_ids must be a 1-D (T,) tensor, got {getattr(input_ids, 'shape', type(input_ids))}")
+           lambda: f"input_ids must be a 1-D (T,) tensor, got {getattr(input_ids, 'shape', type(input_ids))}")
     T = input_ids.shape[0]
     ids = [("input_ids", input_ids), ("positions", positions)]
     if type_ is not None:
         ids.append(("token_type_ids", token_type_ids))
     for name, t in ids:
         _check(isinstance(t, torch.Tensor) and t.shape == (T,),
-               f"{name} must be ({T},) like input_ids, got {getattr(t, 'shape', type(t))}")
-        _check(t.dtype in _INDEX_DTYPES, f"{name}.dtype must be int64 or int32, got {t.dtype}")
-        _check(t.device == dev, f"{name} is on {t.device}, expected the tables' device {dev}")
-        _check(t.is_contiguous(), f"{name} must be contiguous")
+               lambda: f"{name} must be ({T},) like input_ids, got {getattr(t, 'shape', type(t))}")
+        _check(t.dtype in _INDEX_DTYPES, lambda: f"{name}.dtype must be int64 or int32, got {t.dtype}")
+        _check(t.device == dev, lambda: f"{name} is on {t.device}, expected the tables' device {dev}")
+        _check(t.is_contiguous(), lambda: f"{name} must be contiguous")
     tables = [("pos", pos, 2), ("weight", weight, 1)]
     if type_ is not None:
         tables.append(("type_", type_, 2))
@@ -69,15 +69,15 @@ def _launch(input_ids, positions, token_type_ids, word, pos, type_, weight, bias
     for name, t, dims in tables:
         want = "(rows, H)" if dims == 2 else f"({H},)"
         _check(isinstance(t, torch.Tensor) and t.dim() == dims and t.shape[-1] == H,
-               f"{name} must be {want} with H={H}, got {getattr(t, 'shape', type(t))}")
-        _check(t.dtype in _v.DTYPES, f"{name}.dtype must be a float type, got {t.dtype}")
-        _check(t.device == dev, f"{name} is on {t.device}, expected word's device {dev}")
-        _check(t.stride(-1) == 1, f"{name} must be contiguous in its last dim, got {tuple(t.stride())}")
-    _check(word.stride(1) == 1, f"word must be contiguous in its last dim, got {tuple(word.stride())}")
+               lambda: f"{name} must be {want} with H={H}, got {getattr(t, 'shape', type(t))}")
+        _check(t.dtype in _v.DTYPES, lambda: f"{name}.dtype must be a float type, got {t.dtype}")
+        _check(t.device == dev, lambda: f"{name} is on {t.device}, expected word's device {dev}")
+        _check(t.stride(-1) == 1, lambda: f"{name} must be contiguous in its last dim, got {tuple(t.stride())}")
+    _check(word.stride(1) == 1, lambda: f"word must be contiguous in its last dim, got {tuple(word.stride())}")
     out = torch.empty((T, H), dtype=word.dtype, device=dev)
     if T == 0:
         return out
-    block_h = triton.next_power_of_2(H)
+    block_h = _v.next_pow2(H)
     _embed_layer_norm_kernel[(T,)](
         input_ids, positions, input_ids if type_ is None else token_type_ids,
         word, pos, word if type_ is None else type_, word if extra is None else extra,

@@ -70,11 +70,11 @@ _check = functools.partial(_v.check, "gated_act")
 
 
 def _launch(x, kind):
-    _check(kind in _KINDS, f"unknown gated activation {kind!r}; expected 'silu', 'gelu_tanh' or 'gelu'")
+    _check(kind in _KINDS, lambda: f"unknown gated activation {kind!r}; expected 'silu', 'gelu_tanh' or 'gelu'")
     _check(isinstance(x, torch.Tensor) and x.dim() >= 1,
-           f"x must be a tensor (..., 2I), got {getattr(x, 'shape', type(x))}")
-    _check(x.dtype in _v.DTYPES, f"x.dtype must be float16, bfloat16 or float32, got {x.dtype}")
-    _check(x.shape[-1] % 2 == 0, f"x's last dim must be even ([gate | up]), got {x.shape[-1]}")
+           lambda: f"x must be a tensor (..., 2I), got {getattr(x, 'shape', type(x))}")
+    _check(x.dtype in _v.DTYPES, lambda: f"x.dtype must be float16, bfloat16 or float32, got {x.dtype}")
+    _check(x.shape[-1] % 2 == 0, lambda: f"x's last dim must be even ([gate | up]), got {x.shape[-1]}")
     I2 = x.shape[-1]
     I = I2 // 2
     out = torch.empty((*x.shape[:-1], I), dtype=x.dtype, device=x.device)
@@ -84,8 +84,8 @@ def _launch(x, kind):
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
     o2 = out.view(-1, I)
-    block = min(triton.next_power_of_2(I), 2048)
-    grid = (x2.shape[0], triton.cdiv(I, block))
+    block = min(_v.next_pow2(I), 2048)
+    grid = (x2.shape[0], _v.cdiv(I, block))
     _gated_act_kernel[grid](x2, o2, x2.stride(0), o2.stride(0), I, KIND=_KINDS[kind], BLOCK=block,
                             num_warps=4 if block <= 1024 else 8)
     return out

@@ -42,7 +42,7 @@ _check = functools.partial(_v.check, "gather_pooled")
 
 def _launch(hidden, cu_seqlens, pooling, out_dtype=None):
     """out_dtype: hidden's dtype (the op's contract) unless given (float32 for fused heads)."""
-    _check(pooling in _POOLINGS, f"unknown pooling {pooling!r}; expected 'cls', 'last' or 'mean'")
+    _check(pooling in _POOLINGS, lambda: f"unknown pooling {pooling!r}; expected 'cls', 'last' or 'mean'")
     _v.check_float("gather_pooled", "hidden", hidden, 2, "(T, H)")
     _v.check_cu_seqlens("gather_pooled", cu_seqlens, hidden.device, f"hidden's device {hidden.device}")
     B = cu_seqlens.numel() - 1
@@ -54,9 +54,9 @@ def _launch(hidden, cu_seqlens, pooling, out_dtype=None):
     # sequence in one program, so a long sequence is a serial chain of loads: narrow
     # column blocks (more programs per sequence) and tall row tiles (fewer steps each)
     # keep the longest chain short. Either way a tile is about 4K elements.
-    block_h = min(triton.next_power_of_2(H), 1024 if pooling != "mean" else 128)
+    block_h = min(_v.next_pow2(H), 1024 if pooling != "mean" else 128)
     block_t = max(1, 4096 // block_h)
-    grid = (B, triton.cdiv(H, block_h))
+    grid = (B, _v.cdiv(H, block_h))
     _gather_pooled_kernel[grid](hidden, cu_seqlens, out, hidden.stride(0), out.stride(0), H,
                                 POOLING=_POOLINGS[pooling], BLOCK_T=block_t, BLOCK_H=block_h,
                                 num_warps=4)

@@ -106,19 +106,20 @@ _check = functools.partial(_v.check, "pooled_norm")
 
 
 def _launch(hidden, cu_seqlens, pooling, norm_kind, weight, bias, eps, offset=0.0, residual=None):
-    _check(pooling in _POOLINGS, f"unknown pooling {pooling!r}; expected 'cls', 'last' or 'mean'")
-    _check(norm_kind in _NORMS, f"unknown norm_kind {norm_kind!r}; expected None, 'layer' or 'rms'")
+    _check(pooling in _POOLINGS, lambda: f"unknown pooling {pooling!r}; expected 'cls', 'last' or 'mean'")
+    _check(norm_kind in _NORMS, lambda: f"unknown norm_kind {norm_kind!r}; expected None, 'layer' or 'rms'")
     _v.check_float("pooled_norm", "hidden", hidden, 2, "(T, H)")
     T, H = hidden.shape
     _v.hidden_size("pooled_norm", H)
     if residual is not None:
         _check(isinstance(residual, torch.Tensor) and residual.shape == hidden.shape,
-               f"residual must match hidden's shape {tuple(hidden.shape)}, "
+               lambda: f"residual must match hidden's shape {tuple(hidden.shape)}, "
                f"got {getattr(residual, 'shape', type(residual))}")
-        _check(residual.dtype == hidden.dtype, f"residual.dtype must be hidden's {hidden.dtype}, got {residual.dtype}")
-        _check(residual.device == hidden.device, f"residual is on {residual.device}, expected {hidden.device}")
+        _check(residual.dtype == hidden.dtype,
+               lambda: f"residual.dtype must be hidden's {hidden.dtype}, got {residual.dtype}")
+        _check(residual.device == hidden.device, lambda: f"residual is on {residual.device}, expected {hidden.device}")
         _check(residual.stride(1) == 1 or H == 1,
-               f"residual must be contiguous in its last dim, got strides {tuple(residual.stride())}")
+               lambda: f"residual must be contiguous in its last dim, got strides {tuple(residual.stride())}")
     params = []
     if norm_kind is not None:
         params.append(("weight", weight))
@@ -133,7 +134,7 @@ def _launch(hidden, cu_seqlens, pooling, norm_kind, weight, bias, eps, offset=0.
     if B == 0:
         return out
     has_bias = norm_kind == "layer" and bias is not None
-    block_h = triton.next_power_of_2(H)
+    block_h = _v.next_pow2(H)
     # Mean norms a (BLOCK_T, BLOCK_H) tile per step: about 4K elements keeps registers low.
     block_t = max(1, 4096 // block_h)
     mean = pooling == "mean"
@@ -151,7 +152,7 @@ def _launch(hidden, cu_seqlens, pooling, norm_kind, weight, bias, eps, offset=0.
         num_warps=4 if block_h <= 1024 else (8 if block_h <= 4096 else 16))
     if mean:
         fin_h = min(block_h, 1024)
-        _mean_finish_kernel[(B, triton.cdiv(H, fin_h))](dest, cu_seqlens, out, out.stride(0), H, n_splits,
+        _mean_finish_kernel[(B, _v.cdiv(H, fin_h))](dest, cu_seqlens, out, out.stride(0), H, n_splits,
                                                          BLOCK_H=fin_h, num_warps=4)
     return out
 

@@ -110,23 +110,23 @@ def _launch(q, k, v, cu_seqlens, max_seqlen, q_pos, causal=False, scale=None, wi
     _v.check_float(_OP, "q", q, 3, "(B, Hq, D)")
     for name, t in (("k", k), ("v", v)):
         _v.check_float(_OP, name, t, 3, "(T, Hkv, D)")
-        _check(t.device == q.device, f"{name} is on {t.device}, expected q's device {q.device}")
+        _check(t.device == q.device, lambda: f"{name} is on {t.device}, expected q's device {q.device}")
     B, Hq, D = q.shape
     T, Hkv = k.shape[0], k.shape[1]
-    _check(k.shape == v.shape, f"k and v must have the same shape, got k {tuple(k.shape)} v {tuple(v.shape)}")
-    _check(k.shape[2] == D, f"k must be (T, Hkv, D={D}) to match q {tuple(q.shape)}, got {tuple(k.shape)}")
+    _check(k.shape == v.shape, lambda: f"k and v must have the same shape, got k {tuple(k.shape)} v {tuple(v.shape)}")
+    _check(k.shape[2] == D, lambda: f"k must be (T, Hkv, D={D}) to match q {tuple(q.shape)}, got {tuple(k.shape)}")
     _check(k.dtype == q.dtype and v.dtype == q.dtype,
-           f"q, k, v must share a dtype, got q {q.dtype} k {k.dtype} v {v.dtype}")
-    _check(Hkv >= 1 and Hq % Hkv == 0, f"Hq ({Hq}) must be a multiple of Hkv ({Hkv})")
-    _check(1 <= D <= 256, f"head_dim must be in [1, 256], got {D}")
-    _check(Hkv <= _MAX_GRID_Y, f"at most {_MAX_GRID_Y} kv heads, got Hkv={Hkv}")
+           lambda: f"q, k, v must share a dtype, got q {q.dtype} k {k.dtype} v {v.dtype}")
+    _check(Hkv >= 1 and Hq % Hkv == 0, lambda: f"Hq ({Hq}) must be a multiple of Hkv ({Hkv})")
+    _check(1 <= D <= 256, lambda: f"head_dim must be in [1, 256], got {D}")
+    _check(Hkv <= _MAX_GRID_Y, lambda: f"at most {_MAX_GRID_Y} kv heads, got Hkv={Hkv}")
     _v.check_cu_seqlens(_OP, cu_seqlens, q.device, f"{q.device}")
     _check(cu_seqlens.numel() == B + 1,
-           f"cu_seqlens must be (B+1,) = ({B + 1},) for q {tuple(q.shape)}, got ({cu_seqlens.numel()},)")
+           lambda: f"cu_seqlens must be (B+1,) = ({B + 1},) for q {tuple(q.shape)}, got ({cu_seqlens.numel()},)")
     _check(isinstance(q_pos, torch.Tensor) and q_pos.shape == (B,),
-           f"q_pos must be a ({B},) tensor, got {getattr(q_pos, 'shape', type(q_pos))}")
-    _check(q_pos.dtype in (torch.int64, torch.int32), f"q_pos.dtype must be int64 or int32, got {q_pos.dtype}")
-    _check(q_pos.device == q.device, f"q_pos is on {q_pos.device}, expected q's device {q.device}")
+           lambda: f"q_pos must be a ({B},) tensor, got {getattr(q_pos, 'shape', type(q_pos))}")
+    _check(q_pos.dtype in (torch.int64, torch.int32), lambda: f"q_pos.dtype must be int64 or int32, got {q_pos.dtype}")
+    _check(q_pos.device == q.device, lambda: f"q_pos is on {q_pos.device}, expected q's device {q.device}")
     _v.check_max_seqlen(_OP, max_seqlen)
     left, right, has_window = _v.window_bounds(_OP, window, _UNBOUNDED)
 
@@ -135,9 +135,9 @@ def _launch(q, k, v, cu_seqlens, max_seqlen, q_pos, causal=False, scale=None, wi
         return out
     q_pos = q_pos.contiguous()
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    block_d = max(16, triton.next_power_of_2(D))
+    block_d = max(16, _v.next_pow2(D))
     group = Hq // Hkv
-    block_g = max(16, triton.next_power_of_2(group))
+    block_g = max(16, _v.next_pow2(group))
     bn, warps, stages = (CONFIGS_FP32 if q.dtype == torch.float32 else CONFIGS)[block_d]
     bn = block_n or bn
     # B on grid axis 0 (up to 2^31 - 1 programs), kv heads on axis 1.

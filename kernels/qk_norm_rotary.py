@@ -86,11 +86,11 @@ def _launch(q, k, q_weight, k_weight, positions, cos_sin, eps, offset=0.0, neox=
     if T == 0:
         return q, k
     half = R // 2
-    block_half = triton.next_power_of_2(half)
-    block_tail = triton.next_power_of_2(max(D - R, 1))
+    block_half = _v.next_pow2(half)
+    block_tail = _v.next_pow2(max(D - R, 1))
     cap = max(_MAX_PAIRS // block_half, 1)
-    block_hq = min(triton.next_power_of_2(max(Hq, 1)), cap)
-    block_hk = min(triton.next_power_of_2(max(k.shape[1], 1)), cap)
+    block_hq = min(_v.next_pow2(max(Hq, 1)), cap)
+    block_hk = min(_v.next_pow2(max(k.shape[1], 1)), cap)
     _qk_norm_rotary_kernel[(T,)](
         q, k, q_weight, k_weight, positions, cos_sin, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         cos_sin.stride(0), Hq, k.shape[1], float(eps), float(offset), HEAD_DIM=D, HALF=half, NEOX=bool(neox),

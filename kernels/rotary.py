@@ -58,9 +58,9 @@ def _launch(q, k, positions, cos_sin, neox=True):
     if T == 0:
         return q, k
     half = R // 2
-    block_half = triton.next_power_of_2(half)
-    block_hq = triton.next_power_of_2(Hq)
-    block_hk = triton.next_power_of_2(max(k.shape[1], 1))
+    block_half = _v.next_pow2(half)
+    block_hq = _v.next_pow2(Hq)
+    block_hk = _v.next_pow2(max(k.shape[1], 1))
     _rotary_kernel[(T,)](q, k, positions, cos_sin, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
                          cos_sin.stride(0), Hq, k.shape[1], HALF=half, NEOX=bool(neox),
                          BLOCK_HALF=block_half, BLOCK_HQ=block_hq, BLOCK_HK=block_hk,

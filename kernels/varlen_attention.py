@@ -236,7 +236,7 @@ def tile_map(cu_seqlens, T, block_m, block_b=1024):
     sum(ceil(len / block_m)) known on the host, so the grid needs no device-to-host copy.
     """
     B = cu_seqlens.numel() - 1
-    n = triton.cdiv(T, block_m) + B
+    n = _v.cdiv(T, block_m) + B
     tile_seq = torch.empty(n, dtype=torch.int32, device=cu_seqlens.device)
     tile_info = torch.empty(B + 1, dtype=torch.int32, device=cu_seqlens.device)
     _tile_map_kernel[(B,)](cu_seqlens, tile_seq, tile_info, BLOCK_M=block_m, BLOCK_B=block_b, num_warps=4)
@@ -246,7 +246,7 @@ def tile_map(cu_seqlens, T, block_m, block_b=1024):
 def config_for(dtype, head_dim, causal):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) the launcher uses for these inputs (one
     query head per program)."""
-    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_d = max(16, _v.next_pow2(head_dim))
     if dtype == torch.float32:
         return CONFIGS_FP32[block_d]
     return (CONFIGS_CAUSAL if causal else CONFIGS)[block_d]
@@ -261,33 +261,34 @@ def _launch(q, k, v, cu_seqlens, max_seqlen, causal=False, scale=None, window=No
     Hq / Hkv)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         _v.check_float("varlen_attention", name, t, 3, "(T, H, D)")
-        _check(t.device == q.device, f"{name} is on {t.device}, expected q's device {q.device}")
+        _check(t.device == q.device, lambda: f"{name} is on {t.device}, expected q's device {q.device}")
     T, Hq, D = q.shape
     Hkv = k.shape[1]
-    _check(k.shape == v.shape, f"k and v must have the same shape, got k {tuple(k.shape)} v {tuple(v.shape)}")
+    _check(k.shape == v.shape, lambda: f"k and v must have the same shape, got k {tuple(k.shape)} v {tuple(v.shape)}")
     _check(k.shape[0] == T and k.shape[2] == D,
-           f"k must be (T={T}, Hkv, D={D}) to match q {tuple(q.shape)}, got {tuple(k.shape)}")
+           lambda: f"k must be (T={T}, Hkv, D={D}) to match q {tuple(q.shape)}, got {tuple(k.shape)}")
     _check(k.dtype == q.dtype and v.dtype == q.dtype,
-           f"q, k, v must share a dtype, got q {q.dtype} k {k.dtype} v {v.dtype}")
-    _check(Hkv >= 1 and Hq % Hkv == 0, f"Hq ({Hq}) must be a multiple of Hkv ({Hkv})")
-    _check(1 <= D <= 256, f"head_dim must be in [1, 256], got {D}")
+           lambda: f"q, k, v must share a dtype, got q {q.dtype} k {k.dtype} v {v.dtype}")
+    _check(Hkv >= 1 and Hq % Hkv == 0, lambda: f"Hq ({Hq}) must be a multiple of Hkv ({Hkv})")
+    _check(1 <= D <= 256, lambda: f"head_dim must be in [1, 256], got {D}")
     _v.check_cu_seqlens("varlen_attention", cu_seqlens, q.device, f"{q.device}")
     B = cu_seqlens.numel() - 1
     max_seqlen = _v.check_max_seqlen("varlen_attention", max_seqlen)
-    _check(Hq <= _MAX_GRID_YZ, f"at most {_MAX_GRID_YZ} heads, got Hq={Hq}")
+    _check(Hq <= _MAX_GRID_YZ, lambda: f"at most {_MAX_GRID_YZ} heads, got Hq={Hq}")
     left, right, has_window = _v.window_bounds("varlen_attention", window, _UNBOUNDED)
 
     out = torch.empty((T, Hq, D), dtype=q.dtype, device=q.device)
     if T == 0 or B == 0 or max_seqlen == 0:
         return out
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    block_d = max(16, triton.next_power_of_2(D))
+    block_d = max(16, _v.next_pow2(D))
     if config is not None:
         _check(len(config) in (4, 5) and all(isinstance(c, int) and c > 0 for c in config),
-               f"config must be (BLOCK_M, BLOCK_N, num_warps, num_stages[, GROUP]) positive ints, got {config!r}")
+               lambda: f"config must be (BLOCK_M, BLOCK_N, num_warps, num_stages[, GROUP]) positive ints, "
+                       f"got {config!r}")
     bm, bn, warps, stages, group = (*(config or config_for(q.dtype, D, causal)), 1)[:5]
-    _check((Hq // Hkv) % group == 0, f"GROUP={group} heads per program must divide Hq / Hkv = {Hq // Hkv}")
-    _check(group & (group - 1) == 0, f"GROUP={group} heads per program must be a power of two (tile rows)")
+    _check((Hq // Hkv) % group == 0, lambda: f"GROUP={group} heads per program must divide Hq / Hkv = {Hq // Hkv}")
+    _check(group & (group - 1) == 0, lambda: f"GROUP={group} heads per program must be a power of two (tile rows)")
     bm = block_m or bm
     bn = block_n or bn
     tile_seq, tile_info, n_tiles = tile_map(cu_seqlens, T, bm)
