@@ -203,8 +203,6 @@ SWEEP_CONFIGS = {
           # Two query heads of a kv group per program (GQA only): k/v loaded once for both.
           (32, 32, 4, 3, 2), (32, 64, 4, 3, 2), (64, 32, 8, 3, 2)],
 }
-# Causal 16-bit inputs: the sweep picked the same 64x32 tiles as for bidirectional.
-CONFIGS_CAUSAL = dict(CONFIGS)
 CONFIGS_FP32 = {
     16: (64, 32, 4, 2),
     32: (64, 32, 4, 2),
@@ -243,13 +241,14 @@ def tile_map(cu_seqlens, T, block_m, block_b=1024):
     return tile_seq, tile_info, n
 
 
-def config_for(dtype, head_dim, causal):
+def config_for(dtype, head_dim):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) the launcher uses for these inputs (one
-    query head per program)."""
+    query head per program). Causal and bidirectional share the table: the sweep picked
+    the same tiles for both."""
     block_d = max(16, _v.next_pow2(head_dim))
     if dtype == torch.float32:
         return CONFIGS_FP32[block_d]
-    return (CONFIGS_CAUSAL if causal else CONFIGS)[block_d]
+    return CONFIGS[block_d]
 
 
 def _launch(q, k, v, cu_seqlens, max_seqlen, causal=False, scale=None, window=None,
@@ -286,7 +285,7 @@ def _launch(q, k, v, cu_seqlens, max_seqlen, causal=False, scale=None, window=No
         _check(len(config) in (4, 5) and all(isinstance(c, int) and c > 0 for c in config),
                lambda: f"config must be (BLOCK_M, BLOCK_N, num_warps, num_stages[, GROUP]) positive ints, "
                        f"got {config!r}")
-    bm, bn, warps, stages, group = (*(config or config_for(q.dtype, D, causal)), 1)[:5]
+    bm, bn, warps, stages, group = (*(config or config_for(q.dtype, D)), 1)[:5]
     _check((Hq // Hkv) % group == 0, lambda: f"GROUP={group} heads per program must divide Hq / Hkv = {Hq // Hkv}")
     _check(group & (group - 1) == 0, lambda: f"GROUP={group} heads per program must be a power of two (tile rows)")
     bm = block_m or bm

@@ -489,7 +489,7 @@ def attention_sweep(device=None, repeats=20, out=sys.stdout):
         args = case.make()
         q, k, v, cu, max_seqlen, causal = args[:6]
         D = q.shape[-1]
-        default = va.config_for(q.dtype, D, causal)
+        default = va.config_for(q.dtype, D)
         ref = va._launch(q, k, v, cu, max_seqlen, causal)
         for cfg in va.SWEEP_CONFIGS.get(max(16, 1 << (D - 1).bit_length()), []):
             if len(cfg) > 4 and (q.shape[1] // k.shape[1]) % cfg[4]:
