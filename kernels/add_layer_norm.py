@@ -4,6 +4,7 @@ import triton
 import triton.language as tl
 
 from . import _validate as _v
+from .add_rms_norm import _load_row_sum
 
 
 @triton.jit
@@ -12,14 +13,7 @@ def _add_layer_norm_kernel(X, RES, W, B, OUT, SUM, stride_x, stride_r, stride_o,
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_H)
     ok = offs < H
-    x = tl.load(X + row * stride_x + offs, mask=ok, other=0.0)
-    if HAS_RESIDUAL:
-        r = tl.load(RES + row * stride_r + offs, mask=ok, other=0.0)
-        # Round the sum to the input dtype before the statistics, as the reference does:
-        # the stored residual stream and the normed value then agree exactly.
-        x = (x.to(tl.float32) + r.to(tl.float32)).to(SUM.dtype.element_ty)
-        tl.store(SUM + row * stride_s + offs, x, mask=ok)
-    xf = x.to(tl.float32)
+    xf = _load_row_sum(X, RES, SUM, row, offs, ok, stride_x, stride_r, stride_s, HAS_RESIDUAL)
     mean = tl.sum(xf, 0) / H
     diff = tl.where(ok, xf - mean, 0.0)
     var = tl.sum(diff * diff, 0) / H

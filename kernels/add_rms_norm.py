@@ -7,19 +7,25 @@ from . import _validate as _v
 
 
 @triton.jit
+def _load_row_sum(X, RES, SUM, row, offs, ok, stride_x, stride_r, stride_s, HAS_RESIDUAL: tl.constexpr):
+    """One row of x (+ residual, stored to SUM) in fp32, shared by both residual norms.
+    The sum is rounded to the input dtype before the statistics, as the reference does:
+    the stored residual stream and the normed value then agree exactly."""
+    x = tl.load(X + row * stride_x + offs, mask=ok, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(RES + row * stride_r + offs, mask=ok, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(SUM.dtype.element_ty)
+        tl.store(SUM + row * stride_s + offs, x, mask=ok)
+    return x.to(tl.float32)
+
+
+@triton.jit
 def _add_rms_norm_kernel(X, RES, W, OUT, SUM, stride_x, stride_r, stride_o, stride_s, H, eps, offset,
                          HAS_RESIDUAL: tl.constexpr, BLOCK_H: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_H)
     ok = offs < H
-    x = tl.load(X + row * stride_x + offs, mask=ok, other=0.0)
-    if HAS_RESIDUAL:
-        r = tl.load(RES + row * stride_r + offs, mask=ok, other=0.0)
-        # Round the sum to the input dtype before the statistics, as the reference does:
-        # the stored residual stream and the normed value then agree exactly.
-        x = (x.to(tl.float32) + r.to(tl.float32)).to(SUM.dtype.element_ty)
-        tl.store(SUM + row * stride_s + offs, x, mask=ok)
-    xf = x.to(tl.float32)
+    xf = _load_row_sum(X, RES, SUM, row, offs, ok, stride_x, stride_r, stride_s, HAS_RESIDUAL)
     rstd = tl.rsqrt(tl.sum(xf * xf, 0) / H + eps)
     w = tl.load(W + offs, mask=ok, other=0.0).to(tl.float32) + offset
     tl.store(OUT + row * stride_o + offs, (xf * rstd * w).to(OUT.dtype.element_ty), mask=ok)
