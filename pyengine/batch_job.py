@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-num-seqs", type=int, default=256)
     g.add_argument("--kernel-backend", default="auto")
     g.add_argument("--convert", default="auto")
+    g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     g.add_argument("--hf-overrides", type=json.loads, default=None, help="JSON object")
     g.add_argument("--pooler-config", type=json.loads, default=None, help="JSON object")
     g.add_argument("--truncate-prompt-tokens", type=int, default=None, help="-1: the model's maximum")
@@ -95,7 +96,7 @@ def classifier_kwargs(a) -> dict:
               use_activation=False if a.no_activation else None, dtype=a.dtype, device=a.device,
               max_model_len=a.max_model_len, max_num_batched_tokens=a.max_num_batched_tokens,
               max_num_seqs=a.max_num_seqs, hf_overrides=a.hf_overrides, pooler_config=a.pooler_config,
-              kernel_backend=a.kernel_backend, convert=a.convert)
+              kernel_backend=a.kernel_backend, convert=a.convert, enforce_eager=a.enforce_eager)
     if a.tokenizer is not None:
         kw["tokenizer"] = os.path.abspath(a.tokenizer)
     return kw
@@ -104,8 +105,9 @@ def classifier_kwargs(a) -> dict:
 def _identity(a, kw) -> dict:
     """What makes two runs the same job: their shards may be mixed."""
     st = os.stat(a.input)
-    same = {k: v for k, v in kw.items() if k not in ("device", "max_num_batched_tokens", "max_num_seqs",
-                                                      "kernel_backend")}  # these do not change results
+    # These do not change results.
+    speed_only = ("device", "max_num_batched_tokens", "max_num_seqs", "kernel_backend", "enforce_eager")
+    same = {k: v for k, v in kw.items() if k not in speed_only}
     return {"input": os.path.abspath(a.input), "input_size": st.st_size, "input_mtime_ns": st.st_mtime_ns,
             "shard_size": a.shard_size, **same}
 

@@ -41,7 +41,8 @@ class PoolerConfig:
 @dataclass
 class EngineConfig:
     """Everything LLM(...) takes. ``model`` is a local directory or a transformers
-    ``PreTrainedModel`` instance."""
+    ``PreTrainedModel`` instance. ``enforce_eager``: never run the forward through CUDA
+    graphs (see :mod:`pyengine.cuda_graph`); as vLLM's flag of that name."""
     model: Any
     tokenizer: Any = None
     dtype: str | torch.dtype = "auto"
@@ -53,6 +54,7 @@ class EngineConfig:
     pooler_config: PoolerConfig | None = None
     kernel_backend: str = "auto"
     convert: str = "auto"
+    enforce_eager: bool = False
     torch_dtype: torch.dtype = field(init=False)
     torch_device: torch.device = field(init=False)
 
@@ -71,6 +73,8 @@ class EngineConfig:
             self.pooler_config = PoolerConfig(**self.pooler_config)
         elif not isinstance(self.pooler_config, PoolerConfig):
             raise TypeError(f"pooler_config must be a PoolerConfig or dict, got {type(self.pooler_config).__name__}")
+        if not isinstance(self.enforce_eager, bool):
+            raise TypeError(f"enforce_eager must be a bool, got {self.enforce_eager!r}")
         if self.convert not in ("auto", "classify", "none"):
             raise ValueError(f"convert must be 'auto', 'classify' or 'none', got {self.convert!r}")
         if self.device in (None, "auto"):

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from .batch import RaggedBatch
 from .config import EngineConfig, PoolerConfig
+from .cuda_graph import GraphRunner
 from .inputs import InputProcessor, TokenizedPrompt, pair_lists, parse_prompts
 from .models import model_class, resolve_architecture
 from .models.convert import resolve_token_ids
@@ -160,6 +161,13 @@ class EngineCore:
         self._num_unfinished = 0
         self.pipeline_depth = 2 if self.device.type == "cuda" else 1
         self._ids = itertools.count()
+        # CUDA graphs where the whole forward can be captured: on CUDA, unless asked not
+        # to, for a model whose forward reads nothing back and ops that read nothing back.
+        self.graphs = None
+        if (self.device.type == "cuda" and not cfg.enforce_eager and getattr(self.model, "cuda_graphs", False)
+                and self.ops.capturable()):
+            self.graphs = GraphRunner(self.model, cfg.max_num_batched_tokens, cfg.max_num_seqs,
+                                      self.max_model_len, self.device)
 
     def new_request_id(self) -> str:
         return str(next(self._ids))
@@ -270,8 +278,13 @@ class EngineCore:
         types = None
         if any(p.token_type_ids is not None for p in prompts):
             types = [p.token_type_ids for p in prompts]
-        batch = RaggedBatch.build([p.token_ids for p in prompts], types, self.device)
-        out = self.pooler(self.model(batch), activations)  # (B, num_labels) fp32 on the device
+        token_ids = [p.token_ids for p in prompts]
+        # The graph's output is overwritten by its next replay; the pooler reads it first
+        # (stream order), so nothing here needs to copy it.
+        logits = None if self.graphs is None else self.graphs(token_ids, types)
+        if logits is None:
+            logits = self.model(RaggedBatch.build(token_ids, types, self.device))
+        out = self.pooler(logits, activations)  # (B, num_labels) fp32 on the device
         if self.device.type != "cuda":
             return PendingBatch(out.cpu())
         host = torch.empty(out.shape, dtype=torch.float32, pin_memory=True)
@@ -290,11 +303,13 @@ class LLM:
 
     def __init__(self, model, tokenizer=None, dtype="auto", device="auto", max_model_len=None,
                  max_num_batched_tokens=16384, max_num_seqs=256, hf_overrides=None,
-                 pooler_config: PoolerConfig | dict | None = None, kernel_backend="auto", convert="auto"):
+                 pooler_config: PoolerConfig | dict | None = None, kernel_backend="auto", convert="auto",
+                 enforce_eager=False):
         self.config = EngineConfig(model=model, tokenizer=tokenizer, dtype=dtype, device=device,
                                    max_model_len=max_model_len, max_num_batched_tokens=max_num_batched_tokens,
                                    max_num_seqs=max_num_seqs, hf_overrides=hf_overrides,
-                                   pooler_config=pooler_config, kernel_backend=kernel_backend, convert=convert)
+                                   pooler_config=pooler_config, kernel_backend=kernel_backend, convert=convert,
+                                   enforce_eager=enforce_eager)
         self.engine = EngineCore(self.config)
 
     def get_tokenizer(self):

@@ -364,6 +364,8 @@ OP_NAMES = ("varlen_attention", "pooled_query_attention", "gather_pooled", "acti
 _TRITON = {name: f"pyengine.kernels.{name}:{name}" for name in OP_NAMES}
 _CUDA = {name: f"pyengine.cuda_ops:{name}" for name in OP_NAMES}
 _IMPLS = {"triton": _TRITON, "cuda": _CUDA}
+# Torch references that copy cu_seqlens to the host (a sync, and no CUDA graph capture).
+_HOST_READS = ("varlen_attention", "selective_scan")
 
 
 def _load(spec):
@@ -403,6 +405,11 @@ class Ops:
 
     def describe(self):
         return ", ".join(f"{k}={v}" for k, v in self.chosen.items())
+
+    def capturable(self) -> bool:
+        """Whether a forward through these ops can be captured in a CUDA graph: none of
+        the torch references that read ``cu_seqlens`` on the host was chosen."""
+        return all(self.chosen.get(name) != "torch" for name in _HOST_READS)
 
 
 def resolve_ops(backend="auto", device="cpu"):

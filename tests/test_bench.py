@@ -87,9 +87,10 @@ def test_end_to_end_on_the_tiny_preset(tmp_path, capsys):
     assert res["workload"]["num_tokens"] == sum(mixed_lengths(8, 0))
     by = {p["name"]: p for p in res["providers"]}
     assert set(by) == {"hf-b32", "hf-sorted-b64", "hf-sorted-b256", "hf-single", "pyengine-torch",
-                       "pyengine-triton", "pyengine-cuda"}
+                       "pyengine-triton", "pyengine-cuda", "pyengine-eager"}
     assert by["pyengine-triton"]["status"] == "skipped" and "interpreter" in by["pyengine-triton"]["reason"]
     assert by["pyengine-cuda"]["status"] == "skipped"
+    assert by["pyengine-eager"]["status"] == "skipped" and "CUDA graphs" in by["pyengine-eager"]["reason"]
     assert res["reference"] == "hf-single" and by["hf-single"]["num_prompts"] == 3
     for name in ("hf-b32", "hf-sorted-b64", "hf-sorted-b256", "hf-single", "pyengine-torch"):
         p = by[name]
@@ -224,7 +225,7 @@ def test_end_to_end_on_a_gpu_in_bf16(tmp_path, capsys):
     for res in rep["results"]:
         assert res["status"] == "ok" and res["dtype"] == "bfloat16"
         by = {p["name"]: p for p in res["providers"]}
-        assert by["pyengine-torch"]["status"] == "ok"
+        assert by["pyengine-torch"]["status"] == "ok" and by["pyengine-eager"]["status"] == "ok"
         if by["pyengine-triton"]["status"] == "skipped":
             assert "not installed" in by["pyengine-triton"]["reason"] or "no op" in by["pyengine-triton"]["reason"]
         for p in by.values():

@@ -120,7 +120,7 @@ def _check(args, parser):
     args.num_prompts = args.num_prompts or (None if args.dataset else 2048 if gpu else 256)
     args.repeats = args.repeats or (5 if gpu else 1)
     args.single_sample = (128 if gpu else 64) if args.single_sample is None else args.single_sample
-    groups = {"hf": list(PR.HF_NAMES), "pyengine": [f"pyengine-{b}" for b in PR.PYENGINE_BACKENDS]}
+    groups = {"hf": list(PR.HF_NAMES), "pyengine": list(PR.PYENGINE_NAMES)}
     chosen = []
     for name in (args.providers.split(",") if args.providers else ["hf", "pyengine"]):
         if name not in PR.ALL_NAMES and name not in groups:

@@ -17,7 +17,9 @@ from ..ops import _available
 
 HF_NAMES = ("hf-b32", "hf-sorted-b64", "hf-sorted-b256", "hf-single")
 PYENGINE_BACKENDS = ("torch", "triton", "cuda")
-ALL_NAMES = HF_NAMES + tuple(f"pyengine-{b}" for b in PYENGINE_BACKENDS)
+# pyengine's default kernels without CUDA graphs: what the graphs gain, in one run.
+PYENGINE_NAMES = tuple(f"pyengine-{b}" for b in PYENGINE_BACKENDS) + ("pyengine-eager",)
+ALL_NAMES = HF_NAMES + PYENGINE_NAMES
 
 
 @dataclass
@@ -89,26 +91,31 @@ def hf_setup(ctx: Context, batch_size: int, sort: bool):
     return run
 
 
-def pyengine_setup(ctx: Context, backend: str):
-    """pyengine's LLM.classify on token-id prompts with kernel backend ``backend``."""
+def pyengine_setup(ctx: Context, backend: str, enforce_eager: bool = False):
+    """pyengine's LLM.classify on token-id prompts with kernel backend ``backend``
+    (CUDA graphs on a GPU unless ``enforce_eager``)."""
     from ..engine import LLM
 
     llm = LLM(ctx.model_dir, dtype=ctx.dtype, device=str(ctx.device), kernel_backend=backend,
               max_num_batched_tokens=ctx.max_num_batched_tokens, max_num_seqs=ctx.max_num_seqs,
-              max_model_len=ctx.max_model_len)
+              max_model_len=ctx.max_model_len, enforce_eager=enforce_eager)
 
     def run(prompts):
         outs = llm.classify([{"prompt_token_ids": p} for p in prompts], use_tqdm=False)
         return torch.tensor([o.outputs.probs for o in outs], dtype=torch.float32)
 
-    run.ops = llm.engine.ops.describe()
+    run.ops = llm.engine.ops.describe() + ("; CUDA graphs" if llm.engine.graphs is not None else "")
     return run
 
 
 def backend_unavailable(backend: str, device: torch.device) -> str | None:
-    """Why pyengine's ``backend`` cannot be timed on ``device``, or None."""
+    """Why pyengine's ``backend`` ("eager": the default one without CUDA graphs) cannot
+    be timed on ``device``, or None."""
     if backend == "torch":
         return None
+    if backend == "eager":
+        return "CUDA graphs need a CUDA device: off one every provider runs eagerly" \
+            if device.type != "cuda" else None
     if device.type != "cuda":
         return {"cuda": "the CUDA kernels need a CUDA device",
                 "triton": "on CPU Triton runs only in its interpreter, which is never timed"}[backend]
@@ -138,4 +145,6 @@ def providers(single_sampled: bool) -> list[Provider]:
         label = "pyengine cuda+triton (default)" if b == "cuda" else f"pyengine {b} kernels"
         out.append(Provider(f"pyengine-{b}", label, "pyengine",
                             lambda c, b=b: pyengine_setup(c, b)))
+    out.append(Provider("pyengine-eager", "pyengine default, no CUDA graphs", "pyengine",
+                        lambda c: pyengine_setup(c, "auto", enforce_eager=True)))
     return out

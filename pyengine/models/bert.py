@@ -41,6 +41,8 @@ class BertForSequenceClassification(nn.Module):
     """forward(batch) -> (B, num_labels) fp32 logits of the pooled rows."""
 
     default_pooling = "cls"
+    # The forward reads nothing back to the host: one CUDA graph per batch shape holds it.
+    cuda_graphs = True
 
     def __init__(self, config, arch, dtype, device, ops, pooling=None):
         super().__init__()

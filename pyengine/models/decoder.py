@@ -97,6 +97,9 @@ class DecoderForSequenceClassification(nn.Module):
     down_w (H, I), norms ln1/ln2; the final norm and the head in fp32.
     """
 
+    # The forward reads nothing back to the host: one CUDA graph per batch shape holds it.
+    cuda_graphs = True
+
     def __init__(self, config, arch, dtype, device, ops, pooling=None):
         super().__init__()
         fam = self.fam = family_of(arch)

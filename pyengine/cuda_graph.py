@@ -1,0 +1,137 @@
+"""CUDA graphs of a model's forward, one per bucket of batch shapes.
+
+A small encoder is host-bound on a fast GPU: BERT-base launches about 130 kernels per
+batch, and with Python around each launch the host takes longer than the GPU's few
+milliseconds of work. A graph replays the whole forward in one call. Graphs fix every
+shape and address, so a batch is padded to a bucket (tokens, sequences) and its
+indices copied into one static device buffer; the graph of that bucket is captured the
+first time it is needed (after one eager warm-up run of the same shape, which compiles
+the Triton kernels and lets cuBLAS pick its kernels) and replayed from then on.
+
+Padding stays inside the ragged-batch contract (see RaggedBatch.build_padded): the
+spare sequences are short and come after the real ones, whose rows and results they
+never touch. Results are read from the graph's static output, so they must be consumed
+(queued copies are enough) before the next replay; replays and copies are ordered on
+the current stream.
+"""
+from __future__ import annotations
+
+import bisect
+import warnings
+
+import torch
+
+from .batch import RaggedBatch
+
+# Below this many tokens, buckets are multiples of _FINE; above, multiples of _COARSE.
+# At most _COARSE - 1 padding tokens on a full batch of 16k is 1.6% more work; finer
+# steps would mean more graphs to capture.
+_FINE, _COARSE, _SWITCH = 128, 256, 2048
+# Sequence buckets: 1, 2, 4, 8, then multiples of 16. Each padding sequence is one
+# more (tiny) attention tile per head, so coarser steps cost GPU time.
+_SEQ_STEP = 16
+
+
+def token_buckets(max_tokens: int) -> list[int]:
+    """Padded token counts up to and including max_tokens, ascending."""
+    out = list(range(_FINE, min(_SWITCH, max_tokens) + 1, _FINE))
+    out += range(max(_SWITCH, _FINE) + _COARSE, max_tokens + 1, _COARSE)
+    if not out or out[-1] != max_tokens:
+        out.append(max_tokens)
+    return out
+
+
+def seq_buckets(max_seqs: int) -> list[int]:
+    """Padded sequence counts up to and including max_seqs, ascending."""
+    out = [b for b in (1, 2, 4, 8) if b < max_seqs]
+    out += range(_SEQ_STEP, max_seqs, _SEQ_STEP)
+    out.append(max_seqs)
+    return sorted(set(out))
+
+
+class GraphRunner:
+    """Runs ``model(batch) -> (B, L)`` through a CUDA graph of the batch's bucket.
+
+    model: the engine's model; max_tokens, max_seqs: the most tokens and sequences a
+    batch holds; max_seqlen: the longest sequence a batch can hold (the bound every graph
+    is captured with); max_graphs: captures stop there and later new buckets run eagerly.
+    A batch always gets at least one padding sequence, so the buckets reach past
+    max_tokens and max_seqs.
+    """
+
+    def __init__(self, model, max_tokens: int, max_seqs: int, max_seqlen: int, device, max_graphs: int = 128):
+        self.model = model
+        self.device = torch.device(device)
+        self.max_seqlen = max_seqlen
+        self.max_graphs = max_graphs
+        self.tokens = token_buckets(max_tokens + max_seqs)
+        # Room for the padding sequences of a full batch even when the model's positions
+        # are few: up to _COARSE spare tokens at max_seqlen each.
+        self.seqs = seq_buckets(max_seqs + 1 + -(-_COARSE // max_seqlen))
+        nbytes = RaggedBatch.padded_nbytes(self.tokens[-1], self.seqs[-1])
+        self.buffer = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        self.graphs: dict[tuple[int, int], tuple[object, torch.Tensor]] = {}
+        self.pool = None  # one memory pool for every graph: their replays never overlap
+        self.eager_runs = 0  # batches run without a graph (warm-ups and buckets past max_graphs)
+        self.disabled: str | None = None  # why graphs were turned off, after a failed capture
+
+    def bucket(self, num_tokens: int, num_seqs: int) -> tuple[int, int] | None:
+        """(padded tokens, padded sequences) for a batch, or None when no bucket holds it.
+        There is always at least one padding sequence (they take the spare tokens); each
+        needs a token of its own and may hold at most max_seqlen (the model has no
+        positions past that)."""
+        for Bp in self.seqs[bisect.bisect_left(self.seqs, num_seqs + 1):]:
+            spare = Bp - num_seqs
+            j = bisect.bisect_left(self.tokens, num_tokens + spare)
+            if j == len(self.tokens):
+                return None  # more sequences would only need more tokens
+            if self.tokens[j] - num_tokens <= spare * self.max_seqlen:
+                return self.tokens[j], Bp
+        return None
+
+    def __call__(self, token_ids, token_type_ids=None) -> torch.Tensor | None:
+        """Forward one batch (the arguments of RaggedBatch.build). Returns (B, L) on the
+        device, a view of the graph's output valid until the next call; None when the
+        batch fits no bucket or a capture failed (the caller runs it eagerly)."""
+        if self.disabled:
+            return None
+        shape = self.bucket(sum(len(t) for t in token_ids), len(token_ids))
+        if shape is None:
+            return None
+        T_b, B_b = shape
+        batch = RaggedBatch.build_padded(token_ids, token_type_ids, T_b, B_b, min(T_b, self.max_seqlen),
+                                         self.buffer)
+        B = len(token_ids)
+        entry = self.graphs.get(shape)
+        if entry is None:
+            if len(self.graphs) >= self.max_graphs:
+                self.eager_runs += 1
+                return self.model(batch)[:B]
+            try:
+                entry = self._capture(batch)
+            except Exception as e:
+                # The eager path still works; one failed capture turns graphs off for good
+                # rather than failing again on every new shape.
+                self.disabled = f"{type(e).__name__}: {e}"
+                warnings.warn(f"CUDA graph capture failed, running eagerly from now on: {self.disabled}",
+                              RuntimeWarning, stacklevel=2)
+                return None
+            self.graphs[shape] = entry
+        replay, out = entry
+        replay()
+        return out[:B]
+
+    def _capture(self, batch):
+        """Warm up, then capture ``model(batch)``. Returns (replay, static output)."""
+        # Eager first, on the current stream: Triton compiles for this shape and cuBLAS
+        # creates its workspaces, neither of which may happen during a capture. (A side
+        # stream per warm-up would strand a forward's worth of cached blocks per stream.)
+        self.model(batch)
+        self.eager_runs += 1
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: the server may touch CUDA from another thread meanwhile.
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+            out = self.model(batch)
+        if self.pool is None:
+            self.pool = graph.pool()
+        return graph.replay, out
