@@ -164,8 +164,8 @@ class EngineCore:
         # CUDA graphs where the whole forward can be captured: on CUDA, unless asked not
         # to, for a model whose forward reads nothing back and ops that read nothing back.
         self.graphs = None
-        if (self.device.type == "cuda" and not cfg.enforce_eager and getattr(self.model, "cuda_graphs", False)
-                and self.ops.capturable()):
+        graph_ops = getattr(self.model, "graph_ops", None)
+        if self.device.type == "cuda" and not cfg.enforce_eager and graph_ops and self.ops.capturable(graph_ops):
             self.graphs = GraphRunner(self.model, cfg.max_num_batched_tokens, cfg.max_num_seqs,
                                       self.max_model_len, self.device)
 

@@ -406,10 +406,10 @@ class Ops:
     def describe(self):
         return ", ".join(f"{k}={v}" for k, v in self.chosen.items())
 
-    def capturable(self) -> bool:
-        """Whether a forward through these ops can be captured in a CUDA graph: none of
-        the torch references that read ``cu_seqlens`` on the host was chosen."""
-        return all(self.chosen.get(name) != "torch" for name in _HOST_READS)
+    def capturable(self, names) -> bool:
+        """Whether a forward that calls the ops ``names`` can be captured in a CUDA graph:
+        none of them runs a torch reference that reads ``cu_seqlens`` on the host."""
+        return not any(self.chosen.get(name) == "torch" for name in names if name in _HOST_READS)
 
 
 def resolve_ops(backend="auto", device="cpu"):

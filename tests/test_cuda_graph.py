@@ -191,6 +191,26 @@ def test_failed_capture_turns_graphs_off(models):
     assert runner([[4, 5]]) is None and runner.disabled and not runner.graphs
 
 
+@pytest.mark.parametrize("name, pooling", [("bert", None), ("bert", "MEAN"), ("qwen3", None), ("qwen3", "MEAN")])
+def test_graph_ops_name_every_op_the_forward_calls(models, name, pooling):
+    """graph_ops decides whether a forward may be captured: it must list every op called."""
+    llm = LLM(models[name], kernel_backend="torch", pooler_config={"pooling_type": pooling})
+    model, called = llm.engine.model, set()
+    real = model.ops
+
+    class Recording:
+        def __getattr__(self, op):
+            called.add(op)
+            return getattr(real, op)
+
+    model.ops = Recording()
+    try:
+        _eager(model, _prompts([3, 7], model.vocab_size, seed=0))
+    finally:
+        model.ops = real
+    assert called and called <= set(model.graph_ops), called - set(model.graph_ops)
+
+
 def test_engine_launches_through_the_runner(models):
     """LLM.classify with the engine's graph runner in place (recorded captures on CPU),
     two batches in flight: the same results as the eager engine."""
@@ -207,7 +227,16 @@ def test_engine_launches_through_the_runner(models):
 
 
 def test_graphs_only_where_capturable(models):
-    """On CPU there are never graphs; enforce_eager must be a bool."""
+    """Graphs need ops that never read cu_seqlens on the host and a model that declares
+    its forward capturable; on CPU there are never graphs; enforce_eager is a bool."""
+    from pyengine.models import model_class
+    from pyengine.ops import resolve_ops
+
+    ops = model_class("BertForSequenceClassification").graph_ops
+    assert not resolve_ops("torch", "cpu").capturable(ops)  # the torch attention reads cu_seqlens
+    assert resolve_ops("triton", "cpu").capturable(ops)
+    assert resolve_ops("triton", "cpu").capturable(model_class("Qwen3ForSequenceClassification").graph_ops)
+    assert not hasattr(model_class("JambaForSequenceClassification"), "graph_ops")  # its scan reads cu_seqlens
     assert LLM(models["bert"], kernel_backend="torch").engine.graphs is None
     with pytest.raises(TypeError, match="enforce_eager must be a bool"):
         LLM(models["bert"], enforce_eager="yes")

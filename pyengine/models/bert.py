@@ -41,8 +41,10 @@ class BertForSequenceClassification(nn.Module):
     """forward(batch) -> (B, num_labels) fp32 logits of the pooled rows."""
 
     default_pooling = "cls"
-    # The forward reads nothing back to the host: one CUDA graph per batch shape holds it.
-    cuda_graphs = True
+    # The ops the forward calls. It reads nothing back to the host itself, so with ops
+    # that do not either, one CUDA graph per batch shape holds it (pyengine.cuda_graph).
+    graph_ops = ("embed_layer_norm", "varlen_attention", "pooled_query_attention", "add_layer_norm",
+                 "gather_pooled")
 
     def __init__(self, config, arch, dtype, device, ops, pooling=None):
         super().__init__()

@@ -97,8 +97,10 @@ class DecoderForSequenceClassification(nn.Module):
     down_w (H, I), norms ln1/ln2; the final norm and the head in fp32.
     """
 
-    # The forward reads nothing back to the host: one CUDA graph per batch shape holds it.
-    cuda_graphs = True
+    # The ops the forward calls. It reads nothing back to the host itself, so with ops
+    # that do not either, one CUDA graph per batch shape holds it (pyengine.cuda_graph).
+    graph_ops = ("varlen_attention", "pooled_query_attention", "add_rms_norm", "add_layer_norm", "rotary",
+                 "qk_norm_rotary", "gated_act", "pooled_norm")
 
     def __init__(self, config, arch, dtype, device, ops, pooling=None):
         super().__init__()
