@@ -32,6 +32,15 @@ _FINE, _COARSE, _SWITCH = 128, 256, 2048
 _SEQ_STEP = 16
 
 
+def wanted(device, enforce_eager: bool, model, ops) -> bool:
+    """Whether the engine runs ``model`` through graphs: on a CUDA device, unless
+    enforce_eager, for a model that lists the ops its forward calls (``graph_ops``: it
+    reads nothing back to the host itself) when none of those ops does either."""
+    graph_ops = getattr(model, "graph_ops", None)
+    return torch.device(device).type == "cuda" and not enforce_eager and bool(graph_ops) \
+        and ops.capturable(graph_ops)
+
+
 def token_buckets(max_tokens: int) -> list[int]:
     """Padded token counts up to and including max_tokens, ascending."""
     out = list(range(_FINE, min(_SWITCH, max_tokens) + 1, _FINE))

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from .batch import RaggedBatch
 from .config import EngineConfig, PoolerConfig
-from .cuda_graph import GraphRunner
+from . import cuda_graph
 from .inputs import InputProcessor, TokenizedPrompt, pair_lists, parse_prompts
 from .models import model_class, resolve_architecture
 from .models.convert import resolve_token_ids
@@ -161,12 +161,9 @@ class EngineCore:
         self._num_unfinished = 0
         self.pipeline_depth = 2 if self.device.type == "cuda" else 1
         self._ids = itertools.count()
-        # CUDA graphs where the whole forward can be captured: on CUDA, unless asked not
-        # to, for a model whose forward reads nothing back and ops that read nothing back.
         self.graphs = None
-        graph_ops = getattr(self.model, "graph_ops", None)
-        if self.device.type == "cuda" and not cfg.enforce_eager and graph_ops and self.ops.capturable(graph_ops):
-            self.graphs = GraphRunner(self.model, cfg.max_num_batched_tokens, cfg.max_num_seqs,
+        if cuda_graph.wanted(self.device, cfg.enforce_eager, self.model, self.ops):
+            self.graphs = cuda_graph.GraphRunner(self.model, cfg.max_num_batched_tokens, cfg.max_num_seqs,
                                       self.max_model_len, self.device)
 
     def new_request_id(self) -> str:

@@ -13,6 +13,7 @@ from transformers import AutoConfig, BertConfig
 
 from pyengine import LLM
 from pyengine.batch import RaggedBatch
+from pyengine import cuda_graph
 from pyengine.cuda_graph import GraphRunner, seq_buckets, token_buckets
 from tiny import save_tiny
 
@@ -237,6 +238,13 @@ def test_graphs_only_where_capturable(models):
     assert resolve_ops("triton", "cpu").capturable(ops)
     assert resolve_ops("triton", "cpu").capturable(model_class("Qwen3ForSequenceClassification").graph_ops)
     assert not hasattr(model_class("JambaForSequenceClassification"), "graph_ops")  # its scan reads cu_seqlens
+    model = LLM(models["bert"], kernel_backend="triton").engine.model
+    cuda, triton, torch_ops = torch.device("cuda"), model.ops, resolve_ops("torch", "cpu")
+    assert cuda_graph.wanted(cuda, False, model, triton)
+    assert not cuda_graph.wanted(cuda, True, model, triton)  # enforce_eager
+    assert not cuda_graph.wanted(cuda, False, model, torch_ops)
+    assert not cuda_graph.wanted(torch.device("cpu"), False, model, triton)
+    assert not cuda_graph.wanted(cuda, False, torch.nn.Identity(), triton)  # no graph_ops
     assert LLM(models["bert"], kernel_backend="torch").engine.graphs is None
     with pytest.raises(TypeError, match="enforce_eager must be a bool"):
         LLM(models["bert"], enforce_eager="yes")
