@@ -164,7 +164,7 @@ class EngineCore:
         self.graphs = None
         if cuda_graph.wanted(self.device, cfg.enforce_eager, self.model, self.ops):
             self.graphs = cuda_graph.GraphRunner(self.model, cfg.max_num_batched_tokens, cfg.max_num_seqs,
-                                      self.max_model_len, self.device)
+                                                 self.max_model_len, self.device)
 
     def new_request_id(self) -> str:
         return str(next(self._ids))
