@@ -24,6 +24,28 @@ def next_pow2(n):
     return 1 << (n - 1).bit_length() if n > 0 else 0
 
 
+def launch_config(op, config, defaults, pow2=(), limits=None):
+    """Launch parameters: ``defaults`` (a dict name -> int, the launcher's own choice)
+    with ``config`` (None, or a dict of some of those names, e.g. from a benchmark's
+    sweep) laid over it. Unknown names, values that are not positive ints, names in
+    ``pow2`` that are not powers of two and values above ``limits[name]`` raise
+    ValueError("op: ...") before anything is launched."""
+    if config is None:
+        return defaults
+    check(op, isinstance(config, dict),
+          lambda: f"config must be None or a dict with keys among {sorted(defaults)}, got {config!r}")
+    unknown = sorted(set(config) - set(defaults))
+    check(op, not unknown, lambda: f"unknown config key(s) {unknown}; expected among {sorted(defaults)}")
+    for name, value in config.items():
+        check(op, isinstance(value, int) and not isinstance(value, bool) and value > 0,
+              lambda: f"config[{name!r}] must be a positive int, got {value!r}")
+        check(op, name not in pow2 or value & (value - 1) == 0,
+              lambda: f"config[{name!r}] must be a power of two, got {value}")
+        top = (limits or {}).get(name)
+        check(op, top is None or value <= top, lambda: f"config[{name!r}] must be at most {top}, got {value}")
+    return {**defaults, **config}
+
+
 def rows(t, H):
     """A (rows, H) view of t with a unit last stride (copying only when no view exists)."""
     t2 = t.reshape(-1, H)

@@ -68,8 +68,31 @@ def _gated_act_kernel(X, OUT, stride_x, stride_o, I, KIND: tl.constexpr, BLOCK: 
 
 _check = functools.partial(_v.check, "gated_act")
 
+# Candidates the benchmark times (python -m pyengine.bench kernels --op-sweep), as config
+# dicts for _launch; the launcher's own choice is min(next_pow2(I), 2048) columns, 4 warps
+# up to 1024 columns else 8 (8 elements, one 16-byte load of each half, per thread).
+# Registers stay at 24 to 36 on sm_90 for all of them. Not measured yet.
+SWEEP_CONFIGS = [
+    # 3072 = 3 x 1024: no masked lanes (2048 leaves half of each row's second program
+    # idle), 8 elements per thread as today.
+    {"block": 1024, "num_warps": 4},
+    {"block": 512, "num_warps": 2},
+    # 4 elements (8-byte loads) per thread, more threads per program.
+    {"block": 1024, "num_warps": 8},
+    {"block": 512, "num_warps": 4},
+    {"block": 2048, "num_warps": 16},
+    # One program per row of 3072 (a quarter of the lanes masked): a third as many programs.
+    {"block": 4096, "num_warps": 16},
+    # 16 elements per thread; ptxas issues the second pair of loads after part of the math.
+    {"block": 4096, "num_warps": 8},
+]
+_POW2 = ("block", "num_warps")
+_LIMITS = {"block": 16384, "num_warps": 32}
 
-def _launch(x, kind):
+
+def _launch(x, kind, config=None):
+    """config: None (the launcher's choice) or a dict with "block" (columns per program)
+    and/or "num_warps", powers of two; the benchmark's sweep passes SWEEP_CONFIGS entries."""
     _check(kind in _KINDS, lambda: f"unknown gated activation {kind!r}; expected 'silu', 'gelu_tanh' or 'gelu'")
     _check(isinstance(x, torch.Tensor) and x.dim() >= 1,
            lambda: f"x must be a tensor (..., 2I), got {getattr(x, 'shape', type(x))}")
@@ -77,6 +100,11 @@ def _launch(x, kind):
     _check(x.shape[-1] % 2 == 0, lambda: f"x's last dim must be even ([gate | up]), got {x.shape[-1]}")
     I2 = x.shape[-1]
     I = I2 // 2
+    block = min(_v.next_pow2(I), 2048)
+    warps = 4 if block <= 1024 else 8
+    if config is not None:
+        cfg = _v.launch_config("gated_act", config, {"block": block, "num_warps": warps}, _POW2, _LIMITS)
+        block, warps = cfg["block"], cfg["num_warps"]
     out = torch.empty((*x.shape[:-1], I), dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
@@ -84,10 +112,9 @@ def _launch(x, kind):
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
     o2 = out.view(-1, I)
-    block = min(_v.next_pow2(I), 2048)
     grid = (x2.shape[0], _v.cdiv(I, block))
     _gated_act_kernel[grid](x2, o2, x2.stride(0), o2.stride(0), I, KIND=_KINDS[kind], BLOCK=block,
-                            num_warps=4 if block <= 1024 else 8)
+                            num_warps=warps)
     return out
 
 

@@ -14,15 +14,30 @@ _NORMS = {None: 0, "layer": 1, "rms": 2}
 
 
 @triton.jit
-def _load_rows(X, RES, rows, row_ok, offs_h, h_ok, stride_x, stride_r, HAS_RESIDUAL: tl.constexpr):
-    """(rows, BLOCK_H) tile of hidden (+ residual, rounded to hidden's dtype) in fp32."""
+def _load_raw(X, RES, rows, row_ok, offs_h, h_ok, stride_x, stride_r, HAS_RESIDUAL: tl.constexpr):
+    """(rows, BLOCK_H) tiles of hidden and of the residual (hidden again without one), as stored."""
     ok = row_ok[:, None] & h_ok[None, :]
     r64 = rows.to(tl.int64)[:, None]
     x = tl.load(X + r64 * stride_x + offs_h[None, :], mask=ok, other=0.0)
+    r = x
     if HAS_RESIDUAL:
         r = tl.load(RES + r64 * stride_r + offs_h[None, :], mask=ok, other=0.0)
+    return x, r
+
+
+@triton.jit
+def _add_rows(x, r, HAS_RESIDUAL: tl.constexpr):
+    """hidden (+ residual, rounded to hidden's dtype) in fp32, from _load_raw's tiles."""
+    if HAS_RESIDUAL:
         x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
     return x.to(tl.float32)
+
+
+@triton.jit
+def _load_rows(X, RES, rows, row_ok, offs_h, h_ok, stride_x, stride_r, HAS_RESIDUAL: tl.constexpr):
+    """(rows, BLOCK_H) tile of hidden (+ residual, rounded to hidden's dtype) in fp32."""
+    x, r = _load_raw(X, RES, rows, row_ok, offs_h, h_ok, stride_x, stride_r, HAS_RESIDUAL)
+    return _add_rows(x, r, HAS_RESIDUAL)
 
 
 @triton.jit
@@ -45,10 +60,12 @@ def _norm_rows(x, w, b, h_ok, H, eps, offset, NORM: tl.constexpr, HAS_BIAS: tl.c
 @triton.jit
 def _pooled_norm_kernel(X, RES, CU_SEQLENS, W, B, OUT, stride_x, stride_r, stride_o, H, eps, offset, n_splits,
                         POOLING: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
-                        HAS_RESIDUAL: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
+                        HAS_RESIDUAL: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+                        PREFETCH: tl.constexpr):
     """cls / last: OUT is (B, H), one normed row per sequence. mean: OUT is the (B *
     n_splits, H) fp32 workspace; program (seq, split) sums the normed rows of its slice
-    of the sequence, and _mean_finish_kernel adds the slices up."""
+    of the sequence, and _mean_finish_kernel adds the slices up. PREFETCH (mean): each
+    step loads the next tile before norming the current one (same sums, same order)."""
     seq = tl.program_id(0)
     start = tl.load(CU_SEQLENS + seq)
     end = tl.load(CU_SEQLENS + seq + 1)
@@ -69,12 +86,26 @@ def _pooled_norm_kernel(X, RES, CU_SEQLENS, W, B, OUT, stride_x, stride_r, strid
         hi = tl.minimum(lo + chunk, end)
         offs_t = tl.arange(0, BLOCK_T)
         acc = tl.zeros([BLOCK_T, BLOCK_H], dtype=tl.float32)
-        for t0 in range(lo, hi, BLOCK_T):
-            rows = t0 + offs_t
-            row_ok = rows < hi
-            x = _load_rows(X, RES, rows, row_ok, offs_h, h_ok, stride_x, stride_r, HAS_RESIDUAL)
-            y = _norm_rows(x, w, b, h_ok, H, eps, offset, NORM, HAS_BIAS)
-            acc += tl.where(row_ok[:, None], y, 0.0)
+        if PREFETCH:
+            # Triton does not pipeline these loads: without this a step waits for its rows,
+            # then norms them (reductions with barriers) while no load of this program is
+            # in flight. Here the next tile's round trip overlaps this tile's norm.
+            x_next, r_next = _load_raw(X, RES, lo + offs_t, lo + offs_t < hi, offs_h, h_ok, stride_x, stride_r,
+                                       HAS_RESIDUAL)
+            for t0 in range(lo, hi, BLOCK_T):
+                rows = t0 + offs_t
+                x, r = x_next, r_next
+                x_next, r_next = _load_raw(X, RES, rows + BLOCK_T, rows + BLOCK_T < hi, offs_h, h_ok, stride_x,
+                                           stride_r, HAS_RESIDUAL)
+                y = _norm_rows(_add_rows(x, r, HAS_RESIDUAL), w, b, h_ok, H, eps, offset, NORM, HAS_BIAS)
+                acc += tl.where((rows < hi)[:, None], y, 0.0)
+        else:
+            for t0 in range(lo, hi, BLOCK_T):
+                rows = t0 + offs_t
+                row_ok = rows < hi
+                x = _load_rows(X, RES, rows, row_ok, offs_h, h_ok, stride_x, stride_r, HAS_RESIDUAL)
+                y = _norm_rows(x, w, b, h_ok, H, eps, offset, NORM, HAS_BIAS)
+                acc += tl.where(row_ok[:, None], y, 0.0)
         slot = seq.to(tl.int64) * n_splits + split
         tl.store(OUT + slot * stride_o + offs_h, tl.sum(acc, 0), mask=h_ok)
     else:
@@ -104,8 +135,34 @@ def _mean_finish_kernel(WS, CU_SEQLENS, OUT, stride_o, H, n_splits, BLOCK_H: tl.
 
 _check = functools.partial(_v.check, "pooled_norm")
 
+# Candidates the benchmark times (python -m pyengine.bench kernels --op-sweep) for mean
+# pooling at H = 1024, as config dicts for _launch. The launcher's own choice there: 4
+# rows x 1024 per step, 4 warps, 4 slices per sequence on the mixed workload, one tile in
+# flight: 114 registers, so 4 programs per SM, each idle on DRAM while it norms (its
+# loads go out only after the previous tile's norm). Registers are ptxas's for bf16
+# LayerNorm on sm_90. Not measured yet.
+SWEEP_CONFIGS = [
+    {"stages": 2},                                      # 126 registers, still 4 programs per SM
+    {"block_t": 2, "num_warps": 4},                     # 72 registers: 7 programs per SM
+    {"block_t": 2, "num_warps": 4, "stages": 2},        # 77 registers: 6 programs per SM
+    {"block_t": 1, "num_warps": 4, "stages": 2},        # 51 registers: 9 programs per SM
+    {"block_t": 2, "num_warps": 8, "stages": 2},        # 60 registers, 4 elements per thread per row
+    {"block_t": 4, "num_warps": 8, "stages": 2},        # 79 registers
+    # The workspace is B x slices x H fp32, written then read: fewer slices move less
+    # (4 slices at H = 1024: 10% of the bytes of hidden), more shorten the longest chain.
+    {"block_t": 2, "num_warps": 4, "stages": 2, "splits": 2},
+    {"block_t": 2, "num_warps": 4, "stages": 2, "splits": 8},
+]
+_POW2 = ("block_t", "num_warps")
+_LIMITS = {"block_t": 256, "num_warps": 32, "splits": 64, "stages": 2}
+_MEAN_ONLY = ("splits", "stages")
 
-def _launch(hidden, cu_seqlens, pooling, norm_kind, weight, bias, eps, offset=0.0, residual=None):
+
+def _launch(hidden, cu_seqlens, pooling, norm_kind, weight, bias, eps, offset=0.0, residual=None, config=None):
+    """config: None (the launcher's choice) or a dict with any of "block_t" (rows per step,
+    a power of two), "num_warps", and for mean pooling "splits" (slices per sequence) and
+    "stages" (tiles of a program in flight, 1 or 2); the benchmark's sweep passes
+    SWEEP_CONFIGS entries."""
     _check(pooling in _POOLINGS, lambda: f"unknown pooling {pooling!r}; expected 'cls', 'last' or 'mean'")
     _check(norm_kind in _NORMS, lambda: f"unknown norm_kind {norm_kind!r}; expected None, 'layer' or 'rms'")
     _v.check_float("pooled_norm", "hidden", hidden, 2, "(T, H)")
@@ -130,17 +187,27 @@ def _launch(hidden, cu_seqlens, pooling, norm_kind, weight, bias, eps, offset=0.
                        note=f" for norm_kind={norm_kind!r}")
     _v.check_cu_seqlens("pooled_norm", cu_seqlens, hidden.device, f"{hidden.device}")
     B = cu_seqlens.numel() - 1
-    out = torch.empty((B, H), dtype=torch.float32, device=hidden.device)
-    if B == 0:
-        return out
     has_bias = norm_kind == "layer" and bias is not None
     block_h = _v.next_pow2(H)
     # Mean norms a (BLOCK_T, BLOCK_H) tile per step: about 4K elements keeps registers low.
     block_t = max(1, 4096 // block_h)
+    warps = 4 if block_h <= 1024 else (8 if block_h <= 4096 else 16)
     mean = pooling == "mean"
     # Mean: slices of about 32 tokens on average (T and B are host ints: no sync), at most
     # 16 per sequence. A runtime argument, so ragged batches share one compiled kernel.
-    n_splits = min(16, max(1, T // (32 * B))) if mean else 1
+    n_splits = min(16, max(1, T // (32 * max(B, 1)))) if mean else 1
+    stages = 1
+    if config is not None:
+        cfg = _v.launch_config("pooled_norm", config, {"block_t": block_t, "num_warps": warps, "splits": n_splits,
+                                                       "stages": stages}, _POW2, _LIMITS)
+        bad = [name for name in _MEAN_ONLY if name in config and not mean]
+        _check(not bad, lambda: f"config key(s) {bad} apply to pooling='mean' only, got pooling={pooling!r}")
+        _check(cfg["block_t"] * block_h <= 65536,
+               lambda: f"config tile block_t x H = {cfg['block_t']} x {block_h} exceeds 65536 elements")
+        block_t, warps, n_splits, stages = cfg["block_t"], cfg["num_warps"], cfg["splits"], cfg["stages"]
+    out = torch.empty((B, H), dtype=torch.float32, device=hidden.device)
+    if B == 0:
+        return out
     dest = torch.empty((B * n_splits, H), dtype=torch.float32, device=hidden.device) if mean else out
     _pooled_norm_kernel[(B, n_splits)](
         hidden, hidden if residual is None else residual, cu_seqlens,
@@ -148,8 +215,8 @@ def _launch(hidden, cu_seqlens, pooling, norm_kind, weight, bias, eps, offset=0.
         hidden.stride(0), hidden.stride(0) if residual is None else residual.stride(0), dest.stride(0),
         H, float(eps), float(offset), n_splits,
         POOLING=_POOLINGS[pooling], NORM=_NORMS[norm_kind], HAS_BIAS=has_bias,
-        HAS_RESIDUAL=residual is not None, BLOCK_T=block_t, BLOCK_H=block_h,
-        num_warps=4 if block_h <= 1024 else (8 if block_h <= 4096 else 16))
+        HAS_RESIDUAL=residual is not None, BLOCK_T=block_t, BLOCK_H=block_h, PREFETCH=stages == 2,
+        num_warps=warps)
     if mean:
         fin_h = min(block_h, 1024)
         _mean_finish_kernel[(B, _v.cdiv(H, fin_h))](dest, cu_seqlens, out, out.stride(0), H, n_splits,

@@ -61,40 +61,86 @@ def _norm_rotate_heads(X, stride_h, n_heads, W, eps, offset, cos, sin,
 
 @triton.jit
 def _qk_norm_rotary_kernel(Q, K, QW, KW, POS, COS_SIN, stride_qt, stride_qh, stride_kt, stride_kh, stride_cs,
-                           n_q, n_k, eps, offset,
+                           n_q, n_k, heads, k_first, eps, offset,
                            HEAD_DIM: tl.constexpr, HALF: tl.constexpr, NEOX: tl.constexpr,
                            BLOCK_HALF: tl.constexpr, BLOCK_TAIL: tl.constexpr,
                            BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr):
+    """Program (token, p) does q heads [p * heads, (p + 1) * heads) and k heads
+    [(p - k_first) * heads, (p - k_first + 1) * heads), those of each that exist. With
+    heads >= both head counts and k_first = 0 one program does every head of its token;
+    with k_first = cdiv(n_q, heads) each program owns a chunk of q heads or of k heads."""
     tok, cos, sin = _token_cos_sin(POS, COS_SIN, stride_cs, HALF, BLOCK_HALF)
-    _norm_rotate_heads(Q + tok * stride_qt, stride_qh, n_q, QW, eps, offset, cos, sin,
-                       HEAD_DIM, HALF, NEOX, BLOCK_HALF, BLOCK_TAIL, BLOCK_HQ)
-    _norm_rotate_heads(K + tok * stride_kt, stride_kh, n_k, KW, eps, offset, cos, sin,
-                       HEAD_DIM, HALF, NEOX, BLOCK_HALF, BLOCK_TAIL, BLOCK_HK)
-
+    p = tl.program_id(1)
+    hq = p * heads
+    if hq < n_q:
+        _norm_rotate_heads(Q + tok * stride_qt + hq * stride_qh, stride_qh, tl.minimum(n_q - hq, heads), QW, eps,
+                           offset, cos, sin, HEAD_DIM, HALF, NEOX, BLOCK_HALF, BLOCK_TAIL, BLOCK_HQ)
+    hk = (p - k_first) * heads
+    if hk >= 0:
+        _norm_rotate_heads(K + tok * stride_kt + hk * stride_kh, stride_kh, tl.minimum(n_k - hk, heads), KW, eps,
+                           offset, cos, sin, HEAD_DIM, HALF, NEOX, BLOCK_HALF, BLOCK_TAIL, BLOCK_HK)
 
 
 # Heads per loop step: at most this many (head, pair) elements, 2 per thread of 4 warps
 # for each half, so a step stays in registers at any head count.
 _MAX_PAIRS = 1024
 
+# Candidates the benchmark times (python -m pyengine.bench kernels --op-sweep), as config
+# dicts for _launch. The launcher's own choice: one program per token, 4 warps, q heads
+# then k heads; its k loads wait for its q stores (q and k are views of one buffer, so the
+# order is kept), two DRAM round trips per token, and at 72 registers (sm_90, Qwen3's
+# 16 + 8 heads of 128) 7 programs per SM hold about 20 KB of loads in flight. "heads"
+# gives each program a chunk of q heads or of k heads alone: one round trip each, fewer
+# registers, more programs per SM. Registers are ptxas's for bf16 at those head counts.
+# Not measured yet.
+SWEEP_CONFIGS = [
+    {"num_warps": 8},                   # today's grid, 48 registers
+    {"heads": 16},                      # q and k in separate programs, 72 registers
+    {"heads": 8},                       # three programs per token, 40 registers: 12 per SM
+    {"heads": 8, "num_warps": 2},       # 64 registers, 16 bytes of q/k per thread
+    {"heads": 4},                       # six programs per token, 32 registers: 16 per SM
+    {"heads": 4, "num_warps": 2},       # 40 registers: 25 programs per SM
+    {"heads": 2},                       # twelve programs of 512 bytes, 32 registers
+]
+_POW2 = ("block_h", "num_warps")
+_LIMITS = {"heads": 1 << 16, "block_h": 256, "num_warps": 32}
 
-def _launch(q, k, q_weight, k_weight, positions, cos_sin, eps, offset=0.0, neox=True):
+
+def _launch(q, k, q_weight, k_weight, positions, cos_sin, eps, offset=0.0, neox=True, config=None):
+    """config: None (the launcher's choice) or a dict with any of "heads" (q or k heads per
+    program; default: every head of the token in one program), "block_h" (at most this
+    many heads per loop step, a power of two; default _MAX_PAIRS // BLOCK_HALF) and
+    "num_warps"; the benchmark's sweep passes SWEEP_CONFIGS entries."""
     T, Hq, D, R = _v.rotary_inputs("qk_norm_rotary", q, k, positions, cos_sin)
     _v.hidden_size("qk_norm_rotary", D)
     for name, w in (("q_weight", q_weight), ("k_weight", k_weight)):
         _v.check_param("qk_norm_rotary", name, w, D, q.device, f"q's device {q.device}", " (head_dim)")
-    if T == 0:
-        return q, k
+    Hk = k.shape[1]
     half = R // 2
     block_half = _v.next_pow2(half)
     block_tail = _v.next_pow2(max(D - R, 1))
     cap = max(_MAX_PAIRS // block_half, 1)
-    block_hq = min(_v.next_pow2(max(Hq, 1)), cap)
-    block_hk = min(_v.next_pow2(max(k.shape[1], 1)), cap)
-    _qk_norm_rotary_kernel[(T,)](
+    warps = 4
+    heads, k_first, grid = max(Hq, Hk, 1), 0, (T, 1)
+    if config is not None:
+        cfg = _v.launch_config("qk_norm_rotary", config, {"heads": heads, "block_h": cap, "num_warps": warps},
+                               _POW2, _LIMITS)
+        cap, warps = cfg["block_h"], cfg["num_warps"]
+        if "heads" in config:
+            heads = cfg["heads"]
+            k_first = _v.cdiv(Hq, heads)
+            grid = (T, k_first + _v.cdiv(Hk, heads))
+            _v.check("qk_norm_rotary", grid[1] <= 65535,
+                     lambda: f"config['heads']={heads} makes {grid[1]} programs per token, at most 65535")
+    if T == 0:
+        return q, k
+    block_hq = min(_v.next_pow2(max(min(Hq, heads), 1)), cap)
+    block_hk = min(_v.next_pow2(max(min(Hk, heads), 1)), cap)
+    _qk_norm_rotary_kernel[grid](
         q, k, q_weight, k_weight, positions, cos_sin, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-        cos_sin.stride(0), Hq, k.shape[1], float(eps), float(offset), HEAD_DIM=D, HALF=half, NEOX=bool(neox),
-        BLOCK_HALF=block_half, BLOCK_TAIL=block_tail, BLOCK_HQ=block_hq, BLOCK_HK=block_hk, num_warps=4)
+        cos_sin.stride(0), Hq, Hk, heads, k_first, float(eps), float(offset), HEAD_DIM=D, HALF=half,
+        NEOX=bool(neox), BLOCK_HALF=block_half, BLOCK_TAIL=block_tail, BLOCK_HQ=block_hq, BLOCK_HK=block_hk,
+        num_warps=warps)
     return q, k
 
 

@@ -42,6 +42,9 @@ def _resources(cubin):
 
 
 class _Compile:
+    # The config of the launch being compiled, printed with each row (sweep candidates).
+    config = None
+
     def __init__(self, kernel, op, target):
         self.kernel, self.op, self.target = kernel, op, target
 
@@ -69,7 +72,9 @@ class _Compile:
                 else:
                     raise TypeError(f"{self.op}: argument {name} of type {type(a).__name__}")
             sig.update({k: "constexpr" for k in constexprs if k not in sig})
-            row = {"op": self.op, "constexprs": dict(constexprs), "ok": False}
+            row = {"op": self.op, "constexprs": dict(constexprs), "num_warps": num_warps, "ok": False}
+            if _Compile.config is not None:
+                row["config"] = _Compile.config
             try:
                 k = triton.compile(ASTSource(self.kernel, sig, constexprs, attrs), target=self.target,
                                    options=dict(num_warps=num_warps, num_stages=num_stages))
@@ -132,6 +137,26 @@ def main(arch=90):
     _patched("embed_layer_norm", target)(ids, ids, ids, z(100, 768, dtype=bf), z(10, 768, dtype=bf),
                                          z(2, 768, dtype=bf), z(768), z(768), 1e-12, z(768, dtype=bf))
     _patched("pooled_norm", target)(h, cu, "mean", "layer", z(H), z(H), 1e-6, 0.0, h)
+    # The --op-sweep candidates of the memory-bound ops, on the benchmark's shapes (bf16,
+    # H = 1024, Qwen3-0.6B's heads and MLP); the patched modules launch the stubs.
+    mods = {op: importlib.import_module(f"pyengine.kernels.{op}")
+            for op in ("gated_act", "qk_norm_rotary", "gather_pooled", "pooled_norm")}
+    qkv = z(T, 16 + 2 * 8, 128, dtype=bf)
+    calls = {
+        "gated_act": lambda cfg: [mods["gated_act"]._launch(z(T, 2 * 3072, dtype=bf), kind, config=cfg)
+                                  for kind in ("silu", "gelu")],
+        "qk_norm_rotary": lambda cfg: mods["qk_norm_rotary"]._launch(
+            qkv[:, :16], qkv[:, 16:24], z(128, dtype=bf), z(128, dtype=bf), z(T, dtype=torch.int64), z(10, 128),
+            1e-6, config=cfg),
+        "gather_pooled": lambda cfg: mods["gather_pooled"]._launch(h, cu, "mean", config=cfg),
+        "pooled_norm": lambda cfg: mods["pooled_norm"]._launch(h, cu, "mean", "layer", z(H, dtype=bf),
+                                                               z(H, dtype=bf), 1e-6, config=cfg),
+    }
+    for op, call in calls.items():
+        for cfg in mods[op].SWEEP_CONFIGS:
+            _Compile.config = cfg
+            call(cfg)
+    _Compile.config = None
 
 
 if __name__ == "__main__":

@@ -3,8 +3,10 @@
 The interpreter used by the other kernel tests runs the kernels as Python and skips the
 compiler's own rules (constexpr-only globals, dot shapes and dtypes, shared memory and
 register budgets). tests/compile_kernels.py compiles each kernel in a fresh process;
-bf16 attention must fit in registers without spilling.
+bf16 attention, the memory-bound ops with a config sweep and each of their sweep
+candidates must fit in registers without spilling.
 """
+import importlib
 import json
 import os
 import subprocess
@@ -13,6 +15,9 @@ import sys
 import pytest
 
 pytest.importorskip("triton")
+
+# The memory-bound ops with a config sweep (python -m pyengine.bench kernels --op-sweep).
+SWEPT = ("gated_act", "qk_norm_rotary", "gather_pooled", "pooled_norm")
 
 
 def test_kernels_compile_for_sm90():
@@ -33,3 +38,11 @@ def test_kernels_compile_for_sm90():
         assert r["shared"] <= 227 * 1024, f"{r['op']} {r['constexprs']} needs {r['shared']} B of shared memory"
         if r["op"] in ("varlen_attention", "pooled_query_attention") and "stack" in r:
             assert r["stack"] == 0, f"attention spills registers: {r}"
+        if r["op"] in SWEPT and "stack" in r:
+            assert r["stack"] == 0, f"{r['op']} spills registers (config {r.get('config')}): {r}"
+    # Every --op-sweep candidate compiled (the benchmark times them on the GPU machine).
+    for op in SWEPT:
+        configs = importlib.import_module(f"pyengine.kernels.{op}").SWEEP_CONFIGS
+        compiled = [r["config"] for r in rows if r["op"] == op and "config" in r]
+        assert all(cfg in compiled for cfg in configs), f"{op}: sweep candidates not compiled: " + str(
+            [cfg for cfg in configs if cfg not in compiled])

@@ -545,6 +545,75 @@ def test_pooled_norm_mean_slices(lens, norm_kind):
     torch.testing.assert_close(out.double(), ref64, atol=1e-4, rtol=1e-4, equal_nan=True)
 
 
+# ----------------------------------------------------------------------------------------
+# launch-config candidates (SWEEP_CONFIGS, timed by python -m pyengine.bench kernels --op-sweep)
+# ----------------------------------------------------------------------------------------
+
+def _sweep(op):
+    return [pytest.param(cfg, id=" ".join(f"{k}={v}" for k, v in cfg.items())) for cfg in _mod(op).SWEEP_CONFIGS]
+
+
+@pytest.mark.usefixtures("poisoned")
+@pytest.mark.parametrize("config", _sweep("gated_act"))
+def test_gated_act_sweep_configs(config):
+    # I = 600: several column blocks for the narrow candidates, a masked tail for all.
+    x = _randn(3, 2 * 600, seed=51, scale=3.0)
+    for kind in ("silu", "gelu"):
+        out = _mod("gated_act")._launch(x, kind, config=config)
+        assert_close(out, ops.gated_act(x, kind), FP32, f"{kind} {config}")
+
+
+@pytest.mark.parametrize("config", _sweep("qk_norm_rotary"))
+def test_qk_norm_rotary_sweep_configs(config):
+    # Heads that no candidate divides evenly (5 q, 3 k) and a 1-token sequence.
+    lens, Hq, Hkv, D = [1, 4, 2], 5, 3, 16
+    T = sum(lens)
+    qkv = _randn(T, Hq + 2 * Hkv, D, seed=52, scale=2.0)
+    q, k, v = qkv.split([Hq, Hkv, Hkv], dim=1)
+    qw, kw = 1 + 0.2 * _randn(D, seed=53), 1 + 0.2 * _randn(D, seed=54)
+    pos, cos_sin = positions(lens), _cos_sin(8, D, 55)
+    v0 = v.clone()
+    rq, rk = ops.qk_norm_rotary(q.clone(), k.clone(), qw, kw, pos, cos_sin, 1e-6)
+    _mod("qk_norm_rotary")._launch(q, k, qw, kw, pos, cos_sin, 1e-6, config=config)
+    assert_close(q, rq, FP32, f"q {config}")
+    assert_close(k, rk, FP32, f"k {config}")
+    assert torch.equal(v, v0), "v (beside q and k in the buffer) must be untouched"
+
+
+@pytest.mark.usefixtures("poisoned")
+@pytest.mark.parametrize("config", _sweep("gather_pooled"))
+def test_gather_pooled_sweep_configs(config):
+    lens = [1, 70, 9]  # 70 rows: several row tiles for every candidate
+    h = _randn(sum(lens), 96, seed=56)
+    out = _mod("gather_pooled")._launch(h, cu_seqlens(lens), "mean", config=config)
+    assert_close(out, ops.gather_pooled(h, cu_seqlens(lens), "mean"), FP32, str(config))
+
+
+@pytest.mark.usefixtures("poisoned")
+@pytest.mark.parametrize("config", _sweep("pooled_norm"))
+def test_pooled_norm_sweep_configs(config):
+    lens = [1, 40, 9]
+    T = sum(lens)
+    h, r = _randn(T, 96, seed=57), _randn(T, 96, seed=58)
+    w, b = _randn(96, seed=59), _randn(96, seed=60)
+    for norm_kind in ("layer", "rms"):
+        args = (h, cu_seqlens(lens), "mean", norm_kind, w, b, 1e-6, 0.0, r)
+        out = _mod("pooled_norm")._launch(*args, config=config)
+        assert_close(out, ops.pooled_norm(*args), FP32[1:], f"{norm_kind} {config}")
+
+
+def test_prefetching_mean_is_bit_identical():
+    # "stages": 2 only issues the next tile's loads earlier: the same sums in the same order.
+    lens = [1, 70, 9]
+    cu = cu_seqlens(lens)
+    h, w = _randn(sum(lens), 96, seed=61), _randn(96, seed=62)
+    g = _mod("gather_pooled")._launch
+    assert torch.equal(g(h, cu, "mean", config={"stages": 2}), g(h, cu, "mean"))
+    p = _mod("pooled_norm")._launch
+    assert torch.equal(p(h, cu, "mean", "rms", w, None, 1e-6, config={"stages": 2}),
+                       p(h, cu, "mean", "rms", w, None, 1e-6))
+
+
 @pytest.mark.parametrize("op,args,match", [
     ("gather_pooled", lambda: (torch.randn(4, 8), cu_seqlens([4]), "max"), "unknown pooling"),
     ("gather_pooled", lambda: (torch.randn(4, 8), cu_seqlens([4]).long(), "cls"), "cu_seqlens.dtype"),
@@ -579,14 +648,14 @@ ALLOWED_CONSTEXPRS = {
                          "GROUP"},
     "pooled_query_attention": {"HEAD_DIM", "BLOCK_D", "BLOCK_G", "BLOCK_N", "IS_CAUSAL", "HAS_WINDOW",
                                "PRECISION"},
-    "gather_pooled": {"POOLING", "BLOCK_T", "BLOCK_H"},
+    "gather_pooled": {"POOLING", "BLOCK_T", "BLOCK_H", "PREFETCH"},
     "activation": {"KIND", "BIAS_MODE", "SCALE_MODE", "BLOCK_L"},
     "add_layer_norm": {"HAS_RESIDUAL", "HAS_BIAS", "BLOCK_H"},
     "add_rms_norm": {"HAS_RESIDUAL", "BLOCK_H"},
     "rotary": {"HALF", "NEOX", "BLOCK_HALF", "BLOCK_HQ", "BLOCK_HK"},
     "gated_act": {"KIND", "BLOCK"},
     "embed_layer_norm": {"HAS_TYPE", "HAS_EXTRA", "HAS_BIAS", "BLOCK_H"},
-    "pooled_norm": {"POOLING", "NORM", "HAS_BIAS", "HAS_RESIDUAL", "BLOCK_T", "BLOCK_H"},
+    "pooled_norm": {"POOLING", "NORM", "HAS_BIAS", "HAS_RESIDUAL", "BLOCK_T", "BLOCK_H", "PREFETCH"},
 }
 
 
