@@ -8,11 +8,12 @@
 #
 # usage: scripts/gpu_check.sh
 # env:   PYTHON (default python3; the machine's Python with torch), PYENGINE_CUDA_ARCHS
-#        (default 80;90), the budgets in seconds BUILD_S=120 TESTS_S=150 KERNELS_S=90
+#        (default 80;90), the budgets in seconds BUILD_S=120 TESTS_S=150 KERNELS_S=240
 #        BENCH_S=150, TEST_WORKERS=6 (pytest-xdist workers where it is installed: the GPU
 #        tests are mostly Triton compiles, which run on the CPU), BENCH_ARGS (the model
 #        benchmark's options; default two presets, 2 repeats), KERNELS_ARGS (the kernel
-#        benchmark's; default --repeats 10 --attn-sweep --graph), PROFILE_S=90 (0 skips the
+#        benchmark's; default --repeats 10 --attn-sweep --op-sweep --graph: the op sweep
+#        compiles and times about 50 launch configs), PROFILE_S=90 (0 skips the
 #        profile of one engine pass per preset, PROFILE_PRESETS), GPU_CHECK_ALLOW_CPU=1 (dry
 #        run of this script without a GPU).
 set -uo pipefail
@@ -75,7 +76,7 @@ step gpu-tests "${TESTS_S:-150}" "$PY" -m pytest -m gpu -q -rfE -p no:cacheprovi
 # 3. kernel microbenchmarks (pyengine/bench/kernels.py), where the tree has them
 if "$PY" -c "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('pyengine.bench.kernels') else 1)" 2>/dev/null; then
   # shellcheck disable=SC2086
-  step bench-kernels "${KERNELS_S:-90}" "$PY" -m pyengine.bench kernels ${KERNELS_ARGS:---repeats 10 --attn-sweep --graph} --json "$LOGS/kernels.json"
+  step bench-kernels "${KERNELS_S:-240}" "$PY" -m pyengine.bench kernels ${KERNELS_ARGS:---repeats 10 --attn-sweep --op-sweep --graph} --json "$LOGS/kernels.json"
 else
   skip bench-kernels "pyengine.bench.kernels not in this tree"
 fi
@@ -101,12 +102,34 @@ if [ -f "$LOGS/kernels.json" ]; then
   echo "=============== kernels (ms; GB/s and % of copy bandwidth, or TFLOP/s; x torch)"
   "$PY" - "$LOGS/kernels.json" <<'PYEOF'
 import json, sys
-for r in json.load(open(sys.argv[1])):
+rows = json.load(open(sys.argv[1]))
+for r in rows:
+    if r.get("sweep") == "op":
+        continue  # summarised below; every config is in bench-kernels.log
     v = (f"{r['gbps']:.0f} GB/s {r.get('pct_copy') or 0:.0f}%" if r.get("gbps") else
          f"{r['tflops']:.0f} TFLOP/s" if r.get("tflops") else "")
     x = f"{r['vs_torch']:.2f}x" if r.get("vs_torch") else ""
     print(f"{r['op'][:16]:16} {r['case'][:18]:18} {r['backend']:12} "
           + (f"{r['ms']:8.4f} ms {v:18} {x}" if r["ms"] else f"ERROR {r['error']}"))
+# --op-sweep: per op, case and backend, the default config and the fastest one.
+sweep = [r for r in rows if r.get("sweep") == "op"]
+if sweep:
+    label = lambda c: "default" if c is None else " ".join(f"{k}={v}" for k, v in c.items()) if isinstance(c, dict) else str(c)
+    best = {}
+    for r in sweep:
+        key = (r["op"], r["case"], r["backend"])
+        d, b, failed = best.get(key, (None, None, 0))
+        if not r["ms"]:
+            best[key] = (d, b, failed + 1)
+            continue
+        best[key] = (r if r["config"] is None else d, r if b is None or r["ms"] < b["ms"] else b, failed)
+    print("=============== op config sweep: best config per op (default config for comparison)")
+    for (op, case, backend), (d, b, failed) in best.items():
+        dflt = f"default {d['ms']:.4f} ms {d['pct_copy']:.0f}%" if d else "default failed"
+        won = (f"best {label(b['config'])}: {b['ms']:.4f} ms {b['pct_copy']:.0f}% copy"
+               + (f" ({d['ms'] / b['ms']:.2f}x)" if d else "")) if b else "no config ran"
+        print(f"{op[:16]:16} {case[:12]:12} {backend:7} {dflt:28} {won}"
+              + (f"; {failed} config(s) failed" if failed else ""))
 PYEOF
 fi
 [ -f "$LOGS/bench.log" ] && { echo "=============== model benchmark (tail)"; tail -n 40 "$LOGS/bench.log"; }

@@ -3,6 +3,7 @@ import io
 import json
 
 import pytest
+import torch
 
 from pyengine.bench import kernels as kb
 
@@ -73,3 +74,124 @@ def test_attention_sweep_times_each_candidate(monkeypatch):
         assert r["error"] is None and r["ms"] > 0 and r["tflops"] > 0, r
         assert r["max_diff"] < 1e-4, r
     assert "config sweep" in out.getvalue()
+
+
+def test_op_sweep_needs_cuda(capsys):
+    # Checked before any timing starts: on CPU the command exits at once with the reason.
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is here")
+    with pytest.raises(SystemExit) as exc:
+        kb.main(["--op-sweep"])
+    assert exc.value.code == 2
+    assert "--op-sweep needs a CUDA device" in capsys.readouterr().err
+
+
+def _tiny_sweep_cases(device, quick=False):
+    """The swept cases on 4 tokens (the interpreter runs each program as Python); every
+    make() gives the same values, as the real cases do."""
+    def randn(*shape):
+        return torch.randn(*shape, generator=torch.Generator().manual_seed(sum(shape)))
+
+    cu = torch.tensor([0, 1, 4], dtype=torch.int32)
+    pos = torch.tensor([0, 0, 1, 2])
+    cos_sin = torch.cat([torch.ones(3, 4), torch.zeros(3, 4)], 1)
+
+    def qk():
+        qkv = randn(4, 4, 8)
+        return qkv[:, :2], qkv[:, 2:3], torch.ones(8), torch.ones(8), pos, cos_sin, 1e-6
+    return [kb.Case("gated_act", "silu", "T=4", lambda: (randn(4, 96), "silu"), bytes=4 * 144 * 4),
+            kb.Case("gated_act", "gelu", "T=4", lambda: (randn(4, 96), "gelu"), bytes=4 * 144 * 4),
+            kb.Case("qk_norm_rotary", "qwen3", "T=4", qk, bytes=4 * 4 * 48),
+            kb.Case("gather_pooled", "mean", "T=4", lambda: (randn(4, 16), cu, "mean"), bytes=4 * 6 * 16),
+            kb.Case("pooled_norm", "mean-layer", "T=4",
+                    lambda: (randn(4, 16), cu, "mean", "layer", torch.ones(16), torch.zeros(16), 1e-6),
+                    bytes=4 * 6 * 16)]
+
+
+def test_op_sweep_times_each_candidate(monkeypatch):
+    # Interpreter run on 4-token cases, one candidate per op: each row timed and checked
+    # against the op's default config; the CUDA loop is skipped on CPU.
+    from pyengine.kernels import gated_act, gather_pooled, pooled_norm, qk_norm_rotary
+
+    for mod, cfg in ((gated_act, {"block": 16}), (qk_norm_rotary, {"heads": 1}),
+                     (gather_pooled, {"block_h": 8, "block_t": 2, "stages": 2}),
+                     (pooled_norm, {"block_t": 2, "splits": 2, "stages": 2})):
+        monkeypatch.setattr(mod, "SWEEP_CONFIGS", [cfg])
+    monkeypatch.setattr(kb, "cases", _tiny_sweep_cases)
+    out = io.StringIO()
+    rows = kb.op_sweep("cpu", repeats=1, out=out)
+    assert sorted((r["op"], r["case"], kb.config_label(r["config"])) for r in rows) == [
+        ("gated_act", "gelu", "block=16"), ("gated_act", "gelu", "default"),
+        ("gated_act", "silu", "block=16"), ("gated_act", "silu", "default"),
+        ("gather_pooled", "mean", "block_h=8 block_t=2 stages=2"), ("gather_pooled", "mean", "default"),
+        ("pooled_norm", "mean-layer", "block_t=2 splits=2 stages=2"), ("pooled_norm", "mean-layer", "default"),
+        ("qk_norm_rotary", "qwen3", "default"), ("qk_norm_rotary", "qwen3", "heads=1")]
+    for r in rows:
+        assert r["error"] is None and r["backend"] == "triton" and r["ms"] > 0 and r["pct_copy"] > 0, r
+        assert r["config"] is None or r["max_diff"] < 1e-5, r
+    assert len(kb.best_configs(rows)) == 5
+    assert "config sweep" in out.getvalue() and "best config per case" in out.getvalue()
+
+
+def _never_launched(*args, **kwargs):
+    raise AssertionError("launched despite a bad config")
+
+
+@pytest.mark.parametrize("op,call,config,match", [
+    ("gated_act", lambda m, c: m._launch(torch.randn(4, 16), "gelu", config=c), {"block": 48}, "power of two"),
+    ("gated_act", lambda m, c: m._launch(torch.randn(4, 16), "gelu", config=c), {"warps": 4}, "unknown config key"),
+    ("gated_act", lambda m, c: m._launch(torch.randn(4, 16), "silu", config=c), (1024, 4), "must be None or a dict"),
+    ("qk_norm_rotary", lambda m, c: m._launch(torch.randn(3, 2, 8), torch.randn(3, 1, 8), torch.ones(8),
+                                              torch.ones(8), torch.arange(3), torch.randn(4, 8), 1e-6, config=c),
+     {"heads": 0}, "positive int"),
+    ("gather_pooled", lambda m, c: m._launch(torch.randn(5, 8), torch.tensor([0, 2, 5], dtype=torch.int32), "mean",
+                                             config=c), {"num_warps": 64}, "at most 32"),
+    ("gather_pooled", lambda m, c: m._launch(torch.randn(5, 8), torch.tensor([0, 2, 5], dtype=torch.int32), "last",
+                                             config=c), {"stages": 2}, "pooling='mean' only"),
+    ("pooled_norm", lambda m, c: m._launch(torch.randn(5, 8), torch.tensor([0, 2, 5], dtype=torch.int32), "last",
+                                           "rms", torch.ones(8), None, 1e-6, config=c), {"splits": 2},
+     "pooling='mean' only"),
+    ("pooled_norm", lambda m, c: m._launch(torch.randn(5, 8), torch.tensor([0, 2, 5], dtype=torch.int32), "mean",
+                                           "rms", torch.ones(8), None, 1e-6, config=c), {"stages": 3}, "at most 2"),
+    ("pooled_norm", lambda m, c: m._launch(torch.randn(5, 8), torch.tensor([0, 2, 5], dtype=torch.int32), "mean",
+                                           "rms", torch.ones(8), None, 1e-6, config=c), {"block_t": True},
+     "positive int"),
+])
+def test_bad_config_raises_before_launch(monkeypatch, op, call, config, match):
+    import importlib
+
+    mod = importlib.import_module(f"pyengine.kernels.{op}")
+    for name in dir(mod):
+        if name.startswith("_") and name.endswith("_kernel"):
+            monkeypatch.setattr(mod, name, type("Stub", (), {"__getitem__": lambda self, grid: _never_launched})())
+    with pytest.raises(ValueError, match=f"{op}: .*{match}"):
+        call(mod, config)
+
+
+def test_cuda_sweep_only_where_cuda_ops_offers_one(monkeypatch):
+    # The CUDA loop of --op-sweep runs an op only where pyengine.cuda_ops has a dict
+    # SWEEP_CONFIGS naming it and the op's function takes config=; otherwise it is skipped.
+    from types import SimpleNamespace
+
+    from pyengine import cuda_ops
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(kb.ops_mod, "resolve_ops",
+                        lambda backend, device: SimpleNamespace(chosen={"pooled_norm": "cuda", "rotary": "cuda"}))
+    assert kb._cuda_sweeps(torch.device("cpu")) == []
+    monkeypatch.delattr(cuda_ops, "SWEEP_CONFIGS", raising=False)
+    assert kb._cuda_sweeps(cuda) == []
+
+    def without_config(hidden, cu_seqlens, pooling, norm_kind, weight, bias, eps, offset=0.0, residual=None):
+        pass
+
+    def with_config(hidden, cu_seqlens, pooling, norm_kind, weight, bias, eps, offset=0.0, residual=None,
+                    config=None):
+        pass
+    monkeypatch.setattr(cuda_ops, "SWEEP_CONFIGS", {"pooled_norm": [{"a": 1}], "rotary": [{"b": 2}]}, raising=False)
+    monkeypatch.setattr(cuda_ops, "pooled_norm", without_config)
+    assert kb._cuda_sweeps(cuda) == []
+    monkeypatch.setattr(cuda_ops, "pooled_norm", with_config)
+    # rotary has no swept case: left out.
+    assert kb._cuda_sweeps(cuda) == [("cuda", "pooled_norm", with_config, [None, {"a": 1}])]
+    assert kb._cuda_sweeps(cuda, ops=["gated_act"]) == []

@@ -19,6 +19,11 @@ bytes the op must move at least: inputs read once, outputs written once) and tha
 percentage of a measured device-to-device copy (``copy_bandwidth``), or TFLOP/s for
 attention (useful FLOPs: 4 * D * Hq per visible query-key pair), the speedup over the
 torch backend, and the max abs difference to torch's output.
+
+Config sweeps (GPU): ``attention_sweep`` (``--attn-sweep``) times the attention tile
+candidates; ``op_sweep`` (``--op-sweep``) times the launch-config candidates of the
+memory-bound ops in SWEEP_CASES (each Triton module's SWEEP_CONFIGS, and
+``pyengine.cuda_ops.SWEEP_CONFIGS`` where it has one) and prints the best per case.
 """
 from __future__ import annotations
 
@@ -344,6 +349,15 @@ def time_graph(fn, device, calls=20, replays=5):
     return statistics.median(times)
 
 
+def _copy_ms(nbytes, device, graph, cache):
+    """Milliseconds of a device copy that reads and writes `nbytes` in all (rounded to
+    whole bf16 pairs), measured once per size: cache maps bytes -> ms."""
+    nbytes = max(4, int(nbytes) // 4 * 4)
+    if nbytes not in cache:
+        cache[nbytes] = nbytes / (copy_bandwidth(device, nbytes, graph=graph) * 1e9) * 1e3
+    return cache[nbytes]
+
+
 def _first_tensor(x):
     while isinstance(x, (tuple, list)):
         x = x[0]
@@ -460,10 +474,7 @@ def run(device=None, backends=None, quick=False, json_path=None, ops=None, repea
                 if row["gbps"]:
                     # Against a copy of the same bytes: small ops are launch-latency bound,
                     # and so is a copy of their size.
-                    nbytes = max(4, int(case.bytes) // 4 * 4)
-                    if nbytes not in copy_ms:
-                        copy_ms[nbytes] = nbytes / (copy_bandwidth(device, nbytes, graph=graph) * 1e9) * 1e3
-                    row["pct_copy"] = 100.0 * copy_ms[nbytes] / row["ms"]
+                    row["pct_copy"] = 100.0 * _copy_ms(case.bytes, device, graph, copy_ms) / row["ms"]
                 row["tflops"] = case.flops / s / 1e12 if case.flops else None
                 row["vs_torch"] = torch_ms / row["ms"] if torch_ms else None
             rows.append(row)
@@ -516,6 +527,144 @@ def attention_sweep(device=None, repeats=20, out=sys.stdout):
     return rows
 
 
+# The memory-bound ops with launch-config candidates (SWEEP_CONFIGS in their Triton
+# module): op -> the cases of cases() they are timed on.
+SWEEP_CASES = {"gated_act": ("silu", "gelu"), "qk_norm_rotary": ("qwen3",), "gather_pooled": ("mean",),
+               "pooled_norm": ("mean-layer",)}
+
+
+def config_label(config):
+    """A sweep config as printed: "default" for None (the launcher's own choice)."""
+    if config is None:
+        return "default"
+    if isinstance(config, dict):
+        return " ".join(f"{k}={v}" for k, v in config.items())
+    return str(config)
+
+
+def _cuda_sweeps(device, ops=None):
+    """[("cuda", op, fn, configs)] for the ops pyengine.cuda_ops sweeps: where it defines a
+    dict SWEEP_CONFIGS (op name -> configs), the op's function takes config=, the op has a
+    case in SWEEP_CASES and the built extension runs it on this device; [] otherwise."""
+    if device.type != "cuda":
+        return []
+    try:
+        from pyengine import cuda_ops
+        resolved = ops_mod.resolve_ops("cuda", device)
+    except (ImportError, RuntimeError):
+        return []
+    table = getattr(cuda_ops, "SWEEP_CONFIGS", None)
+    out = []
+    for op, configs in (table.items() if isinstance(table, dict) else ()):
+        fn = getattr(cuda_ops, op, None)
+        if op not in SWEEP_CASES or (ops and op not in ops) or fn is None or resolved.chosen.get(op) != "cuda":
+            continue
+        try:
+            takes_config = "config" in inspect.signature(fn).parameters
+        except (TypeError, ValueError):
+            takes_config = False
+        if takes_config:
+            out.append(("cuda", op, fn, [None] + list(configs)))
+    return out
+
+
+def op_sweep(device=None, repeats=20, out=sys.stdout, graph=False, ops=None):
+    """Time every launch-config candidate of the memory-bound Triton ops (each module's
+    SWEEP_CONFIGS, through its ``_launch(..., config=)``), and of ``pyengine.cuda_ops``
+    where it defines SWEEP_CONFIGS, on the cases in SWEEP_CASES; print a table and the
+    best config per case; return rows like run()'s, with "config" (None: the launcher's
+    own choice, timed first) and "sweep": "op". max_diff is against that backend's
+    default output. graph: CUDA-graph replay timing, per row falling back to event pairs.
+    ops: op names to keep. CPU: the interpreter on the quick shapes (tests only)."""
+    import importlib
+
+    device = torch.device(device or "cuda")
+    graph = graph and device.type == "cuda"
+    sweeps = []
+    for op in SWEEP_CASES:
+        if not ops or op in ops:
+            mod = importlib.import_module(f"pyengine.kernels.{op}")
+            sweeps.append(("triton", op, mod._launch, [None] + list(mod.SWEEP_CONFIGS)))
+    sweeps += _cuda_sweeps(device, ops)
+    by_id = {case.id: case for case in cases(device, quick=device.type == "cpu")}
+    copy_ms, rows = {}, []
+    for backend, op, fn, configs in sweeps:
+        for name in SWEEP_CASES[op]:
+            case = by_id[f"{op}/{name}"]
+            ref = None
+            for cfg in configs:
+                row = {"op": op, "case": name, "shape": case.shape, "backend": backend, "device": str(device),
+                       "sweep": "op", "config": cfg, "ms": None, "gbps": None, "pct_copy": None, "tflops": None,
+                       "vs_torch": None, "max_diff": None, "error": None, "timing": "events"}
+                try:
+                    kw = {} if cfg is None else {"config": cfg}
+                    # Fresh arguments per config: in-place ops (qk_norm_rotary) compare
+                    # outputs from the same inputs.
+                    args = case.make()
+
+                    def call(args=args, kw=kw):
+                        return fn(*args, **kw)
+                    first = _clone(call())
+                    if cfg is None:
+                        ref = first
+                    else:
+                        row["max_diff"] = _max_diff(first, ref)
+                    if device.type == "cpu":
+                        row["ms"] = time_call(call, device, repeats=1, warmup=0, min_repeats=1)
+                    else:
+                        if graph:
+                            try:
+                                row["ms"], row["timing"] = time_graph(call, device), "graph"
+                            except Exception:  # not capturable: event pairs instead
+                                torch.cuda.synchronize(device)
+                        if row["ms"] is None:
+                            row["ms"] = time_call(call, device, repeats=repeats, warmup=1)
+                    row["gbps"] = case.bytes / (row["ms"] / 1e3) / 1e9
+                    row["pct_copy"] = 100.0 * _copy_ms(case.bytes, device, graph, copy_ms) / row["ms"]
+                    del args, first
+                except Exception as e:  # a config the GPU refuses must not end the sweep
+                    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                rows.append(row)
+            ref = None
+    print_op_sweep(rows, out=out)
+    return rows
+
+
+def best_configs(rows):
+    """{(backend, op, case): (default row, fastest row)} over op-sweep rows that ran."""
+    best = {}
+    for r in rows:
+        if r.get("sweep") != "op" or not r["ms"]:
+            continue
+        key = (r["backend"], r["op"], r["case"])
+        default, fastest = best.get(key, (None, None))
+        if r["config"] is None:
+            default = r
+        if fastest is None or r["ms"] < fastest["ms"]:
+            fastest = r
+        best[key] = (default, fastest)
+    return best
+
+
+def print_op_sweep(rows, out=sys.stdout):
+    print("\nmemory-bound op config sweep (max diff: against the same backend's default config)", file=out)
+    head = ("op", "case", "backend", "config", "ms", "GB/s", "% copy", "max diff")
+    lines = [head] + [(r["op"], r["case"], r["backend"], config_label(r["config"]), _fmt(r["ms"], ".4f"),
+                       _fmt(r["gbps"], ".0f"), _fmt(r["pct_copy"], ".0f"),
+                       _fmt(r["max_diff"], ".2g") if r["error"] is None else "ERROR " + r["error"])
+                      for r in rows]
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(head) - 1)]
+    for line in lines:
+        print("  " + "  ".join(str(c).ljust(w) for c, w in zip(line, widths)) + "  " + str(line[-1]), file=out)
+    print("best config per case:", file=out)
+    for (backend, op, case), (default, fastest) in best_configs(rows).items():
+        gain = f", {default['ms'] / fastest['ms']:.2f}x the default's speed" if default else ""
+        print(f"  {op}/{case} {backend}: {config_label(fastest['config'])}  {fastest['ms']:.4f} ms, "
+              f"{fastest['pct_copy']:.0f}% copy{gain}", file=out)
+
+
 def _fmt(v, spec):
     return "-" if v is None else format(v, spec)
 
@@ -546,6 +695,9 @@ def main(argv=None):
                    help="time by CUDA-graph replay (GPU time without per-call host overhead)")
     p.add_argument("--attn-sweep", action="store_true",
                    help="also time every candidate Triton attention config (GPU only)")
+    p.add_argument("--op-sweep", action="store_true",
+                   help="also time every launch-config candidate of gated_act, qk_norm_rotary, gather_pooled "
+                        "and pooled_norm (Triton, and CUDA where pyengine.cuda_ops has a sweep; GPU only)")
     a = p.parse_args(argv)
     split = (lambda s: [x.strip() for x in s.split(",") if x.strip()] if s else None)
     backends = split(a.backends)
@@ -556,11 +708,15 @@ def main(argv=None):
     bad = [o for o in op_names or () if o not in ops_mod.OP_NAMES]
     if bad:
         p.error(f"unknown op(s) {bad}; expected among {ops_mod.OP_NAMES}")
+    on_cuda = torch.cuda.is_available() and (not a.device or torch.device(a.device).type == "cuda")
+    for flag, wanted in (("--attn-sweep", a.attn_sweep), ("--op-sweep", a.op_sweep)):
+        if wanted and not on_cuda:
+            p.error(f"{flag} needs a CUDA device (the sweep times GPU launch configs; none here)")
     rows = run(a.device, backends, a.quick, None, ops=op_names, repeats=a.repeats, graph=a.graph)
     if a.attn_sweep:
-        if not torch.cuda.is_available() or (a.device and torch.device(a.device).type != "cuda"):
-            p.error("--attn-sweep needs a CUDA device")
         rows += attention_sweep(a.device, repeats=a.repeats)
+    if a.op_sweep:
+        rows += op_sweep(a.device, repeats=a.repeats, graph=a.graph, ops=op_names)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=1)
