@@ -110,11 +110,36 @@ PYBIND11_MODULE(_C, m) {
         py::arg("row_stride"), py::arg("hidden_size"), py::arg("cu_seqlens"), py::arg("batch"),
         py::arg("pooling"), py::arg("out"), py::arg("device"), py::arg("stream"));
 
-  m.def("pooled_norm", &pyengine::launch_pooled_norm, py::arg("dtype"), py::arg("wdtype"),
-        py::arg("hidden"), py::arg("h_stride"), py::arg("residual"), py::arg("r_stride"),
-        py::arg("cu_seqlens"), py::arg("batch"), py::arg("pooling"), py::arg("norm_kind"),
-        py::arg("weight"), py::arg("bias"), py::arg("eps"), py::arg("offset"), py::arg("out"),
-        py::arg("hidden_size"), py::arg("device"), py::arg("stream"));
+  // The trailing arguments (pyengine::PooledNormConfig) select a mean-path variant; their
+  // defaults are the default kernel.
+  m.def(
+      "pooled_norm",
+      [](int dtype, int wdtype, uintptr_t hidden, int64_t h_stride, uintptr_t residual,
+         int64_t r_stride, uintptr_t cu_seqlens, int64_t batch, int pooling, int norm_kind,
+         uintptr_t weight, uintptr_t bias, double eps, double offset, uintptr_t out,
+         int64_t hidden_size, int device, uintptr_t stream, int variant, int64_t slice_rows,
+         int warps, int rows_per_warp, int blocks_per_sm, int64_t tokens, uintptr_t workspace,
+         int64_t workspace_rows) {
+        pyengine::PooledNormConfig cfg;
+        cfg.variant = variant;
+        cfg.slice_rows = slice_rows;
+        cfg.warps = warps;
+        cfg.rows_per_warp = rows_per_warp;
+        cfg.blocks_per_sm = blocks_per_sm;
+        cfg.tokens = tokens;
+        cfg.workspace = workspace;
+        cfg.workspace_rows = workspace_rows;
+        pyengine::launch_pooled_norm(dtype, wdtype, hidden, h_stride, residual, r_stride,
+                                     cu_seqlens, batch, pooling, norm_kind, weight, bias, eps,
+                                     offset, out, hidden_size, device, stream, cfg);
+      },
+      py::arg("dtype"), py::arg("wdtype"), py::arg("hidden"), py::arg("h_stride"),
+      py::arg("residual"), py::arg("r_stride"), py::arg("cu_seqlens"), py::arg("batch"),
+      py::arg("pooling"), py::arg("norm_kind"), py::arg("weight"), py::arg("bias"),
+      py::arg("eps"), py::arg("offset"), py::arg("out"), py::arg("hidden_size"),
+      py::arg("device"), py::arg("stream"), py::arg("variant") = 0, py::arg("slice_rows") = 0,
+      py::arg("warps") = 8, py::arg("rows_per_warp") = 1, py::arg("blocks_per_sm") = 0,
+      py::arg("tokens") = 0, py::arg("workspace") = 0, py::arg("workspace_rows") = 0);
 
   m.def("activation", &pyengine::launch_activation, py::arg("dtype"), py::arg("logits"),
         py::arg("row_stride"), py::arg("batch"), py::arg("labels"), py::arg("kind"),

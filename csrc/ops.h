@@ -30,6 +30,21 @@ void launch_gather_pooled(int dtype, uintptr_t hidden, int64_t row_stride,
                           int64_t hidden_size, uintptr_t cu_seqlens, int64_t batch, int pooling,
                           uintptr_t out, int device, uintptr_t stream);
 
+// Which kernel pooled_norm's "mean" path takes where the warp-per-row kernel applies
+// (16-byte aligned rows, H within its register budget); other cases ignore it. The
+// default value is that kernel; variant 1 is the sliced one (csrc/pooling.cu), a
+// candidate timed by the kernel benchmark's sweep (pyengine/cuda_ops.py SWEEP_CONFIGS).
+struct PooledNormConfig {
+  int variant = 0;            // 0: pooled_norm_mean_kernel; 1: sliced
+  int64_t slice_rows = 0;     // rows per slice; 0: a slice is a whole sequence
+  int warps = 8;              // warps per block, 1..8
+  int rows_per_warp = 1;      // 1, 2 or 4 rows' loads in flight per warp (an upper bound)
+  int blocks_per_sm = 0;      // 0: one block per slice; k: k * SM-count blocks loop over them
+  int64_t tokens = 0;         // hidden's rows T
+  uintptr_t workspace = 0;    // float32 (workspace_rows, H), needed when 0 < slice_rows < T
+  int64_t workspace_rows = 0; // at least ceil(T / slice_rows) + B
+};
+
 // pooling as above; norm_kind: 0 none, 1 layer, 2 rms (weight + offset). s = hidden
 // (+ residual, rounded to hidden's dtype); each pooled row normed in fp32, mean averages
 // the normed rows. out (B, H) float32 contiguous. residual / bias may be 0; weight may be
@@ -38,7 +53,7 @@ void launch_pooled_norm(int dtype, int wdtype, uintptr_t hidden, int64_t h_strid
                         uintptr_t residual, int64_t r_stride, uintptr_t cu_seqlens, int64_t batch,
                         int pooling, int norm_kind, uintptr_t weight, uintptr_t bias, double eps,
                         double offset, uintptr_t out, int64_t hidden_size, int device,
-                        uintptr_t stream);
+                        uintptr_t stream, const PooledNormConfig& config = PooledNormConfig());
 
 // kind: 0 softmax, 1 sigmoid, 2 identity; x = (logits - bias) * scale, where bias / scale
 // are per-label fp32 (L,) vectors when bias_vec / scale_vec are not 0, else the scalars.
