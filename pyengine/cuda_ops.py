@@ -22,13 +22,13 @@ every sequence is non-empty (an empty one under "mean" gives NaN, as the referen
 from __future__ import annotations
 
 import numbers
-from typing import Optional
+from typing import List, Optional
 
 import torch
 from torch import Tensor
 
 __all__ = ["add_rms_norm", "add_layer_norm", "rotary", "gather_pooled", "pooled_norm",
-           "activation", "extension", "is_available"]
+           "activation", "extension", "is_available", "SWEEP_CONFIGS"]
 
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _POOLING = {"cls": 0, "last": 1, "mean": 2}
@@ -436,6 +436,92 @@ def gather_pooled(hidden, cu_seqlens, pooling):
     return torch.ops.pyengine.gather_pooled(hidden, cu_seqlens, pooling)
 
 
+# pooled_norm(config=...): which kernel its "mean" path runs where the warp-per-row kernel
+# applies (16-byte aligned rows, H up to 32 * (16 bytes / element size) * 16, or * 8 with
+# a residual); cls / last and the other mean cases ignore it. None: that kernel, as
+# without a config. {"variant": "slices", ...}: csrc/pooling.cu's sliced kernel, where
+#   slice_rows     a block takes at most this many rows of one sequence; longer sequences
+#                  are finished by a second kernel from per-slice fp32 sums (a workspace
+#                  of ceil(T / slice_rows) + B rows of H floats); 0: whole sequences
+#   warps          warps per block, 1..8
+#   rows_per_warp  1, 2 or 4 rows' loads in flight per warp (lowered where a lane would
+#                  hold more than 16 packs of 16 bytes)
+#   blocks_per_sm  0: one block per slice; k: k blocks per SM, each looping over slices
+# Every variant sums in an order fixed by a sequence's length, so results are
+# deterministic and do not depend on the other sequences in the batch.
+_PN_VARIANTS = {"slices": 1}
+_PN_PARAMS = {"slice_rows": 128, "warps": 8, "rows_per_warp": 2, "blocks_per_sm": 0}
+_PN_MAX_WARPS = 8
+_PN_MAX_BLOCKS_PER_SM = 64
+
+# Candidates for the kernel benchmark's sweep (timed side by side on a GPU); the first
+# entry is the default kernel, for comparison in the same run. Not yet measured: the
+# default stays None until one is faster on the benchmark's mixed workload.
+SWEEP_CONFIGS = {
+    "pooled_norm": [
+        {"variant": "default"},
+        # rows in flight alone, whole sequences per block
+        {"variant": "slices", "slice_rows": 0, "warps": 8, "rows_per_warp": 2, "blocks_per_sm": 0},
+        {"variant": "slices", "slice_rows": 0, "warps": 8, "rows_per_warp": 4, "blocks_per_sm": 0},
+        # split sequences, bounding every block's work
+        {"variant": "slices", "slice_rows": 64, "warps": 8, "rows_per_warp": 2, "blocks_per_sm": 0},
+        {"variant": "slices", "slice_rows": 128, "warps": 8, "rows_per_warp": 2, "blocks_per_sm": 0},
+        {"variant": "slices", "slice_rows": 128, "warps": 4, "rows_per_warp": 4, "blocks_per_sm": 0},
+        {"variant": "slices", "slice_rows": 256, "warps": 8, "rows_per_warp": 2, "blocks_per_sm": 0},
+        {"variant": "slices", "slice_rows": 256, "warps": 8, "rows_per_warp": 4, "blocks_per_sm": 0},
+        # a grid sized to the SM count
+        {"variant": "slices", "slice_rows": 128, "warps": 8, "rows_per_warp": 2, "blocks_per_sm": 2},
+    ],
+}
+
+
+def _pooled_norm_config(config):
+    """None, or a pooled_norm config as the 5 ints the custom op carries: [variant id,
+    slice_rows, warps, rows_per_warp, blocks_per_sm]. config: None, a dict as described
+    above ({"variant": "default"} is None), or those 5 ints."""
+    op = "pooled_norm"
+    if config is None:
+        return None
+    names = ["variant", *_PN_PARAMS]
+    if isinstance(config, dict):
+        unknown = sorted(set(config) - set(names), key=str)
+        if unknown:
+            _fail(op, f"config has unknown keys {unknown}; expected {names}")
+        variant = config.get("variant")
+        if variant == "default":
+            if len(config) > 1:
+                _fail(op, "config {'variant': 'default'} takes no parameters, got "
+                          f"{sorted(set(config) - {'variant'})}")
+            return None
+        if variant not in _PN_VARIANTS:
+            _fail(op, f"config variant must be 'default' or one of {sorted(_PN_VARIANTS)}, "
+                      f"got {variant!r}")
+        vals = [_PN_VARIANTS[variant]] + [config.get(k, d) for k, d in _PN_PARAMS.items()]
+    elif isinstance(config, (list, tuple)):
+        vals = list(config)
+        if len(vals) != len(names):
+            _fail(op, f"config as a sequence must be {len(names)} ints {names}, got {config!r}")
+        if vals[0] not in _PN_VARIANTS.values():
+            _fail(op, f"config variant id must be one of {sorted(_PN_VARIANTS.values())} "
+                      f"({_PN_VARIANTS}), got {vals[0]!r}")
+    else:
+        raise TypeError(f"pyengine.cuda_ops.{op}: config must be None, a dict or a sequence of "
+                        f"{len(names)} ints, got {type(config).__name__}")
+    for name, v in zip(names, vals):
+        if not isinstance(v, int) or isinstance(v, bool):
+            _fail(op, f"config {name} must be an int, got {v!r}")
+    _, slice_rows, warps, rows_per_warp, blocks_per_sm = vals
+    if slice_rows < 0:
+        _fail(op, f"config slice_rows must be >= 0 (0: whole sequences), got {slice_rows}")
+    if not 1 <= warps <= _PN_MAX_WARPS:
+        _fail(op, f"config warps must be in [1, {_PN_MAX_WARPS}], got {warps}")
+    if rows_per_warp not in (1, 2, 4):
+        _fail(op, f"config rows_per_warp must be 1, 2 or 4, got {rows_per_warp}")
+    if not 0 <= blocks_per_sm <= _PN_MAX_BLOCKS_PER_SM:
+        _fail(op, f"config blocks_per_sm must be in [0, {_PN_MAX_BLOCKS_PER_SM}], got {blocks_per_sm}")
+    return [int(v) for v in vals]
+
+
 def _check_pooled_norm(hidden, cu_seqlens, pooling, norm_kind, weight, bias, residual, real):
     op = "pooled_norm"
     if pooling not in _POOLING:
@@ -461,9 +547,29 @@ def _check_pooled_norm(hidden, cu_seqlens, pooling, norm_kind, weight, bias, res
     _same_device(op, named, real)
 
 
+def _pooled_norm_launch_config(cfg, hidden, pooling, norm_kind, residual, B, H):
+    """The launcher's keyword arguments for a config (5 ints) and, when slices split
+    sequences, the fp32 workspace of per-slice sums ((ceil(T / slice_rows) + B, H)),
+    which the caller keeps alive until the launch is queued."""
+    if cfg is None:
+        return {}, None
+    variant, slice_rows, warps, rows_per_warp, blocks_per_sm = cfg
+    T = hidden.shape[0]
+    ws = None
+    # Only "mean" through a norm or with a residual reaches the warp kernels; plain mean
+    # pooling is the gather kernel.
+    if pooling == "mean" and (norm_kind is not None or residual is not None) and 0 < slice_rows < T:
+        ws = torch.empty((-(-T // slice_rows) + B, H), dtype=torch.float32, device=hidden.device)
+    kw = dict(variant=variant, slice_rows=slice_rows, warps=warps, rows_per_warp=rows_per_warp,
+              blocks_per_sm=blocks_per_sm, tokens=T, workspace=_ptr(ws),
+              workspace_rows=0 if ws is None else ws.shape[0])
+    return kw, ws
+
+
 def _pooled_norm_impl(hidden: Tensor, cu_seqlens: Tensor, pooling: str, norm_kind: Optional[str],
                     weight: Optional[Tensor], bias: Optional[Tensor], eps: float, offset: float,
-                    residual: Optional[Tensor]) -> Tensor:
+                    residual: Optional[Tensor], config: Optional[List[int]] = None) -> Tensor:
+    cfg = _pooled_norm_config(config)
     _check_pooled_norm(hidden, cu_seqlens, pooling, norm_kind, weight, bias, residual, real=True)
     B = cu_seqlens.numel() - 1
     H = hidden.shape[1]
@@ -473,12 +579,13 @@ def _pooled_norm_impl(hidden: Tensor, cu_seqlens: Tensor, pooling: str, norm_kin
             weight = bias = None
         elif norm_kind == "rms":
             bias = None
+        kw, _workspace = _pooled_norm_launch_config(cfg, hidden, pooling, norm_kind, residual, B, H)
         extension().pooled_norm(
             _DTYPE_CODE[hidden.dtype], _DTYPE_CODE[weight.dtype] if weight is not None else 0,
             hidden.data_ptr(), _row_stride(hidden), _ptr(residual),
             0 if residual is None else _row_stride(residual), cu_seqlens.data_ptr(), B,
             _POOLING[pooling], _NORM[norm_kind], _ptr(weight), _ptr(bias), float(eps),
-            float(offset), out.data_ptr(), H, hidden.get_device(), _stream(hidden))
+            float(offset), out.data_ptr(), H, hidden.get_device(), _stream(hidden), **kw)
     return out
 
 
@@ -487,22 +594,26 @@ _pooled_norm_op = torch.library.custom_op(
 
 
 @_pooled_norm_op.register_fake
-def _(hidden, cu_seqlens, pooling, norm_kind, weight, bias, eps, offset, residual):
+def _(hidden, cu_seqlens, pooling, norm_kind, weight, bias, eps, offset, residual, config=None):
+    _pooled_norm_config(config)
     _check_pooled_norm(hidden, cu_seqlens, pooling, norm_kind, weight, bias, residual, real=False)
     return hidden.new_empty((cu_seqlens.shape[0] - 1, hidden.shape[1]), dtype=torch.float32)
 
 
 def pooled_norm(hidden, cu_seqlens, pooling, norm_kind, weight, bias, eps, offset=0.0,
-                residual=None):
+                residual=None, config=None):
     """Pooled rows through the final norm, in fp32 (pyengine.ops.pooled_norm).
 
     hidden: (T, H), last dim contiguous; cu_seqlens: (B+1,) int32; pooling: "cls" |
     "last" | "mean"; norm_kind: None | "layer" | "rms"; weight, bias: (H,) in hidden's
     dtype or float32 (bias "layer" only, may be None); offset added to the weight for
     "rms"; residual: like hidden or None, added first in hidden's dtype. "mean" averages
-    the normed rows. Returns (B, H) float32."""
+    the normed rows. config: None (the default kernels) or a kernel variant for "mean"
+    (see _PN_VARIANTS and SWEEP_CONFIGS), checked before anything else. Returns (B, H)
+    float32."""
+    cfg = _pooled_norm_config(config)
     args = (hidden, cu_seqlens, pooling, norm_kind, weight, bias, float(eps), float(offset),
-            residual)
+            residual, cfg)
     if _eager(hidden):
         return _pooled_norm_impl(*args)
     return torch.ops.pyengine.pooled_norm(*args)
