@@ -151,6 +151,94 @@ def check_pooled_mean():
                               ref.pooled_norm(hid, cu, "mean", nk, w, bias, 1e-5, off, rr), dt)
 
 
+# Small configs that stress the slicing where SWEEP_CONFIGS' slices (64 rows and up) would
+# split little: one-row slices, slices of 3 (not a multiple of warps * rows_per_warp),
+# single-warp and odd-warp blocks, and grids of a few blocks looping over every slice.
+STRESS_CONFIGS = [
+    {"variant": "slices", "slice_rows": 1, "warps": 2, "rows_per_warp": 1, "blocks_per_sm": 0},
+    {"variant": "slices", "slice_rows": 3, "warps": 3, "rows_per_warp": 4, "blocks_per_sm": 0},
+    {"variant": "slices", "slice_rows": 5, "warps": 1, "rows_per_warp": 2, "blocks_per_sm": 1},
+    {"variant": "slices", "slice_rows": 0, "warps": 5, "rows_per_warp": 1, "blocks_per_sm": 2},
+]
+
+
+def _pooled_configs():
+    return list(co.SWEEP_CONFIGS["pooled_norm"]) + STRESS_CONFIGS
+
+
+def check_pooled_configs():
+    """pooled_norm "mean" under every config of cuda_ops.SWEEP_CONFIGS (and STRESS_CONFIGS)
+    against the reference: ragged lengths with 1, an empty sequence (NaN), sequences longer
+    than the largest slice and one more than a multiple of it; fp32 and fp16, with and
+    without a residual, layer / rms / no norm, weights in fp32 and in the input's dtype.
+    Then the kernel dispatch over row widths (packs per lane, rows per warp lowered for wide
+    or residual rows, the fallbacks that ignore a config), and bitwise batch invariance."""
+    # One more than a multiple of each sweep slice (65, 129, 257), so every sweep entry
+    # splits; the stress configs (slices of a few rows) get shorter ones (the emulation
+    # runs a std::thread per CUDA thread).
+    long_lens, short_lens = [1, 0, 7, 129, 65, 1, 257], [1, 17, 0, 7, 30, 1, 12]
+    # Every (norm, residual) pair in fp32; three in fp16. No norm and no residual is the
+    # gather kernel, which takes no config.
+    combos = {torch.float32: [(nk, rr) for nk in (None, "layer", "rms") for rr in (False, True)
+                              if nk or rr],
+              torch.float16: [("layer", True), ("rms", False), (None, True)]}
+    for cfg in _pooled_configs():
+        lens = short_lens if cfg in STRESS_CONFIGS else long_lens
+        cu, T = cu_of(lens), sum(lens)
+        for dt, H in ((torch.float32, 64), (torch.float16, 384)):
+            hid = torch.randn(T, H, dtype=dt) * 3 + 0.5
+            res = torch.randn(T, H, dtype=dt)
+            w32, b32 = torch.randn(H), torch.randn(H)
+            for nk, with_res in combos[dt]:
+                rr = res if with_res else None
+                # fp32 weights with the residual, the input's dtype without
+                w, b = (w32, b32) if with_res else (w32.to(dt), b32.to(dt))
+                off = 1.0 if nk == "rms" else 0.0
+                close(f"pooled_norm config {cfg} {dt} H={H} lens={lens} {nk} res={with_res} w={w.dtype}",
+                      co.pooled_norm(hid, cu, "mean", nk, w, b, 1e-5, off, rr, config=cfg),
+                      ref.pooled_norm(hid, cu, "mean", nk, w, b, 1e-5, off, rr), dt)
+
+    # Row widths: packs per lane 4 / 8 / 16 and 8 with a residual (rows per warp lowered),
+    # H not a multiple of the vector width and a misaligned row (the block kernel).
+    lens = [1, 9, 0, 20]
+    cu = cu_of(lens)
+    T = sum(lens)
+    cfg = {"variant": "slices", "slice_rows": 6, "warps": 2, "rows_per_warp": 4, "blocks_per_sm": 0}
+    for dt, H, with_res, pad in ((torch.float16, 1024, False, 0), (torch.float32, 1024, True, 0),
+                                 (torch.bfloat16, 2048, True, 0), (torch.float16, 4096, False, 0),
+                                 (torch.float32, 13, True, 0), (torch.bfloat16, 256, False, 1)):
+        base = torch.randn(T, H + pad, dtype=dt) * 3 + 0.5
+        hid = base[:, pad:] if pad else base
+        rr = torch.randn(T, H, dtype=dt) if with_res else None
+        w, b = torch.randn(H), torch.randn(H)
+        for nk in ("layer", "rms"):
+            close(f"pooled_norm config dispatch {dt} H={H} pad={pad} {nk} res={with_res}",
+                  co.pooled_norm(hid, cu, "mean", nk, w, b, 1e-5, 0.0, rr, config=cfg),
+                  ref.pooled_norm(hid, cu, "mean", nk, w, b, 1e-5, 0.0, rr), dt)
+
+    # A sequence's row is bitwise the same alone, in a batch, and after other rows.
+    lens = [5, 40, 7, 1, 23]
+    H = 64
+    hid = torch.randn(sum(lens), H, dtype=torch.float16)
+    res = torch.randn(sum(lens), H, dtype=torch.float16)
+    w, b = torch.randn(H), torch.randn(H)
+    starts = [0] + list(itertools.accumulate(lens))
+    lead = torch.randn(13, H, dtype=torch.float16)
+    for cfg in (STRESS_CONFIGS[1], STRESS_CONFIGS[2],
+                {"variant": "slices", "slice_rows": 8, "warps": 2, "rows_per_warp": 2, "blocks_per_sm": 0}):
+        batch = co.pooled_norm(hid, cu_of(lens), "mean", "layer", w, b, 1e-5, 0.0, res, config=cfg)
+        for i in (1, 4):
+            rows = slice(starts[i], starts[i + 1])
+            alone = co.pooled_norm(hid[rows], cu_of([lens[i]]), "mean", "layer", w, b, 1e-5, 0.0,
+                                   res[rows], config=cfg)
+            shifted = co.pooled_norm(torch.cat([lead, hid[rows]]), cu_of([13, lens[i]]), "mean",
+                                     "layer", w, b, 1e-5, 0.0, torch.cat([lead, res[rows]]), config=cfg)
+            ok = torch.equal(batch[i], alone[0]) and torch.equal(batch[i], shifted[1])
+            results["ok" if ok else "fail"] += 1
+            if not ok:
+                print(f"FAIL pooled_norm config {cfg}: sequence {i} differs alone / shifted / in its batch")
+
+
 def check_activation():
     for dt, B, L in [(torch.float32, 5, 1), (torch.float32, 6, 2), (torch.float16, 3, 40),
                      (torch.bfloat16, 9, 70), (torch.float32, 2, 1000)]:
@@ -172,11 +260,21 @@ def check_dispatcher():
     torch.ops.pyengine.rotary(q, k, pos, cs, False)
     co.rotary(q2, k2, pos, cs, False)
     close("dispatcher rotary", q, q2, torch.float32)
+    # A pooled_norm config crosses the op schema as plain ints.
+    cu = cu_of([1, 4])
+    cfg = {"variant": "slices", "slice_rows": 2, "warps": 2, "rows_per_warp": 2, "blocks_per_sm": 0}
+    a = torch.ops.pyengine.pooled_norm(x, cu, "mean", "rms", w, None, 1e-6, 1.0, r, [1, 2, 2, 2, 0])
+    b = co.pooled_norm(x, cu, "mean", "rms", w, None, 1e-6, 1.0, r, config=cfg)
+    ok = torch.equal(a, b)
+    results["ok" if ok else "fail"] += 1
+    if not ok:
+        print("FAIL dispatcher pooled_norm config")
 
 
-CHECKS = {"add_rms_norm": check_norms, "add_layer_norm": check_norms, "rotary": check_rotary,
-          "gather_pooled": check_pooling, "pooled_norm": check_pooling,
-          "pooled_mean": check_pooled_mean, "activation": check_activation}
+CHECKS = {"add_rms_norm": (check_norms,), "add_layer_norm": (check_norms,), "rotary": (check_rotary,),
+          "gather_pooled": (check_pooling,), "pooled_norm": (check_pooling, check_pooled_configs),
+          "pooled_mean": (check_pooled_mean,), "pooled_configs": (check_pooled_configs,),
+          "activation": (check_activation,)}
 
 if __name__ == "__main__":
     torch.manual_seed(0)
@@ -185,7 +283,8 @@ if __name__ == "__main__":
     bad = [w for w in wanted if w != "all" and w not in CHECKS]
     if bad:
         sys.exit(f"unknown op(s) {bad}; expected among {sorted(CHECKS)} or all")
-    fns = list(dict.fromkeys(CHECKS.values())) if "all" in wanted else list(dict.fromkeys(CHECKS[w] for w in wanted))
+    groups = CHECKS.values() if "all" in wanted else (CHECKS[w] for w in wanted)
+    fns = list(dict.fromkeys(fn for group in groups for fn in group))
     for fn in fns + [check_dispatcher]:
         fn()
     print(f"cuda_emu: {results['ok']} passed, {results['fail']} failed")
