@@ -75,6 +75,21 @@ def test_extension_reports_cuda_errors_without_a_gpu():
         C.activation(0, 0, 1, 1, 2, 0, 0.0, 1.0, 0, 0, 0, 0, 0)
 
 
+@needs_build
+def test_extension_rejects_bad_pooled_norm_configs():
+    """The launcher checks a config itself (a caller may skip pyengine.cuda_ops), before it
+    touches the device: no GPU needed."""
+    import pyengine._C as C
+    # dtype bf16, no norm, a residual pointer: the mean path that takes a config
+    args = (2, 2, 16, 8, 16, 8, 16, 1, 2, 0, 0, 0, 1e-5, 0.0, 16, 8, 0, 0)
+    for kw, msg in (({"variant": 7}, "config variant must be 0 .default. or 1"),
+                    ({"variant": 1, "warps": 9}, r"config warps must be in \[1, 8\], got 9"),
+                    ({"variant": 1, "rows_per_warp": 3}, "config rows_per_warp must be 1, 2 or 4"),
+                    ({"variant": 1, "slice_rows": -1}, "config slice_rows must be >= 0")):
+        with pytest.raises(ValueError, match=rf"pyengine\._C\.pooled_norm: {msg}"):
+            C.pooled_norm(*args, **kw)
+
+
 def test_cuda_ops_import_needs_no_extension(monkeypatch):
     import pyengine
 
@@ -204,6 +219,58 @@ def test_non_tensors_raise_type_errors():
         cuda_ops.activation(_meta(2, 3), "softmax", "0.5")
 
 
+BAD_PN_CONFIGS = [
+    ({"variant": "fast"}, ValueError, r"config variant must be 'default' or one of \['slices'\], got 'fast'"),
+    ({"slice_rows": 64}, ValueError, r"config variant must be 'default' or one of"),
+    ({"variant": "slices", "rows": 2}, ValueError, r"config has unknown keys \['rows'\]"),
+    ({"variant": "default", "warps": 4}, ValueError, r"config \{'variant': 'default'\} takes no parameters"),
+    ({"variant": "slices", "warps": 0}, ValueError, r"config warps must be in \[1, 8\], got 0"),
+    ({"variant": "slices", "warps": 16}, ValueError, r"config warps must be in \[1, 8\], got 16"),
+    ({"variant": "slices", "rows_per_warp": 3}, ValueError, r"config rows_per_warp must be 1, 2 or 4, got 3"),
+    ({"variant": "slices", "slice_rows": -8}, ValueError, r"config slice_rows must be >= 0"),
+    ({"variant": "slices", "slice_rows": 64.0}, ValueError, r"config slice_rows must be an int, got 64.0"),
+    ({"variant": "slices", "warps": True}, ValueError, r"config warps must be an int, got True"),
+    ({"variant": "slices", "blocks_per_sm": -1}, ValueError, r"config blocks_per_sm must be in \[0, 64\]"),
+    ([1, 64, 8, 2], ValueError, r"config as a sequence must be 5 ints"),
+    ([0, 64, 8, 2, 0], ValueError, r"config variant id must be one of \[1\]"),
+    ("slices", TypeError, r"config must be None, a dict or a sequence of 5 ints, got str"),
+]
+
+
+@pytest.mark.parametrize("config,exc,msg", BAD_PN_CONFIGS, ids=[f"cfg-{i}" for i in range(len(BAD_PN_CONFIGS))])
+def test_bad_pooled_norm_configs_are_named_before_any_launch(monkeypatch, config, exc, msg):
+    """A bad config is named before the tensors are looked at (these are CPU tensors, which
+    would fail later) and before the extension is touched."""
+    class NoExtension:
+        def __getattr__(self, name):
+            raise AssertionError(f"pyengine._C.{name} reached with a bad config")
+
+    monkeypatch.setattr(cuda_ops, "_ext", NoExtension())
+    x, w = torch.randn(6, 8), torch.ones(8)
+    with pytest.raises(exc, match=rf"pyengine\.cuda_ops\.pooled_norm: {msg}"):
+        cuda_ops.pooled_norm(x, _cu([2, 4]), "mean", "layer", w, None, 1e-5, config=config)
+    with pytest.raises(exc, match=rf"pyengine\.cuda_ops\.pooled_norm: {msg}"):
+        cuda_ops.pooled_norm(_meta(6, 8), _meta(3, dtype=torch.int32), "mean", "layer", _meta(8), None,
+                             1e-5, config=config)
+
+
+def test_pooled_norm_sweep_configs_are_valid():
+    """Every SWEEP_CONFIGS entry passes validation, as do the same configs as 5 ints (the
+    form the custom op carries); the default entry is the default kernel (None)."""
+    configs = cuda_ops.SWEEP_CONFIGS["pooled_norm"]
+    assert configs and configs[0] == {"variant": "default"}
+    assert cuda_ops._pooled_norm_config(configs[0]) is None
+    assert cuda_ops._pooled_norm_config(None) is None
+    seen = set()
+    for cfg in configs[1:]:
+        ints = cuda_ops._pooled_norm_config(cfg)
+        assert len(ints) == 5 and all(type(v) is int for v in ints), (cfg, ints)
+        assert cuda_ops._pooled_norm_config(ints) == ints
+        assert tuple(ints) not in seen, f"duplicate sweep entry {cfg}"
+        seen.add(tuple(ints))
+    assert "config" in str(torch.ops.pyengine.pooled_norm.default._schema)
+
+
 # ----------------------------------------------------------------------------------------
 # CPU: fake implementations (torch.compile / FakeTensorMode)
 # ----------------------------------------------------------------------------------------
@@ -241,6 +308,12 @@ def test_fake_impls_give_shapes_and_dtypes(dtype):
             assert (g.shape, g.dtype) == ((B, H), dtype)
             p = cuda_ops.pooled_norm(x, cu, pooling, "layer", w, None, 1e-5, residual=x)
             assert (p.shape, p.dtype) == ((B, H), torch.float32)
+            for cfg in cuda_ops.SWEEP_CONFIGS["pooled_norm"]:
+                p = cuda_ops.pooled_norm(x, cu, pooling, "rms", w, None, 1e-5, residual=x, config=cfg)
+                assert (p.shape, p.dtype) == ((B, H), torch.float32)
+                p = torch.ops.pyengine.pooled_norm(x, cu, pooling, "rms", w, None, 1e-5, 0.0, None,
+                                                   cuda_ops._pooled_norm_config(cfg))
+                assert (p.shape, p.dtype) == ((B, H), torch.float32)
         logits = torch.empty(B, 5, dtype=dtype, device=dev)
         a = cuda_ops.activation(logits, "softmax", torch.empty(5, device=dev), 2.0)
         assert (a.shape, a.dtype) == ((B, 5), torch.float32)
@@ -443,6 +516,85 @@ def test_pooled_mean_empty_sequence_and_determinism(dtype, norm_kind, H):
     assert torch.equal(g[~empty], cuda_ops.gather_pooled(hidden, cu, "mean")[~empty])
 
 
+def _cfg_id(cfg):
+    return "-".join(str(v) for v in cfg.values())
+
+
+PN_CONFIGS = cuda_ops.SWEEP_CONFIGS["pooled_norm"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", PN_CONFIGS, ids=_cfg_id)
+@pytest.mark.parametrize("dtype", DTYPES)
+# 64: one pack per lane, most lanes masked; 1000: a partly masked last pack; 1024: the
+# benchmark's width (4 packs of bf16, rows per warp up to 4); 2048: 8 packs (rows per warp
+# lowered; with a residual, one row); 4096: 16 packs of 16-bit rows, and the block kernel
+# (config ignored) for fp32 and for residual rows.
+@pytest.mark.parametrize("H", [64, 1000, 1024, 2048, 4096])
+def test_pooled_norm_configs_match_reference(config, dtype, H):
+    """Each SWEEP_CONFIGS entry against the reference: lengths 1, empty (NaN), one more than
+    a multiple of every sweep slice, and longer than the longest; deterministic."""
+    gen = torch.Generator(device="cuda").manual_seed(H + 13)
+    lens = [1, 0, 9, 513, 1, 64, 65, 129, 257, 300, 2]
+    cu = _cu(lens, "cuda")
+    T = sum(lens)
+    empty = torch.tensor([n == 0 for n in lens], device="cuda")
+    hidden = torch.randn(T, H, dtype=dtype, device="cuda", generator=gen) * 2 + 0.5
+    res = torch.randn(T, H, dtype=dtype, device="cuda", generator=gen)
+    for norm_kind in (None, "layer", "rms"):
+        for wdt, residual in ((dtype, None), (torch.float32, res)):
+            w = torch.randn(H, dtype=wdt, device="cuda", generator=gen)
+            b = torch.randn(H, dtype=wdt, device="cuda", generator=gen)
+            offset = 1.0 if norm_kind == "rms" else 0.0
+            for bias in ((b, None) if norm_kind == "layer" else (None,)):
+                what = (f"pooled_norm config={config} {norm_kind} w={wdt} res={residual is not None} "
+                        f"bias={bias is not None}")
+                _poison()
+                got = cuda_ops.pooled_norm(hidden, cu, "mean", norm_kind, w, bias, 1e-6, offset,
+                                           residual, config=config)
+                want = ref.pooled_norm(hidden, cu, "mean", norm_kind, w, bias, 1e-6, offset, residual)
+                assert got[empty].isnan().all(), f"{what}: an empty sequence must pool to NaN"
+                _close(got[~empty], want[~empty], dtype, what,
+                       tol=(2e-5, 2e-5) if norm_kind else FP32_OUT)
+                again = cuda_ops.pooled_norm(hidden, cu, "mean", norm_kind, w, bias, 1e-6, offset,
+                                             residual, config=config)
+                assert torch.equal(got[~empty], again[~empty]), f"{what}: not deterministic"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", PN_CONFIGS, ids=_cfg_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pooled_norm_configs_are_batch_invariant(config, dtype):
+    """A sequence's pooled row is bitwise the same alone, in a batch, and after a sequence
+    of another length (DESIGN: batch-invariant, 1e-5 in fp32; the kernels give 0)."""
+    gen = torch.Generator(device="cuda").manual_seed(29)
+    H = 1024
+    lens = [37, 300, 5, 129, 1, 513]
+    starts = [0] + list(itertools.accumulate(lens))
+    hidden = torch.randn(starts[-1], H, dtype=dtype, device="cuda", generator=gen)
+    res = torch.randn(starts[-1], H, dtype=dtype, device="cuda", generator=gen)
+    lead = torch.randn(77, H, dtype=dtype, device="cuda", generator=gen)
+    w = torch.randn(H, device="cuda", generator=gen)
+    b = torch.randn(H, device="cuda", generator=gen)
+    for norm_kind, residual in (("layer", None), ("rms", res)):
+        def run(rows, lens_, extra=None):
+            h, r = hidden[rows], None if residual is None else residual[rows]
+            if extra is not None:
+                h = torch.cat([extra, h])
+                r = None if r is None else torch.cat([extra, r])
+            return cuda_ops.pooled_norm(h, _cu(lens_, "cuda"), "mean", norm_kind, w, b, 1e-6, 0.0, r,
+                                        config=config)
+
+        batch = run(slice(None), lens)
+        for i in (1, 3, 4, 5):
+            rows = slice(starts[i], starts[i + 1])
+            alone = run(rows, [lens[i]])
+            shifted = run(rows, [77, lens[i]], extra=lead)
+            what = f"config={config} {norm_kind} sequence {i} (length {lens[i]})"
+            assert torch.equal(batch[i], alone[0]), f"{what}: differs alone and in its batch"
+            assert torch.equal(batch[i], shifted[1]), f"{what}: differs after another sequence"
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", ["softmax", "sigmoid", "identity"])
@@ -497,6 +649,7 @@ def test_opcheck():
         (P.rotary, (q, k, pos, cs, True)),
         (P.gather_pooled, (x, cu, "mean")),
         (P.pooled_norm, (x, cu, "last", "rms", w, None, 1e-6, 1.0, x)),
+        (P.pooled_norm, (x, cu, "mean", "layer", w, None, 1e-6, 0.0, x, [1, 2, 2, 2, 0])),
         (P.activation, (x.float(), "softmax", 0.5, 2.0, None, None)),
     ]
     for op, args in cases:
