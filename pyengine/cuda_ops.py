@@ -454,12 +454,11 @@ _PN_PARAMS = {"slice_rows": 128, "warps": 8, "rows_per_warp": 2, "blocks_per_sm"
 _PN_MAX_WARPS = 8
 _PN_MAX_BLOCKS_PER_SM = 64
 
-# Candidates for the kernel benchmark's sweep (timed side by side on a GPU); the first
-# entry is the default kernel, for comparison in the same run. Not yet measured: the
-# default stays None until one is faster on the benchmark's mixed workload.
+# Candidates for the kernel benchmark's sweep (`--op-sweep` times each beside the default,
+# config=None). Not yet measured: the default stays None until one is faster on the
+# benchmark's mixed workload.
 SWEEP_CONFIGS = {
     "pooled_norm": [
-        {"variant": "default"},
         # rows in flight alone, whole sequences per block
         {"variant": "slices", "slice_rows": 0, "warps": 8, "rows_per_warp": 2, "blocks_per_sm": 0},
         {"variant": "slices", "slice_rows": 0, "warps": 8, "rows_per_warp": 4, "blocks_per_sm": 0},

@@ -256,13 +256,13 @@ def test_bad_pooled_norm_configs_are_named_before_any_launch(monkeypatch, config
 
 def test_pooled_norm_sweep_configs_are_valid():
     """Every SWEEP_CONFIGS entry passes validation, as do the same configs as 5 ints (the
-    form the custom op carries); the default entry is the default kernel (None)."""
+    form the custom op carries); {"variant": "default"} is the default kernel (None)."""
     configs = cuda_ops.SWEEP_CONFIGS["pooled_norm"]
-    assert configs and configs[0] == {"variant": "default"}
-    assert cuda_ops._pooled_norm_config(configs[0]) is None
+    assert configs
+    assert cuda_ops._pooled_norm_config({"variant": "default"}) is None
     assert cuda_ops._pooled_norm_config(None) is None
     seen = set()
-    for cfg in configs[1:]:
+    for cfg in configs:
         ints = cuda_ops._pooled_norm_config(cfg)
         assert len(ints) == 5 and all(type(v) is int for v in ints), (cfg, ints)
         assert cuda_ops._pooled_norm_config(ints) == ints
@@ -517,10 +517,10 @@ def test_pooled_mean_empty_sequence_and_determinism(dtype, norm_kind, H):
 
 
 def _cfg_id(cfg):
-    return "-".join(str(v) for v in cfg.values())
+    return "default" if cfg is None else "-".join(str(v) for v in cfg.values())
 
 
-PN_CONFIGS = cuda_ops.SWEEP_CONFIGS["pooled_norm"]
+PN_CONFIGS = [None] + cuda_ops.SWEEP_CONFIGS["pooled_norm"]  # the default kernel, then the sweep
 
 
 @pytest.mark.gpu
