@@ -1,21 +1,22 @@
 #!/usr/bin/env bash
-# GPU machine check, offline, about 6 minutes: build pyengine._C, run every GPU test
-# (whoever wrote them), the kernel microbenchmarks, the model benchmark and a profile of
-# one engine pass, then print a
-# table of steps, status and timings. Each step has a time budget (env below); a step
+# GPU machine check, offline, about 8 minutes: build pyengine._C, run every GPU test
+# (whoever wrote them), the kernel microbenchmarks with the config sweeps, the model
+# benchmark (CUDA graphs on and off) and, if asked, a profile of one engine pass, then
+# print a table of steps, status and timings. Each step has a time budget (env below); a step
 # that fails or runs out of time is reported in the table and makes the script exit 1:
 # nothing fails silently. Logs go to $GPU_CHECK_LOGS (default bench-results/gpu_check).
 #
 # usage: scripts/gpu_check.sh
 # env:   PYTHON (default python3; the machine's Python with torch), PYENGINE_CUDA_ARCHS
-#        (default 80;90), the budgets in seconds BUILD_S=120 TESTS_S=150 KERNELS_S=240
-#        BENCH_S=150, TEST_WORKERS=6 (pytest-xdist workers where it is installed: the GPU
+#        (default 80;90), the budgets in seconds BUILD_S=240 TESTS_S=240 KERNELS_S=240
+#        BENCH_S=200, TEST_WORKERS=6 (pytest-xdist workers where it is installed: the GPU
 #        tests are mostly Triton compiles, which run on the CPU), BENCH_ARGS (the model
-#        benchmark's options; default two presets, 2 repeats), KERNELS_ARGS (the kernel
+#        benchmark's options; default three presets, one timed pass, transformers against
+#        pyengine's default with and without CUDA graphs), KERNELS_ARGS (the kernel
 #        benchmark's; default --repeats 10 --attn-sweep --op-sweep --graph: the op sweep
-#        compiles and times about 50 launch configs), PROFILE_S=90 (0 skips the
-#        profile of one engine pass per preset, PROFILE_PRESETS), GPU_CHECK_ALLOW_CPU=1 (dry
-#        run of this script without a GPU).
+#        compiles and times about 50 launch configs), PROFILE_S=0 (a positive budget runs
+#        the profile of one engine pass per preset, PROFILE_PRESETS), GPU_CHECK_ALLOW_CPU=1
+#        (dry run of this script without a GPU).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -61,7 +62,7 @@ sys.exit(0 if torch.cuda.is_available() else 1)
 PYEOF
 
 # 1. build (editable, offline, no dependency resolution)
-if step build "${BUILD_S:-120}" "$PY" -m pip install --no-deps --no-build-isolation -v -e .; then
+if step build "${BUILD_S:-240}" "$PY" -m pip install --no-deps --no-build-isolation -v -e .; then
   step import-ext 30 "$PY" -c "import pyengine._C as C; print(C.__file__); print(C.build_info())"
 else
   skip import-ext "the build failed"
@@ -71,7 +72,7 @@ fi
 PYTEST_OPTS=()
 "$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST_OPTS=(--timeout=120)
 "$PY" -c "import xdist" 2>/dev/null && [ "${TEST_WORKERS:-6}" -gt 1 ] && PYTEST_OPTS+=(-n "${TEST_WORKERS:-6}")
-step gpu-tests "${TESTS_S:-150}" "$PY" -m pytest -m gpu -q -rfE -p no:cacheprovider "${PYTEST_OPTS[@]}" tests
+step gpu-tests "${TESTS_S:-240}" "$PY" -m pytest -m gpu -q -rfE -p no:cacheprovider "${PYTEST_OPTS[@]}" tests
 
 # 3. kernel microbenchmarks (pyengine/bench/kernels.py), where the tree has them
 if "$PY" -c "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('pyengine.bench.kernels') else 1)" 2>/dev/null; then
@@ -84,16 +85,16 @@ fi
 # 4. the model benchmark (python -m pyengine.bench), where the tree has it
 if [ -f pyengine/bench/__main__.py ]; then
   # shellcheck disable=SC2086
-  step bench "${BENCH_S:-150}" "$PY" -m pyengine.bench ${BENCH_ARGS:---preset bert-base,qwen3-0.6b --repeats 2 --single-sample 64 --no-progress --json $LOGS/bench.json}
+  step bench "${BENCH_S:-200}" "$PY" -m pyengine.bench ${BENCH_ARGS:---preset minilm-l6,bert-base,qwen3-0.6b --repeats 1 --single-sample 32 --providers hf,pyengine-cuda,pyengine-eager --no-progress --json $LOGS/bench.json}
 else
   skip bench "pyengine/bench/__main__.py not in this tree"
 fi
 
-# 5. where an engine pass spends its time (host vs GPU, top kernels); PROFILE_S=0 skips it
-if [ "${PROFILE_S:-90}" -gt 0 ]; then
-  step profile "${PROFILE_S:-90}" "$PY" scripts/profile_engine.py --preset "${PROFILE_PRESETS:-bert-base,qwen3-0.6b}"
+# 5. where an engine pass spends its time (host vs GPU, top kernels), when PROFILE_S > 0
+if [ "${PROFILE_S:-0}" -gt 0 ]; then
+  step profile "${PROFILE_S:-0}" "$PY" scripts/profile_engine.py --preset "${PROFILE_PRESETS:-bert-base,qwen3-0.6b}"
 else
-  skip profile "PROFILE_S=0"
+  skip profile "PROFILE_S unset or 0"
 fi
 
 # summary
