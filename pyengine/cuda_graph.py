@@ -5,8 +5,8 @@ batch, and with Python around each launch the host takes longer than the GPU's f
 milliseconds of work. A graph replays the whole forward in one call. Graphs fix every
 shape and address, so a batch is padded to a bucket (tokens, sequences) and its
 indices copied into one static device buffer; the graph of that bucket is captured the
-first time it is needed (after one eager warm-up run of the same shape, which compiles
-the Triton kernels and lets cuBLAS pick its kernels) and replayed from then on.
+first time it is needed, right after that batch runs eagerly (which compiles the Triton
+kernels for the shape and lets cuBLAS pick its kernels), and replayed from then on.
 
 Padding stays inside the ragged-batch contract (see RaggedBatch.build_padded): the
 spare sequences are short and come after the real ones, whose rows and results they
@@ -81,7 +81,7 @@ class GraphRunner:
         self.buffer = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
         self.graphs: dict[tuple[int, int], tuple[object, torch.Tensor]] = {}
         self.pool = None  # one memory pool for every graph: their replays never overlap
-        self.eager_runs = 0  # batches run without a graph (warm-ups and buckets past max_graphs)
+        self.eager_runs = 0  # batches run without a replay (a bucket's first, buckets past max_graphs)
         self.disabled: str | None = None  # why graphs were turned off, after a failed capture
 
     def bucket(self, num_tokens: int, num_seqs: int) -> tuple[int, int] | None:
@@ -112,31 +112,30 @@ class GraphRunner:
                                          self.buffer)
         B = len(token_ids)
         entry = self.graphs.get(shape)
-        if entry is None:
-            if len(self.graphs) >= self.max_graphs:
-                self.eager_runs += 1
-                return self.model(batch)[:B]
+        if entry is not None:
+            replay, out = entry
+            replay()
+            return out[:B]
+        # A new bucket runs eagerly first, on the current stream: Triton compiles for this
+        # shape and cuBLAS creates its workspaces, neither of which may happen during a
+        # capture. Its output is this batch's result (a capture runs nothing), and an
+        # error here is this batch's, as without graphs.
+        out = self.model(batch)[:B]
+        self.eager_runs += 1
+        if len(self.graphs) < self.max_graphs:
             try:
-                entry = self._capture(batch)
+                self.graphs[shape] = self._capture(batch)
             except Exception as e:
                 # The eager path still works; one failed capture turns graphs off for good
                 # rather than failing again on every new shape.
                 self.disabled = f"{type(e).__name__}: {e}"
                 warnings.warn(f"CUDA graph capture failed, running eagerly from now on: {self.disabled}",
                               RuntimeWarning, stacklevel=2)
-                return None
-            self.graphs[shape] = entry
-        replay, out = entry
-        replay()
-        return out[:B]
+        return out
 
     def _capture(self, batch):
-        """Warm up, then capture ``model(batch)``. Returns (replay, static output)."""
-        # Eager first, on the current stream: Triton compiles for this shape and cuBLAS
-        # creates its workspaces, neither of which may happen during a capture. (A side
-        # stream per warm-up would strand a forward's worth of cached blocks per stream.)
-        self.model(batch)
-        self.eager_runs += 1
+        """Capture ``model(batch)`` (after an eager run of the same shape). Returns
+        (replay, static output)."""
         graph = torch.cuda.CUDAGraph()
         # thread_local: the server may touch CUDA from another thread meanwhile.
         with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):

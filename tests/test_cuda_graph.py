@@ -27,10 +27,11 @@ class RecordedGraphs(GraphRunner):
     """The runner with its capture swapped for a recorded eager forward: "replay" runs the
     model again on the batch captured first, whose tensors are views of the static
     buffer, and writes the static output. A new batch reaches the replay only through
-    the buffer, as on a GPU."""
+    the buffer, as on a GPU; and as there, capturing computes nothing (NaN until the
+    first replay)."""
 
     def _capture(self, batch):
-        out = self.model(batch)
+        out = self.model(batch).fill_(float("nan"))
 
         def replay():
             out.copy_(self.model(batch))
@@ -172,24 +173,28 @@ def test_past_max_graphs_runs_eagerly(models):
     model = llm.engine.model
     runner = RecordedGraphs(model, 1024, 8, 128, "cpu", max_graphs=1)
     with torch.inference_mode():
-        for seed, lens in enumerate(([4], [100, 100], [100, 2])):
+        # captured; past the limit (two new buckets); a replay of the captured one
+        for seed, lens in enumerate(([4], [100, 100], [100, 2], [7])):
             prompts = _prompts(lens, model.vocab_size, seed)
             torch.testing.assert_close(runner(prompts), _eager(model, prompts), atol=1e-5, rtol=0)
         assert runner(_prompts([2000], model.vocab_size, 0)) is None  # fits no bucket
-    assert len(runner.graphs) == 1 and runner.eager_runs == 2
+    assert list(runner.graphs) == [(128, 2)] and runner.eager_runs == 3
 
 
 def test_failed_capture_turns_graphs_off(models):
-    """A capture that raises warns once and leaves every later batch to the eager path."""
+    """A capture that raises warns once and leaves every later batch to the eager path;
+    the batch whose capture failed still gets its (eager) result."""
     class Broken(GraphRunner):
         def _capture(self, batch):
             raise RuntimeError("operation not permitted when stream is capturing")
 
     model = LLM(models["bert"], kernel_backend="torch").engine.model
     runner = Broken(model, 256, 4, 128, "cpu")
-    with pytest.warns(RuntimeWarning, match="running eagerly from now on: RuntimeError: operation not permitted"):
-        assert runner([[1, 2, 3]]) is None
-    assert runner([[4, 5]]) is None and runner.disabled and not runner.graphs
+    with torch.inference_mode():
+        with pytest.warns(RuntimeWarning, match="running eagerly from now on: RuntimeError: operation not permitted"):
+            got = runner([[1, 2, 3]])
+        torch.testing.assert_close(got, _eager(model, [[1, 2, 3]]), atol=1e-5, rtol=0)
+        assert runner([[4, 5]]) is None and runner.disabled and not runner.graphs
 
 
 @pytest.mark.parametrize("name, pooling", [("bert", None), ("bert", "MEAN"), ("qwen3", None), ("qwen3", "MEAN")])
