@@ -32,7 +32,7 @@ void launch_gather_pooled(int dtype, uintptr_t hidden, int64_t row_stride,
 
 // Which kernel pooled_norm's "mean" path takes where the warp-per-row kernel applies
 // (16-byte aligned rows, H within its register budget); other cases ignore it. The
-// default value is that kernel; variant 1 is the sliced one (csrc/pooling.cu), a
+// default value is that kernel; variant 1 is the sliced one (csrc/pooled_norm_slices.cu), a
 // candidate timed by the kernel benchmark's sweep (pyengine/cuda_ops.py SWEEP_CONFIGS).
 struct PooledNormConfig {
   int variant = 0;            // 0: pooled_norm_mean_kernel; 1: sliced

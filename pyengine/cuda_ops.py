@@ -439,7 +439,7 @@ def gather_pooled(hidden, cu_seqlens, pooling):
 # pooled_norm(config=...): which kernel its "mean" path runs where the warp-per-row kernel
 # applies (16-byte aligned rows, H up to 32 * (16 bytes / element size) * 16, or * 8 with
 # a residual); cls / last and the other mean cases ignore it. None: that kernel, as
-# without a config. {"variant": "slices", ...}: csrc/pooling.cu's sliced kernel, where
+# without a config. {"variant": "slices", ...}: csrc/pooled_norm_slices.cu's sliced kernel, where
 #   slice_rows     a block takes at most this many rows of one sequence; longer sequences
 #                  are finished by a second kernel from per-slice fp32 sums (a workspace
 #                  of ceil(T / slice_rows) + B rows of H floats); 0: whole sequences
