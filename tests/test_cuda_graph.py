@@ -277,3 +277,34 @@ def test_graphs_match_eager_on_gpu(models, name, dtype, atol):
         assert err < atol, f"{name} {dtype}: max |dprob| graphs vs eager {err:.3g}"
     runner = graphs.engine.graphs
     assert 0 < len(runner.graphs) < 40, sorted(runner.graphs)
+
+
+@pytest.mark.gpu
+def test_graphs_under_the_async_driver_on_gpu(models):
+    """The server's driver: its worker thread captures and replays while concurrent
+    callers' requests form batches as they arrive; every result equals the eager
+    engine's (fp32)."""
+    import asyncio
+
+    from pyengine.async_engine import AsyncEngine
+    from pyengine.inputs import TokenizedPrompt
+
+    rng = random.Random(3)
+    groups = [_prompts([rng.randint(1, 100) for _ in range(rng.randint(1, 5))], 160, seed=i) for i in range(48)]
+    kw = dict(device="cuda", dtype="float32", max_num_seqs=8, max_num_batched_tokens=512)
+    eager = LLM(models["bert"], enforce_eager=True, **kw)
+    core = LLM(models["bert"], **kw).engine
+    engine = AsyncEngine(core)
+
+    async def main():
+        return await asyncio.gather(*(engine.run([TokenizedPrompt(p) for p in g], "softmax") for g in groups))
+
+    try:
+        results = asyncio.run(main())
+    finally:
+        engine.shutdown()
+    assert core.graphs.graphs and not core.graphs.disabled
+    for g, got in zip(groups, results):
+        want = torch.tensor([o.outputs.probs for o in eager.classify([{"prompt_token_ids": p} for p in g],
+                                                                     use_tqdm=False)])
+        torch.testing.assert_close(got.cpu(), want, atol=1e-4, rtol=0)
