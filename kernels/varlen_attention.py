@@ -32,8 +32,10 @@ def _attend_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, offs_m, offs_n, off
                   qk_scale, window_left, window_right, stride_kt, stride_vt,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
                   IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr):
-    """One key block of the online softmax. MASKED blocks may hold keys some rows must
-    not see (past the sequence end, above the diagonal, outside the window)."""
+    """One key block of the online softmax, as wide as offs_n (BLOCK_N, or BLOCK_N_FULL
+    in the unmasked middle; k_ptrs / v_ptrs are built on the same offsets). MASKED
+    blocks may hold keys some rows must not see (past the sequence end, above the
+    diagonal, outside the window)."""
     cols = start_n + offs_n
     d_ok = offs_d < HEAD_DIM
     if MASKED:
@@ -93,11 +95,15 @@ def _varlen_attention_kernel(Q, K, V, O, CU_SEQLENS, TILE_SEQ, TILE_INFO, qk_sca
                              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                              IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                             PRECISION: tl.constexpr, GROUP: tl.constexpr):
+                             PRECISION: tl.constexpr, GROUP: tl.constexpr, BLOCK_N_FULL: tl.constexpr):
     """One tile: BLOCK_M tokens of one sequence for GROUP query heads of one kv group.
     GROUP > 1 stacks the heads as tile rows (row r: head r // BLOCK_M, token r % BLOCK_M),
     so each k/v block is loaded once for the group and the dots are GROUP times taller,
-    while the causal diagonal keeps the geometry of BLOCK_M tokens."""
+    while the causal diagonal keeps the geometry of BLOCK_M tokens.
+    BLOCK_N_FULL (a multiple of BLOCK_N) is the key-block width of the unmasked middle:
+    masked blocks stay BLOCK_N wide, so the sequence end and the diagonal waste little,
+    while the middle runs fewer online-softmax rescales and wider dots. BLOCK_N_FULL ==
+    BLOCK_N compiles the single-width kernel."""
     tile = tl.program_id(0)
     head = tl.program_id(1) * GROUP
     # The grid holds an upper bound of the tile count; TILE_INFO[0] is the true one.
@@ -154,7 +160,22 @@ def _varlen_attention_kernel(Q, K, V, O, CU_SEQLENS, TILE_SEQ, TILE_INFO, qk_sca
         acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, offs_m, offs_n, offs_d,
                                       seq_len, qk_scale, window_left, window_right, stride_kt, stride_vt,
                                       HEAD_DIM, BLOCK_D, True, IS_CAUSAL, HAS_WINDOW, PRECISION)
-    for start_n in range(mid_lo, mid_hi, BLOCK_N):
+    narrow_lo = mid_lo
+    if BLOCK_N_FULL != BLOCK_N:
+        # The unmasked middle in whole BLOCK_N_FULL blocks from mid_lo; what is left of it
+        # (less than BLOCK_N_FULL keys, a multiple of BLOCK_N) falls to the BLOCK_N loop
+        # below. The wide (BLOCK_D, BLOCK_N_FULL) / (BLOCK_N_FULL, BLOCK_D) pointer tiles
+        # are formed just before their loop; for sm_90, forming them next to k_ptrs gave
+        # the same register counts, no spills either way.
+        narrow_lo = mid_lo + ((mid_hi - mid_lo) // BLOCK_N_FULL) * BLOCK_N_FULL
+        offs_nf = tl.arange(0, BLOCK_N_FULL)
+        kf_ptrs = K + row0 * stride_kt + kv_head * stride_kh + offs_nf[None, :] * stride_kt + offs_d[:, None]
+        vf_ptrs = V + row0 * stride_vt + kv_head * stride_vh + offs_nf[:, None] * stride_vt + offs_d[None, :]
+        for start_n in range(mid_lo, narrow_lo, BLOCK_N_FULL):
+            acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, kf_ptrs, vf_ptrs, start_n, offs_m, offs_nf, offs_d,
+                                          seq_len, qk_scale, window_left, window_right, stride_kt, stride_vt,
+                                          HEAD_DIM, BLOCK_D, False, IS_CAUSAL, HAS_WINDOW, PRECISION)
+    for start_n in range(narrow_lo, mid_hi, BLOCK_N):
         acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, offs_m, offs_n, offs_d,
                                       seq_len, qk_scale, window_left, window_right, stride_kt, stride_vt,
                                       HEAD_DIM, BLOCK_D, False, IS_CAUSAL, HAS_WINDOW, PRECISION)
@@ -251,13 +272,21 @@ def config_for(dtype, head_dim):
     return CONFIGS[block_d]
 
 
+def config_fields(config):
+    """A (BLOCK_M, BLOCK_N, num_warps, num_stages[, GROUP[, BLOCK_N_FULL]]) config as all
+    six fields, the absent ones at their defaults (GROUP 1, BLOCK_N_FULL = BLOCK_N)."""
+    config = tuple(config)
+    return config + (1, config[1])[len(config) - 4:]
+
+
 def _launch(q, k, v, cu_seqlens, max_seqlen, causal=False, scale=None, window=None,
             block_m=None, block_n=None, config=None):
     """Validate, then launch. block_m/block_n override the per-head-dim config (tests use
     small blocks to reach the multi-block paths on short sequences); config: a whole
-    (BLOCK_M, BLOCK_N, num_warps, num_stages[, GROUP]) tuple (the benchmark's config
-    sweep), GROUP query heads of one kv group per program (default 1; it must divide
-    Hq / Hkv)."""
+    (BLOCK_M, BLOCK_N, num_warps, num_stages[, GROUP[, BLOCK_N_FULL]]) tuple (the
+    benchmark's config sweep), GROUP query heads of one kv group per program (default 1;
+    it must divide Hq / Hkv), BLOCK_N_FULL the key-block width of the unmasked middle
+    range (default BLOCK_N; a power of two and a multiple of BLOCK_N)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         _v.check_float("varlen_attention", name, t, 3, "(T, H, D)")
         _check(t.device == q.device, lambda: f"{name} is on {t.device}, expected q's device {q.device}")
@@ -282,14 +311,19 @@ def _launch(q, k, v, cu_seqlens, max_seqlen, causal=False, scale=None, window=No
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     block_d = max(16, _v.next_pow2(D))
     if config is not None:
-        _check(len(config) in (4, 5) and all(isinstance(c, int) and c > 0 for c in config),
-               lambda: f"config must be (BLOCK_M, BLOCK_N, num_warps, num_stages[, GROUP]) positive ints, "
-                       f"got {config!r}")
-    bm, bn, warps, stages, group = (*(config or config_for(q.dtype, D)), 1)[:5]
+        _check(len(config) in (4, 5, 6) and all(isinstance(c, int) and c > 0 for c in config),
+               lambda: f"config must be (BLOCK_M, BLOCK_N, num_warps, num_stages[, GROUP[, BLOCK_N_FULL]]) "
+                       f"positive ints, got {config!r}")
+    cfg = config or config_for(q.dtype, D)
+    bm, bn, warps, stages, group, bn_full = config_fields(cfg)
     _check((Hq // Hkv) % group == 0, lambda: f"GROUP={group} heads per program must divide Hq / Hkv = {Hq // Hkv}")
     _check(group & (group - 1) == 0, lambda: f"GROUP={group} heads per program must be a power of two (tile rows)")
     bm = block_m or bm
-    bn = block_n or bn
+    if block_n:
+        # Without its own BLOCK_N_FULL the config runs single-width at the override.
+        bn, bn_full = block_n, (bn_full if len(cfg) > 5 else block_n)
+    _check(bn_full % bn == 0 and bn_full & (bn_full - 1) == 0,
+           lambda: f"BLOCK_N_FULL={bn_full} must be a power of two and a multiple of BLOCK_N={bn}")
     tile_seq, tile_info, n_tiles = tile_map(cu_seqlens, T, bm)
     _varlen_attention_kernel[(n_tiles, Hq // group)](
         q, k, v, out, cu_seqlens, tile_seq, tile_info, scale * _LOG2E,
@@ -300,7 +334,7 @@ def _launch(q, k, v, cu_seqlens, max_seqlen, causal=False, scale=None, window=No
         # fp32 inputs keep fp32-level products (never plain TF32) to match the reference;
         # the precision is ignored for 16-bit inputs.
         PRECISION=_fp32_precision(q.device) if q.dtype == torch.float32 else "tf32", GROUP=group,
-        num_warps=warps, num_stages=stages)
+        BLOCK_N_FULL=bn_full, num_warps=warps, num_stages=stages)
     return out
 
 

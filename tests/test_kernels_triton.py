@@ -81,14 +81,14 @@ def _qkv(lens, Hq, Hkv, D, dtype, seed=0):
 
 
 def _check_attention(lens, Hq, Hkv, D, tol, causal, window=None, scale=None, block_m=None,
-                     block_n=None, seed=0):
+                     block_n=None, seed=0, config=None):
     dtype = tol[0]
     q, k, v = _qkv(lens, Hq, Hkv, D, dtype, seed)
     cu = cu_seqlens(lens)
     launch = _mod("varlen_attention")._launch
-    out = launch(q, k, v, cu, max(lens), causal, scale, window, block_m, block_n)
+    out = launch(q, k, v, cu, max(lens), causal, scale, window, block_m, block_n, config=config)
     assert out.dtype == dtype and out.shape == q.shape
-    what = f"lens={lens} Hq={Hq} Hkv={Hkv} D={D} {dtype} causal={causal} window={window}"
+    what = f"lens={lens} Hq={Hq} Hkv={Hkv} D={D} {dtype} causal={causal} window={window} config={config}"
     # The reference on the same values in fp32: the kernel accumulates in fp32 too.
     ref = ops.varlen_attention(q.float(), k.float(), v.float(), cu, max(lens), causal, scale, window)
     assert_close(out, ref, tol, what + " vs reference")
@@ -185,6 +185,65 @@ def test_varlen_attention_group_must_divide_the_kv_group():
     q, k, v = _qkv([4, 4], 6, 2, 16, torch.float32)
     with pytest.raises(ValueError, match=r"GROUP=3 .* a power of two"):
         _mod("varlen_attention")._launch(q, k, v, cu_seqlens([4, 4]), 4, config=(16, 16, 4, 1, 3))
+
+
+# BLOCK_N_FULL: the unmasked middle range in 32-key blocks, the rest in 16-key blocks.
+# Without a window the middle of a 16-row query tile at m0 is [0, 16 * (len // 16))
+# bidirectional and [0, m0) causal, so 20 / 64 / 90 tokens and the causal tiles at m0 =
+# 16 / 32 / 48 reach a middle shorter than one wide block, a whole number of them and
+# wide blocks plus a 16-key remainder.
+WIDE = (16, 16, 4, 1, 1, 32)
+
+
+@pytest.mark.usefixtures("poisoned")
+@pytest.mark.parametrize("tol", DTYPES)
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+@pytest.mark.parametrize("lens", [
+    [20],              # bidir: 16-key middle, one narrow block, no wide one; masked 4-key tail
+    [64],              # bidir: two wide blocks exactly, no remainder, no masked tail
+    [90],              # bidir: two wide + one narrow + masked tail; causal m0=48/80: wide + remainder
+    [90, 1, 20, 64],   # all of them in one batch, a one-token sequence between
+], ids=["short", "exact", "remainder", "mix"])
+def test_varlen_attention_wide_middle(lens, causal, tol):
+    _check_attention(lens, 4, 2, 32, tol, causal, config=WIDE)  # GQA 2:1
+
+
+@pytest.mark.usefixtures("poisoned")
+@pytest.mark.parametrize("window,causal", [
+    ((40, 40), False),  # middle [m0 - 16, m0 + 32): wide blocks from keys 16, 32, 48 + remainder
+    ((50, -1), True),   # sliding causal window: m0=80 has one wide block starting at key 48
+], ids=["40-40", "left50-causal"])
+def test_varlen_attention_wide_middle_window(window, causal):
+    _check_attention([90, 20], 2, 2, 16, FP32, causal, window=window, config=WIDE)
+
+
+@pytest.mark.usefixtures("poisoned")
+@pytest.mark.parametrize("tol", DTYPES)
+@pytest.mark.parametrize("causal,window", [
+    (True, None),       # two heads per program over the wide and narrow causal middle
+    (False, (40, 40)),  # a two-sided window, each stacked head row masked per token
+], ids=["causal", "band"])
+def test_varlen_attention_wide_middle_grouped_heads(tol, causal, window):
+    _check_attention([90, 20], 4, 1, 16, tol, causal, window=window, config=(16, 16, 4, 1, 2, 32))
+
+
+@pytest.mark.usefixtures("poisoned")
+def test_varlen_attention_wide_middle_of_four_blocks():
+    # BLOCK_N_FULL = 4 * BLOCK_N: 90 tokens bidirectional run one 64-key block, then a
+    # 16-key narrow block and the masked tail; 64 tokens one wide block only.
+    _check_attention([90, 64], 2, 1, 16, FP32, False, config=(16, 16, 4, 1, 1, 64))
+
+
+@pytest.mark.parametrize("config,match", [
+    ((16, 16, 4, 1, 1, 24), r"BLOCK_N_FULL=24 must be a power of two and a multiple of BLOCK_N=16"),
+    ((16, 32, 4, 1, 1, 16), r"BLOCK_N_FULL=16 must be a power of two and a multiple of BLOCK_N=32"),
+    ((16, 16, 4, 1, 1, 0), r"positive ints, got \(16, 16, 4, 1, 1, 0\)"),
+    ((16, 16, 4, 1, 1, 32, 1), r"config must be \(BLOCK_M, BLOCK_N, num_warps, num_stages\[, GROUP\[, BLOCK_N_FULL"),
+], ids=["not-pow2", "not-multiple", "zero", "too-long"])
+def test_varlen_attention_bad_block_n_full(config, match):
+    q, k, v = _qkv([4, 4], 2, 1, 16, torch.float32)
+    with pytest.raises(ValueError, match=match):
+        _mod("varlen_attention")._launch(q, k, v, cu_seqlens([4, 4]), 4, config=config)
 
 
 def test_varlen_attention_tile_map():
@@ -645,7 +704,7 @@ def test_validation_messages(op, args, match):
 # Nothing derived from T, B or max_seqlen may appear here.
 ALLOWED_CONSTEXPRS = {
     "varlen_attention": {"HEAD_DIM", "BLOCK_D", "BLOCK_M", "BLOCK_N", "IS_CAUSAL", "HAS_WINDOW", "PRECISION",
-                         "GROUP"},
+                         "GROUP", "BLOCK_N_FULL"},
     "pooled_query_attention": {"HEAD_DIM", "BLOCK_D", "BLOCK_G", "BLOCK_N", "IS_CAUSAL", "HAS_WINDOW",
                                "PRECISION"},
     "gather_pooled": {"POOLING", "BLOCK_T", "BLOCK_H", "PREFETCH"},
