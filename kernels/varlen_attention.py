@@ -215,14 +215,20 @@ CONFIGS = {
     256: (64, 32, 8, 2),
 }
 # Candidates the benchmark times (python -m pyengine.bench kernels --attn-sweep) for
-# 16-bit inputs, by padded head dim, as (BLOCK_M, BLOCK_N, num_warps, num_stages[, GROUP]);
-# each compiles for sm_90 without spills (tests/test_kernels_compile.py). The GROUP=2
-# rows were added after the last GPU run and are not measured yet.
+# 16-bit inputs, by padded head dim, as (BLOCK_M, BLOCK_N, num_warps, num_stages[, GROUP
+# [, BLOCK_N_FULL]]); each compiles for sm_90 without spills (tests/test_kernels_compile.py).
+# The GROUP=2 rows were added after the last GPU run and are not measured yet, nor are the
+# BLOCK_N_FULL rows: 32-wide masked blocks (the winners above) with 64- or 128-wide
+# blocks over the unmasked middle, for fewer rescales and wider dots there. At D=128,
+# (64, 32, 4, 3, 1, 128) sits at 255 registers and spills with a window (sm_90 compile):
+# a candidate for the window-free sweep cases only.
 SWEEP_CONFIGS = {
-    64: [(128, 64, 4, 3), (64, 64, 4, 3), (64, 32, 4, 3), (128, 128, 8, 3), (64, 128, 4, 3), (128, 32, 4, 4)],
+    64: [(128, 64, 4, 3), (64, 64, 4, 3), (64, 32, 4, 3), (128, 128, 8, 3), (64, 128, 4, 3), (128, 32, 4, 4),
+         (64, 32, 4, 3, 1, 64), (64, 32, 4, 3, 1, 128), (64, 32, 8, 3, 1, 64)],
     128: [(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (128, 32, 8, 3), (64, 64, 8, 3), (128, 64, 8, 2),
           # Two query heads of a kv group per program (GQA only): k/v loaded once for both.
-          (32, 32, 4, 3, 2), (32, 64, 4, 3, 2), (64, 32, 8, 3, 2)],
+          (32, 32, 4, 3, 2), (32, 64, 4, 3, 2), (64, 32, 8, 3, 2),
+          (64, 32, 4, 3, 1, 64), (64, 32, 4, 3, 1, 128), (64, 32, 8, 3, 1, 64), (32, 32, 4, 3, 2, 64)],
 }
 CONFIGS_FP32 = {
     16: (64, 32, 4, 2),

@@ -111,8 +111,10 @@ def main(arch=90):
     sweep = importlib.import_module("pyengine.kernels.varlen_attention")
     for D, configs in sweep.SWEEP_CONFIGS.items():
         for cfg in configs:
+            _Compile.config = cfg
             sweep._launch(z(T, 4, D, dtype=bf), z(T, 2, D, dtype=bf), z(T, 2, D, dtype=bf), cu, 15, D == 128,
                           config=cfg)
+    _Compile.config = None
     pooled = _patched("pooled_query_attention", target)
     pos = torch.tensor([4, 14])
     for dt, D, Hq, Hkv, causal, window in ((bf, 64, 12, 12, False, None), (bf, 128, 16, 2, True, (64, -1)),

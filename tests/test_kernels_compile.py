@@ -3,7 +3,8 @@
 The interpreter used by the other kernel tests runs the kernels as Python and skips the
 compiler's own rules (constexpr-only globals, dot shapes and dtypes, shared memory and
 register budgets). tests/compile_kernels.py compiles each kernel in a fresh process;
-bf16 attention, the memory-bound ops with a config sweep and each of their sweep
+bf16 attention (the launcher's configs and every --attn-sweep candidate, BLOCK_N_FULL
+ones included), the memory-bound ops with a config sweep and each of their sweep
 candidates must fit in registers without spilling.
 """
 import importlib
@@ -40,6 +41,17 @@ def test_kernels_compile_for_sm90():
             assert r["stack"] == 0, f"attention spills registers: {r}"
         if r["op"] in SWEPT and "stack" in r:
             assert r["stack"] == 0, f"{r['op']} spills registers (config {r.get('config')}): {r}"
+    # Every --attn-sweep candidate compiled as given: GROUP and BLOCK_N_FULL (default 1 and
+    # BLOCK_N) reached the kernel's constexprs.
+    va = importlib.import_module("pyengine.kernels.varlen_attention")
+    attn = {tuple(r["config"]): r["constexprs"] for r in rows
+            if r["op"] == "varlen_attention" and "config" in r and "BLOCK_N" in r["constexprs"]}
+    for D, configs in va.SWEEP_CONFIGS.items():
+        for cfg in configs:
+            assert tuple(cfg) in attn, f"varlen_attention: sweep candidate {cfg} (D={D}) not compiled"
+            bm, bn, _, _, group, bn_full = va.config_fields(cfg)
+            c = attn[tuple(cfg)]
+            assert (c["BLOCK_M"], c["BLOCK_N"], c["GROUP"], c["BLOCK_N_FULL"]) == (bm, bn, group, bn_full), (cfg, c)
     # Every --op-sweep candidate compiled (the benchmark times them on the GPU machine).
     for op in SWEPT:
         configs = importlib.import_module(f"pyengine.kernels.{op}").SWEEP_CONFIGS

@@ -892,6 +892,27 @@ def test_gpu_varlen_attention_bf16(causal, Hq, Hkv, D, window):
             start += n
 
 
+def _wide_sweep_configs():
+    va = _mod("varlen_attention")
+    return [pytest.param(D, cfg, id=f"{D}-" + "-".join(map(str, cfg)))
+            for D, configs in va.SWEEP_CONFIGS.items() for cfg in configs if len(cfg) > 5]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D,config", _wide_sweep_configs())
+def test_gpu_varlen_attention_wide_middle_sweep_configs(D, config):
+    # The --attn-sweep candidates with BLOCK_N_FULL, on the sweep's cases (D=64
+    # bidirectional MHA, D=128 causal GQA 2:1) against the reference in bf16.
+    causal, Hq, Hkv = (False, 12, 12) if D == 64 else (True, 16, 8)
+    lens = _mixed_lens(64, seed=3)
+    T = sum(lens)
+    q, k, v = (torch.randn(T, h, D, device="cuda", dtype=torch.bfloat16) for h in (Hq, Hkv, Hkv))
+    cu = cu_seqlens(lens, "cuda")
+    out = _mod("varlen_attention")._launch(q, k, v, cu, max(lens), causal, config=config)
+    assert_close(out, ops.varlen_attention(q, k, v, cu, max(lens), causal), (torch.bfloat16, 2e-2, 2e-2),
+                 f"config {config} vs reference")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("D", [64, 128, 256])
 def test_gpu_varlen_attention_fp32(D):
