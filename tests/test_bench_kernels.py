@@ -63,13 +63,18 @@ def test_attention_sweep_times_each_candidate(monkeypatch):
     from pyengine.kernels import varlen_attention as va
 
     # The grouped candidate runs where it divides the kv group (gqa2: 4 heads over 2) and
-    # is left out where it does not (gqa6 in quick mode: 3 heads over 1).
-    monkeypatch.setattr(va, "SWEEP_CONFIGS", {16: [(16, 16, 4, 1)], 32: [(32, 16, 4, 1), (16, 16, 4, 1, 2)]})
+    # is left out where it does not (gqa6 in quick mode: 3 heads over 1). BLOCK_N_FULL
+    # shows as /nf where it differs from BLOCK_N (16x8/nf16 runs a wide block on the
+    # 30-token prompt); the fp32 default spelt out in six fields is still the default.
+    monkeypatch.setattr(va, "SWEEP_CONFIGS", {16: [(16, 16, 4, 1), (16, 8, 4, 1, 1, 16), (64, 32, 4, 2, 1, 32)],
+                                              32: [(32, 16, 4, 1), (16, 16, 4, 1, 2)]})
     out = io.StringIO()
     rows = kb.attention_sweep("cpu", repeats=1, out=out)
     assert sorted((r["case"], r["backend"]) for r in rows) == [
-        ("bidir-mha", "triton 16x16/w4/s1"), ("causal-gqa2", "triton 16x16/w4/s1/g2"),
+        ("bidir-mha", "triton 16x16/w4/s1"), ("bidir-mha", "triton 16x8/w4/s1/nf16"),
+        ("bidir-mha", "triton 64x32/w4/s2 default"), ("causal-gqa2", "triton 16x16/w4/s1/g2"),
         ("causal-gqa2", "triton 32x16/w4/s1"), ("causal-gqa6", "triton 32x16/w4/s1")]
+    assert [r["config"] for r in rows if "nf16" in r["backend"]] == [[16, 8, 4, 1, 1, 16]]
     for r in rows:
         assert r["error"] is None and r["ms"] > 0 and r["tflops"] > 0, r
         assert r["max_diff"] < 1e-4, r

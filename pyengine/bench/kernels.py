@@ -489,7 +489,10 @@ def run(device=None, backends=None, quick=False, json_path=None, ops=None, repea
 def attention_sweep(device=None, repeats=20, out=sys.stdout):
     """Time every candidate config of the Triton varlen attention (SWEEP_CONFIGS) on the
     GPU attention cases; print a table; return rows like run()'s, backend
-    "triton BMxBN/wW/sS[/gG]" and "default" marking the launcher's own choice."""
+    "triton BMxBN/wW/sS[/gG][/nfF]" (gG: G query heads per program, shown for a 5th
+    element other than 1; nfF: key blocks of F over the unmasked middle, shown for a 6th
+    element other than BLOCK_N), "default" marking the launcher's own choice, and
+    "config" the candidate as given."""
     from pyengine.kernels import varlen_attention as va
 
     device = torch.device(device or "cuda")
@@ -505,9 +508,11 @@ def attention_sweep(device=None, repeats=20, out=sys.stdout):
         for cfg in va.SWEEP_CONFIGS.get(max(16, 1 << (D - 1).bit_length()), []):
             if len(cfg) > 4 and (q.shape[1] // k.shape[1]) % cfg[4]:
                 continue  # more heads per program than the kv group has
+            group, block_n_full = va.config_fields(cfg)[4:]
             row = {"op": case.op, "case": case.name, "shape": case.shape, "device": str(device),
-                   "backend": "triton {}x{}/w{}/s{}".format(*cfg[:4]) + (f"/g{cfg[4]}" if len(cfg) > 4 else "")
-                              + (" default" if tuple(cfg) == default else ""),
+                   "backend": "triton {}x{}/w{}/s{}".format(*cfg[:4]) + (f"/g{group}" if group != 1 else "")
+                              + (f"/nf{block_n_full}" if block_n_full != cfg[1] else "")
+                              + (" default" if va.config_fields(cfg) == va.config_fields(default) else ""),
                    "config": list(cfg), "ms": None, "tflops": None, "max_diff": None, "error": None}
             try:
                 def call(cfg=cfg):
@@ -519,10 +524,10 @@ def attention_sweep(device=None, repeats=20, out=sys.stdout):
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
             rows.append(row)
         del args, q, k, v, ref
-    print("\nvarlen_attention config sweep (BLOCK_M x BLOCK_N / warps / stages / query heads per program)",
-          file=out)
+    print("\nvarlen_attention config sweep (BLOCK_M x BLOCK_N / warps / stages / g: query heads per program"
+          " / nf: key block of the unmasked middle)", file=out)
     for r in rows:
-        print(f"  {r['case']:14} {r['backend']:31} " + (f"{r['ms']:.4f} ms  {r['tflops']:.0f} TFLOP/s  "
+        print(f"  {r['case']:14} {r['backend']:37} " + (f"{r['ms']:.4f} ms  {r['tflops']:.0f} TFLOP/s  "
               f"max diff {r['max_diff']:.2g}" if r["ms"] else f"ERROR {r['error']}"), file=out)
     return rows
 
