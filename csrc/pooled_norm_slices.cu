@@ -197,55 +197,44 @@ pooled_norm_slices_kernel(const T* __restrict__ hidden, int64_t h_stride,
       }
       // Rows are added in ascending order; the U reductions are independent, so their
       // shuffles interleave.
-      if (norm_kind == 1) {
-        float mean[U], sq[U];
+      // Each row is added as (s - shift) * scale: layer (mean, rstd), rms (0, rstd), none
+      // (0, 1); a zero shift and a unit scale change no bit of the sum.
+      float shift[U], scale[U];
 #pragma unroll
-        for (int u = 0; u < U; ++u) mean[u] = warp_sum(part[u]) * inv_h;
+      for (int u = 0; u < U; ++u) {
+        shift[u] = 0.f;
+        scale[u] = 1.f;
+      }
+      if (norm_kind == 1) {
+#pragma unroll
+        for (int u = 0; u < U; ++u) shift[u] = warp_sum(part[u]) * inv_h;
+        // Two passes: the variance of (s - mean), as the reference.
 #pragma unroll
         for (int u = 0; u < U; ++u) {
-          sq[u] = 0.f;
+          float sq = 0.f;
 #pragma unroll
           for (int p = 0; p < PACKS; ++p) {
             if (!ok[p]) continue;
 #pragma unroll
             for (int j = 0; j < VEC; ++j) {
-              const float d = to_float(x[u][p].v[j]) - mean[u];
-              sq[u] += d * d;
+              const float d = to_float(x[u][p].v[j]) - shift[u];
+              sq += d * d;
             }
           }
+          part[u] = sq;
         }
+      }
+      if (norm_kind != 0) {
 #pragma unroll
-        for (int u = 0; u < U; ++u) sq[u] = rsqrtf(warp_sum(sq[u]) * inv_h + eps);
+        for (int u = 0; u < U; ++u) scale[u] = rsqrtf(warp_sum(part[u]) * inv_h + eps);
+      }
 #pragma unroll
-        for (int u = 0; u < U; ++u) {
-          if (!live[u]) continue;
+      for (int u = 0; u < U; ++u) {
+        if (!live[u]) continue;
 #pragma unroll
-          for (int p = 0; p < PACKS; ++p) {
+        for (int p = 0; p < PACKS; ++p) {
 #pragma unroll
-            for (int j = 0; j < VEC; ++j) acc[p][j] += (to_float(x[u][p].v[j]) - mean[u]) * sq[u];
-          }
-        }
-      } else if (norm_kind == 2) {
-#pragma unroll
-        for (int u = 0; u < U; ++u) part[u] = rsqrtf(warp_sum(part[u]) * inv_h + eps);
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-          if (!live[u]) continue;
-#pragma unroll
-          for (int p = 0; p < PACKS; ++p) {
-#pragma unroll
-            for (int j = 0; j < VEC; ++j) acc[p][j] += to_float(x[u][p].v[j]) * part[u];
-          }
-        }
-      } else {
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-          if (!live[u]) continue;
-#pragma unroll
-          for (int p = 0; p < PACKS; ++p) {
-#pragma unroll
-            for (int j = 0; j < VEC; ++j) acc[p][j] += to_float(x[u][p].v[j]);
-          }
+          for (int j = 0; j < VEC; ++j) acc[p][j] += (to_float(x[u][p].v[j]) - shift[u]) * scale[u];
         }
       }
     }
