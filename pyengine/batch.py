@@ -105,9 +105,9 @@ def _padding_lengths(spare_tokens, spare_seqs, max_len):
 
 def _pack(token_ids, token_type_ids, num_tokens, num_seqs, pin, max_len=None):
     """Fill the host buffer: rows of input_ids, positions and token types (int64), then
-    cu_seqlens (int32). With num_tokens/num_seqs, padding sequences follow the real
-    ones, of at most max_len tokens (see RaggedBatch.build_padded). Returns (uint8 buffer, every sequence's
-    length, tokens in all)."""
+    cu_seqlens (int32). With num_tokens/num_seqs, padding sequences of at most max_len
+    tokens follow the real ones (see RaggedBatch.build_padded); their ids and types are 0.
+    Returns (uint8 buffer, every sequence's length, tokens in all)."""
     seq_lens = [len(t) for t in token_ids]
     T = sum(seq_lens)
     if num_tokens is not None and (num_tokens, num_seqs) != (T, len(seq_lens)):
@@ -131,9 +131,9 @@ def _pack(token_ids, token_type_ids, num_tokens, num_seqs, pin, max_len=None):
     if token_type_ids is not None and any(t is not None for t in token_type_ids):
         flat = chain.from_iterable(repeat(0, n) if t is None else t for t, n in zip(token_type_ids, seq_lens))
         rows[2, :T] = np.fromiter(flat, dtype=np.int64, count=T)
+        rows[2, T:total] = 0
     else:
-        rows[2, :T] = 0
-    rows[2, T:total] = 0
+        rows[2, :total] = 0
     return host, seq_lens, total
 
 if __name__ == "__main__":

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from . import cuda_graph
 from .batch import RaggedBatch
 from .config import EngineConfig, PoolerConfig
-from . import cuda_graph
 from .inputs import InputProcessor, TokenizedPrompt, pair_lists, parse_prompts
 from .models import model_class, resolve_architecture
 from .models.convert import resolve_token_ids
