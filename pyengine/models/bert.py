@@ -33,6 +33,18 @@ _FAMILY = {
 }
 
 
+# Checkpoint names (below "embeddings." and "encoder.layer.N.") -> parameters here.
+_EMBEDDINGS = {"word_embeddings.weight": "word", "position_embeddings.weight": "pos",
+               "token_type_embeddings.weight": "tok_type", "task_type_embeddings.weight": "task",
+               "LayerNorm.weight": "emb_ln_w", "LayerNorm.bias": "emb_ln_b"}
+_LAYER = {"attention.output.dense.weight": "o_w", "attention.output.dense.bias": "o_b",
+          "attention.output.LayerNorm.weight": "ln1_w", "attention.output.LayerNorm.bias": "ln1_b",
+          "intermediate.dense.weight": "up_w", "intermediate.dense.bias": "up_b",
+          "output.dense.weight": "down_w", "output.dense.bias": "down_b",
+          "output.LayerNorm.weight": "ln2_w", "output.LayerNorm.bias": "ln2_b"}
+_QKV = {"query": 0, "key": 1, "value": 2}
+
+
 def _p(*shape, dtype, device):
     return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
 
@@ -137,47 +149,41 @@ class BertForSequenceClassification(nn.Module):
         return F.linear(h, self.out_w, self.out_b)
 
     # ------------------------------------------------------------------ weights
-    def load_weights(self, weights):
-        params = dict(self.named_parameters())
-        sink = WeightSink(params, type(self).__name__)
-        H = self.config.hidden_size
-        emb = {"word_embeddings.weight": "word", "position_embeddings.weight": "pos",
-               "token_type_embeddings.weight": "tok_type", "task_type_embeddings.weight": "task",
-               "LayerNorm.weight": "emb_ln_w", "LayerNorm.bias": "emb_ln_b"}
-        sub = {"attention.output.dense.weight": "o_w", "attention.output.dense.bias": "o_b",
-               "attention.output.LayerNorm.weight": "ln1_w", "attention.output.LayerNorm.bias": "ln1_b",
-               "intermediate.dense.weight": "up_w", "intermediate.dense.bias": "up_b",
-               "output.dense.weight": "down_w", "output.dense.bias": "down_b",
-               "output.LayerNorm.weight": "ln2_w", "output.LayerNorm.bias": "ln2_b"}
-        qkv = {"query": 0, "key": 1, "value": 2}
+    def param_targets(self, name):
+        """Checkpoint name -> [(param, rows of dim 0 or None, None)]: where a weight of the
+        transformers model lands here ([] for names this model does not use)."""
+        # Older checkpoints name LayerNorm parameters gamma/beta.
+        name = name.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
         if self.head_kind == "pooler":
             head = {f"{self.prefix}.pooler.dense.weight": "dense_w", f"{self.prefix}.pooler.dense.bias": "dense_b",
                     "classifier.weight": "out_w", "classifier.bias": "out_b"}
         else:
             head = {"classifier.dense.weight": "dense_w", "classifier.dense.bias": "dense_b",
                     "classifier.out_proj.weight": "out_w", "classifier.out_proj.bias": "out_b"}
+        if name in head:
+            return [(head[name], None, None)]
+        if not name.startswith(self.prefix + "."):
+            return []
+        rest = name[len(self.prefix) + 1:]
+        if rest.startswith("embeddings."):
+            key = _EMBEDDINGS.get(rest[len("embeddings."):])
+            return [(key, None, None)] if key and getattr(self, key, None) is not None else []
+        if not rest.startswith("encoder.layer."):
+            return []
+        idx, key = rest[len("encoder.layer."):].split(".", 1)
+        if key.startswith("attention.self."):
+            which, kind = key[len("attention.self."):].split(".")
+            H, j = self.config.hidden_size, _QKV[which]
+            return [(f"layers.{idx}.qkv_{'w' if kind == 'weight' else 'b'}", slice(j * H, (j + 1) * H), None)]
+        return [(f"layers.{idx}.{_LAYER[key]}", None, None)] if key in _LAYER else []
+
+    def load_weights(self, weights):
+        params = dict(self.named_parameters())
+        sink = WeightSink(params, type(self).__name__)
         for name, t in weights:
-            # Older checkpoints name LayerNorm parameters gamma/beta.
-            name = name.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
-            if name in head:
-                sink.put(head[name], t)
-                continue
-            if not name.startswith(self.prefix + "."):
-                continue
-            rest = name[len(self.prefix) + 1:]
-            if rest.startswith("embeddings."):
-                key = rest[len("embeddings."):]
-                if key in emb and emb[key] in params:
-                    sink.put(emb[key], t)
-            elif rest.startswith("encoder.layer."):
-                idx, key = rest[len("encoder.layer."):].split(".", 1)
-                if key.startswith("attention.self."):
-                    which, kind = key[len("attention.self."):].split(".")
-                    j = qkv[which]
-                    target = f"layers.{idx}.qkv_{'w' if kind == 'weight' else 'b'}"
-                    sink.put(target, t, rows=slice(j * H, (j + 1) * H))
-                elif key in sub:
-                    sink.put(f"layers.{idx}.{sub[key]}", t)
+            for target, rows, _ in self.param_targets(name):
+                sink.put(target, t, rows=rows)
+        H = self.config.hidden_size
         expected = [n for n in params if not n.startswith("layers.") or "qkv" not in n]
         expected += [f"layers.{i}.qkv_{k}[{slice(j * H, (j + 1) * H)}]"
                      for i in range(len(self.layers)) for k in "wb" for j in range(3)]

@@ -409,21 +409,25 @@ class DecoderForSequenceClassification(nn.Module):
                "mlp.down_proj.weight": "down_w", "mlp.down_proj.bias": "down_b"}
         return [(p + sub[key], None, None)] if key in sub else []
 
+    def param_targets(self, name):
+        """Checkpoint name -> [(param, rows of dim 0 or None, how)]: where a weight of the
+        transformers model lands here ([] for names this model does not use). how: None,
+        "t" (a Conv1D weight, stored (in, out)) or ("rows", s) (rows s of the weight)."""
+        if name in ("score.weight", "classifier.weight", "classifier.bias"):
+            # A token head is built from the LM head instead (load_weights).
+            return [] if self.token_head else [("score_w" if name.endswith("weight") else "score_b", None, None)]
+        pre = self.fam.prefix + "."
+        return self._targets(name[len(pre):] if name.startswith(pre) else name)
+
     def load_weights(self, weights):
         params = dict(self.named_parameters())
         sink = WeightSink(params, f"{self.arch} ({type(self).__name__})")
-        pre = self.fam.prefix + "."
         lm_rows = emb_rows = None
         for name, t in weights:
             if self.token_head and name in ("lm_head.weight", "lm_head.decoder.weight"):
                 lm_rows = t[self.token_ids].float()
                 continue
-            if name in ("score.weight", "classifier.weight", "classifier.bias"):
-                if not self.token_head:
-                    sink.put("score_w" if name.endswith("weight") else "score_b", t)
-                continue
-            rest = name[len(pre):] if name.startswith(pre) else name
-            for target, rows, how in self._targets(rest):
+            for target, rows, how in self.param_targets(name):
                 src = t.t() if how == "t" else (t[how[1]] if isinstance(how, tuple) else t)
                 sink.put(target, src, rows=rows)
                 if target == "embed" and self.token_head:
