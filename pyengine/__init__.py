@@ -7,10 +7,11 @@ _warnings.filterwarnings("ignore", message="'pyengine.batch' found in sys.module
 
 from .config import EngineConfig, PoolerConfig
 from .engine import LLM, EngineCore
+from .lora import LoRARequest
 from .outputs import (ClassificationOutput, ClassificationRequestOutput, PoolingOutput, PoolingRequestOutput,
                       ScoringOutput, ScoringRequestOutput)
 
-__all__ = ["LLM", "EngineCore", "EngineConfig", "PoolerConfig", "ClassificationOutput",
+__all__ = ["LLM", "EngineCore", "EngineConfig", "PoolerConfig", "LoRARequest", "ClassificationOutput",
            "ClassificationRequestOutput", "PoolingOutput", "PoolingRequestOutput", "ScoringOutput",
            "ScoringRequestOutput"]
 __version__ = "0.1.0"

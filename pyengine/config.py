@@ -42,7 +42,9 @@ class PoolerConfig:
 class EngineConfig:
     """Everything LLM(...) takes. ``model`` is a local directory or a transformers
     ``PreTrainedModel`` instance. ``enforce_eager``: never run the forward through CUDA
-    graphs (see :mod:`pyengine.cuda_graph`); as vLLM's flag of that name."""
+    graphs (see :mod:`pyengine.cuda_graph`); as vLLM's flag of that name.
+    ``enable_lora``: accept requests with a LoRA adapter (:mod:`pyengine.lora`), at most
+    ``max_loras`` kept loaded at once, each of rank at most ``max_lora_rank``."""
     model: Any
     tokenizer: Any = None
     dtype: str | torch.dtype = "auto"
@@ -55,11 +57,14 @@ class EngineConfig:
     kernel_backend: str = "auto"
     convert: str = "auto"
     enforce_eager: bool = False
+    enable_lora: bool = False
+    max_loras: int = 1
+    max_lora_rank: int = 16
     torch_dtype: torch.dtype = field(init=False)
     torch_device: torch.device = field(init=False)
 
     def __post_init__(self):
-        for name in ("max_num_batched_tokens", "max_num_seqs"):
+        for name in ("max_num_batched_tokens", "max_num_seqs", "max_loras", "max_lora_rank"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
@@ -73,8 +78,9 @@ class EngineConfig:
             self.pooler_config = PoolerConfig(**self.pooler_config)
         elif not isinstance(self.pooler_config, PoolerConfig):
             raise TypeError(f"pooler_config must be a PoolerConfig or dict, got {type(self.pooler_config).__name__}")
-        if not isinstance(self.enforce_eager, bool):
-            raise TypeError(f"enforce_eager must be a bool, got {self.enforce_eager!r}")
+        for name in ("enforce_eager", "enable_lora"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.convert not in ("auto", "classify", "none"):
             raise ValueError(f"convert must be 'auto', 'classify' or 'none', got {self.convert!r}")
         if self.device in (None, "auto"):

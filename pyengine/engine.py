@@ -19,6 +19,7 @@ from . import cuda_graph
 from .batch import RaggedBatch
 from .config import EngineConfig, PoolerConfig
 from .inputs import InputProcessor, TokenizedPrompt, pair_lists, parse_prompts
+from .lora import LoRAAdapter, LoRAManager
 from .models import model_class, resolve_architecture
 from .models.convert import resolve_token_ids
 from .models.loader import iter_weights, load_hf_config
@@ -45,6 +46,7 @@ class Request:
     request_id: str
     prompt: TokenizedPrompt
     activation: str | None  # None: raw logits
+    lora: LoRAAdapter | None = None
     arrival: float = field(default_factory=time.monotonic)
     output: torch.Tensor | None = None  # (num_labels,) fp32 on the host once finished
 
@@ -161,6 +163,11 @@ class EngineCore:
         self._num_unfinished = 0
         self.pipeline_depth = 2 if self.device.type == "cuda" else 1
         self._ids = itertools.count()
+        self.lora = None
+        if cfg.enable_lora:
+            if not hasattr(self.model, "lora_weights"):
+                raise ValueError(f"{self.arch} does not support LoRA adapters")
+            self.lora = LoRAManager(self.model, cfg.max_loras, cfg.max_lora_rank)
         self.graphs = None
         if cuda_graph.wanted(self.device, cfg.enforce_eager, self.model, self.ops):
             self.graphs = cuda_graph.GraphRunner(self.model, cfg.max_num_batched_tokens, cfg.max_num_seqs,
@@ -168,6 +175,20 @@ class EngineCore:
 
     def new_request_id(self) -> str:
         return str(next(self._ids))
+
+    def lora_adapters(self, lora_request, n: int) -> list[LoRAAdapter | None]:
+        """The adapter of each of n prompts, loaded now (so a bad adapter fails before any
+        work starts). lora_request: None, one LoRARequest for all, or a list of n (each
+        a LoRARequest or None)."""
+        if lora_request is None:
+            return [None] * n
+        if self.lora is None:
+            raise ValueError("a lora_request was given, but LoRA is not enabled; pass enable_lora=True")
+        if isinstance(lora_request, (list, tuple)):
+            if len(lora_request) != n:
+                raise ValueError(f"lora_request has {len(lora_request)} entries for {n} prompts")
+            return [None if r is None else self.lora.get(r) for r in lora_request]
+        return [self.lora.get(lora_request)] * n
 
     # ------------------------------------------------------------------ queue
     @property
@@ -183,7 +204,7 @@ class EngineCore:
     def add_request(self, req: Request):
         if req.request_id in self.waiting or req.request_id in self.running:
             raise ValueError(f"request id {req.request_id!r} is already queued")
-        self.waiting.add(req.request_id, len(req.prompt.token_ids), req)
+        self.waiting.add(req.request_id, len(req.prompt.token_ids), req, req.lora.id if req.lora else 0)
         self._num_unfinished += 1
 
     def abort(self, request_ids):
@@ -234,7 +255,8 @@ class EngineCore:
         for r in reqs:
             self.running[r.request_id] = r
         try:
-            pending = self.launch_batch([r.prompt for r in reqs], [r.activation for r in reqs])
+            # The queue hands out one adapter's requests at a time.
+            pending = self.launch_batch([r.prompt for r in reqs], [r.activation for r in reqs], reqs[0].lora)
         except Exception as e:
             self._fail(reqs, e)
         except BaseException:
@@ -269,18 +291,21 @@ class EngineCore:
         raise BatchError([r.request_id for r in reqs], cause) from cause
 
     @torch.inference_mode()
-    def launch_batch(self, prompts: list[TokenizedPrompt], activations: list[str | None]) -> PendingBatch:
-        """Build one ragged batch and queue its forward, pooling and device-to-host copy
-        without waiting for them (on CUDA). Returns its :class:`PendingBatch`."""
+    def launch_batch(self, prompts: list[TokenizedPrompt], activations: list[str | None],
+                     lora: LoRAAdapter | None = None) -> PendingBatch:
+        """Build one ragged batch and queue its forward (with ``lora`` for every prompt,
+        when given), pooling and device-to-host copy without waiting for them (on CUDA).
+        Returns its :class:`PendingBatch`."""
         types = None
         if any(p.token_type_ids is not None for p in prompts):
             types = [p.token_type_ids for p in prompts]
         token_ids = [p.token_ids for p in prompts]
         # The graph's output is overwritten by its next replay; the pooler reads it first
         # (stream order), so nothing here needs to copy it.
-        logits = None if self.graphs is None else self.graphs(token_ids, types)
+        # Graphs hold the base weights only; an adapter's batch runs eagerly.
+        logits = None if self.graphs is None or lora is not None else self.graphs(token_ids, types)
         if logits is None:
-            logits = self.model(RaggedBatch.build(token_ids, types, self.device))
+            logits = self.model(RaggedBatch.build(token_ids, types, self.device), lora)
         out = self.pooler(logits, activations)  # (B, num_labels) fp32 on the device
         if self.device.type != "cuda":
             return PendingBatch(out.cpu())
@@ -290,9 +315,10 @@ class EngineCore:
         ready.record(torch.cuda.current_stream(self.device))
         return PendingBatch(host, ready, pinned=True)
 
-    def run_batch(self, prompts: list[TokenizedPrompt], activations: list[str | None]) -> torch.Tensor:
+    def run_batch(self, prompts: list[TokenizedPrompt], activations: list[str | None],
+                  lora: LoRAAdapter | None = None) -> torch.Tensor:
         """Forward one ragged batch outside the queue. Returns (B, num_labels) fp32 on the host."""
-        return self.launch_batch(prompts, activations).wait()
+        return self.launch_batch(prompts, activations, lora).wait()
 
 
 class LLM:
@@ -301,12 +327,13 @@ class LLM:
     def __init__(self, model, tokenizer=None, dtype="auto", device="auto", max_model_len=None,
                  max_num_batched_tokens=16384, max_num_seqs=256, hf_overrides=None,
                  pooler_config: PoolerConfig | dict | None = None, kernel_backend="auto", convert="auto",
-                 enforce_eager=False):
+                 enforce_eager=False, enable_lora=False, max_loras=1, max_lora_rank=16):
         self.config = EngineConfig(model=model, tokenizer=tokenizer, dtype=dtype, device=device,
                                    max_model_len=max_model_len, max_num_batched_tokens=max_num_batched_tokens,
                                    max_num_seqs=max_num_seqs, hf_overrides=hf_overrides,
                                    pooler_config=pooler_config, kernel_backend=kernel_backend, convert=convert,
-                                   enforce_eager=enforce_eager)
+                                   enforce_eager=enforce_eager, enable_lora=enable_lora, max_loras=max_loras,
+                                   max_lora_rank=max_lora_rank)
         self.engine = EngineCore(self.config)
 
     def get_tokenizer(self):
@@ -320,9 +347,11 @@ class LLM:
             raise TypeError(f"use_activation must be a bool or None, got {use_activation!r}")
         return kind if use_activation else None
 
-    def _run(self, prompts: list[TokenizedPrompt], activation, use_tqdm, desc) -> list[PoolingRequestOutput]:
+    def _run(self, prompts: list[TokenizedPrompt], activation, use_tqdm, desc,
+             lora_request=None) -> list[PoolingRequestOutput]:
         eng = self.engine
-        reqs = [Request(eng.new_request_id(), p, activation) for p in prompts]
+        loras = eng.lora_adapters(lora_request, len(prompts))
+        reqs = [Request(eng.new_request_id(), p, activation, lora) for p, lora in zip(prompts, loras)]
         for r in reqs:
             eng.add_request(r)
         done = 0
@@ -341,26 +370,30 @@ class LLM:
 
     # ------------------------------------------------------------------ API
     def encode(self, prompts, pooling_task="classify", *, truncate_prompt_tokens=None, truncation_side=None,
-               use_activation=None, use_tqdm=True) -> list[PoolingRequestOutput]:
-        """Pooled classifier outputs per prompt: ``.outputs.data`` is (num_labels,) fp32."""
+               use_activation=None, use_tqdm=True, lora_request=None) -> list[PoolingRequestOutput]:
+        """Pooled classifier outputs per prompt: ``.outputs.data`` is (num_labels,) fp32.
+
+        lora_request: a :class:`LoRARequest` for every prompt, or a list of one (or None)
+        per prompt; needs ``LLM(enable_lora=True)``."""
         if pooling_task != "classify":
             raise ValueError(f"pooling_task={pooling_task!r} is not supported; this engine serves 'classify'")
         act = self._activation(use_activation, self.engine.classify_act)
         toks = self.engine.inputs.process(parse_prompts(prompts), truncate_prompt_tokens, truncation_side)
-        return self._run(toks, act, use_tqdm, "Classifying")
+        return self._run(toks, act, use_tqdm, "Classifying", lora_request)
 
     def classify(self, prompts, *, truncate_prompt_tokens=None, truncation_side=None, use_activation=None,
-                 use_tqdm=True) -> list[ClassificationRequestOutput]:
+                 use_tqdm=True, lora_request=None) -> list[ClassificationRequestOutput]:
         """Class probabilities per prompt: ``.outputs.probs`` is a list of num_labels floats.
 
         A reward model is a classifier with num_labels == 1: ``use_activation=False``
         returns its raw reward (the logit), the default its sigmoid."""
         outs = self.encode(prompts, "classify", truncate_prompt_tokens=truncate_prompt_tokens,
-                           truncation_side=truncation_side, use_activation=use_activation, use_tqdm=use_tqdm)
+                           truncation_side=truncation_side, use_activation=use_activation, use_tqdm=use_tqdm,
+                           lora_request=lora_request)
         return [ClassificationRequestOutput.from_pooling(o) for o in outs]
 
     def score(self, data_1, data_2, *, truncate_prompt_tokens=None, truncation_side=None, use_activation=None,
-              use_tqdm=True, score_template=None) -> list[ScoringRequestOutput]:
+              use_tqdm=True, score_template=None, lora_request=None) -> list[ScoringRequestOutput]:
         """Cross-encoder relevance of text pairs (1:1, 1:N or N:N): ``.outputs.score``.
 
         Without ``score_template`` a pair is tokenised as the tokenizer does a text pair,
@@ -378,5 +411,5 @@ class LLM:
             toks = self.engine.inputs.process(texts, truncate_prompt_tokens, truncation_side, what="pairs")
         else:
             toks, _, _ = self.engine.inputs.process_pairs(data_1, data_2, truncate_prompt_tokens, truncation_side)
-        outs = self._run(toks, act, use_tqdm, "Scoring")
+        outs = self._run(toks, act, use_tqdm, "Scoring", lora_request)
         return [ScoringRequestOutput.from_pooling(o) for o in outs]

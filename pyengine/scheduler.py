@@ -52,12 +52,15 @@ class WaitingQueue:
     re-packing the whole queue every step: that per-step O(n log n) becomes O(n^2 log n)
     over a pass of n requests. Here a step costs O(batch + log n), amortised.
 
-    Each item has a key ``length << 40 | arrival number``: sorting the keys sorts by
-    length, ties by arrival, as ``next_batch``'s stable sort does.
+    Each item has a key ``group << 80 | length << 40 | arrival number``: sorting the
+    keys sorts by group, then by length, ties by arrival, as ``next_batch``'s stable sort
+    does. A batch holds one group (a LoRA adapter id; 0 for none): the group of the
+    oldest waiting item, so no group waits behind a stream of another's.
     """
 
     _SEQ_BITS = 40
     _SEQ_MASK = (1 << _SEQ_BITS) - 1
+    _GROUP_SHIFT = 2 * _SEQ_BITS
 
     def __init__(self):
         self._keys: dict[str, int] = {}  # id -> key, in arrival order
@@ -93,10 +96,11 @@ class WaitingQueue:
             return self._by_key[key][1]
         return None
 
-    def add(self, item_id: str, length: int, item):
+    def add(self, item_id: str, length: int, item, group: int = 0):
+        """group: a non-negative int; only items of one group share a batch."""
         if item_id in self._keys:
             raise ValueError(f"id {item_id!r} is already queued")
-        key = (length << self._SEQ_BITS) | self._next_seq
+        key = (group << self._GROUP_SHIFT) | (length << self._SEQ_BITS) | self._next_seq
         self._next_seq = (self._next_seq + 1) & self._SEQ_MASK
         self._keys[item_id] = key
         self._by_key[key] = (item_id, item)
@@ -118,25 +122,29 @@ class WaitingQueue:
         return item
 
     def pop_batch(self, max_num_batched_tokens: int, max_num_seqs: int, oldest_first: bool = False) -> list:
-        """Remove and return the items of the next batch: the shortest first, as many as
-        fit under both budgets; with ``oldest_first``, starting from the oldest item in
-        length order (so a long item that has waited too long runs next)."""
+        """Remove and return the items of the next batch, all of the oldest item's group:
+        the shortest first, as many as fit under both budgets; with ``oldest_first``,
+        starting from the oldest item in length order (so a long item that has waited
+        too long runs next)."""
         if not self._keys:
             return []
         keys = self._sorted
         if self._dirty:
             keys.sort()
             self._dirty = False
-        start = bisect_left(keys, next(iter(self._keys.values()))) if oldest_first else 0
+        oldest = next(iter(self._keys.values()))
+        group = oldest >> self._GROUP_SHIFT
+        start = bisect_left(keys, oldest if oldest_first else group << self._GROUP_SHIFT)
+        end = bisect_left(keys, (group + 1) << self._GROUP_SHIFT, lo=start)
         by_key, items, tokens, dead = self._by_key, [], 0, 0
-        i, n = start, len(keys)
-        while i < n and len(items) < max_num_seqs:
+        i = start
+        while i < end and len(items) < max_num_seqs:
             entry = by_key.get(keys[i])
             if entry is None:  # removed since it was indexed
                 dead += 1
                 i += 1
                 continue
-            length = keys[i] >> self._SEQ_BITS
+            length = (keys[i] >> self._SEQ_BITS) & self._SEQ_MASK
             if length > max_num_batched_tokens:
                 raise ValueError(f"request {entry[0]!r} has {length} tokens, more than "
                                  f"max_num_batched_tokens={max_num_batched_tokens}")

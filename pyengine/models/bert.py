@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..lora import layer_deltas, linear
 from .loader import WeightSink
 
 _ACTS = {
@@ -57,6 +58,10 @@ class BertForSequenceClassification(nn.Module):
     # that do not either, one CUDA graph per batch shape holds it (pyengine.cuda_graph).
     graph_ops = ("embed_layer_norm", "varlen_attention", "pooled_query_attention", "add_layer_norm",
                  "gather_pooled")
+    # What a LoRA adapter (pyengine.lora) may change: these weights of every layer, added
+    # unmerged, and the fp32 head, merged.
+    lora_weights = ("qkv_w", "o_w", "up_w", "down_w")
+    head_params = ("dense_w", "dense_b", "out_w", "out_b")
 
     def __init__(self, config, arch, dtype, device, ops, pooling=None):
         super().__init__()
@@ -102,7 +107,8 @@ class BertForSequenceClassification(nn.Module):
         self.out_w, self.out_b = _p(self.num_labels, H, **f32), _p(self.num_labels, **f32)
 
     # ------------------------------------------------------------------ forward
-    def forward(self, batch):
+    def forward(self, batch, lora=None):
+        """batch: RaggedBatch; lora: a LoRAAdapter for every sequence of it, or None."""
         ops = self.ops
         T = batch.num_tokens
         positions = batch.positions + self.pad_offset if self.pad_offset else batch.positions
@@ -112,23 +118,26 @@ class BertForSequenceClassification(nn.Module):
         nh, hd = self.num_heads, self.head_dim
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
+            d = layer_deltas(lora, i)
             if i == last and self.pooling != "mean":
-                return self.head(self._pooled_last_layer(x, layer, batch))
-            qkv = F.linear(x, layer.qkv_w, layer.qkv_b).view(T, 3, nh, hd)
+                return self.head(self._pooled_last_layer(x, layer, batch, d), lora)
+            qkv = linear(x, layer.qkv_w, layer.qkv_b, d.get("qkv_w")).view(T, 3, nh, hd)
             attn = ops.varlen_attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], batch.cu_seqlens, batch.max_seqlen,
                                         causal=False, scale=hd ** -0.5)
-            x = self._finish_layer(layer, attn.reshape(T, nh * hd), x)
+            x = self._finish_layer(layer, attn.reshape(T, nh * hd), x, d)
         pooled = ops.gather_pooled(x, batch.cu_seqlens, self.pooling).float()
-        return self.head(pooled)
+        return self.head(pooled, lora)
 
-    def _finish_layer(self, layer, attn, x):
-        """Output projection, residual + LayerNorm, MLP, residual + LayerNorm."""
-        h = F.linear(attn, layer.o_w, layer.o_b)
+    def _finish_layer(self, layer, attn, x, d):
+        """Output projection, residual + LayerNorm, MLP, residual + LayerNorm; d: the
+        layer's LoRA deltas."""
+        h = linear(attn, layer.o_w, layer.o_b, d.get("o_w"))
         x, _ = self.ops.add_layer_norm(h, x, layer.ln1_w, layer.ln1_b, self.eps)
-        h = F.linear(self.act(F.linear(x, layer.up_w, layer.up_b)), layer.down_w, layer.down_b)
+        h = self.act(linear(x, layer.up_w, layer.up_b, d.get("up_w")))
+        h = linear(h, layer.down_w, layer.down_b, d.get("down_w"))
         return self.ops.add_layer_norm(h, x, layer.ln2_w, layer.ln2_b, self.eps)[0]
 
-    def _pooled_last_layer(self, x, layer, batch):
+    def _pooled_last_layer(self, x, layer, batch, d):
         """The last layer for the pooled rows only: keys and values still come from every
         token, but the query, the attention output, the projection and the MLP are only
         computed where a row reaches the head. Returns (B, H) fp32."""
@@ -136,17 +145,18 @@ class BertForSequenceClassification(nn.Module):
         cu = batch.cu_seqlens
         first = cu[:-1].long()
         rows = first if self.pooling == "cls" else cu[1:].long() - 1
-        kv = F.linear(x, layer.qkv_w[H:], layer.qkv_b[H:]).view(-1, 2, nh, hd)
+        kv = linear(x, layer.qkv_w, layer.qkv_b, d.get("qkv_w"), slice(H, None)).view(-1, 2, nh, hd)
         xr = x[rows]
-        q = F.linear(xr, layer.qkv_w[:H], layer.qkv_b[:H]).view(-1, nh, hd)
+        q = linear(xr, layer.qkv_w, layer.qkv_b, d.get("qkv_w"), slice(0, H)).view(-1, nh, hd)
         attn = self.ops.pooled_query_attention(q, kv[:, 0], kv[:, 1], cu, batch.max_seqlen, rows - first,
                                                causal=False, scale=hd ** -0.5)
-        return self._finish_layer(layer, attn.reshape(-1, nh * hd), xr).float()
+        return self._finish_layer(layer, attn.reshape(-1, nh * hd), xr, d).float()
 
-    def head(self, pooled):
-        """pooled: (B, H) fp32 -> (B, num_labels) fp32."""
-        h = torch.tanh(F.linear(pooled, self.dense_w, self.dense_b))
-        return F.linear(h, self.out_w, self.out_b)
+    def head(self, pooled, lora=None):
+        """pooled: (B, H) fp32 -> (B, num_labels) fp32; with lora, its head parameters."""
+        p = lora.head if lora is not None else {}
+        h = torch.tanh(F.linear(pooled, p.get("dense_w", self.dense_w), p.get("dense_b", self.dense_b)))
+        return F.linear(h, p.get("out_w", self.out_w), p.get("out_b", self.out_b))
 
     # ------------------------------------------------------------------ weights
     def param_targets(self, name):

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..lora import layer_deltas, linear
 from . import convert, rope
 from .bert import _ACTS
 from .loader import WeightSink
@@ -101,6 +102,10 @@ class DecoderForSequenceClassification(nn.Module):
     # that do not either, one CUDA graph per batch shape holds it (pyengine.cuda_graph).
     graph_ops = ("varlen_attention", "pooled_query_attention", "add_rms_norm", "add_layer_norm", "rotary",
                  "qk_norm_rotary", "gated_act", "pooled_norm")
+    # What a LoRA adapter (pyengine.lora) may change: these weights of every layer, added
+    # unmerged, and the fp32 head, merged.
+    lora_weights = ("qkv_w", "o_w", "up_w", "down_w")
+    head_params = ("pool_w", "pool_b", "score_w", "score_b")
 
     def __init__(self, config, arch, dtype, device, ops, pooling=None):
         super().__init__()
@@ -246,12 +251,13 @@ class DecoderForSequenceClassification(nn.Module):
             return self.ops.add_rms_norm(x, residual, w, self.eps, self.fam.norm_offset)
         return self.ops.add_layer_norm(x, residual, w, b, self.eps)
 
-    def _attention(self, i, layer, h, batch, rows=None):
-        """h: (T, H) -> attention output before o_proj, (T, Hq * D); with rows (B,) only
-        those query rows attend (against every key), giving (B, Hq * D)."""
+    def _attention(self, i, layer, h, batch, d, rows=None):
+        """h: (T, H) -> attention output before o_proj, (T, Hq * D); d: the layer's LoRA
+        deltas; with rows (B,) only those query rows attend (against every key), giving
+        (B, Hq * D)."""
         ops, nh, nkv, hd = self.ops, self.nh, self.nkv, self.hd
         T = h.shape[0]
-        qkv = F.linear(h, layer.qkv_w, layer.qkv_b)
+        qkv = linear(h, layer.qkv_w, layer.qkv_b, d.get("qkv_w"))
         q, k, v = qkv.split([nh * hd, nkv * hd, nkv * hd], dim=-1)
         q, k, v = q.view(T, nh, hd), k.view(T, nkv, hd), v.view(T, nkv, hd)
         if layer.q_norm is not None and not self.fam.learned_pos:
@@ -273,10 +279,10 @@ class DecoderForSequenceClassification(nn.Module):
                                              window=self.windows[i])
         return out.reshape(out.shape[0], nh * hd)
 
-    def _mlp(self, layer, h):
-        u = F.linear(h, layer.up_w, layer.up_b)
+    def _mlp(self, layer, h, d):
+        u = linear(h, layer.up_w, layer.up_b, d.get("up_w"))
         u = self.ops.gated_act(u, self.act) if self.fam.gated else self.act(u)
-        return F.linear(u, layer.down_w, layer.down_b)
+        return linear(u, layer.down_w, layer.down_b, d.get("down_w"))
 
     def _embed(self, batch):
         x = F.embedding(batch.input_ids, self.embed)
@@ -300,7 +306,8 @@ class DecoderForSequenceClassification(nn.Module):
             return cu[:-1]
         return None
 
-    def forward(self, batch):
+    def forward(self, batch, lora=None):
+        """batch: RaggedBatch; lora: a LoRAAdapter for every sequence of it, or None."""
         x = self._embed(batch)
         rows = self._rows(batch)
         cu, pooling = batch.cu_seqlens, self.pooling
@@ -310,33 +317,36 @@ class DecoderForSequenceClassification(nn.Module):
         last = self.num_layers - 1
         if self.fam.post_norm:
             for i, layer in enumerate(self.layers):
+                d = layer_deltas(lora, i)
                 if i == last and rows is not None:
-                    a, x = self._attention(i, layer, x, batch, rows), x[rows]
+                    a, x = self._attention(i, layer, x, batch, d, rows), x[rows]
                 else:
-                    a = self._attention(i, layer, x, batch)
-                x = self._norm(F.linear(a, layer.o_w, layer.o_b), x, layer.ln1_w, layer.ln1_b)[0]
-                x = self._norm(self._mlp(layer, x), x, layer.ln2_w, layer.ln2_b)[0]
-            return self.head(self.ops.pooled_norm(x, cu, pooling, None, None, None, self.eps))
+                    a = self._attention(i, layer, x, batch, d)
+                x = self._norm(linear(a, layer.o_w, layer.o_b, d.get("o_w")), x, layer.ln1_w, layer.ln1_b)[0]
+                x = self._norm(self._mlp(layer, x, d), x, layer.ln2_w, layer.ln2_b)[0]
+            return self.head(self.ops.pooled_norm(x, cu, pooling, None, None, None, self.eps), lora)
         h, res = self._norm(x, None, self.layers[0].ln1_w, self.layers[0].ln1_b)
         for i, layer in enumerate(self.layers):
+            d = layer_deltas(lora, i)
             if i == last and rows is not None:
-                a, res = self._attention(i, layer, h, batch, rows), res[rows]
+                a, res = self._attention(i, layer, h, batch, d, rows), res[rows]
             else:
-                a = self._attention(i, layer, h, batch)
-            h, res = self._norm(F.linear(a, layer.o_w, layer.o_b), res, layer.ln2_w, layer.ln2_b)
-            m = self._mlp(layer, h)
+                a = self._attention(i, layer, h, batch, d)
+            h, res = self._norm(linear(a, layer.o_w, layer.o_b, d.get("o_w")), res, layer.ln2_w, layer.ln2_b)
+            m = self._mlp(layer, h, d)
             if i < last:
                 nxt = self.layers[i + 1]
                 h, res = self._norm(m, res, nxt.ln1_w, nxt.ln1_b)
         pooled = self.ops.pooled_norm(m, cu, pooling, self.norm_kind, self.norm_w, self.norm_b, self.eps,
                                       self.fam.norm_offset, residual=res)
-        return self.head(pooled)
+        return self.head(pooled, lora)
 
-    def head(self, pooled):
-        """pooled: (B, H) fp32 -> (B, num_labels) fp32."""
+    def head(self, pooled, lora=None):
+        """pooled: (B, H) fp32 -> (B, num_labels) fp32; with lora, its head parameters."""
+        p = lora.head if lora is not None else {}
         if self.fam.head == "pooler":
-            pooled = torch.tanh(F.linear(pooled, self.pool_w, self.pool_b))
-        logits = F.linear(pooled, self.score_w, self.score_b)
+            pooled = torch.tanh(F.linear(pooled, p.get("pool_w", self.pool_w), p.get("pool_b", self.pool_b)))
+        logits = F.linear(pooled, p.get("score_w", self.score_w), p.get("score_b", self.score_b))
         return logits / self.temperature if self.temperature != 1.0 else logits
 
     # ------------------------------------------------------------------ weights

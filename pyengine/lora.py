@@ -1,0 +1,276 @@
+"""LoRA adapters on a loaded classifier: PEFT checkpoints, applied unmerged per batch.
+
+An adapter is a directory as PEFT's ``save_pretrained`` writes it:
+``adapter_config.json`` (``r``, ``lora_alpha``, ``use_rslora``, ``alpha_pattern``,
+``modules_to_save``, ...) and ``adapter_model.safetensors`` (or ``adapter_model.bin``)
+holding ``base_model.model.<module>.lora_A.weight`` (r, in) and ``lora_B.weight``
+(out, r) per adapted linear layer, plus whole weights for the modules it saves (the
+classifier head of a sequence-classification adapter).
+
+The backbone's weights stay as loaded and are shared by every adapter. For each fused
+linear of a layer (qkv, o, gate|up, down) an adapter keeps one pair A (R, in),
+B (out, R), with the scale folded into B and R the summed ranks of the modules packed
+into that weight, so a batch with an adapter pays ``(x @ A^T) @ B^T`` on top of each
+adapted matmul. The head (fp32, a few rows) is merged instead: the adapter carries its
+own copy of each head parameter it changes.
+
+A batch runs one adapter: the scheduler groups waiting requests by adapter (see
+``pyengine.scheduler.WaitingQueue``). Batches with an adapter run eagerly (no CUDA graph).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections import OrderedDict
+from dataclasses import dataclass
+from types import MappingProxyType
+
+import torch
+import torch.nn.functional as F
+
+# No adapter, or a layer the adapter leaves alone: every lookup gives None.
+NO_DELTAS = MappingProxyType({})
+
+_PREFIX = "base_model.model."
+_LORA_KEY = re.compile(r"(.+)\.lora_([AB])\.weight")
+# Configuration that changes what the weights mean, which this engine does not run.
+_UNSUPPORTED = {"use_dora": "DoRA (use_dora)", "lora_bias": "lora_bias", "layer_replication": "layer_replication",
+                "target_parameters": "target_parameters", "alora_invocation_tokens": "aLoRA",
+                "trainable_token_indices": "trainable_token_indices", "use_qalora": "QALoRA"}
+
+
+@dataclass(frozen=True)
+class LoRARequest:
+    """The adapter a request runs with, as vLLM's class of that name.
+
+    lora_name: a name for messages and the server's model list; lora_int_id: an int >= 1
+    that identifies the adapter in the engine's cache; lora_path: a local PEFT adapter
+    directory."""
+    lora_name: str
+    lora_int_id: int
+    lora_path: str | os.PathLike
+
+    def __post_init__(self):
+        if not isinstance(self.lora_name, str) or not self.lora_name:
+            raise ValueError(f"LoRARequest.lora_name must be a non-empty str, got {self.lora_name!r}")
+        if not isinstance(self.lora_int_id, int) or isinstance(self.lora_int_id, bool) or self.lora_int_id < 1:
+            raise ValueError(f"LoRARequest.lora_int_id must be an int >= 1, got {self.lora_int_id!r}")
+        if not isinstance(self.lora_path, (str, os.PathLike)):
+            raise TypeError(f"LoRARequest.lora_path must be a path, got {type(self.lora_path).__name__}")
+
+
+class LoRAAdapter:
+    """One adapter, loaded for one model.
+
+    layers: per layer, {weight name ("qkv_w", "o_w", "up_w", "down_w"): (A (R, in), B
+    (out, R))} in the model's dtype and device, scale folded into B; head: {head
+    parameter name: fp32 tensor} replacing the model's own; rank: the largest module rank."""
+
+    __slots__ = ("name", "id", "path", "rank", "layers", "head")
+
+    def __init__(self, name, id, path, rank, layers, head):
+        self.name, self.id, self.path, self.rank = name, id, path, rank
+        self.layers, self.head = layers, head
+
+    def __repr__(self):
+        return f"LoRAAdapter({self.name!r}, id={self.id}, rank={self.rank}, path={self.path!r})"
+
+
+def layer_deltas(lora, i):
+    """Layer i's {weight name: (A, B)} under ``lora`` (a LoRAAdapter or None)."""
+    return NO_DELTAS if lora is None else lora.layers[i]
+
+
+def linear(x, w, b, delta=None, part=None):
+    """``F.linear(x, w[part], b[part])`` plus a LoRA delta.
+
+    x: (N, in); w: (out, in); b: (out,) or None; delta: None or (A (R, in), B (out, R));
+    part: a slice of the output rows (one piece of a fused weight) or None -> (N, out')."""
+    if part is not None:
+        w, b = w[part], (None if b is None else b[part])
+    y = F.linear(x, w, b)
+    if delta is not None:
+        a, bm = delta
+        y = y.addmm_(F.linear(x, a), (bm if part is None else bm[part]).t())
+    return y
+
+
+def _read_adapter(path, what):
+    """(adapter_config dict, {key: tensor}) of a PEFT adapter directory."""
+    path = os.fspath(path)
+    cfg_file = os.path.join(path, "adapter_config.json")
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{what}: adapter directory {path!r} does not exist")
+    if not os.path.isfile(cfg_file):
+        raise FileNotFoundError(f"{what}: {path!r} has no adapter_config.json (not a PEFT adapter)")
+    try:
+        with open(cfg_file) as f:
+            cfg = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{what}: cannot read {cfg_file}: {e}") from e
+    st, pt = os.path.join(path, "adapter_model.safetensors"), os.path.join(path, "adapter_model.bin")
+    try:
+        if os.path.isfile(st):
+            from safetensors.torch import load_file
+
+            tensors = load_file(st, device="cpu")
+        elif os.path.isfile(pt):
+            tensors = torch.load(pt, map_location="cpu", weights_only=True)
+        else:
+            raise FileNotFoundError(f"{what}: {path!r} has no adapter_model.safetensors or adapter_model.bin")
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # safetensors and torch.load raise many types on bad files
+        raise ValueError(f"{what}: corrupt or unreadable adapter weights in {path!r}: {type(e).__name__}: {e}") from e
+    return cfg, tensors
+
+
+def _check_config(cfg, what):
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{what}: adapter_config.json is not a JSON object")
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{what}: peft_type {cfg.get('peft_type')!r} is not supported (only LORA)")
+    for key, label in _UNSUPPORTED.items():
+        if cfg.get(key):
+            raise ValueError(f"{what}: {label} is not supported")
+    if cfg.get("bias", "none") != "none":
+        raise ValueError(f"{what}: bias={cfg['bias']!r} is not supported (only 'none')")
+    for key in ("r", "lora_alpha"):
+        v = cfg.get(key)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
+            raise ValueError(f"{what}: adapter_config.json {key}={v!r} is not a positive number")
+
+
+def _alpha(cfg, module):
+    """The module's lora_alpha: the first alpha_pattern key that matches the end of its
+    dotted name (as PEFT matches them), else the config's lora_alpha."""
+    for pattern, alpha in (cfg.get("alpha_pattern") or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return alpha
+    return cfg["lora_alpha"]
+
+
+def load_adapter(request: LoRARequest, model, max_rank: int) -> LoRAAdapter:
+    """Read a PEFT LoRA adapter for ``model`` (a pyengine model with ``param_targets``,
+    ``lora_weights`` and ``head_params``), checking every weight against the model
+    before anything is kept. Raises FileNotFoundError / ValueError naming the adapter
+    and what is wrong."""
+    what = f"LoRA adapter {request.lora_name!r}"
+    cfg, tensors = _read_adapter(request.lora_path, what)
+    _check_config(cfg, what)
+    ref = model.layers[0].qkv_w
+    pairs, saved = {}, {}
+    for key, t in tensors.items():
+        name = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
+        if ".lora_embedding_" in name or ".lora_magnitude_vector" in name:
+            raise ValueError(f"{what}: {name} is not supported (LoRA on embeddings and DoRA are not)")
+        m = _LORA_KEY.fullmatch(name)
+        if m:
+            pairs.setdefault(m.group(1), {})[m.group(2)] = t
+        else:  # a module saved whole (modules_to_save), maybe under PEFT's wrapper names
+            saved[re.sub(r"\.modules_to_save(\.default)?\.", ".", name)] = t
+    if not pairs and not saved:
+        raise ValueError(f"{what}: the adapter holds no weights")
+    head = {}
+
+    def head_param(param, key):
+        if param not in model.head_params:
+            raise ValueError(f"{what}: {key} changes {param}, which is not part of the classifier head; only "
+                             "the head may be saved whole (modules_to_save)")
+        if param not in head:
+            base = getattr(model, param, None)
+            if base is None:
+                raise ValueError(f"{what}: {key} changes {param}, which this model does not have")
+            head[param] = base.detach().float().clone()
+        return head[param]
+
+    for key, t in saved.items():
+        targets = model.param_targets(key)
+        if not targets:
+            raise ValueError(f"{what}: saved weight {key} has no counterpart in this model")
+        for param, rows, _ in targets:
+            dst = head_param(param, key)
+            dst = dst if rows is None else dst[rows]
+            if dst.shape != t.shape:
+                raise ValueError(f"{what}: {key} has shape {tuple(t.shape)}, the model's {param} is "
+                                 f"{tuple(dst.shape)} (an adapter for another model or label count?)")
+            dst.copy_(t.float())
+    pieces, rank = {}, 0  # (layer, weight) -> [(rows, A, scaled B)]
+    for module, ab in sorted(pairs.items()):
+        if set(ab) != {"A", "B"}:
+            have = next(iter(ab))
+            raise ValueError(f"{what}: {module} has lora_{have} but not lora_{'B' if have == 'A' else 'A'}")
+        a, b = ab["A"], ab["B"]
+        r = a.shape[0]
+        if a.ndim != 2 or b.ndim != 2 or b.shape[1] != r:
+            raise ValueError(f"{what}: {module} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}, which do "
+                             "not make a rank-r product")
+        if r > max_rank:
+            raise ValueError(f"{what}: {module} has rank {r}, over max_lora_rank={max_rank}")
+        rank = max(rank, r)
+        scale = _alpha(cfg, module) / (math.sqrt(r) if cfg.get("use_rslora") else r)
+        targets = model.param_targets(module + ".weight")
+        if not targets:
+            raise ValueError(f"{what}: {module} is not a linear layer of this model")
+        for param, rows, how in targets:
+            # A Conv1D's ("t") LoRA pair is stored as a Linear's, so only row picks apply.
+            src = (b[how[1]] if isinstance(how, tuple) else b).float() * scale
+            full = getattr(model, param, None) if "." not in param else model.get_parameter(param)
+            if full is None:
+                raise ValueError(f"{what}: {module} adapts {param}, which this model does not have")
+            n_out = full.shape[0] if rows is None else rows.stop - rows.start
+            if a.shape[1] != full.shape[1] or src.shape[0] != n_out:
+                raise ValueError(f"{what}: {module} maps ({a.shape[1]} -> {src.shape[0]}), the model's layer is "
+                                 f"({full.shape[1]} -> {n_out}) (an adapter for another model?)")
+            if param in model.head_params:
+                dst = head_param(param, module)
+                (dst if rows is None else dst[rows]).add_((src.double() @ a.double()).float())
+                continue
+            layer, _, leaf = param.removeprefix("layers.").partition(".")
+            if not param.startswith("layers.") or leaf not in model.lora_weights:
+                raise ValueError(f"{what}: {module} adapts {param}, which does not take LoRA here (supported: "
+                                 f"{', '.join(model.lora_weights)} of each layer and the head)")
+            pieces.setdefault((int(layer), leaf), []).append((rows, a, src))
+    layers = [{} for _ in model.layers]
+    for (i, leaf), parts in pieces.items():
+        full = getattr(model.layers[i], leaf)
+        a_cat = torch.cat([a for _, a, _ in parts]).to(ref.dtype)
+        b_full = torch.zeros(full.shape[0], a_cat.shape[0], dtype=torch.float32)
+        col = 0
+        for rows, a, b in parts:
+            b_full[rows if rows is not None else slice(None), col:col + a.shape[0]] = b
+            col += a.shape[0]
+        layers[i][leaf] = (a_cat.to(ref.device), b_full.to(ref.dtype).to(ref.device))
+    head = {k: v.to(ref.device) for k, v in head.items()}
+    return LoRAAdapter(request.lora_name, request.lora_int_id, os.fspath(request.lora_path), rank, layers,
+                       MappingProxyType(head))
+
+
+class LoRAManager:
+    """Adapters by ``lora_int_id``, at most ``max_loras`` kept loaded (least recently
+    used dropped first). A dropped adapter stays alive for the requests that hold it."""
+
+    def __init__(self, model, max_loras: int, max_lora_rank: int):
+        self.model, self.max_loras, self.max_lora_rank = model, max_loras, max_lora_rank
+        self._cache: OrderedDict[int, LoRAAdapter] = OrderedDict()
+
+    def get(self, request: LoRARequest) -> LoRAAdapter:
+        if not isinstance(request, LoRARequest):
+            raise TypeError(f"lora_request must be a LoRARequest, got {type(request).__name__}")
+        hit = self._cache.get(request.lora_int_id)
+        if hit is not None:
+            if (hit.name, hit.path) != (request.lora_name, os.fspath(request.lora_path)):
+                raise ValueError(f"lora_int_id {request.lora_int_id} is already used by adapter {hit.name!r} at "
+                                 f"{hit.path!r}; give {request.lora_name!r} another id")
+            self._cache.move_to_end(request.lora_int_id)
+            return hit
+        adapter = load_adapter(request, self.model, self.max_lora_rank)
+        self._cache[request.lora_int_id] = adapter
+        while len(self._cache) > self.max_loras:
+            self._cache.popitem(last=False)
+        return adapter
+
+    def loaded(self) -> list[LoRAAdapter]:
+        return list(self._cache.values())
