@@ -92,9 +92,10 @@ class AsyncEngine:
         """Run ``fn(*args)`` (tokenisation, template rendering) on the tokenizer thread."""
         return await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, fn, *args)
 
-    async def run(self, prompts: list[TokenizedPrompt], activation: str | None) -> torch.Tensor:
-        """Queue ``prompts`` and wait for them: (len(prompts), num_labels) fp32 on the host.
-        Cancelling the await drops whatever of them has not run yet."""
+    async def run(self, prompts: list[TokenizedPrompt], activation: str | None, lora=None) -> torch.Tensor:
+        """Queue ``prompts`` (with ``lora``, a loaded LoRAAdapter, or None) and wait for
+        them: (len(prompts), num_labels) fp32 on the host. Cancelling the await drops
+        whatever of them has not run yet."""
         if not self.alive:
             raise RuntimeError("the engine loop is not running")
         if not prompts:
@@ -102,7 +103,7 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
         call = _Call(loop, loop.create_future(), len(prompts))
         base = next(self._ids)
-        reqs = [Request(f"{base}-{i}", p, activation) for i, p in enumerate(prompts)]
+        reqs = [Request(f"{base}-{i}", p, activation, lora) for i, p in enumerate(prompts)]
         with self._count_lock:
             self._handed_over += len(reqs)
         self._send(("add", reqs, call))

@@ -7,6 +7,9 @@ its own (so one bad request fails alone), then its sequences join the engine cor
 queue, which one worker thread packs under the token budget (see async_engine). A
 client that disconnects has its queued sequences dropped. Needs the ``serve`` extra
 (fastapi, uvicorn).
+
+LoRA adapters (``--enable-lora --lora-modules NAME=PATH ...``) are served as extra
+model names, as vLLM does: a request whose ``model`` is an adapter's name runs with it.
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 from .async_engine import AsyncEngine
 from .config import EngineConfig
 from .engine import EngineCore
+from .lora import LoRARequest
 from .metrics import Metrics
 from .pooler import score_activation
 from .serve_protocol import (ApiError, ClassifyRequest, PoolingRequest, RerankRequest, ScoreRequest, encode_floats,
@@ -57,12 +61,19 @@ async def _wait_disconnect(request: Request):
 
 class Server:
     """The routes over one EngineCore. ``names``: the served model names (the first is
-    the one responses report); ``max_inputs``: inputs (or pairs) one request may hold."""
+    the one responses report); ``max_inputs``: inputs (or pairs) one request may hold;
+    ``lora_modules``: {name: adapter directory}, each loaded and checked here."""
 
     def __init__(self, core: EngineCore, names: list[str], max_inputs: int = 1024,
-                 max_request_bytes: int = 64 << 20):
+                 max_request_bytes: int = 64 << 20, lora_modules: dict | None = None):
         if max_inputs < 1:
             raise ValueError(f"max_inputs must be positive, got {max_inputs}")
+        self.loras = {}
+        for i, (name, path) in enumerate((lora_modules or {}).items()):
+            if name in names:
+                raise ValueError(f"LoRA module name {name!r} is also a served model name")
+            self.loras[name] = LoRARequest(name, i + 1, path)
+            core.lora_adapters(self.loras[name], 1)  # fails now on a bad adapter, or with LoRA off
         self.core, self.names, self.max_inputs = core, list(names), max_inputs
         self.max_request_bytes = max_request_bytes
         self.metrics = Metrics()
@@ -88,8 +99,9 @@ class Server:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ApiError(400, f"malformed JSON body: {e}") from None
         req = validate(cls, data)
-        if req.model is not None and req.model not in self.names:
-            raise ApiError(404, f"The model `{req.model}` does not exist; this server serves {self.names}")
+        if req.model is not None and req.model not in self.names and req.model not in self.loras:
+            raise ApiError(404, f"The model `{req.model}` does not exist; this server serves "
+                                f"{self.names + list(self.loras)}")
         if req.priority != 0:
             raise ApiError(400, "priority scheduling is not enabled on this server; priority must be 0")
         return req
@@ -104,12 +116,19 @@ class Server:
             use_activation = self.core.cfg.pooler_config.use_activation
         return kind if use_activation else None
 
-    async def _run(self, request, stats, prepare, *args):
-        """Tokenise (``prepare(*args)`` on the tokenizer thread) then run; abandoned if
-        the client goes away meanwhile. Returns (prompts, outputs)."""
+    async def _run(self, request, stats, req, prepare, *args):
+        """Tokenise (``prepare(req, *args)`` on the tokenizer thread, where ``req``'s
+        adapter is loaded too) then run; abandoned if the client goes away meanwhile.
+        Returns (prompts, outputs)."""
+        lora = self.loras.get(req.model)
+
+        def prepare_all():
+            adapter = None if lora is None else self.core.lora_adapters(lora, 1)[0]
+            return *prepare(req, *args), adapter
+
         async def work():
-            prompts, activation = await self.engine.preprocess(prepare, *args)
-            return prompts, await self.engine.run(prompts, activation)
+            prompts, activation, adapter = await self.engine.preprocess(prepare_all)
+            return prompts, await self.engine.run(prompts, activation, adapter)
 
         task = asyncio.ensure_future(work())
         watch = asyncio.ensure_future(_wait_disconnect(request))
@@ -134,9 +153,13 @@ class Server:
         return {"prompt_tokens": stats["tokens"], "total_tokens": stats["tokens"], "completion_tokens": 0,
                 "prompt_tokens_details": None}
 
+    def _model_name(self, req):
+        """The name a response reports: the adapter's, or the first served name."""
+        return req.model if req.model in self.loras else self.names[0]
+
     def _head(self, prefix, req):
         return {"id": f"{prefix}-{req.request_id or uuid.uuid4().hex}", "object": "list",
-                "created": int(time.time()), "model": self.names[0]}
+                "created": int(time.time()), "model": self._model_name(req)}
 
     # ------------------------------------------------------------------ tokenizer thread
     def _prepare_single(self, req: ClassifyRequest, prompts):
@@ -156,7 +179,7 @@ class Server:
     async def _run_single(self, request, stats, req: ClassifyRequest):
         prompts = parse_input(req.input) if req.input is not None else None
         self._check_count(len(prompts) if prompts is not None else 1, "inputs")
-        _, out = await self._run(request, stats, self._prepare_single, req, prompts)
+        _, out = await self._run(request, stats, req, self._prepare_single, prompts)
         return out
 
     async def classify(self, request, stats):
@@ -189,7 +212,7 @@ class Server:
         first, second, _ = req.pair()
         n = max(1 if isinstance(x, str) else len(x) for x in (first, second))
         self._check_count(n, "pairs")
-        _, out = await self._run(request, stats, self._prepare_pairs, req, first, second)
+        _, out = await self._run(request, stats, req, self._prepare_pairs, first, second)
         data = [{"index": i, "object": "score", "score": float(row[0])} for i, row in enumerate(out)]
         return {**self._head("score", req), "data": data, "usage": self._usage(stats)}
 
@@ -197,13 +220,13 @@ class Server:
         req = await self._read(request, RerankRequest)
         self._need_cross_encoder()
         self._check_count(len(req.documents), "documents")
-        _, out = await self._run(request, stats, self._prepare_pairs, req, req.query, req.documents)
+        _, out = await self._run(request, stats, req, self._prepare_pairs, req.query, req.documents)
         scores = [float(row[0]) for row in out]
         order = sorted(range(len(scores)), key=lambda i: -scores[i])  # stable: ties keep input order
         if req.top_n:
             order = order[:req.top_n]
         results = [{"index": i, "document": {"text": req.documents[i]}, "relevance_score": scores[i]} for i in order]
-        return {"id": f"rerank-{req.request_id or uuid.uuid4().hex}", "model": self.names[0],
+        return {"id": f"rerank-{req.request_id or uuid.uuid4().hex}", "model": self._model_name(req),
                 "usage": {"prompt_tokens": stats["tokens"], "total_tokens": stats["tokens"]}, "results": results}
 
     # ------------------------------------------------------------------ app
@@ -271,7 +294,10 @@ class Server:
             card = {"object": "model", "created": self.created, "owned_by": "pyengine",
                     "root": str(self.core.cfg.model), "parent": None, "max_model_len": self.core.max_model_len,
                     "permission": []}
-            return {"object": "list", "data": [{"id": n, **card} for n in self.names]}
+            data = [{"id": n, **card} for n in self.names]
+            data += [{"id": n, **card, "root": str(r.lora_path), "parent": self.names[0]}
+                     for n, r in self.loras.items()]
+            return {"object": "list", "data": data}
 
         @app.get("/metrics")
         async def metrics():
@@ -322,22 +348,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pooler-config", type=json.loads, default=None, help="JSON object")
     p.add_argument("--served-model-name", nargs="+", default=None,
                    help="names clients may use in 'model' (default: --model); the first is reported")
+    p.add_argument("--enable-lora", action="store_true", help="accept LoRA adapters (--lora-modules)")
+    p.add_argument("--lora-modules", nargs="+", default=[], metavar="NAME=PATH",
+                   help="PEFT LoRA adapters served under their own model names")
+    p.add_argument("--max-loras", type=int, default=1, help="adapters kept loaded at once")
+    p.add_argument("--max-lora-rank", type=int, default=16)
     p.add_argument("--max-inputs-per-request", type=int, default=1024)
     p.add_argument("--max-request-bytes", type=int, default=64 << 20)
     p.add_argument("--log-level", default="info")
     return p
 
 
+def _lora_modules(parser, specs):
+    modules = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            parser.error(f"--lora-modules takes NAME=PATH entries, got {spec!r}")
+        if name in modules:
+            parser.error(f"--lora-modules names {name!r} twice")
+        modules[name] = path
+    return modules
+
+
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    lora_modules = _lora_modules(parser, args.lora_modules)
+    if lora_modules and not args.enable_lora:
+        parser.error("--lora-modules needs --enable-lora")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     core = EngineCore(EngineConfig(
         model=args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device,
         max_model_len=args.max_model_len, max_num_batched_tokens=args.max_num_batched_tokens,
         max_num_seqs=args.max_num_seqs, hf_overrides=args.hf_overrides, pooler_config=args.pooler_config,
-        kernel_backend=args.kernel_backend, convert=args.convert, enforce_eager=args.enforce_eager))
+        kernel_backend=args.kernel_backend, convert=args.convert, enforce_eager=args.enforce_eager,
+        enable_lora=args.enable_lora, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank))
     server = Server(core, args.served_model_name or [args.model], args.max_inputs_per_request,
-                    args.max_request_bytes)
+                    args.max_request_bytes, lora_modules)
     uvicorn.run(server.build_app(), host=args.host, port=args.port, log_level=args.log_level.lower())
 
 

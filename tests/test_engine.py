@@ -424,13 +424,13 @@ class Pipeline:
         self.log, self.batches, self.fail_launch, self.fail_wait = [], [], set(), set()
         launch = core.launch_batch
 
-        def wrapped(prompts, activations):
+        def wrapped(prompts, activations, lora=None):
             k = len(self.batches)
             self.batches.append([p.token_ids for p in prompts])
             self.log.append(("launch", k))
             if k in self.fail_launch:
                 raise RuntimeError(f"launch {k} failed")
-            pending = launch(prompts, activations)
+            pending = launch(prompts, activations, lora)
             pending.ready = _Event(self, k)
             return pending
 

@@ -43,14 +43,14 @@ class Gate:
         self.fail_next = False
         run = core.launch_batch
 
-        def gated(prompts, activations):
+        def gated(prompts, activations, lora=None):
             self.sizes.append(len(prompts))
             self.entered.set()
             self.open.wait(60)
             if self.fail_next:
                 self.fail_next = False
                 raise RuntimeError("injected model fault")
-            return run(prompts, activations)
+            return run(prompts, activations, lora)
         core.launch_batch = gated
 
     def close(self):
