@@ -177,8 +177,9 @@ setup(
         "serve": ["fastapi", "uvicorn"],
         "ray": ["ray[data,serve]>=2.60", "pyarrow>=14"],
         "templates": ["jinja2"],
+        # peft: the reference the LoRA tests compare against
         "test": ["pytest", "pytest-timeout", "pytest-benchmark", "fastapi", "uvicorn", "ray[data,serve]>=2.60", "pyarrow>=14",
-                 "jinja2"],
+                 "jinja2", "peft"],
     },
     ext_modules=_cuda_extensions(),
     cmdclass={"build_ext": CMakeBuild},

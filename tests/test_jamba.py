@@ -55,6 +55,13 @@ def test_jamba_matches_transformers_and_is_batch_invariant(jamba):
     torch.testing.assert_close(got, alone, atol=1e-5, rtol=0)
 
 
+def test_jamba_refuses_lora(jamba):
+    # Its mamba mixers have no LoRA path: enabling LoRA fails when the engine is built.
+    path, _ = jamba
+    with pytest.raises(ValueError, match="JambaForSequenceClassification does not support LoRA adapters"):
+        LLM(str(path), kernel_backend="torch", enable_lora=True)
+
+
 def test_jamba_reward_from_model_instance(tmp_path):
     """A reward head (num_labels 1), loaded from the in-memory model, whose experts are
     stacked (E, 2I, H) tensors rather than the per-expert names of the saved files."""

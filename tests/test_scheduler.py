@@ -33,25 +33,29 @@ def test_next_batch_anchored_on_an_old_request():
     assert next_batch([], 10, 2) == []
 
 
-def test_waiting_queue_picks_what_next_batch_picks():
+@pytest.mark.parametrize("groups", [
+    1,  # no adapters: every item in group 0
+    3,  # items of three LoRA adapters: a batch holds the oldest item's group only
+])
+def test_waiting_queue_picks_what_next_batch_picks(groups):
     # Random adds, removals and anchored or plain pops against next_batch over the
-    # waiting items in arrival order.
-    rng = random.Random(0)
-    q, ref, ids = WaitingQueue(), {}, iter(range(10 ** 6))
+    # waiting items of the oldest item's group, in arrival order.
+    rng = random.Random(groups)
+    q, ref, group, ids = WaitingQueue(), {}, {}, iter(range(10 ** 6))
     for step in range(3000):
         op = rng.random()
         if op < 0.5:
             rid = str(next(ids))
-            n = rng.randint(1, 12)
-            q.add(rid, n, ("item", rid))
-            ref[rid] = n
+            n, g = rng.randint(1, 12), rng.randrange(groups)
+            q.add(rid, n, ("item", rid), g)
+            ref[rid], group[rid] = n, g
         elif op < 0.7 and ref:
             rid = rng.choice(list(ref) + ["missing"])
             assert q.remove(rid) == (None if rid == "missing" else ("item", rid))
             ref.pop(rid, None)
         else:
             budget, seqs, anchored = rng.randint(12, 40), rng.randint(1, 6), rng.random() < 0.3
-            order = list(ref)
+            order = [r for r in ref if group[r] == group[next(iter(ref))]] if ref else []
             want = [order[i] for i in next_batch([ref[r] for r in order], budget, seqs, 0 if anchored else None)]
             got = q.pop_batch(budget, seqs, anchored)
             assert got == [("item", r) for r in want], step

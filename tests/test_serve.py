@@ -446,3 +446,65 @@ def test_bench_serve_smoke(tmp_path):
     report = json.loads(out.read_text())
     assert rc == 0 and report["errors"] == 0 and report["requests"] > 0, report
     assert report["sequences_per_s"] == pytest.approx(3 * report["requests_per_s"])
+
+
+# ---------------------------------------------------------------------- LoRA adapters
+@pytest.fixture(scope="module")
+def lora_env(tmp_path_factory):
+    from test_lora import make_adapter
+
+    from pyengine import LoRARequest
+
+    path = tmp_path_factory.mktemp("serve_lora")
+    save_tiny(path, _config(1), seed=7)
+    adapter = make_adapter(path, path / "adapter", seed=3, target_modules=["query", "value", "dense"])
+    core = EngineCore(EngineConfig(model=str(path), enable_lora=True))
+    server = Server(core, ["tiny-base"], max_inputs=MAX_INPUTS, lora_modules={"tiny-lora": str(adapter)})
+    url, stop = serve_in_thread(server.build_app())
+    llm = LLM(str(path), enable_lora=True)
+    yield Client(url, server), llm, LoRARequest("tiny-lora", 1, str(adapter)), adapter
+    stop()
+
+
+def test_lora_modules_are_served_as_model_names(lora_env):
+    """An adapter's name in 'model' runs it (as the offline call with its LoRARequest does);
+    the base name or none runs the base model; /v1/models lists the adapter under it."""
+    client, llm, lora, adapter = lora_env
+    status, r = client.request("GET", "/v1/models")
+    assert status == 200 and [m["id"] for m in r["data"]] == ["tiny-base", "tiny-lora"]
+    assert r["data"][1]["parent"] == "tiny-base" and r["data"][1]["root"] == str(adapter)
+    query, docs = "where is the cat", texts(5, 3)
+    for model, req in (("tiny-lora", lora), ("tiny-base", None), (None, None)):
+        body = {"query": query, "documents": docs, **({"model": model} if model else {})}
+        status, r = client.post("/rerank", body)
+        assert status == 200, r
+        want = [o.outputs.score for o in llm.score(query, docs, lora_request=req, use_tqdm=False)]
+        got = [0.0] * len(docs)
+        for x in r["results"]:
+            got[x["index"]] = x["relevance_score"]
+        assert close(got, want), (model, got, want)
+        assert r["model"] == (model or "tiny-base")
+        status, r = client.post("/classify", {"input": docs[:2], **({"model": model} if model else {})})
+        want = [o.outputs.probs for o in llm.classify(docs[:2], lora_request=req, use_tqdm=False)]
+        assert status == 200 and close([d["probs"] for d in r["data"]], want) and r["model"] == (model or "tiny-base")
+    base = [o.outputs.score for o in llm.score(query, docs, use_tqdm=False)]
+    with_lora = [o.outputs.score for o in llm.score(query, docs, lora_request=lora, use_tqdm=False)]
+    assert not close(base, with_lora), "the adapter does not change the scores: a weak test"
+
+
+def test_lora_command_line_and_bad_modules(lora_env, tmp_path):
+    from pyengine.serve import main
+
+    client, llm, _, adapter = lora_env
+    path = llm.config.model
+    for argv in (["--lora-modules", f"a={adapter}"], ["--enable-lora", "--lora-modules", "no-equals-sign"],
+                 ["--enable-lora", "--lora-modules", f"a={adapter}", f"a={adapter}"]):
+        with pytest.raises(SystemExit):
+            main(["--model", path, *argv])
+    with pytest.raises(ValueError, match="LoRA is not enabled"):
+        Server(EngineCore(EngineConfig(model=path)), ["m"], lora_modules={"a": str(adapter)})
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        Server(EngineCore(EngineConfig(model=path, enable_lora=True)), ["m"],
+               lora_modules={"a": str(tmp_path / "missing")})
+    status, r = client.post("/classify", {"input": "the cat", "model": "tiny-other"})
+    assert status == 404 and "tiny-lora" in r["error"]["message"]

@@ -1,0 +1,249 @@
+"""LoRA adapters against PEFT's own PeftModel over transformers' models, on the same
+base weights and adapter files."""
+import json
+import shutil
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForSequenceClassification, BertConfig, RobertaConfig
+
+from pyengine import LLM, LoRARequest
+from tiny import save_tiny
+
+peft = pytest.importorskip("peft")
+
+ATOL = 1e-4  # DESIGN's fp32 CPU bar on probabilities
+LENS = [1, 3, 9, 17, 33, 60, 2, 25]
+_BERT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+             hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+_DEC = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2, max_position_embeddings=512,
+            pad_token_id=0)
+
+# name -> (config factory, LoraConfig keywords). Together they cover q/k/v pieces of a
+# packed qkv weight (narrower k/v under GQA), gate|up packed, Conv1D (in, out) weights,
+# a LoRA on the fp32 pooler (merged), heads saved whole, rsLoRA and per-module
+# rank/alpha patterns.
+FAMILIES = {
+    # q and v only (k's rows of qkv get no delta); pooler.dense and output dense too
+    "bert": (lambda n: BertConfig(vocab_size=160, max_position_embeddings=64, num_labels=n, **_BERT),
+             dict(target_modules=["query", "value", "dense"])),
+    # classifier.dense/out_proj saved whole (modules_to_save), positions offset
+    "roberta": (lambda n: RobertaConfig(vocab_size=160, max_position_embeddings=66, pad_token_id=1, type_vocab_size=1,
+                                        num_labels=n, **_BERT),
+                dict(target_modules=["query", "key", "value", "intermediate.dense"])),
+    # every linear, GQA 4:1, rsLoRA scale, per-module rank and alpha
+    "qwen3": (lambda n: AutoConfig.for_model("qwen3", num_attention_heads=4, num_key_value_heads=1, head_dim=16,
+                                             num_labels=n, **_DEC),
+              dict(target_modules="all-linear", use_rslora=True, rank_pattern={"o_proj": 2},
+                   alpha_pattern={"down_proj": 3.0})),
+    # Conv1D weights stored (in, out): PEFT's fan_in_fan_out
+    "gpt2": (lambda n: AutoConfig.for_model("gpt2", vocab_size=320, n_embd=64, n_layer=2, n_head=4, n_positions=512,
+                                            pad_token_id=0, num_labels=n),
+             dict(target_modules=["c_attn", "c_proj", "c_fc"])),
+}
+
+
+def make_adapter(base_path, out, seed, r=4, **kw):
+    """A PEFT sequence-classification LoRA with random A and B (not PEFT's zero B) and a
+    perturbed copy of the head, saved to ``out``."""
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_pretrained(base_path)
+    cfg = peft.LoraConfig(task_type=peft.TaskType.SEQ_CLS, r=r, lora_alpha=2 * r, init_lora_weights=False, **kw)
+    model = peft.get_peft_model(model, cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "modules_to_save" in name:
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+    model.save_pretrained(out)
+    return out
+
+
+def peft_model(base_path, adapter=None):
+    model = AutoModelForSequenceClassification.from_pretrained(base_path, attn_implementation="eager").eval()
+    return model if adapter is None else peft.PeftModel.from_pretrained(model, adapter).eval()
+
+
+def prompts_for(lens, seed, vocab=150):
+    g = torch.Generator().manual_seed(seed)
+    # ids from 5 up: clear of every tiny tokenizer's special and pad ids
+    return [torch.randint(5, vocab, (n,), generator=g).tolist() for n in lens]
+
+
+def reference(model, prompts):
+    with torch.no_grad():
+        return torch.stack([model(torch.tensor([p])).logits.float()[0].softmax(-1) for p in prompts])
+
+
+def probs(outs):
+    return torch.tensor([o.outputs.probs for o in outs])
+
+
+def report(got, ref):
+    diff = (got - ref).abs()
+    i = int(diff.max(dim=-1).values.argmax())
+    return f"max |diff| {diff.max():.3e} at prompt {i}: got {got[i].tolist()} want {ref[i].tolist()}"
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request, tmp_path_factory):
+    factory, kw = FAMILIES[request.param]
+    path = tmp_path_factory.mktemp(request.param)
+    save_tiny(path, factory(3), tokenizer=None)
+    a = make_adapter(path, path / "lora_a", seed=1, **kw)
+    b = make_adapter(path, path / "lora_b", seed=2, r=8, **kw)
+    return request.param, path, a, b
+
+
+def test_mixed_adapters_match_peft(family):
+    """One call mixing two adapters and the base model, cut into several batches: each
+    prompt gets its own adapter's numbers."""
+    _, path, a, b = family
+    prompts = prompts_for(LENS * 3, seed=3)
+    reqs = [LoRARequest("a", 1, str(a)), LoRARequest("b", 2, str(b)), None]
+    which = [reqs[i % 3] for i in range(len(prompts))]
+    llm = LLM(str(path), kernel_backend="torch", enable_lora=True, max_loras=2, max_lora_rank=8, max_num_seqs=4)
+    got = probs(llm.classify([{"prompt_token_ids": p} for p in prompts], lora_request=which, use_tqdm=False))
+    refs = {None: reference(peft_model(path), prompts)}
+    for r in reqs[:2]:
+        refs[r] = reference(peft_model(path, r.lora_path), prompts)
+        assert (refs[r] - refs[None]).abs().max() > 0.05, "the adapter barely changes the model: a weak test"
+    ref = torch.stack([refs[w][i] for i, w in enumerate(which)])
+    torch.testing.assert_close(got, ref, atol=ATOL, rtol=0, msg=lambda m: f"{m}\n{report(got, ref)}")
+
+
+def test_one_adapter_for_every_prompt_is_batch_invariant(family):
+    _, path, a, _ = family
+    prompts = prompts_for(LENS, seed=4)
+    req = LoRARequest("a", 7, str(a))
+    llm = LLM(str(path), kernel_backend="torch", enable_lora=True, max_lora_rank=8)
+    packed = probs(llm.classify([{"prompt_token_ids": p} for p in prompts], lora_request=req, use_tqdm=False))
+    alone = torch.cat([probs(llm.classify([{"prompt_token_ids": p}], lora_request=req, use_tqdm=False))
+                       for p in prompts])
+    torch.testing.assert_close(packed, alone, atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------ engine plumbing
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bert_lora")
+    factory, kw = FAMILIES["bert"]
+    save_tiny(path, factory(3), tokenizer="wordpiece")
+    return path, make_adapter(path, path / "a", seed=5, **kw), make_adapter(path, path / "b", seed=6, **kw)
+
+
+def test_score_and_text_prompts_with_an_adapter(tmp_path):
+    """score() on a cross-encoder adapter: pairs tokenised as the tokenizer does, the
+    adapter's head, sigmoid."""
+    factory, kw = FAMILIES["bert"]
+    _, tok = save_tiny(tmp_path, factory(1), tokenizer="wordpiece")
+    a = make_adapter(tmp_path, tmp_path / "a", seed=8, **kw)
+    llm = LLM(str(tmp_path), kernel_backend="torch", enable_lora=True)
+    docs = ["the cat sat on a mat", "why is it blue", "no"]
+    got = torch.tensor([o.outputs.score for o in llm.score("where is the cat", docs, use_tqdm=False,
+                                                           lora_request=LoRARequest("a", 1, str(a)))])
+    model = peft_model(tmp_path, a)
+    with torch.no_grad():
+        ref = torch.stack([model(**tok("where is the cat", text_pair=d, return_tensors="pt")).logits[0, 0].sigmoid()
+                           for d in docs])
+    torch.testing.assert_close(got, ref, atol=ATOL, rtol=0)
+
+
+def test_least_recently_used_adapter_is_dropped_and_reloaded(bert):
+    path, a, b = bert
+    prompts = prompts_for([4, 11, 30], seed=9)
+    ra, rb = LoRARequest("a", 1, str(a)), LoRARequest("b", 2, str(b))
+    llm = LLM(str(path), kernel_backend="torch", enable_lora=True, max_loras=1)
+    ref = {r: reference(peft_model(path, r.lora_path), prompts) for r in (ra, rb)}
+    for r in (ra, rb, ra):
+        got = probs(llm.classify([{"prompt_token_ids": p} for p in prompts], lora_request=r, use_tqdm=False))
+        torch.testing.assert_close(got, ref[r], atol=ATOL, rtol=0)
+        assert [x.name for x in llm.engine.lora.loaded()] == [r.lora_name]
+
+
+def test_adapter_batches_bypass_cuda_graphs(bert):
+    """With a graph runner in place (recorded captures on CPU), base batches go through
+    it and adapter batches run eagerly, with the adapter."""
+    from test_cuda_graph import RecordedGraphs
+
+    path, a, _ = bert
+    prompts = [{"prompt_token_ids": p} for p in prompts_for([5, 20, 9, 33], seed=10)]
+    llm = LLM(str(path), kernel_backend="torch", enable_lora=True, max_num_batched_tokens=128)
+    eng = llm.engine
+    eng.graphs = RecordedGraphs(eng.model, 128, 256, eng.max_model_len, "cpu")
+    got = probs(llm.classify(prompts, lora_request=LoRARequest("a", 1, str(a)), use_tqdm=False))
+    assert not eng.graphs.graphs, "an adapter batch went through the graph runner"
+    torch.testing.assert_close(got, reference(peft_model(path, a), [p["prompt_token_ids"] for p in prompts]),
+                               atol=ATOL, rtol=0)
+    base = probs(llm.classify(prompts, use_tqdm=False))
+    assert eng.graphs.graphs, "a base batch did not go through the graph runner"
+    torch.testing.assert_close(base, reference(peft_model(path), [p["prompt_token_ids"] for p in prompts]),
+                               atol=ATOL, rtol=0)
+
+
+def _edited(src, dst, **changes):
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "adapter_config.json").read_text())
+    cfg.update(changes)
+    (dst / "adapter_config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def test_bad_adapters_fail_before_any_work(bert, tmp_path):
+    path, a, _ = bert
+    llm = LLM(str(path), kernel_backend="torch", enable_lora=True, max_lora_rank=8)
+    other = tmp_path / "other"
+    save_tiny(other, FAMILIES["bert"][0](2), tokenizer=None)  # two labels: its head does not fit
+    qwen = tmp_path / "qwen"
+    save_tiny(qwen, FAMILIES["qwen3"][0](3), tokenizer=None)
+    (tmp_path / "empty").mkdir()
+    cases = [
+        (LoRARequest("x", 1, str(tmp_path / "missing")), FileNotFoundError, "does not exist"),
+        (LoRARequest("x", 1, str(tmp_path / "empty")), FileNotFoundError, "not a PEFT adapter"),
+        (LoRARequest("x", 1, str(_edited(a, tmp_path / "dora", use_dora=True))), ValueError, "DoRA"),
+        (LoRARequest("x", 1, str(_edited(a, tmp_path / "bias", bias="all"))), ValueError, "bias='all'"),
+        (LoRARequest("x", 1, str(make_adapter(path, tmp_path / "big", seed=1, r=16, target_modules=["query"]))),
+         ValueError, "rank 16, over max_lora_rank=8"),
+        (LoRARequest("x", 1, str(make_adapter(path, tmp_path / "emb", seed=1, target_modules=["word_embeddings"]))),
+         ValueError, "LoRA on embeddings"),
+        (LoRARequest("x", 1, str(make_adapter(other, tmp_path / "labels", seed=1, target_modules=["query"]))),
+         ValueError, r"classifier\.(weight|bias) has shape \(2"),
+        (LoRARequest("x", 1, str(make_adapter(qwen, tmp_path / "qwen_a", seed=1, target_modules=["q_proj"]))),
+         ValueError, "(saved weight score.weight has no counterpart|is not a linear layer) (in|of) this model"),
+    ]
+    prompts = [{"prompt_token_ids": p} for p in prompts_for([3, 8], seed=11)]
+    for req, exc, needle in cases:
+        with pytest.raises(exc, match=needle):
+            llm.classify(prompts, lora_request=req, use_tqdm=False)
+        assert not llm.engine.has_unfinished()
+    good = LoRARequest("a", 1, str(a))
+    llm.classify(prompts, lora_request=good, use_tqdm=False)
+    with pytest.raises(ValueError, match="lora_int_id 1 is already used by adapter 'a'"):
+        llm.classify(prompts, lora_request=LoRARequest("b", 1, str(tmp_path / "dora")), use_tqdm=False)
+    with pytest.raises(ValueError, match="lora_request has 1 entries for 2 prompts"):
+        llm.classify(prompts, lora_request=[good], use_tqdm=False)
+    with pytest.raises(TypeError, match="must be a LoRARequest"):
+        llm.classify(prompts, lora_request=str(a), use_tqdm=False)
+    with pytest.raises(ValueError, match="LoRA is not enabled"):
+        LLM(str(path), kernel_backend="torch").classify(prompts, lora_request=good, use_tqdm=False)
+    with pytest.raises(ValueError, match="lora_int_id must be an int >= 1"):
+        LoRARequest("a", 0, str(a))
+
+
+# ------------------------------------------------------------------ GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["bert", "qwen3"])
+def test_adapters_match_peft_in_bf16_on_gpu(name, tmp_path):
+    """bf16 on the default kernels, graphs on (base batches replay, adapter batches run
+    eagerly) against PEFT in fp32: DESIGN's bf16 bar."""
+    factory, kw = FAMILIES[name]
+    save_tiny(tmp_path, factory(3), tokenizer=None)
+    a = make_adapter(tmp_path, tmp_path / "a", seed=12, **kw)
+    prompts = prompts_for([1, 7, 64, 200, 33, 5, 120, 17] * 4, seed=13, vocab=150)
+    which = [LoRARequest("a", 1, str(a)) if i % 2 else None for i in range(len(prompts))]
+    llm = LLM(str(tmp_path), dtype="bfloat16", enable_lora=True, max_num_seqs=8)
+    got = probs(llm.classify([{"prompt_token_ids": p} for p in prompts], lora_request=which, use_tqdm=False))
+    refs = {None: reference(peft_model(tmp_path), prompts), which[1]: reference(peft_model(tmp_path, a), prompts)}
+    ref = torch.stack([refs[w][i] for i, w in enumerate(which)])
+    assert (got - ref).abs().max() < 2e-2, report(got, ref)
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.99
