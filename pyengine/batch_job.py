@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--kernel-backend", default="auto")
     g.add_argument("--convert", default="auto")
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    g.add_argument("--lora", default=None, metavar="DIR", help="a PEFT LoRA adapter every row runs with")
+    g.add_argument("--max-lora-rank", type=int, default=16)
     g.add_argument("--hf-overrides", type=json.loads, default=None, help="JSON object")
     g.add_argument("--pooler-config", type=json.loads, default=None, help="JSON object")
     g.add_argument("--truncate-prompt-tokens", type=int, default=None, help="-1: the model's maximum")
@@ -97,6 +99,8 @@ def classifier_kwargs(a) -> dict:
               max_model_len=a.max_model_len, max_num_batched_tokens=a.max_num_batched_tokens,
               max_num_seqs=a.max_num_seqs, hf_overrides=a.hf_overrides, pooler_config=a.pooler_config,
               kernel_backend=a.kernel_backend, convert=a.convert, enforce_eager=a.enforce_eager)
+    if a.lora is not None:
+        kw.update(lora_path=os.path.abspath(a.lora), max_lora_rank=a.max_lora_rank)
     if a.tokenizer is not None:
         kw["tokenizer"] = os.path.abspath(a.tokenizer)
     return kw

@@ -239,3 +239,21 @@ def test_ray_interrupted_and_resumed_both_ways(ray_cluster, tmp_path, models, co
         job(models[0], inp, out, *then, hook=resumed.append)
         assert sorted(done + resumed) == [0, 1, 2, 3, 4], f"{src}->{dst}: a shard was redone or skipped"
         check(read_output(out), corpus, expected)
+
+
+def test_local_with_a_lora_adapter(tmp_path, models, corpus):
+    """--lora: every row runs with the adapter, as LLM.classify with its LoRARequest."""
+    pytest.importorskip("peft")
+    from test_lora import make_adapter
+
+    from pyengine import LoRARequest
+
+    adapter = make_adapter(models[0], tmp_path / "adapter", seed=4, target_modules=["query", "dense"])
+    inp = write_input(corpus, tmp_path / "in.jsonl")
+    assert job(models[0], inp, tmp_path / "out.jsonl", "--lora", str(adapter), "--max-lora-rank", "4") == N
+    want = LLM(models[0], enable_lora=True).classify([r["text"] for r in corpus], use_tqdm=False,
+                                                     lora_request=LoRARequest("a", 1, str(adapter)))
+    rows = read_output(tmp_path / "out.jsonl")
+    np.testing.assert_allclose([r["probs"] for r in rows], [o.outputs.probs for o in want], atol=ATOL, rtol=0)
+    with pytest.raises(ValueError, match="over max_lora_rank=2"):
+        job(models[0], inp, tmp_path / "out2.jsonl", "--lora", str(adapter), "--max-lora-rank", "2")

@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 
 import numpy as np
 
 from ..engine import LLM
+from ..lora import LoRARequest
 
 ENGINE_KWARGS = frozenset(inspect.signature(LLM.__init__).parameters) - {"self", "model"}
 
@@ -88,11 +90,13 @@ class PyEngineClassifier:
     pairs ``score``. Every input column is kept, rows in their order. A batch may be a dict
     of numpy arrays (Ray's default), a pandas DataFrame or a pyarrow Table.
     ``truncate_prompt_tokens``, ``truncation_side`` and ``use_activation`` are as in
-    ``LLM.classify``; every other keyword goes to ``LLM(model, ...)``.
+    ``LLM.classify``; ``lora_path``: a PEFT LoRA adapter directory every row runs with
+    (turns ``enable_lora`` on); every other keyword goes to ``LLM(model, ...)``.
     """
 
     def __init__(self, model, *, text_column=None, pair_column=None, token_ids_column=None, output_prefix="",
-                 truncate_prompt_tokens=None, truncation_side=None, use_activation=None, **engine_kwargs):
+                 truncate_prompt_tokens=None, truncation_side=None, use_activation=None, lora_path=None,
+                 **engine_kwargs):
         unknown = sorted(set(engine_kwargs) - ENGINE_KWARGS)
         if unknown:
             raise TypeError(f"PyEngineClassifier got unknown keyword(s) {unknown}; "
@@ -109,15 +113,20 @@ class PyEngineClassifier:
             raise ValueError(f"text_column and pair_column are both {pair_column!r}")
         if use_activation is not None and not isinstance(use_activation, bool):
             raise TypeError(f"use_activation must be a bool or None, got {use_activation!r}")
+        if lora_path is not None:
+            engine_kwargs.setdefault("enable_lora", True)
         self.llm = LLM(model, **engine_kwargs)
         engine = self.llm.engine
-        engine.inputs._limit(truncate_prompt_tokens, truncation_side)  # bad values fail here, not per batch
+        # Bad values and adapters fail here, not per batch.
+        engine.inputs._limit(truncate_prompt_tokens, truncation_side)
+        lora = None if lora_path is None else LoRARequest("adapter", 1, os.fspath(lora_path))
+        engine.lora_adapters(lora, 1)
         if pair_column is not None and engine.num_labels != 1:
             raise ValueError(f"pair_column needs a cross-encoder (num_labels == 1); this model has "
                              f"num_labels={engine.num_labels}")
         self.text_column, self.pair_column, self.token_ids_column = text_column, pair_column, token_ids_column
         self.options = dict(truncate_prompt_tokens=truncate_prompt_tokens, truncation_side=truncation_side,
-                            use_activation=use_activation, use_tqdm=False)
+                            use_activation=use_activation, use_tqdm=False, lora_request=lora)
         self.labels = labels_of(engine)
         outputs = ("score",) if pair_column is not None else ("probs", "label")
         self.output_columns = tuple(output_prefix + c for c in outputs)
