@@ -87,12 +87,15 @@ def test_end_to_end_on_the_tiny_preset(tmp_path, capsys):
     assert res["workload"]["num_tokens"] == sum(mixed_lengths(8, 0))
     by = {p["name"]: p for p in res["providers"]}
     assert set(by) == {"hf-b32", "hf-sorted-b64", "hf-sorted-b256", "hf-single", "pyengine-torch",
-                       "pyengine-triton", "pyengine-cuda", "pyengine-eager"}
+                       "pyengine-triton", "pyengine-cuda", "pyengine-eager", "pyengine-lora"}
     assert by["pyengine-triton"]["status"] == "skipped" and "interpreter" in by["pyengine-triton"]["reason"]
     assert by["pyengine-cuda"]["status"] == "skipped"
     assert by["pyengine-eager"]["status"] == "skipped" and "CUDA graphs" in by["pyengine-eager"]["reason"]
     assert res["reference"] == "hf-single" and by["hf-single"]["num_prompts"] == 3
-    for name in ("hf-b32", "hf-sorted-b64", "hf-sorted-b256", "hf-single", "pyengine-torch"):
+    # The adapter's B is zero: its matmuls run, its outputs are the base model's.
+    assert by["pyengine-lora"]["status"] == "ok" and "LoRA rank 16" in by["pyengine-lora"]["ops"]
+    assert by["pyengine-lora"]["max_abs_dprob"] < 1e-4
+    for name in ("hf-b32", "hf-sorted-b64", "hf-sorted-b256", "hf-single", "pyengine-torch", "pyengine-lora"):
         p = by[name]
         assert p["status"] == "ok"
         for key in ("seq_per_s", "tok_per_s", "median_s", "frac_peak"):

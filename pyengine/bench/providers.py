@@ -17,8 +17,10 @@ from ..ops import _available
 
 HF_NAMES = ("hf-b32", "hf-sorted-b64", "hf-sorted-b256", "hf-single")
 PYENGINE_BACKENDS = ("torch", "triton", "cuda")
-# pyengine's default kernels without CUDA graphs: what the graphs gain, in one run.
-PYENGINE_NAMES = tuple(f"pyengine-{b}" for b in PYENGINE_BACKENDS) + ("pyengine-eager",)
+# pyengine's default kernels without CUDA graphs: what the graphs gain, in one run; and
+# with a LoRA adapter on every prompt: what an adapter costs.
+PYENGINE_NAMES = tuple(f"pyengine-{b}" for b in PYENGINE_BACKENDS) + ("pyengine-eager", "pyengine-lora")
+LORA_RANK = 16
 ALL_NAMES = HF_NAMES + PYENGINE_NAMES
 
 
@@ -91,27 +93,68 @@ def hf_setup(ctx: Context, batch_size: int, sort: bool):
     return run
 
 
-def pyengine_setup(ctx: Context, backend: str, enforce_eager: bool = False):
+def pyengine_setup(ctx: Context, backend: str, enforce_eager: bool = False, lora_rank: int | None = None):
     """pyengine's LLM.classify on token-id prompts with kernel backend ``backend``
-    (CUDA graphs on a GPU unless ``enforce_eager``)."""
+    (CUDA graphs on a GPU unless ``enforce_eager``); with ``lora_rank``, every prompt runs
+    with a LoRA adapter of that rank on every projection (see :func:`write_blank_adapter`)."""
     from ..engine import LLM
+    from ..lora import LoRARequest
 
     llm = LLM(ctx.model_dir, dtype=ctx.dtype, device=str(ctx.device), kernel_backend=backend,
               max_num_batched_tokens=ctx.max_num_batched_tokens, max_num_seqs=ctx.max_num_seqs,
-              max_model_len=ctx.max_model_len, enforce_eager=enforce_eager)
+              max_model_len=ctx.max_model_len, enforce_eager=enforce_eager, enable_lora=lora_rank is not None,
+              max_lora_rank=lora_rank or 16)
+    lora = None
+    if lora_rank is not None:
+        lora = LoRARequest("bench", 1, write_blank_adapter(llm.engine.model, ctx.model_dir, lora_rank))
 
     def run(prompts):
-        outs = llm.classify([{"prompt_token_ids": p} for p in prompts], use_tqdm=False)
+        outs = llm.classify([{"prompt_token_ids": p} for p in prompts], use_tqdm=False, lora_request=lora)
         return torch.tensor([o.outputs.probs for o in outs], dtype=torch.float32)
 
     run.ops = llm.engine.ops.describe() + ("; CUDA graphs" if llm.engine.graphs is not None else "")
+    if lora_rank is not None:
+        run.ops += f"; LoRA rank {lora_rank} on every projection"
     return run
 
 
+def write_blank_adapter(model, model_dir, rank):
+    """A PEFT LoRA adapter of ``rank`` on every projection ``model`` (a pyengine model
+    loaded from ``model_dir``) takes LoRA on, written to a new temporary directory;
+    returns that directory. A is random and B zero (PEFT's own initialisation), so outputs equal the
+    base model's while the adapter's matmuls all run: the accuracy columns stay
+    comparable and the timing is an adapter's."""
+    import json
+    import os
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    from ..models.loader import iter_weights
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for name, t in iter_weights(model_dir):
+        targets = model.param_targets(name) if name.endswith(".weight") and t.ndim == 2 else []
+        if not any(p.startswith("layers.") and p.rsplit(".", 1)[1] in model.lora_weights for p, _, _ in targets):
+            continue
+        # A Conv1D weight is stored (in, out); the LoRA pair is a Linear's either way.
+        n_in, n_out = t.shape if any(how == "t" for _, _, how in targets) else t.shape[::-1]
+        module = "base_model.model." + name[:-len(".weight")]
+        tensors[module + ".lora_A.weight"] = torch.randn(rank, n_in, generator=g) * n_in ** -0.5
+        tensors[module + ".lora_B.weight"] = torch.zeros(n_out, rank)
+    out = tempfile.mkdtemp(prefix=f"pyengine-bench-lora-r{rank}-")
+    save_file(tensors, os.path.join(out, "adapter_model.safetensors"))
+    with open(os.path.join(out, "adapter_config.json"), "w") as f:
+        json.dump({"peft_type": "LORA", "task_type": "SEQ_CLS", "r": rank, "lora_alpha": 2 * rank,
+                   "target_modules": sorted({k.split(".")[-3] for k in tensors}), "bias": "none"}, f)
+    return out
+
+
 def backend_unavailable(backend: str, device: torch.device) -> str | None:
-    """Why pyengine's ``backend`` ("eager": the default one without CUDA graphs) cannot
-    be timed on ``device``, or None."""
-    if backend == "torch":
+    """Why pyengine's ``backend`` ("eager": the default one without CUDA graphs; "lora":
+    the default one with an adapter) cannot be timed on ``device``, or None."""
+    if backend in ("torch", "lora"):  # "lora": the default kernels, with an adapter
         return None
     if backend == "eager":
         return "CUDA graphs need a CUDA device: off one every provider runs eagerly" \
@@ -147,4 +190,6 @@ def providers(single_sampled: bool) -> list[Provider]:
                             lambda c, b=b: pyengine_setup(c, b)))
     out.append(Provider("pyengine-eager", "pyengine default, no CUDA graphs", "pyengine",
                         lambda c: pyengine_setup(c, "auto", enforce_eager=True)))
+    out.append(Provider("pyengine-lora", f"pyengine default, LoRA r{LORA_RANK} adapter", "pyengine",
+                        lambda c: pyengine_setup(c, "auto", lora_rank=LORA_RANK)))
     return out
