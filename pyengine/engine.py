@@ -305,7 +305,8 @@ class EngineCore:
         # Graphs hold the base weights only; an adapter's batch runs eagerly.
         logits = None if self.graphs is None or lora is not None else self.graphs(token_ids, types)
         if logits is None:
-            logits = self.model(RaggedBatch.build(token_ids, types, self.device), lora)
+            batch = RaggedBatch.build(token_ids, types, self.device)
+            logits = self.model(batch) if lora is None else self.model(batch, lora)
         out = self.pooler(logits, activations)  # (B, num_labels) fp32 on the device
         if self.device.type != "cuda":
             return PendingBatch(out.cpu())

@@ -160,19 +160,7 @@ def load_adapter(request: LoRARequest, model, max_rank: int) -> LoRAAdapter:
     what = f"LoRA adapter {request.lora_name!r}"
     cfg, tensors = _read_adapter(request.lora_path, what)
     _check_config(cfg, what)
-    ref = model.layers[0].qkv_w
-    pairs, saved = {}, {}
-    for key, t in tensors.items():
-        name = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
-        if ".lora_embedding_" in name or ".lora_magnitude_vector" in name:
-            raise ValueError(f"{what}: {name} is not supported (LoRA on embeddings and DoRA are not)")
-        m = _LORA_KEY.fullmatch(name)
-        if m:
-            pairs.setdefault(m.group(1), {})[m.group(2)] = t
-        else:  # a module saved whole (modules_to_save), maybe under PEFT's wrapper names
-            saved[re.sub(r"\.modules_to_save(\.default)?\.", ".", name)] = t
-    if not pairs and not saved:
-        raise ValueError(f"{what}: the adapter holds no weights")
+    pairs, saved = _split_keys(tensors, what)
     head = {}
 
     def head_param(param, key):
@@ -233,19 +221,44 @@ def load_adapter(request: LoRARequest, model, max_rank: int) -> LoRAAdapter:
                 raise ValueError(f"{what}: {module} adapts {param}, which does not take LoRA here (supported: "
                                  f"{', '.join(model.lora_weights)} of each layer and the head)")
             pieces.setdefault((int(layer), leaf), []).append((rows, a, src))
+    device = model.layers[0].qkv_w.device
+    return LoRAAdapter(request.lora_name, request.lora_int_id, os.fspath(request.lora_path), rank,
+                       _pack(pieces, model), MappingProxyType({k: v.to(device) for k, v in head.items()}))
+
+
+def _split_keys(tensors, what):
+    """Adapter weights -> ({module: {"A": (r, in), "B": (out, r)}}, {name: tensor saved whole}),
+    names without PEFT's prefixes."""
+    pairs, saved = {}, {}
+    for key, t in tensors.items():
+        name = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
+        if ".lora_embedding_" in name or ".lora_magnitude_vector" in name:
+            raise ValueError(f"{what}: {name} is not supported (LoRA on embeddings and DoRA are not)")
+        m = _LORA_KEY.fullmatch(name)
+        if m:
+            pairs.setdefault(m.group(1), {})[m.group(2)] = t
+        else:  # a module saved whole (modules_to_save), maybe under PEFT's wrapper names
+            saved[re.sub(r"\.modules_to_save(\.default)?\.", ".", name)] = t
+    if not pairs and not saved:
+        raise ValueError(f"{what}: the adapter holds no weights")
+    return pairs, saved
+
+
+def _pack(pieces, model):
+    """{(layer, weight name): [(rows, A (r, in), scaled B (rows, r))]} -> per layer
+    {weight name: (A (R, in), B (out, R))}, the pieces' ranks side by side and each B
+    block on its rows (zeros elsewhere), in the model's dtype and device."""
+    ref = model.layers[0].qkv_w
     layers = [{} for _ in model.layers]
     for (i, leaf), parts in pieces.items():
-        full = getattr(model.layers[i], leaf)
-        a_cat = torch.cat([a for _, a, _ in parts]).to(ref.dtype)
-        b_full = torch.zeros(full.shape[0], a_cat.shape[0], dtype=torch.float32)
+        a_cat = torch.cat([a for _, a, _ in parts])
+        b_full = torch.zeros(getattr(model.layers[i], leaf).shape[0], a_cat.shape[0], dtype=torch.float32)
         col = 0
         for rows, a, b in parts:
             b_full[rows if rows is not None else slice(None), col:col + a.shape[0]] = b
             col += a.shape[0]
-        layers[i][leaf] = (a_cat.to(ref.device), b_full.to(ref.dtype).to(ref.device))
-    head = {k: v.to(ref.device) for k, v in head.items()}
-    return LoRAAdapter(request.lora_name, request.lora_int_id, os.fspath(request.lora_path), rank, layers,
-                       MappingProxyType(head))
+        layers[i][leaf] = (a_cat.to(device=ref.device, dtype=ref.dtype), b_full.to(device=ref.device, dtype=ref.dtype))
+    return layers
 
 
 class LoRAManager:

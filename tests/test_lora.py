@@ -1,16 +1,15 @@
 """LoRA adapters against PEFT's own PeftModel over transformers' models, on the same
-base weights and adapter files."""
+base weights and adapter files (on CPU); on a GPU, bf16 against the CPU fp32 engine."""
 import json
 import shutil
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForSequenceClassification, BertConfig, RobertaConfig
 
 from pyengine import LLM, LoRARequest
 from tiny import save_tiny
-
-peft = pytest.importorskip("peft")
 
 ATOL = 1e-4  # DESIGN's fp32 CPU bar on probabilities
 LENS = [1, 3, 9, 17, 33, 60, 2, 25]
@@ -46,6 +45,7 @@ FAMILIES = {
 def make_adapter(base_path, out, seed, r=4, **kw):
     """A PEFT sequence-classification LoRA with random A and B (not PEFT's zero B) and a
     perturbed copy of the head, saved to ``out``."""
+    peft = pytest.importorskip("peft")
     torch.manual_seed(seed)
     model = AutoModelForSequenceClassification.from_pretrained(base_path)
     cfg = peft.LoraConfig(task_type=peft.TaskType.SEQ_CLS, r=r, lora_alpha=2 * r, init_lora_weights=False, **kw)
@@ -61,7 +61,30 @@ def make_adapter(base_path, out, seed, r=4, **kw):
 
 def peft_model(base_path, adapter=None):
     model = AutoModelForSequenceClassification.from_pretrained(base_path, attn_implementation="eager").eval()
-    return model if adapter is None else peft.PeftModel.from_pretrained(model, adapter).eval()
+    if adapter is None:
+        return model
+    return pytest.importorskip("peft").PeftModel.from_pretrained(model, adapter).eval()
+
+
+def write_adapter(base_path, out, suffixes, r=4, seed=0):
+    """A LoRA adapter in PEFT's file format written without PEFT: random A and B on every
+    linear layer of the transformers model whose name ends in one of ``suffixes``."""
+    model = AutoModelForSequenceClassification.from_pretrained(base_path)
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, mod in model.named_modules():
+        w = getattr(mod, "weight", None)
+        if w is None or w.ndim != 2 or not name.endswith(tuple(suffixes)):
+            continue
+        # Conv1D keeps (in, out); the LoRA pair is a Linear's either way.
+        n_in, n_out = w.shape if type(mod).__name__ == "Conv1D" else w.shape[::-1]
+        key = f"base_model.model.{name}"
+        tensors[f"{key}.lora_A.weight"] = torch.randn(r, n_in, generator=g) * n_in ** -0.5
+        tensors[f"{key}.lora_B.weight"] = torch.randn(n_out, r, generator=g) * 0.3
+    out.mkdir()
+    save_file(tensors, out / "adapter_model.safetensors")
+    (out / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": r, "lora_alpha": 2 * r}))
+    return out
 
 
 def prompts_for(lens, seed, vocab=150):
@@ -231,19 +254,50 @@ def test_bad_adapters_fail_before_any_work(bert, tmp_path):
 
 
 # ------------------------------------------------------------------ GPU
-@pytest.mark.gpu
-@pytest.mark.parametrize("name", ["bert", "qwen3"])
-def test_adapters_match_peft_in_bf16_on_gpu(name, tmp_path):
-    """bf16 on the default kernels, graphs on (base batches replay, adapter batches run
-    eagerly) against PEFT in fp32: DESIGN's bf16 bar."""
-    factory, kw = FAMILIES[name]
+def test_adapter_written_without_peft_matches_merged_transformers(tmp_path):
+    """The file format alone (no PEFT installed): the same numbers as transformers' model
+    with each adapted weight merged in float64, W + (alpha / r) B A."""
+    factory, _ = FAMILIES["qwen3"]
     save_tiny(tmp_path, factory(3), tokenizer=None)
-    a = make_adapter(tmp_path, tmp_path / "a", seed=12, **kw)
-    prompts = prompts_for([1, 7, 64, 200, 33, 5, 120, 17] * 4, seed=13, vocab=150)
+    a = write_adapter(tmp_path, tmp_path / "a", ["q_proj", "v_proj", "up_proj", "down_proj"], seed=14)
+    prompts = prompts_for([1, 6, 40, 13], seed=15)
+    got = probs(LLM(str(tmp_path), kernel_backend="torch", enable_lora=True).classify(
+        [{"prompt_token_ids": p} for p in prompts], lora_request=LoRARequest("a", 1, str(a)), use_tqdm=False))
+    from safetensors.torch import load_file
+
+    model = peft_model(tmp_path)
+    lora = load_file(a / "adapter_model.safetensors")
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            key = f"base_model.model.{name}.lora_A.weight"
+            if key in lora:
+                delta = lora[key.replace("lora_A", "lora_B")].double() @ lora[key].double() * 2.0
+                mod.weight.copy_((mod.weight.double() + delta).float())
+    ref = reference(model, prompts)
+    assert (ref - reference(peft_model(tmp_path), prompts)).abs().max() > 0.05, "the adapter changes nothing"
+    torch.testing.assert_close(got, ref, atol=ATOL, rtol=0, msg=lambda m: f"{m}\n{report(got, ref)}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name,suffixes", [
+    ("bert", ["query", "key", "value", "dense"]),  # the pooler's dense merged into the fp32 head
+    ("qwen3", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),  # GQA, gate|up
+])
+def test_adapters_in_bf16_on_gpu(name, suffixes, tmp_path):
+    """bf16 on the default kernels with graphs on (base batches replay, adapter batches
+    run eagerly), half the prompts with an adapter, against the CPU fp32 engine (checked
+    against PEFT above): DESIGN's bf16 bar."""
+    factory, _ = FAMILIES[name]
+    save_tiny(tmp_path, factory(3), tokenizer=None)
+    a = write_adapter(tmp_path, tmp_path / "a", suffixes, seed=12)
+    prompts = [{"prompt_token_ids": p} for p in prompts_for([1, 7, 60, 33, 5, 50, 17, 2] * 4, seed=13)]
     which = [LoRARequest("a", 1, str(a)) if i % 2 else None for i in range(len(prompts))]
     llm = LLM(str(tmp_path), dtype="bfloat16", enable_lora=True, max_num_seqs=8)
-    got = probs(llm.classify([{"prompt_token_ids": p} for p in prompts], lora_request=which, use_tqdm=False))
-    refs = {None: reference(peft_model(tmp_path), prompts), which[1]: reference(peft_model(tmp_path, a), prompts)}
-    ref = torch.stack([refs[w][i] for i, w in enumerate(which)])
+    assert llm.engine.graphs is not None
+    got = probs(llm.classify(prompts, lora_request=which, use_tqdm=False))
+    cpu = LLM(str(tmp_path), device="cpu", kernel_backend="torch", enable_lora=True)
+    ref = probs(cpu.classify(prompts, lora_request=which, use_tqdm=False))
+    base = probs(cpu.classify(prompts, use_tqdm=False))
+    assert (ref - base)[1::2].abs().max() > 0.05, "the adapter changes nothing: a weak test"
     assert (got - ref).abs().max() < 2e-2, report(got, ref)
     assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.99

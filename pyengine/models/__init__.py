@@ -5,7 +5,9 @@ import importlib
 
 # architecture -> "module:class". Each class takes (config, arch, dtype, device, ops,
 # pooling) and has forward(batch) -> (B, num_labels) fp32 logits, load_weights(iter),
-# num_labels, vocab_size, max_model_len and default_pooling.
+# num_labels, vocab_size, max_model_len and default_pooling. Models that take LoRA
+# adapters also list ``lora_weights`` and ``head_params``, map checkpoint names with
+# ``param_targets(name)`` and take forward(batch, lora).
 _REGISTRY = {
     "BertForSequenceClassification": "pyengine.models.bert:BertForSequenceClassification",
     "ErnieForSequenceClassification": "pyengine.models.bert:BertForSequenceClassification",
