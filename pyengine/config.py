@@ -43,6 +43,7 @@ class EngineConfig:
     """Everything LLM(...) takes. ``model`` is a local directory or a transformers
     ``PreTrainedModel`` instance. ``enforce_eager``: never run the forward through CUDA
     graphs (see :mod:`pyengine.cuda_graph`); as vLLM's flag of that name.
+    ``runner``: "auto" or "pooling" (vLLM's flag; this engine has no other runner).
     ``enable_lora``: accept requests with a LoRA adapter (:mod:`pyengine.lora`), at most
     ``max_loras`` kept loaded at once, each of rank at most ``max_lora_rank``."""
     model: Any
@@ -56,6 +57,7 @@ class EngineConfig:
     pooler_config: PoolerConfig | None = None
     kernel_backend: str = "auto"
     convert: str = "auto"
+    runner: str = "auto"
     enforce_eager: bool = False
     enable_lora: bool = False
     max_loras: int = 1
@@ -81,6 +83,8 @@ class EngineConfig:
         for name in ("enforce_eager", "enable_lora"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.runner not in ("auto", "pooling"):
+            raise ValueError(f"runner={self.runner!r}: this engine runs pooling models only; use 'auto' or 'pooling'")
         if self.convert not in ("auto", "classify", "none"):
             raise ValueError(f"convert must be 'auto', 'classify' or 'none', got {self.convert!r}")
         if self.device in (None, "auto"):

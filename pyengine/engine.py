@@ -328,12 +328,12 @@ class LLM:
     def __init__(self, model, tokenizer=None, dtype="auto", device="auto", max_model_len=None,
                  max_num_batched_tokens=16384, max_num_seqs=256, hf_overrides=None,
                  pooler_config: PoolerConfig | dict | None = None, kernel_backend="auto", convert="auto",
-                 enforce_eager=False, enable_lora=False, max_loras=1, max_lora_rank=16):
+                 runner="auto", enforce_eager=False, enable_lora=False, max_loras=1, max_lora_rank=16):
         self.config = EngineConfig(model=model, tokenizer=tokenizer, dtype=dtype, device=device,
                                    max_model_len=max_model_len, max_num_batched_tokens=max_num_batched_tokens,
                                    max_num_seqs=max_num_seqs, hf_overrides=hf_overrides,
                                    pooler_config=pooler_config, kernel_backend=kernel_backend, convert=convert,
-                                   enforce_eager=enforce_eager, enable_lora=enable_lora, max_loras=max_loras,
+                                   runner=runner, enforce_eager=enforce_eager, enable_lora=enable_lora, max_loras=max_loras,
                                    max_lora_rank=max_lora_rank)
         self.engine = EngineCore(self.config)
 

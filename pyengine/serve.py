@@ -343,6 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--kernel-backend", default="auto")
     p.add_argument("--convert", default="auto")
+    p.add_argument("--runner", default="auto", help="auto or pooling (the only runner)")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--hf-overrides", type=json.loads, default=None, help="JSON object")
     p.add_argument("--pooler-config", type=json.loads, default=None, help="JSON object")
@@ -382,7 +383,7 @@ def main(argv=None):
         model=args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device,
         max_model_len=args.max_model_len, max_num_batched_tokens=args.max_num_batched_tokens,
         max_num_seqs=args.max_num_seqs, hf_overrides=args.hf_overrides, pooler_config=args.pooler_config,
-        kernel_backend=args.kernel_backend, convert=args.convert, enforce_eager=args.enforce_eager,
+        kernel_backend=args.kernel_backend, convert=args.convert, runner=args.runner, enforce_eager=args.enforce_eager,
         enable_lora=args.enable_lora, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank))
     server = Server(core, args.served_model_name or [args.model], args.max_inputs_per_request,
                     args.max_request_bytes, lora_modules)

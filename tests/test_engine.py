@@ -346,6 +346,19 @@ def test_bad_model_and_engine_args(tmp_path, small_llm):
         LLM(str(good), kernel_backend="opencl")
     with pytest.raises(RuntimeError, match="'cuda' is not available on cpu"):
         LLM(str(good), kernel_backend="cuda", device="cpu")
+    with pytest.raises(ValueError, match="runs pooling models only"):
+        LLM(str(good), runner="generate")
+    with pytest.raises(ValueError, match="max_lora_rank must be a positive int"):
+        LLM(str(good), enable_lora=True, max_lora_rank=0)
+    with pytest.raises(TypeError, match="enable_lora must be a bool"):
+        LLM(str(good), enable_lora="yes")
+
+
+def test_vllm_style_construction(small_llm):
+    """The reference page's own call: LLM(model=..., runner="pooling")."""
+    llm, good = small_llm
+    (out,) = LLM(model=str(good), runner="pooling").classify("the cat sat", use_tqdm=False)
+    assert out.outputs.probs == llm.classify("the cat sat", use_tqdm=False)[0].outputs.probs
 
 
 def test_triton_backend_matches_transformers(tmp_path):
