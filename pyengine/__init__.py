@@ -5,13 +5,13 @@ import warnings as _warnings
 # this package has imported by then; runpy's warning about that is expected.
 _warnings.filterwarnings("ignore", message="'pyengine.batch' found in sys.modules", category=RuntimeWarning)
 
-from .config import EngineConfig, PoolerConfig
+from .config import EngineConfig, PoolerConfig, PoolingParams
 from .engine import LLM, EngineCore
 from .lora import LoRARequest
 from .outputs import (ClassificationOutput, ClassificationRequestOutput, PoolingOutput, PoolingRequestOutput,
                       ScoringOutput, ScoringRequestOutput)
 
-__all__ = ["LLM", "EngineCore", "EngineConfig", "PoolerConfig", "LoRARequest", "ClassificationOutput",
-           "ClassificationRequestOutput", "PoolingOutput", "PoolingRequestOutput", "ScoringOutput",
-           "ScoringRequestOutput"]
+__all__ = ["LLM", "EngineCore", "EngineConfig", "PoolerConfig", "PoolingParams", "LoRARequest",
+           "ClassificationOutput", "ClassificationRequestOutput", "PoolingOutput", "PoolingRequestOutput",
+           "ScoringOutput", "ScoringRequestOutput"]
 __version__ = "0.1.0"

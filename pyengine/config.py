@@ -39,6 +39,32 @@ class PoolerConfig:
 
 
 @dataclass
+class PoolingParams:
+    """One request's pooling options, as vLLM's class of that name.
+
+    truncate_prompt_tokens: None (an over-long prompt is an error), -1 (the model's
+    maximum) or k > 0; use_activation: None takes the engine's default; task: None,
+    "classify" or "score"; dimensions: for embedding models only, so it must stay None.
+    """
+    truncate_prompt_tokens: int | None = None
+    use_activation: bool | None = None
+    dimensions: int | None = None
+    task: str | None = None
+
+    def __post_init__(self):
+        k = self.truncate_prompt_tokens
+        if k is not None and (not isinstance(k, int) or isinstance(k, bool) or (k < 1 and k != -1)):
+            raise ValueError(f"PoolingParams.truncate_prompt_tokens must be None, -1 or a positive int, got {k!r}")
+        if self.use_activation is not None and not isinstance(self.use_activation, bool):
+            raise TypeError(f"PoolingParams.use_activation must be a bool or None, got {self.use_activation!r}")
+        if self.dimensions is not None:
+            raise ValueError("PoolingParams.dimensions applies to embedding models; this engine serves classifiers")
+        if self.task not in (None, "classify", "score"):
+            raise ValueError(f"PoolingParams.task={self.task!r} is not supported; this engine serves "
+                             "'classify' and 'score'")
+
+
+@dataclass
 class EngineConfig:
     """Everything LLM(...) takes. ``model`` is a local directory or a transformers
     ``PreTrainedModel`` instance. ``enforce_eager``: never run the forward through CUDA

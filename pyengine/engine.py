@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from . import cuda_graph
 from .batch import RaggedBatch
-from .config import EngineConfig, PoolerConfig
+from .config import EngineConfig, PoolerConfig, PoolingParams
 from .inputs import InputProcessor, TokenizedPrompt, pair_lists, parse_prompts
 from .lora import LoRAAdapter, LoRAManager
 from .models import model_class, resolve_architecture
@@ -348,11 +348,34 @@ class LLM:
             raise TypeError(f"use_activation must be a bool or None, got {use_activation!r}")
         return kind if use_activation else None
 
-    def _run(self, prompts: list[TokenizedPrompt], activation, use_tqdm, desc,
+    def _params(self, pooling_params, n, truncate_prompt_tokens, use_activation, kind, task):
+        """(truncate_prompt_tokens: one value or one per prompt, [activation per prompt])
+        from the keywords, or from ``pooling_params`` (one PoolingParams, or a list of n)."""
+        if pooling_params is None:
+            return truncate_prompt_tokens, [self._activation(use_activation, kind)] * n
+        if truncate_prompt_tokens is not None or use_activation is not None:
+            raise ValueError("give truncate_prompt_tokens and use_activation as keywords or in pooling_params, "
+                             "not both")
+        one = isinstance(pooling_params, PoolingParams)
+        params = [pooling_params] if one else pooling_params
+        if not isinstance(params, (list, tuple)) or not all(isinstance(p, PoolingParams) for p in params):
+            raise TypeError(f"pooling_params must be a PoolingParams or a list of them, got "
+                            f"{type(pooling_params).__name__}")
+        if not one and len(params) != n:
+            raise ValueError(f"pooling_params has {len(params)} entries for {n} prompts")
+        for p in params:
+            if p.task not in (None, task):
+                raise ValueError(f"PoolingParams.task={p.task!r} given to a {task} call")
+        acts = [self._activation(p.use_activation, kind) for p in params]
+        if one:
+            return pooling_params.truncate_prompt_tokens, acts * n
+        return [p.truncate_prompt_tokens for p in params], acts
+
+    def _run(self, prompts: list[TokenizedPrompt], activations: list, use_tqdm, desc,
              lora_request=None) -> list[PoolingRequestOutput]:
         eng = self.engine
         loras = eng.lora_adapters(lora_request, len(prompts))
-        reqs = [Request(eng.new_request_id(), p, activation, lora) for p, lora in zip(prompts, loras)]
+        reqs = [Request(eng.new_request_id(), p, act, lora) for p, act, lora in zip(prompts, activations, loras)]
         for r in reqs:
             eng.add_request(r)
         done = 0
@@ -371,31 +394,45 @@ class LLM:
 
     # ------------------------------------------------------------------ API
     def encode(self, prompts, pooling_task="classify", *, truncate_prompt_tokens=None, truncation_side=None,
-               use_activation=None, use_tqdm=True, lora_request=None) -> list[PoolingRequestOutput]:
+               use_activation=None, use_tqdm=True, lora_request=None, pooling_params=None
+               ) -> list[PoolingRequestOutput]:
         """Pooled classifier outputs per prompt: ``.outputs.data`` is (num_labels,) fp32.
 
-        lora_request: a :class:`LoRARequest` for every prompt, or a list of one (or None)
-        per prompt; needs ``LLM(enable_lora=True)``."""
+        pooling_params: a :class:`PoolingParams` for every prompt or a list of one per
+        prompt (each prompt's truncation and activation), instead of the keywords; as in
+        vLLM it may also come second, in pooling_task's place. lora_request: a
+        :class:`LoRARequest` for every prompt, or a list of one (or None) per prompt;
+        needs ``LLM(enable_lora=True)``."""
+        if isinstance(pooling_task, (PoolingParams, list, tuple)):  # vLLM's encode(prompts, pooling_params)
+            if pooling_params is not None:
+                raise TypeError("pooling_params given twice (second argument and keyword)")
+            pooling_task, pooling_params = "classify", pooling_task
         if pooling_task != "classify":
             raise ValueError(f"pooling_task={pooling_task!r} is not supported; this engine serves 'classify'")
-        act = self._activation(use_activation, self.engine.classify_act)
-        toks = self.engine.inputs.process(parse_prompts(prompts), truncate_prompt_tokens, truncation_side)
-        return self._run(toks, act, use_tqdm, "Classifying", lora_request)
+        parsed = parse_prompts(prompts)
+        trunc, acts = self._params(pooling_params, len(parsed), truncate_prompt_tokens, use_activation,
+                                   self.engine.classify_act, "classify")
+        toks = self.engine.inputs.process(parsed, trunc, truncation_side)
+        return self._run(toks, acts, use_tqdm, "Classifying", lora_request)
 
     def classify(self, prompts, *, truncate_prompt_tokens=None, truncation_side=None, use_activation=None,
-                 use_tqdm=True, lora_request=None) -> list[ClassificationRequestOutput]:
+                 use_tqdm=True, lora_request=None, pooling_params=None) -> list[ClassificationRequestOutput]:
         """Class probabilities per prompt: ``.outputs.probs`` is a list of num_labels floats.
+        Options as in :meth:`encode`.
 
         A reward model is a classifier with num_labels == 1: ``use_activation=False``
         returns its raw reward (the logit), the default its sigmoid."""
         outs = self.encode(prompts, "classify", truncate_prompt_tokens=truncate_prompt_tokens,
                            truncation_side=truncation_side, use_activation=use_activation, use_tqdm=use_tqdm,
-                           lora_request=lora_request)
+                           lora_request=lora_request, pooling_params=pooling_params)
         return [ClassificationRequestOutput.from_pooling(o) for o in outs]
 
     def score(self, data_1, data_2, *, truncate_prompt_tokens=None, truncation_side=None, use_activation=None,
-              use_tqdm=True, score_template=None, lora_request=None) -> list[ScoringRequestOutput]:
+              use_tqdm=True, score_template=None, lora_request=None, pooling_params=None
+              ) -> list[ScoringRequestOutput]:
         """Cross-encoder relevance of text pairs (1:1, 1:N or N:N): ``.outputs.score``.
+        pooling_params: one :class:`PoolingParams` for every pair, instead of the
+        truncation and activation keywords.
 
         Without ``score_template`` a pair is tokenised as the tokenizer does a text pair,
         whatever its pair template is (Qwen's tokenizer, for one, puts the two texts'
@@ -405,12 +442,15 @@ class LLM:
         if self.engine.num_labels != 1:
             raise ValueError(f"score() needs a model with num_labels == 1 (a cross-encoder); "
                              f"this one has num_labels={self.engine.num_labels}")
-        act = self._activation(use_activation, score_activation(self.engine.hf_config))
+        if pooling_params is not None and not isinstance(pooling_params, PoolingParams):
+            raise TypeError(f"score() takes one PoolingParams for every pair, got {type(pooling_params).__name__}")
+        d1, d2 = pair_lists(data_1, data_2)
+        trunc, acts = self._params(pooling_params, len(d1), truncate_prompt_tokens, use_activation,
+                                   score_activation(self.engine.hf_config), "score")
         if score_template is not None:
-            template = load_score_template(score_template)
-            texts = render_pairs(template, *pair_lists(data_1, data_2))
-            toks = self.engine.inputs.process(texts, truncate_prompt_tokens, truncation_side, what="pairs")
+            texts = render_pairs(load_score_template(score_template), d1, d2)
+            toks = self.engine.inputs.process(texts, trunc, truncation_side, what="pairs")
         else:
-            toks, _, _ = self.engine.inputs.process_pairs(data_1, data_2, truncate_prompt_tokens, truncation_side)
-        outs = self._run(toks, act, use_tqdm, "Scoring", lora_request)
+            toks, _, _ = self.engine.inputs.process_pairs(d1, d2, trunc, truncation_side)
+        outs = self._run(toks, acts, use_tqdm, "Scoring", lora_request)
         return [ScoringRequestOutput.from_pooling(o) for o in outs]

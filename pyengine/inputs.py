@@ -120,22 +120,30 @@ class InputProcessor:
     # ------------------------------------------------------------------ public
     def process(self, prompts, truncate_prompt_tokens=None, truncation_side=None, what="prompts",
                 add_special_tokens=True):
-        """prompts: the output of :func:`parse_prompts`. Returns list[TokenizedPrompt].
+        """prompts: the output of :func:`parse_prompts`; truncate_prompt_tokens: one value
+        for every prompt, or a list of one per prompt. Returns list[TokenizedPrompt].
         add_special_tokens=False is for text a chat template has already framed."""
-        k, side = self._limit(truncate_prompt_tokens, truncation_side)
+        if isinstance(truncate_prompt_tokens, list):
+            if len(truncate_prompt_tokens) != len(prompts):
+                raise ValueError(f"{len(truncate_prompt_tokens)} truncation settings for {len(prompts)} {what}")
+            limits = [self._limit(k, truncation_side) for k in truncate_prompt_tokens]
+        else:
+            limits = [self._limit(truncate_prompt_tokens, truncation_side)] * len(prompts)
         for i, p in enumerate(prompts):
             if len(p) == 0:
                 raise ValueError(f"{what}[{i}] is empty")
-        text_idx = [i for i, p in enumerate(prompts) if isinstance(p, str)]
         out: list[TokenizedPrompt | None] = [None] * len(prompts)
-        if text_idx:
-            texts = [prompts[i] for i in text_idx]
-            for i, tp in zip(text_idx, self._tokenize(texts, None, k, side, add_special_tokens)):
-                out[i] = tp
+        texts_by_limit = {}  # one tokenizer call per distinct (k, side)
         for i, p in enumerate(prompts):
-            if not isinstance(p, str):
+            if isinstance(p, str):
+                texts_by_limit.setdefault(limits[i], []).append(i)
+            else:
                 # p is parse_prompts' own copy: kept as is, or sliced (a new list).
+                k, side = limits[i]
                 out[i] = TokenizedPrompt(p if k is None or len(p) <= k else (p[:k] if side == "right" else p[-k:]))
+        for (k, side), idx in texts_by_limit.items():
+            for i, tp in zip(idx, self._tokenize([prompts[i] for i in idx], None, k, side, add_special_tokens)):
+                out[i] = tp
         return self._check(out, what)
 
     def process_pairs(self, data_1, data_2, truncate_prompt_tokens=None, truncation_side=None):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import BertConfig, ErnieConfig, RobertaConfig, XLMRobertaConfig
 
-from pyengine import LLM, PoolerConfig
+from pyengine import LLM, PoolerConfig, PoolingParams
 from tiny import WORDS, save_tiny
 
 ATOL = 1e-4  # DESIGN's fp32 CPU bar on probabilities
@@ -352,6 +352,50 @@ def test_bad_model_and_engine_args(tmp_path, small_llm):
         LLM(str(good), enable_lora=True, max_lora_rank=0)
     with pytest.raises(TypeError, match="enable_lora must be a bool"):
         LLM(str(good), enable_lora="yes")
+
+
+def test_pooling_params_per_prompt(small_llm, tmp_path):
+    """vLLM's PoolingParams, one for all or one per prompt: each prompt gets the same
+    numbers as a keyword call on it alone (truncation and activation of its own)."""
+    llm, _ = small_llm
+    long_text, short = " ".join(WORDS[:20]), "the cat sat"
+    params = [PoolingParams(truncate_prompt_tokens=5), PoolingParams(use_activation=False),
+              PoolingParams(truncate_prompt_tokens=-1, use_activation=False), PoolingParams()]
+    prompts = [long_text, short, long_text[:60], {"prompt_token_ids": [2, 9, 10, 11, 12, 13, 3]}]
+    got = llm.classify(prompts, pooling_params=params, use_tqdm=False)
+    for p, prm, o in zip(prompts, params, got):
+        (want,) = llm.classify([p], truncate_prompt_tokens=prm.truncate_prompt_tokens,
+                               use_activation=prm.use_activation, use_tqdm=False)
+        assert o.prompt_token_ids == want.prompt_token_ids
+        # the batch differs (one prompt alone): DESIGN's fp32 batch-invariance bar
+        torch.testing.assert_close(torch.tensor(o.outputs.probs), torch.tensor(want.outputs.probs), atol=1e-5, rtol=0)
+    assert len(got[0].prompt_token_ids) == 5
+    # vLLM's positional form, encode(prompts, pooling_params), and one PoolingParams for all
+    one = PoolingParams(truncate_prompt_tokens=4, use_activation=False)
+    enc = llm.encode([long_text, short], one, use_tqdm=False)
+    kw = llm.encode([long_text, short], truncate_prompt_tokens=4, use_activation=False, use_tqdm=False)
+    assert all(torch.equal(a.outputs.data, b.outputs.data) for a, b in zip(enc, kw))
+    for call, exc, match in [
+        (lambda: llm.classify([short], pooling_params=one, use_activation=True), ValueError, "not both"),
+        (lambda: llm.classify([short, short], pooling_params=[one]), ValueError, "1 entries for 2 prompts"),
+        (lambda: llm.classify([short], pooling_params={"use_activation": False}), TypeError, "PoolingParams"),
+        (lambda: llm.classify([short], pooling_params=PoolingParams(task="score")), ValueError, "to a classify"),
+        (lambda: PoolingParams(dimensions=8), ValueError, "embedding models"),
+        (lambda: PoolingParams(truncate_prompt_tokens=0), ValueError, "truncate_prompt_tokens"),
+    ]:
+        with pytest.raises(exc, match=match):
+            call()
+    ce_path = tmp_path / "ce"
+    save_tiny(ce_path, FAMILIES["bert"][0](num_labels=1))
+    ce = LLM(str(ce_path))
+    a = ce.score("where is the cat", ["on a mat", "no"], pooling_params=PoolingParams(use_activation=False),
+                 use_tqdm=False)
+    b = ce.score("where is the cat", ["on a mat", "no"], use_activation=False, use_tqdm=False)
+    assert [x.outputs.score for x in a] == [x.outputs.score for x in b]
+    with pytest.raises(TypeError, match="one PoolingParams for every pair"):
+        ce.score("a", ["b"], pooling_params=[one])
+    assert [x.outputs.score for x in a] != [x.outputs.score for x in ce.score("where is the cat", ["on a mat", "no"],
+                                                                              use_tqdm=False)]
 
 
 def test_vllm_style_construction(small_llm):
