@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from transformers import BertConfig
 
-from pyengine import LLM
+from pyengine import LLM, LoRARequest
 from pyengine.integrations.ray import PyEngineClassifier
+from test_lora import write_adapter
 from tiny import WORDS, save_tiny
 
 ATOL = 1e-5  # a prompt's result may not depend on its batch (DESIGN, fp32)
@@ -107,6 +108,19 @@ def test_classifier_bad_arguments(clf_dir, kwargs, err, match):
         PyEngineClassifier(clf_dir, **kwargs)
 
 
+def test_classifier_with_a_lora_adapter(clf_dir, tmp_path):
+    adapter = write_adapter(clf_dir, tmp_path / "adapter", ["query", "dense"], seed=9)
+    prompts = texts(40, seed=10)
+    got = PyEngineClassifier(clf_dir, lora_path=str(adapter))({"text": np.array(prompts, dtype=object)})
+    ref = LLM(clf_dir, enable_lora=True).classify(prompts, use_tqdm=False,
+                                                  lora_request=LoRARequest("a", 1, str(adapter)))
+    ref = np.array([o.outputs.probs for o in ref])
+    np.testing.assert_allclose(np.stack(got["probs"]), ref, atol=ATOL, rtol=0)
+    assert np.abs(ref - reference(clf_dir, prompts)).max() > 0.05, "the adapter changes nothing: a weak test"
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        PyEngineClassifier(clf_dir, lora_path=str(tmp_path / "missing"))
+
+
 def test_ray_data_two_actors_match_llm(ray_cluster, clf_dir):
     ray = ray_cluster
     prompts = texts(2000, seed=6)
@@ -128,7 +142,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_ray_serve_runs_the_http_app(ray_cluster, ce_dir):
+def test_ray_serve_runs_the_http_app(ray_cluster, ce_dir, tmp_path):
     pytest.importorskip("pyengine.serve", exc_type=ImportError)
     serve = pytest.importorskip("ray.serve")
     from pyengine.integrations.ray import build_app
@@ -137,8 +151,9 @@ def test_ray_serve_runs_the_http_app(ray_cluster, ce_dir):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         # As `serve run pyengine.integrations.ray:build_app model=... num_gpus=0 ...` passes them.
+        adapter = write_adapter(ce_dir, tmp_path / "adapter", ["query", "value"], seed=8)
         app = build_app({"model": ce_dir, "num_replicas": "1", "num_gpus": "0", "num_cpus": "0.5",
-                         "served_model_name": '["ce"]'})
+                         "served_model_name": '["ce"]', "lora_modules": json.dumps({"ce-lora": str(adapter)})})
         serve.run(app, name="pyengine", route_prefix="/")
         q, d = "the cat sat", texts(5, seed=7)
         body = json.dumps({"model": "ce", "text_1": q, "text_2": d}).encode()
@@ -146,6 +161,14 @@ def test_ray_serve_runs_the_http_app(ray_cluster, ce_dir):
         with urllib.request.urlopen(req, timeout=60) as resp:
             data = json.load(resp)["data"]
         ref = [o.outputs.score for o in LLM(ce_dir).score(q, d, use_tqdm=False)]
+        np.testing.assert_allclose([x["score"] for x in data], ref, atol=ATOL, rtol=0)
+        # the adapter, by its model name
+        body = json.dumps({"model": "ce-lora", "text_1": q, "text_2": d}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/score", body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            data = json.load(resp)["data"]
+        ref = [o.outputs.score for o in LLM(ce_dir, enable_lora=True).score(
+            q, d, use_tqdm=False, lora_request=LoRARequest("ce-lora", 1, str(adapter)))]
         np.testing.assert_allclose([x["score"] for x in data], ref, atol=ATOL, rtol=0)
         bad = urllib.request.Request(f"http://127.0.0.1:{port}/score", b'{"text_1": "a"', {})
         with pytest.raises(urllib.error.HTTPError) as e:

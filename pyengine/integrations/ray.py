@@ -168,7 +168,8 @@ class PyEngineClassifier:
 
 
 def serve_app(model, *, num_replicas=1, num_gpus=1, num_cpus=1, served_model_name=None,
-              max_inputs_per_request=1024, max_request_bytes=64 << 20, deployment_options=None, **engine_kwargs):
+              max_inputs_per_request=1024, max_request_bytes=64 << 20, deployment_options=None, lora_modules=None,
+              **engine_kwargs):
     """A Ray Serve application of pyengine's HTTP server (pyengine.serve), ``num_replicas``
     replicas of ``num_gpus`` GPU each; Ray Serve's proxy spreads requests over them.
 
@@ -177,7 +178,8 @@ def serve_app(model, *, num_replicas=1, num_gpus=1, num_cpus=1, served_model_nam
 
     Every replica loads the model from ``model``, a path that must exist on its node.
     ``deployment_options`` go to ``serve.deployment`` (e.g. ``max_ongoing_requests``, or
-    ``autoscaling_config``, which then replaces ``num_replicas``).
+    ``autoscaling_config``, which then replaces ``num_replicas``). ``lora_modules``: {name:
+    LoRA adapter directory} served as extra model names (turns ``enable_lora`` on).
     """
     from ray import serve
 
@@ -188,6 +190,10 @@ def serve_app(model, *, num_replicas=1, num_gpus=1, num_cpus=1, served_model_nam
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f"{what} must be a positive int, got {v!r}")
     names = list(served_model_name or [str(model)])
+    if lora_modules is not None:
+        if not isinstance(lora_modules, dict) or not all(isinstance(k, str) for k in lora_modules):
+            raise TypeError(f"lora_modules must be a dict of name -> adapter directory, got {lora_modules!r}")
+        engine_kwargs.setdefault("enable_lora", True)
 
     class PyEngineServer:
         """One replica: an engine core and the server's FastAPI app over it."""
@@ -199,7 +205,7 @@ def serve_app(model, *, num_replicas=1, num_gpus=1, num_cpus=1, served_model_nam
             from pyengine.serve import Server
 
             core = EngineCore(EngineConfig(model=model, **engine_kwargs))
-            self.server = Server(core, names, max_inputs_per_request, max_request_bytes)
+            self.server = Server(core, names, max_inputs_per_request, max_request_bytes, lora_modules)
 
         def __serve_build_asgi_app__(self):
             # Called by Ray Serve after __init__; the app's lifespan starts the engine thread.
