@@ -100,7 +100,7 @@ if ! want bench; then
   skip bench "not in GPU_CHECK_STEPS"
 elif [ -f pyengine/bench/__main__.py ]; then
   # shellcheck disable=SC2086
-  step bench "${BENCH_S:-200}" "$PY" -m pyengine.bench ${BENCH_ARGS:---preset minilm-l6,bert-base,qwen3-0.6b --repeats 1 --single-sample 32 --providers hf,pyengine-cuda,pyengine-eager --no-progress --json $LOGS/bench.json}
+  step bench "${BENCH_S:-200}" "$PY" -m pyengine.bench ${BENCH_ARGS:---preset minilm-l6,bert-base,qwen3-0.6b --repeats 1 --single-sample 32 --providers hf,pyengine-cuda,pyengine-eager,pyengine-lora --no-progress --json $LOGS/bench.json}
 else
   skip bench "pyengine/bench/__main__.py not in this tree"
 fi
