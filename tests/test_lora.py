@@ -9,6 +9,7 @@ from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForSequenceClassification, BertConfig, RobertaConfig
 
 from pyengine import LLM, LoRARequest
+from test_engine import report
 from tiny import save_tiny
 
 ATOL = 1e-4  # DESIGN's fp32 CPU bar on probabilities
@@ -100,12 +101,6 @@ def reference(model, prompts):
 
 def probs(outs):
     return torch.tensor([o.outputs.probs for o in outs])
-
-
-def report(got, ref):
-    diff = (got - ref).abs()
-    i = int(diff.max(dim=-1).values.argmax())
-    return f"max |diff| {diff.max():.3e} at prompt {i}: got {got[i].tolist()} want {ref[i].tolist()}"
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
