@@ -204,7 +204,7 @@ class EngineCore:
     def add_request(self, req: Request):
         if req.request_id in self.waiting or req.request_id in self.running:
             raise ValueError(f"request id {req.request_id!r} is already queued")
-        self.waiting.add(req.request_id, len(req.prompt.token_ids), req, req.lora.id if req.lora else 0)
+        self.waiting.add(req.request_id, len(req.prompt.token_ids), req, req.lora.key if req.lora else 0)
         self._num_unfinished += 1
 
     def abort(self, request_ids):
@@ -333,8 +333,8 @@ class LLM:
                                    max_model_len=max_model_len, max_num_batched_tokens=max_num_batched_tokens,
                                    max_num_seqs=max_num_seqs, hf_overrides=hf_overrides,
                                    pooler_config=pooler_config, kernel_backend=kernel_backend, convert=convert,
-                                   runner=runner, enforce_eager=enforce_eager, enable_lora=enable_lora, max_loras=max_loras,
-                                   max_lora_rank=max_lora_rank)
+                                   runner=runner, enforce_eager=enforce_eager, enable_lora=enable_lora,
+                                   max_loras=max_loras, max_lora_rank=max_lora_rank)
         self.engine = EngineCore(self.config)
 
     def get_tokenizer(self):

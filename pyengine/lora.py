@@ -19,6 +19,7 @@ A batch runs one adapter: the scheduler groups waiting requests by adapter (see
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -66,13 +67,16 @@ class LoRAAdapter:
 
     layers: per layer, {weight name ("qkv_w", "o_w", "up_w", "down_w"): (A (R, in), B
     (out, R))} in the model's dtype and device, scale folded into B; head: {head
-    parameter name: fp32 tensor} replacing the model's own; rank: the largest module rank."""
+    parameter name: fp32 tensor} replacing the model's own; rank: the largest module rank;
+    key: an int >= 1 no other adapter of its engine has, even one loaded later under the
+    same lora_int_id (the waiting queue's batch group), set by :class:`LoRAManager`."""
 
-    __slots__ = ("name", "id", "path", "rank", "layers", "head")
+    __slots__ = ("name", "id", "path", "rank", "layers", "head", "key")
 
     def __init__(self, name, id, path, rank, layers, head):
         self.name, self.id, self.path, self.rank = name, id, path, rank
         self.layers, self.head = layers, head
+        self.key = None
 
     def __repr__(self):
         return f"LoRAAdapter({self.name!r}, id={self.id}, rank={self.rank}, path={self.path!r})"
@@ -268,6 +272,7 @@ class LoRAManager:
     def __init__(self, model, max_loras: int, max_lora_rank: int):
         self.model, self.max_loras, self.max_lora_rank = model, max_loras, max_lora_rank
         self._cache: OrderedDict[int, LoRAAdapter] = OrderedDict()
+        self._keys = itertools.count(1)
 
     def get(self, request: LoRARequest) -> LoRAAdapter:
         if not isinstance(request, LoRARequest):
@@ -280,6 +285,9 @@ class LoRAManager:
             self._cache.move_to_end(request.lora_int_id)
             return hit
         adapter = load_adapter(request, self.model, self.max_lora_rank)
+        # Not the id: once this adapter is dropped, another may be loaded under its id
+        # while requests holding this one still wait, and the two must not share a batch.
+        adapter.key = next(self._keys)
         self._cache[request.lora_int_id] = adapter
         while len(self._cache) > self.max_loras:
             self._cache.popitem(last=False)

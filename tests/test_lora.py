@@ -179,6 +179,29 @@ def test_least_recently_used_adapter_is_dropped_and_reloaded(bert):
         assert [x.name for x in llm.engine.lora.loaded()] == [r.lora_name]
 
 
+def test_a_reused_id_never_shares_a_batch_with_the_dropped_adapter(bert):
+    """max_loras=1: adapter a (id 1) is dropped while its requests wait, and another
+    adapter is loaded under id 1; the waiting requests keep their own adapter."""
+    from pyengine.engine import Request
+    from pyengine.inputs import TokenizedPrompt
+
+    path, a, b = bert
+    prompts = prompts_for([4, 9, 15, 6], seed=16)
+    core = LLM(str(path), kernel_backend="torch", enable_lora=True, max_loras=1).engine
+    (first,) = core.lora_adapters(LoRARequest("a", 1, str(a)), 1)
+    core.lora_adapters(LoRARequest("b", 2, str(b)), 1)  # drops a
+    (second,) = core.lora_adapters(LoRARequest("b-again", 1, str(b)), 1)
+    assert first.id == second.id and first.key != second.key
+    reqs = [Request(str(i), TokenizedPrompt(p), "softmax", first if i % 2 else second) for i, p in enumerate(prompts)]
+    for r in reqs:
+        core.add_request(r)
+    while core.has_unfinished():
+        core.step()
+    ref = {first: reference(peft_model(path, a), prompts), second: reference(peft_model(path, b), prompts)}
+    got = torch.stack([r.output for r in reqs])
+    torch.testing.assert_close(got, torch.stack([ref[r.lora][i] for i, r in enumerate(reqs)]), atol=ATOL, rtol=0)
+
+
 def test_adapter_batches_bypass_cuda_graphs(bert):
     """With a graph runner in place (recorded captures on CPU), base batches go through
     it and adapter batches run eagerly, with the adapter."""
