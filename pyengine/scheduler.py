@@ -54,7 +54,7 @@ class WaitingQueue:
 
     Each item has a key ``group << 80 | length << 40 | arrival number``: sorting the
     keys sorts by group, then by length, ties by arrival, as ``next_batch``'s stable sort
-    does. A batch holds one group (a LoRA adapter id; 0 for none): the group of the
+    does. A batch holds one group (a LoRA adapter's key; 0 for none): the group of the
     oldest waiting item, so no group waits behind a stream of another's.
     """
 
