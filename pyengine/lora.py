@@ -293,5 +293,10 @@ class LoRAManager:
             self._cache.popitem(last=False)
         return adapter
 
+    def drop(self, lora_int_id: int):
+        """Forget the adapter loaded under ``lora_int_id``, if any (requests holding it
+        still run with it)."""
+        self._cache.pop(lora_int_id, None)
+
     def loaded(self) -> list[LoRAAdapter]:
         return list(self._cache.values())

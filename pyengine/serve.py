@@ -10,12 +10,15 @@ client that disconnects has its queued sequences dropped. Needs the ``serve`` ex
 
 LoRA adapters (``--enable-lora --lora-modules NAME=PATH ...``) are served as extra
 model names, as vLLM does: a request whose ``model`` is an adapter's name runs with it.
+With ``--allow-runtime-lora-updating``, ``POST /v1/load_lora_adapter`` and
+``/v1/unload_lora_adapter`` add and remove them while the server runs.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import socket
@@ -37,8 +40,8 @@ from .engine import EngineCore
 from .lora import LoRARequest
 from .metrics import Metrics
 from .pooler import score_activation
-from .serve_protocol import (ApiError, ClassifyRequest, PoolingRequest, RerankRequest, ScoreRequest, encode_floats,
-                             error_body, parse_input, render_chat, validate)
+from .serve_protocol import (ApiError, ClassifyRequest, LoadLoRARequest, PoolingRequest, RerankRequest, ScoreRequest,
+                             UnloadLoRARequest, encode_floats, error_body, parse_input, render_chat, validate)
 
 log = logging.getLogger("pyengine.serve")
 
@@ -62,17 +65,22 @@ async def _wait_disconnect(request: Request):
 class Server:
     """The routes over one EngineCore. ``names``: the served model names (the first is
     the one responses report); ``max_inputs``: inputs (or pairs) one request may hold;
-    ``lora_modules``: {name: adapter directory}, each loaded and checked here."""
+    ``lora_modules``: {name: adapter directory}, each loaded and checked here;
+    ``allow_runtime_lora``: add the routes that load and unload adapters."""
 
     def __init__(self, core: EngineCore, names: list[str], max_inputs: int = 1024,
-                 max_request_bytes: int = 64 << 20, lora_modules: dict | None = None):
+                 max_request_bytes: int = 64 << 20, lora_modules: dict | None = None,
+                 allow_runtime_lora: bool = False):
         if max_inputs < 1:
             raise ValueError(f"max_inputs must be positive, got {max_inputs}")
-        self.loras = {}
-        for i, (name, path) in enumerate((lora_modules or {}).items()):
+        if allow_runtime_lora and core.lora is None:
+            raise ValueError("runtime LoRA updating needs an engine with LoRA enabled (enable_lora=True)")
+        self.allow_runtime_lora = allow_runtime_lora
+        self.loras, self._lora_ids = {}, itertools.count(1)
+        for name, path in (lora_modules or {}).items():
             if name in names:
                 raise ValueError(f"LoRA module name {name!r} is also a served model name")
-            self.loras[name] = LoRARequest(name, i + 1, path)
+            self.loras[name] = LoRARequest(name, next(self._lora_ids), path)
             core.lora_adapters(self.loras[name], 1)  # fails now on a bad adapter, or with LoRA off
         self.core, self.names, self.max_inputs = core, list(names), max_inputs
         self.max_request_bytes = max_request_bytes
@@ -84,7 +92,17 @@ class Server:
 
     # ------------------------------------------------------------------ plumbing
     async def _read(self, request: Request, cls):
-        """Body -> validated request model, with the checks every route shares."""
+        """Body -> validated request model, with the checks every pooling route shares."""
+        req = validate(cls, await self._body(request))
+        if req.model is not None and req.model not in self.names and req.model not in self.loras:
+            raise ApiError(404, f"The model `{req.model}` does not exist; this server serves "
+                                f"{self.names + list(self.loras)}")
+        if req.priority != 0:
+            raise ApiError(400, "priority scheduling is not enabled on this server; priority must be 0")
+        return req
+
+    async def _body(self, request: Request):
+        """The parsed JSON body, within the size limit."""
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.max_request_bytes:
             raise ApiError(413, f"request body of {length} bytes is over the limit of {self.max_request_bytes}")
@@ -95,16 +113,9 @@ class Server:
                 raise ApiError(413, f"request body is over the limit of {self.max_request_bytes} bytes")
             chunks.append(chunk)
         try:
-            data = json.loads(b"".join(chunks))
+            return json.loads(b"".join(chunks))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ApiError(400, f"malformed JSON body: {e}") from None
-        req = validate(cls, data)
-        if req.model is not None and req.model not in self.names and req.model not in self.loras:
-            raise ApiError(404, f"The model `{req.model}` does not exist; this server serves "
-                                f"{self.names + list(self.loras)}")
-        if req.priority != 0:
-            raise ApiError(400, "priority scheduling is not enabled on this server; priority must be 0")
-        return req
 
     def _check_count(self, n: int, what: str):
         if n > self.max_inputs:
@@ -229,6 +240,26 @@ class Server:
         return {"id": f"rerank-{req.request_id or uuid.uuid4().hex}", "model": self._model_name(req),
                 "usage": {"prompt_tokens": stats["tokens"], "total_tokens": stats["tokens"]}, "results": results}
 
+    async def load_lora(self, request, stats):
+        req = validate(LoadLoRARequest, await self._body(request))
+        if req.lora_name in self.names or req.lora_name in self.loras:
+            raise ApiError(400, f"The lora adapter '{req.lora_name}' has already been loaded.")
+        lora = LoRARequest(req.lora_name, next(self._lora_ids), req.lora_path)
+        try:  # read and checked on the tokenizer thread, which alone touches the adapter cache
+            await self.engine.preprocess(self.core.lora_adapters, lora, 1)
+        except FileNotFoundError as e:
+            raise ApiError(400, str(e)) from None
+        self.loras[req.lora_name] = lora
+        return f"Success: LoRA adapter '{req.lora_name}' added successfully."
+
+    async def unload_lora(self, request, stats):
+        req = validate(UnloadLoRARequest, await self._body(request))
+        lora = self.loras.pop(req.lora_name, None)
+        if lora is None:
+            raise ApiError(404, f"The lora adapter '{req.lora_name}' cannot be found.")
+        await self.engine.preprocess(self.core.lora.drop, lora.lora_int_id)
+        return f"Success: LoRA adapter '{req.lora_name}' removed successfully."
+
     # ------------------------------------------------------------------ app
     async def _serve(self, route: str, request: Request, handler) -> Response:
         """Run one POST route: map errors to vLLM-style bodies and record metrics."""
@@ -276,6 +307,8 @@ class Server:
         routes = {"/classify": self.classify, "/pooling": self.pooling, "/score": self.score,
                   "/v1/score": self.score, "/rerank": self.rerank, "/v1/rerank": self.rerank,
                   "/v2/rerank": self.rerank}
+        if self.allow_runtime_lora:
+            routes.update({"/v1/load_lora_adapter": self.load_lora, "/v1/unload_lora_adapter": self.unload_lora})
         def endpoint_for(path, handler):  # a closure: FastAPI would read default args as query params
             async def endpoint(request: Request):
                 return await self._serve(path, request, handler)
@@ -354,6 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="PEFT LoRA adapters served under their own model names")
     p.add_argument("--max-loras", type=int, default=1, help="adapters kept loaded at once")
     p.add_argument("--max-lora-rank", type=int, default=16)
+    p.add_argument("--allow-runtime-lora-updating", action="store_true",
+                   help="POST /v1/load_lora_adapter and /v1/unload_lora_adapter add and remove adapters")
     p.add_argument("--max-inputs-per-request", type=int, default=1024)
     p.add_argument("--max-request-bytes", type=int, default=64 << 20)
     p.add_argument("--log-level", default="info")
@@ -376,8 +411,8 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     lora_modules = _lora_modules(parser, args.lora_modules)
-    if lora_modules and not args.enable_lora:
-        parser.error("--lora-modules needs --enable-lora")
+    if (lora_modules or args.allow_runtime_lora_updating) and not args.enable_lora:
+        parser.error("--lora-modules and --allow-runtime-lora-updating need --enable-lora")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     core = EngineCore(EngineConfig(
         model=args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device,
@@ -386,7 +421,7 @@ def main(argv=None):
         kernel_backend=args.kernel_backend, convert=args.convert, runner=args.runner, enforce_eager=args.enforce_eager,
         enable_lora=args.enable_lora, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank))
     server = Server(core, args.served_model_name or [args.model], args.max_inputs_per_request,
-                    args.max_request_bytes, lora_modules)
+                    args.max_request_bytes, lora_modules, args.allow_runtime_lora_updating)
     uvicorn.run(server.build_app(), host=args.host, port=args.port, log_level=args.log_level.lower())
 
 

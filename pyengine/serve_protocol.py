@@ -45,6 +45,20 @@ class _Common(BaseModel):
     use_activation: bool | None = None
 
 
+class LoadLoRARequest(BaseModel):
+    """POST /v1/load_lora_adapter: an adapter directory to serve as model ``lora_name``."""
+    model_config = ConfigDict(extra="forbid", strict=True)
+    lora_name: str = Field(min_length=1)
+    lora_path: str = Field(min_length=1)
+
+
+class UnloadLoRARequest(BaseModel):
+    """POST /v1/unload_lora_adapter: stop serving ``lora_name``."""
+    model_config = ConfigDict(extra="forbid", strict=True)
+    lora_name: str = Field(min_length=1)
+    lora_int_id: int | None = None
+
+
 class ClassifyRequest(_Common):
     """``input`` (str, [str], token ids or [token ids]) or chat ``messages``."""
     input: Any = None

@@ -459,7 +459,8 @@ def lora_env(tmp_path_factory):
     save_tiny(path, _config(1), seed=7)
     adapter = make_adapter(path, path / "adapter", seed=3, target_modules=["query", "value", "dense"])
     core = EngineCore(EngineConfig(model=str(path), enable_lora=True))
-    server = Server(core, ["tiny-base"], max_inputs=MAX_INPUTS, lora_modules={"tiny-lora": str(adapter)})
+    server = Server(core, ["tiny-base"], max_inputs=MAX_INPUTS, lora_modules={"tiny-lora": str(adapter)},
+                    allow_runtime_lora=True)
     url, stop = serve_in_thread(server.build_app())
     llm = LLM(str(path), enable_lora=True)
     yield Client(url, server), llm, LoRARequest("tiny-lora", 1, str(adapter)), adapter
@@ -497,7 +498,8 @@ def test_lora_command_line_and_bad_modules(lora_env, tmp_path):
 
     client, llm, _, adapter = lora_env
     path = llm.config.model
-    for argv in (["--lora-modules", f"a={adapter}"], ["--enable-lora", "--lora-modules", "no-equals-sign"],
+    for argv in (["--lora-modules", f"a={adapter}"], ["--allow-runtime-lora-updating"],
+                 ["--enable-lora", "--lora-modules", "no-equals-sign"],
                  ["--enable-lora", "--lora-modules", f"a={adapter}", f"a={adapter}"]):
         with pytest.raises(SystemExit):
             main(["--model", path, *argv])
@@ -508,3 +510,35 @@ def test_lora_command_line_and_bad_modules(lora_env, tmp_path):
                lora_modules={"a": str(tmp_path / "missing")})
     status, r = client.post("/classify", {"input": "the cat", "model": "tiny-other"})
     assert status == 404 and "tiny-lora" in r["error"]["message"]
+
+
+def test_runtime_lora_loading_and_unloading(lora_env, cls_env, tmp_path):
+    from test_lora import write_adapter
+
+    from pyengine import LoRARequest
+
+    client, llm, _, _ = lora_env
+    path = llm.config.model
+    adapter = write_adapter(path, tmp_path / "rt", ["query", "key"], seed=11)
+    docs = texts(3, 12)
+    status, r = client.post("/v1/load_lora_adapter", {"lora_name": "rt", "lora_path": str(adapter)})
+    assert status == 200, r
+    assert "rt" in [m["id"] for m in client.request("GET", "/v1/models")[1]["data"]]
+    status, r = client.post("/rerank", {"model": "rt", "query": "the cat", "documents": docs})
+    want = [o.outputs.score for o in llm.score("the cat", docs, use_tqdm=False,
+                                               lora_request=LoRARequest("rt", 9, str(adapter)))]
+    assert status == 200 and close(sorted(x["relevance_score"] for x in r["results"]), sorted(want)), r
+    for path_, body, code, needle in [
+        ("/v1/load_lora_adapter", {"lora_name": "rt", "lora_path": str(adapter)}, 400, "already been loaded"),
+        ("/v1/load_lora_adapter", {"lora_name": "tiny-base", "lora_path": str(adapter)}, 400, "already been loaded"),
+        ("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": str(tmp_path / "missing")}, 400, "does not exist"),
+        ("/v1/load_lora_adapter", {"lora_name": "x"}, 400, "lora_path"),
+        ("/v1/unload_lora_adapter", {"lora_name": "rt"}, 200, "removed"),
+        ("/v1/unload_lora_adapter", {"lora_name": "rt"}, 404, "cannot be found"),
+        ("/rerank", {"model": "rt", "query": "a", "documents": ["b"]}, 404, "does not exist"),
+    ]:
+        status, r = client.post(path_, body)
+        assert status == code and needle in json.dumps(r), (path_, body, status, r)
+    assert "x" not in [m["id"] for m in client.request("GET", "/v1/models")[1]["data"]]
+    # a server started without the flag has no such routes
+    assert cls_env[0].post("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": str(adapter)})[0] == 404
