@@ -90,6 +90,13 @@ class PendingBatch:
         return self.output
 
 
+# Files one of which every saved tokenizer has. Without any, transformers would build a
+# default tokenizer with an empty vocabulary for some model types (BERT's: every word
+# becomes [UNK]) instead of failing.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
+                    "sentencepiece.bpe.model", "tokenizer.model")
+
+
 def _load_tokenizer(cfg: EngineConfig):
     from transformers import AutoTokenizer
 
@@ -101,6 +108,11 @@ def _load_tokenizer(cfg: EngineConfig):
         source = getattr(getattr(source, "config", None), "_name_or_path", None)
         if not source or not os.path.isdir(source):
             return None  # a model instance with no local tokenizer: token-id prompts only
+    if os.path.isdir(source) and not any(os.path.isfile(os.path.join(source, f)) for f in _TOKENIZER_FILES):
+        if tok is not None:
+            raise ValueError(f"tokenizer directory {os.fspath(source)!r} has no tokenizer files "
+                             f"(any of {', '.join(_TOKENIZER_FILES)})")
+        return None  # a checkpoint without a tokenizer: token-id prompts only
     try:
         return AutoTokenizer.from_pretrained(os.fspath(source), local_files_only=True)
     except (OSError, ValueError, TypeError) as e:
@@ -150,8 +162,8 @@ class EngineCore:
             self.max_model_len = cfg.max_model_len
         self.model.load_weights(iter_weights(cfg.model))
         self.model.eval()
-        keep_types = bool(getattr(self.model, "type_vocab", 0))
-        self.inputs = InputProcessor(self.tokenizer, self.max_model_len, self.model.vocab_size, keep_types)
+        self.inputs = InputProcessor(self.tokenizer, self.max_model_len, self.model.vocab_size,
+                                     int(getattr(self.model, "type_vocab", 0) or 0))
         self.pooler = Pooler(self.ops, cfg.pooler_config)
         self.classify_act = classify_activation(self.hf_config)
         self.waiting = WaitingQueue()  # not yet launched: request id -> Request, arrival order

@@ -13,6 +13,9 @@ class TokenizedPrompt:
     token_ids: list[int]
     token_type_ids: list[int] | None = None
 
+    def __len__(self):
+        return len(self.token_ids)
+
 
 def all_ints(ids) -> bool:
     """Every element an int and none a bool. The exact-type set is the fast path (a C
@@ -23,9 +26,53 @@ def all_ints(ids) -> bool:
     return all(isinstance(t, int) and not isinstance(t, bool) for t in ids)
 
 
+# Keys of a prompt dict (vLLM's TextPrompt / TokensPrompt); cache_salt only salts a prefix
+# cache, which this engine does not have, so it changes nothing here.
+_PROMPT_KEYS = ("prompt", "prompt_token_ids", "token_type_ids", "cache_salt")
+_MULTIMODAL_KEYS = ("multi_modal_data", "mm_processor_kwargs", "multi_modal_uuids")
+
+
+def _ids(x, where):
+    """A list of ints from a list, tuple, or 1-D integer numpy array or torch tensor."""
+    if hasattr(x, "tolist") and getattr(x, "ndim", None) == 1 and "int" in str(getattr(x, "dtype", "")):
+        x = x.tolist()
+    if not isinstance(x, (list, tuple)):
+        raise TypeError(f"{where} must be a list of ints (or a 1-D integer array), got {type(x).__name__}")
+    if not all_ints(x):
+        j, bad = next((j, t) for j, t in enumerate(x) if not isinstance(t, int) or isinstance(t, bool))
+        raise TypeError(f"{where} must be a list of ints; element {j} is {type(bad).__name__} {bad!r}")
+    return list(x)
+
+
+def _parse_dict(p, where):
+    mm = [k for k in _MULTIMODAL_KEYS if k in p]
+    if mm:
+        raise ValueError(f"{where} has {mm[0]!r}: multi-modal inputs are not supported, this engine serves "
+                         "text models")
+    unknown = sorted(str(k) for k in p if k not in _PROMPT_KEYS)
+    if unknown:
+        raise ValueError(f"{where} has unknown key(s) {unknown}; a prompt dict takes {list(_PROMPT_KEYS)}")
+    if "prompt_token_ids" in p:
+        ids = _ids(p["prompt_token_ids"], f"{where}['prompt_token_ids']")
+        if p.get("token_type_ids") is None:
+            return ids
+        types = _ids(p["token_type_ids"], f"{where}['token_type_ids']")
+        if len(types) != len(ids):
+            raise ValueError(f"{where}['token_type_ids'] has {len(types)} entries for {len(ids)} token ids")
+        return TokenizedPrompt(ids, types)
+    if "token_type_ids" in p:
+        raise ValueError(f"{where}: token_type_ids go with prompt_token_ids, not with a text prompt")
+    if "prompt" not in p:
+        raise ValueError(f"{where} is a dict without 'prompt' or 'prompt_token_ids' (keys: {sorted(map(str, p))})")
+    if not isinstance(p["prompt"], str):
+        raise TypeError(f"{where}['prompt'] must be a str, got {type(p['prompt']).__name__}")
+    return p["prompt"]
+
+
 def parse_prompts(prompts, what="prompts"):
-    """Normalise str | list[str] | {"prompt": str} | {"prompt_token_ids": [...]} (or a
-    list of those) into a list of ``str`` and ``list[int]``."""
+    """Normalise str | list[str] | {"prompt": str} | {"prompt_token_ids": [...]
+    [, "token_type_ids": [...]]} (or a list of those) into a list of ``str``,
+    ``list[int]`` and (token ids with their types) ``TokenizedPrompt``."""
     if isinstance(prompts, (str, dict)):
         prompts = [prompts]
     if not isinstance(prompts, (list, tuple)):
@@ -35,18 +82,7 @@ def parse_prompts(prompts, what="prompts"):
     out = []
     for i, p in enumerate(prompts):
         if isinstance(p, dict):
-            if "prompt_token_ids" in p:
-                ids = p["prompt_token_ids"]
-                if not isinstance(ids, (list, tuple)) or not all_ints(ids):
-                    raise TypeError(f"{what}[{i}]['prompt_token_ids'] must be a list of ints")
-                out.append(list(ids))
-            elif "prompt" in p:
-                if not isinstance(p["prompt"], str):
-                    raise TypeError(f"{what}[{i}]['prompt'] must be a str, got {type(p['prompt']).__name__}")
-                out.append(p["prompt"])
-            else:
-                raise ValueError(f"{what}[{i}] is a dict without 'prompt' or 'prompt_token_ids' "
-                                 f"(keys: {sorted(p)})")
+            out.append(_parse_dict(p, f"{what}[{i}]"))
         elif isinstance(p, str):
             out.append(p)
         else:
@@ -65,11 +101,13 @@ def _as_text(x, what):
 class InputProcessor:
     """Turns prompts into token ids under the model's length limit."""
 
-    def __init__(self, tokenizer, max_model_len: int, vocab_size: int, keep_token_types: bool):
+    def __init__(self, tokenizer, max_model_len: int, vocab_size: int, type_vocab_size: int = 0):
+        """type_vocab_size: the model's token types (0: it has none, and types are dropped)."""
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size
-        self.keep_token_types = keep_token_types
+        self.type_vocab_size = type_vocab_size
+        self.keep_token_types = type_vocab_size > 0
 
     # ------------------------------------------------------------------ limits
     def _limit(self, truncate_prompt_tokens, truncation_side):
@@ -99,6 +137,11 @@ class InputProcessor:
                 bad = next(t for t in p.token_ids if t < 0 or t >= self.vocab_size)
                 raise ValueError(f"{what}[{i}] has token id {bad} outside the vocabulary "
                                  f"[0, {self.vocab_size})")
+            types = p.token_type_ids
+            if types is not None and (min(types) < 0 or max(types) >= self.type_vocab_size):
+                bad = next(t for t in types if t < 0 or t >= self.type_vocab_size)
+                raise ValueError(f"{what}[{i}] has token type id {bad} outside the model's token types "
+                                 f"[0, {self.type_vocab_size})")
         return prompts
 
     def _tokenize(self, texts, pairs, k, side, add_special_tokens=True):
@@ -137,10 +180,14 @@ class InputProcessor:
         for i, p in enumerate(prompts):
             if isinstance(p, str):
                 texts_by_limit.setdefault(limits[i], []).append(i)
-            else:
-                # p is parse_prompts' own copy: kept as is, or sliced (a new list).
-                k, side = limits[i]
-                out[i] = TokenizedPrompt(p if k is None or len(p) <= k else (p[:k] if side == "right" else p[-k:]))
+                continue
+            # p is parse_prompts' own copy: kept as is, or sliced (a new list).
+            ids, types = (p.token_ids, p.token_type_ids) if isinstance(p, TokenizedPrompt) else (p, None)
+            k, side = limits[i]
+            if k is not None and len(ids) > k:
+                cut = slice(None, k) if side == "right" else slice(-k, None)
+                ids, types = ids[cut], (None if types is None else types[cut])
+            out[i] = TokenizedPrompt(ids, types if self.keep_token_types else None)
         for (k, side), idx in texts_by_limit.items():
             for i, tp in zip(idx, self._tokenize([prompts[i] for i in idx], None, k, side, add_special_tokens)):
                 out[i] = tp

@@ -287,7 +287,17 @@ def small_llm(tmp_path_factory):
     (lambda l: l.classify([3]), TypeError, r"prompts\[0\] must be a str or a dict, got int"),
     (lambda l: l.classify([{"prompt_token_ids": [2, True, 3]}]), TypeError, r"must be a list of ints"),
     (lambda l: l.classify([{"prompt_token_ids": [2, 3.0]}]), TypeError, r"must be a list of ints"),
-    (lambda l: l.classify([{"text": "x"}]), ValueError, r"without 'prompt' or 'prompt_token_ids'"),
+    (lambda l: l.classify([{"text": "x"}]), ValueError, r"unknown key\(s\) \['text'\]"),
+    (lambda l: l.classify([{"cache_salt": "x"}]), ValueError, r"without 'prompt' or 'prompt_token_ids'"),
+    (lambda l: l.classify([{"prompt": "x", "multi_modal_data": {"image": None}}]), ValueError,
+     "multi-modal inputs are not supported"),
+    (lambda l: l.classify([{"prompt_token_ids": [2, 5], "token_type_ids": [0]}]), ValueError,
+     r"token_type_ids'\] has 1 entries for 2 token ids"),
+    (lambda l: l.classify([{"prompt_token_ids": [2, 5], "token_type_ids": [0, 7]}]), ValueError,
+     r"token type id 7 outside the model's token types \[0, 2\)"),
+    (lambda l: l.classify([{"prompt": "x", "token_type_ids": [0]}]), ValueError, "go with prompt_token_ids"),
+    (lambda l: l.classify([{"prompt_token_ids": torch.tensor([[2, 5]])}]), TypeError, "1-D integer array"),
+    (lambda l: l.classify([{"prompt_token_ids": torch.tensor([2.0, 5.0])}]), TypeError, "1-D integer array"),
     (lambda l: l.classify([]), ValueError, "empty list"),
     (lambda l: l.classify("cat", truncate_prompt_tokens=0), ValueError, "truncate_prompt_tokens must be"),
     (lambda l: l.classify("cat", truncate_prompt_tokens=99), ValueError, "greater than max_model_len=16"),
@@ -302,6 +312,38 @@ def test_bad_input_raises_before_work(small_llm, call, err, match):
     with pytest.raises(err, match=match):
         call(llm)
     assert not llm.engine.has_unfinished()
+
+
+def test_token_ids_with_types_and_arrays(cross_encoder, tmp_path):
+    """A pre-tokenised pair with its token_type_ids runs as the text pair does; integer
+    numpy arrays and torch tensors pass as token ids; a checkpoint without tokenizer
+    files takes token ids only (transformers would build an empty-vocabulary tokenizer)."""
+    import numpy as np
+
+    path, _, tok = cross_encoder
+    llm = LLM(str(path))
+    enc = tok("where is the cat", text_pair="on a mat")
+    want = llm.score("where is the cat", "on a mat", use_activation=False, use_tqdm=False)[0].outputs.score
+    prompts = [{"prompt_token_ids": enc["input_ids"], "token_type_ids": enc["token_type_ids"]},
+               {"prompt_token_ids": np.array(enc["input_ids"]), "token_type_ids": torch.tensor(enc["token_type_ids"])},
+               {"prompt_token_ids": torch.tensor(enc["input_ids"])}]
+    got = [o.outputs.probs[0] for o in llm.classify(prompts, use_activation=False, use_tqdm=False)]
+    assert got[0] == pytest.approx(want, abs=1e-5) and got[1] == pytest.approx(want, abs=1e-5)
+    assert abs(got[2] - want) > 1e-3, "token types made no difference: a weak test"
+    cut = llm.classify(prompts[:1], truncate_prompt_tokens=4, truncation_side="right", use_tqdm=False)[0]
+    assert cut.prompt_token_ids == enc["input_ids"][:4]
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        (bare / f).write_bytes((path / f).read_bytes())
+    no_tok = LLM(str(bare))
+    assert no_tok.get_tokenizer() is None
+    with pytest.raises(ValueError, match="text prompts need a tokenizer"):
+        no_tok.classify("the cat", use_tqdm=False)
+    assert no_tok.classify(prompts[:1], use_tqdm=False)[0].outputs.probs == llm.classify(
+        prompts[:1], use_tqdm=False)[0].outputs.probs
+    with pytest.raises(ValueError, match="has no tokenizer files"):
+        LLM(str(path), tokenizer=str(bare))
 
 
 def test_mismatched_pairs(cross_encoder):
