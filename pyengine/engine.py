@@ -19,7 +19,7 @@ from . import cuda_graph
 from .batch import RaggedBatch
 from .config import EngineConfig, PoolerConfig, PoolingParams
 from .inputs import InputProcessor, TokenizedPrompt, pair_lists, parse_prompts
-from .lora import LoRAAdapter, LoRAManager
+from .lora import LoRAAdapter, LoRABatch, LoRAManager
 from .models import model_class, resolve_architecture
 from .models.convert import resolve_token_ids
 from .models.loader import iter_weights, load_hf_config
@@ -267,8 +267,8 @@ class EngineCore:
         for r in reqs:
             self.running[r.request_id] = r
         try:
-            # The queue hands out one adapter's requests at a time.
-            pending = self.launch_batch([r.prompt for r in reqs], [r.activation for r in reqs], reqs[0].lora)
+            pending = self.launch_batch([r.prompt for r in reqs], [r.activation for r in reqs],
+                                        [r.lora for r in reqs])
         except Exception as e:
             self._fail(reqs, e)
         except BaseException:
@@ -304,17 +304,19 @@ class EngineCore:
 
     @torch.inference_mode()
     def launch_batch(self, prompts: list[TokenizedPrompt], activations: list[str | None],
-                     lora: LoRAAdapter | None = None) -> PendingBatch:
-        """Build one ragged batch and queue its forward (with ``lora`` for every prompt,
-        when given), pooling and device-to-host copy without waiting for them (on CUDA).
-        Returns its :class:`PendingBatch`."""
+                     loras: list[LoRAAdapter | None] | None = None) -> PendingBatch:
+        """Build one ragged batch and queue its forward (with each prompt's adapter in
+        ``loras``, where given: one LoRAAdapter or None per prompt, an adapter's prompts
+        next to each other), pooling and device-to-host copy without waiting for them (on
+        CUDA). Returns its :class:`PendingBatch`."""
         types = None
         if any(p.token_type_ids is not None for p in prompts):
             types = [p.token_type_ids for p in prompts]
         token_ids = [p.token_ids for p in prompts]
+        lora = None if loras is None else LoRABatch.build(loras, [len(t) for t in token_ids])
         # The graph's output is overwritten by its next replay; the pooler reads it first
         # (stream order), so nothing here needs to copy it.
-        # Graphs hold the base weights only; an adapter's batch runs eagerly.
+        # Graphs hold the base weights only; a batch with an adapter runs eagerly.
         logits = None if self.graphs is None or lora is not None else self.graphs(token_ids, types)
         if logits is None:
             batch = RaggedBatch.build(token_ids, types, self.device)
@@ -329,9 +331,9 @@ class EngineCore:
         return PendingBatch(host, ready, pinned=True)
 
     def run_batch(self, prompts: list[TokenizedPrompt], activations: list[str | None],
-                  lora: LoRAAdapter | None = None) -> torch.Tensor:
+                  loras: list[LoRAAdapter | None] | None = None) -> torch.Tensor:
         """Forward one ragged batch outside the queue. Returns (B, num_labels) fp32 on the host."""
-        return self.launch_batch(prompts, activations, lora).wait()
+        return self.launch_batch(prompts, activations, loras).wait()
 
 
 class LLM:

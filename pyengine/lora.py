@@ -14,8 +14,9 @@ into that weight, so a batch with an adapter pays ``(x @ A^T) @ B^T`` on top of 
 adapted matmul. The head (fp32, a few rows) is merged instead: the adapter carries its
 own copy of each head parameter it changes.
 
-A batch runs one adapter: the scheduler groups waiting requests by adapter (see
-``pyengine.scheduler.WaitingQueue``). Batches with an adapter run eagerly (no CUDA graph).
+A batch may mix adapters: the waiting queue keeps each adapter's sequences together
+(see ``pyengine.scheduler.WaitingQueue``), so each adapter's delta applies to one block
+of rows (:class:`LoRABatch`). Batches with an adapter run eagerly (no CUDA graph).
 """
 from __future__ import annotations
 
@@ -82,22 +83,97 @@ class LoRAAdapter:
         return f"LoRAAdapter({self.name!r}, id={self.id}, rank={self.rank}, path={self.path!r})"
 
 
+class Deltas:
+    """One weight's LoRA deltas in one batch: ``runs`` of (token rows, sequence rows, A,
+    B), ranges as (lo, hi). A linear over every token of the batch (num_tokens rows) takes
+    the token ranges; one over the pooled rows (one per sequence) the sequence ranges."""
+
+    __slots__ = ("num_tokens", "runs")
+
+    def __init__(self, num_tokens, runs):
+        self.num_tokens, self.runs = num_tokens, runs
+
+    def rows(self, n):
+        """(lo, hi, A, B) per run for an input of n rows."""
+        tok = n == self.num_tokens  # where tokens == sequences the two ranges coincide
+        return [(*(t if tok else s), a, b) for t, s, a, b in self.runs]
+
+
+class LoRABatch:
+    """The adapters of one ragged batch: runs of consecutive sequences sharing one
+    (the waiting queue keeps an adapter's sequences together).
+
+    runs: [(adapter, (first seq, end seq), (first token, end token))] for the sequences
+    with an adapter; the others run on the base weights alone."""
+
+    __slots__ = ("runs", "num_tokens")
+
+    def __init__(self, runs, num_tokens):
+        self.runs, self.num_tokens = runs, num_tokens
+
+    @classmethod
+    def build(cls, loras, seq_lens):
+        """loras: per sequence a LoRAAdapter or None; seq_lens: per sequence its tokens.
+        None when no sequence has an adapter."""
+        runs, tok = [], 0
+        for i, (lora, n) in enumerate(zip(loras, seq_lens)):
+            if lora is not None:
+                if runs and runs[-1][0] is lora and runs[-1][1][1] == i:
+                    a, (s0, _), (t0, _) = runs[-1]
+                    runs[-1] = (a, (s0, i + 1), (t0, tok + n))
+                else:
+                    runs.append((lora, (i, i + 1), (tok, tok + n)))
+            tok += n
+        return cls(runs, tok) if runs else None
+
+    def layer(self, i):
+        """Layer i's {weight name: Deltas}."""
+        out = {}
+        for adapter, seqs, toks in self.runs:
+            for leaf, (a, b) in adapter.layers[i].items():
+                out.setdefault(leaf, []).append((toks, seqs, a, b))
+        return {leaf: Deltas(self.num_tokens, runs) for leaf, runs in out.items()}
+
+    def heads(self):
+        """(first seq, end seq, {head parameter: tensor}) for the runs whose adapter has
+        a head of its own."""
+        return [(s0, s1, adapter.head) for adapter, (s0, s1), _ in self.runs if adapter.head]
+
+
+def with_heads(head, pooled, lora):
+    """head(pooled, {}) (the model's head over pooled (B, H) rows), with each adapter's
+    own head parameters (head(rows, params)) for its sequences where it has them."""
+    runs = lora.heads() if lora is not None else []
+    if len(runs) == 1 and runs[0][:2] == (0, pooled.shape[0]):
+        return head(pooled, runs[0][2])
+    logits = head(pooled, {})
+    for lo, hi, params in runs:
+        logits[lo:hi] = head(pooled[lo:hi], params)
+    return logits
+
+
 def layer_deltas(lora, i):
-    """Layer i's {weight name: (A, B)} under ``lora`` (a LoRAAdapter or None)."""
-    return NO_DELTAS if lora is None else lora.layers[i]
+    """Layer i's {weight name: Deltas} under ``lora`` (a LoRABatch or None)."""
+    return NO_DELTAS if lora is None else lora.layer(i)
 
 
-def linear(x, w, b, delta=None, part=None):
-    """``F.linear(x, w[part], b[part])`` plus a LoRA delta.
+def linear(x, w, b, deltas=None, part=None):
+    """``F.linear(x, w[part], b[part])`` plus the LoRA deltas of the rows that have one.
 
-    x: (N, in); w: (out, in); b: (out,) or None; delta: None or (A (R, in), B (out, R));
-    part: a slice of the output rows (one piece of a fused weight) or None -> (N, out')."""
+    x: (N, in), N the batch's tokens or its sequences (pooled rows); w: (out, in); b:
+    (out,) or None; deltas: None or a :class:`Deltas`; part: a slice of the output rows
+    (one piece of a fused weight) or None -> (N, out')."""
     if part is not None:
         w, b = w[part], (None if b is None else b[part])
     y = F.linear(x, w, b)
-    if delta is not None:
-        a, bm = delta
-        y = y.addmm_(F.linear(x, a), (bm if part is None else bm[part]).t())
+    if deltas is not None:
+        n = x.shape[0]
+        for lo, hi, a, bm in deltas.rows(n):
+            bm = bm if part is None else bm[part]
+            if lo == 0 and hi == n:
+                y.addmm_(F.linear(x, a), bm.t())
+            else:
+                y[lo:hi].addmm_(F.linear(x[lo:hi], a), bm.t())
     return y
 
 

@@ -54,8 +54,9 @@ class WaitingQueue:
 
     Each item has a key ``group << 80 | length << 40 | arrival number``: sorting the
     keys sorts by group, then by length, ties by arrival, as ``next_batch``'s stable sort
-    does. A batch holds one group (a LoRA adapter's key; 0 for none): the group of the
-    oldest waiting item, so no group waits behind a stream of another's.
+    does. A group is a LoRA adapter's key (0 for none): a batch is one run of the sorted
+    keys, so it keeps each group's items next to each other, and it starts in the oldest
+    waiting item's group, so no group waits behind a stream of another's.
     """
 
     _SEQ_BITS = 40
@@ -97,7 +98,7 @@ class WaitingQueue:
         return None
 
     def add(self, item_id: str, length: int, item, group: int = 0):
-        """group: a non-negative int; only items of one group share a batch."""
+        """group: a non-negative int; a batch keeps a group's items next to each other."""
         if item_id in self._keys:
             raise ValueError(f"id {item_id!r} is already queued")
         key = (group << self._GROUP_SHIFT) | (length << self._SEQ_BITS) | self._next_seq
@@ -122,10 +123,10 @@ class WaitingQueue:
         return item
 
     def pop_batch(self, max_num_batched_tokens: int, max_num_seqs: int, oldest_first: bool = False) -> list:
-        """Remove and return the items of the next batch, all of the oldest item's group:
-        the shortest first, as many as fit under both budgets; with ``oldest_first``,
-        starting from the oldest item in length order (so a long item that has waited
-        too long runs next)."""
+        """Remove and return the items of the next batch, as many as fit under both
+        budgets: from the start of the oldest item's group on, by group then length, then
+        round to the groups before it; with ``oldest_first``, from the oldest item itself
+        on, with no wrap (so a long item that has waited too long runs next)."""
         if not self._keys:
             return []
         keys = self._sorted
@@ -133,28 +134,41 @@ class WaitingQueue:
             keys.sort()
             self._dirty = False
         oldest = next(iter(self._keys.values()))
-        group = oldest >> self._GROUP_SHIFT
-        start = bisect_left(keys, oldest if oldest_first else group << self._GROUP_SHIFT)
-        end = bisect_left(keys, (group + 1) << self._GROUP_SHIFT, lo=start)
-        by_key, items, tokens, dead = self._by_key, [], 0, 0
-        i = start
-        while i < end and len(items) < max_num_seqs:
-            entry = by_key.get(keys[i])
-            if entry is None:  # removed since it was indexed
-                dead += 1
+        start = bisect_left(keys, oldest if oldest_first else oldest >> self._GROUP_SHIFT << self._GROUP_SHIFT)
+        by_key, items = self._by_key, []
+        tokens = dead = 0
+
+        def walk(i, stop):
+            """Take items from keys[i:stop]; returns (the index it stopped at, whether the
+            batch is full)."""
+            nonlocal tokens, dead
+            while i < stop:
+                if len(items) == max_num_seqs:
+                    return i, True
+                entry = by_key.get(keys[i])
+                if entry is None:  # removed since it was indexed
+                    dead += 1
+                    i += 1
+                    continue
+                length = (keys[i] >> self._SEQ_BITS) & self._SEQ_MASK
+                if length > max_num_batched_tokens:
+                    raise ValueError(f"request {entry[0]!r} has {length} tokens, more than "
+                                     f"max_num_batched_tokens={max_num_batched_tokens}")
+                if items and tokens + length > max_num_batched_tokens:
+                    return i, True
+                items.append(entry)
+                tokens += length
                 i += 1
-                continue
-            length = (keys[i] >> self._SEQ_BITS) & self._SEQ_MASK
-            if length > max_num_batched_tokens:
-                raise ValueError(f"request {entry[0]!r} has {length} tokens, more than "
-                                 f"max_num_batched_tokens={max_num_batched_tokens}")
-            if items and tokens + length > max_num_batched_tokens:
-                break
-            items.append(entry)
-            tokens += length
-            i += 1
-        # The batch is one contiguous run of the sorted keys (removed keys aside).
-        del keys[start:i]
+            return i, False
+
+        end, full = walk(start, len(keys))
+        wrap = 0
+        if not full and not oldest_first and start > 0:
+            wrap, _ = walk(0, start)
+        # The batch is one run of the sorted keys (removed keys aside), or two when it
+        # wrapped: keys[start:end] and keys[:wrap].
+        del keys[start:end]
+        del keys[:wrap]
         self._dead -= dead
         for item_id, _ in items:
             del by_key[self._keys.pop(item_id)]

@@ -179,6 +179,32 @@ def test_least_recently_used_adapter_is_dropped_and_reloaded(bert):
         assert [x.name for x in llm.engine.lora.loaded()] == [r.lora_name]
 
 
+def test_one_batch_mixes_adapters_in_runs(bert):
+    """Two adapters and the base model in one call under a budget that holds them all: one
+    batch, each adapter's sequences in one run, each prompt with its own numbers."""
+    path, a, b = bert
+    prompts = prompts_for([5, 12, 3, 30, 8, 1, 19, 7, 2], seed=17)
+    ra, rb = LoRARequest("a", 1, str(a)), LoRARequest("b", 2, str(b))
+    which = [ra, None, rb, rb, None, ra, ra, rb, None]
+    llm = LLM(str(path), kernel_backend="torch", enable_lora=True, max_loras=2)
+    core, seen = llm.engine, []
+    launch = core.launch_batch
+
+    def spy(prompts_, activations, loras=None):
+        seen.append([None if x is None else x.name for x in loras])
+        return launch(prompts_, activations, loras)
+
+    core.launch_batch = spy
+    got = probs(llm.classify([{"prompt_token_ids": p} for p in prompts], lora_request=which, use_tqdm=False))
+    assert len(seen) == 1, seen
+    runs = [k for i, k in enumerate(seen[0]) if i == 0 or k != seen[0][i - 1]]
+    assert sorted(runs, key=str) == sorted([None, "a", "b"], key=str), seen  # one run per adapter
+    refs = {None: reference(peft_model(path), prompts), ra: reference(peft_model(path, a), prompts),
+            rb: reference(peft_model(path, b), prompts)}
+    ref = torch.stack([refs[w][i] for i, w in enumerate(which)])
+    torch.testing.assert_close(got, ref, atol=ATOL, rtol=0, msg=lambda m: f"{m}\n{report(got, ref)}")
+
+
 def test_a_reused_id_never_shares_a_batch_with_the_dropped_adapter(bert):
     """max_loras=1: adapter a (id 1) is dropped while its requests wait, and another
     adapter is loaded under id 1; the waiting requests keep their own adapter."""
@@ -302,9 +328,9 @@ def test_adapter_written_without_peft_matches_merged_transformers(tmp_path):
     ("qwen3", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),  # GQA, gate|up
 ])
 def test_adapters_in_bf16_on_gpu(name, suffixes, tmp_path):
-    """bf16 on the default kernels with graphs on (base batches replay, adapter batches
-    run eagerly), half the prompts with an adapter, against the CPU fp32 engine (checked
-    against PEFT above): DESIGN's bf16 bar."""
+    """bf16 on the default kernels, half the prompts with an adapter (batches mixing both,
+    run eagerly), then the base model alone (through CUDA graphs), against the CPU fp32
+    engine (checked against PEFT above): DESIGN's bf16 bar."""
     factory, _ = FAMILIES[name]
     save_tiny(tmp_path, factory(3), tokenizer=None)
     a = write_adapter(tmp_path, tmp_path / "a", suffixes, seed=12)
@@ -313,9 +339,12 @@ def test_adapters_in_bf16_on_gpu(name, suffixes, tmp_path):
     llm = LLM(str(tmp_path), dtype="bfloat16", enable_lora=True, max_num_seqs=8)
     assert llm.engine.graphs is not None
     got = probs(llm.classify(prompts, lora_request=which, use_tqdm=False))
+    got_base = probs(llm.classify(prompts, use_tqdm=False))
+    assert llm.engine.graphs.graphs, "the base batches did not replay a graph"
     cpu = LLM(str(tmp_path), device="cpu", kernel_backend="torch", enable_lora=True)
     ref = probs(cpu.classify(prompts, lora_request=which, use_tqdm=False))
     base = probs(cpu.classify(prompts, use_tqdm=False))
     assert (ref - base)[1::2].abs().max() > 0.05, "the adapter changes nothing: a weak test"
-    assert (got - ref).abs().max() < 2e-2, report(got, ref)
-    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.99
+    for g, r in ((got, ref), (got_base, base)):
+        assert (g - r).abs().max() < 2e-2, report(g, r)
+        assert (g.argmax(-1) == r.argmax(-1)).float().mean() >= 0.99

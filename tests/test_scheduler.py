@@ -33,13 +33,29 @@ def test_next_batch_anchored_on_an_old_request():
     assert next_batch([], 10, 2) == []
 
 
+def _grouped_batch(ref, group, budget, seqs, anchored):
+    """The batch of items sorted by (group, length, arrival), from the oldest item's group
+    on and round to the groups before it (anchored: from the oldest item itself on, no
+    wrap), cut under both budgets."""
+    order = sorted(ref, key=lambda r: (group[r], ref[r], int(r)))
+    oldest = next(iter(ref))
+    start = order.index(oldest) if anchored else next(j for j, r in enumerate(order) if group[r] == group[oldest])
+    take, tokens = [], 0
+    for r in order[start:] + ([] if anchored else order[:start]):
+        if len(take) == seqs or (take and tokens + ref[r] > budget):
+            break
+        take.append(r)
+        tokens += ref[r]
+    return take
+
+
 @pytest.mark.parametrize("groups", [
-    1,  # no adapters: every item in group 0
-    3,  # items of three LoRA adapters: a batch holds the oldest item's group only
+    1,  # no adapters: every item in group 0; the reference is next_batch
+    3,  # items of three LoRA adapters: each group's items stay together, the batch wraps round
 ])
 def test_waiting_queue_picks_what_next_batch_picks(groups):
     # Random adds, removals and anchored or plain pops against next_batch over the
-    # waiting items of the oldest item's group, in arrival order.
+    # waiting items in arrival order (one group), or the grouped order.
     rng = random.Random(groups)
     q, ref, group, ids = WaitingQueue(), {}, {}, iter(range(10 ** 6))
     for step in range(3000):
@@ -55,8 +71,11 @@ def test_waiting_queue_picks_what_next_batch_picks(groups):
             ref.pop(rid, None)
         else:
             budget, seqs, anchored = rng.randint(12, 40), rng.randint(1, 6), rng.random() < 0.3
-            order = [r for r in ref if group[r] == group[next(iter(ref))]] if ref else []
-            want = [order[i] for i in next_batch([ref[r] for r in order], budget, seqs, 0 if anchored else None)]
+            if groups == 1:
+                order = list(ref)
+                want = [order[i] for i in next_batch([ref[r] for r in order], budget, seqs, 0 if anchored else None)]
+            else:
+                want = _grouped_batch(ref, group, budget, seqs, anchored) if ref else []
             got = q.pop_batch(budget, seqs, anchored)
             assert got == [("item", r) for r in want], step
             for r in want:

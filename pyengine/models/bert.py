@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..lora import layer_deltas, linear
+from ..lora import layer_deltas, linear, with_heads
 from .loader import WeightSink
 
 _ACTS = {
@@ -108,7 +108,7 @@ class BertForSequenceClassification(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, batch, lora=None):
-        """batch: RaggedBatch; lora: a LoRAAdapter for every sequence of it, or None."""
+        """batch: RaggedBatch; lora: the batch's adapters (a LoRABatch), or None."""
         ops = self.ops
         T = batch.num_tokens
         positions = batch.positions + self.pad_offset if self.pad_offset else batch.positions
@@ -153,8 +153,12 @@ class BertForSequenceClassification(nn.Module):
         return self._finish_layer(layer, attn.reshape(-1, nh * hd), xr, d).float()
 
     def head(self, pooled, lora=None):
-        """pooled: (B, H) fp32 -> (B, num_labels) fp32; with lora, its head parameters."""
-        p = lora.head if lora is not None else {}
+        """pooled: (B, H) fp32 -> (B, num_labels) fp32; lora: a LoRABatch whose adapters'
+        heads replace this one for their sequences, or None."""
+        return with_heads(self._head, pooled, lora)
+
+    def _head(self, pooled, p):
+        """The head with the parameters in p (an adapter's) in place of the model's own."""
         h = torch.tanh(F.linear(pooled, p.get("dense_w", self.dense_w), p.get("dense_b", self.dense_b)))
         return F.linear(h, p.get("out_w", self.out_w), p.get("out_b", self.out_b))
 

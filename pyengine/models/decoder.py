@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..lora import layer_deltas, linear
+from ..lora import layer_deltas, linear, with_heads
 from . import convert, rope
 from .bert import _ACTS
 from .loader import WeightSink
@@ -307,7 +307,7 @@ class DecoderForSequenceClassification(nn.Module):
         return None
 
     def forward(self, batch, lora=None):
-        """batch: RaggedBatch; lora: a LoRAAdapter for every sequence of it, or None."""
+        """batch: RaggedBatch; lora: the batch's adapters (a LoRABatch), or None."""
         x = self._embed(batch)
         rows = self._rows(batch)
         cu, pooling = batch.cu_seqlens, self.pooling
@@ -342,8 +342,12 @@ class DecoderForSequenceClassification(nn.Module):
         return self.head(pooled, lora)
 
     def head(self, pooled, lora=None):
-        """pooled: (B, H) fp32 -> (B, num_labels) fp32; with lora, its head parameters."""
-        p = lora.head if lora is not None else {}
+        """pooled: (B, H) fp32 -> (B, num_labels) fp32; lora: a LoRABatch whose adapters'
+        heads replace this one for their sequences, or None."""
+        return with_heads(self._head, pooled, lora)
+
+    def _head(self, pooled, p):
+        """The head with the parameters in p (an adapter's) in place of the model's own."""
         if self.fam.head == "pooler":
             pooled = torch.tanh(F.linear(pooled, p.get("pool_w", self.pool_w), p.get("pool_b", self.pool_b)))
         logits = F.linear(pooled, p.get("score_w", self.score_w), p.get("score_b", self.score_b))
