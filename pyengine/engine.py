@@ -406,6 +406,12 @@ class LLM:
                 raise
         return [PoolingRequestOutput(r.request_id, PoolingOutput(r.output), r.prompt.token_ids) for r in reqs]
 
+    def _tokenizing(self, n_texts, use_tqdm):
+        """A progress bar over the texts to tokenise, for calls of more than one tokenizer
+        chunk (below that the tokenizer is done before a bar would say anything)."""
+        return tqdm(total=n_texts, desc="Tokenizing", unit="prompt",
+                    disable=not use_tqdm or n_texts <= self.engine.inputs.CHUNK)
+
     # ------------------------------------------------------------------ API
     def encode(self, prompts, pooling_task="classify", *, truncate_prompt_tokens=None, truncation_side=None,
                use_activation=None, use_tqdm=True, lora_request=None, pooling_params=None
@@ -426,7 +432,8 @@ class LLM:
         parsed = parse_prompts(prompts)
         trunc, acts = self._params(pooling_params, len(parsed), truncate_prompt_tokens, use_activation,
                                    self.engine.classify_act, "classify")
-        toks = self.engine.inputs.process(parsed, trunc, truncation_side)
+        with self._tokenizing(sum(isinstance(p, str) for p in parsed), use_tqdm) as bar:
+            toks = self.engine.inputs.process(parsed, trunc, truncation_side, progress=bar.update)
         return self._run(toks, acts, use_tqdm, "Classifying", lora_request)
 
     def classify(self, prompts, *, truncate_prompt_tokens=None, truncation_side=None, use_activation=None,
@@ -461,10 +468,11 @@ class LLM:
         d1, d2 = pair_lists(data_1, data_2)
         trunc, acts = self._params(pooling_params, len(d1), truncate_prompt_tokens, use_activation,
                                    score_activation(self.engine.hf_config), "score")
-        if score_template is not None:
-            texts = render_pairs(load_score_template(score_template), d1, d2)
-            toks = self.engine.inputs.process(texts, trunc, truncation_side, what="pairs")
-        else:
-            toks, _, _ = self.engine.inputs.process_pairs(d1, d2, trunc, truncation_side)
+        with self._tokenizing(len(d1), use_tqdm) as bar:
+            if score_template is not None:
+                texts = render_pairs(load_score_template(score_template), d1, d2)
+                toks = self.engine.inputs.process(texts, trunc, truncation_side, what="pairs", progress=bar.update)
+            else:
+                toks, _, _ = self.engine.inputs.process_pairs(d1, d2, trunc, truncation_side, progress=bar.update)
         outs = self._run(toks, acts, use_tqdm, "Scoring", lora_request)
         return [ScoringRequestOutput.from_pooling(o) for o in outs]

@@ -144,28 +144,39 @@ class InputProcessor:
                                  f"[0, {self.type_vocab_size})")
         return prompts
 
-    def _tokenize(self, texts, pairs, k, side, add_special_tokens=True):
+    # Texts per tokenizer call: large enough for the fast tokenizer's parallel batch, small
+    # enough that a progress bar moves on a large corpus.
+    CHUNK = 8192
+
+    def _tokenize(self, texts, pairs, k, side, add_special_tokens=True, progress=None):
+        """progress: None, or a callable told how many texts each tokenizer call did."""
         if self.tokenizer is None:
             raise ValueError("text prompts need a tokenizer; pass tokenizer=... or token ids")
-        tok = self.tokenizer
+        tok, out = self.tokenizer, []
         old = tok.truncation_side
         tok.truncation_side = side
         try:
-            enc = tok(texts, text_pair=pairs, add_special_tokens=add_special_tokens, truncation=k is not None,
-                      max_length=k, return_attention_mask=False,
-                      return_token_type_ids=self.keep_token_types)
+            for lo in range(0, len(texts), self.CHUNK):
+                chunk = texts[lo:lo + self.CHUNK]
+                enc = tok(chunk, text_pair=None if pairs is None else pairs[lo:lo + self.CHUNK],
+                          add_special_tokens=add_special_tokens, truncation=k is not None, max_length=k,
+                          return_attention_mask=False, return_token_type_ids=self.keep_token_types)
+                types = enc.get("token_type_ids") if self.keep_token_types else None
+                out += [TokenizedPrompt(ids, types[i] if types is not None else None)
+                        for i, ids in enumerate(enc["input_ids"])]
+                if progress is not None:
+                    progress(len(chunk))
         finally:
             tok.truncation_side = old
-        types = enc.get("token_type_ids") if self.keep_token_types else None
-        return [TokenizedPrompt(ids, types[i] if types is not None else None)
-                for i, ids in enumerate(enc["input_ids"])]
+        return out
 
     # ------------------------------------------------------------------ public
     def process(self, prompts, truncate_prompt_tokens=None, truncation_side=None, what="prompts",
-                add_special_tokens=True):
+                add_special_tokens=True, progress=None):
         """prompts: the output of :func:`parse_prompts`; truncate_prompt_tokens: one value
         for every prompt, or a list of one per prompt. Returns list[TokenizedPrompt].
-        add_special_tokens=False is for text a chat template has already framed."""
+        add_special_tokens=False is for text a chat template has already framed;
+        progress: as in :meth:`_tokenize`."""
         if isinstance(truncate_prompt_tokens, list):
             if len(truncate_prompt_tokens) != len(prompts):
                 raise ValueError(f"{len(truncate_prompt_tokens)} truncation settings for {len(prompts)} {what}")
@@ -189,16 +200,17 @@ class InputProcessor:
                 ids, types = ids[cut], (None if types is None else types[cut])
             out[i] = TokenizedPrompt(ids, types if self.keep_token_types else None)
         for (k, side), idx in texts_by_limit.items():
-            for i, tp in zip(idx, self._tokenize([prompts[i] for i in idx], None, k, side, add_special_tokens)):
+            texts = [prompts[i] for i in idx]
+            for i, tp in zip(idx, self._tokenize(texts, None, k, side, add_special_tokens, progress)):
                 out[i] = tp
         return self._check(out, what)
 
-    def process_pairs(self, data_1, data_2, truncate_prompt_tokens=None, truncation_side=None):
+    def process_pairs(self, data_1, data_2, truncate_prompt_tokens=None, truncation_side=None, progress=None):
         """Cross-encoder pairs: 1:1, 1:N (one query, N documents) or N:N. Each pair is
         tokenised as the tokenizer does a text pair, keeping token_type_ids."""
         d1, d2 = pair_lists(data_1, data_2)
         k, side = self._limit(truncate_prompt_tokens, truncation_side)
-        return self._check(self._tokenize(d1, d2, k, side), "pairs"), d1, d2
+        return self._check(self._tokenize(d1, d2, k, side, progress=progress), "pairs"), d1, d2
 
 
 def pair_lists(data_1, data_2):

@@ -440,6 +440,22 @@ def test_pooling_params_per_prompt(small_llm, tmp_path):
                                                                               use_tqdm=False)]
 
 
+def test_tokenisation_in_chunks_with_a_progress_bar(cross_encoder, capsys):
+    """Text is tokenised a chunk at a time (here 3 texts, to see several), with a
+    "Tokenizing" bar past one chunk: the same token ids and numbers as in one call."""
+    path, _, tok = cross_encoder
+    llm = LLM(str(path))
+    texts = [" ".join(WORDS[i:i + 3 + i % 5]) for i in range(8)]
+    whole = llm.score("where is the cat", texts, use_tqdm=False)
+    llm.engine.inputs.CHUNK = 3
+    chunked = llm.score("where is the cat", texts, use_tqdm=True)
+    assert "Tokenizing" in capsys.readouterr().err
+    assert [o.prompt_token_ids for o in chunked] == [tok("where is the cat", text_pair=t)["input_ids"] for t in texts]
+    assert [o.outputs.score for o in chunked] == [o.outputs.score for o in whole]
+    got = llm.classify(texts + [{"prompt_token_ids": [2, 7, 3]}], use_tqdm=False)
+    assert [o.prompt_token_ids for o in got[:-1]] == [tok(t)["input_ids"] for t in texts]
+
+
 def test_vllm_style_construction(small_llm):
     """The reference page's own call: LLM(model=..., runner="pooling")."""
     llm, good = small_llm
