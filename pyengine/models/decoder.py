@@ -279,6 +279,13 @@ class DecoderForSequenceClassification(nn.Module):
                                              window=self.windows[i])
         return out.reshape(out.shape[0], nh * hd)
 
+    def _attend(self, i, layer, h, batch, d, rows, stream):
+        """Layer i's attention and the residual stream it adds to: in the last layer with
+        pooled rows (B,), those rows' queries only and the stream cut to them."""
+        if i == self.num_layers - 1 and rows is not None:
+            return self._attention(i, layer, h, batch, d, rows), stream[rows]
+        return self._attention(i, layer, h, batch, d), stream
+
     def _mlp(self, layer, h, d):
         u = linear(h, layer.up_w, layer.up_b, d.get("up_w"))
         u = self.ops.gated_act(u, self.act) if self.fam.gated else self.act(u)
@@ -314,24 +321,18 @@ class DecoderForSequenceClassification(nn.Module):
         if rows is not None:
             # The last layer runs on the pooled rows only: one row per sequence.
             cu, pooling = torch.arange(rows.numel() + 1, dtype=torch.int32, device=rows.device), "cls"
-        last = self.num_layers - 1
         if self.fam.post_norm:
             for i, layer in enumerate(self.layers):
                 d = layer_deltas(lora, i)
-                if i == last and rows is not None:
-                    a, x = self._attention(i, layer, x, batch, d, rows), x[rows]
-                else:
-                    a = self._attention(i, layer, x, batch, d)
+                a, x = self._attend(i, layer, x, batch, d, rows, x)
                 x = self._norm(linear(a, layer.o_w, layer.o_b, d.get("o_w")), x, layer.ln1_w, layer.ln1_b)[0]
                 x = self._norm(self._mlp(layer, x, d), x, layer.ln2_w, layer.ln2_b)[0]
             return self.head(self.ops.pooled_norm(x, cu, pooling, None, None, None, self.eps), lora)
         h, res = self._norm(x, None, self.layers[0].ln1_w, self.layers[0].ln1_b)
+        last = self.num_layers - 1
         for i, layer in enumerate(self.layers):
             d = layer_deltas(lora, i)
-            if i == last and rows is not None:
-                a, res = self._attention(i, layer, h, batch, d, rows), res[rows]
-            else:
-                a = self._attention(i, layer, h, batch, d)
+            a, res = self._attend(i, layer, h, batch, d, rows, res)
             h, res = self._norm(linear(a, layer.o_w, layer.o_b, d.get("o_w")), res, layer.ln2_w, layer.ln2_b)
             m = self._mlp(layer, h, d)
             if i < last:
