@@ -6,12 +6,13 @@ import warnings as _warnings
 _warnings.filterwarnings("ignore", message="'pyengine.batch' found in sys.modules", category=RuntimeWarning)
 
 from .config import EngineConfig, PoolerConfig, PoolingParams
-from .engine import LLM, EngineCore
+from .engine import EngineCore
+from .llm import LLM, AsyncLLM
 from .lora import LoRARequest
 from .outputs import (ClassificationOutput, ClassificationRequestOutput, PoolingOutput, PoolingRequestOutput,
                       ScoringOutput, ScoringRequestOutput)
 
-__all__ = ["LLM", "EngineCore", "EngineConfig", "PoolerConfig", "PoolingParams", "LoRARequest",
+__all__ = ["LLM", "AsyncLLM", "EngineCore", "EngineConfig", "PoolerConfig", "PoolingParams", "LoRARequest",
            "ClassificationOutput", "ClassificationRequestOutput", "PoolingOutput", "PoolingRequestOutput",
            "ScoringOutput", "ScoringRequestOutput"]
 __version__ = "0.1.0"

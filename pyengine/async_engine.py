@@ -90,20 +90,26 @@ class AsyncEngine:
 
     async def preprocess(self, fn, *args):
         """Run ``fn(*args)`` (tokenisation, template rendering) on the tokenizer thread."""
+        if not self.alive:
+            raise RuntimeError("the engine loop is not running")
         return await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, fn, *args)
 
-    async def run(self, prompts: list[TokenizedPrompt], activation: str | None, lora=None) -> torch.Tensor:
-        """Queue ``prompts`` (with ``lora``, a loaded LoRAAdapter, or None) and wait for
-        them: (len(prompts), num_labels) fp32 on the host. Cancelling the await drops
-        whatever of them has not run yet."""
+    async def run(self, prompts: list[TokenizedPrompt], activation, lora=None) -> torch.Tensor:
+        """Queue ``prompts`` and wait for them: (len(prompts), num_labels) fp32 on the
+        host. activation: one activation kind (or None, raw logits) for all, or a list of
+        one per prompt; lora: one loaded LoRAAdapter (or None) for all, or a list of one
+        per prompt. Cancelling the await drops whatever of them has not run yet."""
         if not self.alive:
             raise RuntimeError("the engine loop is not running")
         if not prompts:
             raise ValueError("no prompts to run")
+        n = len(prompts)
+        acts = activation if isinstance(activation, list) else [activation] * n
+        loras = lora if isinstance(lora, list) else [lora] * n
         loop = asyncio.get_running_loop()
-        call = _Call(loop, loop.create_future(), len(prompts))
+        call = _Call(loop, loop.create_future(), n)
         base = next(self._ids)
-        reqs = [Request(f"{base}-{i}", p, activation, lora) for i, p in enumerate(prompts)]
+        reqs = [Request(f"{base}-{i}", p, a, l) for i, (p, a, l) in enumerate(zip(prompts, acts, loras))]
         with self._count_lock:
             self._handed_over += len(reqs)
         self._send(("add", reqs, call))

@@ -1,8 +1,9 @@
-"""The engine core (a loop over a request queue) and the offline ``LLM`` API.
+"""The engine core: a loop over a request queue.
 
 ``EngineCore.step()`` schedules ragged batches from the waiting requests, launches
-them and finishes the oldest batch in flight; ``LLM`` adds a call's requests and steps
-until they are done, and an asyncio server can drive the same core from its own loop.
+them and finishes the oldest batch in flight. ``LLM`` (:mod:`pyengine.llm`) adds a
+call's requests and steps until they are done; ``AsyncLLM`` and the HTTP server drive
+the same core from a worker thread (:mod:`pyengine.async_engine`).
 """
 from __future__ import annotations
 
@@ -13,22 +14,18 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import torch
-from tqdm.auto import tqdm
 
 from . import cuda_graph
 from .batch import RaggedBatch
-from .config import EngineConfig, PoolerConfig, PoolingParams
-from .inputs import InputProcessor, TokenizedPrompt, pair_lists, parse_prompts
+from .config import EngineConfig
+from .inputs import InputProcessor, TokenizedPrompt
 from .lora import LoRAAdapter, LoRABatch, LoRAManager
 from .models import model_class, resolve_architecture
 from .models.convert import resolve_token_ids
 from .models.loader import iter_weights, load_hf_config
 from .ops import resolve_ops
-from .outputs import (ClassificationRequestOutput, PoolingOutput, PoolingRequestOutput,
-                      ScoringRequestOutput)
-from .pooler import Pooler, classify_activation, score_activation
+from .pooler import Pooler, classify_activation
 from .scheduler import WaitingQueue
-from .templates import load_score_template, render_pairs
 
 
 class BatchError(RuntimeError):
@@ -335,144 +332,3 @@ class EngineCore:
         """Forward one ragged batch outside the queue. Returns (B, num_labels) fp32 on the host."""
         return self.launch_batch(prompts, activations, loras).wait()
 
-
-class LLM:
-    """Offline sequence classification, scoring and pooling (vLLM's pooling API)."""
-
-    def __init__(self, model, tokenizer=None, dtype="auto", device="auto", max_model_len=None,
-                 max_num_batched_tokens=16384, max_num_seqs=256, hf_overrides=None,
-                 pooler_config: PoolerConfig | dict | None = None, kernel_backend="auto", convert="auto",
-                 runner="auto", enforce_eager=False, enable_lora=False, max_loras=1, max_lora_rank=16):
-        self.config = EngineConfig(model=model, tokenizer=tokenizer, dtype=dtype, device=device,
-                                   max_model_len=max_model_len, max_num_batched_tokens=max_num_batched_tokens,
-                                   max_num_seqs=max_num_seqs, hf_overrides=hf_overrides,
-                                   pooler_config=pooler_config, kernel_backend=kernel_backend, convert=convert,
-                                   runner=runner, enforce_eager=enforce_eager, enable_lora=enable_lora,
-                                   max_loras=max_loras, max_lora_rank=max_lora_rank)
-        self.engine = EngineCore(self.config)
-
-    def get_tokenizer(self):
-        return self.engine.tokenizer
-
-    # ------------------------------------------------------------------ helpers
-    def _activation(self, use_activation, kind):
-        if use_activation is None:
-            use_activation = self.config.pooler_config.use_activation
-        if not isinstance(use_activation, bool):
-            raise TypeError(f"use_activation must be a bool or None, got {use_activation!r}")
-        return kind if use_activation else None
-
-    def _params(self, pooling_params, n, truncate_prompt_tokens, use_activation, kind, task):
-        """(truncate_prompt_tokens: one value or one per prompt, [activation per prompt])
-        from the keywords, or from ``pooling_params`` (one PoolingParams, or a list of n)."""
-        if pooling_params is None:
-            return truncate_prompt_tokens, [self._activation(use_activation, kind)] * n
-        if truncate_prompt_tokens is not None or use_activation is not None:
-            raise ValueError("give truncate_prompt_tokens and use_activation as keywords or in pooling_params, "
-                             "not both")
-        one = isinstance(pooling_params, PoolingParams)
-        params = [pooling_params] if one else pooling_params
-        if not isinstance(params, (list, tuple)) or not all(isinstance(p, PoolingParams) for p in params):
-            raise TypeError(f"pooling_params must be a PoolingParams or a list of them, got "
-                            f"{type(pooling_params).__name__}")
-        if not one and len(params) != n:
-            raise ValueError(f"pooling_params has {len(params)} entries for {n} prompts")
-        for p in params:
-            if p.task not in (None, task):
-                raise ValueError(f"PoolingParams.task={p.task!r} given to a {task} call")
-        acts = [self._activation(p.use_activation, kind) for p in params]
-        if one:
-            return pooling_params.truncate_prompt_tokens, acts * n
-        return [p.truncate_prompt_tokens for p in params], acts
-
-    def _run(self, prompts: list[TokenizedPrompt], activations: list, use_tqdm, desc,
-             lora_request=None) -> list[PoolingRequestOutput]:
-        eng = self.engine
-        loras = eng.lora_adapters(lora_request, len(prompts))
-        reqs = [Request(eng.new_request_id(), p, act, lora) for p, act, lora in zip(prompts, activations, loras)]
-        for r in reqs:
-            eng.add_request(r)
-        done = 0
-        with tqdm(total=len(reqs), desc=desc, unit="prompt", disable=not use_tqdm) as bar:
-            try:
-                while done < len(reqs):
-                    n = len(eng.step())
-                    if n == 0:
-                        raise RuntimeError("the engine stopped with requests still waiting")
-                    done += n
-                    bar.update(n)
-            except BaseException:
-                eng.abort([r.request_id for r in reqs])
-                raise
-        return [PoolingRequestOutput(r.request_id, PoolingOutput(r.output), r.prompt.token_ids) for r in reqs]
-
-    def _tokenizing(self, n_texts, use_tqdm):
-        """A progress bar over the texts to tokenise, for calls of more than one tokenizer
-        chunk (below that the tokenizer is done before a bar would say anything)."""
-        return tqdm(total=n_texts, desc="Tokenizing", unit="prompt",
-                    disable=not use_tqdm or n_texts <= self.engine.inputs.CHUNK)
-
-    # ------------------------------------------------------------------ API
-    def encode(self, prompts, pooling_task="classify", *, truncate_prompt_tokens=None, truncation_side=None,
-               use_activation=None, use_tqdm=True, lora_request=None, pooling_params=None
-               ) -> list[PoolingRequestOutput]:
-        """Pooled classifier outputs per prompt: ``.outputs.data`` is (num_labels,) fp32.
-
-        pooling_params: a :class:`PoolingParams` for every prompt or a list of one per
-        prompt (each prompt's truncation and activation), instead of the keywords; as in
-        vLLM it may also come second, in pooling_task's place. lora_request: a
-        :class:`LoRARequest` for every prompt, or a list of one (or None) per prompt;
-        needs ``LLM(enable_lora=True)``."""
-        if isinstance(pooling_task, (PoolingParams, list, tuple)):  # vLLM's encode(prompts, pooling_params)
-            if pooling_params is not None:
-                raise TypeError("pooling_params given twice (second argument and keyword)")
-            pooling_task, pooling_params = "classify", pooling_task
-        if pooling_task != "classify":
-            raise ValueError(f"pooling_task={pooling_task!r} is not supported; this engine serves 'classify'")
-        parsed = parse_prompts(prompts)
-        trunc, acts = self._params(pooling_params, len(parsed), truncate_prompt_tokens, use_activation,
-                                   self.engine.classify_act, "classify")
-        with self._tokenizing(sum(isinstance(p, str) for p in parsed), use_tqdm) as bar:
-            toks = self.engine.inputs.process(parsed, trunc, truncation_side, progress=bar.update)
-        return self._run(toks, acts, use_tqdm, "Classifying", lora_request)
-
-    def classify(self, prompts, *, truncate_prompt_tokens=None, truncation_side=None, use_activation=None,
-                 use_tqdm=True, lora_request=None, pooling_params=None) -> list[ClassificationRequestOutput]:
-        """Class probabilities per prompt: ``.outputs.probs`` is a list of num_labels floats.
-        Options as in :meth:`encode`.
-
-        A reward model is a classifier with num_labels == 1: ``use_activation=False``
-        returns its raw reward (the logit), the default its sigmoid."""
-        outs = self.encode(prompts, "classify", truncate_prompt_tokens=truncate_prompt_tokens,
-                           truncation_side=truncation_side, use_activation=use_activation, use_tqdm=use_tqdm,
-                           lora_request=lora_request, pooling_params=pooling_params)
-        return [ClassificationRequestOutput.from_pooling(o) for o in outs]
-
-    def score(self, data_1, data_2, *, truncate_prompt_tokens=None, truncation_side=None, use_activation=None,
-              use_tqdm=True, score_template=None, lora_request=None, pooling_params=None
-              ) -> list[ScoringRequestOutput]:
-        """Cross-encoder relevance of text pairs (1:1, 1:N or N:N): ``.outputs.score``.
-        pooling_params: one :class:`PoolingParams` for every pair, instead of the
-        truncation and activation keywords.
-
-        Without ``score_template`` a pair is tokenised as the tokenizer does a text pair,
-        whatever its pair template is (Qwen's tokenizer, for one, puts the two texts'
-        tokens back to back with nothing between). With it (Jinja source or a file path, see
-        :mod:`pyengine.templates`) each pair is rendered into one prompt from ``query``
-        and ``document`` and tokenised as a single text."""
-        if self.engine.num_labels != 1:
-            raise ValueError(f"score() needs a model with num_labels == 1 (a cross-encoder); "
-                             f"this one has num_labels={self.engine.num_labels}")
-        if pooling_params is not None and not isinstance(pooling_params, PoolingParams):
-            raise TypeError(f"score() takes one PoolingParams for every pair, got {type(pooling_params).__name__}")
-        d1, d2 = pair_lists(data_1, data_2)
-        trunc, acts = self._params(pooling_params, len(d1), truncate_prompt_tokens, use_activation,
-                                   score_activation(self.engine.hf_config), "score")
-        with self._tokenizing(len(d1), use_tqdm) as bar:
-            if score_template is not None:
-                texts = render_pairs(load_score_template(score_template), d1, d2)
-                toks = self.engine.inputs.process(texts, trunc, truncation_side, what="pairs", progress=bar.update)
-            else:
-                toks, _, _ = self.engine.inputs.process_pairs(d1, d2, trunc, truncation_side, progress=bar.update)
-        outs = self._run(toks, acts, use_tqdm, "Scoring", lora_request)
-        return [ScoringRequestOutput.from_pooling(o) for o in outs]

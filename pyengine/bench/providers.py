@@ -97,7 +97,7 @@ def pyengine_setup(ctx: Context, backend: str, enforce_eager: bool = False, lora
     """pyengine's LLM.classify on token-id prompts with kernel backend ``backend``
     (CUDA graphs on a GPU unless ``enforce_eager``); with ``lora_rank``, every prompt runs
     with a LoRA adapter of that rank on every projection (see :func:`write_blank_adapter`)."""
-    from ..engine import LLM
+    from ..llm import LLM
     from ..lora import LoRARequest
 
     llm = LLM(ctx.model_dir, dtype=ctx.dtype, device=str(ctx.device), kernel_backend=backend,

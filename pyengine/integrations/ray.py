@@ -23,7 +23,7 @@ import os
 
 import numpy as np
 
-from ..engine import LLM
+from ..llm import LLM
 from ..lora import LoRARequest
 
 ENGINE_KWARGS = frozenset(inspect.signature(LLM.__init__).parameters) - {"self", "model"}

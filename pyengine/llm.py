@@ -1,0 +1,238 @@
+"""The user-facing API, vLLM's pooling API: ``LLM`` (blocking, offline) and ``AsyncLLM``
+(coroutines, for asyncio servers that import pyengine).
+
+Both check and tokenise a call's inputs completely before any of it is queued (a bad
+prompt anywhere fails the whole call, nothing half-done), then hand the prompts to one
+:class:`~pyengine.engine.EngineCore`: ``LLM`` steps it until the call is done;
+``AsyncLLM`` hands them to a worker thread that steps it for every caller at once, so
+concurrent calls share ragged batches.
+"""
+from __future__ import annotations
+
+import itertools
+
+from tqdm.auto import tqdm
+
+from .async_engine import AsyncEngine
+from .config import EngineConfig, PoolerConfig, PoolingParams
+from .engine import EngineCore, Request
+from .inputs import pair_lists, parse_prompts
+from .outputs import ClassificationRequestOutput, PoolingOutput, PoolingRequestOutput, ScoringRequestOutput
+from .pooler import score_activation
+from .templates import load_score_template, render_pairs
+
+
+class _Frontend:
+    """What LLM and AsyncLLM share: the engine core, and turning a call's arguments into
+    (prompts, activation per prompt, adapter per prompt) before any work starts."""
+
+    def __init__(self, model, tokenizer=None, dtype="auto", device="auto", max_model_len=None,
+                 max_num_batched_tokens=16384, max_num_seqs=256, hf_overrides=None,
+                 pooler_config: PoolerConfig | dict | None = None, kernel_backend="auto", convert="auto",
+                 runner="auto", enforce_eager=False, enable_lora=False, max_loras=1, max_lora_rank=16):
+        self.config = EngineConfig(model=model, tokenizer=tokenizer, dtype=dtype, device=device,
+                                   max_model_len=max_model_len, max_num_batched_tokens=max_num_batched_tokens,
+                                   max_num_seqs=max_num_seqs, hf_overrides=hf_overrides,
+                                   pooler_config=pooler_config, kernel_backend=kernel_backend, convert=convert,
+                                   runner=runner, enforce_eager=enforce_eager, enable_lora=enable_lora,
+                                   max_loras=max_loras, max_lora_rank=max_lora_rank)
+        self.engine = EngineCore(self.config)
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def _activation(self, use_activation, kind):
+        if use_activation is None:
+            use_activation = self.config.pooler_config.use_activation
+        if not isinstance(use_activation, bool):
+            raise TypeError(f"use_activation must be a bool or None, got {use_activation!r}")
+        return kind if use_activation else None
+
+    def _params(self, pooling_params, n, truncate_prompt_tokens, use_activation, kind, task):
+        """(truncate_prompt_tokens: one value or one per prompt, [activation per prompt])
+        from the keywords, or from ``pooling_params`` (one PoolingParams, or a list of n)."""
+        if pooling_params is None:
+            return truncate_prompt_tokens, [self._activation(use_activation, kind)] * n
+        if truncate_prompt_tokens is not None or use_activation is not None:
+            raise ValueError("give truncate_prompt_tokens and use_activation as keywords or in pooling_params, "
+                             "not both")
+        one = isinstance(pooling_params, PoolingParams)
+        params = [pooling_params] if one else pooling_params
+        if not isinstance(params, (list, tuple)) or not all(isinstance(p, PoolingParams) for p in params):
+            raise TypeError(f"pooling_params must be a PoolingParams or a list of them, got "
+                            f"{type(pooling_params).__name__}")
+        if not one and len(params) != n:
+            raise ValueError(f"pooling_params has {len(params)} entries for {n} prompts")
+        for p in params:
+            if p.task not in (None, task):
+                raise ValueError(f"PoolingParams.task={p.task!r} given to a {task} call")
+        acts = [self._activation(p.use_activation, kind) for p in params]
+        if one:
+            return pooling_params.truncate_prompt_tokens, acts * n
+        return [p.truncate_prompt_tokens for p in params], acts
+
+    def _tokenizing(self, n_texts, use_tqdm):
+        """A progress bar over the texts to tokenise, for calls of more than one tokenizer
+        chunk (below that the tokenizer is done before a bar would say anything)."""
+        return tqdm(total=n_texts, desc="Tokenizing", unit="prompt",
+                    disable=not use_tqdm or n_texts <= self.engine.inputs.CHUNK)
+
+    def _encode_inputs(self, prompts, pooling_task, truncate_prompt_tokens, truncation_side, use_activation,
+                       lora_request, pooling_params, use_tqdm=False):
+        """encode()'s arguments -> (prompts, activations, adapters), one each per prompt."""
+        if isinstance(pooling_task, (PoolingParams, list, tuple)):  # vLLM's encode(prompts, pooling_params)
+            if pooling_params is not None:
+                raise TypeError("pooling_params given twice (second argument and keyword)")
+            pooling_task, pooling_params = "classify", pooling_task
+        if pooling_task != "classify":
+            raise ValueError(f"pooling_task={pooling_task!r} is not supported; this engine serves 'classify'")
+        parsed = parse_prompts(prompts)
+        trunc, acts = self._params(pooling_params, len(parsed), truncate_prompt_tokens, use_activation,
+                                   self.engine.classify_act, "classify")
+        with self._tokenizing(sum(isinstance(p, str) for p in parsed), use_tqdm) as bar:
+            toks = self.engine.inputs.process(parsed, trunc, truncation_side, progress=bar.update)
+        return toks, acts, self.engine.lora_adapters(lora_request, len(toks))
+
+    def _score_inputs(self, data_1, data_2, truncate_prompt_tokens, truncation_side, use_activation,
+                      score_template, lora_request, pooling_params, use_tqdm=False):
+        """score()'s arguments -> (prompts, activations, adapters), one each per pair."""
+        if self.engine.num_labels != 1:
+            raise ValueError(f"score() needs a model with num_labels == 1 (a cross-encoder); "
+                             f"this one has num_labels={self.engine.num_labels}")
+        if pooling_params is not None and not isinstance(pooling_params, PoolingParams):
+            raise TypeError(f"score() takes one PoolingParams for every pair, got {type(pooling_params).__name__}")
+        d1, d2 = pair_lists(data_1, data_2)
+        trunc, acts = self._params(pooling_params, len(d1), truncate_prompt_tokens, use_activation,
+                                   score_activation(self.engine.hf_config), "score")
+        with self._tokenizing(len(d1), use_tqdm) as bar:
+            if score_template is not None:
+                texts = render_pairs(load_score_template(score_template), d1, d2)
+                toks = self.engine.inputs.process(texts, trunc, truncation_side, what="pairs", progress=bar.update)
+            else:
+                toks, _, _ = self.engine.inputs.process_pairs(d1, d2, trunc, truncation_side, progress=bar.update)
+        return toks, acts, self.engine.lora_adapters(lora_request, len(toks))
+
+
+class LLM(_Frontend):
+    """Offline sequence classification, scoring and pooling (vLLM's pooling API).
+
+    LLM(model, tokenizer=None, dtype="auto", device="auto", max_model_len=None,
+    max_num_batched_tokens=16384, max_num_seqs=256, hf_overrides=None, pooler_config=None,
+    kernel_backend="auto", convert="auto", runner="auto", enforce_eager=False,
+    enable_lora=False, max_loras=1, max_lora_rank=16): see :class:`EngineConfig`."""
+
+    def _run(self, prompts, activations, loras, use_tqdm, desc) -> list[PoolingRequestOutput]:
+        eng = self.engine
+        reqs = [Request(eng.new_request_id(), p, act, lora) for p, act, lora in zip(prompts, activations, loras)]
+        for r in reqs:
+            eng.add_request(r)
+        done = 0
+        with tqdm(total=len(reqs), desc=desc, unit="prompt", disable=not use_tqdm) as bar:
+            try:
+                while done < len(reqs):
+                    n = len(eng.step())
+                    if n == 0:
+                        raise RuntimeError("the engine stopped with requests still waiting")
+                    done += n
+                    bar.update(n)
+            except BaseException:
+                eng.abort([r.request_id for r in reqs])
+                raise
+        return [PoolingRequestOutput(r.request_id, PoolingOutput(r.output), r.prompt.token_ids) for r in reqs]
+
+    def encode(self, prompts, pooling_task="classify", *, truncate_prompt_tokens=None, truncation_side=None,
+               use_activation=None, use_tqdm=True, lora_request=None, pooling_params=None
+               ) -> list[PoolingRequestOutput]:
+        """Pooled classifier outputs per prompt: ``.outputs.data`` is (num_labels,) fp32.
+
+        pooling_params: a :class:`PoolingParams` for every prompt or a list of one per
+        prompt (each prompt's truncation and activation), instead of the keywords; as in
+        vLLM it may also come second, in pooling_task's place. lora_request: a
+        :class:`LoRARequest` for every prompt, or a list of one (or None) per prompt;
+        needs ``LLM(enable_lora=True)``."""
+        inputs = self._encode_inputs(prompts, pooling_task, truncate_prompt_tokens, truncation_side, use_activation,
+                                     lora_request, pooling_params, use_tqdm)
+        return self._run(*inputs, use_tqdm, "Classifying")
+
+    def classify(self, prompts, *, truncate_prompt_tokens=None, truncation_side=None, use_activation=None,
+                 use_tqdm=True, lora_request=None, pooling_params=None) -> list[ClassificationRequestOutput]:
+        """Class probabilities per prompt: ``.outputs.probs`` is a list of num_labels floats.
+        Options as in :meth:`encode`.
+
+        A reward model is a classifier with num_labels == 1: ``use_activation=False``
+        returns its raw reward (the logit), the default its sigmoid."""
+        outs = self.encode(prompts, "classify", truncate_prompt_tokens=truncate_prompt_tokens,
+                           truncation_side=truncation_side, use_activation=use_activation, use_tqdm=use_tqdm,
+                           lora_request=lora_request, pooling_params=pooling_params)
+        return [ClassificationRequestOutput.from_pooling(o) for o in outs]
+
+    def score(self, data_1, data_2, *, truncate_prompt_tokens=None, truncation_side=None, use_activation=None,
+              use_tqdm=True, score_template=None, lora_request=None, pooling_params=None
+              ) -> list[ScoringRequestOutput]:
+        """Cross-encoder relevance of text pairs (1:1, 1:N or N:N): ``.outputs.score``.
+        pooling_params: one :class:`PoolingParams` for every pair, instead of the
+        truncation and activation keywords.
+
+        Without ``score_template`` a pair is tokenised as the tokenizer does a text pair,
+        whatever its pair template is (Qwen's tokenizer, for one, puts the two texts'
+        tokens back to back with nothing between). With it (Jinja source or a file path, see
+        :mod:`pyengine.templates`) each pair is rendered into one prompt from ``query``
+        and ``document`` and tokenised as a single text."""
+        inputs = self._score_inputs(data_1, data_2, truncate_prompt_tokens, truncation_side, use_activation,
+                                    score_template, lora_request, pooling_params, use_tqdm)
+        return [ScoringRequestOutput.from_pooling(o) for o in self._run(*inputs, use_tqdm, "Scoring")]
+
+
+class AsyncLLM(_Frontend):
+    """LLM's API as coroutines, for asyncio programs that import pyengine: concurrent
+    calls share ragged batches, stepped by one worker thread (as the HTTP server's).
+
+        async with AsyncLLM("path/to/reranker") as llm:
+            outs = await asyncio.gather(llm.score(q1, docs1), llm.score(q2, docs2))
+
+    Arguments as :class:`LLM`'s. Each call is checked and tokenised on a tokenizer thread
+    first (errors raise there, before anything is queued); cancelling a call drops what
+    of it has not run. :meth:`shutdown` (or leaving ``async with``) stops the worker."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._driver = AsyncEngine(self.engine)
+        self._calls = itertools.count()
+
+    async def _run(self, prepare, *args) -> list[PoolingRequestOutput]:
+        prompts, activations, loras = await self._driver.preprocess(prepare, *args)
+        rows = await self._driver.run(prompts, activations, loras)
+        call = next(self._calls)
+        return [PoolingRequestOutput(f"{call}-{i}", PoolingOutput(row), p.token_ids)
+                for i, (p, row) in enumerate(zip(prompts, rows.unbind(0)))]
+
+    async def encode(self, prompts, pooling_task="classify", *, truncate_prompt_tokens=None, truncation_side=None,
+                     use_activation=None, lora_request=None, pooling_params=None) -> list[PoolingRequestOutput]:
+        """As :meth:`LLM.encode`."""
+        return await self._run(self._encode_inputs, prompts, pooling_task, truncate_prompt_tokens, truncation_side,
+                               use_activation, lora_request, pooling_params)
+
+    async def classify(self, prompts, *, truncate_prompt_tokens=None, truncation_side=None, use_activation=None,
+                       lora_request=None, pooling_params=None) -> list[ClassificationRequestOutput]:
+        """As :meth:`LLM.classify`."""
+        outs = await self.encode(prompts, "classify", truncate_prompt_tokens=truncate_prompt_tokens,
+                                 truncation_side=truncation_side, use_activation=use_activation,
+                                 lora_request=lora_request, pooling_params=pooling_params)
+        return [ClassificationRequestOutput.from_pooling(o) for o in outs]
+
+    async def score(self, data_1, data_2, *, truncate_prompt_tokens=None, truncation_side=None, use_activation=None,
+                    score_template=None, lora_request=None, pooling_params=None) -> list[ScoringRequestOutput]:
+        """As :meth:`LLM.score`."""
+        outs = await self._run(self._score_inputs, data_1, data_2, truncate_prompt_tokens, truncation_side,
+                               use_activation, score_template, lora_request, pooling_params)
+        return [ScoringRequestOutput.from_pooling(o) for o in outs]
+
+    def shutdown(self):
+        """Stop the worker thread; calls still waiting fail."""
+        self._driver.shutdown()
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        self.shutdown()
