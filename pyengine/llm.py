@@ -94,8 +94,13 @@ class _Frontend:
         return toks, acts, self.engine.lora_adapters(lora_request, len(toks))
 
     def _score_inputs(self, data_1, data_2, truncate_prompt_tokens, truncation_side, use_activation,
-                      score_template, lora_request, pooling_params, use_tqdm=False):
-        """score()'s arguments -> (prompts, activations, adapters), one each per pair."""
+                      score_template, lora_request, pooling_params, chat_template=None, use_tqdm=False):
+        """score()'s arguments -> (prompts, activations, adapters), one each per pair.
+        chat_template is vLLM's name for the score template."""
+        if chat_template is not None:
+            if score_template is not None:
+                raise ValueError("give score_template or chat_template (its vLLM name), not both")
+            score_template = chat_template
         if self.engine.num_labels != 1:
             raise ValueError(f"score() needs a model with num_labels == 1 (a cross-encoder); "
                              f"this one has num_labels={self.engine.num_labels}")
@@ -167,7 +172,7 @@ class LLM(_Frontend):
         return [ClassificationRequestOutput.from_pooling(o) for o in outs]
 
     def score(self, data_1, data_2, *, truncate_prompt_tokens=None, truncation_side=None, use_activation=None,
-              use_tqdm=True, score_template=None, lora_request=None, pooling_params=None
+              use_tqdm=True, score_template=None, lora_request=None, pooling_params=None, chat_template=None
               ) -> list[ScoringRequestOutput]:
         """Cross-encoder relevance of text pairs (1:1, 1:N or N:N): ``.outputs.score``.
         pooling_params: one :class:`PoolingParams` for every pair, instead of the
@@ -176,10 +181,10 @@ class LLM(_Frontend):
         Without ``score_template`` a pair is tokenised as the tokenizer does a text pair,
         whatever its pair template is (Qwen's tokenizer, for one, puts the two texts'
         tokens back to back with nothing between). With it (Jinja source or a file path, see
-        :mod:`pyengine.templates`) each pair is rendered into one prompt from ``query``
-        and ``document`` and tokenised as a single text."""
+        :mod:`pyengine.templates`; ``chat_template``, vLLM's name for it, is the same) each
+        pair is rendered into one prompt and tokenised as a single text."""
         inputs = self._score_inputs(data_1, data_2, truncate_prompt_tokens, truncation_side, use_activation,
-                                    score_template, lora_request, pooling_params, use_tqdm)
+                                    score_template, lora_request, pooling_params, chat_template, use_tqdm)
         return [ScoringRequestOutput.from_pooling(o) for o in self._run(*inputs, use_tqdm, "Scoring")]
 
 
@@ -221,10 +226,11 @@ class AsyncLLM(_Frontend):
         return [ClassificationRequestOutput.from_pooling(o) for o in outs]
 
     async def score(self, data_1, data_2, *, truncate_prompt_tokens=None, truncation_side=None, use_activation=None,
-                    score_template=None, lora_request=None, pooling_params=None) -> list[ScoringRequestOutput]:
+                    score_template=None, lora_request=None, pooling_params=None, chat_template=None
+                    ) -> list[ScoringRequestOutput]:
         """As :meth:`LLM.score`."""
         outs = await self._run(self._score_inputs, data_1, data_2, truncate_prompt_tokens, truncation_side,
-                               use_activation, score_template, lora_request, pooling_params)
+                               use_activation, score_template, lora_request, pooling_params, chat_template)
         return [ScoringRequestOutput.from_pooling(o) for o in outs]
 
     def shutdown(self):

@@ -12,6 +12,10 @@ LoRA adapters (``--enable-lora --lora-modules NAME=PATH ...``) are served as ext
 model names, as vLLM does: a request whose ``model`` is an adapter's name runs with it.
 With ``--allow-runtime-lora-updating``, ``POST /v1/load_lora_adapter`` and
 ``/v1/unload_lora_adapter`` add and remove them while the server runs.
+
+``--chat-template`` (a file or Jinja source), as vLLM's flag: the chat template of
+/classify requests with messages that bring none, and, where it uses ``query`` and
+``document`` (see :mod:`pyengine.templates`), the score template of /score and /rerank.
 """
 from __future__ import annotations
 
@@ -37,11 +41,13 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 from .async_engine import AsyncEngine
 from .config import EngineConfig
 from .engine import EngineCore
+from .inputs import pair_lists
 from .lora import LoRARequest
 from .metrics import Metrics
 from .pooler import score_activation
 from .serve_protocol import (ApiError, ClassifyRequest, LoadLoRARequest, PoolingRequest, RerankRequest, ScoreRequest,
                              UnloadLoRARequest, encode_floats, error_body, parse_input, render_chat, validate)
+from .templates import load_score_template, read_template, render_pairs
 
 log = logging.getLogger("pyengine.serve")
 
@@ -66,13 +72,18 @@ class Server:
     """The routes over one EngineCore. ``names``: the served model names (the first is
     the one responses report); ``max_inputs``: inputs (or pairs) one request may hold;
     ``lora_modules``: {name: adapter directory}, each loaded and checked here;
-    ``allow_runtime_lora``: add the routes that load and unload adapters."""
+    ``allow_runtime_lora``: add the routes that load and unload adapters;
+    ``chat_template``: Jinja source or a file of it (see the module's docstring)."""
 
     def __init__(self, core: EngineCore, names: list[str], max_inputs: int = 1024,
                  max_request_bytes: int = 64 << 20, lora_modules: dict | None = None,
-                 allow_runtime_lora: bool = False):
+                 allow_runtime_lora: bool = False, chat_template: str | None = None):
         if max_inputs < 1:
             raise ValueError(f"max_inputs must be positive, got {max_inputs}")
+        self.chat_template = None if chat_template is None else read_template(chat_template, "chat_template")
+        self.score_template = None
+        if self.chat_template is not None and "query" in self.chat_template and "document" in self.chat_template:
+            self.score_template = load_score_template(self.chat_template)
         if allow_runtime_lora and core.lora is None:
             raise ValueError("runtime LoRA updating needs an engine with LoRA enabled (enable_lora=True)")
         self.allow_runtime_lora = allow_runtime_lora
@@ -176,14 +187,20 @@ class Server:
     def _prepare_single(self, req: ClassifyRequest, prompts):
         """Messages or parsed input -> (TokenizedPrompts, activation)."""
         if req.messages is not None:
-            prompts, what, special = [render_chat(self.core.tokenizer, req)], "messages", bool(req.add_special_tokens)
+            prompts = [render_chat(self.core.tokenizer, req, self.chat_template)]
+            what, special = "messages", bool(req.add_special_tokens)
         else:
             what, special = "input", req.add_special_tokens is not False
         toks = self.core.inputs.process(prompts, req.truncate_prompt_tokens, req.truncation_side, what, special)
         return toks, self._activation(req.use_activation, self.core.classify_act)
 
     def _prepare_pairs(self, req, first, second):
-        toks, _, _ = self.core.inputs.process_pairs(first, second, req.truncate_prompt_tokens, req.truncation_side)
+        if self.score_template is not None:
+            texts = render_pairs(self.score_template, *pair_lists(first, second))
+            toks = self.core.inputs.process(texts, req.truncate_prompt_tokens, req.truncation_side, "pairs")
+        else:
+            toks, _, _ = self.core.inputs.process_pairs(first, second, req.truncate_prompt_tokens,
+                                                        req.truncation_side)
         return toks, self._activation(req.use_activation, score_activation(self.core.hf_config))
 
     # ------------------------------------------------------------------ routes
@@ -389,6 +406,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-lora-rank", type=int, default=16)
     p.add_argument("--allow-runtime-lora-updating", action="store_true",
                    help="POST /v1/load_lora_adapter and /v1/unload_lora_adapter add and remove adapters")
+    p.add_argument("--chat-template", default=None, metavar="FILE_OR_JINJA",
+                   help="chat template for /classify messages; with query and document, the score template "
+                        "of /score and /rerank (vLLM's score template files work as they are)")
     p.add_argument("--max-inputs-per-request", type=int, default=1024)
     p.add_argument("--max-request-bytes", type=int, default=64 << 20)
     p.add_argument("--log-level", default="info")
@@ -421,7 +441,7 @@ def main(argv=None):
         kernel_backend=args.kernel_backend, convert=args.convert, runner=args.runner, enforce_eager=args.enforce_eager,
         enable_lora=args.enable_lora, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank))
     server = Server(core, args.served_model_name or [args.model], args.max_inputs_per_request,
-                    args.max_request_bytes, lora_modules, args.allow_runtime_lora_updating)
+                    args.max_request_bytes, lora_modules, args.allow_runtime_lora_updating, args.chat_template)
     uvicorn.run(server.build_app(), host=args.host, port=args.port, log_level=args.log_level.lower())
 
 

@@ -167,8 +167,9 @@ def _message_text(content, where):
     raise ApiError(400, f"{where}.content must be a string or a list of text parts")
 
 
-def render_chat(tokenizer, req: ClassifyRequest) -> str:
-    """The prompt text the chat template makes of ``req.messages``."""
+def render_chat(tokenizer, req: ClassifyRequest, default_template: str | None = None) -> str:
+    """The prompt text the chat template (the request's, else ``default_template``, the
+    server's, else the tokenizer's) makes of ``req.messages``."""
     if tokenizer is None:
         raise ApiError(400, "chat messages need a tokenizer, and this model was loaded without one")
     if not req.messages:
@@ -182,10 +183,11 @@ def render_chat(tokenizer, req: ClassifyRequest) -> str:
     clash = sorted(set(kwargs) & _RESERVED)
     if clash:
         raise ApiError(400, f"chat_template_kwargs may not set {clash}")
-    if req.chat_template is None and getattr(tokenizer, "chat_template", None) is None:
+    template = req.chat_template if req.chat_template is not None else default_template
+    if template is None and getattr(tokenizer, "chat_template", None) is None:
         raise ApiError(400, "the tokenizer has no chat template; pass one in 'chat_template'")
     try:
-        return tokenizer.apply_chat_template(msgs, chat_template=req.chat_template, tokenize=False,
+        return tokenizer.apply_chat_template(msgs, chat_template=template, tokenize=False,
                                              add_generation_prompt=req.add_generation_prompt,
                                              continue_final_message=req.continue_final_message, **kwargs)
     except Exception as e:  # noqa: BLE001 - a template fault is the caller's template or messages

@@ -1,7 +1,9 @@
 """Score templates: one prompt per (query, document) pair, for LLM-as-reranker models.
 
 A template is Jinja source (a string, or the path of a file holding it) that sees the
-variables ``query`` and ``document`` and renders the whole prompt the model was trained
+variables ``query`` and ``document``, and ``messages`` = [{"role": "query", "content":
+query}, {"role": "document", "content": document}] as vLLM's score templates read them
+(so those files work unchanged), and renders the whole prompt the model was trained
 on, e.g. Qwen3-Reranker's chat frame ending in the assistant turn whose next token is
 "yes" or "no" (examples/qwen3_reranker.jinja). The rendered text is tokenised as one
 text with the tokenizer's special tokens added as for any prompt (a BOS where the
@@ -14,22 +16,28 @@ from __future__ import annotations
 import os
 
 
+def read_template(template, what="score_template"):
+    """Jinja source from ``template``: the source itself, or a path to a file of it (a
+    string without any Jinja markup can only be a path)."""
+    if isinstance(template, os.PathLike) or (isinstance(template, str) and "{" not in template):
+        path = os.fspath(template)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{what} {path!r} is neither Jinja source (it has no '{{') "
+                                    "nor an existing file")
+        with open(path) as f:
+            return f.read()
+    if not isinstance(template, str):
+        raise TypeError(f"{what} must be a str (Jinja source or a file path), got {type(template).__name__}")
+    return template
+
+
 def load_score_template(template):
     """Compile ``template`` (Jinja source, or a path to a file of it) into a jinja2
     Template. Raises ValueError with the line of a syntax error."""
     import jinja2
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    # A string without any Jinja markup can only be a path.
-    if isinstance(template, os.PathLike) or (isinstance(template, str) and "{" not in template):
-        path = os.fspath(template)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"score_template {path!r} is neither Jinja source (it has no '{{') "
-                                    "nor an existing file")
-        with open(path) as f:
-            template = f.read()
-    if not isinstance(template, str):
-        raise TypeError(f"score_template must be a str (Jinja source or a file path), got {type(template).__name__}")
+    template = read_template(template)
     if "query" not in template or "document" not in template:
         raise ValueError("score_template must use both variables 'query' and 'document'")
     env = ImmutableSandboxedEnvironment(keep_trailing_newline=True, undefined=jinja2.StrictUndefined)
@@ -46,7 +54,8 @@ def render_pairs(template, queries, documents):
     out = []
     for i, (q, d) in enumerate(zip(queries, documents)):
         try:
-            out.append(template.render(query=q, document=d))
+            out.append(template.render(query=q, document=d, messages=[{"role": "query", "content": q},
+                                                                      {"role": "document", "content": d}]))
         except jinja2.TemplateError as e:
             raise ValueError(f"score_template failed on pair {i}: {e}") from e
         if not out[-1]:

@@ -122,6 +122,25 @@ def test_score_template_rerank_end_to_end(qwen3_causal):
     assert outs[1].prompt_token_ids == tok(render(text, "why", docs[1])).input_ids
 
 
+def test_vllm_style_messages_template(qwen3_causal):
+    """A template that reads the pair as vLLM's score templates do, from ``messages`` with
+    roles query and document, passed under vLLM's name ``chat_template``: the same
+    prompts and scores as the variables version."""
+    path, _, _ = qwen3_causal
+    llm = LLM(str(path), kernel_backend="torch", hf_overrides={"is_original_qwen3_reranker": True})
+    text = (EXAMPLES / "qwen3_reranker.jinja").read_text()
+    pick = '{{{{ (messages | selectattr("role", "eq", "{}") | first).content }}}}'
+    vllm_style = text.replace("{{ query }}", pick.format("query")).replace("{{ document }}", pick.format("document"))
+    assert "{{ query }}" not in vllm_style
+    docs = ["the cat sat on a mat", "blue is not red"]
+    want = llm.score("what is the cat on", docs, score_template=text, use_tqdm=False)
+    got = llm.score("what is the cat on", docs, chat_template=vllm_style, use_tqdm=False)
+    assert [o.prompt_token_ids for o in got] == [o.prompt_token_ids for o in want]
+    assert [o.outputs.score for o in got] == [o.outputs.score for o in want]
+    with pytest.raises(ValueError, match="not both"):
+        llm.score("q", ["d"], score_template=text, chat_template=text, use_tqdm=False)
+
+
 def test_decoder_pairs_without_template(tmp_path):
     cfg = AutoConfig.for_model("qwen3", num_labels=1, **_COMMON)
     model, tok = save_tiny(tmp_path, cfg, tokenizer="decoder")

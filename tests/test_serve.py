@@ -542,3 +542,35 @@ def test_runtime_lora_loading_and_unloading(lora_env, cls_env, tmp_path):
     assert "x" not in [m["id"] for m in client.request("GET", "/v1/models")[1]["data"]]
     # a server started without the flag has no such routes
     assert cls_env[0].post("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": str(adapter)})[0] == 404
+
+
+def test_chat_template_is_the_score_template(ce_env):
+    """--chat-template with query and document (vLLM's score template form, read from
+    messages): /rerank renders each pair with it, as LLM.score(chat_template=...) does, and
+    /classify messages without a template of their own use it too."""
+    _, _, llm = ce_env
+    path = llm.config.model
+    template = ('question: {{ (messages | selectattr("role", "eq", "query") | first).content }} '
+                'passage: {{ (messages | selectattr("role", "eq", "document") | first).content }}')
+    server = Server(EngineCore(EngineConfig(model=str(path))), ["tpl"], chat_template=template)
+    url, stop = serve_in_thread(server.build_app())
+    try:
+        client = Client(url, server)
+        docs = texts(4, 13)
+        status, r = client.post("/rerank", {"query": "where is the cat", "documents": docs})
+        assert status == 200, r
+        want = [o.outputs.score for o in llm.score("where is the cat", docs, chat_template=template, use_tqdm=False)]
+        got = [0.0] * len(docs)
+        for x in r["results"]:
+            got[x["index"]] = x["relevance_score"]
+        assert close(got, want), (got, want)
+        plain = [o.outputs.score for o in llm.score("where is the cat", docs, use_tqdm=False)]
+        assert not close(plain, want), "the template changes nothing: a weak test"
+        msgs = [{"role": "query", "content": "where is the cat"}, {"role": "document", "content": docs[0]}]
+        # Messages add no special tokens unless asked (as vLLM); a score prompt gets them.
+        status, r = client.post("/classify", {"messages": msgs, "add_special_tokens": True})
+        assert status == 200 and close(r["data"][0]["probs"], [want[0]]), r
+    finally:
+        stop()
+    with pytest.raises(FileNotFoundError, match="neither Jinja source"):
+        Server(EngineCore(EngineConfig(model=str(path))), ["x"], chat_template="/no/such.jinja")
