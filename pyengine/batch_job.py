@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from .batch_io import ShardReader, ShardStore, file_format, scan_input
 from .integrations.ray import PyEngineClassifier
+from .templates import read_template
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="a .jsonl or .parquet file (its format from its extension)")
     p.add_argument("--text-column", default=None, help="column of texts (default: text)")
     p.add_argument("--pair-column", default=None, help="column of second texts: score pairs with a cross-encoder")
+    p.add_argument("--score-template", default=None, metavar="FILE",
+                   help="render each pair with this Jinja score template (LLM-as-reranker models); needs --pair-column")
     p.add_argument("--token-ids-column", default=None, help="column of token-id lists, instead of texts")
     p.add_argument("--output-prefix", default="", help="prefix of the output columns' names")
     p.add_argument("--shard-size", type=int, default=4096, help="rows per shard: the unit of work and of resuming")
@@ -85,6 +88,8 @@ def _check_args(a):
             raise ValueError(f"{why}: pip install 'ray[data]' pyarrow ({e})") from None
     if os.path.abspath(a.input) == os.path.abspath(a.output):
         raise ValueError("--output must not be the --input file")
+    if a.score_template is not None and a.pair_column is None:
+        raise ValueError("--score-template renders text pairs; it needs --pair-column")
     for flag in ("hf_overrides", "pooler_config"):
         if getattr(a, flag) is not None and not isinstance(getattr(a, flag), dict):
             raise ValueError(f"--{flag.replace('_', '-')} must be a JSON object")
@@ -101,6 +106,9 @@ def classifier_kwargs(a) -> dict:
               kernel_backend=a.kernel_backend, convert=a.convert, enforce_eager=a.enforce_eager)
     if a.lora is not None:
         kw.update(lora_path=os.path.abspath(a.lora), max_lora_rank=a.max_lora_rank)
+    if a.score_template is not None:
+        # The template's text, not its path: it is part of what makes two runs the same job.
+        kw["score_template"] = read_template(a.score_template, "--score-template")
     if a.tokenizer is not None:
         kw["tokenizer"] = os.path.abspath(a.tokenizer)
     return kw

@@ -32,11 +32,14 @@ def read_template(template, what="score_template"):
 
 
 def load_score_template(template):
-    """Compile ``template`` (Jinja source, or a path to a file of it) into a jinja2
-    Template. Raises ValueError with the line of a syntax error."""
+    """Compile ``template`` (Jinja source, or a path to a file of it; a Template this
+    function made is returned as it is) into a jinja2 Template. Raises ValueError with
+    the line of a syntax error."""
     import jinja2
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+    if isinstance(template, jinja2.Template):
+        return template
     template = read_template(template)
     if "query" not in template or "document" not in template:
         raise ValueError("score_template must use both variables 'query' and 'document'")

@@ -257,3 +257,23 @@ def test_local_with_a_lora_adapter(tmp_path, models, corpus):
     np.testing.assert_allclose([r["probs"] for r in rows], [o.outputs.probs for o in want], atol=ATOL, rtol=0)
     with pytest.raises(ValueError, match="over max_lora_rank=2"):
         job(models[0], inp, tmp_path / "out2.jsonl", "--lora", str(adapter), "--max-lora-rank", "2")
+
+
+def test_local_pairs_with_a_score_template(tmp_path, models, corpus):
+    """--score-template renders each pair (as LLM.score(score_template=...)); it needs
+    --pair-column, and a bad template fails before any work."""
+    template = tmp_path / "t.jinja"
+    template.write_text("question: {{ query }} passage: {{ document }}")
+    inp = write_input(corpus, tmp_path / "in.jsonl")
+    job(models[1], inp, tmp_path / "out.jsonl", "--pair-column", "text_2", "--score-template", str(template))
+    want = LLM(models[1]).score([r["text"] for r in corpus], [r["text_2"] for r in corpus],
+                                score_template=str(template), use_tqdm=False)
+    got = [r["score"] for r in read_output(tmp_path / "out.jsonl")]
+    np.testing.assert_allclose(got, [o.outputs.score for o in want], atol=ATOL, rtol=0)
+    with pytest.raises(ValueError, match="needs --pair-column"):
+        job(models[1], inp, tmp_path / "o2.jsonl", "--score-template", str(template))
+    (tmp_path / "bad.jinja").write_text("{{ query }} {% if document %}")
+    with pytest.raises(ValueError, match="Jinja syntax error"):
+        job(models[1], inp, tmp_path / "o3.jsonl", "--pair-column", "text_2", "--score-template",
+            str(tmp_path / "bad.jinja"))
+    assert not os.path.exists(tmp_path / "o3.jsonl")

@@ -25,6 +25,7 @@ import numpy as np
 
 from ..llm import LLM
 from ..lora import LoRARequest
+from ..templates import load_score_template
 
 ENGINE_KWARGS = frozenset(inspect.signature(LLM.__init__).parameters) - {"self", "model"}
 
@@ -90,13 +91,14 @@ class PyEngineClassifier:
     pairs ``score``. Every input column is kept, rows in their order. A batch may be a dict
     of numpy arrays (Ray's default), a pandas DataFrame or a pyarrow Table.
     ``truncate_prompt_tokens``, ``truncation_side`` and ``use_activation`` are as in
-    ``LLM.classify``; ``lora_path``: a PEFT LoRA adapter directory every row runs with
-    (turns ``enable_lora`` on); every other keyword goes to ``LLM(model, ...)``.
+    ``LLM.classify``; ``score_template`` (pairs only) as in ``LLM.score``; ``lora_path``: a
+    PEFT LoRA adapter directory every row runs with (turns ``enable_lora`` on); every other
+    keyword goes to ``LLM(model, ...)``.
     """
 
     def __init__(self, model, *, text_column=None, pair_column=None, token_ids_column=None, output_prefix="",
                  truncate_prompt_tokens=None, truncation_side=None, use_activation=None, lora_path=None,
-                 **engine_kwargs):
+                 score_template=None, **engine_kwargs):
         unknown = sorted(set(engine_kwargs) - ENGINE_KWARGS)
         if unknown:
             raise TypeError(f"PyEngineClassifier got unknown keyword(s) {unknown}; "
@@ -124,6 +126,10 @@ class PyEngineClassifier:
         if pair_column is not None and engine.num_labels != 1:
             raise ValueError(f"pair_column needs a cross-encoder (num_labels == 1); this model has "
                              f"num_labels={engine.num_labels}")
+        if score_template is not None and pair_column is None:
+            raise ValueError("score_template renders text pairs; it needs pair_column")
+        # Compiled once here, so a bad template fails before any batch.
+        self.score_template = None if score_template is None else load_score_template(score_template)
         self.text_column, self.pair_column, self.token_ids_column = text_column, pair_column, token_ids_column
         self.options = dict(truncate_prompt_tokens=truncate_prompt_tokens, truncation_side=truncation_side,
                             use_activation=use_activation, use_tqdm=False, lora_request=lora)
@@ -143,7 +149,8 @@ class PyEngineClassifier:
             prompts = _texts(_column(batch, kind, self.text_column), self.text_column)
         if self.pair_column is not None:
             pairs = _texts(_column(batch, kind, self.pair_column), self.pair_column)
-            scores = [o.outputs.score for o in self.llm.score(prompts, pairs, **self.options)] if prompts else []
+            scores = [o.outputs.score for o in self.llm.score(prompts, pairs, score_template=self.score_template,
+                                                              **self.options)] if prompts else []
             return {self.output_columns[0]: np.asarray(scores, dtype=np.float32)}
         probs = np.empty(len(prompts), dtype=object)  # one float32 array per row: Arrow list<float>
         labels = np.empty(len(prompts), dtype=object)
