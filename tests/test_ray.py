@@ -152,15 +152,18 @@ def test_ray_serve_runs_the_http_app(ray_cluster, ce_dir, tmp_path):
     try:
         # As `serve run pyengine.integrations.ray:build_app model=... num_gpus=0 ...` passes them.
         adapter = write_adapter(ce_dir, tmp_path / "adapter", ["query", "value"], seed=8)
+        template = "question: {{ query }} passage: {{ document }}"
         app = build_app({"model": ce_dir, "num_replicas": "1", "num_gpus": "0", "num_cpus": "0.5",
-                         "served_model_name": '["ce"]', "lora_modules": json.dumps({"ce-lora": str(adapter)})})
+                         "served_model_name": '["ce"]', "lora_modules": json.dumps({"ce-lora": str(adapter)}),
+                         "chat_template": template})
         serve.run(app, name="pyengine", route_prefix="/")
         q, d = "the cat sat", texts(5, seed=7)
         body = json.dumps({"model": "ce", "text_1": q, "text_2": d}).encode()
         req = urllib.request.Request(f"http://127.0.0.1:{port}/score", body, {"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=60) as resp:
             data = json.load(resp)["data"]
-        ref = [o.outputs.score for o in LLM(ce_dir).score(q, d, use_tqdm=False)]
+        # Pairs rendered with the chat template, as LLM.score(chat_template=...) renders them.
+        ref = [o.outputs.score for o in LLM(ce_dir).score(q, d, chat_template=template, use_tqdm=False)]
         np.testing.assert_allclose([x["score"] for x in data], ref, atol=ATOL, rtol=0)
         # the adapter, by its model name
         body = json.dumps({"model": "ce-lora", "text_1": q, "text_2": d}).encode()
@@ -168,7 +171,7 @@ def test_ray_serve_runs_the_http_app(ray_cluster, ce_dir, tmp_path):
         with urllib.request.urlopen(req, timeout=60) as resp:
             data = json.load(resp)["data"]
         ref = [o.outputs.score for o in LLM(ce_dir, enable_lora=True).score(
-            q, d, use_tqdm=False, lora_request=LoRARequest("ce-lora", 1, str(adapter)))]
+            q, d, use_tqdm=False, chat_template=template, lora_request=LoRARequest("ce-lora", 1, str(adapter)))]
         np.testing.assert_allclose([x["score"] for x in data], ref, atol=ATOL, rtol=0)
         bad = urllib.request.Request(f"http://127.0.0.1:{port}/score", b'{"text_1": "a"', {})
         with pytest.raises(urllib.error.HTTPError) as e:

@@ -176,7 +176,7 @@ class PyEngineClassifier:
 
 def serve_app(model, *, num_replicas=1, num_gpus=1, num_cpus=1, served_model_name=None,
               max_inputs_per_request=1024, max_request_bytes=64 << 20, deployment_options=None, lora_modules=None,
-              **engine_kwargs):
+              chat_template=None, **engine_kwargs):
     """A Ray Serve application of pyengine's HTTP server (pyengine.serve), ``num_replicas``
     replicas of ``num_gpus`` GPU each; Ray Serve's proxy spreads requests over them.
 
@@ -186,7 +186,9 @@ def serve_app(model, *, num_replicas=1, num_gpus=1, num_cpus=1, served_model_nam
     Every replica loads the model from ``model``, a path that must exist on its node.
     ``deployment_options`` go to ``serve.deployment`` (e.g. ``max_ongoing_requests``, or
     ``autoscaling_config``, which then replaces ``num_replicas``). ``lora_modules``: {name:
-    LoRA adapter directory} served as extra model names (turns ``enable_lora`` on).
+    LoRA adapter directory} served as extra model names (turns ``enable_lora`` on);
+    ``chat_template``: as the server's ``--chat-template`` (Jinja source, or a file on
+    every node).
     """
     from ray import serve
 
@@ -212,7 +214,8 @@ def serve_app(model, *, num_replicas=1, num_gpus=1, num_cpus=1, served_model_nam
             from pyengine.serve import Server
 
             core = EngineCore(EngineConfig(model=model, **engine_kwargs))
-            self.server = Server(core, names, max_inputs_per_request, max_request_bytes, lora_modules)
+            self.server = Server(core, names, max_inputs_per_request, max_request_bytes, lora_modules,
+                                 chat_template=chat_template)
 
         def __serve_build_asgi_app__(self):
             # Called by Ray Serve after __init__; the app's lifespan starts the engine thread.
