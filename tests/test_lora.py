@@ -205,6 +205,24 @@ def test_one_batch_mixes_adapters_in_runs(bert):
     torch.testing.assert_close(got, ref, atol=ATOL, rtol=0, msg=lambda m: f"{m}\n{report(got, ref)}")
 
 
+def test_adapter_on_the_triton_kernels(tmp_path):
+    """Qwen3 with an adapter on the Triton kernels (interpreter on CPU): the LoRA deltas
+    land in the packed qkv that qk_norm_rotary then rewrites in place, and in gate|up
+    before gated_act; a mixed call matches the torch backend."""
+    factory, _ = FAMILIES["qwen3"]
+    save_tiny(tmp_path, factory(3), tokenizer=None)
+    a = write_adapter(tmp_path, tmp_path / "a", ["q_proj", "k_proj", "gate_proj", "up_proj", "o_proj"], seed=18)
+    prompts = [{"prompt_token_ids": p} for p in prompts_for([1, 5, 9], seed=19)]
+    which = [LoRARequest("a", 1, str(a)), None, LoRARequest("a", 1, str(a))]
+    torch_llm = LLM(str(tmp_path), kernel_backend="torch", enable_lora=True)
+    ref = probs(torch_llm.classify(prompts, lora_request=which, use_tqdm=False))
+    base = probs(torch_llm.classify(prompts, use_tqdm=False))
+    assert (ref - base)[[0, 2]].abs().max() > 0.05, "the adapter changes nothing: a weak test"
+    got = probs(LLM(str(tmp_path), kernel_backend="triton", enable_lora=True).classify(
+        prompts, lora_request=which, use_tqdm=False))
+    torch.testing.assert_close(got, ref, atol=ATOL, rtol=0)
+
+
 def test_a_reused_id_never_shares_a_batch_with_the_dropped_adapter(bert):
     """max_loras=1: adapter a (id 1) is dropped while its requests wait, and another
     adapter is loaded under id 1; the waiting requests keep their own adapter."""
