@@ -39,7 +39,7 @@ FAMILIES = {
     # Conv1D weights stored (in, out): PEFT's fan_in_fan_out
     "gpt2": (lambda n: AutoConfig.for_model("gpt2", vocab_size=320, n_embd=64, n_layer=2, n_head=4, n_positions=512,
                                             pad_token_id=0, num_labels=n),
-             dict(target_modules=["c_attn", "c_proj", "c_fc"])),
+             dict(target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)),
 }
 
 
