@@ -10,7 +10,9 @@ kernels for the shape and lets cuBLAS pick its kernels), and replayed from then 
 
 Padding stays inside the ragged-batch contract (see RaggedBatch.build_padded): the
 spare sequences are short and come after the real ones, whose rows and results they
-never touch. Results are read from the graph's static output, so they must be consumed
+never touch. A batch whose sequences all run one LoRA adapter has graphs of its own, per
+bucket and adapter: the adapter's weights are baked in, and its deltas cover the padding
+rows too (their results are dropped), so the bounds are the bucket's. Results are read from the graph's static output, so they must be consumed
 (queued copies are enough) before the next replay; replays and copies are ordered on
 the current stream.
 """
@@ -22,6 +24,7 @@ import warnings
 import torch
 
 from .batch import RaggedBatch
+from .lora import LoRABatch
 
 # Below this many tokens, buckets are multiples of _FINE; above, multiples of _COARSE.
 # At most _COARSE - 1 padding tokens on a full batch of 16k is 1.6% more work; finer
@@ -79,7 +82,9 @@ class GraphRunner:
         self.seqs = seq_buckets(max_seqs + 1 + -(-_COARSE // max_seqlen))
         nbytes = RaggedBatch.padded_nbytes(self.tokens[-1], self.seqs[-1])
         self.buffer = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
-        self.graphs: dict[tuple[int, int], tuple[object, torch.Tensor]] = {}
+        # (padded tokens, padded sequences, adapter key or 0) -> (replay, static output,
+        # the adapter, whose weights the graph reads: kept alive as long as the graph).
+        self.graphs: dict[tuple[int, int, int], tuple[object, torch.Tensor, object]] = {}
         self.pool = None  # one memory pool for every graph: their replays never overlap
         self.eager_runs = 0  # batches run without a replay (a bucket's first, buckets past max_graphs)
         self.disabled: str | None = None  # why graphs were turned off, after a failed capture
@@ -98,10 +103,11 @@ class GraphRunner:
                 return self.tokens[j], Bp
         return None
 
-    def __call__(self, token_ids, token_type_ids=None) -> torch.Tensor | None:
-        """Forward one batch (the arguments of RaggedBatch.build). Returns (B, L) on the
-        device, a view of the graph's output valid until the next call; None when the
-        batch fits no bucket or a capture failed (the caller runs it eagerly)."""
+    def __call__(self, token_ids, token_type_ids=None, lora=None) -> torch.Tensor | None:
+        """Forward one batch (the arguments of RaggedBatch.build; lora: None, or the one
+        LoRAAdapter of all its sequences). Returns (B, L) on the device, a view of the
+        graph's output valid until the next call; None when the batch fits no bucket or a
+        capture failed (the caller runs it eagerly)."""
         if self.disabled:
             return None
         shape = self.bucket(sum(len(t) for t in token_ids), len(token_ids))
@@ -111,20 +117,22 @@ class GraphRunner:
         batch = RaggedBatch.build_padded(token_ids, token_type_ids, T_b, B_b, min(T_b, self.max_seqlen),
                                          self.buffer)
         B = len(token_ids)
-        entry = self.graphs.get(shape)
+        key = (T_b, B_b, 0 if lora is None else lora.key)
+        entry = self.graphs.get(key)
         if entry is not None:
-            replay, out = entry
+            replay, out, _ = entry
             replay()
             return out[:B]
+        lora_batch = None if lora is None else LoRABatch.whole(lora, B_b, T_b)
         # A new bucket runs eagerly first, on the current stream: Triton compiles for this
         # shape and cuBLAS creates its workspaces, neither of which may happen during a
         # capture. Its output is this batch's result (a capture runs nothing), and an
         # error here is this batch's, as without graphs.
-        out = self.model(batch)[:B]
+        out = self._forward(batch, lora_batch)[:B]
         self.eager_runs += 1
         if len(self.graphs) < self.max_graphs:
             try:
-                self.graphs[shape] = self._capture(batch)
+                self.graphs[key] = (*self._capture(batch, lora_batch), lora)
             except Exception as e:
                 # The eager path still works; one failed capture turns graphs off for good
                 # rather than failing again on every new shape.
@@ -133,13 +141,16 @@ class GraphRunner:
                               RuntimeWarning, stacklevel=2)
         return out
 
-    def _capture(self, batch):
-        """Capture ``model(batch)`` (after an eager run of the same shape). Returns
-        (replay, static output)."""
+    def _forward(self, batch, lora_batch):
+        return self.model(batch) if lora_batch is None else self.model(batch, lora_batch)
+
+    def _capture(self, batch, lora_batch):
+        """Capture the forward of ``batch`` (with ``lora_batch``'s adapter, or none) after
+        an eager run of the same shape. Returns (replay, static output)."""
         graph = torch.cuda.CUDAGraph()
         # thread_local: the server may touch CUDA from another thread meanwhile.
         with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-            out = self.model(batch)
+            out = self._forward(batch, lora_batch)
         if self.pool is None:
             self.pool = graph.pool()
         return graph.replay, out

@@ -312,9 +312,12 @@ class EngineCore:
         token_ids = [p.token_ids for p in prompts]
         lora = None if loras is None else LoRABatch.build(loras, [len(t) for t in token_ids])
         # The graph's output is overwritten by its next replay; the pooler reads it first
-        # (stream order), so nothing here needs to copy it.
-        # Graphs hold the base weights only; a batch with an adapter runs eagerly.
-        logits = None if self.graphs is None or lora is not None else self.graphs(token_ids, types)
+        # (stream order), so nothing here needs to copy it. A graph holds the base model or
+        # one adapter; a batch that mixes them runs eagerly.
+        logits = None
+        adapter = None if lora is None else lora.single(len(prompts))
+        if self.graphs is not None and (lora is None or adapter is not None):
+            logits = self.graphs(token_ids, types, adapter)
         if logits is None:
             batch = RaggedBatch.build(token_ids, types, self.device)
             logits = self.model(batch) if lora is None else self.model(batch, lora)

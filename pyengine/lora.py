@@ -16,7 +16,9 @@ own copy of each head parameter it changes.
 
 A batch may mix adapters: the waiting queue keeps each adapter's sequences together
 (see ``pyengine.scheduler.WaitingQueue``), so each adapter's delta applies to one block
-of rows (:class:`LoRABatch`). Batches with an adapter run eagerly (no CUDA graph).
+of rows (:class:`LoRABatch`). On a GPU a batch with one adapter for all its sequences
+replays a CUDA graph of its own (per bucket and adapter, see ``pyengine.cuda_graph``); a
+batch that mixes adapters, or adapters and the base model, runs eagerly.
 """
 from __future__ import annotations
 
@@ -125,6 +127,19 @@ class LoRABatch:
                     runs.append((lora, (i, i + 1), (tok, tok + n)))
             tok += n
         return cls(runs, tok) if runs else None
+
+    @classmethod
+    def whole(cls, adapter, num_seqs, num_tokens):
+        """One adapter for every row of a batch of num_seqs sequences and num_tokens tokens
+        (a padded graph batch: the bounds stay the bucket's whatever the real batch)."""
+        return cls([(adapter, (0, num_seqs), (0, num_tokens))], num_tokens)
+
+    def single(self, num_seqs):
+        """The one adapter of every sequence of a batch of num_seqs, or None (a mixed
+        batch, or one with base-model sequences)."""
+        if len(self.runs) == 1 and self.runs[0][1] == (0, num_seqs):
+            return self.runs[0][0]
+        return None
 
     def layer(self, i):
         """Layer i's {weight name: Deltas}."""

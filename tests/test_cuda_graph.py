@@ -30,11 +30,11 @@ class RecordedGraphs(GraphRunner):
     the buffer, as on a GPU; and as there, capturing computes nothing (NaN until the
     first replay)."""
 
-    def _capture(self, batch):
-        out = self.model(batch).fill_(float("nan"))
+    def _capture(self, batch, lora_batch):
+        out = self._forward(batch, lora_batch).fill_(float("nan"))
 
         def replay():
-            out.copy_(self.model(batch))
+            out.copy_(self._forward(batch, lora_batch))
 
         return replay, out
 
@@ -152,7 +152,7 @@ def test_recorded_runner_matches_the_unpadded_forward(models, name, pooling):
             want = _eager(model, prompts, types)
             assert got.shape == want.shape
             torch.testing.assert_close(got, want, atol=1e-5, rtol=0, msg=lambda m: f"batch {i} {lens}: {m}")
-    assert set(runner.graphs) == {runner.bucket(63, 3), runner.bucket(1, 1), runner.bucket(225, 6)}
+    assert set(runner.graphs) == {(*runner.bucket(n, b), 0) for n, b in ((63, 3), (1, 1), (225, 6))}
 
 
 def test_recorded_runner_with_triton_kernels(models):
@@ -178,14 +178,14 @@ def test_past_max_graphs_runs_eagerly(models):
             prompts = _prompts(lens, model.vocab_size, seed)
             torch.testing.assert_close(runner(prompts), _eager(model, prompts), atol=1e-5, rtol=0)
         assert runner(_prompts([2000], model.vocab_size, 0)) is None  # fits no bucket
-    assert list(runner.graphs) == [(128, 2)] and runner.eager_runs == 3
+    assert list(runner.graphs) == [(128, 2, 0)] and runner.eager_runs == 3
 
 
 def test_failed_capture_turns_graphs_off(models):
     """A capture that raises warns once and leaves every later batch to the eager path;
     the batch whose capture failed still gets its (eager) result."""
     class Broken(GraphRunner):
-        def _capture(self, batch):
+        def _capture(self, batch, lora_batch):
             raise RuntimeError("operation not permitted when stream is capturing")
 
     model = LLM(models["bert"], kernel_backend="torch").engine.model

@@ -246,25 +246,33 @@ def test_a_reused_id_never_shares_a_batch_with_the_dropped_adapter(bert):
     torch.testing.assert_close(got, torch.stack([ref[r.lora][i] for i, r in enumerate(reqs)]), atol=ATOL, rtol=0)
 
 
-def test_adapter_batches_bypass_cuda_graphs(bert):
-    """With a graph runner in place (recorded captures on CPU), base batches go through
-    it and adapter batches run eagerly, with the adapter."""
+def test_graphs_per_adapter_and_mixed_batches_eager(bert):
+    """With a graph runner in place (recorded captures on CPU): a batch whose prompts all
+    run one adapter replays a graph of that adapter's own (the padding rows get its deltas
+    too, harmlessly); a batch mixing an adapter and the base model runs eagerly; each
+    gets its own numbers."""
     from test_cuda_graph import RecordedGraphs
 
-    path, a, _ = bert
+    path, a, b = bert
     prompts = [{"prompt_token_ids": p} for p in prompts_for([5, 20, 9, 33], seed=10)]
-    llm = LLM(str(path), kernel_backend="torch", enable_lora=True, max_num_batched_tokens=128)
+    ids = [p["prompt_token_ids"] for p in prompts]
+    ra, rb = LoRARequest("a", 1, str(a)), LoRARequest("b", 2, str(b))
+    llm = LLM(str(path), kernel_backend="torch", enable_lora=True, max_loras=2, max_num_batched_tokens=128)
     eng = llm.engine
     eng.graphs = RecordedGraphs(eng.model, 128, 256, eng.max_model_len, "cpu")
-    got = probs(llm.classify(prompts, lora_request=LoRARequest("a", 1, str(a)), use_tqdm=False))
-    assert not eng.graphs.graphs, "an adapter batch went through the graph runner"
-    torch.testing.assert_close(got, reference(peft_model(path, a), [p["prompt_token_ids"] for p in prompts]),
-                               atol=ATOL, rtol=0)
-    base = probs(llm.classify(prompts, use_tqdm=False))
-    assert eng.graphs.graphs, "a base batch did not go through the graph runner"
-    torch.testing.assert_close(base, reference(peft_model(path), [p["prompt_token_ids"] for p in prompts]),
-                               atol=ATOL, rtol=0)
-
+    refs = {r: reference(peft_model(path, r.lora_path), ids) for r in (ra, rb)}
+    refs[None] = reference(peft_model(path), ids)
+    for r in (ra, rb, None, ra):  # the second run of a replays a's graph
+        got = probs(llm.classify(prompts, lora_request=r, use_tqdm=False))
+        torch.testing.assert_close(got, refs[r], atol=ATOL, rtol=0)
+    keys = {key[2] for key in eng.graphs.graphs}
+    assert len(keys) == 3 and 0 in keys, eng.graphs.graphs.keys()  # a's, b's and the base model's
+    assert eng.graphs.eager_runs == 3  # each set's first batch ran eagerly before its capture
+    n_graphs = len(eng.graphs.graphs)
+    mixed = probs(llm.classify(prompts, lora_request=[ra, None, ra, None], use_tqdm=False))
+    assert len(eng.graphs.graphs) == n_graphs and eng.graphs.eager_runs == 3, "a mixed batch used the runner"
+    want = torch.stack([refs[r][i] for i, r in enumerate([ra, None, ra, None])])
+    torch.testing.assert_close(mixed, want, atol=ATOL, rtol=0)
 
 def _edited(src, dst, **changes):
     shutil.copytree(src, dst)
@@ -346,23 +354,24 @@ def test_adapter_written_without_peft_matches_merged_transformers(tmp_path):
     ("qwen3", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),  # GQA, gate|up
 ])
 def test_adapters_in_bf16_on_gpu(name, suffixes, tmp_path):
-    """bf16 on the default kernels, half the prompts with an adapter (batches mixing both,
-    run eagerly), then the base model alone (through CUDA graphs), against the CPU fp32
-    engine (checked against PEFT above): DESIGN's bf16 bar."""
+    """bf16 on the default kernels against the CPU fp32 engine (checked against PEFT
+    above), DESIGN's bf16 bar: half the prompts with an adapter (batches mixing both run
+    eagerly), then every prompt with it (graphs of the adapter's own), then none (the base
+    model's graphs)."""
     factory, _ = FAMILIES[name]
     save_tiny(tmp_path, factory(3), tokenizer=None)
     a = write_adapter(tmp_path, tmp_path / "a", suffixes, seed=12)
+    lora = LoRARequest("a", 1, str(a))
     prompts = [{"prompt_token_ids": p} for p in prompts_for([1, 7, 60, 33, 5, 50, 17, 2] * 4, seed=13)]
-    which = [LoRARequest("a", 1, str(a)) if i % 2 else None for i in range(len(prompts))]
+    calls = [[lora if i % 2 else None for i in range(len(prompts))], lora, None]
     llm = LLM(str(tmp_path), dtype="bfloat16", enable_lora=True, max_num_seqs=8)
     assert llm.engine.graphs is not None
-    got = probs(llm.classify(prompts, lora_request=which, use_tqdm=False))
-    got_base = probs(llm.classify(prompts, use_tqdm=False))
-    assert llm.engine.graphs.graphs, "the base batches did not replay a graph"
+    got = [probs(llm.classify(prompts, lora_request=r, use_tqdm=False)) for r in calls]
+    keys = {key[2] for key in llm.engine.graphs.graphs}
+    assert 0 in keys and len(keys) == 2, "the base model's and the adapter's batches did not each replay graphs"
     cpu = LLM(str(tmp_path), device="cpu", kernel_backend="torch", enable_lora=True)
-    ref = probs(cpu.classify(prompts, lora_request=which, use_tqdm=False))
-    base = probs(cpu.classify(prompts, use_tqdm=False))
-    assert (ref - base)[1::2].abs().max() > 0.05, "the adapter changes nothing: a weak test"
-    for g, r in ((got, ref), (got_base, base)):
+    refs = [probs(cpu.classify(prompts, lora_request=r, use_tqdm=False)) for r in calls]
+    assert (refs[1] - refs[2]).abs().max() > 0.05, "the adapter changes nothing: a weak test"
+    for g, r in zip(got, refs):
         assert (g - r).abs().max() < 2e-2, report(g, r)
         assert (g.argmax(-1) == r.argmax(-1)).float().mean() >= 0.99
