@@ -109,7 +109,7 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
         call = _Call(loop, loop.create_future(), n)
         base = next(self._ids)
-        reqs = [Request(f"{base}-{i}", p, a, l) for i, (p, a, l) in enumerate(zip(prompts, acts, loras))]
+        reqs = [Request(f"{base}-{i}", p, act, ad) for i, (p, act, ad) in enumerate(zip(prompts, acts, loras))]
         with self._count_lock:
             self._handed_over += len(reqs)
         self._send(("add", reqs, call))
