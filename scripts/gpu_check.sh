@@ -12,7 +12,8 @@
 #        BENCH_S=200, TEST_WORKERS=6 (pytest-xdist workers where it is installed: the GPU
 #        tests are mostly Triton compiles, which run on the CPU), BENCH_ARGS (the model
 #        benchmark's options; default three presets, one timed pass, transformers against
-#        pyengine's default with and without CUDA graphs), KERNELS_ARGS (the kernel
+#        pyengine's default with and without CUDA graphs; add pyengine-lora to --providers
+#        for a LoRA adapter's cost, when the device time allows), KERNELS_ARGS (the kernel
 #        benchmark's; default --repeats 10 --attn-sweep --op-sweep --graph: the op sweep
 #        compiles and times about 50 launch configs), PROFILE_S=0 (a positive budget runs
 #        the profile of one engine pass per preset, PROFILE_PRESETS), GPU_CHECK_STEPS (default
@@ -100,7 +101,7 @@ if ! want bench; then
   skip bench "not in GPU_CHECK_STEPS"
 elif [ -f pyengine/bench/__main__.py ]; then
   # shellcheck disable=SC2086
-  step bench "${BENCH_S:-200}" "$PY" -m pyengine.bench ${BENCH_ARGS:---preset minilm-l6,bert-base,qwen3-0.6b --repeats 1 --single-sample 32 --providers hf,pyengine-cuda,pyengine-eager,pyengine-lora --no-progress --json $LOGS/bench.json}
+  step bench "${BENCH_S:-200}" "$PY" -m pyengine.bench ${BENCH_ARGS:---preset minilm-l6,bert-base,qwen3-0.6b --repeats 1 --single-sample 32 --providers hf,pyengine-cuda,pyengine-eager --no-progress --json $LOGS/bench.json}
 else
   skip bench "pyengine/bench/__main__.py not in this tree"
 fi
