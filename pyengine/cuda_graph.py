@@ -12,9 +12,10 @@ Padding stays inside the ragged-batch contract (see RaggedBatch.build_padded): t
 spare sequences are short and come after the real ones, whose rows and results they
 never touch. A batch whose sequences all run one LoRA adapter has graphs of its own, per
 bucket and adapter: the adapter's weights are baked in, and its deltas cover the padding
-rows too (their results are dropped), so the bounds are the bucket's. Results are read from the graph's static output, so they must be consumed
-(queued copies are enough) before the next replay; replays and copies are ordered on
-the current stream.
+rows too (their results are dropped), so the bounds are the bucket's. Its graphs are
+dropped when the adapter is (GraphRunner.forget). Results are read from the graph's
+static output, so they must be consumed (queued copies are enough) before the next
+replay; replays and copies are ordered on the current stream.
 """
 from __future__ import annotations
 
@@ -140,6 +141,12 @@ class GraphRunner:
                 warnings.warn(f"CUDA graph capture failed, running eagerly from now on: {self.disabled}",
                               RuntimeWarning, stacklevel=2)
         return out
+
+    def forget(self, adapter_key: int):
+        """Drop the graphs of the adapter with this key (it was unloaded or evicted), so
+        they no longer hold its weights."""
+        for key in [k for k in self.graphs if k[2] == adapter_key]:
+            del self.graphs[key]
 
     def _forward(self, batch, lora_batch):
         return self.model(batch) if lora_batch is None else self.model(batch, lora_batch)

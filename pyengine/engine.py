@@ -258,6 +258,12 @@ class EngineCore:
         return [r for r in pending.requests if running.get(r.request_id) is r]
 
     def _launch_next(self):
+        if self.graphs is not None and self.lora is not None:
+            # Adapters dropped since (on whichever thread loads them): free their graphs
+            # here, on the thread that replays them.
+            dropped = self.lora.dropped
+            while dropped:
+                self.graphs.forget(dropped.popleft())
         oldest = self.waiting.oldest()
         anchored = time.monotonic() - oldest.arrival > self.MAX_WAIT_S
         reqs = self.waiting.pop_batch(self.cfg.max_num_batched_tokens, self.cfg.max_num_seqs, anchored)
@@ -316,7 +322,9 @@ class EngineCore:
         # one adapter; a batch that mixes them runs eagerly.
         logits = None
         adapter = None if lora is None else lora.single(len(prompts))
-        if self.graphs is not None and (lora is None or adapter is not None):
+        # A dropped adapter's last requests run eagerly: a graph captured now would keep
+        # its weights for good, as nothing will drop it again.
+        if self.graphs is not None and (lora is None or (adapter is not None and self.lora.holds(adapter))):
             logits = self.graphs(token_ids, types, adapter)
         if logits is None:
             batch = RaggedBatch.build(token_ids, types, self.device)

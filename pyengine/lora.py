@@ -27,7 +27,7 @@ import json
 import math
 import os
 import re
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from types import MappingProxyType
 
@@ -358,12 +358,17 @@ def _pack(pieces, model):
 
 class LoRAManager:
     """Adapters by ``lora_int_id``, at most ``max_loras`` kept loaded (least recently
-    used dropped first). A dropped adapter stays alive for the requests that hold it."""
+    used dropped first). A dropped adapter stays alive for the requests that hold it.
+
+    ``dropped``: keys of the adapters dropped since the engine last looked, for the
+    thread that steps the engine to free what it holds of them (their CUDA graphs); a
+    deque, as appending and popping it are safe across threads."""
 
     def __init__(self, model, max_loras: int, max_lora_rank: int):
         self.model, self.max_loras, self.max_lora_rank = model, max_loras, max_lora_rank
         self._cache: OrderedDict[int, LoRAAdapter] = OrderedDict()
         self._keys = itertools.count(1)
+        self.dropped: deque[int] = deque()
 
     def get(self, request: LoRARequest) -> LoRAAdapter:
         if not isinstance(request, LoRARequest):
@@ -381,13 +386,19 @@ class LoRAManager:
         adapter.key = next(self._keys)
         self._cache[request.lora_int_id] = adapter
         while len(self._cache) > self.max_loras:
-            self._cache.popitem(last=False)
+            self.dropped.append(self._cache.popitem(last=False)[1].key)
         return adapter
 
     def drop(self, lora_int_id: int):
         """Forget the adapter loaded under ``lora_int_id``, if any (requests holding it
         still run with it)."""
-        self._cache.pop(lora_int_id, None)
+        adapter = self._cache.pop(lora_int_id, None)
+        if adapter is not None:
+            self.dropped.append(adapter.key)
+
+    def holds(self, adapter: LoRAAdapter) -> bool:
+        """Whether ``adapter`` is still loaded (not dropped since a request took it)."""
+        return self._cache.get(adapter.id) is adapter
 
     def loaded(self) -> list[LoRAAdapter]:
         return list(self._cache.values())

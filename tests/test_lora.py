@@ -274,6 +274,38 @@ def test_graphs_per_adapter_and_mixed_batches_eager(bert):
     want = torch.stack([refs[r][i] for i, r in enumerate([ra, None, ra, None])])
     torch.testing.assert_close(mixed, want, atol=ATOL, rtol=0)
 
+def test_dropped_adapters_free_their_graphs(bert):
+    """max_loras=1: loading b drops a, and a's graphs go with it (freed on the engine's
+    thread at the next launch); a request still holding a runs eagerly, with a, and
+    captures nothing that would keep a's weights."""
+    from test_cuda_graph import RecordedGraphs
+
+    from pyengine.engine import Request
+    from pyengine.inputs import TokenizedPrompt
+
+    path, a, b = bert
+    ids = prompts_for([5, 20, 9], seed=20)
+    prompts = [{"prompt_token_ids": p} for p in ids]
+    ra, rb = LoRARequest("a", 1, str(a)), LoRARequest("b", 2, str(b))
+    llm = LLM(str(path), kernel_backend="torch", enable_lora=True, max_loras=1, max_num_batched_tokens=128)
+    eng = llm.engine
+    eng.graphs = RecordedGraphs(eng.model, 128, 256, eng.max_model_len, "cpu")
+    llm.classify(prompts, lora_request=ra, use_tqdm=False)
+    (held,) = eng.lora_adapters(ra, 1)
+    assert {k[2] for k in eng.graphs.graphs} == {held.key}
+    llm.classify(prompts, lora_request=rb, use_tqdm=False)
+    (kept,) = eng.lora_adapters(rb, 1)
+    assert not eng.lora.holds(held) and {k[2] for k in eng.graphs.graphs} == {kept.key}
+    reqs = [Request(f"late-{i}", TokenizedPrompt(p), "softmax", held) for i, p in enumerate(ids)]
+    for r in reqs:
+        eng.add_request(r)
+    while eng.has_unfinished():
+        eng.step()
+    assert {k[2] for k in eng.graphs.graphs} == {kept.key}, "a dropped adapter's batch was captured"
+    torch.testing.assert_close(torch.stack([r.output for r in reqs]), reference(peft_model(path, a), ids),
+                               atol=ATOL, rtol=0)
+
+
 def _edited(src, dst, **changes):
     shutil.copytree(src, dst)
     cfg = json.loads((dst / "adapter_config.json").read_text())
