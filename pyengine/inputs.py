@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .templates import load_score_template, render_pairs
+
 
 @dataclass
 class TokenizedPrompt:
@@ -205,12 +207,19 @@ class InputProcessor:
                 out[i] = tp
         return self._check(out, what)
 
-    def process_pairs(self, data_1, data_2, truncate_prompt_tokens=None, truncation_side=None, progress=None):
-        """Cross-encoder pairs: 1:1, 1:N (one query, N documents) or N:N. Each pair is
-        tokenised as the tokenizer does a text pair, keeping token_type_ids."""
+    def process_pairs(self, data_1, data_2, truncate_prompt_tokens=None, truncation_side=None, template=None,
+                      progress=None):
+        """Cross-encoder pairs: 1:1, 1:N (one query, N documents) or N:N. Returns
+        list[TokenizedPrompt], one per pair. Without ``template`` each pair is tokenised as
+        the tokenizer does a text pair, keeping token_type_ids; with it (a score template,
+        see :mod:`pyengine.templates`) each pair is rendered into one text and tokenised as
+        a prompt."""
         d1, d2 = pair_lists(data_1, data_2)
+        if template is not None:
+            texts = render_pairs(load_score_template(template), d1, d2)
+            return self.process(texts, truncate_prompt_tokens, truncation_side, what="pairs", progress=progress)
         k, side = self._limit(truncate_prompt_tokens, truncation_side)
-        return self._check(self._tokenize(d1, d2, k, side, progress=progress), "pairs"), d1, d2
+        return self._check(self._tokenize(d1, d2, k, side, progress=progress), "pairs")
 
 
 def pair_lists(data_1, data_2):

@@ -19,7 +19,6 @@ from .engine import EngineCore, Request
 from .inputs import pair_lists, parse_prompts
 from .outputs import ClassificationRequestOutput, PoolingOutput, PoolingRequestOutput, ScoringRequestOutput
 from .pooler import score_activation
-from .templates import load_score_template, render_pairs
 
 
 class _Frontend:
@@ -110,11 +109,7 @@ class _Frontend:
         trunc, acts = self._params(pooling_params, len(d1), truncate_prompt_tokens, use_activation,
                                    score_activation(self.engine.hf_config), "score")
         with self._tokenizing(len(d1), use_tqdm) as bar:
-            if score_template is not None:
-                texts = render_pairs(load_score_template(score_template), d1, d2)
-                toks = self.engine.inputs.process(texts, trunc, truncation_side, what="pairs", progress=bar.update)
-            else:
-                toks, _, _ = self.engine.inputs.process_pairs(d1, d2, trunc, truncation_side, progress=bar.update)
+            toks = self.engine.inputs.process_pairs(d1, d2, trunc, truncation_side, score_template, bar.update)
         return toks, acts, self.engine.lora_adapters(lora_request, len(toks))
 
 

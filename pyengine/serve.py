@@ -41,13 +41,12 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 from .async_engine import AsyncEngine
 from .config import EngineConfig
 from .engine import EngineCore
-from .inputs import pair_lists
 from .lora import LoRARequest
 from .metrics import Metrics
 from .pooler import score_activation
 from .serve_protocol import (ApiError, ClassifyRequest, LoadLoRARequest, PoolingRequest, RerankRequest, ScoreRequest,
                              UnloadLoRARequest, encode_floats, error_body, parse_input, render_chat, validate)
-from .templates import load_score_template, read_template, render_pairs
+from .templates import load_score_template, read_template
 
 log = logging.getLogger("pyengine.serve")
 
@@ -195,12 +194,8 @@ class Server:
         return toks, self._activation(req.use_activation, self.core.classify_act)
 
     def _prepare_pairs(self, req, first, second):
-        if self.score_template is not None:
-            texts = render_pairs(self.score_template, *pair_lists(first, second))
-            toks = self.core.inputs.process(texts, req.truncate_prompt_tokens, req.truncation_side, "pairs")
-        else:
-            toks, _, _ = self.core.inputs.process_pairs(first, second, req.truncate_prompt_tokens,
-                                                        req.truncation_side)
+        toks = self.core.inputs.process_pairs(first, second, req.truncate_prompt_tokens, req.truncation_side,
+                                              self.score_template)
         return toks, self._activation(req.use_activation, score_activation(self.core.hf_config))
 
     # ------------------------------------------------------------------ routes
