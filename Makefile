@@ -16,7 +16,7 @@ $(STAMP): setup.py Makefile
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q "transformers>=4.56" tokenizers safetensors tqdm numpy "triton>=3.0" \
 		pytest pytest-timeout pytest-benchmark pybind11 cmake fastapi uvicorn "ray[data,serve]==2.60.0" "pyarrow>=14" jinja2 \
-		peft
+		peft pillow
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 

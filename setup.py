@@ -177,9 +177,11 @@ setup(
         "serve": ["fastapi", "uvicorn"],
         "ray": ["ray[data,serve]>=2.60", "pyarrow>=14"],
         "templates": ["jinja2"],
-        # peft: the reference the LoRA tests compare against
+        # PIL images as inputs of vision-language models (uint8 arrays need nothing)
+        "vision": ["pillow"],
+        # peft and pillow: the references the LoRA and image-preprocessing tests compare against
         "test": ["pytest", "pytest-timeout", "pytest-benchmark", "fastapi", "uvicorn", "ray[data,serve]>=2.60", "pyarrow>=14",
-                 "jinja2", "peft"],
+                 "jinja2", "peft", "pillow"],
     },
     ext_modules=_cuda_extensions(),
     cmdclass={"build_ext": CMakeBuild},

@@ -17,18 +17,20 @@ class RaggedBatch:
 
     input_ids: (T,) int64; positions: (T,) int64, restarting at 0 for every sequence;
     token_type_ids: (T,) int64 (zeros where the model has none); cu_seqlens: (B+1,) int32
-    = (0, l0, l0+l1, ...); max_seqlen: int; seq_lens: list[int] on the host.
+    = (0, l0, l0+l1, ...); max_seqlen: int; seq_lens: list[int] on the host; mm: the
+    batch's images (a multimodal.MMBatch) for a vision-language model, else None.
     """
 
-    __slots__ = ("input_ids", "positions", "token_type_ids", "cu_seqlens", "max_seqlen", "seq_lens")
+    __slots__ = ("input_ids", "positions", "token_type_ids", "cu_seqlens", "max_seqlen", "seq_lens", "mm")
 
-    def __init__(self, input_ids, positions, token_type_ids, cu_seqlens, max_seqlen, seq_lens):
+    def __init__(self, input_ids, positions, token_type_ids, cu_seqlens, max_seqlen, seq_lens, mm=None):
         self.input_ids = input_ids
         self.positions = positions
         self.token_type_ids = token_type_ids
         self.cu_seqlens = cu_seqlens
         self.max_seqlen = max_seqlen
         self.seq_lens = seq_lens
+        self.mm = mm
 
     @property
     def num_seqs(self) -> int:

@@ -23,6 +23,7 @@ from .lora import LoRAAdapter, LoRABatch, LoRAManager
 from .models import model_class, resolve_architecture
 from .models.convert import resolve_token_ids
 from .models.loader import iter_weights, load_hf_config
+from .multimodal import ImageProcessor, MMBatch
 from .ops import resolve_ops
 from .pooler import Pooler, classify_activation
 from .scheduler import WaitingQueue
@@ -159,8 +160,12 @@ class EngineCore:
             self.max_model_len = cfg.max_model_len
         self.model.load_weights(iter_weights(cfg.model))
         self.model.eval()
+        images = None
+        if getattr(self.model, "vision", None) is not None:
+            src = cfg.model if isinstance(cfg.model, (str, os.PathLike)) else None
+            images = ImageProcessor.from_checkpoint(src, self.hf_config, self.hf_config.vision_config)
         self.inputs = InputProcessor(self.tokenizer, self.max_model_len, self.model.vocab_size,
-                                     int(getattr(self.model, "type_vocab", 0) or 0))
+                                     int(getattr(self.model, "type_vocab", 0) or 0), images)
         self.pooler = Pooler(self.ops, cfg.pooler_config)
         self.classify_act = classify_activation(self.hf_config)
         self.waiting = WaitingQueue()  # not yet launched: request id -> Request, arrival order
@@ -174,7 +179,7 @@ class EngineCore:
         self._ids = itertools.count()
         self.lora = None
         if cfg.enable_lora:
-            if not hasattr(self.model, "lora_weights"):
+            if not getattr(self.model, "lora_weights", ()):
                 raise ValueError(f"{self.arch} does not support LoRA adapters")
             self.lora = LoRAManager(self.model, cfg.max_loras, cfg.max_lora_rank)
         self.graphs = None
@@ -324,10 +329,15 @@ class EngineCore:
         adapter = None if lora is None else lora.single(len(prompts))
         # A dropped adapter's last requests run eagerly: a graph captured now would keep
         # its weights for good, as nothing will drop it again.
-        if self.graphs is not None and (lora is None or (adapter is not None and self.lora.holds(adapter))):
+        # A batch with images runs eagerly: the vision tower's shapes follow the images.
+        mm = any(p.mm is not None for p in prompts)
+        if self.graphs is not None and not mm and (lora is None or (adapter is not None
+                                                                     and self.lora.holds(adapter))):
             logits = self.graphs(token_ids, types, adapter)
         if logits is None:
             batch = RaggedBatch.build(token_ids, types, self.device)
+            if mm:
+                batch.mm = MMBatch.build(prompts, self.device)
             logits = self.model(batch) if lora is None else self.model(batch, lora)
         out = self.pooler(logits, activations)  # (B, num_labels) fp32 on the device
         if self.device.type != "cuda":

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .multimodal import MMData, expand, image_list, rope_positions
 from .templates import load_score_template, render_pairs
 
 
@@ -14,6 +15,7 @@ from .templates import load_score_template, render_pairs
 class TokenizedPrompt:
     token_ids: list[int]
     token_type_ids: list[int] | None = None
+    mm: MMData | None = None  # images of a vision-language prompt
 
     def __len__(self):
         return len(self.token_ids)
@@ -29,9 +31,20 @@ def all_ints(ids) -> bool:
 
 
 # Keys of a prompt dict (vLLM's TextPrompt / TokensPrompt); cache_salt only salts a prefix
-# cache, which this engine does not have, so it changes nothing here.
-_PROMPT_KEYS = ("prompt", "prompt_token_ids", "token_type_ids", "cache_salt")
-_MULTIMODAL_KEYS = ("multi_modal_data", "mm_processor_kwargs", "multi_modal_uuids")
+# cache, and multi_modal_uuids only name images for a cache, which this engine does not
+# have, so they change nothing here.
+_PROMPT_KEYS = ("prompt", "prompt_token_ids", "token_type_ids", "cache_salt", "multi_modal_data",
+                "multi_modal_uuids")
+
+
+@dataclass
+class ImagePrompt:
+    """A prompt with images, as parsed: text or token ids, and the images (not yet read)."""
+    prompt: str | list[int]
+    images: list
+
+    def __len__(self):
+        return len(self.prompt)
 
 
 def _ids(x, where):
@@ -47,13 +60,18 @@ def _ids(x, where):
 
 
 def _parse_dict(p, where):
-    mm = [k for k in _MULTIMODAL_KEYS if k in p]
-    if mm:
-        raise ValueError(f"{where} has {mm[0]!r}: multi-modal inputs are not supported, this engine serves "
-                         "text models")
+    if "mm_processor_kwargs" in p:
+        raise ValueError(f"{where} has 'mm_processor_kwargs': per-prompt processor settings are not supported "
+                         "(the checkpoint's preprocessor_config.json applies)")
     unknown = sorted(str(k) for k in p if k not in _PROMPT_KEYS)
     if unknown:
         raise ValueError(f"{where} has unknown key(s) {unknown}; a prompt dict takes {list(_PROMPT_KEYS)}")
+    if p.get("multi_modal_data") is not None:
+        images = image_list(p["multi_modal_data"], f"{where}['multi_modal_data']")
+        if p.get("token_type_ids") is not None:
+            raise ValueError(f"{where}: token_type_ids do not go with images")
+        rest = {k: v for k, v in p.items() if k != "multi_modal_data"}
+        return ImagePrompt(_parse_dict(rest, where), images)
     if "prompt_token_ids" in p:
         ids = _ids(p["prompt_token_ids"], f"{where}['prompt_token_ids']")
         if p.get("token_type_ids") is None:
@@ -103,9 +121,11 @@ def _as_text(x, what):
 class InputProcessor:
     """Turns prompts into token ids under the model's length limit."""
 
-    def __init__(self, tokenizer, max_model_len: int, vocab_size: int, type_vocab_size: int = 0):
-        """type_vocab_size: the model's token types (0: it has none, and types are dropped)."""
+    def __init__(self, tokenizer, max_model_len: int, vocab_size: int, type_vocab_size: int = 0, images=None):
+        """type_vocab_size: the model's token types (0: it has none, and types are dropped);
+        images: a multimodal.ImageProcessor for a vision-language model, else None."""
         self.tokenizer = tokenizer
+        self.images = images
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size
         self.type_vocab_size = type_vocab_size
@@ -139,6 +159,9 @@ class InputProcessor:
                 bad = next(t for t in p.token_ids if t < 0 or t >= self.vocab_size)
                 raise ValueError(f"{what}[{i}] has token id {bad} outside the vocabulary "
                                  f"[0, {self.vocab_size})")
+            if self.images is not None and p.mm is None and self.images.image_token_id in p.token_ids:
+                raise ValueError(f"{what}[{i}] has an image placeholder token but no image; pass the image as "
+                                 "{'prompt': ..., 'multi_modal_data': {'image': img}}")
             types = p.token_type_ids
             if types is not None and (min(types) < 0 or max(types) >= self.type_vocab_size):
                 bad = next(t for t in types if t < 0 or t >= self.type_vocab_size)
@@ -190,7 +213,12 @@ class InputProcessor:
                 raise ValueError(f"{what}[{i}] is empty")
         out: list[TokenizedPrompt | None] = [None] * len(prompts)
         texts_by_limit = {}  # one tokenizer call per distinct (k, side)
+        with_images = [i for i, p in enumerate(prompts) if isinstance(p, ImagePrompt)]
+        if with_images:
+            self._with_images(prompts, with_images, limits, out, what, add_special_tokens)
         for i, p in enumerate(prompts):
+            if isinstance(p, ImagePrompt):
+                continue
             if isinstance(p, str):
                 texts_by_limit.setdefault(limits[i], []).append(i)
                 continue
@@ -206,6 +234,29 @@ class InputProcessor:
             for i, tp in zip(idx, self._tokenize(texts, None, k, side, add_special_tokens, progress)):
                 out[i] = tp
         return self._check(out, what)
+
+    def _with_images(self, prompts, idx, limits, out, what, add_special_tokens):
+        """Fill out[i] for the prompts with images: placeholders expanded, images read
+        into patches, rotary positions laid out. Such a prompt is never truncated (a cut
+        could split an image's tokens), so one over the limit is an error."""
+        if self.images is None:
+            raise ValueError(f"{what}[{idx[0]}] has images, but this model takes text only")
+        texts = [i for i in idx if isinstance(prompts[i].prompt, str)]
+        ids = {i: prompts[i].prompt for i in idx}
+        if texts:
+            enc = self._tokenize([prompts[i].prompt for i in texts], None, None, "left", add_special_tokens)
+            ids.update((i, tp.token_ids) for i, tp in zip(texts, enc))
+        proc = self.images
+        for i in idx:
+            where = f"{what}[{i}]"
+            tokens, pixels, grids = expand(ids[i], prompts[i].images, proc, where)
+            k = limits[i][0]
+            if k is not None and len(tokens) > k:
+                raise ValueError(f"{where} has images and {len(tokens)} tokens, more than the truncation limit "
+                                 f"{k}; a prompt with images is not truncated (use smaller images or a shorter "
+                                 "text)")
+            pos = rope_positions(tokens, grids, proc.image_token_id, proc.merge)
+            out[i] = TokenizedPrompt(tokens, None, MMData(pixels, grids, pos))
 
     def process_pairs(self, data_1, data_2, truncate_prompt_tokens=None, truncation_side=None, template=None,
                       progress=None):

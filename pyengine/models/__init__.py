@@ -26,6 +26,12 @@ _CONVERT_ONLY |= {"GPT2LMHeadModel", "GPT2Model"}
 for _a in _CONVERT_ONLY:
     _REGISTRY[_a] = _DECODER
 _REGISTRY["JambaForSequenceClassification"] = "pyengine.models.jamba:JambaForSequenceClassification"
+# Vision-language: the Qwen2 decoder behind a vision tower; images through multi_modal_data.
+_VL = "pyengine.models.qwen_vl:QwenVLForSequenceClassification"
+for _a in ("Qwen2VL", "Qwen2_5_VL"):
+    _REGISTRY[f"{_a}ForSequenceClassification"] = _VL
+    _REGISTRY[f"{_a}ForConditionalGeneration"] = _VL
+    _CONVERT_ONLY.add(f"{_a}ForConditionalGeneration")
 
 
 def supported_architectures():
@@ -53,7 +59,7 @@ def resolve_architecture(config, convert="auto"):
     if arch in _CONVERT_ONLY and convert == "none":
         raise ValueError(f"{arch} has no classification head; pass convert='classify' (or 'auto') to classify "
                          "its last token")
-    if check_token_head(config) and _REGISTRY[arch] != _DECODER:
+    if check_token_head(config) and _REGISTRY[arch] not in (_DECODER, _VL):
         raise ValueError(f"classifier_from_token is only supported for decoder models, not {arch}")
     return arch
 

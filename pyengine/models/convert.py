@@ -70,7 +70,8 @@ def resolve_token_ids(config, tokenizer):
         if i is None or (i == getattr(tokenizer, "unk_token_id", None) and t != unk):
             raise ValueError(f"classifier_from_token: {t!r} is not a single token of the tokenizer's vocabulary")
         ids.append(int(i))
-    vocab = config.vocab_size
+    # A vision-language config keeps the vocabulary in its text_config.
+    vocab = getattr(getattr(config, "text_config", None), "vocab_size", None) or config.vocab_size
     for t, i in zip(tokens, ids):
         if not 0 <= i < vocab:
             raise ValueError(f"classifier_from_token: {t!r} -> id {i} is outside the vocabulary [0, {vocab})")

@@ -65,7 +65,9 @@ FAMILIES = {
                      o_bias=True, mlp_bias=False, head="pooler", pooling="cls"),
 }
 FAMILIES["New"] = FAMILIES["GteNew"]
-_SUFFIXES = ("ForSequenceClassification", "ForCausalLM", "LMHeadModel", "Model")
+# The language models of Qwen2-VL and Qwen2.5-VL (pyengine.models.qwen_vl adds the vision tower).
+FAMILIES["Qwen2VL"] = FAMILIES["Qwen2_5_VL"] = FAMILIES["Qwen2"]
+_SUFFIXES = ("ForSequenceClassification", "ForConditionalGeneration", "ForCausalLM", "LMHeadModel", "Model")
 _GATED = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh",
           "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh"}
 _CONFIG_POOLING = {"avg": "mean", "mean": "mean", "cls": "cls", "last": "last"}
@@ -263,13 +265,13 @@ class DecoderForSequenceClassification(nn.Module):
         if layer.q_norm is not None and not self.fam.learned_pos:
             # One in-place pass on the strided q/k views: no copy out of qkv for the norm,
             # and q/k are read and written once rather than by a norm and then a rotary.
-            q, k = ops.qk_norm_rotary(q, k, layer.q_norm, layer.k_norm, batch.positions, self.cos_sin, self.eps)
+            q, k = ops.qk_norm_rotary(q, k, layer.q_norm, layer.k_norm, *self._rope(batch), self.eps)
         else:
             if layer.q_norm is not None:  # q/k norm without rotary (no family has this)
                 q = ops.add_rms_norm(q.reshape(T * nh, hd), None, layer.q_norm, self.eps)[0].view(T, nh, hd)
                 k = ops.add_rms_norm(k.reshape(T * nkv, hd), None, layer.k_norm, self.eps)[0].view(T, nkv, hd)
             if not self.fam.learned_pos:
-                q, k = ops.rotary(q, k, batch.positions, self.cos_sin)
+                q, k = ops.rotary(q, k, *self._rope(batch))
         if rows is None:
             out = ops.varlen_attention(q, k, v, batch.cu_seqlens, batch.max_seqlen, causal=self.causal,
                                        scale=self.scales[i], window=self.windows[i])
@@ -278,6 +280,10 @@ class DecoderForSequenceClassification(nn.Module):
                                              batch.positions[rows], causal=self.causal, scale=self.scales[i],
                                              window=self.windows[i])
         return out.reshape(out.shape[0], nh * hd)
+
+    def _rope(self, batch):
+        """(positions (T,), table (P, R)) for the rotary ops: each token's row of the table."""
+        return batch.positions, self.cos_sin
 
     def _attend(self, i, layer, h, batch, d, rows, stream):
         """Layer i's attention and the residual stream it adds to: in the last layer with

@@ -25,6 +25,8 @@ def rope_parameters(config):
     out.update(rp or {})
     out.setdefault("rope_theta", getattr(config, "rope_theta", None) or 10000.0)
     out["rope_type"] = out.get("rope_type") or out.get("type") or "default"
+    if out["rope_type"] == "mrope":  # Qwen2-VL's older configs: default frequencies, per-axis sections
+        out["rope_type"] = "default"
     if getattr(config, "partial_rotary_factor", None) is not None:
         out.setdefault("partial_rotary_factor", config.partial_rotary_factor)
     return out

@@ -1,0 +1,325 @@
+"""Qwen2-VL and Qwen2.5-VL classifiers with images (pyengine.models.qwen_vl,
+pyengine.multimodal), against transformers' own model on the same weights, with pixel
+values and placeholder counts from transformers' PIL image processor (where pillow is
+missing, as on the GPU image, from ours, which is checked against it on the CPU)."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
+                          Qwen2VLForConditionalGeneration)
+
+from pyengine import LLM
+from pyengine.multimodal import ImageProcessor, rope_positions
+from test_cuda_graph import RecordedGraphs
+from tiny import randomize, write_bpe_tokenizer
+
+try:
+    import PIL.Image as PIL
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+except ImportError:
+    PIL = None
+needs_pil = pytest.mark.skipif(PIL is None, reason="pillow is not installed")
+
+SPECIALS = ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"]
+IMG = "<|vision_start|><|image_pad|><|vision_end|>"
+# Small images: 4x6, 8x4 and 4x4 patches of 14 pixels (2x3, 4x2, 2x2 tokens).
+MIN_PIX, MAX_PIX = 56 * 56, 28 * 28 * 16
+
+
+def _config(v25, vocab, ids, width):
+    """width 48: head_dim 12 (torch ops); width 128: head_dim 64 (the Triton kernels')."""
+    heads = 4 if width == 48 else 2
+    half = width // heads // 2
+    vis = dict(depth=3, num_heads=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+               # Qwen2.5-VL: windows of 2x2 tokens in blocks 0 and 2, block 1 attends to the whole image.
+               window_size=56, fullatt_block_indexes=[1])
+    if v25:
+        vis.update(hidden_size=width // 2 if width == 48 else width, intermediate_size=64, out_hidden_size=width)
+    else:
+        vis.update(embed_dim=width // 2 if width == 48 else width, mlp_ratio=2, hidden_size=width)
+    text = dict(vocab_size=vocab, hidden_size=width, intermediate_size=96, num_hidden_layers=2,
+                num_attention_heads=heads, num_key_value_heads=heads // 2, max_position_embeddings=512,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                 "mrope_section": [half // 3, half // 3, half - 2 * (half // 3)]})
+    C = Qwen2_5_VLConfig if v25 else Qwen2VLConfig
+    return C(text_config=text, vision_config=vis, image_token_id=ids[1], video_token_id=ids[3],
+             vision_start_token_id=ids[0], vision_end_token_id=ids[2])
+
+
+def save_vl(path, v25, width=48, num_labels=2, seed=0):
+    """A random VL model saved as *ForSequenceClassification (score.weight added) with a
+    tokenizer and preprocessor config. Returns (transformers model, tokenizer, score)."""
+    tok = write_bpe_tokenizer(path, "decoder")
+    tok.add_special_tokens({"additional_special_tokens": SPECIALS})
+    tok.save_pretrained(path)
+    cfg = _config(v25, len(tok), tok.convert_tokens_to_ids(SPECIALS), width)
+    torch.manual_seed(seed)
+    M = Qwen2_5_VLForConditionalGeneration if v25 else Qwen2VLForConditionalGeneration
+    model = randomize(M(cfg), 0.3, seed).eval()
+    model.config.architectures = [f"{'Qwen2_5_VL' if v25 else 'Qwen2VL'}ForSequenceClassification"]
+    model.config.num_labels = num_labels
+    model.save_pretrained(path)
+    weights = load_file(os.path.join(path, "model.safetensors"))
+    score = torch.randn(num_labels, width, generator=torch.Generator().manual_seed(seed + 1))
+    weights["score.weight"] = score
+    save_file(weights, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(path, "preprocessor_config.json"), "w") as f:
+        json.dump({"min_pixels": MIN_PIX, "max_pixels": MAX_PIX, "patch_size": 14, "merge_size": 2,
+                   "temporal_patch_size": 2}, f)
+    return model, tok, score
+
+
+def _hf_processor():
+    return Qwen2VLImageProcessorPil(min_pixels=MIN_PIX, max_pixels=MAX_PIX)
+
+
+def _pixels(imgs):
+    """(pixel_values, image_grid_thw) from transformers' processor, or ours without pillow."""
+    if PIL is not None:
+        enc = _hf_processor()([PIL.fromarray(a) for a in imgs], return_tensors="pt")
+        return enc["pixel_values"], enc["image_grid_thw"]
+    proc = ImageProcessor(0, min_pixels=MIN_PIX, max_pixels=MAX_PIX)
+    out = [proc(a, "img") for a in imgs]
+    return torch.cat([p for p, _ in out]), torch.tensor([g for _, g in out])
+
+
+def images(seed, shapes=((56, 84), (112, 56), (56, 56))):
+    g = np.random.default_rng(seed)
+    return [g.integers(0, 256, (*s, 3), dtype=np.uint8) for s in shapes]
+
+
+def reference(model, tok, score, text, imgs):
+    """Last-token logits (fp32 head) from transformers, with the prompt's placeholders
+    expanded and its pixels made by transformers' own processor."""
+    ids = tok(text)["input_ids"]
+    kw = {}
+    if imgs:
+        pixels, grids = _pixels(imgs)
+        it = iter(int(g.prod()) // 4 for g in grids)
+        pad = model.config.image_token_id
+        ids = [t for i in ids for t in ([i] * next(it) if i == pad else [i])]
+        kw = dict(pixel_values=pixels, image_grid_thw=grids)
+    ids = torch.tensor([ids])
+    if imgs:
+        kw["mm_token_type_ids"] = (ids == model.config.image_token_id).int()
+    with torch.no_grad():
+        h = model.model(input_ids=ids, **kw).last_hidden_state[0, -1]
+    return h.float() @ score.t()
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["qwen2.5-vl", "qwen2-vl"])
+def vl(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp("vl")
+    return (str(path), *save_vl(path, request.param))
+
+
+def _prompts(seed):
+    a, b, c = images(seed)
+    return [(f"hello world {IMG} what is it", [a]),  # one image inside text
+            ("plain text prompt", []),               # text only, in the same batch
+            (f"a {IMG} b {IMG} c", [b, c]),          # two images: positions continue after each
+            (f"{IMG}", [c])]                         # only the image: the last token is vision_end
+
+
+def _dicts(prompts):
+    return [{"prompt": t, "multi_modal_data": {"image": im}} if im else t for t, im in prompts]
+
+
+def test_matches_transformers(vl):
+    path, model, tok, score = vl
+    prompts = _prompts(seed=1)
+    got = LLM(path, dtype="float32", kernel_backend="torch").classify(_dicts(prompts), use_activation=False,
+                                                                      use_tqdm=False)
+    for i, (text, imgs) in enumerate(prompts):
+        ref = reference(model, tok, score, text, imgs)
+        torch.testing.assert_close(torch.tensor(got[i].outputs.probs), ref, atol=1e-4, rtol=1e-4,
+                                   msg=lambda m: f"prompt {i} ({len(imgs)} images): {m}")
+
+
+def test_batch_invariance_and_probabilities(vl):
+    """A prompt's result does not depend on the prompts it shares a batch with (two
+    images of other prompts in the vision tower's packed run, text-only neighbours)."""
+    path = vl[0]
+    llm = LLM(path, dtype="float32", kernel_backend="torch")
+    prompts = _dicts(_prompts(seed=2))
+    together = torch.tensor([o.outputs.probs for o in llm.classify(prompts, use_tqdm=False)])
+    alone = torch.tensor([llm.classify([p], use_tqdm=False)[0].outputs.probs for p in prompts])
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=0)
+    torch.testing.assert_close(together.sum(-1), torch.ones(len(prompts)), atol=1e-6, rtol=0)
+
+
+def test_token_prompts_expanded_or_not(vl):
+    """Token prompts with one placeholder per image, or with every placeholder token
+    already (as transformers' processor writes them), give the text prompt's result."""
+    path, _, tok = vl[:3]
+    llm = LLM(path, dtype="float32", kernel_backend="torch")
+    text, imgs = _prompts(seed=3)[2]
+    by_text = llm.classify([{"prompt": text, "multi_modal_data": {"image": imgs}}], use_tqdm=False)[0]
+    ids = tok(text)["input_ids"]
+    by_ids = llm.classify([{"prompt_token_ids": ids, "multi_modal_data": {"image": imgs}}], use_tqdm=False)[0]
+    expanded = by_text.prompt_token_ids
+    assert len(expanded) == len(ids) - 2 + 8 + 4  # 4x2 and 2x2 tokens in place of two placeholders
+    by_expanded = llm.classify([{"prompt_token_ids": expanded, "multi_modal_data": {"image": imgs}}],
+                               use_tqdm=False)[0]
+    for o in (by_ids, by_expanded):
+        assert o.prompt_token_ids == expanded
+        torch.testing.assert_close(torch.tensor(o.outputs.probs), torch.tensor(by_text.outputs.probs),
+                                   atol=1e-6, rtol=0)
+
+
+def test_token_head_of_a_causal_checkpoint(tmp_path):
+    """Qwen2.5-VL saved as ForConditionalGeneration, converted with
+    classifier_from_token ["no", "yes"] (a VL reranker): sigmoid(W_yes - W_no) against the
+    softmax of transformers' two LM logits."""
+    model, tok, _ = save_vl(tmp_path, True)
+    model.config.architectures = ["Qwen2_5_VLForConditionalGeneration"]
+    model.save_pretrained(tmp_path)  # the LM head only, no score.weight
+    llm = LLM(str(tmp_path), dtype="float32", kernel_backend="torch",
+              hf_overrides={"classifier_from_token": ["no", "yes"], "method": "from_2_way_softmax"})
+    no, yes = tok.convert_tokens_to_ids(["no", "yes"])
+    prompts = _prompts(seed=4)
+    got = llm.classify(_dicts(prompts), use_tqdm=False)
+    lm = model.lm_head.weight.float()
+    for i, (text, imgs) in enumerate(prompts):
+        logits = reference(model, tok, lm[[no, yes]], text, imgs)
+        torch.testing.assert_close(torch.tensor(got[i].outputs.probs[0]), logits.softmax(-1)[1],
+                                   atol=1e-5, rtol=0)
+
+
+def test_rope_positions_match_transformers(vl):
+    _, model, tok = vl[:3]
+    proc = ImageProcessor(model.config.image_token_id, min_pixels=MIN_PIX, max_pixels=MAX_PIX)
+    imgs = images(5)
+    grids = [proc(a, "img")[1] for a in imgs]
+    pad = model.config.image_token_id
+    ids = [7, 8] + [pad] * 6 + [9] + [pad] * 8 + [10, 11, 12] + [pad] * 4 + [13]
+    ours = rope_positions(ids, grids, pad, 2)
+    t = torch.tensor([ids])
+    ref, _ = model.model.get_rope_index(t, mm_token_type_ids=(t == pad).int(), image_grid_thw=torch.tensor(grids))
+    assert torch.equal(ours, ref[:, 0]), (ours, ref[:, 0])
+
+
+@pytest.mark.parametrize("shape", [
+    (56, 84, 3),    # multiples of 28: no resize, equal to the processor's
+    (60, 90, 3),    # a small resize down
+    (20, 30, 3),    # up to min_pixels
+    (300, 200, 3),  # down to max_pixels
+    (57, 57),       # grayscale
+    (56, 56, 4),    # RGBA: composited over white
+])
+@needs_pil
+def test_preprocessing_matches_the_pil_processor(shape):
+    """Pixel values within one level of 255 of transformers' PIL processor (PIL's
+    fixed-point bicubic), the same grid; PIL images and arrays give the same patches."""
+    a = np.random.default_rng(6).integers(0, 256, shape, dtype=np.uint8)
+    img = PIL.fromarray(a)
+    ref = _hf_processor()(img, return_tensors="pt")
+    proc = ImageProcessor(5, min_pixels=MIN_PIX, max_pixels=MAX_PIX)
+    patches, grid = proc(a, "img")
+    assert grid == tuple(ref["image_grid_thw"][0].tolist())
+    level = 1 / 255 / 0.26130258 + 1e-5  # one level over the smallest std
+    exact = len(shape) == 3 and shape[2] == 3 and shape[0] % 28 == 0 and shape[1] % 28 == 0
+    torch.testing.assert_close(patches, ref["pixel_values"], atol=1e-5 if exact else level, rtol=0)
+    assert torch.equal(proc(img, "img")[0], patches)
+    assert torch.equal(proc(torch.from_numpy(a), "img")[0], patches)
+
+
+@needs_pil
+def test_settings_from_a_saved_processor(vl, tmp_path):
+    """preprocessor_config.json as transformers saves it (size: shortest/longest edge)."""
+    model = vl[1]
+    Qwen2VLImageProcessorPil(min_pixels=28 * 28 * 5, max_pixels=28 * 28 * 7, image_mean=[0.5] * 3).save_pretrained(
+        tmp_path)
+    proc = ImageProcessor.from_checkpoint(tmp_path, model.config, model.config.vision_config)
+    assert (proc.min_pixels, proc.max_pixels) == (28 * 28 * 5, 28 * 28 * 7)
+    assert torch.equal(proc.mean.flatten(), torch.full((3,), 0.5))
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "preprocessor_config.json").write_text(json.dumps({"patch_size": 16}))
+    with pytest.raises(ValueError, match="patch_size=16 but the vision tower's is 14"):
+        ImageProcessor.from_checkpoint(bad, model.config, model.config.vision_config)
+
+
+def test_text_batches_replay_graphs_and_image_batches_run_eagerly(vl):
+    """With the engine's graph runner in place (recorded captures on CPU): text-only
+    batches go through it, batches with images run eagerly, all as the eager engine."""
+    path = vl[0]
+    prompts = _dicts(_prompts(seed=7)) + ["more text here", "and some more", "short"]
+    kw = dict(dtype="float32", kernel_backend="torch", max_num_seqs=2, max_num_batched_tokens=64)
+    ref = [o.outputs.probs for o in LLM(path, **kw).classify(prompts, use_tqdm=False)]
+    llm = LLM(path, **kw)
+    eng = llm.engine
+    eng.graphs = RecordedGraphs(eng.model, 64, 2, eng.max_model_len, "cpu")
+    got = [o.outputs.probs for o in llm.classify(prompts, use_tqdm=False)]
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(ref), atol=1e-5, rtol=0)
+    assert eng.graphs.graphs, "no text-only batch went through the runner"
+
+
+def test_triton_kernels_in_the_interpreter(tmp_path):
+    """Qwen2.5-VL with head_dim 64 on the Triton kernels (the vision tower's windowed and
+    full varlen attention, rotary by table, gated MLP) against transformers."""
+    model, tok, score = save_vl(tmp_path, True, width=128)
+    prompts = _prompts(seed=8)[:3]
+    got = LLM(str(tmp_path), dtype="float32", kernel_backend="triton").classify(
+        _dicts(prompts), use_activation=False, use_tqdm=False)
+    for i, (text, imgs) in enumerate(prompts):
+        torch.testing.assert_close(torch.tensor(got[i].outputs.probs), reference(model, tok, score, text, imgs),
+                                   atol=1e-4, rtol=1e-4, msg=lambda m: f"prompt {i}: {m}")
+
+
+@pytest.mark.parametrize("prompt, exc, match", [
+    # two images, one placeholder
+    (lambda im: {"prompt": f"x {IMG}", "multi_modal_data": {"image": [im, im]}}, ValueError,
+     r"prompts\[0\] has 1 image placeholder token\(s\) for 2 image\(s\)"),
+    # a placeholder in a text prompt without images
+    (lambda im: f"x {IMG}", ValueError, r"prompts\[0\] has an image placeholder token but no image"),
+    (lambda im: {"prompt": f"x {IMG}", "multi_modal_data": {"image": im.astype(np.float32)}}, TypeError,
+     r"prompts\[0\] image 0 is a torch.float32 array"),
+    (lambda im: {"prompt": f"x {IMG}", "multi_modal_data": {"image": im[:, :, :2]}}, ValueError,
+     r"image 0 has shape \(56, 84, 2\)"),
+    (lambda im: {"prompt": f"x {IMG}", "multi_modal_data": {"image": "cat.png"}}, TypeError,
+     r"must be a PIL image or a uint8 array, got str"),
+    (lambda im: {"prompt": f"x {IMG}", "multi_modal_data": {"image": []}}, ValueError, r"is an empty list"),
+    (lambda im: {"prompt": f"x {IMG}", "multi_modal_data": {"image": im}, "mm_processor_kwargs": {}},
+     ValueError, r"'mm_processor_kwargs': per-prompt processor settings are not supported"),
+    (lambda im: {"prompt": "x <|video_pad|>", "multi_modal_data": {"image": im}}, ValueError,
+     r"has a video placeholder; videos are not supported"),
+    (lambda im: {"prompt": f"x {IMG}", "multi_modal_data": {"image": im}, "token_type_ids": [0]}, ValueError,
+     r"token_type_ids do not go with images"),
+])
+def test_bad_image_inputs(vl, prompt, exc, match):
+    llm = LLM(vl[0], dtype="float32", kernel_backend="torch")
+    with pytest.raises(exc, match=match):
+        llm.classify([prompt(images(9)[0])], use_tqdm=False)
+
+
+def test_prompts_with_images_are_not_truncated(vl):
+    llm = LLM(vl[0], dtype="float32", kernel_backend="torch")
+    p = {"prompt": f"some words {IMG}", "multi_modal_data": {"image": images(10)[0]}}
+    assert llm.classify([p], truncate_prompt_tokens=-1, use_tqdm=False)  # fits: nothing to cut
+    with pytest.raises(ValueError, match=r"prompts\[0\] has images and \d+ tokens, more than the truncation "
+                                         r"limit 4; a prompt with images is not truncated"):
+        llm.classify([p, "fine"], truncate_prompt_tokens=4, use_tqdm=False)
+
+
+# ---------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("v25", [True, False], ids=["qwen2.5-vl", "qwen2-vl"])
+def test_bf16_on_gpu(v25, tmp_path):
+    """bf16 on the default kernels (head_dim 64 on both towers) against transformers in
+    fp32: DESIGN's bf16 bar (probabilities within 2e-2, the same argmax), then the
+    text-only prompts again through the CUDA graphs."""
+    model, tok, score = save_vl(tmp_path, v25, width=128, num_labels=3)
+    prompts = _prompts(seed=11) * 3
+    llm = LLM(str(tmp_path), dtype="bfloat16", device="cuda")
+    got = torch.tensor([o.outputs.probs for o in llm.classify(_dicts(prompts), use_tqdm=False)])
+    ref = torch.stack([reference(model, tok, score, t, im).softmax(-1) for t, im in prompts])
+    torch.testing.assert_close(got, ref, atol=2e-2, rtol=0)
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.99
+    text = [t for t, im in prompts if not im]
+    again = torch.tensor([o.outputs.probs for o in llm.classify(text, use_tqdm=False)])
+    torch.testing.assert_close(again, ref[[i for i, (_, im) in enumerate(prompts) if not im]], atol=2e-2, rtol=0)
