@@ -6,6 +6,10 @@ register budgets). tests/compile_kernels.py compiles each kernel in a fresh proc
 bf16 attention (the launcher's configs and every --attn-sweep candidate, BLOCK_N_FULL
 ones included), the memory-bound ops with a config sweep and each of their sweep
 candidates must fit in registers without spilling.
+
+PYENGINE_COMPILE_TRITON_PATH=DIR adds a second run with DIR first on the script's
+PYTHONPATH: a directory holding another triton package (say 3.6, the GPU image's), so
+the kernels are known to compile with that version too before a GPU session starts.
 """
 import importlib
 import json
@@ -21,10 +25,16 @@ pytest.importorskip("triton")
 SWEPT = ("gated_act", "qk_norm_rotary", "gather_pooled", "pooled_norm")
 
 
-def test_kernels_compile_for_sm90():
+_OTHER = os.environ.get("PYENGINE_COMPILE_TRITON_PATH")
+
+
+@pytest.mark.parametrize("triton_path", [None] + ([_OTHER] if _OTHER else []), ids=lambda p: p or "installed")
+def test_kernels_compile_for_sm90(triton_path):
     script = os.path.join(os.path.dirname(__file__), "compile_kernels.py")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    if triton_path:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (triton_path, env.get("PYTHONPATH")) if p)
     proc = subprocess.run([sys.executable, script, "90"], capture_output=True, text=True, env=env, timeout=600)
     if proc.returncode != 0 and ("ImportError" in proc.stderr or "ModuleNotFoundError" in proc.stderr):
         pytest.skip(f"this triton cannot compile for NVIDIA here: {proc.stderr.strip().splitlines()[-1]}")
