@@ -1,4 +1,4 @@
-"""Images for vision-language classifiers (Qwen2-VL, Qwen2.5-VL): preprocessing, the
+"""Images for vision-language classifiers (Qwen2-VL, Qwen2.5-VL, Qwen3-VL): preprocessing, the
 placeholder tokens, and the 3-D rotary positions of a prompt.
 
 A prompt with images is ``{"prompt": str | "prompt_token_ids": [...], "multi_modal_data":
@@ -240,13 +240,14 @@ def rope_positions(ids, grids, image_token_id, merge):
 
 class MMBatch:
     """A batch's images: pixel_values (N, P) and rope_positions (3, T) on the device,
-    grids [(t, h, w)] in token order; rotary (positions, table) is filled by the model."""
+    grids [(t, h, w)] in token order. The model fills rotary (positions, table), mask
+    (T,) bool (the image tokens) and deepstack (Qwen3-VL's per-layer image features)."""
 
-    __slots__ = ("pixel_values", "grids", "rope_positions", "rotary")
+    __slots__ = ("pixel_values", "grids", "rope_positions", "rotary", "mask", "deepstack")
 
     def __init__(self, pixel_values, grids, rope_positions):
         self.pixel_values, self.grids, self.rope_positions = pixel_values, grids, rope_positions
-        self.rotary = None
+        self.rotary = self.mask = self.deepstack = None
 
     @classmethod
     def build(cls, prompts, device):

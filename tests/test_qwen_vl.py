@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
-                          Qwen2VLForConditionalGeneration)
+                          Qwen2VLForConditionalGeneration, Qwen3VLConfig, Qwen3VLForConditionalGeneration)
 
 from pyengine import LLM
 from pyengine.multimodal import ImageProcessor, rope_positions
@@ -26,70 +26,98 @@ needs_pil = pytest.mark.skipif(PIL is None, reason="pillow is not installed")
 
 SPECIALS = ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"]
 IMG = "<|vision_start|><|image_pad|><|vision_end|>"
-# Small images: 4x6, 8x4 and 4x4 patches of 14 pixels (2x3, 4x2, 2x2 tokens).
-MIN_PIX, MAX_PIX = 56 * 56, 28 * 28 * 16
+# generation -> (config, transformers model, architecture prefix, patch size)
+GENS = {"2": (Qwen2VLConfig, Qwen2VLForConditionalGeneration, "Qwen2VL", 14),
+        "2.5": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, "Qwen2_5_VL", 14),
+        "3": (Qwen3VLConfig, Qwen3VLForConditionalGeneration, "Qwen3VL", 16)}
+MIN_PIX = 56 * 56
 
 
-def _config(v25, vocab, ids, width):
+def max_pix(patch):
+    return (2 * patch) ** 2 * 16
+
+
+def stats(gen):
+    """Qwen3-VL's processor normalises with 0.5/0.5; the others with CLIP's statistics."""
+    return ([0.5] * 3, [0.5] * 3) if gen == "3" else ([0.48145466, 0.4578275, 0.40821073],
+                                                      [0.26862954, 0.26130258, 0.27577711])
+
+
+def _config(gen, vocab, ids, width):
     """width 48: head_dim 12 (torch ops); width 128: head_dim 64 (the Triton kernels')."""
+    C, _, _, patch = GENS[gen]
     heads = 4 if width == 48 else 2
     half = width // heads // 2
-    vis = dict(depth=3, num_heads=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
-               # Qwen2.5-VL: windows of 2x2 tokens in blocks 0 and 2, block 1 attends to the whole image.
-               window_size=56, fullatt_block_indexes=[1])
-    if v25:
-        vis.update(hidden_size=width // 2 if width == 48 else width, intermediate_size=64, out_hidden_size=width)
+    vw = width // 2 if width == 48 else width
+    vis = dict(depth=3, num_heads=2, patch_size=patch, spatial_merge_size=2, temporal_patch_size=2)
+    if gen == "2":
+        vis.update(embed_dim=vw, mlp_ratio=2, hidden_size=width)
     else:
-        vis.update(embed_dim=width // 2 if width == 48 else width, mlp_ratio=2, hidden_size=width)
-    text = dict(vocab_size=vocab, hidden_size=width, intermediate_size=96, num_hidden_layers=2,
-                num_attention_heads=heads, num_key_value_heads=heads // 2, max_position_embeddings=512,
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                 "mrope_section": [half // 3, half // 3, half - 2 * (half // 3)]})
-    C = Qwen2_5_VLConfig if v25 else Qwen2VLConfig
+        vis.update(hidden_size=vw, intermediate_size=64, out_hidden_size=width)
+    if gen == "2.5":  # windows of 2x2 tokens in blocks 0 and 2, block 1 attends to the whole image
+        vis.update(window_size=56, fullatt_block_indexes=[1])
+    if gen == "3":  # a 3x3 learned position grid resampled to each image; deepstack after blocks 0 and 1
+        vis.update(num_position_embeddings=9, deepstack_visual_indexes=[0, 1])
+    text = dict(vocab_size=vocab, hidden_size=width, intermediate_size=96, num_hidden_layers=3,
+                num_attention_heads=heads, num_key_value_heads=heads // 2, head_dim=width // heads,
+                max_position_embeddings=512, rope_parameters={
+                    "rope_type": "default", "rope_theta": 10000.0,
+                    "mrope_section": [half - 2 * (half // 3), half // 3, half // 3]})
     return C(text_config=text, vision_config=vis, image_token_id=ids[1], video_token_id=ids[3],
              vision_start_token_id=ids[0], vision_end_token_id=ids[2])
 
 
-def save_vl(path, v25, width=48, num_labels=2, seed=0):
+def save_vl(path, gen, width=48, num_labels=2, seed=0):
     """A random VL model saved as *ForSequenceClassification (score.weight added) with a
     tokenizer and preprocessor config. Returns (transformers model, tokenizer, score)."""
     tok = write_bpe_tokenizer(path, "decoder")
     tok.add_special_tokens({"additional_special_tokens": SPECIALS})
     tok.save_pretrained(path)
-    cfg = _config(v25, len(tok), tok.convert_tokens_to_ids(SPECIALS), width)
+    cfg = _config(gen, len(tok), tok.convert_tokens_to_ids(SPECIALS), width)
     torch.manual_seed(seed)
-    M = Qwen2_5_VLForConditionalGeneration if v25 else Qwen2VLForConditionalGeneration
+    _, M, prefix, patch = GENS[gen]
     model = randomize(M(cfg), 0.3, seed).eval()
-    model.config.architectures = [f"{'Qwen2_5_VL' if v25 else 'Qwen2VL'}ForSequenceClassification"]
+    model.config.architectures = [f"{prefix}ForSequenceClassification"]
     model.config.num_labels = num_labels
+    model.gen = gen
     model.save_pretrained(path)
     weights = load_file(os.path.join(path, "model.safetensors"))
     score = torch.randn(num_labels, width, generator=torch.Generator().manual_seed(seed + 1))
     weights["score.weight"] = score
     save_file(weights, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    mean, std = stats(gen)
     with open(os.path.join(path, "preprocessor_config.json"), "w") as f:
-        json.dump({"min_pixels": MIN_PIX, "max_pixels": MAX_PIX, "patch_size": 14, "merge_size": 2,
-                   "temporal_patch_size": 2}, f)
+        json.dump({"min_pixels": MIN_PIX, "max_pixels": max_pix(patch), "patch_size": patch, "merge_size": 2,
+                   "temporal_patch_size": 2, "image_mean": mean, "image_std": std}, f)
     return model, tok, score
 
 
-def _hf_processor():
-    return Qwen2VLImageProcessorPil(min_pixels=MIN_PIX, max_pixels=MAX_PIX)
+def _hf_processor(gen="2"):
+    patch = GENS[gen][3]
+    mean, std = stats(gen)
+    return Qwen2VLImageProcessorPil(min_pixels=MIN_PIX, max_pixels=max_pix(patch), patch_size=patch,
+                                    image_mean=mean, image_std=std)
 
 
-def _pixels(imgs):
+def _ours(gen="2"):
+    patch = GENS[gen][3]
+    mean, std = stats(gen)
+    return ImageProcessor(0, patch_size=patch, min_pixels=MIN_PIX, max_pixels=max_pix(patch), mean=mean, std=std)
+
+
+def _pixels(imgs, gen):
     """(pixel_values, image_grid_thw) from transformers' processor, or ours without pillow."""
     if PIL is not None:
-        enc = _hf_processor()([PIL.fromarray(a) for a in imgs], return_tensors="pt")
+        enc = _hf_processor(gen)([PIL.fromarray(a) for a in imgs], return_tensors="pt")
         return enc["pixel_values"], enc["image_grid_thw"]
-    proc = ImageProcessor(0, min_pixels=MIN_PIX, max_pixels=MAX_PIX)
-    out = [proc(a, "img") for a in imgs]
+    out = [_ours(gen)(a, "img") for a in imgs]
     return torch.cat([p for p, _ in out]), torch.tensor([g for _, g in out])
 
 
-def images(seed, shapes=((56, 84), (112, 56), (56, 56))):
+def images(seed, patch=14):
+    """4x6, 8x4 and 4x4 patches (2x3, 4x2, 2x2 tokens): no resize."""
     g = np.random.default_rng(seed)
-    return [g.integers(0, 256, (*s, 3), dtype=np.uint8) for s in shapes]
+    return [g.integers(0, 256, (h * patch, w * patch, 3), dtype=np.uint8) for h, w in ((4, 6), (8, 4), (4, 4))]
 
 
 def reference(model, tok, score, text, imgs):
@@ -98,7 +126,7 @@ def reference(model, tok, score, text, imgs):
     ids = tok(text)["input_ids"]
     kw = {}
     if imgs:
-        pixels, grids = _pixels(imgs)
+        pixels, grids = _pixels(imgs, model.gen)
         it = iter(int(g.prod()) // 4 for g in grids)
         pad = model.config.image_token_id
         ids = [t for i in ids for t in ([i] * next(it) if i == pad else [i])]
@@ -111,14 +139,14 @@ def reference(model, tok, score, text, imgs):
     return h.float() @ score.t()
 
 
-@pytest.fixture(scope="module", params=[True, False], ids=["qwen2.5-vl", "qwen2-vl"])
+@pytest.fixture(scope="module", params=["2.5", "2", "3"], ids=["qwen2.5-vl", "qwen2-vl", "qwen3-vl"])
 def vl(request, tmp_path_factory):
     path = tmp_path_factory.mktemp("vl")
     return (str(path), *save_vl(path, request.param))
 
 
-def _prompts(seed):
-    a, b, c = images(seed)
+def _prompts(seed, gen):
+    a, b, c = images(seed, GENS[gen][3])
     return [(f"hello world {IMG} what is it", [a]),  # one image inside text
             ("plain text prompt", []),               # text only, in the same batch
             (f"a {IMG} b {IMG} c", [b, c]),          # two images: positions continue after each
@@ -131,7 +159,7 @@ def _dicts(prompts):
 
 def test_matches_transformers(vl):
     path, model, tok, score = vl
-    prompts = _prompts(seed=1)
+    prompts = _prompts(1, model.gen)
     got = LLM(path, dtype="float32", kernel_backend="torch").classify(_dicts(prompts), use_activation=False,
                                                                       use_tqdm=False)
     for i, (text, imgs) in enumerate(prompts):
@@ -145,7 +173,7 @@ def test_batch_invariance_and_probabilities(vl):
     images of other prompts in the vision tower's packed run, text-only neighbours)."""
     path = vl[0]
     llm = LLM(path, dtype="float32", kernel_backend="torch")
-    prompts = _dicts(_prompts(seed=2))
+    prompts = _dicts(_prompts(2, vl[1].gen))
     together = torch.tensor([o.outputs.probs for o in llm.classify(prompts, use_tqdm=False)])
     alone = torch.tensor([llm.classify([p], use_tqdm=False)[0].outputs.probs for p in prompts])
     torch.testing.assert_close(together, alone, atol=1e-5, rtol=0)
@@ -155,9 +183,9 @@ def test_batch_invariance_and_probabilities(vl):
 def test_token_prompts_expanded_or_not(vl):
     """Token prompts with one placeholder per image, or with every placeholder token
     already (as transformers' processor writes them), give the text prompt's result."""
-    path, _, tok = vl[:3]
+    path, model, tok = vl[:3]
     llm = LLM(path, dtype="float32", kernel_backend="torch")
-    text, imgs = _prompts(seed=3)[2]
+    text, imgs = _prompts(3, model.gen)[2]
     by_text = llm.classify([{"prompt": text, "multi_modal_data": {"image": imgs}}], use_tqdm=False)[0]
     ids = tok(text)["input_ids"]
     by_ids = llm.classify([{"prompt_token_ids": ids, "multi_modal_data": {"image": imgs}}], use_tqdm=False)[0]
@@ -171,17 +199,18 @@ def test_token_prompts_expanded_or_not(vl):
                                    atol=1e-6, rtol=0)
 
 
-def test_token_head_of_a_causal_checkpoint(tmp_path):
-    """Qwen2.5-VL saved as ForConditionalGeneration, converted with
-    classifier_from_token ["no", "yes"] (a VL reranker): sigmoid(W_yes - W_no) against the
-    softmax of transformers' two LM logits."""
-    model, tok, _ = save_vl(tmp_path, True)
-    model.config.architectures = ["Qwen2_5_VLForConditionalGeneration"]
+@pytest.mark.parametrize("gen", ["2.5", "3"])
+def test_token_head_of_a_causal_checkpoint(gen, tmp_path):
+    """A VL model saved as ForConditionalGeneration, converted with
+    classifier_from_token ["no", "yes"] (a VL reranker such as Qwen3-VL-Reranker):
+    sigmoid(W_yes - W_no) against the softmax of transformers' two LM logits."""
+    model, tok, _ = save_vl(tmp_path, gen)
+    model.config.architectures = [f"{GENS[gen][2]}ForConditionalGeneration"]
     model.save_pretrained(tmp_path)  # the LM head only, no score.weight
     llm = LLM(str(tmp_path), dtype="float32", kernel_backend="torch",
               hf_overrides={"classifier_from_token": ["no", "yes"], "method": "from_2_way_softmax"})
     no, yes = tok.convert_tokens_to_ids(["no", "yes"])
-    prompts = _prompts(seed=4)
+    prompts = _prompts(4, gen)
     got = llm.classify(_dicts(prompts), use_tqdm=False)
     lm = model.lm_head.weight.float()
     for i, (text, imgs) in enumerate(prompts):
@@ -191,10 +220,9 @@ def test_token_head_of_a_causal_checkpoint(tmp_path):
 
 
 def test_rope_positions_match_transformers(vl):
-    _, model, tok = vl[:3]
-    proc = ImageProcessor(model.config.image_token_id, min_pixels=MIN_PIX, max_pixels=MAX_PIX)
-    imgs = images(5)
-    grids = [proc(a, "img")[1] for a in imgs]
+    model = vl[1]
+    imgs = images(5, GENS[model.gen][3])
+    grids = [_ours(model.gen)(a, "img")[1] for a in imgs]
     pad = model.config.image_token_id
     ids = [7, 8] + [pad] * 6 + [9] + [pad] * 8 + [10, 11, 12] + [pad] * 4 + [13]
     ours = rope_positions(ids, grids, pad, 2)
@@ -218,7 +246,7 @@ def test_preprocessing_matches_the_pil_processor(shape):
     a = np.random.default_rng(6).integers(0, 256, shape, dtype=np.uint8)
     img = PIL.fromarray(a)
     ref = _hf_processor()(img, return_tensors="pt")
-    proc = ImageProcessor(5, min_pixels=MIN_PIX, max_pixels=MAX_PIX)
+    proc = _ours()
     patches, grid = proc(a, "img")
     assert grid == tuple(ref["image_grid_thw"][0].tolist())
     level = 1 / 255 / 0.26130258 + 1e-5  # one level over the smallest std
@@ -232,6 +260,8 @@ def test_preprocessing_matches_the_pil_processor(shape):
 def test_settings_from_a_saved_processor(vl, tmp_path):
     """preprocessor_config.json as transformers saves it (size: shortest/longest edge)."""
     model = vl[1]
+    if model.gen != "2.5":
+        pytest.skip("the same reader for every generation")
     Qwen2VLImageProcessorPil(min_pixels=28 * 28 * 5, max_pixels=28 * 28 * 7, image_mean=[0.5] * 3).save_pretrained(
         tmp_path)
     proc = ImageProcessor.from_checkpoint(tmp_path, model.config, model.config.vision_config)
@@ -248,7 +278,7 @@ def test_text_batches_replay_graphs_and_image_batches_run_eagerly(vl):
     """With the engine's graph runner in place (recorded captures on CPU): text-only
     batches go through it, batches with images run eagerly, all as the eager engine."""
     path = vl[0]
-    prompts = _dicts(_prompts(seed=7)) + ["more text here", "and some more", "short"]
+    prompts = _dicts(_prompts(7, vl[1].gen)) + ["more text here", "and some more", "short"]
     kw = dict(dtype="float32", kernel_backend="torch", max_num_seqs=2, max_num_batched_tokens=64)
     ref = [o.outputs.probs for o in LLM(path, **kw).classify(prompts, use_tqdm=False)]
     llm = LLM(path, **kw)
@@ -259,11 +289,13 @@ def test_text_batches_replay_graphs_and_image_batches_run_eagerly(vl):
     assert eng.graphs.graphs, "no text-only batch went through the runner"
 
 
-def test_triton_kernels_in_the_interpreter(tmp_path):
-    """Qwen2.5-VL with head_dim 64 on the Triton kernels (the vision tower's windowed and
-    full varlen attention, rotary by table, gated MLP) against transformers."""
-    model, tok, score = save_vl(tmp_path, True, width=128)
-    prompts = _prompts(seed=8)[:3]
+@pytest.mark.parametrize("gen", ["2.5", "3"])
+def test_triton_kernels_in_the_interpreter(gen, tmp_path):
+    """head_dim 64 on the Triton kernels (the vision tower's windowed and full varlen
+    attention, rotary by table, gated MLP; Qwen3-VL's q/k norm with rotary by table)
+    against transformers."""
+    model, tok, score = save_vl(tmp_path, gen, width=128)
+    prompts = _prompts(8, gen)[:3]
     got = LLM(str(tmp_path), dtype="float32", kernel_backend="triton").classify(
         _dicts(prompts), use_activation=False, use_tqdm=False)
     for i, (text, imgs) in enumerate(prompts):
@@ -292,6 +324,8 @@ def test_triton_kernels_in_the_interpreter(tmp_path):
      r"token_type_ids do not go with images"),
 ])
 def test_bad_image_inputs(vl, prompt, exc, match):
+    if vl[1].gen != "2.5":
+        pytest.skip("input checks are the same for every generation")
     llm = LLM(vl[0], dtype="float32", kernel_backend="torch")
     with pytest.raises(exc, match=match):
         llm.classify([prompt(images(9)[0])], use_tqdm=False)
@@ -299,7 +333,7 @@ def test_bad_image_inputs(vl, prompt, exc, match):
 
 def test_prompts_with_images_are_not_truncated(vl):
     llm = LLM(vl[0], dtype="float32", kernel_backend="torch")
-    p = {"prompt": f"some words {IMG}", "multi_modal_data": {"image": images(10)[0]}}
+    p = {"prompt": f"some words {IMG}", "multi_modal_data": {"image": images(10, GENS[vl[1].gen][3])[0]}}
     assert llm.classify([p], truncate_prompt_tokens=-1, use_tqdm=False)  # fits: nothing to cut
     with pytest.raises(ValueError, match=r"prompts\[0\] has images and \d+ tokens, more than the truncation "
                                          r"limit 4; a prompt with images is not truncated"):
@@ -308,13 +342,13 @@ def test_prompts_with_images_are_not_truncated(vl):
 
 # ---------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
-@pytest.mark.parametrize("v25", [True, False], ids=["qwen2.5-vl", "qwen2-vl"])
-def test_bf16_on_gpu(v25, tmp_path):
+@pytest.mark.parametrize("gen", ["2.5", "2", "3"])
+def test_bf16_on_gpu(gen, tmp_path):
     """bf16 on the default kernels (head_dim 64 on both towers) against transformers in
     fp32: DESIGN's bf16 bar (probabilities within 2e-2, the same argmax), then the
     text-only prompts again through the CUDA graphs."""
-    model, tok, score = save_vl(tmp_path, v25, width=128, num_labels=3)
-    prompts = _prompts(seed=11) * 3
+    model, tok, score = save_vl(tmp_path, gen, width=128, num_labels=3)
+    prompts = _prompts(11, gen) * 3
     llm = LLM(str(tmp_path), dtype="bfloat16", device="cuda")
     got = torch.tensor([o.outputs.probs for o in llm.classify(_dicts(prompts), use_tqdm=False)])
     ref = torch.stack([reference(model, tok, score, t, im).softmax(-1) for t, im in prompts])

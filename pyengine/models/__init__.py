@@ -28,7 +28,7 @@ for _a in _CONVERT_ONLY:
 _REGISTRY["JambaForSequenceClassification"] = "pyengine.models.jamba:JambaForSequenceClassification"
 # Vision-language: the Qwen2 decoder behind a vision tower; images through multi_modal_data.
 _VL = "pyengine.models.qwen_vl:QwenVLForSequenceClassification"
-for _a in ("Qwen2VL", "Qwen2_5_VL"):
+for _a in ("Qwen2VL", "Qwen2_5_VL", "Qwen3VL"):
     _REGISTRY[f"{_a}ForSequenceClassification"] = _VL
     _REGISTRY[f"{_a}ForConditionalGeneration"] = _VL
     _CONVERT_ONLY.add(f"{_a}ForConditionalGeneration")

@@ -67,6 +67,7 @@ FAMILIES = {
 FAMILIES["New"] = FAMILIES["GteNew"]
 # The language models of Qwen2-VL and Qwen2.5-VL (pyengine.models.qwen_vl adds the vision tower).
 FAMILIES["Qwen2VL"] = FAMILIES["Qwen2_5_VL"] = FAMILIES["Qwen2"]
+FAMILIES["Qwen3VL"] = FAMILIES["Qwen3"]
 _SUFFIXES = ("ForSequenceClassification", "ForConditionalGeneration", "ForCausalLM", "LMHeadModel", "Model")
 _GATED = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh",
           "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh"}
@@ -281,6 +282,10 @@ class DecoderForSequenceClassification(nn.Module):
                                              window=self.windows[i])
         return out.reshape(out.shape[0], nh * hd)
 
+    def _layer_out(self, i, m, batch):
+        """Layer i's MLP output m before it joins the residual stream (a hook)."""
+        return m
+
     def _rope(self, batch):
         """(positions (T,), table (P, R)) for the rotary ops: each token's row of the table."""
         return batch.positions, self.cos_sin
@@ -340,7 +345,7 @@ class DecoderForSequenceClassification(nn.Module):
             d = layer_deltas(lora, i)
             a, res = self._attend(i, layer, h, batch, d, rows, res)
             h, res = self._norm(linear(a, layer.o_w, layer.o_b, d.get("o_w")), res, layer.ln2_w, layer.ln2_b)
-            m = self._mlp(layer, h, d)
+            m = self._layer_out(i, self._mlp(layer, h, d), batch)
             if i < last:
                 nxt = self.layers[i + 1]
                 h, res = self._norm(m, res, nxt.ln1_w, nxt.ln1_b)
