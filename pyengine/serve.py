@@ -41,6 +41,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 from .async_engine import AsyncEngine
 from .config import EngineConfig
 from .engine import EngineCore
+from .inputs import parse_prompts
 from .lora import LoRARequest
 from .metrics import Metrics
 from .pooler import score_activation
@@ -186,7 +187,9 @@ class Server:
     def _prepare_single(self, req: ClassifyRequest, prompts):
         """Messages or parsed input -> (TokenizedPrompts, activation)."""
         if req.messages is not None:
-            prompts = [render_chat(self.core.tokenizer, req, self.chat_template)]
+            images = [] if self.core.inputs.images is not None else None
+            text = render_chat(self.core.tokenizer, req, self.chat_template, images)
+            prompts = parse_prompts({"prompt": text, "multi_modal_data": {"image": images}} if images else text)
             what, special = "messages", bool(req.add_special_tokens)
         else:
             what, special = "input", req.add_special_tokens is not False

@@ -167,9 +167,53 @@ def _message_text(content, where):
     raise ApiError(400, f"{where}.content must be a string or a list of text parts")
 
 
-def render_chat(tokenizer, req: ClassifyRequest, default_template: str | None = None) -> str:
+def decode_image(url, where):
+    """An ``image_url`` part's image: a base64 data URL, decoded with pillow."""
+    if not isinstance(url, str):
+        raise ApiError(400, f"{where}: image_url.url must be a string")
+    if not url.startswith("data:"):
+        raise ApiError(400, f"{where}: this server fetches no URLs or files; send the image as a data URL "
+                            "(data:image/png;base64,...)")
+    head, _, data = url.partition(",")
+    if not head.endswith(";base64") or not data:
+        raise ApiError(400, f"{where}: a data URL must be base64 (data:image/...;base64,...)")
+    try:
+        from PIL import Image
+    except ImportError:
+        raise ApiError(400, "images in messages need pillow on the server (pip install pillow)") from None
+    import io
+
+    try:
+        img = Image.open(io.BytesIO(base64.b64decode(data, validate=True)))
+        img.load()
+    except Exception as e:  # noqa: BLE001 - any undecodable payload is the caller's
+        raise ApiError(400, f"{where}: cannot decode the image: {type(e).__name__}: {e}") from None
+    return img
+
+
+def _message_parts(content, where, images):
+    """Content parts with images: text parts kept, each image_url part decoded into
+    ``images`` and replaced by {'type': 'image'} for the chat template to place."""
+    parts = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            parts.append({"type": "text", "text": part["text"]})
+        elif kind == "image_url":
+            url = part.get("image_url")
+            images.append(decode_image(url.get("url") if isinstance(url, dict) else url, f"{where}.content[{j}]"))
+            parts.append({"type": "image"})
+        else:
+            raise ApiError(400, f"{where}.content[{j}] must be a text part {{'type': 'text', 'text': str}} or an "
+                                "image part {'type': 'image_url', 'image_url': {'url': 'data:...'}}")
+    return parts
+
+
+def render_chat(tokenizer, req: ClassifyRequest, default_template: str | None = None, images=None) -> str:
     """The prompt text the chat template (the request's, else ``default_template``, the
-    server's, else the tokenizer's) makes of ``req.messages``."""
+    server's, else the tokenizer's) makes of ``req.messages``. images: None for a
+    text-only model; else a list that receives the decoded images of image_url parts, in
+    order (those messages reach the template as parts, images as {'type': 'image'})."""
     if tokenizer is None:
         raise ApiError(400, "chat messages need a tokenizer, and this model was loaded without one")
     if not req.messages:
@@ -178,7 +222,11 @@ def render_chat(tokenizer, req: ClassifyRequest, default_template: str | None = 
     for i, m in enumerate(req.messages):
         if not isinstance(m.get("role"), str):
             raise ApiError(400, f"messages[{i}] needs a string 'role'")
-        msgs.append({**m, "content": _message_text(m.get("content", ""), f"messages[{i}]")})
+        content, where = m.get("content", ""), f"messages[{i}]"
+        with_images = images is not None and isinstance(content, list) and any(
+            isinstance(p, dict) and p.get("type") == "image_url" for p in content)
+        content = _message_parts(content, where, images) if with_images else _message_text(content, where)
+        msgs.append({**m, "content": content})
     kwargs = dict(req.chat_template_kwargs or {})
     clash = sorted(set(kwargs) & _RESERVED)
     if clash:

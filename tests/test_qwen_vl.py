@@ -357,3 +357,72 @@ def test_bf16_on_gpu(gen, tmp_path):
     text = [t for t, im in prompts if not im]
     again = torch.tensor([o.outputs.probs for o in llm.classify(text, use_tqdm=False)])
     torch.testing.assert_close(again, ref[[i for i, (_, im) in enumerate(prompts) if not im]], atol=2e-2, rtol=0)
+
+
+# ---------------------------------------------------------------------------- server
+CHAT = ("{% for m in messages %}{{ m.role }}: {% if m.content is string %}{{ m.content }}{% else %}"
+        "{% for p in m.content %}{% if p.type == 'image' %}" + IMG + "{% else %}{{ p.text }}{% endif %}"
+        "{% endfor %}{% endif %} | {% endfor %}")
+
+
+@needs_pil
+def test_server_classify_messages_with_images(vl):
+    """/classify with chat messages holding image_url parts (base64 PNG data URLs): the
+    template places each image's placeholder; the result is LLM.classify's on the same
+    text and pixels. URLs to fetch, bad payloads and unknown parts are 400s."""
+    pytest.importorskip("fastapi")
+    import base64
+    import http.client
+    import io
+    from urllib.parse import urlsplit
+
+    from pyengine.config import EngineConfig
+    from pyengine.engine import EngineCore
+    from pyengine.serve import Server, serve_in_thread
+
+    path, model = vl[:2]
+    if model.gen != "2.5":
+        pytest.skip("the same server path for every generation")
+    a, b, _ = images(12)
+
+    def data_url(arr):
+        buf = io.BytesIO()
+        PIL.fromarray(arr).save(buf, format="PNG")
+        return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+    core = EngineCore(EngineConfig(model=path, dtype="float32", kernel_backend="torch"))
+    url, stop = serve_in_thread(Server(core, ["vl"], chat_template=CHAT).build_app())
+    host, port = urlsplit(url).hostname, urlsplit(url).port
+
+    def post(body):
+        conn = http.client.HTTPConnection(host, port, timeout=60)
+        try:
+            conn.request("POST", "/classify", body=json.dumps(body), headers={"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            return resp.status, json.loads(resp.read())
+        finally:
+            conn.close()
+
+    try:
+        msgs = [{"role": "user", "content": [{"type": "text", "text": "look "},
+                                             {"type": "image_url", "image_url": {"url": data_url(a)}},
+                                             {"type": "text", "text": " and "},
+                                             {"type": "image_url", "image_url": data_url(b)}]},
+                {"role": "assistant", "content": "fine"}]
+        status, body = post({"model": "vl", "messages": msgs})
+        assert status == 200, body
+        text = f"user: look {IMG} and {IMG} | assistant: fine | "
+        want = LLM(path, dtype="float32", kernel_backend="torch").classify(
+            [{"prompt": text, "multi_modal_data": {"image": [a, b]}}], use_tqdm=False)[0]
+        torch.testing.assert_close(torch.tensor(body["data"][0]["probs"]), torch.tensor(want.outputs.probs),
+                                   atol=1e-5, rtol=0)
+        assert body["usage"]["prompt_tokens"] == len(want.prompt_token_ids)
+        for part, match in (({"type": "image_url", "image_url": {"url": "https://x/cat.png"}}, "fetches no URLs"),
+                            ({"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+                             "cannot decode the image"),
+                            ({"type": "image_url", "image_url": {"url": "data:image/png,raw"}}, "must be base64"),
+                            ({"type": "audio_url"}, "must be a text part")):
+            status, body = post({"messages": [{"role": "user", "content": [part, msgs[0]["content"][1]]}]})
+            assert status == 400 and match in body["error"]["message"], (part, body)
+    finally:
+        stop()
