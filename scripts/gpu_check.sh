@@ -17,7 +17,8 @@
 #        benchmark's; default --repeats 10 --attn-sweep --op-sweep --graph: the op sweep
 #        compiles and times about 50 launch configs), PROFILE_S=0 (a positive budget runs
 #        the profile of one engine pass per preset, PROFILE_PRESETS), GPU_CHECK_STEPS (default
-#        build,tests,kernels,bench,profile: a subset splits the check over two calls),
+#        build,tests,kernels,bench,profile: a subset splits the check over two calls; "vision"
+#        adds the vision-language benchmark, VISION_S=240, VISION_ARGS),
 #        GPU_CHECK_ALLOW_CPU=1 (dry run of this script without a GPU).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -104,6 +105,15 @@ elif [ -f pyengine/bench/__main__.py ]; then
   step bench "${BENCH_S:-200}" "$PY" -m pyengine.bench ${BENCH_ARGS:---preset minilm-l6,bert-base,qwen3-0.6b --repeats 1 --single-sample 32 --providers hf,pyengine-cuda,pyengine-eager --no-progress --json $LOGS/bench.json}
 else
   skip bench "pyengine/bench/__main__.py not in this tree"
+fi
+
+# 4b. the vision-language benchmark, only when GPU_CHECK_STEPS names "vision" (the device
+#     time goes to the kernel targets first)
+if [[ ",${GPU_CHECK_STEPS:-}," == *",vision,"* ]]; then
+  # shellcheck disable=SC2086
+  step vision "${VISION_S:-240}" "$PY" -m pyengine.bench vision ${VISION_ARGS:---num-prompts 128 --repeats 2} --json "$LOGS/vision.json"
+else
+  skip vision "not in GPU_CHECK_STEPS"
 fi
 
 # 5. where an engine pass spends its time (host vs GPU, top kernels), when PROFILE_S > 0

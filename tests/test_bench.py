@@ -237,3 +237,20 @@ def test_end_to_end_on_a_gpu_in_bf16(tmp_path, capsys):
                 assert p["peak_mem_bytes"] > 0 and 0 < p["frac_peak"] < 1
                 if p["kind"] == "pyengine":  # DESIGN's bf16 bar; on 16 prompts one near-tie may flip
                     assert p["max_abs_dprob"] < 2e-2 and p["argmax_agree"] >= 0.9
+
+
+def test_vision_benchmark_on_the_tiny_preset(tmp_path, capsys):
+    """`python -m pyengine.bench vision`: pyengine against transformers' padded batches
+    and single prompts on prompts with one image each; the same probabilities."""
+    out = tmp_path / "vision.json"
+    assert bench_main.main(["vision", "--num-prompts", "6", "--single-sample", "2", "--cache-dir",
+                            str(tmp_path / "cache"), "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert [r["provider"] for r in report["rows"]] == ["pyengine", "hf-sorted-b16", "hf-single"]
+    assert [r["prompts"] for r in report["rows"]] == [6, 6, 2]
+    assert report["max_abs_diff_vs_hf"] < 1e-4
+    assert all(r["seq_per_s"] > 0 for r in report["rows"])
+    assert "pyengine" in capsys.readouterr().out.splitlines()[-3]
+    with pytest.raises(SystemExit):
+        bench_main.main(["vision", "--preset", "nope"])
+    assert "unknown preset 'nope'" in capsys.readouterr().err

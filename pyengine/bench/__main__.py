@@ -1,7 +1,8 @@
-"""`python -m pyengine.bench [model|kernels|serve] [options]`.
+"""`python -m pyengine.bench [model|kernels|serve|vision] [options]`.
 
 The default subcommand is the model benchmark (pyengine.bench.model). ``kernels``
-(op microbenchmarks) and ``serve`` (the HTTP server benchmark) are imported only
+(op microbenchmarks), ``serve`` (the HTTP server benchmark) and ``vision`` (a
+vision-language classifier on prompts with images) are imported only
 when asked for, so a build without them still runs the model benchmark.
 """
 from __future__ import annotations
@@ -10,7 +11,7 @@ import importlib
 import sys
 
 SUBCOMMANDS = {"model": "pyengine.bench.model", "kernels": "pyengine.bench.kernels",
-               "serve": "pyengine.bench.serve"}
+               "serve": "pyengine.bench.serve", "vision": "pyengine.bench.vision"}
 
 
 def main(argv=None) -> int:
