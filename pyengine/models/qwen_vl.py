@@ -242,7 +242,6 @@ class QwenVLForSequenceClassification(DecoderForSequenceClassification):
             if hasattr(config, a):
                 setattr(text, a, getattr(config, a))
         super().__init__(text, arch, dtype, device, ops, pooling)
-        self.outer_config = config
         vc = config.vision_config
         self.image_token_id = int(config.image_token_id)
         if self.image_token_id >= self.vocab_size:
