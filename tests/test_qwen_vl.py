@@ -372,13 +372,12 @@ def test_server_classify_messages_with_images(vl):
     text and pixels. URLs to fetch, bad payloads and unknown parts are 400s."""
     pytest.importorskip("fastapi")
     import base64
-    import http.client
     import io
-    from urllib.parse import urlsplit
 
     from pyengine.config import EngineConfig
     from pyengine.engine import EngineCore
     from pyengine.serve import Server, serve_in_thread
+    from test_serve import Client
 
     path, model = vl[:2]
     if model.gen != "2.5":
@@ -391,17 +390,12 @@ def test_server_classify_messages_with_images(vl):
         return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
     core = EngineCore(EngineConfig(model=path, dtype="float32", kernel_backend="torch"))
-    url, stop = serve_in_thread(Server(core, ["vl"], chat_template=CHAT).build_app())
-    host, port = urlsplit(url).hostname, urlsplit(url).port
+    server = Server(core, ["vl"], chat_template=CHAT)
+    url, stop = serve_in_thread(server.build_app())
+    client = Client(url, server)
 
     def post(body):
-        conn = http.client.HTTPConnection(host, port, timeout=60)
-        try:
-            conn.request("POST", "/classify", body=json.dumps(body), headers={"Content-Type": "application/json"})
-            resp = conn.getresponse()
-            return resp.status, json.loads(resp.read())
-        finally:
-            conn.close()
+        return client.post("/classify", body)
 
     try:
         msgs = [{"role": "user", "content": [{"type": "text", "text": "look "},

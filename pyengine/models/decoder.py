@@ -65,7 +65,7 @@ FAMILIES = {
                      o_bias=True, mlp_bias=False, head="pooler", pooling="cls"),
 }
 FAMILIES["New"] = FAMILIES["GteNew"]
-# The language models of Qwen2-VL and Qwen2.5-VL (pyengine.models.qwen_vl adds the vision tower).
+# The language models of Qwen2-VL, Qwen2.5-VL and Qwen3-VL (pyengine.models.qwen_vl adds the vision tower).
 FAMILIES["Qwen2VL"] = FAMILIES["Qwen2_5_VL"] = FAMILIES["Qwen2"]
 FAMILIES["Qwen3VL"] = FAMILIES["Qwen3"]
 _SUFFIXES = ("ForSequenceClassification", "ForConditionalGeneration", "ForCausalLM", "LMHeadModel", "Model")
