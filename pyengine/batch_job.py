@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--score-template", default=None, metavar="FILE",
                    help="render each pair with this Jinja score template (LLM-as-reranker models); needs --pair-column")
     p.add_argument("--token-ids-column", default=None, help="column of token-id lists, instead of texts")
+    p.add_argument("--image-column", default=None,
+                   help="column of image paths (relative to the input file's directory) for a vision-language "
+                        "model; each row's text holds the image's placeholder")
     p.add_argument("--output-prefix", default="", help="prefix of the output columns' names")
     p.add_argument("--shard-size", type=int, default=4096, help="rows per shard: the unit of work and of resuming")
     p.add_argument("--overwrite", action="store_true", help="discard a finished output or other job's shards")
@@ -90,6 +93,8 @@ def _check_args(a):
         raise ValueError("--output must not be the --input file")
     if a.score_template is not None and a.pair_column is None:
         raise ValueError("--score-template renders text pairs; it needs --pair-column")
+    if a.image_column is not None and (a.pair_column is not None or a.token_ids_column is not None):
+        raise ValueError("--image-column goes with --text-column alone")
     for flag in ("hf_overrides", "pooler_config"):
         if getattr(a, flag) is not None and not isinstance(getattr(a, flag), dict):
             raise ValueError(f"--{flag.replace('_', '-')} must be a JSON object")
@@ -111,7 +116,25 @@ def classifier_kwargs(a) -> dict:
         kw["score_template"] = read_template(a.score_template, "--score-template")
     if a.tokenizer is not None:
         kw["tokenizer"] = os.path.abspath(a.tokenizer)
+    if a.image_column is not None:
+        kw.update(image_column=a.image_column, image_root=os.path.dirname(os.path.abspath(a.input)))
     return kw
+
+
+def _columns(a) -> list[str]:
+    """The input columns the job reads."""
+    return [c for c in (a.text_column, a.pair_column, a.token_ids_column, a.image_column) if c is not None]
+
+
+def _check_images(plan, column, root):
+    """Every row's image file exists (a missing one fails the job before any work)."""
+    reader = ShardReader(plan)
+    for k in range(plan.num_shards):
+        start = plan.shard_rows(k)[0]
+        for i, p in enumerate(reader.prompts(k, [column])[column]):
+            path = p if os.path.isabs(p) else os.path.join(root, p)
+            if not os.path.isfile(path):
+                raise ValueError(f"{plan.path} row {start + i}, column {column!r}: image file {path!r} not found")
 
 
 def _identity(a, kw) -> dict:
@@ -189,7 +212,7 @@ class _PromptReader:
 def _run_local(a, plan, store, pending, kw, bar, on_shard_done):
     reader = ShardReader(plan)
     clf = PyEngineClassifier(**kw)
-    cols = [c for c in (a.text_column, a.pair_column, a.token_ids_column) if c is not None]
+    cols = _columns(a)
     with ThreadPoolExecutor(1, thread_name_prefix="pyengine-read") as pool:
         ahead = pool.submit(reader.rows, pending[0]) if pending else None
         for j, k in enumerate(pending):
@@ -221,7 +244,7 @@ def _run_ray(a, plan, store, pending, kw, bar, on_shard_done):
         ray.data.DataContext.get_current().enable_progress_bars = False  # ours counts rows
         # The reader runs on this node: the input need not be on a shared filesystem.
         here = {"ray.io/node-id": ray.get_runtime_context().get_node_id()}
-        cols = [c for c in (a.text_column, a.pair_column, a.token_ids_column) if c is not None]
+        cols = _columns(a)
         ds = ray.data.from_items([{"shard": k} for k in pending], override_num_blocks=len(pending))
         ds = ds.map_batches(_PromptReader, fn_constructor_kwargs={"plan": plan, "columns": cols}, batch_size=1,
                             compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0, label_selector=here)
@@ -260,9 +283,11 @@ def run(a, on_shard_done=None):
         raise ValueError(f"--pair-column needs a cross-encoder (num_labels == 1); {a.model} has "
                          f"num_labels={config.num_labels}")
     kind = "ids" if a.token_ids_column is not None else "text"
-    cols = [c for c in (a.text_column, a.pair_column, a.token_ids_column) if c is not None]
+    cols = _columns(a)
     outputs = [a.output_prefix + c for c in (("score",) if a.pair_column else ("probs", "label"))]
     plan = scan_input(a.input, a.shard_size, cols, kind, outputs)
+    if a.image_column is not None:
+        _check_images(plan, a.image_column, kw["image_root"])
     store = ShardStore(a.output, _identity(a, kw), plan.num_shards, overwrite=a.overwrite)
     try:
         done = store.done()

@@ -420,3 +420,51 @@ def test_server_classify_messages_with_images(vl):
             assert status == 400 and match in body["error"]["message"], (part, body)
     finally:
         stop()
+
+
+# ---------------------------------------------------------------------------- corpora
+@needs_pil
+def test_batch_job_with_an_image_column(vl, tmp_path, capsys):
+    """python -m pyengine.batch --image-column: paths relative to the input file, the
+    outputs of LLM.classify on the same texts and images; a missing file fails the job
+    before any work, and a text model refuses the column."""
+    from pyengine.batch_job import main
+
+    path, model = vl[:2]
+    if model.gen != "2":
+        pytest.skip("the same corpus path for every generation")
+    imgs = images(13, GENS[model.gen][3])
+    (tmp_path / "imgs").mkdir()
+    rows = []
+    for i, a in enumerate(imgs * 2):
+        PIL.fromarray(a).save(tmp_path / "imgs" / f"{i}.png")
+        rows.append({"text": f"row {i} {IMG} end", "image": f"imgs/{i}.png", "id": i})
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out.jsonl"
+    argv = ["--model", path, "--input", str(src), "--output", str(out), "--image-column", "image", "--dtype",
+            "float32", "--kernel-backend", "torch", "--shard-size", "4", "--no-progress"]
+    assert main(argv) == 0, capsys.readouterr().err
+    got = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [g["id"] for g in got] == list(range(len(rows)))
+    want = LLM(path, dtype="float32", kernel_backend="torch").classify(
+        [{"prompt": r["text"], "multi_modal_data": {"image": imgs[i % 3]}} for i, r in enumerate(rows)],
+        use_tqdm=False)
+    torch.testing.assert_close(torch.tensor([g["probs"] for g in got]), torch.tensor([w.outputs.probs for w in want]),
+                               atol=1e-5, rtol=0)
+    rows[4]["image"] = "imgs/missing.png"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(argv + ["--overwrite"]) == 2
+    assert "row 4, column 'image': image file" in capsys.readouterr().err
+    assert main(argv + ["--pair-column", "text"]) == 2
+    assert "--image-column goes with --text-column alone" in capsys.readouterr().err
+    from transformers import BertConfig
+
+    from pyengine.integrations.ray import PyEngineClassifier
+    from tiny import save_tiny
+
+    save_tiny(tmp_path / "bert", BertConfig(vocab_size=160, hidden_size=32, num_hidden_layers=1,
+                                            num_attention_heads=2, intermediate_size=64), tokenizer=None)
+    with pytest.raises(ValueError, match="image_column needs a vision-language model; "
+                                         "BertForSequenceClassification takes text only"):
+        PyEngineClassifier(str(tmp_path / "bert"), image_column="image")

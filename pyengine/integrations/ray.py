@@ -69,6 +69,22 @@ def _texts(values, name) -> list[str]:
     return out
 
 
+def _images(values, name, root) -> list:
+    """PIL images from a column of paths (relative ones under ``root``)."""
+    from PIL import Image
+
+    out = []
+    for i, p in enumerate(_texts(values, name)):
+        path = p if root is None or os.path.isabs(p) else os.path.join(root, p)
+        try:
+            img = Image.open(path)
+            img.load()
+        except (OSError, ValueError) as e:
+            raise ValueError(f"column {name!r}, row {i} of this batch: cannot read image {path!r}: {e}") from None
+        out.append(img)
+    return out
+
+
 def _token_ids(values, name) -> list[dict]:
     out = []
     for i, x in enumerate(values):
@@ -85,7 +101,10 @@ class PyEngineClassifier:
 
     Input, one of: ``text_column`` (default "text") of strings; ``text_column`` and
     ``pair_column`` of strings, scored as text pairs (needs a cross-encoder, num_labels 1);
-    or ``token_ids_column`` of non-empty int lists (prompts already tokenised).
+    or ``token_ids_column`` of non-empty int lists (prompts already tokenised). With a
+    vision-language model, ``image_column`` (with ``text_column``) holds one image path per
+    row (relative paths under ``image_root``); each row's text then carries its image's
+    placeholder, as in ``LLM.classify``.
     Output columns, each name prefixed by ``output_prefix``: ``probs`` (num_labels floats,
     raw logits with ``use_activation=False``) and ``label`` (id2label of the argmax); for
     pairs ``score``. Every input column is kept, rows in their order. A batch may be a dict
@@ -98,7 +117,7 @@ class PyEngineClassifier:
 
     def __init__(self, model, *, text_column=None, pair_column=None, token_ids_column=None, output_prefix="",
                  truncate_prompt_tokens=None, truncation_side=None, use_activation=None, lora_path=None,
-                 score_template=None, **engine_kwargs):
+                 score_template=None, image_column=None, image_root=None, **engine_kwargs):
         unknown = sorted(set(engine_kwargs) - ENGINE_KWARGS)
         if unknown:
             raise TypeError(f"PyEngineClassifier got unknown keyword(s) {unknown}; "
@@ -113,6 +132,17 @@ class PyEngineClassifier:
                 raise TypeError(f"{what} must be a str, got {type(v).__name__}")
         if pair_column is not None and pair_column == text_column:
             raise ValueError(f"text_column and pair_column are both {pair_column!r}")
+        if image_column is not None:
+            if not isinstance(image_column, str):
+                raise TypeError(f"image_column must be a str, got {type(image_column).__name__}")
+            if pair_column is not None or token_ids_column is not None:
+                raise ValueError("image_column goes with text_column alone (no pair_column or token_ids_column)")
+            if image_column == text_column:
+                raise ValueError(f"text_column and image_column are both {image_column!r}")
+            try:
+                import PIL.Image  # noqa: F401
+            except ImportError:
+                raise ValueError("image_column needs pillow to read the images: pip install pillow") from None
         if use_activation is not None and not isinstance(use_activation, bool):
             raise TypeError(f"use_activation must be a bool or None, got {use_activation!r}")
         if lora_path is not None:
@@ -123,6 +153,9 @@ class PyEngineClassifier:
         engine.inputs._limit(truncate_prompt_tokens, truncation_side)
         lora = None if lora_path is None else LoRARequest("adapter", 1, os.fspath(lora_path))
         engine.lora_adapters(lora, 1)
+        if image_column is not None and engine.inputs.images is None:
+            raise ValueError(f"image_column needs a vision-language model; {engine.arch} takes text only")
+        self.image_column, self.image_root = image_column, None if image_root is None else os.fspath(image_root)
         if pair_column is not None and engine.num_labels != 1:
             raise ValueError(f"pair_column needs a cross-encoder (num_labels == 1); this model has "
                              f"num_labels={engine.num_labels}")
@@ -147,6 +180,9 @@ class PyEngineClassifier:
             prompts = _token_ids(_column(batch, kind, self.token_ids_column), self.token_ids_column)
         else:
             prompts = _texts(_column(batch, kind, self.text_column), self.text_column)
+        if self.image_column is not None:
+            images = _images(_column(batch, kind, self.image_column), self.image_column, self.image_root)
+            prompts = [{"prompt": t, "multi_modal_data": {"image": im}} for t, im in zip(prompts, images)]
         if self.pair_column is not None:
             pairs = _texts(_column(batch, kind, self.pair_column), self.pair_column)
             scores = [o.outputs.score for o in self.llm.score(prompts, pairs, score_template=self.score_template,
