@@ -260,4 +260,13 @@ class MMBatch:
                 pix.append(p.mm.pixel_values)
                 grids += p.mm.grids
                 pos.append(p.mm.rope_positions)
-        return cls(torch.cat(pix).to(device), grids, torch.cat(pos, dim=1).to(device))
+        return cls(_to(torch.cat(pix), device), grids, _to(torch.cat(pos, dim=1), device))
+
+
+def _to(t, device):
+    """A host tensor on ``device``. To a GPU from pinned memory without waiting: a copy
+    from pageable memory would hold the host until the batch in flight is done."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
