@@ -56,18 +56,32 @@ class InputPlan:
         return k * self.shard_size, min((k + 1) * self.shard_size, self.num_rows)
 
 
-def scan_input(path, shard_size, prompt_columns, kind, output_columns) -> InputPlan:
+def scan_input(path, shard_size, prompt_columns, kind, output_columns, file_column=None,
+               file_root=None) -> InputPlan:
     """Check every row's prompt columns (so a bad row fails the job before any shard is
-    scored) and index the shards. ``kind``: 'text' or 'ids'."""
+    scored) and index the shards. ``kind``: 'text' or 'ids'. file_column: one of the
+    prompt columns whose values are paths (relative ones under ``file_root``) of files
+    that must exist, such as images."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"input file {path!r} does not exist")
     fmt = file_format(path, "input")
-    if fmt == "jsonl":
-        return _scan_jsonl(path, shard_size, prompt_columns, kind, output_columns)
-    return _scan_parquet(path, shard_size, prompt_columns, kind, output_columns)
+    scan = _scan_jsonl if fmt == "jsonl" else _scan_parquet
+    return scan(path, shard_size, prompt_columns, kind, output_columns, _FileCheck(file_column, file_root))
 
 
-def _scan_jsonl(path, shard_size, prompt_columns, kind, output_columns):
+class _FileCheck:
+    """Raises for a row whose file column names no file."""
+
+    def __init__(self, column, root):
+        self.column, self.root = column, root
+
+    def __call__(self, where, value):
+        full = value if self.root is None or os.path.isabs(value) else os.path.join(self.root, value)
+        if not os.path.isfile(full):
+            raise ValueError(f"{where}, column {self.column!r}: file {full!r} not found")
+
+
+def _scan_jsonl(path, shard_size, prompt_columns, kind, output_columns, files):
     offsets, row, pos = [], 0, 0
     with open(path, "rb") as f:
         for lineno, line in enumerate(f, 1):
@@ -87,6 +101,8 @@ def _scan_jsonl(path, shard_size, prompt_columns, kind, output_columns):
                 why = _bad_value(obj[c], kind)
                 if why:
                     raise ValueError(f"{where}, field {c!r}: {why}, got {obj[c]!r:.60}")
+                if c == files.column:
+                    files(where, obj[c])
             taken = [c for c in output_columns if c in obj]
             if taken:
                 raise ValueError(f"{where} already has field(s) {taken}; pass --output-prefix to name the outputs")
@@ -98,7 +114,7 @@ def _scan_jsonl(path, shard_size, prompt_columns, kind, output_columns):
     return InputPlan(path, "jsonl", row, shard_size, offsets=offsets)
 
 
-def _scan_parquet(path, shard_size, prompt_columns, kind, output_columns):
+def _scan_parquet(path, shard_size, prompt_columns, kind, output_columns, files):
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -138,6 +154,9 @@ def _scan_parquet(path, shard_size, prompt_columns, kind, output_columns):
                 i = int(hits[0])
                 why = _bad_value(col[i].as_py(), kind) or "null"
                 raise ValueError(f"{path} row {base + i}, column {c!r}: {why}, got {col[i].as_py()!r:.60}")
+            if c == files.column:
+                for i, v in enumerate(col.to_pylist()):
+                    files(f"{path} row {base + i}", v)
         base += batch.num_rows
     md = pf.metadata
     if md.num_rows == 0:

@@ -126,17 +126,6 @@ def _columns(a) -> list[str]:
     return [c for c in (a.text_column, a.pair_column, a.token_ids_column, a.image_column) if c is not None]
 
 
-def _check_images(plan, column, root):
-    """Every row's image file exists (a missing one fails the job before any work)."""
-    reader = ShardReader(plan)
-    for k in range(plan.num_shards):
-        start = plan.shard_rows(k)[0]
-        for i, p in enumerate(reader.prompts(k, [column])[column]):
-            path = p if os.path.isabs(p) else os.path.join(root, p)
-            if not os.path.isfile(path):
-                raise ValueError(f"{plan.path} row {start + i}, column {column!r}: image file {path!r} not found")
-
-
 def _identity(a, kw) -> dict:
     """What makes two runs the same job: their shards may be mixed."""
     st = os.stat(a.input)
@@ -285,9 +274,7 @@ def run(a, on_shard_done=None):
     kind = "ids" if a.token_ids_column is not None else "text"
     cols = _columns(a)
     outputs = [a.output_prefix + c for c in (("score",) if a.pair_column else ("probs", "label"))]
-    plan = scan_input(a.input, a.shard_size, cols, kind, outputs)
-    if a.image_column is not None:
-        _check_images(plan, a.image_column, kw["image_root"])
+    plan = scan_input(a.input, a.shard_size, cols, kind, outputs, a.image_column, kw.get("image_root"))
     store = ShardStore(a.output, _identity(a, kw), plan.num_shards, overwrite=a.overwrite)
     try:
         done = store.done()

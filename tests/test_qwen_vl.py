@@ -455,7 +455,15 @@ def test_batch_job_with_an_image_column(vl, tmp_path, capsys):
     rows[4]["image"] = "imgs/missing.png"
     src.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert main(argv + ["--overwrite"]) == 2
-    assert "row 4, column 'image': image file" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "(row 4), column 'image': file" in err and "imgs/missing.png' not found" in err, err
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "in.parquet")  # the same check on Parquet
+    assert main(argv + ["--input", str(tmp_path / "in.parquet"), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert "in.parquet row 4, column 'image': file" in err and "imgs/missing.png' not found" in err, err
     assert main(argv + ["--pair-column", "text"]) == 2
     assert "--image-column goes with --text-column alone" in capsys.readouterr().err
     from transformers import BertConfig
