@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-lora-rank", type=int, default=16)
     g.add_argument("--hf-overrides", type=json.loads, default=None, help="JSON object")
     g.add_argument("--pooler-config", type=json.loads, default=None, help="JSON object")
+    g.add_argument("--mm-processor-kwargs", type=json.loads, default=None,
+                   help="JSON object: image preprocessing of a vision-language model (min_pixels, max_pixels)")
     g.add_argument("--truncate-prompt-tokens", type=int, default=None, help="-1: the model's maximum")
     g.add_argument("--truncation-side", choices=("left", "right"), default=None)
     g.add_argument("--no-activation", action="store_true", help="write raw logits as probs")
@@ -95,7 +97,7 @@ def _check_args(a):
         raise ValueError("--score-template renders text pairs; it needs --pair-column")
     if a.image_column is not None and (a.pair_column is not None or a.token_ids_column is not None):
         raise ValueError("--image-column goes with --text-column alone")
-    for flag in ("hf_overrides", "pooler_config"):
+    for flag in ("hf_overrides", "pooler_config", "mm_processor_kwargs"):
         if getattr(a, flag) is not None and not isinstance(getattr(a, flag), dict):
             raise ValueError(f"--{flag.replace('_', '-')} must be a JSON object")
 
@@ -118,6 +120,8 @@ def classifier_kwargs(a) -> dict:
         kw["tokenizer"] = os.path.abspath(a.tokenizer)
     if a.image_column is not None:
         kw.update(image_column=a.image_column, image_root=os.path.dirname(os.path.abspath(a.input)))
+    if a.mm_processor_kwargs is not None:
+        kw["mm_processor_kwargs"] = a.mm_processor_kwargs
     return kw
 
 

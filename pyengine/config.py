@@ -71,7 +71,9 @@ class EngineConfig:
     graphs (see :mod:`pyengine.cuda_graph`); as vLLM's flag of that name.
     ``runner``: "auto" or "pooling" (vLLM's flag; this engine has no other runner).
     ``enable_lora``: accept requests with a LoRA adapter (:mod:`pyengine.lora`), at most
-    ``max_loras`` kept loaded at once, each of rank at most ``max_lora_rank``."""
+    ``max_loras`` kept loaded at once, each of rank at most ``max_lora_rank``.
+    ``mm_processor_kwargs``: image preprocessing settings of a vision-language model in
+    place of its preprocessor_config.json's (``min_pixels``, ``max_pixels``)."""
     model: Any
     tokenizer: Any = None
     dtype: str | torch.dtype = "auto"
@@ -88,6 +90,7 @@ class EngineConfig:
     enable_lora: bool = False
     max_loras: int = 1
     max_lora_rank: int = 16
+    mm_processor_kwargs: dict | None = None
     torch_dtype: torch.dtype = field(init=False)
     torch_device: torch.device = field(init=False)
 
@@ -100,6 +103,8 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be a positive int or None, got {self.max_model_len!r}")
         if self.hf_overrides is not None and not isinstance(self.hf_overrides, dict):
             raise TypeError(f"hf_overrides must be a dict, got {type(self.hf_overrides).__name__}")
+        if self.mm_processor_kwargs is not None and not isinstance(self.mm_processor_kwargs, dict):
+            raise TypeError(f"mm_processor_kwargs must be a dict, got {type(self.mm_processor_kwargs).__name__}")
         if self.pooler_config is None:
             self.pooler_config = PoolerConfig()
         elif isinstance(self.pooler_config, dict):

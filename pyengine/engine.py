@@ -7,6 +7,7 @@ the same core from a worker thread (:mod:`pyengine.async_engine`).
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import time
@@ -163,10 +164,19 @@ class EngineCore:
         images = None
         if getattr(self.model, "vision", None) is not None:
             src = cfg.model if isinstance(cfg.model, (str, os.PathLike)) else None
-            images = ImageProcessor.from_checkpoint(src, self.hf_config, self.hf_config.vision_config)
+            images = ImageProcessor.from_checkpoint(src, self.hf_config, self.hf_config.vision_config,
+                                                    cfg.mm_processor_kwargs)
+        elif cfg.mm_processor_kwargs:
+            raise ValueError(f"mm_processor_kwargs was given, but {self.arch} takes no images")
         self.inputs = InputProcessor(self.tokenizer, self.max_model_len, self.model.vocab_size,
-                                     int(getattr(self.model, "type_vocab", 0) or 0), images)
-        self.pooler = Pooler(self.ops, cfg.pooler_config)
+                                     int(getattr(self.model, "type_vocab", 0) or 0), images,
+                                     getattr(self.model, "score_template", None),
+                                     getattr(self.model, "score_suffix", ()))
+        pooler_config = cfg.pooler_config
+        if pooler_config.logit_bias is None and getattr(self.model, "logit_bias", None) is not None:
+            # A checkpoint whose scores are calibrated by a bias of its own (as vLLM sets it).
+            pooler_config = dataclasses.replace(pooler_config, logit_bias=self.model.logit_bias)
+        self.pooler = Pooler(self.ops, pooler_config)
         self.classify_act = classify_activation(self.hf_config)
         self.waiting = WaitingQueue()  # not yet launched: request id -> Request, arrival order
         self.running: dict[str, Request] = {}  # launched and not yet finished

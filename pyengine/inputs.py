@@ -5,9 +5,11 @@ the whole call with a message naming the prompt, and nothing is half-done.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from .multimodal import MMData, expand, image_list, rope_positions
+from .score_items import ScoreImage, pair_items, render_with_images
 from .templates import load_score_template, render_pairs
 
 
@@ -110,29 +112,28 @@ def parse_prompts(prompts, what="prompts"):
     return out
 
 
-def _as_text(x, what):
-    if isinstance(x, dict) and "prompt" in x:
-        x = x["prompt"]
-    if not isinstance(x, str):
-        raise TypeError(f"{what} must be a str, got {type(x).__name__}")
-    return x
-
-
 class InputProcessor:
     """Turns prompts into token ids under the model's length limit."""
 
-    def __init__(self, tokenizer, max_model_len: int, vocab_size: int, type_vocab_size: int = 0, images=None):
+    def __init__(self, tokenizer, max_model_len: int, vocab_size: int, type_vocab_size: int = 0, images=None,
+                 score_template=None, score_suffix=()):
         """type_vocab_size: the model's token types (0: it has none, and types are dropped);
-        images: a multimodal.ImageProcessor for a vision-language model, else None."""
+        images: a multimodal.ImageProcessor for a vision-language model, else None;
+        score_template: the model's own score template (Jinja source), used where a score
+        call names none; score_suffix: token ids the model's score prompts end with."""
         self.tokenizer = tokenizer
         self.images = images
+        self.score_template = score_template
+        self.score_suffix = list(score_suffix)
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size
         self.type_vocab_size = type_vocab_size
         self.keep_token_types = type_vocab_size > 0
 
     # ------------------------------------------------------------------ limits
-    def _limit(self, truncate_prompt_tokens, truncation_side):
+    def _limit(self, truncate_prompt_tokens, truncation_side, reserve=0):
+        """(tokens the prompt itself may keep, side); reserve: tokens appended after
+        truncation (a score suffix), which count towards the limit."""
         k = truncate_prompt_tokens
         if truncation_side not in (None, "left", "right"):
             raise ValueError(f"truncation_side must be 'left', 'right' or None, got {truncation_side!r}")
@@ -144,7 +145,10 @@ class InputProcessor:
             k = self.max_model_len
         if k > self.max_model_len:
             raise ValueError(f"truncate_prompt_tokens={k} is greater than max_model_len={self.max_model_len}")
-        return k, truncation_side or "left"
+        if k <= reserve:
+            raise ValueError(f"truncate_prompt_tokens={k} leaves no room: this model's score prompts end with "
+                             f"{reserve} token(s) of their own")
+        return k - reserve, truncation_side or "left"
 
     def _check(self, prompts, what):
         for i, p in enumerate(prompts):
@@ -197,30 +201,33 @@ class InputProcessor:
 
     # ------------------------------------------------------------------ public
     def process(self, prompts, truncate_prompt_tokens=None, truncation_side=None, what="prompts",
-                add_special_tokens=True, progress=None):
-        """prompts: the output of :func:`parse_prompts`; truncate_prompt_tokens: one value
-        for every prompt, or a list of one per prompt. Returns list[TokenizedPrompt].
+                add_special_tokens=True, progress=None, suffix=()):
+        """prompts: the output of :func:`parse_prompts`, or (str, str) text pairs (as the
+        tokenizer encodes a pair); truncate_prompt_tokens: one value for every prompt, or
+        a list of one per prompt. Returns list[TokenizedPrompt].
         add_special_tokens=False is for text a chat template has already framed;
-        progress: as in :meth:`_tokenize`."""
+        progress: as in :meth:`_tokenize`; suffix: token ids appended to every prompt
+        after truncation (a truncated prompt keeps room for them)."""
+        suffix = list(suffix)
         if isinstance(truncate_prompt_tokens, list):
             if len(truncate_prompt_tokens) != len(prompts):
                 raise ValueError(f"{len(truncate_prompt_tokens)} truncation settings for {len(prompts)} {what}")
-            limits = [self._limit(k, truncation_side) for k in truncate_prompt_tokens]
+            limits = [self._limit(k, truncation_side, len(suffix)) for k in truncate_prompt_tokens]
         else:
-            limits = [self._limit(truncate_prompt_tokens, truncation_side)] * len(prompts)
+            limits = [self._limit(truncate_prompt_tokens, truncation_side, len(suffix))] * len(prompts)
         for i, p in enumerate(prompts):
             if len(p) == 0:
                 raise ValueError(f"{what}[{i}] is empty")
         out: list[TokenizedPrompt | None] = [None] * len(prompts)
-        texts_by_limit = {}  # one tokenizer call per distinct (k, side)
+        texts_by_limit = {}  # one tokenizer call per distinct (k, side, pair or not)
         with_images = [i for i, p in enumerate(prompts) if isinstance(p, ImagePrompt)]
         if with_images:
-            self._with_images(prompts, with_images, limits, out, what, add_special_tokens)
+            self._with_images(prompts, with_images, limits, out, what, add_special_tokens, suffix)
         for i, p in enumerate(prompts):
             if isinstance(p, ImagePrompt):
                 continue
-            if isinstance(p, str):
-                texts_by_limit.setdefault(limits[i], []).append(i)
+            if isinstance(p, (str, tuple)):
+                texts_by_limit.setdefault((*limits[i], isinstance(p, tuple)), []).append(i)
                 continue
             # p is parse_prompts' own copy: kept as is, or sliced (a new list).
             ids, types = (p.token_ids, p.token_type_ids) if isinstance(p, TokenizedPrompt) else (p, None)
@@ -229,13 +236,20 @@ class InputProcessor:
                 cut = slice(None, k) if side == "right" else slice(-k, None)
                 ids, types = ids[cut], (None if types is None else types[cut])
             out[i] = TokenizedPrompt(ids, types if self.keep_token_types else None)
-        for (k, side), idx in texts_by_limit.items():
-            texts = [prompts[i] for i in idx]
-            for i, tp in zip(idx, self._tokenize(texts, None, k, side, add_special_tokens, progress)):
+        for (k, side, pairs), idx in texts_by_limit.items():
+            firsts = [prompts[i][0] if pairs else prompts[i] for i in idx]
+            seconds = [prompts[i][1] for i in idx] if pairs else None
+            for i, tp in zip(idx, self._tokenize(firsts, seconds, k, side, add_special_tokens, progress)):
                 out[i] = tp
+        if suffix:
+            for tp in out:
+                if tp.mm is None:  # an image prompt took its suffix before its positions were laid out
+                    tp.token_ids = tp.token_ids + suffix
+                    if tp.token_type_ids is not None:
+                        tp.token_type_ids = tp.token_type_ids + [tp.token_type_ids[-1]] * len(suffix)
         return self._check(out, what)
 
-    def _with_images(self, prompts, idx, limits, out, what, add_special_tokens):
+    def _with_images(self, prompts, idx, limits, out, what, add_special_tokens, suffix=()):
         """Fill out[i] for the prompts with images: placeholders expanded, images read
         into patches, rotary positions laid out. Such a prompt is never truncated (a cut
         could split an image's tokens), so one over the limit is an error."""
@@ -249,46 +263,50 @@ class InputProcessor:
         proc = self.images
         for i in idx:
             where = f"{what}[{i}]"
-            tokens, pixels, grids = expand(ids[i], prompts[i].images, proc, where)
+            tokens, pixels, grids = expand(list(ids[i]) + list(suffix), prompts[i].images, proc, where)
             k = limits[i][0]
-            if k is not None and len(tokens) > k:
+            if k is not None and len(tokens) > k + len(suffix):
                 raise ValueError(f"{where} has images and {len(tokens)} tokens, more than the truncation limit "
-                                 f"{k}; a prompt with images is not truncated (use smaller images or a shorter "
-                                 "text)")
+                                 f"{k + len(suffix)}; a prompt with images is not truncated (use smaller images or "
+                                 "a shorter text)")
             pos = rope_positions(tokens, grids, proc.image_token_id, proc.merge)
             out[i] = TokenizedPrompt(tokens, None, MMData(pixels, grids, pos))
 
+    @functools.cached_property
+    def image_placeholder(self) -> str:
+        """The text that stands for one image (Qwen-VL: <|vision_start|><|image_pad|><|vision_end|>)."""
+        if self.tokenizer is None:
+            raise ValueError("scoring images needs the model's tokenizer")
+        ids = self.images.placeholder_ids
+        text = "".join(self.tokenizer.convert_ids_to_tokens(ids))
+        if self.tokenizer(text, add_special_tokens=False)["input_ids"] != ids:
+            raise ValueError(f"the tokenizer does not encode the image placeholder {text!r} as the token ids {ids}")
+        return text
+
     def process_pairs(self, data_1, data_2, truncate_prompt_tokens=None, truncation_side=None, template=None,
                       progress=None):
-        """Cross-encoder pairs: 1:1, 1:N (one query, N documents) or N:N. Returns
-        list[TokenizedPrompt], one per pair. Without ``template`` each pair is tokenised as
-        the tokenizer does a text pair, keeping token_type_ids; with it (a score template,
-        see :mod:`pyengine.templates`) each pair is rendered into one text and tokenised as
-        a prompt."""
-        d1, d2 = pair_lists(data_1, data_2)
+        """Cross-encoder pairs: 1:1, 1:N (one query, N documents) or N:N, of texts and
+        (vision-language models) images, see :mod:`pyengine.score_items`. Returns
+        list[TokenizedPrompt], one per pair. Without a template (``template``, else the
+        model's own) each text pair is tokenised as the tokenizer does a text pair,
+        keeping token_type_ids, and a pair with an image as query then document back to
+        back; with one (see :mod:`pyengine.templates`) each pair is rendered into one text
+        and tokenised as a prompt. The model's score suffix ends every prompt."""
+        d1, d2 = pair_items(data_1, data_2)
+        template = self.score_template if template is None else template
+        images = [i for i, (q, d) in enumerate(zip(d1, d2)) if isinstance(q, ScoreImage) or isinstance(d, ScoreImage)]
+        if images and self.images is None:
+            i = images[0]
+            img = d1[i] if isinstance(d1[i], ScoreImage) else d2[i]
+            raise ValueError(f"pair {i} has an image ({img.where}), but this model takes text only")
         if template is not None:
-            texts = render_pairs(load_score_template(template), d1, d2)
-            return self.process(texts, truncate_prompt_tokens, truncation_side, what="pairs", progress=progress)
-        k, side = self._limit(truncate_prompt_tokens, truncation_side)
-        return self._check(self._tokenize(d1, d2, k, side, progress=progress), "pairs")
-
-
-def pair_lists(data_1, data_2):
-    """score()'s inputs as two equal-length lists of non-empty texts (1:1, 1:N or N:N)."""
-    d1 = [data_1] if isinstance(data_1, (str, dict)) else data_1
-    d2 = [data_2] if isinstance(data_2, (str, dict)) else data_2
-    if not isinstance(d1, (list, tuple)) or not isinstance(d2, (list, tuple)):
-        raise TypeError("score() takes a str or a list of str for data_1 and data_2")
-    if not d1 or not d2:
-        raise ValueError("score() got an empty list")
-    d1 = [_as_text(x, f"data_1[{i}]") for i, x in enumerate(d1)]
-    d2 = [_as_text(x, f"data_2[{i}]") for i, x in enumerate(d2)]
-    if len(d1) == 1 and len(d2) > 1:
-        d1 = d1 * len(d2)
-    if len(d1) != len(d2):
-        raise ValueError(f"score() pairs must be 1:1, 1:N or N:N; got {len(d1)} queries and {len(d2)} documents")
-    for name, d in (("data_1", d1), ("data_2", d2)):
-        for i, x in enumerate(d):
-            if not x:
-                raise ValueError(f"{name}[{i}] is empty")
-    return d1, d2
+            rendered = render_with_images(load_score_template(template), render_pairs, d1, d2,
+                                          self.image_placeholder if images else None)
+        else:
+            rendered = [((q, d), []) for q, d in zip(d1, d2)]
+            for i in images:
+                rendered[i] = render_with_images(None, lambda _, qs, ds: [qs[0] + ds[0]], d1[i:i + 1], d2[i:i + 1],
+                                                 self.image_placeholder)[0]
+        prompts = [ImagePrompt(p, [x.load() for x in imgs]) if imgs else p for p, imgs in rendered]
+        return self.process(prompts, truncate_prompt_tokens, truncation_side, what="pairs", progress=progress,
+                            suffix=self.score_suffix)

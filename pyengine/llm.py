@@ -16,9 +16,10 @@ from tqdm.auto import tqdm
 from .async_engine import AsyncEngine
 from .config import EngineConfig, PoolerConfig, PoolingParams
 from .engine import EngineCore, Request
-from .inputs import pair_lists, parse_prompts
+from .inputs import parse_prompts
 from .outputs import ClassificationRequestOutput, PoolingOutput, PoolingRequestOutput, ScoringRequestOutput
 from .pooler import score_activation
+from .score_items import pair_items
 
 
 class _Frontend:
@@ -28,13 +29,15 @@ class _Frontend:
     def __init__(self, model, tokenizer=None, dtype="auto", device="auto", max_model_len=None,
                  max_num_batched_tokens=16384, max_num_seqs=256, hf_overrides=None,
                  pooler_config: PoolerConfig | dict | None = None, kernel_backend="auto", convert="auto",
-                 runner="auto", enforce_eager=False, enable_lora=False, max_loras=1, max_lora_rank=16):
+                 runner="auto", enforce_eager=False, enable_lora=False, max_loras=1, max_lora_rank=16,
+                 mm_processor_kwargs=None):
         self.config = EngineConfig(model=model, tokenizer=tokenizer, dtype=dtype, device=device,
                                    max_model_len=max_model_len, max_num_batched_tokens=max_num_batched_tokens,
                                    max_num_seqs=max_num_seqs, hf_overrides=hf_overrides,
                                    pooler_config=pooler_config, kernel_backend=kernel_backend, convert=convert,
                                    runner=runner, enforce_eager=enforce_eager, enable_lora=enable_lora,
-                                   max_loras=max_loras, max_lora_rank=max_lora_rank)
+                                   max_loras=max_loras, max_lora_rank=max_lora_rank,
+                                   mm_processor_kwargs=mm_processor_kwargs)
         self.engine = EngineCore(self.config)
 
     def get_tokenizer(self):
@@ -105,7 +108,7 @@ class _Frontend:
                              f"this one has num_labels={self.engine.num_labels}")
         if pooling_params is not None and not isinstance(pooling_params, PoolingParams):
             raise TypeError(f"score() takes one PoolingParams for every pair, got {type(pooling_params).__name__}")
-        d1, d2 = pair_lists(data_1, data_2)
+        d1, d2 = pair_items(data_1, data_2)
         trunc, acts = self._params(pooling_params, len(d1), truncate_prompt_tokens, use_activation,
                                    score_activation(self.engine.hf_config), "score")
         with self._tokenizing(len(d1), use_tqdm) as bar:
@@ -119,7 +122,8 @@ class LLM(_Frontend):
     LLM(model, tokenizer=None, dtype="auto", device="auto", max_model_len=None,
     max_num_batched_tokens=16384, max_num_seqs=256, hf_overrides=None, pooler_config=None,
     kernel_backend="auto", convert="auto", runner="auto", enforce_eager=False,
-    enable_lora=False, max_loras=1, max_lora_rank=16): see :class:`EngineConfig`."""
+    enable_lora=False, max_loras=1, max_lora_rank=16, mm_processor_kwargs=None): see
+    :class:`EngineConfig`."""
 
     def _run(self, prompts, activations, loras, use_tqdm, desc) -> list[PoolingRequestOutput]:
         eng = self.engine
@@ -169,15 +173,21 @@ class LLM(_Frontend):
     def score(self, data_1, data_2, *, truncate_prompt_tokens=None, truncation_side=None, use_activation=None,
               use_tqdm=True, score_template=None, lora_request=None, pooling_params=None, chat_template=None
               ) -> list[ScoringRequestOutput]:
-        """Cross-encoder relevance of text pairs (1:1, 1:N or N:N): ``.outputs.score``.
+        """Cross-encoder relevance of pairs (1:1, 1:N or N:N): ``.outputs.score``.
         pooling_params: one :class:`PoolingParams` for every pair, instead of the
         truncation and activation keywords.
 
-        Without ``score_template`` a pair is tokenised as the tokenizer does a text pair,
+        Each side is texts or, on a vision-language reranker, images too, as vLLM takes
+        them: content parts such as ``{"type": "image_url", "image_url": {"url":
+        "data:image/png;base64,..."}}`` or ``{"type": "image_pil", "image_pil": img}``, alone,
+        in a list, or as ``{"content": [part, ...]}`` (see :mod:`pyengine.score_items`).
+
+        Without a score template a pair is tokenised as the tokenizer does a text pair,
         whatever its pair template is (Qwen's tokenizer, for one, puts the two texts'
-        tokens back to back with nothing between). With it (Jinja source or a file path, see
-        :mod:`pyengine.templates`; ``chat_template``, vLLM's name for it, is the same) each
-        pair is rendered into one prompt and tokenised as a single text."""
+        tokens back to back with nothing between). With one (``score_template``: Jinja
+        source or a file path, see :mod:`pyengine.templates`; ``chat_template``, vLLM's
+        name for it, is the same; else the model's own, as jina-reranker-m0's) each pair is
+        rendered into one prompt and tokenised as a single text."""
         inputs = self._score_inputs(data_1, data_2, truncate_prompt_tokens, truncation_side, use_activation,
                                     score_template, lora_request, pooling_params, chat_template, use_tqdm)
         return [ScoringRequestOutput.from_pooling(o) for o in self._run(*inputs, use_tqdm, "Scoring")]

@@ -16,6 +16,9 @@ one level of 255), rescale, normalise, and patches of
 """
 from __future__ import annotations
 
+import base64
+import binascii
+import io
 import json
 import math
 import os
@@ -79,7 +82,8 @@ class ImageProcessor:
 
     def __init__(self, image_token_id, patch_size=14, temporal_patch_size=2, merge_size=2,
                  min_pixels=56 * 56, max_pixels=28 * 28 * 1280, mean=_MEAN, std=_STD, rescale=1 / 255,
-                 do_resize=True, do_rescale=True, do_normalize=True, video_token_id=None):
+                 do_resize=True, do_rescale=True, do_normalize=True, video_token_id=None,
+                 vision_start_token_id=None, vision_end_token_id=None):
         if min_pixels > max_pixels:
             raise ValueError(f"min_pixels={min_pixels} is greater than max_pixels={max_pixels}")
         self.image_token_id, self.video_token_id = int(image_token_id), video_token_id
@@ -89,11 +93,26 @@ class ImageProcessor:
         self.std = torch.tensor(std, dtype=torch.float32)[:, None, None]
         self.rescale = float(rescale)
         self.do_resize, self.do_rescale, self.do_normalize = do_resize, do_rescale, do_normalize
+        # What stands for one image in a text: <|vision_start|><|image_pad|><|vision_end|>.
+        self.placeholder_ids = [int(t) for t in (vision_start_token_id, image_token_id, vision_end_token_id)
+                                if t is not None]
+
+    # Settings a user may set for the whole engine (vLLM's LLM(mm_processor_kwargs=...)),
+    # e.g. the pixel bounds a checkpoint's own scoring code uses in place of its saved ones.
+    OVERRIDES = ("min_pixels", "max_pixels")
 
     @classmethod
-    def from_checkpoint(cls, path, config, vision_config):
+    def from_checkpoint(cls, path, config, vision_config, overrides=None):
         """Settings from ``path/preprocessor_config.json`` where there is one (else the
-        Qwen2-VL defaults); the patch geometry must agree with the vision config."""
+        Qwen2-VL defaults), then ``overrides`` (a dict of :attr:`OVERRIDES`); the patch
+        geometry must agree with the vision config."""
+        overrides = dict(overrides or {})
+        bad = sorted(str(k) for k in overrides if k not in cls.OVERRIDES)
+        if bad:
+            raise ValueError(f"mm_processor_kwargs: {bad} cannot be set; supported: {list(cls.OVERRIDES)}")
+        for k, v in overrides.items():
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"mm_processor_kwargs: {k} must be a positive int, got {v!r}")
         pre = {}
         f = os.path.join(os.fspath(path), "preprocessor_config.json") if path is not None else None
         if f is not None and os.path.isfile(f):
@@ -106,12 +125,15 @@ class ImageProcessor:
             if k in pre and int(pre[k]) != int(v):
                 raise ValueError(f"preprocessor_config.json has {k}={pre[k]} but the vision tower's is {v}")
         return cls(config.image_token_id, **geom,
-                   min_pixels=pre.get("min_pixels", size.get("shortest_edge", 56 * 56)),
-                   max_pixels=pre.get("max_pixels", size.get("longest_edge", 28 * 28 * 1280)),
+                   min_pixels=overrides.get("min_pixels", pre.get("min_pixels", size.get("shortest_edge", 56 * 56))),
+                   max_pixels=overrides.get("max_pixels",
+                                            pre.get("max_pixels", size.get("longest_edge", 28 * 28 * 1280))),
                    mean=pre.get("image_mean", _MEAN), std=pre.get("image_std", _STD),
                    rescale=pre.get("rescale_factor", 1 / 255), do_resize=pre.get("do_resize", True),
                    do_rescale=pre.get("do_rescale", True), do_normalize=pre.get("do_normalize", True),
-                   video_token_id=getattr(config, "video_token_id", None))
+                   video_token_id=getattr(config, "video_token_id", None),
+                   vision_start_token_id=getattr(config, "vision_start_token_id", None),
+                   vision_end_token_id=getattr(config, "vision_end_token_id", None))
 
     def __call__(self, img, where):
         """One image -> (patches (t*h*w, C*tp*p*p) fp32, (t, h, w) grid of patches)."""
@@ -170,6 +192,33 @@ def image_list(data, where):
     if not imgs:
         raise ValueError(f"{where}['image'] is an empty list")
     return imgs
+
+
+def image_from_data_url(url, where):
+    """A base64 data URL (``data:image/png;base64,...``) decoded into a PIL image. Other
+    URLs are refused: nothing here fetches from the network or reads files."""
+    if not isinstance(url, str):
+        raise TypeError(f"{where}: an image URL must be a string, got {type(url).__name__}")
+    if not url.startswith("data:"):
+        raise ValueError(f"{where}: images are not fetched from URLs or files; send the image as a data URL "
+                         "(data:image/png;base64,...)")
+    head, _, data = url.partition(",")
+    if not head.endswith(";base64") or not data:
+        raise ValueError(f"{where}: a data URL must be base64 (data:image/...;base64,...)")
+    try:
+        from PIL import Image
+    except ImportError:
+        raise ValueError("decoding images needs pillow (pip install pillow)") from None
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise ValueError(f"{where}: the data URL is not valid base64: {e}") from None
+    try:
+        img = Image.open(io.BytesIO(raw))
+        img.load()
+    except Exception as e:  # noqa: BLE001 - any undecodable payload is the caller's
+        raise ValueError(f"{where}: cannot decode the image: {type(e).__name__}: {e}") from None
+    return img
 
 
 def expand(ids, images, proc, where):

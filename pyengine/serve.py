@@ -45,6 +45,7 @@ from .inputs import parse_prompts
 from .lora import LoRARequest
 from .metrics import Metrics
 from .pooler import score_activation
+from .score_items import count, score_items
 from .serve_protocol import (ApiError, ClassifyRequest, LoadLoRARequest, PoolingRequest, RerankRequest, ScoreRequest,
                              UnloadLoRARequest, encode_floats, error_body, parse_input, render_chat, validate)
 from .templates import load_score_template, read_template
@@ -236,8 +237,7 @@ class Server:
         req = await self._read(request, ScoreRequest)
         self._need_cross_encoder()
         first, second, _ = req.pair()
-        n = max(1 if isinstance(x, str) else len(x) for x in (first, second))
-        self._check_count(n, "pairs")
+        self._check_count(max(count(first), count(second)), "pairs")
         _, out = await self._run(request, stats, req, self._prepare_pairs, first, second)
         data = [{"index": i, "object": "score", "score": float(row[0])} for i, row in enumerate(out)]
         return {**self._head("score", req), "data": data, "usage": self._usage(stats)}
@@ -245,13 +245,17 @@ class Server:
     async def rerank(self, request, stats):
         req = await self._read(request, RerankRequest)
         self._need_cross_encoder()
-        self._check_count(len(req.documents), "documents")
-        _, out = await self._run(request, stats, req, self._prepare_pairs, req.query, req.documents)
+        self._check_count(count(req.documents), "documents")
+        if count(req.query) != 1:
+            raise ApiError(400, f"rerank takes one query; 'query' holds {count(req.query)} items")
+        docs = score_items(req.documents, "documents")  # images are decoded on the tokenizer thread
+        _, out = await self._run(request, stats, req, self._prepare_pairs, req.query, docs)
         scores = [float(row[0]) for row in out]
         order = sorted(range(len(scores)), key=lambda i: -scores[i])  # stable: ties keep input order
         if req.top_n:
             order = order[:req.top_n]
-        results = [{"index": i, "document": {"text": req.documents[i]}, "relevance_score": scores[i]} for i in order]
+        results = [{"index": i, "document": {"text": docs[i]} if isinstance(docs[i], str) else
+                    {"multi_modal": docs[i].part}, "relevance_score": scores[i]} for i in order]
         return {"id": f"rerank-{req.request_id or uuid.uuid4().hex}", "model": self._model_name(req),
                 "usage": {"prompt_tokens": stats["tokens"], "total_tokens": stats["tokens"]}, "results": results}
 
@@ -395,6 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--hf-overrides", type=json.loads, default=None, help="JSON object")
     p.add_argument("--pooler-config", type=json.loads, default=None, help="JSON object")
+    p.add_argument("--mm-processor-kwargs", type=json.loads, default=None,
+                   help="JSON object: image preprocessing of a vision-language model (min_pixels, max_pixels)")
     p.add_argument("--served-model-name", nargs="+", default=None,
                    help="names clients may use in 'model' (default: --model); the first is reported")
     p.add_argument("--enable-lora", action="store_true", help="accept LoRA adapters (--lora-modules)")
@@ -437,7 +443,8 @@ def main(argv=None):
         max_model_len=args.max_model_len, max_num_batched_tokens=args.max_num_batched_tokens,
         max_num_seqs=args.max_num_seqs, hf_overrides=args.hf_overrides, pooler_config=args.pooler_config,
         kernel_backend=args.kernel_backend, convert=args.convert, runner=args.runner, enforce_eager=args.enforce_eager,
-        enable_lora=args.enable_lora, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank))
+        enable_lora=args.enable_lora, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
+        mm_processor_kwargs=args.mm_processor_kwargs))
     server = Server(core, args.served_model_name or [args.model], args.max_inputs_per_request,
                     args.max_request_bytes, lora_modules, args.allow_runtime_lora_updating, args.chat_template)
     uvicorn.run(server.build_app(), host=args.host, port=args.port, log_level=args.log_level.lower())

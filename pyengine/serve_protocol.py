@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from transformers import PreTrainedTokenizerBase
 
 from .inputs import all_ints
+from .multimodal import image_from_data_url
 
 
 class ApiError(Exception):
@@ -90,14 +91,19 @@ class PoolingRequest(ClassifyRequest):
 SCORE_FIELDS = (("text_1", "text_2"), ("data_1", "data_2"), ("queries", "documents"), ("queries", "items"))
 
 
+# One side of a score pair: texts, content parts (images), or {"content": [parts]}
+# (pyengine.score_items checks the parts).
+ScoreSide = str | dict[str, Any] | list[str | dict[str, Any]]
+
+
 class ScoreRequest(_Common):
-    text_1: str | list[str] | None = None
-    text_2: str | list[str] | None = None
-    data_1: str | list[str] | None = None
-    data_2: str | list[str] | None = None
-    queries: str | list[str] | None = None
-    documents: str | list[str] | None = None
-    items: str | list[str] | None = None
+    text_1: ScoreSide | None = None
+    text_2: ScoreSide | None = None
+    data_1: ScoreSide | None = None
+    data_2: ScoreSide | None = None
+    queries: ScoreSide | None = None
+    documents: ScoreSide | None = None
+    items: ScoreSide | None = None
 
     def pair(self):
         """(first, second, their field names) from whichever naming the client used."""
@@ -110,8 +116,8 @@ class ScoreRequest(_Common):
 
 
 class RerankRequest(_Common):
-    query: str
-    documents: list[str]
+    query: str | dict[str, Any]
+    documents: list[str | dict[str, Any]] | dict[str, Any]
     top_n: int = Field(0, ge=0)  # 0: every document
 
 
@@ -168,27 +174,12 @@ def _message_text(content, where):
 
 
 def decode_image(url, where):
-    """An ``image_url`` part's image: a base64 data URL, decoded with pillow."""
-    if not isinstance(url, str):
-        raise ApiError(400, f"{where}: image_url.url must be a string")
-    if not url.startswith("data:"):
-        raise ApiError(400, f"{where}: this server fetches no URLs or files; send the image as a data URL "
-                            "(data:image/png;base64,...)")
-    head, _, data = url.partition(",")
-    if not head.endswith(";base64") or not data:
-        raise ApiError(400, f"{where}: a data URL must be base64 (data:image/...;base64,...)")
+    """An ``image_url`` part's image: a base64 data URL, decoded with pillow (the server
+    fetches nothing)."""
     try:
-        from PIL import Image
-    except ImportError:
-        raise ApiError(400, "images in messages need pillow on the server (pip install pillow)") from None
-    import io
-
-    try:
-        img = Image.open(io.BytesIO(base64.b64decode(data, validate=True)))
-        img.load()
-    except Exception as e:  # noqa: BLE001 - any undecodable payload is the caller's
-        raise ApiError(400, f"{where}: cannot decode the image: {type(e).__name__}: {e}") from None
-    return img
+        return image_from_data_url(url, where)
+    except (TypeError, ValueError) as e:
+        raise ApiError(400, str(e)) from None
 
 
 def _message_parts(content, where, images):

@@ -123,7 +123,12 @@ def images(seed, patch=14):
 def reference(model, tok, score, text, imgs):
     """Last-token logits (fp32 head) from transformers, with the prompt's placeholders
     expanded and its pixels made by transformers' own processor."""
-    ids = tok(text)["input_ids"]
+    return last_hidden(model, tok(text)["input_ids"], imgs).float() @ score.t()
+
+
+def last_hidden(model, ids, imgs):
+    """transformers' final hidden state (after the norm) of the last of ``ids`` (one
+    placeholder per image), with the images' pixels from transformers' processor."""
     kw = {}
     if imgs:
         pixels, grids = _pixels(imgs, model.gen)
@@ -135,8 +140,7 @@ def reference(model, tok, score, text, imgs):
     if imgs:
         kw["mm_token_type_ids"] = (ids == model.config.image_token_id).int()
     with torch.no_grad():
-        h = model.model(input_ids=ids, **kw).last_hidden_state[0, -1]
-    return h.float() @ score.t()
+        return model.model(input_ids=ids, **kw).last_hidden_state[0, -1]
 
 
 @pytest.fixture(scope="module", params=["2.5", "2", "3"], ids=["qwen2.5-vl", "qwen2-vl", "qwen3-vl"])
@@ -411,7 +415,7 @@ def test_server_classify_messages_with_images(vl):
         torch.testing.assert_close(torch.tensor(body["data"][0]["probs"]), torch.tensor(want.outputs.probs),
                                    atol=1e-5, rtol=0)
         assert body["usage"]["prompt_tokens"] == len(want.prompt_token_ids)
-        for part, match in (({"type": "image_url", "image_url": {"url": "https://x/cat.png"}}, "fetches no URLs"),
+        for part, match in (({"type": "image_url", "image_url": {"url": "https://x/cat.png"}}, "not fetched from URLs"),
                             ({"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
                              "cannot decode the image"),
                             ({"type": "image_url", "image_url": {"url": "data:image/png,raw"}}, "must be base64"),

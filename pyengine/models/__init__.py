@@ -32,6 +32,10 @@ for _a in ("Qwen2VL", "Qwen2_5_VL", "Qwen3VL"):
     _REGISTRY[f"{_a}ForSequenceClassification"] = _VL
     _REGISTRY[f"{_a}ForConditionalGeneration"] = _VL
     _CONVERT_ONLY.add(f"{_a}ForConditionalGeneration")
+# jina-reranker-m0's own name, and vLLM's for it.
+_REGISTRY["JinaVLForRanking"] = _REGISTRY["JinaVLForSequenceClassification"] = "pyengine.models.qwen_vl:JinaVLForRanking"
+# Architectures whose head has a fixed width whatever config.json says (as vLLM fixes them).
+_NUM_LABELS = {"JinaVLForRanking": 1, "JinaVLForSequenceClassification": 1}
 
 
 def supported_architectures():
@@ -61,6 +65,8 @@ def resolve_architecture(config, convert="auto"):
                          "its last token")
     if check_token_head(config) and _REGISTRY[arch] not in (_DECODER, _VL):
         raise ValueError(f"classifier_from_token is only supported for decoder models, not {arch}")
+    if arch in _NUM_LABELS:
+        config.num_labels = _NUM_LABELS[arch]
     return arch
 
 

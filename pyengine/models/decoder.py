@@ -66,9 +66,10 @@ FAMILIES = {
 }
 FAMILIES["New"] = FAMILIES["GteNew"]
 # The language models of Qwen2-VL, Qwen2.5-VL and Qwen3-VL (pyengine.models.qwen_vl adds the vision tower).
-FAMILIES["Qwen2VL"] = FAMILIES["Qwen2_5_VL"] = FAMILIES["Qwen2"]
+FAMILIES["Qwen2VL"] = FAMILIES["Qwen2_5_VL"] = FAMILIES["JinaVL"] = FAMILIES["Qwen2"]
 FAMILIES["Qwen3VL"] = FAMILIES["Qwen3"]
-_SUFFIXES = ("ForSequenceClassification", "ForConditionalGeneration", "ForCausalLM", "LMHeadModel", "Model")
+_SUFFIXES = ("ForSequenceClassification", "ForConditionalGeneration", "ForRanking", "ForCausalLM", "LMHeadModel",
+             "Model")
 _GATED = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh",
           "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh"}
 _CONFIG_POOLING = {"avg": "mean", "mean": "mean", "cls": "cls", "last": "last"}

@@ -11,8 +11,9 @@ tokens have one position on all three axes, so a batch without images is the pla
 Qwen2 decoder (CUDA graphs included); a batch with images runs eagerly.
 
 Checkpoints: ``*ForConditionalGeneration`` converted to a last-token classifier (a
-``score.weight`` or ``classifier_from_token``), and ``*ForSequenceClassification``
-(the same weights with ``score.weight``). Videos are not supported.
+``score.weight`` or ``classifier_from_token``), ``*ForSequenceClassification`` (the same
+weights with ``score.weight``), and jina-reranker-m0 (``JinaVLForRanking``, below).
+Videos are not supported.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from torch import nn
 from .decoder import DecoderForSequenceClassification, _p
 
 # Architecture prefix -> vision tower generation.
-_GENERATIONS = (("Qwen2_5_VL", "2.5"), ("Qwen2VL", "2"), ("Qwen3VL", "3"))
+_GENERATIONS = (("Qwen2_5_VL", "2.5"), ("Qwen2VL", "2"), ("Qwen3VL", "3"), ("JinaVL", "2"))
 # Attributes of the outer config that the decoder reads (the head, its labels).
 _OUTER = ("num_labels", "id2label", "label2id", "problem_type", "classifier_from_token", "classifier_token_ids",
           "method", "tie_word_embeddings", "pad_token_id")
@@ -321,3 +322,38 @@ class QwenVLForSequenceClassification(DecoderForSequenceClassification):
             else:
                 out.append(n)
         return out
+
+
+class JinaVLForRanking(QwenVLForSequenceClassification):
+    """jina-reranker-m0 (``JinaVLForRanking``; vLLM's ``JinaVLForSequenceClassification``):
+    Qwen2-VL with a two-layer head on the last token, relu(h W1^T + b1) W2^T + b2, in
+    fp32, one label. Its score prompts render "**Document**:\n{document}\n**Query**:\n
+    {query}" and end with token 100, and its scores are sigmoid(logit - 2.65), as the
+    checkpoint's own scoring code computes them (a pooler_config logit_bias overrides
+    the 2.65)."""
+
+    score_template = "**Document**:\n{{ document }}\n**Query**:\n{{ query }}"
+    score_suffix = (100,)
+    logit_bias = 2.65
+    head_params = ("dense_w", "dense_b", "score_w", "score_b")
+    # Checkpoint names of the head: the remote code's nn.Sequential, and vLLM's names.
+    _HEAD = {"score.0.weight": "dense_w", "score.0.bias": "dense_b", "score.2.weight": "score_w",
+             "score.2.bias": "score_b", "score.dense.weight": "dense_w", "score.dense.bias": "dense_b",
+             "score.out_proj.weight": "score_w", "score.out_proj.bias": "score_b"}
+
+    def __init__(self, config, arch, dtype, device, ops, pooling=None):
+        if getattr(config, "classifier_from_token", None) is not None:
+            raise ValueError(f"{arch} has a head of its own; classifier_from_token does not apply")
+        super().__init__(config, arch, dtype, device, ops, pooling)
+        f32 = dict(dtype=torch.float32, device=device)
+        self.dense_w, self.dense_b = _p(self.H, self.H, **f32), _p(self.H, **f32)
+        self.score_b = _p(self.num_labels, **f32)
+
+    def _head(self, pooled, p):
+        h = torch.relu(F.linear(pooled, p.get("dense_w", self.dense_w), p.get("dense_b", self.dense_b)))
+        return F.linear(h, p.get("score_w", self.score_w), p.get("score_b", self.score_b))
+
+    def param_targets(self, name):
+        if name in self._HEAD:
+            return [(self._HEAD[name], None, None)]
+        return super().param_targets(name)

@@ -1,0 +1,138 @@
+"""score()'s inputs as vLLM's score API takes them: texts and single images, and the
+rendering of (query, document) pairs that hold images into one prompt each.
+
+An item is a str, ``{"prompt": str}``, or one content part: ``{"type": "text", "text":
+str}``, ``{"type": "image_url", "image_url": {"url": "data:image/...;base64,..."}}``
+(the url may also stand alone), or ``{"type": "image_pil", "image_pil": PIL image}``.
+data_1 / data_2 may each be one item, a list of items, or vLLM's ScoreMultiModalParam
+``{"content": [part, ...]}``, in which every part is one item. Images stay undecoded
+until the pairs are tokenised, on the tokenizer's thread in the server.
+
+A pair with an image is rendered by a score template (the model's own, or the caller's;
+without one, query then document back to back) in which each image is the model's
+placeholder text; the images go with the prompt in the order the template placed them
+(jina-reranker-m0's template puts the document before the query).
+"""
+from __future__ import annotations
+
+import itertools
+
+from .multimodal import image_from_data_url
+
+_FORMS = ("a str, {'prompt': str}, {'type': 'text', 'text': str}, {'type': 'image_url', 'image_url': "
+          "{'url': 'data:...'}} or {'type': 'image_pil', 'image_pil': image}")
+# Image i of a pair renders as _MARK.format(i): private-use code points, which no text
+# holds and which Jinja's string filters (upper, trim, ...) leave as they are.
+_MARK = "\ue000{}\ue001"
+
+
+class ScoreImage:
+    """One image item: the content part as given (echoed back by /rerank) and where it
+    came from (for error messages)."""
+
+    __slots__ = ("part", "where")
+
+    def __init__(self, part, where):
+        self.part, self.where = part, where
+
+    def load(self):
+        """The image itself: a PIL image (decoded from the data URL) or the image_pil object."""
+        if self.part["type"] == "image_pil":
+            return self.part["image_pil"]
+        url = self.part["image_url"]
+        return image_from_data_url(url.get("url") if isinstance(url, dict) else url, self.where)
+
+
+def _item(x, where):
+    if isinstance(x, (str, ScoreImage)):
+        return x
+    if not isinstance(x, dict):
+        raise TypeError(f"{where} must be {_FORMS}; got {type(x).__name__}")
+    if "type" not in x and "prompt" in x:
+        if "multi_modal_data" in x:
+            raise ValueError(f"{where}: score() takes an image as a content part (a document "
+                             "{'type': 'image_url', ...} or {'content': [parts]}), not as multi_modal_data")
+        if not isinstance(x["prompt"], str):
+            raise TypeError(f"{where}['prompt'] must be a str, got {type(x['prompt']).__name__}")
+        return x["prompt"]
+    kind = x.get("type")
+    if kind == "text" and isinstance(x.get("text"), str):
+        return x["text"]
+    if kind == "image_url" and x.get("image_url") is not None:
+        return ScoreImage(x, where)
+    if kind == "image_pil" and x.get("image_pil") is not None:
+        return ScoreImage(x, where)
+    raise ValueError(f"{where} is not a score item ({_FORMS}); got keys {sorted(map(str, x))}"
+                     + (f" with type {kind!r}" if kind is not None else ""))
+
+
+def score_items(data, name):
+    """One side of score(): a list of str and :class:`ScoreImage`."""
+    if isinstance(data, dict) and "content" in data and "type" not in data:
+        content = data["content"]
+        if not isinstance(content, (list, tuple)):
+            raise TypeError(f"{name}['content'] must be a list of content parts, got {type(content).__name__}")
+        return [_item(x, f"{name}['content'][{i}]") for i, x in enumerate(content)]
+    if isinstance(data, (str, dict)):
+        return [_item(data, f"{name}[0]")]
+    if not isinstance(data, (list, tuple)):
+        raise TypeError(f"score() takes for {name} a str, a list, or {{'content': [parts]}}; "
+                        f"got {type(data).__name__}")
+    return [_item(x, f"{name}[{i}]") for i, x in enumerate(data)]
+
+
+def count(data) -> int:
+    """How many items one side of score() holds, without checking them (request limits)."""
+    if isinstance(data, dict):
+        content = data.get("content") if "type" not in data else None
+        return len(content) if isinstance(content, (list, tuple)) else 1
+    return len(data) if isinstance(data, (list, tuple)) else 1
+
+
+def pair_items(data_1, data_2):
+    """score()'s inputs as two equal-length lists of items (1:1, 1:N or N:N), none empty."""
+    d1, d2 = score_items(data_1, "data_1"), score_items(data_2, "data_2")
+    if not d1 or not d2:
+        raise ValueError("score() got an empty list")
+    if len(d1) == 1 and len(d2) > 1:
+        d1 = d1 * len(d2)
+    if len(d1) != len(d2):
+        raise ValueError(f"score() pairs must be 1:1, 1:N or N:N; got {len(d1)} queries and {len(d2)} documents")
+    for name, d in (("data_1", d1), ("data_2", d2)):
+        for i, x in enumerate(d):
+            if isinstance(x, str) and not x:
+                raise ValueError(f"{name}[{i}] is empty")
+    return d1, d2
+
+
+def render_with_images(template, render, d1, d2, placeholder):
+    """Prompts of pairs that hold images: a list of (text, [images in text order]).
+
+    render(template, queries, documents) -> texts (:func:`pyengine.templates.render_pairs`);
+    placeholder: the model's text for one image. Raises ValueError where the template
+    drops an image or writes it twice."""
+    marks = itertools.count()
+    qs, ds, imgs = [], [], []
+    for q, d in zip(d1, d2):
+        pair = {}
+        for x, side in ((q, qs), (d, ds)):
+            if isinstance(x, ScoreImage):
+                k = next(marks)
+                pair[_MARK.format(k)] = x
+                x = _MARK.format(k)
+            side.append(x)
+        imgs.append(pair)
+    out = []
+    for i, (text, pair) in enumerate(zip(render(template, qs, ds), imgs)):
+        at = {}
+        for mark, img in pair.items():
+            n = text.count(mark)
+            if n != 1:
+                raise ValueError(f"pair {i}: the score template wrote its image ({img.where}) {n} times; each "
+                                 "image must appear exactly once")
+            at[text.index(mark)] = (mark, img)
+        order = [at[k] for k in sorted(at)]
+        for mark, _ in order:
+            text = text.replace(mark, placeholder)
+        out.append((text, [img for _, img in order]))
+    return out
