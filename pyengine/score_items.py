@@ -3,7 +3,8 @@ rendering of (query, document) pairs that hold images into one prompt each.
 
 An item is a str, ``{"prompt": str}``, or one content part: ``{"type": "text", "text":
 str}``, ``{"type": "image_url", "image_url": {"url": "data:image/...;base64,..."}}``
-(the url may also stand alone), or ``{"type": "image_pil", "image_pil": PIL image}``.
+(the url may also stand alone), or ``{"type": "image_pil", "image_pil": img}`` (a PIL image,
+or a uint8 array as in multi_modal_data).
 data_1 / data_2 may each be one item, a list of items, or vLLM's ScoreMultiModalParam
 ``{"content": [part, ...]}``, in which every part is one item. Images stay undecoded
 until the pairs are tokenised, on the tokenizer's thread in the server.

@@ -5,6 +5,7 @@ W2^T + b2 - 2.65) of the last token of "**Document**:\\n{doc}\\n**Query**:\\n{qu
 as the checkpoint's own scoring code computes it."""
 import base64
 import io
+import json
 import os
 
 import numpy as np
@@ -19,15 +20,19 @@ needs_pil = pytest.mark.skipif(PIL is None, reason="pillow is not installed")
 SUFFIX = 100
 
 
-def save_jina(path, names="remote"):
-    """A random Qwen2-VL saved as JinaVLForRanking: the backbone, no score.weight, and
-    the two-layer head under the remote code's names (score.0 / score.2) or vLLM's
-    (score.dense / score.out_proj). Returns (transformers model, tokenizer, head)."""
-    model, tok, _ = save_vl(path, "2", num_labels=2, seed=3)
+def save_jina(path, names="remote", width=48):
+    """A random Qwen2-VL saved as JinaVLForRanking: the backbone under the hub's names
+    (model.layers.*, visual.*), no score.weight, and the two-layer head under the remote
+    code's names (score.0 / score.2) or vLLM's (score.dense / score.out_proj), the latter
+    with the hub checkpoint's flat config.json of transformers 4 (text settings at the
+    top, rope_scaling of type mrope). Returns (transformers model, tokenizer, head)."""
+    model, tok, _ = save_vl(path, "2", width=width, num_labels=2, seed=3)
     H = model.config.text_config.hidden_size
     g = torch.Generator().manual_seed(7)
-    head = {"w1": torch.randn(H, H, generator=g) * 0.3, "b1": torch.randn(H, generator=g) * 0.3,
-            "w2": torch.randn(1, H, generator=g) * 0.3, "b2": torch.randn(1, generator=g)}
+    # Scaled so that the logits spread over a few units around the 2.65 bias: scores
+    # between 0.05 and 0.95 rather than all at 0 or 1, where no tolerance could fail.
+    head = {"w1": torch.randn(H, H, generator=g) / H ** 0.5, "b1": torch.randn(H, generator=g) * 0.3,
+            "w2": torch.randn(1, H, generator=g) * 2 / H ** 0.5, "b2": 2.65 + torch.randn(1, generator=g) * 0.3}
     weights = load_file(os.path.join(path, "model.safetensors"))
     del weights["score.weight"]
     first, second = ("score.0", "score.2") if names == "remote" else ("score.dense", "score.out_proj")
@@ -38,6 +43,18 @@ def save_jina(path, names="remote"):
     # engine fixes it to the head's single label).
     model.config.architectures = ["JinaVLForRanking"]
     model.config.save_pretrained(path)
+    if names != "remote":
+        with open(os.path.join(path, "config.json")) as f:
+            cfg = json.load(f)
+        text = cfg.pop("text_config")
+        rope = text.pop("rope_parameters")
+        text.update(rope_theta=rope["rope_theta"], rope_scaling={"type": "mrope", "mrope_section": rope["mrope_section"]})
+        for k in ("model_type", "layer_types"):
+            text.pop(k, None)
+        cfg.update(text, num_labels=2, transformers_version="4.47.0",
+                   auto_map={"AutoModel": "modeling.JinaVLForRanking"})
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(cfg, f)
     return model, tok, head
 
 
@@ -97,7 +114,8 @@ def test_jina_scores_match_the_reference(jina):
 @needs_pil
 def test_jina_logit_bias_and_raw_logits(jina, tmp_path):
     """use_activation=False gives the head's raw logit; pooler_config's logit_bias
-    replaces the checkpoint's 2.65; the vLLM-named head loads the same."""
+    replaces the checkpoint's 2.65; the vLLM-named head with a flat transformers-4
+    config.json loads the same."""
     path, model, tok, head, llm = jina
     a = images(5)[0]
     logit, _ = jina_reference(model, tok, head, "q", a)
@@ -212,6 +230,22 @@ def test_images_on_a_text_model_are_refused(tmp_path):
         llm.score("q", ["text", part])
     with pytest.raises(ValueError, match="takes no images"):
         LLM(path, dtype="float32", kernel_backend="torch", mm_processor_kwargs={"max_pixels": 3136})
+
+
+@pytest.mark.gpu
+def test_jina_bf16_on_gpu(tmp_path):
+    """bf16 on the default kernels (head_dim 64) against the fp32 reference: DESIGN's
+    bf16 bar on scores (2e-2), images given as uint8 arrays (the GPU image may lack
+    pillow), the text-only pairs through the CUDA graphs."""
+    model, tok, head = save_jina(str(tmp_path), width=128)
+    a, b, c = images(40)
+    docs = ["a text document", a, "another text", b, c, "short"]
+    llm = LLM(str(tmp_path), dtype="bfloat16", device="cuda")
+    parts = [d if isinstance(d, str) else {"type": "image_pil", "image_pil": d} for d in docs]
+    got = [o.outputs.score for o in llm.score("which one?", parts, use_tqdm=False)]
+    want = [jina_reference(model, tok, head, "which one?", d)[1] for d in docs]
+    assert 0.02 < min(want) and max(want) < 0.98  # off the sigmoid's flat ends, where 2e-2 says nothing
+    np.testing.assert_allclose(got, want, atol=2e-2, rtol=0)
 
 
 # ---------------------------------------------------------------------------- server
