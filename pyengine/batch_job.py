@@ -1,7 +1,8 @@
 """Score a JSONL or Parquet file into a JSONL or Parquet file: ``python -m pyengine.batch``.
 
     python -m pyengine.batch --model DIR --input in.jsonl --output out.parquet --text-column text
-        [--pair-column text_2 | --token-ids-column ids] [--ray-address local|auto|HOST:PORT] [--num-replicas N]
+        [--pair-column text_2 | --image-column img | --pair-image-column page | --token-ids-column ids]
+        [--ray-address local|auto|HOST:PORT] [--num-replicas N]
 
 Without --ray-address one process streams the file through one engine, a shard at a
 time (the next shard is read while this one runs), with bounded memory. With it the
@@ -41,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-column", default=None,
                    help="column of image paths (relative to the input file's directory) for a vision-language "
                         "model; each row's text holds the image's placeholder")
+    p.add_argument("--pair-image-column", default=None,
+                   help="column of image paths (relative to the input file's directory): each row's document, "
+                        "scored against its text by a vision-language reranker")
     p.add_argument("--output-prefix", default="", help="prefix of the output columns' names")
     p.add_argument("--shard-size", type=int, default=4096, help="rows per shard: the unit of work and of resuming")
     p.add_argument("--overwrite", action="store_true", help="discard a finished output or other job's shards")
@@ -93,10 +97,13 @@ def _check_args(a):
             raise ValueError(f"{why}: pip install 'ray[data]' pyarrow ({e})") from None
     if os.path.abspath(a.input) == os.path.abspath(a.output):
         raise ValueError("--output must not be the --input file")
-    if a.score_template is not None and a.pair_column is None:
-        raise ValueError("--score-template renders text pairs; it needs --pair-column")
-    if a.image_column is not None and (a.pair_column is not None or a.token_ids_column is not None):
-        raise ValueError("--image-column goes with --text-column alone")
+    if a.score_template is not None and a.pair_column is None and a.pair_image_column is None:
+        raise ValueError("--score-template renders pairs; it needs --pair-column or --pair-image-column")
+    for flag in ("image_column", "pair_image_column"):
+        if getattr(a, flag) is not None and (a.pair_column is not None or a.token_ids_column is not None):
+            raise ValueError(f"--{flag.replace('_', '-')} goes with --text-column alone")
+    if a.image_column is not None and a.pair_image_column is not None:
+        raise ValueError("give --image-column or --pair-image-column, not both")
     for flag in ("hf_overrides", "pooler_config", "mm_processor_kwargs"):
         if getattr(a, flag) is not None and not isinstance(getattr(a, flag), dict):
             raise ValueError(f"--{flag.replace('_', '-')} must be a JSON object")
@@ -120,6 +127,8 @@ def classifier_kwargs(a) -> dict:
         kw["tokenizer"] = os.path.abspath(a.tokenizer)
     if a.image_column is not None:
         kw.update(image_column=a.image_column, image_root=os.path.dirname(os.path.abspath(a.input)))
+    if a.pair_image_column is not None:
+        kw.update(pair_image_column=a.pair_image_column, image_root=os.path.dirname(os.path.abspath(a.input)))
     if a.mm_processor_kwargs is not None:
         kw["mm_processor_kwargs"] = a.mm_processor_kwargs
     return kw
@@ -127,7 +136,8 @@ def classifier_kwargs(a) -> dict:
 
 def _columns(a) -> list[str]:
     """The input columns the job reads."""
-    return [c for c in (a.text_column, a.pair_column, a.token_ids_column, a.image_column) if c is not None]
+    return [c for c in (a.text_column, a.pair_column, a.token_ids_column, a.image_column, a.pair_image_column)
+            if c is not None]
 
 
 def _identity(a, kw) -> dict:
@@ -272,13 +282,15 @@ def run(a, on_shard_done=None):
     # A bad model directory fails now, not after scanning the input or starting Ray.
     config = load_hf_config(kw["model"], a.hf_overrides)
     resolve_architecture(config, a.convert)
-    if a.pair_column is not None and config.num_labels != 1:
-        raise ValueError(f"--pair-column needs a cross-encoder (num_labels == 1); {a.model} has "
+    pairs = "--pair-column" if a.pair_column else "--pair-image-column" if a.pair_image_column else None
+    if pairs is not None and config.num_labels != 1:
+        raise ValueError(f"{pairs} needs a cross-encoder (num_labels == 1); {a.model} has "
                          f"num_labels={config.num_labels}")
     kind = "ids" if a.token_ids_column is not None else "text"
     cols = _columns(a)
-    outputs = [a.output_prefix + c for c in (("score",) if a.pair_column else ("probs", "label"))]
-    plan = scan_input(a.input, a.shard_size, cols, kind, outputs, a.image_column, kw.get("image_root"))
+    outputs = [a.output_prefix + c for c in (("score",) if pairs else ("probs", "label"))]
+    plan = scan_input(a.input, a.shard_size, cols, kind, outputs, a.image_column or a.pair_image_column,
+                      kw.get("image_root"))
     store = ShardStore(a.output, _identity(a, kw), plan.num_shards, overwrite=a.overwrite)
     try:
         done = store.done()

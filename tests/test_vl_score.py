@@ -285,3 +285,37 @@ def test_server_rerank_and_score_with_images(jina):
         assert status == 400 and "documents" in body["error"]["message"], body
     finally:
         stop()
+
+
+# ---------------------------------------------------------------------------- corpora
+@needs_pil
+def test_batch_job_with_a_pair_image_column(jina, tmp_path, capsys):
+    """python -m pyengine.batch --pair-image-column: each row's text scored against its
+    image document (paths relative to the input file) equals LLM.score; the flag is
+    refused with --pair-column, and on a model that is not a reranker."""
+    from pyengine.batch_job import main
+    from pyengine.integrations.ray import PyEngineClassifier
+
+    path, llm = jina[0], jina[-1]
+    imgs = images(17)
+    (tmp_path / "pages").mkdir()
+    rows = []
+    for i in range(7):
+        PIL.fromarray(imgs[i % 3]).save(tmp_path / "pages" / f"{i}.png")
+        rows.append({"query": f"query number {i}", "page": f"pages/{i}.png"})
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    argv = ["--model", path, "--input", str(src), "--output", str(out), "--text-column", "query",
+            "--pair-image-column", "page", "--dtype", "float32", "--kernel-backend", "torch", "--shard-size", "3",
+            "--no-progress"]
+    assert main(argv) == 0, capsys.readouterr().err
+    got = [json.loads(line)["score"] for line in out.read_text().splitlines()]
+    want = [llm.score(r["query"], {"type": "image_pil", "image_pil": imgs[i % 3]}, use_tqdm=False)[0].outputs.score
+            for i, r in enumerate(rows)]
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    assert main(argv + ["--pair-column", "query", "--overwrite"]) == 2
+    assert "--pair-image-column goes with --text-column alone" in capsys.readouterr().err
+    vl = tmp_path / "classifier"
+    save_vl(str(vl), "2", num_labels=3)
+    with pytest.raises(ValueError, match=r"pair_image_column needs a cross-encoder \(num_labels == 1\)"):
+        PyEngineClassifier(str(vl), text_column="query", pair_image_column="page", kernel_backend="torch")

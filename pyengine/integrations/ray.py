@@ -104,20 +104,24 @@ class PyEngineClassifier:
     or ``token_ids_column`` of non-empty int lists (prompts already tokenised). With a
     vision-language model, ``image_column`` (with ``text_column``) holds one image path per
     row (relative paths under ``image_root``); each row's text then carries its image's
-    placeholder, as in ``LLM.classify``.
+    placeholder, as in ``LLM.classify``; or ``pair_image_column`` (with ``text_column``) holds
+    the image path of each row's document, scored against its text with ``LLM.score`` (a
+    vision-language reranker such as jina-reranker-m0).
     Output columns, each name prefixed by ``output_prefix``: ``probs`` (num_labels floats,
     raw logits with ``use_activation=False``) and ``label`` (id2label of the argmax); for
     pairs ``score``. Every input column is kept, rows in their order. A batch may be a dict
     of numpy arrays (Ray's default), a pandas DataFrame or a pyarrow Table.
     ``truncate_prompt_tokens``, ``truncation_side`` and ``use_activation`` are as in
-    ``LLM.classify``; ``score_template`` (pairs only) as in ``LLM.score``; ``lora_path``: a
+    ``LLM.classify``; ``score_template`` (pairs only) as in ``LLM.score`` (else the model's
+    own); ``lora_path``: a
     PEFT LoRA adapter directory every row runs with (turns ``enable_lora`` on); every other
     keyword goes to ``LLM(model, ...)``.
     """
 
     def __init__(self, model, *, text_column=None, pair_column=None, token_ids_column=None, output_prefix="",
                  truncate_prompt_tokens=None, truncation_side=None, use_activation=None, lora_path=None,
-                 score_template=None, image_column=None, image_root=None, **engine_kwargs):
+                 score_template=None, image_column=None, image_root=None, pair_image_column=None,
+                 **engine_kwargs):
         unknown = sorted(set(engine_kwargs) - ENGINE_KWARGS)
         if unknown:
             raise TypeError(f"PyEngineClassifier got unknown keyword(s) {unknown}; "
@@ -132,17 +136,22 @@ class PyEngineClassifier:
                 raise TypeError(f"{what} must be a str, got {type(v).__name__}")
         if pair_column is not None and pair_column == text_column:
             raise ValueError(f"text_column and pair_column are both {pair_column!r}")
-        if image_column is not None:
-            if not isinstance(image_column, str):
-                raise TypeError(f"image_column must be a str, got {type(image_column).__name__}")
+        if image_column is not None and pair_image_column is not None:
+            raise ValueError("give image_column (an image in each prompt) or pair_image_column (an image document "
+                             "to score each text against), not both")
+        image_col = image_column if image_column is not None else pair_image_column
+        if image_col is not None:
+            what = "image_column" if image_column is not None else "pair_image_column"
+            if not isinstance(image_col, str):
+                raise TypeError(f"{what} must be a str, got {type(image_col).__name__}")
             if pair_column is not None or token_ids_column is not None:
-                raise ValueError("image_column goes with text_column alone (no pair_column or token_ids_column)")
-            if image_column == text_column:
-                raise ValueError(f"text_column and image_column are both {image_column!r}")
+                raise ValueError(f"{what} goes with text_column alone (no pair_column or token_ids_column)")
+            if image_col == text_column:
+                raise ValueError(f"text_column and {what} are both {image_col!r}")
             try:
                 import PIL.Image  # noqa: F401
             except ImportError:
-                raise ValueError("image_column needs pillow to read the images: pip install pillow") from None
+                raise ValueError(f"{what} needs pillow to read the images: pip install pillow") from None
         if use_activation is not None and not isinstance(use_activation, bool):
             raise TypeError(f"use_activation must be a bool or None, got {use_activation!r}")
         if lora_path is not None:
@@ -153,21 +162,23 @@ class PyEngineClassifier:
         engine.inputs._limit(truncate_prompt_tokens, truncation_side)
         lora = None if lora_path is None else LoRARequest("adapter", 1, os.fspath(lora_path))
         engine.lora_adapters(lora, 1)
-        if image_column is not None and engine.inputs.images is None:
-            raise ValueError(f"image_column needs a vision-language model; {engine.arch} takes text only")
+        if image_col is not None and engine.inputs.images is None:
+            raise ValueError(f"{what} needs a vision-language model; {engine.arch} takes text only")
         self.image_column, self.image_root = image_column, None if image_root is None else os.fspath(image_root)
-        if pair_column is not None and engine.num_labels != 1:
-            raise ValueError(f"pair_column needs a cross-encoder (num_labels == 1); this model has "
-                             f"num_labels={engine.num_labels}")
-        if score_template is not None and pair_column is None:
-            raise ValueError("score_template renders text pairs; it needs pair_column")
+        self.pair_image_column = pair_image_column
+        pairs = pair_column if pair_column is not None else pair_image_column
+        if pairs is not None and engine.num_labels != 1:
+            raise ValueError(f"{'pair_column' if pair_column is not None else 'pair_image_column'} needs a "
+                             f"cross-encoder (num_labels == 1); this model has num_labels={engine.num_labels}")
+        if score_template is not None and pairs is None:
+            raise ValueError("score_template renders pairs; it needs pair_column or pair_image_column")
         # Compiled once here, so a bad template fails before any batch.
         self.score_template = None if score_template is None else load_score_template(score_template)
         self.text_column, self.pair_column, self.token_ids_column = text_column, pair_column, token_ids_column
         self.options = dict(truncate_prompt_tokens=truncate_prompt_tokens, truncation_side=truncation_side,
                             use_activation=use_activation, use_tqdm=False, lora_request=lora)
         self.labels = labels_of(engine)
-        outputs = ("score",) if pair_column is not None else ("probs", "label")
+        outputs = ("score",) if pairs is not None else ("probs", "label")
         self.output_columns = tuple(output_prefix + c for c in outputs)
 
     def predict(self, batch) -> dict[str, np.ndarray]:
@@ -183,8 +194,12 @@ class PyEngineClassifier:
         if self.image_column is not None:
             images = _images(_column(batch, kind, self.image_column), self.image_column, self.image_root)
             prompts = [{"prompt": t, "multi_modal_data": {"image": im}} for t, im in zip(prompts, images)]
-        if self.pair_column is not None:
-            pairs = _texts(_column(batch, kind, self.pair_column), self.pair_column)
+        if self.pair_column is not None or self.pair_image_column is not None:
+            if self.pair_column is not None:
+                pairs = _texts(_column(batch, kind, self.pair_column), self.pair_column)
+            else:
+                pairs = [{"type": "image_pil", "image_pil": im} for im in _images(
+                    _column(batch, kind, self.pair_image_column), self.pair_image_column, self.image_root)]
             scores = [o.outputs.score for o in self.llm.score(prompts, pairs, score_template=self.score_template,
                                                               **self.options)] if prompts else []
             return {self.output_columns[0]: np.asarray(scores, dtype=np.float32)}
