@@ -9,7 +9,7 @@ import functools
 from dataclasses import dataclass
 
 from .multimodal import MMData, expand, image_list, rope_positions
-from .score_items import ScoreImage, pair_items, render_with_images
+from .score_items import has_image, pair_items, render_with_images
 from .templates import load_score_template, render_pairs
 
 
@@ -294,10 +294,10 @@ class InputProcessor:
         and tokenised as a prompt. The model's score suffix ends every prompt."""
         d1, d2 = pair_items(data_1, data_2)
         template = self.score_template if template is None else template
-        images = [i for i, (q, d) in enumerate(zip(d1, d2)) if isinstance(q, ScoreImage) or isinstance(d, ScoreImage)]
+        images = [i for i, (q, d) in enumerate(zip(d1, d2)) if has_image(q) or has_image(d)]
         if images and self.images is None:
             i = images[0]
-            img = d1[i] if isinstance(d1[i], ScoreImage) else d2[i]
+            img = next(x for x in (d1[i] if has_image(d1[i]) else d2[i]) if not isinstance(x, str))
             raise ValueError(f"pair {i} has an image ({img.where}), but this model takes text only")
         if template is not None:
             rendered = render_with_images(load_score_template(template), render_pairs, d1, d2,

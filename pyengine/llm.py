@@ -178,9 +178,9 @@ class LLM(_Frontend):
         truncation and activation keywords.
 
         Each side is texts or, on a vision-language reranker, images too, as vLLM takes
-        them: content parts such as ``{"type": "image_url", "image_url": {"url":
-        "data:image/png;base64,..."}}`` or ``{"type": "image_pil", "image_pil": img}``, alone,
-        in a list, or as ``{"content": [part, ...]}`` (see :mod:`pyengine.score_items`).
+        them: an item ``{"content": [part, ...]}`` with parts such as ``{"type": "image_url",
+        "image_url": {"url": "data:image/png;base64,..."}}``, ``{"type": "image_pil",
+        "image_pil": img}`` or ``{"type": "text", "text": ...}`` (see :mod:`pyengine.score_items`).
 
         Without a score template a pair is tokenised as the tokenizer does a text pair,
         whatever its pair template is (Qwen's tokenizer, for one, puts the two texts'

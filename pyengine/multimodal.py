@@ -98,8 +98,9 @@ class ImageProcessor:
                                 if t is not None]
 
     # Settings a user may set for the whole engine (vLLM's LLM(mm_processor_kwargs=...)),
-    # e.g. the pixel bounds a checkpoint's own scoring code uses in place of its saved ones.
-    OVERRIDES = ("min_pixels", "max_pixels")
+    # e.g. the pixel bounds a checkpoint's own scoring code uses in place of its saved ones;
+    # "size": {"shortest_edge", "longest_edge"} is transformers 5's name for the same bounds.
+    OVERRIDES = ("min_pixels", "max_pixels", "size")
 
     @classmethod
     def from_checkpoint(cls, path, config, vision_config, overrides=None):
@@ -110,6 +111,16 @@ class ImageProcessor:
         bad = sorted(str(k) for k in overrides if k not in cls.OVERRIDES)
         if bad:
             raise ValueError(f"mm_processor_kwargs: {bad} cannot be set; supported: {list(cls.OVERRIDES)}")
+        size = overrides.pop("size", None)
+        if size is not None:
+            if not isinstance(size, dict) or not size or set(size) - {"shortest_edge", "longest_edge"}:
+                raise ValueError(f"mm_processor_kwargs: size must be a dict of shortest_edge and/or longest_edge "
+                                 f"(pixel counts), got {size!r}")
+            for k, name in (("shortest_edge", "min_pixels"), ("longest_edge", "max_pixels")):
+                if k in size:
+                    if name in overrides:
+                        raise ValueError(f"mm_processor_kwargs: give {name} or size.{k}, not both")
+                    overrides[name] = size[k]
         for k, v in overrides.items():
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"mm_processor_kwargs: {k} must be a positive int, got {v!r}")

@@ -1,18 +1,19 @@
-"""score()'s inputs as vLLM's score API takes them: texts and single images, and the
-rendering of (query, document) pairs that hold images into one prompt each.
+"""score()'s inputs as vLLM's score API takes them: texts and images, and the rendering
+of (query, document) pairs that hold images into one prompt each.
 
-An item is a str, ``{"prompt": str}``, or one content part: ``{"type": "text", "text":
-str}``, ``{"type": "image_url", "image_url": {"url": "data:image/...;base64,..."}}``
-(the url may also stand alone), or ``{"type": "image_pil", "image_pil": img}`` (a PIL image,
-or a uint8 array as in multi_modal_data).
-data_1 / data_2 may each be one item, a list of items, or vLLM's ScoreMultiModalParam
-``{"content": [part, ...]}``, in which every part is one item. Images stay undecoded
-until the pairs are tokenised, on the tokenizer's thread in the server.
+An item (one query or one document) is a str, ``{"prompt": str}``, a content part, or
+``{"content": [part, ...]}`` (vLLM's ScoreMultiModalParam: one item whose parts are
+written one after another, text as it is and each image as the model's placeholder).
+Parts: ``{"type": "text", "text": str}``, ``{"type": "image_url", "image_url": {"url":
+"data:image/...;base64,..."}}`` (the url may also stand alone), ``{"type": "image_pil",
+"image_pil": img}`` (a PIL image, or a uint8 array as in multi_modal_data). data_1 /
+data_2 are one item or a list of items; a lone ``{"content": [...]}`` (not in a list)
+holds one item per part, as in vLLM. Images stay undecoded until the pairs are
+tokenised, on the tokenizer's thread in the server.
 
 A pair with an image is rendered by a score template (the model's own, or the caller's;
-without one, query then document back to back) in which each image is the model's
-placeholder text; the images go with the prompt in the order the template placed them
-(jina-reranker-m0's template puts the document before the query).
+without one, query then document back to back); the images go with the prompt in the
+order the template placed them (jina-reranker-m0's template puts the document first).
 """
 from __future__ import annotations
 
@@ -44,42 +45,62 @@ class ScoreImage:
         return image_from_data_url(url.get("url") if isinstance(url, dict) else url, self.where)
 
 
-def _item(x, where):
-    if isinstance(x, (str, ScoreImage)):
-        return x
+def _part(x, where):
+    """One content part: a str, or a ScoreImage."""
     if not isinstance(x, dict):
-        raise TypeError(f"{where} must be {_FORMS}; got {type(x).__name__}")
-    if "type" not in x and "prompt" in x:
-        if "multi_modal_data" in x:
-            raise ValueError(f"{where}: score() takes an image as a content part (a document "
-                             "{'type': 'image_url', ...} or {'content': [parts]}), not as multi_modal_data")
-        if not isinstance(x["prompt"], str):
-            raise TypeError(f"{where}['prompt'] must be a str, got {type(x['prompt']).__name__}")
-        return x["prompt"]
+        raise TypeError(f"{where} must be a content part ({_FORMS}); got {type(x).__name__}")
     kind = x.get("type")
     if kind == "text" and isinstance(x.get("text"), str):
         return x["text"]
-    if kind == "image_url" and x.get("image_url") is not None:
+    if kind in ("image_url", "image_pil") and x.get(kind) is not None:
         return ScoreImage(x, where)
-    if kind == "image_pil" and x.get("image_pil") is not None:
-        return ScoreImage(x, where)
-    raise ValueError(f"{where} is not a score item ({_FORMS}); got keys {sorted(map(str, x))}"
+    raise ValueError(f"{where} is not a content part ({_FORMS}); got keys {sorted(map(str, x))}"
                      + (f" with type {kind!r}" if kind is not None else ""))
 
 
-def score_items(data, name):
-    """One side of score(): a list of str and :class:`ScoreImage`."""
+def _item(x, where):
+    """One query or document: a str, or a list of str and ScoreImage with an image in it."""
+    if isinstance(x, (str, list)):
+        return x  # a str, or already parsed
+    if not isinstance(x, dict):
+        raise TypeError(f"{where} must be {_FORMS} or {{'content': [parts]}}; got {type(x).__name__}")
+    if "type" in x:
+        part = _part(x, where)
+        return part if isinstance(part, str) else [part]
+    if "content" in x:
+        content = x["content"]
+        if not isinstance(content, (list, tuple)) or not content:
+            raise TypeError(f"{where}['content'] must be a non-empty list of content parts, got {content!r:.60}")
+        parts = [_part(p, f"{where}['content'][{j}]") for j, p in enumerate(content)]
+        return parts if any(isinstance(p, ScoreImage) for p in parts) else "".join(parts)
+    if "prompt" in x:
+        if "multi_modal_data" in x:
+            raise ValueError(f"{where}: score() takes images as content parts ({{'content': [{{'type': "
+                             "'image_url', ...}]}), not as multi_modal_data")
+        if not isinstance(x["prompt"], str):
+            raise TypeError(f"{where}['prompt'] must be a str, got {type(x['prompt']).__name__}")
+        return x["prompt"]
+    raise ValueError(f"{where} is not a score item ({_FORMS} or {{'content': [parts]}}); got keys "
+                     f"{sorted(map(str, x))}")
+
+
+def split_side(data, name):
+    """One side of score() as a list of (raw item, where)."""
     if isinstance(data, dict) and "content" in data and "type" not in data:
         content = data["content"]
         if not isinstance(content, (list, tuple)):
             raise TypeError(f"{name}['content'] must be a list of content parts, got {type(content).__name__}")
-        return [_item(x, f"{name}['content'][{i}]") for i, x in enumerate(content)]
+        return [(x, f"{name}['content'][{i}]") for i, x in enumerate(content)]
     if isinstance(data, (str, dict)):
-        return [_item(data, f"{name}[0]")]
+        return [(data, f"{name}[0]")]
     if not isinstance(data, (list, tuple)):
-        raise TypeError(f"score() takes for {name} a str, a list, or {{'content': [parts]}}; "
-                        f"got {type(data).__name__}")
-    return [_item(x, f"{name}[{i}]") for i, x in enumerate(data)]
+        raise TypeError(f"score() takes for {name} a str, a dict or a list of them; got {type(data).__name__}")
+    return [(x, f"{name}[{i}]") for i, x in enumerate(data)]
+
+
+def score_items(data, name):
+    """One side of score(): a list of items, each a str or a list of str and ScoreImage."""
+    return [_item(x, where) for x, where in split_side(data, name)]
 
 
 def count(data) -> int:
@@ -88,6 +109,10 @@ def count(data) -> int:
         content = data.get("content") if "type" not in data else None
         return len(content) if isinstance(content, (list, tuple)) else 1
     return len(data) if isinstance(data, (list, tuple)) else 1
+
+
+def has_image(item) -> bool:
+    return isinstance(item, list)
 
 
 def pair_items(data_1, data_2):
@@ -107,7 +132,7 @@ def pair_items(data_1, data_2):
 
 
 def render_with_images(template, render, d1, d2, placeholder):
-    """Prompts of pairs that hold images: a list of (text, [images in text order]).
+    """Prompts of pairs: a list of (text, [ScoreImage in text order]).
 
     render(template, queries, documents) -> texts (:func:`pyengine.templates.render_pairs`);
     placeholder: the model's text for one image. Raises ValueError where the template
@@ -117,10 +142,15 @@ def render_with_images(template, render, d1, d2, placeholder):
     for q, d in zip(d1, d2):
         pair = {}
         for x, side in ((q, qs), (d, ds)):
-            if isinstance(x, ScoreImage):
-                k = next(marks)
-                pair[_MARK.format(k)] = x
-                x = _MARK.format(k)
+            if has_image(x):
+                text = []
+                for seg in x:
+                    if isinstance(seg, ScoreImage):
+                        mark = _MARK.format(next(marks))
+                        pair[mark] = seg
+                        seg = mark
+                    text.append(seg)
+                x = "".join(text)
             side.append(x)
         imgs.append(pair)
     out = []

@@ -45,7 +45,7 @@ from .inputs import parse_prompts
 from .lora import LoRARequest
 from .metrics import Metrics
 from .pooler import score_activation
-from .score_items import count, score_items
+from .score_items import count, score_items, split_side
 from .serve_protocol import (ApiError, ClassifyRequest, LoadLoRARequest, PoolingRequest, RerankRequest, ScoreRequest,
                              UnloadLoRARequest, encode_floats, error_body, parse_input, render_chat, validate)
 from .templates import load_score_template, read_template
@@ -248,6 +248,7 @@ class Server:
         self._check_count(count(req.documents), "documents")
         if count(req.query) != 1:
             raise ApiError(400, f"rerank takes one query; 'query' holds {count(req.query)} items")
+        raw = [x for x, _ in split_side(req.documents, "documents")]
         docs = score_items(req.documents, "documents")  # images are decoded on the tokenizer thread
         _, out = await self._run(request, stats, req, self._prepare_pairs, req.query, docs)
         scores = [float(row[0]) for row in out]
@@ -255,7 +256,7 @@ class Server:
         if req.top_n:
             order = order[:req.top_n]
         results = [{"index": i, "document": {"text": docs[i]} if isinstance(docs[i], str) else
-                    {"multi_modal": docs[i].part}, "relevance_score": scores[i]} for i in order]
+                    {"multi_modal": raw[i]}, "relevance_score": scores[i]} for i in order]
         return {"id": f"rerank-{req.request_id or uuid.uuid4().hex}", "model": self._model_name(req),
                 "usage": {"prompt_tokens": stats["tokens"], "total_tokens": stats["tokens"]}, "results": results}
 

@@ -59,11 +59,20 @@ def save_jina(path, names="remote", width=48):
 
 
 def jina_reference(model, tok, head, query, doc, bias=2.65):
-    """(logit, score) in float64 for one pair; query / doc: a str or a uint8 image."""
-    imgs = [x for x in (doc, query) if not isinstance(x, str)]  # the document comes first
-    d = IMG if not isinstance(doc, str) else doc
-    q = IMG if not isinstance(query, str) else query
-    ids = tok(f"**Document**:\n{d}\n**Query**:\n{q}")["input_ids"] + [SUFFIX]
+    """(logit, score) in float64 for one pair; query / doc: a str, a uint8 image, or a
+    list of them written one after another."""
+    imgs = []
+
+    def text(x):
+        if isinstance(x, list):
+            return "".join(text(y) for y in x)
+        if isinstance(x, str):
+            return x
+        imgs.append(x)
+        return IMG
+
+    prompt = f"**Document**:\n{text(doc)}\n**Query**:\n{text(query)}"  # the document's images come first
+    ids = tok(prompt)["input_ids"] + [SUFFIX]
     h = last_hidden(model, ids, imgs).double()
     hd = {k: v.double() for k, v in head.items()}
     logit = (torch.relu(h @ hd["w1"].t() + hd["b1"]) @ hd["w2"].t() + hd["b2"])[0]
@@ -109,6 +118,15 @@ def test_jina_scores_match_the_reference(jina):
                      {"content": [url_part(a), url_part(b)]}, use_tqdm=False)
     want = [jina_reference(model, tok, head, c, a)[1], jina_reference(model, tok, head, "a text query", b)[1]]
     np.testing.assert_allclose([o.outputs.score for o in outs], want, atol=1e-4, rtol=0)
+
+    # In a list, {"content": [...]} is one document of several parts: text and images in turn.
+    mixed = {"content": [{"type": "text", "text": "page one: "}, url_part(a), {"type": "text", "text": " and "},
+                         url_part(b)]}
+    outs = llm.score([{"content": [url_part(c), {"type": "text", "text": " what is shown?"}]}],
+                     [mixed], use_tqdm=False)
+    want = jina_reference(model, tok, head, [c, " what is shown?"], ["page one: ", a, " and ", b])[1]
+    assert len(outs) == 1 and outs[0].outputs.score == pytest.approx(want, abs=1e-4)
+    assert outs[0].prompt_token_ids.count(model.config.image_token_id) == 6 + 8 + 4
 
 
 @needs_pil
@@ -183,9 +201,14 @@ def test_mm_processor_kwargs_set_the_pixel_bounds(jina):
         PIL.fromarray(b), return_tensors="pt")["image_grid_thw"][0]
     assert n == [8, int(grid.prod()) // 4] and n[1] < 8
     with pytest.raises(ValueError, match="cannot be set"):
-        LLM(path, dtype="float32", kernel_backend="torch", mm_processor_kwargs={"size": 3})
+        LLM(path, dtype="float32", kernel_backend="torch", mm_processor_kwargs={"patch_size": 3})
+    with pytest.raises(ValueError, match="size must be a dict of shortest_edge"):
+        LLM(path, dtype="float32", kernel_backend="torch", mm_processor_kwargs={"size": {"height": 3}})
     with pytest.raises(ValueError, match="positive int"):
         LLM(path, dtype="float32", kernel_backend="torch", mm_processor_kwargs={"max_pixels": -1})
+    # transformers 5's name for the bounds, as vLLM's jina-reranker-m0 example passes them
+    alias = LLM(path, dtype="float32", kernel_backend="torch", mm_processor_kwargs={"size": {"longest_edge": 3136}})
+    assert alias.score("q", url_part(b), use_tqdm=False)[0].prompt_token_ids.count(model.config.image_token_id) == n[1]
 
 
 @pytest.mark.parametrize("d1, d2, exc, match", [
@@ -199,6 +222,8 @@ def test_mm_processor_kwargs_set_the_pixel_bounds(jina):
     ("q", {"prompt": "", "multi_modal_data": {"image": np.zeros((28, 28, 3), np.uint8)}}, ValueError,
      "not as multi_modal_data"),
     ("q", {"content": "not a list"}, TypeError, "list of content parts"),
+    ("q", [{"content": []}], TypeError, "non-empty list of content parts"),
+    ("q", [{"content": ["bare text"]}], TypeError, r"data_2\[0\]\['content'\]\[0\] must be a content part"),
     ("q", [3], TypeError, "got int"),
     ({"content": []}, "d", ValueError, "empty list"),
 ])
