@@ -363,6 +363,44 @@ def test_bf16_on_gpu(gen, tmp_path):
     torch.testing.assert_close(again, ref[[i for i, (_, im) in enumerate(prompts) if not im]], atol=2e-2, rtol=0)
 
 
+# ---------------------------------------------------------------------------- LoRA
+@pytest.mark.parametrize("gen", ["2.5", "3"])
+def test_lora_adapter_on_the_language_model(gen, tmp_path):
+    """A PEFT adapter on the language model's attention and MLP (random A and B), saved
+    from transformers' model: prompts with images that run with it match the merged
+    transformers model, and those without it in the same batch the base model. An
+    adapter on the vision tower is refused before any work."""
+    peft = pytest.importorskip("peft")
+    from pyengine import LoRARequest
+
+    base = tmp_path / "base"
+    model, tok, score = save_vl(base, gen)
+    prompts = _prompts(14, gen)
+    want_base = [reference(model, tok, score, t, im) for t, im in prompts]
+    torch.manual_seed(0)
+    lm = peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                         target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)")
+    pm = peft.get_peft_model(model, lm)
+    pm.save_pretrained(tmp_path / "lm")
+    merged = pm.merge_and_unload()
+    want = [reference(merged, tok, score, t, im) for t, im in prompts]
+    llm = LLM(str(base), dtype="float32", kernel_backend="torch", enable_lora=True)
+    req = LoRARequest("lm", 1, str(tmp_path / "lm"))
+    got = llm.classify(_dicts(prompts) * 2, lora_request=[req] * len(prompts) + [None] * len(prompts),
+                       use_activation=False, use_tqdm=False)
+    for i, ref in enumerate(want + want_base):
+        torch.testing.assert_close(torch.tensor(got[i].outputs.probs), ref, atol=1e-4, rtol=1e-4,
+                                   msg=lambda m: f"prompt {i} ({'adapter' if i < len(prompts) else 'base'}): {m}")
+    assert (want[0] - want_base[0]).abs().max() > 1e-2  # the adapter changes the result
+
+    vis, _, _ = save_vl(tmp_path / "again", gen)
+    pv = peft.get_peft_model(vis, peft.LoraConfig(r=2, init_lora_weights=False, target_modules=r".*visual.*\.qkv"))
+    pv.save_pretrained(tmp_path / "vision")
+    with pytest.raises(ValueError, match=r"LoRA adapter 'vision': .*visual\.blocks\.0\.attn\.qkv adapts "
+                                         r"vision\.blocks\.0\.qkv_w, which does not take LoRA here"):
+        llm.classify(["text"], lora_request=LoRARequest("vision", 2, str(tmp_path / "vision")), use_tqdm=False)
+
+
 # ---------------------------------------------------------------------------- server
 CHAT = ("{% for m in messages %}{{ m.role }}: {% if m.content is string %}{{ m.content }}{% else %}"
         "{% for p in m.content %}{% if p.type == 'image' %}" + IMG + "{% else %}{{ p.text }}{% endif %}"

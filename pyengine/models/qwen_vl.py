@@ -232,10 +232,10 @@ class VisionTower(nn.Module):
 
 
 class QwenVLForSequenceClassification(DecoderForSequenceClassification):
-    """forward(batch) -> (B, num_labels) fp32; batch.mm carries the batch's images."""
+    """forward(batch) -> (B, num_labels) fp32; batch.mm carries the batch's images.
 
-    # Adapters are for the text families; a VL adapter would also name vision weights.
-    lora_weights = ()
+    LoRA adapters apply to the language model's layers and the head, as for the text
+    decoders; an adapter that names a vision-tower weight is refused when loaded."""
 
     def __init__(self, config, arch, dtype, device, ops, pooling=None):
         text = copy.copy(getattr(config, "text_config", None) or config)
