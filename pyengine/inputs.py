@@ -201,13 +201,14 @@ class InputProcessor:
 
     # ------------------------------------------------------------------ public
     def process(self, prompts, truncate_prompt_tokens=None, truncation_side=None, what="prompts",
-                add_special_tokens=True, progress=None, suffix=()):
+                add_special_tokens=True, progress=None, suffix=(), check=True):
         """prompts: the output of :func:`parse_prompts`, or (str, str) text pairs (as the
         tokenizer encodes a pair); truncate_prompt_tokens: one value for every prompt, or
         a list of one per prompt. Returns list[TokenizedPrompt].
         add_special_tokens=False is for text a chat template has already framed;
         progress: as in :meth:`_tokenize`; suffix: token ids appended to every prompt
-        after truncation (a truncated prompt keeps room for them)."""
+        after truncation (a truncated prompt keeps room for them); check=False skips the
+        length, vocabulary and placeholder checks (for a count, not for running)."""
         suffix = list(suffix)
         if isinstance(truncate_prompt_tokens, list):
             if len(truncate_prompt_tokens) != len(prompts):
@@ -247,7 +248,7 @@ class InputProcessor:
                     tp.token_ids = tp.token_ids + suffix
                     if tp.token_type_ids is not None:
                         tp.token_type_ids = tp.token_type_ids + [tp.token_type_ids[-1]] * len(suffix)
-        return self._check(out, what)
+        return self._check(out, what) if check else out
 
     def _with_images(self, prompts, idx, limits, out, what, add_special_tokens, suffix=()):
         """Fill out[i] for the prompts with images: placeholders expanded, images read

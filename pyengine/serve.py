@@ -1,4 +1,4 @@
-"""HTTP server with vLLM's pooling API: /classify, /pooling, /score, /rerank.
+"""HTTP server with vLLM's pooling API: /classify, /pooling, /score, /rerank, /tokenize.
 
     python -m pyengine.serve --model DIR --host 127.0.0.1 --port 8000
 
@@ -46,8 +46,10 @@ from .lora import LoRARequest
 from .metrics import Metrics
 from .pooler import score_activation
 from .score_items import count, score_items, split_side
-from .serve_protocol import (ApiError, ClassifyRequest, LoadLoRARequest, PoolingRequest, RerankRequest, ScoreRequest,
-                             UnloadLoRARequest, encode_floats, error_body, parse_input, render_chat, validate)
+from . import __version__
+from .serve_protocol import (ApiError, ClassifyRequest, DetokenizeRequest, LoadLoRARequest, PoolingRequest,
+                             RerankRequest, ScoreRequest, TokenizeRequest, UnloadLoRARequest, encode_floats,
+                             error_body, parse_input, render_chat, validate)
 from .templates import load_score_template, read_template
 
 log = logging.getLogger("pyengine.serve")
@@ -109,7 +111,7 @@ class Server:
         if req.model is not None and req.model not in self.names and req.model not in self.loras:
             raise ApiError(404, f"The model `{req.model}` does not exist; this server serves "
                                 f"{self.names + list(self.loras)}")
-        if req.priority != 0:
+        if getattr(req, "priority", 0) != 0:
             raise ApiError(400, "priority scheduling is not enabled on this server; priority must be 0")
         return req
 
@@ -185,17 +187,32 @@ class Server:
                 "created": int(time.time()), "model": self._model_name(req)}
 
     # ------------------------------------------------------------------ tokenizer thread
+    def _chat_prompt(self, req):
+        """``req.messages`` rendered into one parsed prompt (with its images, if any)."""
+        images = [] if self.core.inputs.images is not None else None
+        text = render_chat(self.core.tokenizer, req, self.chat_template, images)
+        return parse_prompts({"prompt": text, "multi_modal_data": {"image": images}} if images else text)
+
     def _prepare_single(self, req: ClassifyRequest, prompts):
         """Messages or parsed input -> (TokenizedPrompts, activation)."""
         if req.messages is not None:
-            images = [] if self.core.inputs.images is not None else None
-            text = render_chat(self.core.tokenizer, req, self.chat_template, images)
-            prompts = parse_prompts({"prompt": text, "multi_modal_data": {"image": images}} if images else text)
+            prompts = self._chat_prompt(req)
             what, special = "messages", bool(req.add_special_tokens)
         else:
             what, special = "input", req.add_special_tokens is not False
         toks = self.core.inputs.process(prompts, req.truncate_prompt_tokens, req.truncation_side, what, special)
         return toks, self._activation(req.use_activation, self.core.classify_act)
+
+    def _tokenize(self, req: TokenizeRequest):
+        """The token ids the engine would run for ``req`` (images expanded), unchecked
+        against the length limit: a client asks in order to compare with it."""
+        if self.core.tokenizer is None:
+            raise ApiError(400, "this model was loaded without a tokenizer")
+        if req.messages is not None:
+            prompts, special = self._chat_prompt(req), bool(req.add_special_tokens)
+        else:
+            prompts, special = [req.prompt], req.add_special_tokens is not False
+        return self.core.inputs.process(prompts, None, None, "prompt", special, check=False)[0].token_ids
 
     def _prepare_pairs(self, req, first, second):
         toks = self.core.inputs.process_pairs(first, second, req.truncate_prompt_tokens, req.truncation_side,
@@ -259,6 +276,22 @@ class Server:
                     {"multi_modal": raw[i]}, "relevance_score": scores[i]} for i in order]
         return {"id": f"rerank-{req.request_id or uuid.uuid4().hex}", "model": self._model_name(req),
                 "usage": {"prompt_tokens": stats["tokens"], "total_tokens": stats["tokens"]}, "results": results}
+
+    async def tokenize(self, request, stats):
+        req = await self._read(request, TokenizeRequest)
+        ids = await self.engine.preprocess(self._tokenize, req)
+        strs = self.core.tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
+        return {"count": len(ids), "max_model_len": self.core.max_model_len, "tokens": ids, "token_strs": strs}
+
+    async def detokenize(self, request, stats):
+        req = await self._read(request, DetokenizeRequest)
+        tok, vocab = self.core.tokenizer, self.core.inputs.vocab_size
+        if tok is None:
+            raise ApiError(400, "this model was loaded without a tokenizer")
+        bad = next((t for t in req.tokens if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ApiError(400, f"token id {bad} is outside the vocabulary [0, {vocab})")
+        return {"prompt": tok.decode(req.tokens)}
 
     async def load_lora(self, request, stats):
         req = validate(LoadLoRARequest, await self._body(request))
@@ -326,7 +359,7 @@ class Server:
 
         routes = {"/classify": self.classify, "/pooling": self.pooling, "/score": self.score,
                   "/v1/score": self.score, "/rerank": self.rerank, "/v1/rerank": self.rerank,
-                  "/v2/rerank": self.rerank}
+                  "/v2/rerank": self.rerank, "/tokenize": self.tokenize, "/detokenize": self.detokenize}
         if self.allow_runtime_lora:
             routes.update({"/v1/load_lora_adapter": self.load_lora, "/v1/unload_lora_adapter": self.unload_lora})
         def endpoint_for(path, handler):  # a closure: FastAPI would read default args as query params
@@ -341,6 +374,12 @@ class Server:
         async def health():
             ok = self.engine is not None and self.engine.alive
             return Response(status_code=200 if ok else 503)
+
+        app.add_api_route("/ping", health, methods=["GET", "POST"])  # vLLM's (SageMaker's) liveness route
+
+        @app.get("/version")
+        async def version():
+            return {"version": __version__}
 
         @app.get("/v1/models")
         async def models():

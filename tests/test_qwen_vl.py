@@ -453,6 +453,9 @@ def test_server_classify_messages_with_images(vl):
         torch.testing.assert_close(torch.tensor(body["data"][0]["probs"]), torch.tensor(want.outputs.probs),
                                    atol=1e-5, rtol=0)
         assert body["usage"]["prompt_tokens"] == len(want.prompt_token_ids)
+        # /tokenize renders and expands the same way: the ids /classify ran
+        status, body = client.post("/tokenize", {"messages": msgs, "add_generation_prompt": False})
+        assert status == 200 and body["tokens"] == want.prompt_token_ids, body
         for part, match in (({"type": "image_url", "image_url": {"url": "https://x/cat.png"}}, "not fetched from URLs"),
                             ({"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
                              "cannot decode the image"),

@@ -249,6 +249,38 @@ def test_models_health_metrics(cls_env):
         assert name in text, name
 
 
+def test_tokenize_detokenize_version_ping(cls_env):
+    """/tokenize gives the ids /classify runs (a prompt with special tokens, messages
+    through the chat template, both as the tokenizer encodes them), also for a prompt
+    over max_model_len, which it reports beside the count; /detokenize inverts it."""
+    client, _, llm, tok = cls_env
+    text = "the cat sat on the mat"
+    status, r = client.post("/tokenize", {"prompt": text, "return_token_strs": True})
+    assert status == 200, r
+    assert r["tokens"] == tok(text)["input_ids"] == llm.classify(text, use_tqdm=False)[0].prompt_token_ids
+    assert r["count"] == len(r["tokens"]) and r["max_model_len"] == 64
+    assert r["token_strs"] == tok.convert_ids_to_tokens(r["tokens"])
+    status, r = client.post("/tokenize", {"prompt": text, "add_special_tokens": False})
+    assert r["tokens"] == tok(text, add_special_tokens=False)["input_ids"] and r["token_strs"] is None
+    msgs = [{"role": "user", "content": "the cat"}]
+    status, r = client.post("/tokenize", {"messages": msgs, "chat_template": TEMPLATE})
+    assert status == 200, r
+    assert r["tokens"] == tok("user the cat yes", add_special_tokens=False)["input_ids"]
+    status, r = client.post("/tokenize", {"prompt": "the cat " * 40})
+    assert status == 200 and r["count"] > r["max_model_len"], r
+    status, r = client.post("/detokenize", {"tokens": tok(text, add_special_tokens=False)["input_ids"]})
+    assert status == 200 and r["prompt"] == text, r
+    for path, body, needle in (("/detokenize", {"tokens": [3, 999]}, "token id 999 is outside the vocabulary"),
+                               ("/detokenize", {"tokens": "abc"}, "tokens"),
+                               ("/tokenize", {}, "exactly one of 'prompt' and 'messages'"),
+                               ("/tokenize", {"prompt": "x", "model": "other"}, "does not exist")):
+        status, r = client.post(path, body)
+        assert status in (400, 404) and needle in r["error"]["message"], (path, r)
+    status, r = client.request("GET", "/version")
+    assert status == 200 and r["version"] == __import__("pyengine").__version__
+    assert client.request("GET", "/ping")[0] == 200 and client.post("/ping")[0] == 200
+
+
 # ---------------------------------------------------------------------- bad input
 BAD = [
     ("/classify", None, b"{not json", 400, "malformed JSON"),
