@@ -45,6 +45,12 @@ class ScoreImage:
         return image_from_data_url(url.get("url") if isinstance(url, dict) else url, self.where)
 
 
+class ScoreParts(list):
+    """A parsed item that holds an image: its parts in order, each a str or a ScoreImage."""
+
+    __slots__ = ()
+
+
 def _part(x, where):
     """One content part: a str, or a ScoreImage."""
     if not isinstance(x, dict):
@@ -59,20 +65,20 @@ def _part(x, where):
 
 
 def _item(x, where):
-    """One query or document: a str, or a list of str and ScoreImage with an image in it."""
-    if isinstance(x, (str, list)):
+    """One query or document: a str, or ScoreParts (it has an image)."""
+    if isinstance(x, (str, ScoreParts)):
         return x  # a str, or already parsed
     if not isinstance(x, dict):
         raise TypeError(f"{where} must be {_FORMS} or {{'content': [parts]}}; got {type(x).__name__}")
     if "type" in x:
         part = _part(x, where)
-        return part if isinstance(part, str) else [part]
+        return part if isinstance(part, str) else ScoreParts([part])
     if "content" in x:
         content = x["content"]
         if not isinstance(content, (list, tuple)) or not content:
             raise TypeError(f"{where}['content'] must be a non-empty list of content parts, got {content!r:.60}")
         parts = [_part(p, f"{where}['content'][{j}]") for j, p in enumerate(content)]
-        return parts if any(isinstance(p, ScoreImage) for p in parts) else "".join(parts)
+        return ScoreParts(parts) if any(isinstance(p, ScoreImage) for p in parts) else "".join(parts)
     if "prompt" in x:
         if "multi_modal_data" in x:
             raise ValueError(f"{where}: score() takes images as content parts ({{'content': [{{'type': "
@@ -99,7 +105,7 @@ def split_side(data, name):
 
 
 def score_items(data, name):
-    """One side of score(): a list of items, each a str or a list of str and ScoreImage."""
+    """One side of score(): a list of items, each a str or ScoreParts."""
     return [_item(x, where) for x, where in split_side(data, name)]
 
 
@@ -112,7 +118,7 @@ def count(data) -> int:
 
 
 def has_image(item) -> bool:
-    return isinstance(item, list)
+    return isinstance(item, ScoreParts)
 
 
 def pair_items(data_1, data_2):

@@ -225,6 +225,7 @@ def test_mm_processor_kwargs_set_the_pixel_bounds(jina):
     ("q", [{"content": []}], TypeError, "non-empty list of content parts"),
     ("q", [{"content": ["bare text"]}], TypeError, r"data_2\[0\]\['content'\]\[0\] must be a content part"),
     ("q", [3], TypeError, "got int"),
+    ("q", [["a", "b"]], TypeError, "got list"),
     ({"content": []}, "d", ValueError, "empty list"),
 ])
 def test_bad_score_items(jina, d1, d2, exc, match):
