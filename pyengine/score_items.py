@@ -29,8 +29,7 @@ _MARK = "\ue000{}\ue001"
 
 
 class ScoreImage:
-    """One image item: the content part as given (echoed back by /rerank) and where it
-    came from (for error messages)."""
+    """One image part: the part as given, and where it came from (for error messages)."""
 
     __slots__ = ("part", "where")
 

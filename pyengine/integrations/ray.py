@@ -159,14 +159,15 @@ class PyEngineClassifier:
         self.llm = LLM(model, **engine_kwargs)
         engine = self.llm.engine
         # Bad values and adapters fail here, not per batch.
-        engine.inputs._limit(truncate_prompt_tokens, truncation_side)
+        pairs = pair_column if pair_column is not None else pair_image_column
+        engine.inputs._limit(truncate_prompt_tokens, truncation_side,
+                             len(engine.inputs.score_suffix) if pairs is not None else 0)
         lora = None if lora_path is None else LoRARequest("adapter", 1, os.fspath(lora_path))
         engine.lora_adapters(lora, 1)
         if image_col is not None and engine.inputs.images is None:
             raise ValueError(f"{what} needs a vision-language model; {engine.arch} takes text only")
         self.image_column, self.image_root = image_column, None if image_root is None else os.fspath(image_root)
         self.pair_image_column = pair_image_column
-        pairs = pair_column if pair_column is not None else pair_image_column
         if pairs is not None and engine.num_labels != 1:
             raise ValueError(f"{'pair_column' if pair_column is not None else 'pair_image_column'} needs a "
                              f"cross-encoder (num_labels == 1); this model has num_labels={engine.num_labels}")
