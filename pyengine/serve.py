@@ -16,6 +16,10 @@ With ``--allow-runtime-lora-updating``, ``POST /v1/load_lora_adapter`` and
 ``--chat-template`` (a file or Jinja source), as vLLM's flag: the chat template of
 /classify requests with messages that bring none, and, where it uses ``query`` and
 ``document`` (see :mod:`pyengine.templates`), the score template of /score and /rerank.
+
+``--api-key KEY`` (or ``PYENGINE_API_KEY``) makes every route but the probes (/health,
+/ping, /metrics, /version) answer 401 unless the request carries ``Authorization: Bearer
+KEY``; ``--ssl-keyfile`` / ``--ssl-certfile`` serve HTTPS.
 """
 from __future__ import annotations
 
@@ -25,6 +29,8 @@ import contextlib
 import itertools
 import json
 import logging
+import os
+import secrets
 import socket
 import threading
 import time
@@ -76,13 +82,22 @@ class Server:
     the one responses report); ``max_inputs``: inputs (or pairs) one request may hold;
     ``lora_modules``: {name: adapter directory}, each loaded and checked here;
     ``allow_runtime_lora``: add the routes that load and unload adapters;
-    ``chat_template``: Jinja source or a file of it (see the module's docstring)."""
+    ``chat_template``: Jinja source or a file of it (see the module's docstring);
+    ``api_keys``: bearer tokens, one of which every route but the probes requires."""
+
+    # Routes open without a key: liveness and monitoring probes rarely carry one.
+    OPEN_ROUTES = frozenset({"/health", "/ping", "/metrics", "/version"})
 
     def __init__(self, core: EngineCore, names: list[str], max_inputs: int = 1024,
                  max_request_bytes: int = 64 << 20, lora_modules: dict | None = None,
-                 allow_runtime_lora: bool = False, chat_template: str | None = None):
+                 allow_runtime_lora: bool = False, chat_template: str | None = None,
+                 api_keys: list[str] | None = None):
         if max_inputs < 1:
             raise ValueError(f"max_inputs must be positive, got {max_inputs}")
+        if api_keys is not None and (not isinstance(api_keys, (list, tuple)) or
+                                     not all(isinstance(k, str) and k for k in api_keys)):
+            raise ValueError("api_keys must be a list of non-empty strings")
+        self.api_keys = [k.encode() for k in api_keys or ()]
         self.chat_template = None if chat_template is None else read_template(chat_template, "chat_template")
         self.score_template = None
         if self.chat_template is not None and "query" in self.chat_template and "document" in self.chat_template:
@@ -342,6 +357,13 @@ class Server:
                                   stats["tokens"] if ok else 0, stats["inputs"] if ok else 0, stats["aborted"])
         return resp
 
+    def _authorized(self, request: Request) -> bool:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        token = token.strip().encode()
+        # Every key is compared, in constant time: how long a check takes says nothing.
+        hits = [secrets.compare_digest(token, k) for k in self.api_keys]
+        return scheme.lower() == "bearer" and any(hits)
+
     def build_app(self) -> FastAPI:
         @contextlib.asynccontextmanager
         async def lifespan(app):
@@ -356,6 +378,15 @@ class Server:
         @app.exception_handler(StarletteHTTPException)
         async def http_error(request, exc):  # unknown routes and methods, in the same error shape
             return _error(exc.status_code, str(exc.detail))
+
+        if self.api_keys:
+            @app.middleware("http")
+            async def authenticate(request: Request, call_next):
+                if request.url.path in self.OPEN_ROUTES or self._authorized(request):
+                    return await call_next(request)
+                resp = _error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'")
+                resp.headers["WWW-Authenticate"] = "Bearer"
+                return resp
 
         routes = {"/classify": self.classify, "/pooling": self.pooling, "/score": self.score,
                   "/v1/score": self.score, "/rerank": self.rerank, "/v1/rerank": self.rerank,
@@ -399,13 +430,14 @@ class Server:
         return app
 
 
-def serve_in_thread(app, host="127.0.0.1", port=0, timeout=60.0):
+def serve_in_thread(app, host="127.0.0.1", port=0, timeout=60.0, **uvicorn_config):
     """Start ``app`` on a background thread; returns (base_url, stop). Port 0 picks a
-    free port (the socket is bound here, so there is no race for it)."""
+    free port (the socket is bound here, so there is no race for it). uvicorn_config:
+    more of uvicorn.Config's keywords (``ssl_keyfile``, ``ssl_certfile``: an https URL)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", **uvicorn_config))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="pyengine-http")
     thread.start()
     deadline = time.monotonic() + timeout
@@ -419,7 +451,8 @@ def serve_in_thread(app, host="127.0.0.1", port=0, timeout=60.0):
         thread.join(timeout)
         sock.close()
 
-    return f"http://{host}:{sock.getsockname()[1]}", stop
+    scheme = "https" if uvicorn_config.get("ssl_certfile") else "http"
+    return f"{scheme}://{host}:{sock.getsockname()[1]}", stop
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -455,6 +488,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "of /score and /rerank (vLLM's score template files work as they are)")
     p.add_argument("--max-inputs-per-request", type=int, default=1024)
     p.add_argument("--max-request-bytes", type=int, default=64 << 20)
+    p.add_argument("--api-key", nargs="+", default=None, metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on every route but the probes "
+                        "(default: the PYENGINE_API_KEY environment variable, if set)")
+    p.add_argument("--ssl-keyfile", default=None, help="serve HTTPS with this private key")
+    p.add_argument("--ssl-certfile", default=None, help="and this certificate")
     p.add_argument("--log-level", default="info")
     return p
 
@@ -477,6 +515,11 @@ def main(argv=None):
     lora_modules = _lora_modules(parser, args.lora_modules)
     if (lora_modules or args.allow_runtime_lora_updating) and not args.enable_lora:
         parser.error("--lora-modules and --allow-runtime-lora-updating need --enable-lora")
+    if (args.ssl_keyfile is None) != (args.ssl_certfile is None):
+        parser.error("--ssl-keyfile and --ssl-certfile go together")
+    for f in (args.ssl_keyfile, args.ssl_certfile):
+        if f is not None and not os.path.isfile(f):
+            parser.error(f"{f!r} does not exist")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     core = EngineCore(EngineConfig(
         model=args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device,
@@ -485,9 +528,12 @@ def main(argv=None):
         kernel_backend=args.kernel_backend, convert=args.convert, runner=args.runner, enforce_eager=args.enforce_eager,
         enable_lora=args.enable_lora, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
         mm_processor_kwargs=args.mm_processor_kwargs))
+    api_keys = args.api_key or ([os.environ["PYENGINE_API_KEY"]] if os.environ.get("PYENGINE_API_KEY") else None)
     server = Server(core, args.served_model_name or [args.model], args.max_inputs_per_request,
-                    args.max_request_bytes, lora_modules, args.allow_runtime_lora_updating, args.chat_template)
-    uvicorn.run(server.build_app(), host=args.host, port=args.port, log_level=args.log_level.lower())
+                    args.max_request_bytes, lora_modules, args.allow_runtime_lora_updating, args.chat_template,
+                    api_keys)
+    uvicorn.run(server.build_app(), host=args.host, port=args.port, log_level=args.log_level.lower(),
+                ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile)
 
 
 if __name__ == "__main__":

@@ -281,6 +281,58 @@ def test_tokenize_detokenize_version_ping(cls_env):
     assert client.request("GET", "/ping")[0] == 200 and client.post("/ping")[0] == 200
 
 
+def test_api_key_and_https(tmp_path):
+    """With api_keys every route but the probes needs 'Authorization: Bearer KEY' (401
+    otherwise, in the usual error shape); over HTTPS (a self-signed certificate) the
+    same requests work. The command line refuses a key file without a certificate."""
+    import shutil
+    import ssl
+    import subprocess
+
+    from pyengine.serve import main
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is needed to make a test certificate")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "1", "-subj", "/CN=127.0.0.1"], check=True, capture_output=True)
+    path = tmp_path / "m"
+    save_tiny(path, _config(3), seed=9)
+    server = Server(EngineCore(EngineConfig(model=str(path))), ["m"], api_keys=["k1", "k2"])
+    url, stop = serve_in_thread(server.build_app(), ssl_keyfile=str(key), ssl_certfile=str(cert))
+    assert url.startswith("https://")
+    host, port = urlsplit(url).hostname, urlsplit(url).port
+    unverified = ssl._create_unverified_context()
+
+    def call(method, route, body=None, auth=None):
+        conn = http.client.HTTPSConnection(host, port, timeout=60, context=unverified)
+        try:
+            headers = {"Content-Type": "application/json", **({"Authorization": auth} if auth else {})}
+            conn.request(method, route, body=None if body is None else json.dumps(body), headers=headers)
+            resp = conn.getresponse()
+            return resp.status, resp.read().decode()
+        finally:
+            conn.close()
+
+    try:
+        for route in ("/health", "/ping", "/version", "/metrics"):
+            assert call("GET", route)[0] == 200, route
+        for auth in (None, "Bearer nope", "Basic k1", "Bearer k1x"):
+            status, text = call("POST", "/classify", {"input": "the cat"}, auth)
+            assert status == 401 and "API key" in json.loads(text)["error"]["message"], (auth, text)
+        assert call("GET", "/v1/models")[0] == 401
+        for key in ("k1", "k2"):
+            status, text = call("POST", "/classify", {"input": "the cat"}, f"Bearer {key}")
+            assert status == 200 and json.loads(text)["data"][0]["num_classes"] == 3, text
+        assert call("GET", "/v1/models", auth="Bearer k2")[0] == 200
+    finally:
+        stop()
+    with pytest.raises(SystemExit):
+        main(["--model", str(path), "--ssl-keyfile", str(key)])
+    with pytest.raises(ValueError, match="non-empty strings"):
+        Server(server.core, ["m"], api_keys=[""])
+
+
 # ---------------------------------------------------------------------- bad input
 BAD = [
     ("/classify", None, b"{not json", 400, "malformed JSON"),
