@@ -42,7 +42,7 @@ class RaggedBatch:
 
     @classmethod
     def build(cls, token_ids, token_type_ids=None, device="cpu"):
-        """token_ids: list of B non-empty int sequences; token_type_ids: None, or a list of
+        """token_ids: list of B non-empty int sequences (lists, or int64 arrays); token_type_ids: None, or a list of
         B entries each an int sequence of its prompt's length or None (all zeros).
 
         The four index tensors are filled in one host buffer (pinned on CUDA) and reach
@@ -124,9 +124,12 @@ def _pack(token_ids, token_type_ids, num_tokens, num_seqs, pin, max_len=None):
     cu = buf[8 * 3 * row:].view(np.int32)
     cu[0] = 0
     np.cumsum(lens, out=cu[1:], dtype=np.int32)
-    # Flattening the Python lists is the one per-token loop left; fromiter over a chain
-    # runs it in C without building an intermediate list.
-    rows[0, :T] = np.fromiter(chain.from_iterable(token_ids), dtype=np.int64, count=T)
+    if T and all(isinstance(t, np.ndarray) for t in token_ids):
+        np.concatenate(token_ids, out=rows[0, :T])  # the checked prompts' int64 views
+    else:
+        # Python lists: fromiter over a chain flattens them in C without building an
+        # intermediate list.
+        rows[0, :T] = np.fromiter(chain.from_iterable(token_ids), dtype=np.int64, count=T)
     rows[0, T:total] = 0
     # positions = token index - start of its sequence, without one arange per sequence.
     np.subtract(np.arange(total, dtype=np.int64), np.repeat(cu[:-1].astype(np.int64), lens), out=rows[1, :total])

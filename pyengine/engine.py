@@ -330,7 +330,7 @@ class EngineCore:
         types = None
         if any(p.token_type_ids is not None for p in prompts):
             types = [p.token_type_ids for p in prompts]
-        token_ids = [p.token_ids for p in prompts]
+        token_ids = [p.token_ids if p.id_array is None else p.id_array for p in prompts]
         lora = None if loras is None else LoRABatch.build(loras, [len(t) for t in token_ids])
         # The graph's output is overwritten by its next replay; the pooler reads it first
         # (stream order), so nothing here needs to copy it. A graph holds the base model or

@@ -6,7 +6,11 @@ the whole call with a message naming the prompt, and nothing is half-done.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from bisect import bisect_right
+from dataclasses import dataclass, field
+from itertools import accumulate, chain
+
+import numpy as np
 
 from .multimodal import MMData, expand, image_list, rope_positions
 from .score_items import has_image, pair_items, render_with_images
@@ -18,6 +22,10 @@ class TokenizedPrompt:
     token_ids: list[int]
     token_type_ids: list[int] | None = None
     mm: MMData | None = None  # images of a vision-language prompt
+    # token_ids as int64, a view of one array the checks make for a whole call (one C
+    # pass over every token); batches are packed from these views. Set once checked;
+    # token_ids do not change after that.
+    id_array: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def __len__(self):
         return len(self.token_ids)
@@ -158,20 +166,36 @@ class InputProcessor:
             if n > self.max_model_len:
                 raise ValueError(f"{what}[{i}] has {n} tokens, more than max_model_len={self.max_model_len}; "
                                  "shorten it or pass truncate_prompt_tokens")
-            # min/max run in C; the offending id is looked up only on failure.
-            if min(p.token_ids) < 0 or max(p.token_ids) >= self.vocab_size:
-                bad = next(t for t in p.token_ids if t < 0 or t >= self.vocab_size)
-                raise ValueError(f"{what}[{i}] has token id {bad} outside the vocabulary "
-                                 f"[0, {self.vocab_size})")
-            if self.images is not None and p.mm is None and self.images.image_token_id in p.token_ids:
-                raise ValueError(f"{what}[{i}] has an image placeholder token but no image; pass the image as "
-                                 "{'prompt': ..., 'multi_modal_data': {'image': img}}")
             types = p.token_type_ids
             if types is not None and (min(types) < 0 or max(types) >= self.type_vocab_size):
                 bad = next(t for t in types if t < 0 or t >= self.type_vocab_size)
                 raise ValueError(f"{what}[{i}] has token type id {bad} outside the model's token types "
                                  f"[0, {self.type_vocab_size})")
+        ends = list(accumulate(len(p.token_ids) for p in prompts))
+        try:
+            flat = np.fromiter(chain.from_iterable(p.token_ids for p in prompts), dtype=np.int64,
+                               count=ends[-1] if ends else 0)
+        except OverflowError:  # an id beyond int64: outside the vocabulary, found below
+            flat = None
+        if flat is None or (flat.size and (flat.min() < 0 or flat.max() >= self.vocab_size)):
+            i, bad = self._first_bad_id(prompts, flat, ends)
+            raise ValueError(f"{what}[{i}] has token id {bad} outside the vocabulary [0, {self.vocab_size})")
+        if self.images is not None:
+            for j in np.flatnonzero(flat == self.images.image_token_id):
+                i = bisect_right(ends, int(j))
+                if prompts[i].mm is None:
+                    raise ValueError(f"{what}[{i}] has an image placeholder token but no image; pass the image "
+                                     "as {'prompt': ..., 'multi_modal_data': {'image': img}}")
+        for p, start, end in zip(prompts, [0] + ends[:-1], ends):
+            p.id_array = flat[start:end]
         return prompts
+
+    def _first_bad_id(self, prompts, flat, ends):
+        """(prompt index, id) of the first token id outside the vocabulary."""
+        if flat is not None:
+            j = int(np.flatnonzero((flat < 0) | (flat >= self.vocab_size))[0])
+            return bisect_right(ends, j), int(flat[j])
+        return next((i, t) for i, p in enumerate(prompts) for t in p.token_ids if not 0 <= t < self.vocab_size)
 
     # Texts per tokenizer call: large enough for the fast tokenizer's parallel batch, small
     # enough that a progress bar moves on a large corpus.

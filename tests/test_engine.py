@@ -284,6 +284,12 @@ def small_llm(tmp_path_factory):
     (lambda l: l.classify([{"prompt_token_ids": [2, 5, 100000]}]), ValueError,
      r"prompts\[0\] has token id 100000 outside the vocabulary \[0, 160\)"),
     (lambda l: l.classify([{"prompt_token_ids": [2, -1]}]), ValueError, r"token id -1 outside"),
+    # one check over the whole call's tokens still names the prompt (here the third)
+    (lambda l: l.classify(["the cat", {"prompt_token_ids": [2, 5]}, {"prompt_token_ids": [4, 160, 3]}]),
+     ValueError, r"prompts\[2\] has token id 160 outside the vocabulary"),
+    # beyond int64
+    (lambda l: l.classify([{"prompt_token_ids": [2, 5]}, {"prompt_token_ids": [3, 2 ** 70]}]), ValueError,
+     r"prompts\[1\] has token id 1180591620717411303424 outside the vocabulary"),
     (lambda l: l.classify([3]), TypeError, r"prompts\[0\] must be a str or a dict, got int"),
     (lambda l: l.classify([{"prompt_token_ids": [2, True, 3]}]), TypeError, r"must be a list of ints"),
     (lambda l: l.classify([{"prompt_token_ids": [2, 3.0]}]), TypeError, r"must be a list of ints"),
