@@ -185,6 +185,19 @@ def test_images_without_a_template_and_with_one(tmp_path):
     assert got.outputs.score == pytest.approx(want.outputs.probs[0], abs=1e-6)
     assert got.prompt_token_ids == want.prompt_token_ids
 
+    # vLLM's score-template style: the pair as messages with roles query and document,
+    # the instruction from a default chain over undefined variables
+    template = ("<I>{{ instruction | default(messages | selectattr('role', 'eq', 'system') | map(attribute='content')"
+                " | first | default('rank it', true), true) }}<Q>{{ messages | selectattr('role', 'eq', 'query') | "
+                "map(attribute='content') | first }}<D>{{ messages | selectattr('role', 'eq', 'document') | "
+                "map(attribute='content') | first }}")
+    doc = {"content": [{"type": "text", "text": "see "}, url_part(b), {"type": "text", "text": " here"}]}
+    got = llm.score("a dog", [doc], score_template=template, use_tqdm=False)[0]
+    want = llm.classify([{"prompt": f"<I>rank it<Q>a dog<D>see {IMG} here", "multi_modal_data": {"image": b}}],
+                        use_tqdm=False)[0]
+    assert got.prompt_token_ids == want.prompt_token_ids
+    assert got.outputs.score == pytest.approx(want.outputs.probs[0], abs=1e-6)
+
 
 @needs_pil
 def test_mm_processor_kwargs_set_the_pixel_bounds(jina):
