@@ -211,8 +211,10 @@ def test_token_head_of_a_causal_checkpoint(gen, tmp_path):
     model, tok, _ = save_vl(tmp_path, gen)
     model.config.architectures = [f"{GENS[gen][2]}ForConditionalGeneration"]
     model.save_pretrained(tmp_path)  # the LM head only, no score.weight
-    llm = LLM(str(tmp_path), dtype="float32", kernel_backend="torch",
-              hf_overrides={"classifier_from_token": ["no", "yes"], "method": "from_2_way_softmax"})
+    # Qwen3-VL-Reranker's shorthand (vLLM's overrides for it) keeps the VL architecture
+    overrides = ({"classifier_from_token": ["no", "yes"], "method": "from_2_way_softmax"} if gen != "3" else
+                 {"architectures": ["Qwen3VLForSequenceClassification"], "is_original_qwen3_reranker": True})
+    llm = LLM(str(tmp_path), dtype="float32", kernel_backend="torch", hf_overrides=overrides)
     no, yes = tok.convert_tokens_to_ids(["no", "yes"])
     prompts = _prompts(4, gen)
     got = llm.classify(_dicts(prompts), use_tqdm=False)

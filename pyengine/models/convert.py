@@ -22,13 +22,16 @@ METHODS = ("from_2_way_softmax", "no_post_processing")
 
 
 def apply_shorthands(config):
-    """Expand ``is_original_qwen3_reranker`` in place (explicit keys win)."""
+    """Expand ``is_original_qwen3_reranker`` in place (explicit keys win). A Qwen3-VL
+    checkpoint (Qwen3-VL-Reranker) keeps its vision-language architecture; anything else
+    becomes the Qwen3 text classifier, as vLLM routes the original Qwen3-Reranker."""
     if getattr(config, "is_original_qwen3_reranker", False):
         if getattr(config, "classifier_from_token", None) is None:
             config.classifier_from_token = ["no", "yes"]
         if getattr(config, "method", None) is None:
             config.method = "from_2_way_softmax"
-        config.architectures = ["Qwen3ForSequenceClassification"]
+        if not any(str(a).startswith("Qwen3VL") for a in getattr(config, "architectures", None) or []):
+            config.architectures = ["Qwen3ForSequenceClassification"]
 
 
 def check_token_head(config):
