@@ -34,6 +34,13 @@ PRESETS = {
                                        num_key_value_heads=2, intermediate_size=8960,
                                        max_position_embeddings=32768, num_labels=2,
                                        architectures=["Qwen2ForSequenceClassification"])),
+    # gte-reranker-modernbert-base's shape: local windows of 128 tokens, a global layer every third
+    "modernbert-base": ("ModernBertConfig", dict(vocab_size=50368, hidden_size=768, intermediate_size=1152,
+                                                 num_hidden_layers=22, num_attention_heads=12,
+                                                 max_position_embeddings=8192, num_labels=1, pad_token_id=50283,
+                                                 bos_token_id=50281, eos_token_id=50282, cls_token_id=50281,
+                                                 sep_token_id=50282,
+                                                 architectures=["ModernBertForSequenceClassification"])),
     "tiny": ("BertConfig", dict(_BERT, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
                                 intermediate_size=1024, num_labels=2)),
 }
@@ -41,8 +48,8 @@ GPU_PRESETS = ("minilm-l6", "bert-base", "qwen3-0.6b", "qwen2-1.5b")
 CPU_PRESETS = ("tiny",)
 
 # Encoders whose prompts are wrapped in begin/end ids, and which attend both ways.
-ENCODER_TYPES = {"bert", "roberta", "xlm-roberta", "ernie", "camembert", "electra", "distilbert"}
-_HEAD_NAMES = ("classifier", "score", "pooler")
+ENCODER_TYPES = {"bert", "roberta", "xlm-roberta", "ernie", "camembert", "electra", "distilbert", "modernbert"}
+_HEAD_NAMES = ("classifier", "score", "pooler", "head")
 
 
 def preset_config(name: str, layers: int | None = None):
@@ -119,6 +126,8 @@ def model_facts(config) -> dict:
     if encoder:
         if config.model_type in ("bert", "ernie", "electra", "distilbert"):
             ends = (101, 102) if config.vocab_size > 102 else None  # [CLS], [SEP] in BERT vocabularies
+        elif config.model_type == "modernbert":
+            ends = (config.cls_token_id, config.sep_token_id)
         else:
             ends = (config.bos_token_id, config.eos_token_id)
             ends = None if None in ends else ends
@@ -146,7 +155,8 @@ def linear_params(config) -> int:
 def workload_flops(config, lengths, linear: int | None = None) -> float:
     """Matmul FLOPs of one pass over ``lengths``: 2 * linear params * tokens plus
     attention (QK^T and PV: 4 * L^2 * heads * head_dim per layer, half of it for
-    causal models, which skip the masked half). linear: linear_params(config) if known."""
+    causal models, which skip the masked half; sliding-window layers are counted as full
+    ones, so ModernBERT's count is an upper bound). linear: linear_params(config) if known."""
     f = model_facts(config)
     linear = linear_params(config) if linear is None else linear
     attn = 4 * sum(n * n for n in lengths) * f["heads"] * f["head_dim"] * f["layers"]

@@ -26,6 +26,7 @@ _CONVERT_ONLY |= {"GPT2LMHeadModel", "GPT2Model"}
 for _a in _CONVERT_ONLY:
     _REGISTRY[_a] = _DECODER
 _REGISTRY["JambaForSequenceClassification"] = "pyengine.models.jamba:JambaForSequenceClassification"
+_REGISTRY["ModernBertForSequenceClassification"] = "pyengine.models.modernbert:ModernBertForSequenceClassification"
 # Vision-language: the Qwen2 decoder behind a vision tower; images through multi_modal_data.
 _VL = "pyengine.models.qwen_vl:QwenVLForSequenceClassification"
 for _a in ("Qwen2VL", "Qwen2_5_VL", "Qwen3VL"):

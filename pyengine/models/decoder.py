@@ -65,6 +65,10 @@ FAMILIES = {
                      o_bias=True, mlp_bias=False, head="pooler", pooling="cls"),
 }
 FAMILIES["New"] = FAMILIES["GteNew"]
+# ModernBERT's layer options (biases, windows, rotary tables, head) come from its config in
+# pyengine.models.modernbert.
+FAMILIES["ModernBert"] = Family("model", layout="modernbert", norm="layer", causal=False, head="modernbert",
+                                pooling="config")
 # The language models of Qwen2-VL, Qwen2.5-VL and Qwen3-VL (pyengine.models.qwen_vl adds the vision tower).
 FAMILIES["Qwen2VL"] = FAMILIES["Qwen2_5_VL"] = FAMILIES["JinaVL"] = FAMILIES["Qwen2"]
 FAMILIES["Qwen3VL"] = FAMILIES["Qwen3"]
@@ -267,13 +271,13 @@ class DecoderForSequenceClassification(nn.Module):
         if layer.q_norm is not None and not self.fam.learned_pos:
             # One in-place pass on the strided q/k views: no copy out of qkv for the norm,
             # and q/k are read and written once rather than by a norm and then a rotary.
-            q, k = ops.qk_norm_rotary(q, k, layer.q_norm, layer.k_norm, *self._rope(batch), self.eps)
+            q, k = ops.qk_norm_rotary(q, k, layer.q_norm, layer.k_norm, *self._rope(batch, i), self.eps)
         else:
             if layer.q_norm is not None:  # q/k norm without rotary (no family has this)
                 q = ops.add_rms_norm(q.reshape(T * nh, hd), None, layer.q_norm, self.eps)[0].view(T, nh, hd)
                 k = ops.add_rms_norm(k.reshape(T * nkv, hd), None, layer.k_norm, self.eps)[0].view(T, nkv, hd)
             if not self.fam.learned_pos:
-                q, k = ops.rotary(q, k, *self._rope(batch))
+                q, k = ops.rotary(q, k, *self._rope(batch, i))
         if rows is None:
             out = ops.varlen_attention(q, k, v, batch.cu_seqlens, batch.max_seqlen, causal=self.causal,
                                        scale=self.scales[i], window=self.windows[i])
@@ -287,8 +291,8 @@ class DecoderForSequenceClassification(nn.Module):
         """Layer i's MLP output m before it joins the residual stream (a hook)."""
         return m
 
-    def _rope(self, batch):
-        """(positions (T,), table (P, R)) for the rotary ops: each token's row of the table."""
+    def _rope(self, batch, i):
+        """(positions (T,), table (P, R)) for layer i's rotary ops: each token's row of the table."""
         return batch.positions, self.cos_sin
 
     def _attend(self, i, layer, h, batch, d, rows, stream):

@@ -271,7 +271,7 @@ class QwenVLForSequenceClassification(DecoderForSequenceClassification):
             axis = torch.cat([torch.full((n,), a) for a, n in enumerate(sec)])
         self.register_buffer("mrope_axis", torch.cat((axis, axis)).to(device), persistent=False)
 
-    def _rope(self, batch):
+    def _rope(self, batch, i):
         if batch.mm is None:
             return batch.positions, self.cos_sin
         if batch.mm.rotary is None:
