@@ -4,7 +4,7 @@ import time
 
 import pytest
 import torch
-from transformers import BertConfig, ErnieConfig, RobertaConfig, XLMRobertaConfig
+from transformers import BertConfig, DistilBertConfig, ElectraConfig, ErnieConfig, RobertaConfig, XLMRobertaConfig
 
 from pyengine import LLM, PoolerConfig, PoolingParams
 from tiny import WORDS, save_tiny
@@ -26,6 +26,13 @@ FAMILIES = {
     # task-type embedding row added to every token
     "ernie": (lambda **kw: ErnieConfig(vocab_size=160, max_position_embeddings=64, use_task_id=True,
                                        task_type_vocab_size=3, **_COMMON, **kw), "wordpiece"),
+    # embeddings narrower than the layers (a projection between), dense+GELU head
+    "electra": (lambda **kw: ElectraConfig(vocab_size=160, max_position_embeddings=64, embedding_size=32,
+                                           **_COMMON, **kw), "wordpiece"),
+    # q_lin/k_lin/... names, no token types, pre_classifier+ReLU head, LayerNorm eps not in its config
+    "distilbert": (lambda **kw: DistilBertConfig(vocab_size=160, max_position_embeddings=64, dim=64, n_layers=2,
+                                                 n_heads=4, hidden_dim=128, dropout=0.0, attention_dropout=0.0,
+                                                 **kw), "wordpiece"),
 }
 
 

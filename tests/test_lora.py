@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import save_file
-from transformers import AutoConfig, AutoModelForSequenceClassification, BertConfig, RobertaConfig
+from transformers import AutoConfig, AutoModelForSequenceClassification, BertConfig, DistilBertConfig, RobertaConfig
 
 from pyengine import LLM, LoRARequest
 from test_engine import report
@@ -40,6 +40,11 @@ FAMILIES = {
     "gpt2": (lambda n: AutoConfig.for_model("gpt2", vocab_size=320, n_embd=64, n_layer=2, n_head=4, n_positions=512,
                                             pad_token_id=0, num_labels=n),
              dict(target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)),
+    # DistilBERT's own names (q_lin ... lin1); its whole head (pre_classifier too) saved
+    "distilbert": (lambda n: DistilBertConfig(vocab_size=160, max_position_embeddings=64, dim=32, n_layers=2, n_heads=4,
+                                              hidden_dim=64, dropout=0.0, attention_dropout=0.0, num_labels=n),
+                   dict(target_modules=["q_lin", "v_lin", "out_lin", "lin1"],
+                        modules_to_save=["pre_classifier", "classifier"])),
 }
 
 

@@ -14,6 +14,8 @@ _REGISTRY = {
     "RobertaForSequenceClassification": "pyengine.models.bert:BertForSequenceClassification",
     "XLMRobertaForSequenceClassification": "pyengine.models.bert:BertForSequenceClassification",
     "CamembertForSequenceClassification": "pyengine.models.bert:BertForSequenceClassification",
+    "ElectraForSequenceClassification": "pyengine.models.bert:BertForSequenceClassification",
+    "DistilBertForSequenceClassification": "pyengine.models.bert:BertForSequenceClassification",
 }
 _DECODER = "pyengine.models.decoder:DecoderForSequenceClassification"
 # Sequence classifiers with their own head (score.weight / classifier.*).

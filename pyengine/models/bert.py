@@ -1,9 +1,12 @@
-"""BERT-family encoders (BERT, RoBERTa, XLM-RoBERTa, ERNIE) over packed tokens.
+"""BERT-family encoders (BERT, RoBERTa, XLM-RoBERTa, ERNIE, ELECTRA, DistilBERT) over
+packed tokens.
 
-One implementation; the families differ in the weight prefix, how positions are
-numbered (RoBERTa counts from padding_idx + 1), ERNIE's task-type row, and the head
-(BERT/ERNIE: pooler dense+tanh then classifier; RoBERTa: classifier.dense+tanh then
-out_proj).
+One implementation; the families differ in the weight names, how positions are
+numbered (RoBERTa counts from padding_idx + 1), ERNIE's task-type row, ELECTRA's
+embedding projection (when its embedding_size is not hidden_size), and the head on the
+first token (BERT/ERNIE: pooler dense+tanh then classifier; RoBERTa: classifier.dense+tanh
+then out_proj; ELECTRA: the same with GELU; DistilBERT: pre_classifier+ReLU then
+classifier).
 """
 from __future__ import annotations
 
@@ -31,7 +34,16 @@ _FAMILY = {
     "RobertaForSequenceClassification": ("roberta", True, "roberta"),
     "XLMRobertaForSequenceClassification": ("roberta", True, "roberta"),
     "CamembertForSequenceClassification": ("roberta", True, "roberta"),
+    "ElectraForSequenceClassification": ("electra", False, "electra"),
+    "DistilBertForSequenceClassification": ("distilbert", False, "distilbert"),
 }
+# The head's activation between its two linears.
+_HEAD_ACT = {"pooler": torch.tanh, "roberta": torch.tanh, "electra": F.gelu, "distilbert": F.relu}
+# Head weights by head kind ({prefix}: the family's weight prefix).
+_HEAD = {"pooler": {"{prefix}.pooler.dense": "dense", "classifier": "out"},
+         "roberta": {"classifier.dense": "dense", "classifier.out_proj": "out"},
+         "electra": {"classifier.dense": "dense", "classifier.out_proj": "out"},
+         "distilbert": {"pre_classifier": "dense", "classifier": "out"}}
 
 
 # Checkpoint names (below "embeddings." and "encoder.layer.N.") -> parameters here.
@@ -44,6 +56,12 @@ _LAYER = {"attention.output.dense.weight": "o_w", "attention.output.dense.bias":
           "output.dense.weight": "down_w", "output.dense.bias": "down_b",
           "output.LayerNorm.weight": "ln2_w", "output.LayerNorm.bias": "ln2_b"}
 _QKV = {"query": 0, "key": 1, "value": 2}
+# DistilBERT's names for the same weights (below "transformer.layer.N.").
+_DISTIL_LAYER = {"attention.out_lin.weight": "o_w", "attention.out_lin.bias": "o_b",
+                 "sa_layer_norm.weight": "ln1_w", "sa_layer_norm.bias": "ln1_b",
+                 "ffn.lin1.weight": "up_w", "ffn.lin1.bias": "up_b", "ffn.lin2.weight": "down_w",
+                 "ffn.lin2.bias": "down_b", "output_layer_norm.weight": "ln2_w", "output_layer_norm.bias": "ln2_b"}
+_DISTIL_QKV = {"q_lin": 0, "k_lin": 1, "v_lin": 2}
 
 
 def _p(*shape, dtype, device):
@@ -72,26 +90,31 @@ class BertForSequenceClassification(nn.Module):
         if getattr(config, "position_embedding_type", "absolute") not in (None, "absolute"):
             raise ValueError(f"{arch}: position_embedding_type={config.position_embedding_type!r} "
                              "is not supported (only 'absolute')")
-        if config.hidden_act not in _ACTS:
-            raise ValueError(f"{arch}: hidden_act={config.hidden_act!r} is not supported")
-        self.act = _ACTS[config.hidden_act]
-        H, I, V = config.hidden_size, config.intermediate_size, config.vocab_size
+        # DistilBERT's config names the activation "activation" and the MLP width "hidden_dim".
+        act = getattr(config, "hidden_act", None) or getattr(config, "activation", None)
+        if act not in _ACTS:
+            raise ValueError(f"{arch}: hidden_act={act!r} is not supported")
+        self.act = _ACTS[act]
+        H, V = config.hidden_size, config.vocab_size
+        I = getattr(config, "intermediate_size", None) or config.hidden_dim
+        E = getattr(config, "embedding_size", None) or H  # ELECTRA-small embeds narrower than it attends
         self.num_heads = config.num_attention_heads
         self.head_dim = H // self.num_heads
-        self.eps = config.layer_norm_eps
+        self.eps = getattr(config, "layer_norm_eps", 1e-12)  # DistilBERT's LayerNorms: 1e-12, not in its config
         self.num_labels = config.num_labels
         self.vocab_size = V
         self.pad_offset = (config.pad_token_id + 1) if self.roberta_positions else 0
         self.max_model_len = config.max_position_embeddings - self.pad_offset
         kw = dict(dtype=dtype, device=device)
         f32 = dict(dtype=torch.float32, device=device)
-        self.word = _p(V, H, **kw)
-        self.pos = _p(config.max_position_embeddings, H, **kw)
+        self.word = _p(V, E, **kw)
+        self.pos = _p(config.max_position_embeddings, E, **kw)
         self.type_vocab = getattr(config, "type_vocab_size", 0) or 0
-        self.tok_type = _p(self.type_vocab, H, **kw) if self.type_vocab else None
+        self.tok_type = _p(self.type_vocab, E, **kw) if self.type_vocab else None
         self.use_task_id = bool(getattr(config, "use_task_id", False))
-        self.task = _p(config.task_type_vocab_size, H, **kw) if self.use_task_id else None
-        self.emb_ln_w, self.emb_ln_b = _p(H, **kw), _p(H, **kw)
+        self.task = _p(config.task_type_vocab_size, E, **kw) if self.use_task_id else None
+        self.emb_ln_w, self.emb_ln_b = _p(E, **kw), _p(E, **kw)
+        self.proj_w, self.proj_b = (_p(H, E, **kw), _p(H, **kw)) if E != H else (None, None)
         self.layers = nn.ModuleList()
         for _ in range(config.num_hidden_layers):
             layer = nn.Module()
@@ -115,6 +138,8 @@ class BertForSequenceClassification(nn.Module):
         extra = self.task[0] if self.use_task_id else None  # task_type_ids default to 0
         x = ops.embed_layer_norm(batch.input_ids, positions, batch.token_type_ids, self.word, self.pos,
                                  self.tok_type, self.emb_ln_w, self.emb_ln_b, self.eps, extra)
+        if self.proj_w is not None:
+            x = F.linear(x, self.proj_w, self.proj_b)
         nh, hd = self.num_heads, self.head_dim
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
@@ -159,7 +184,8 @@ class BertForSequenceClassification(nn.Module):
 
     def _head(self, pooled, p):
         """The head with the parameters in p (an adapter's) in place of the model's own."""
-        h = torch.tanh(F.linear(pooled, p.get("dense_w", self.dense_w), p.get("dense_b", self.dense_b)))
+        h = _HEAD_ACT[self.head_kind](F.linear(pooled, p.get("dense_w", self.dense_w),
+                                               p.get("dense_b", self.dense_b)))
         return F.linear(h, p.get("out_w", self.out_w), p.get("out_b", self.out_b))
 
     # ------------------------------------------------------------------ weights
@@ -168,26 +194,33 @@ class BertForSequenceClassification(nn.Module):
         transformers model lands here ([] for names this model does not use)."""
         # Older checkpoints name LayerNorm parameters gamma/beta.
         name = name.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
-        if self.head_kind == "pooler":
-            head = {f"{self.prefix}.pooler.dense.weight": "dense_w", f"{self.prefix}.pooler.dense.bias": "dense_b",
-                    "classifier.weight": "out_w", "classifier.bias": "out_b"}
-        else:
-            head = {"classifier.dense.weight": "dense_w", "classifier.dense.bias": "dense_b",
-                    "classifier.out_proj.weight": "out_w", "classifier.out_proj.bias": "out_b"}
-        if name in head:
-            return [(head[name], None, None)]
+        module, _, kind = name.rpartition(".")
+        head = _HEAD[self.head_kind]
+        for pattern, param in head.items():
+            if module == pattern.format(prefix=self.prefix) and kind in ("weight", "bias"):
+                return [(f"{param}_{kind[0]}", None, None)]
         if not name.startswith(self.prefix + "."):
             return []
         rest = name[len(self.prefix) + 1:]
         if rest.startswith("embeddings."):
             key = _EMBEDDINGS.get(rest[len("embeddings."):])
             return [(key, None, None)] if key and getattr(self, key, None) is not None else []
+        if rest in ("embeddings_project.weight", "embeddings_project.bias") and self.proj_w is not None:
+            return [("proj_" + rest.rsplit(".", 1)[1][0], None, None)]
+        H = self.config.hidden_size
+        if rest.startswith("transformer.layer."):  # DistilBERT
+            idx, key = rest[len("transformer.layer."):].split(".", 1)
+            which, _, kind = key.removeprefix("attention.").partition(".")
+            if key.startswith("attention.") and which in _DISTIL_QKV:
+                j = _DISTIL_QKV[which]
+                return [(f"layers.{idx}.qkv_{kind[0]}", slice(j * H, (j + 1) * H), None)]
+            return [(f"layers.{idx}.{_DISTIL_LAYER[key]}", None, None)] if key in _DISTIL_LAYER else []
         if not rest.startswith("encoder.layer."):
             return []
         idx, key = rest[len("encoder.layer."):].split(".", 1)
         if key.startswith("attention.self."):
             which, kind = key[len("attention.self."):].split(".")
-            H, j = self.config.hidden_size, _QKV[which]
+            j = _QKV[which]
             return [(f"layers.{idx}.qkv_{'w' if kind == 'weight' else 'b'}", slice(j * H, (j + 1) * H), None)]
         return [(f"layers.{idx}.{_LAYER[key]}", None, None)] if key in _LAYER else []
 
