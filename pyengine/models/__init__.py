@@ -35,6 +35,12 @@ for _a in ("Qwen2VL", "Qwen2_5_VL", "Qwen3VL"):
     _REGISTRY[f"{_a}ForSequenceClassification"] = _VL
     _REGISTRY[f"{_a}ForConditionalGeneration"] = _VL
     _CONVERT_ONLY.add(f"{_a}ForConditionalGeneration")
+# Gemma 3's language model (the multimodal wrapper's too, text prompts only).
+_GEMMA3 = "pyengine.models.gemma3:Gemma3ForSequenceClassification"
+for _a in ("Gemma3TextForSequenceClassification", "Gemma3ForSequenceClassification", "Gemma3ForCausalLM",
+           "Gemma3ForConditionalGeneration"):
+    _REGISTRY[_a] = _GEMMA3
+_CONVERT_ONLY |= {"Gemma3ForCausalLM", "Gemma3ForConditionalGeneration"}
 # jina-reranker-m0's own name, and vLLM's for it.
 _REGISTRY["JinaVLForRanking"] = _REGISTRY["JinaVLForSequenceClassification"] = "pyengine.models.qwen_vl:JinaVLForRanking"
 # Architectures whose head has a fixed width whatever config.json says (as vLLM fixes them).
@@ -66,7 +72,7 @@ def resolve_architecture(config, convert="auto"):
     if arch in _CONVERT_ONLY and convert == "none":
         raise ValueError(f"{arch} has no classification head; pass convert='classify' (or 'auto') to classify "
                          "its last token")
-    if check_token_head(config) and _REGISTRY[arch] not in (_DECODER, _VL):
+    if check_token_head(config) and _REGISTRY[arch] not in (_DECODER, _VL, _GEMMA3):
         raise ValueError(f"classifier_from_token is only supported for decoder models, not {arch}")
     if arch in _NUM_LABELS:
         config.num_labels = _NUM_LABELS[arch]

@@ -65,6 +65,9 @@ FAMILIES = {
                      o_bias=True, mlp_bias=False, head="pooler", pooling="cls"),
 }
 FAMILIES["New"] = FAMILIES["GteNew"]
+# Gemma 3's text stack (pyengine.models.gemma3 adds its sandwich norms and per-type rotary).
+FAMILIES["Gemma3"] = FAMILIES["Gemma3Text"] = Family("model", norm_offset=1.0, embed_scale=True, mlp_bias=False,
+                                                     qk_norm=True, sliding="layer_types")
 # ModernBERT's layer options (biases, windows, rotary tables, head) come from its config in
 # pyengine.models.modernbert.
 FAMILIES["ModernBert"] = Family("model", layout="modernbert", norm="layer", causal=False, head="modernbert",
@@ -84,6 +87,18 @@ def family_of(arch):
         if arch.endswith(s) and arch[: -len(s)] in FAMILIES:
             return FAMILIES[arch[: -len(s)]]
     raise ValueError(f"{arch} is not a decoder architecture")
+
+
+class ConfigView:
+    """A config with some attributes replaced, the rest read through (transformers 5's
+    configs refuse values outside their fields' types, such as flat rope parameters
+    where per-layer-type ones belong)."""
+
+    def __init__(self, base, **replaced):
+        self.__dict__.update(replaced, _base=base)
+
+    def __getattr__(self, name):
+        return getattr(self._base, name)
 
 
 def _p(*shape, dtype, device):
@@ -271,7 +286,8 @@ class DecoderForSequenceClassification(nn.Module):
         if layer.q_norm is not None and not self.fam.learned_pos:
             # One in-place pass on the strided q/k views: no copy out of qkv for the norm,
             # and q/k are read and written once rather than by a norm and then a rotary.
-            q, k = ops.qk_norm_rotary(q, k, layer.q_norm, layer.k_norm, *self._rope(batch, i), self.eps)
+            q, k = ops.qk_norm_rotary(q, k, layer.q_norm, layer.k_norm, *self._rope(batch, i), self.eps,
+                                      self.fam.norm_offset)
         else:
             if layer.q_norm is not None:  # q/k norm without rotary (no family has this)
                 q = ops.add_rms_norm(q.reshape(T * nh, hd), None, layer.q_norm, self.eps)[0].view(T, nh, hd)
@@ -290,6 +306,11 @@ class DecoderForSequenceClassification(nn.Module):
     def _layer_out(self, i, m, batch):
         """Layer i's MLP output m before it joins the residual stream (a hook)."""
         return m
+
+    def _attn_out(self, i, layer, o):
+        """Layer i's attention output o (after o_proj) before it joins the residual stream
+        (a hook)."""
+        return o
 
     def _rope(self, batch, i):
         """(positions (T,), table (P, R)) for layer i's rotary ops: each token's row of the table."""
@@ -349,7 +370,8 @@ class DecoderForSequenceClassification(nn.Module):
         for i, layer in enumerate(self.layers):
             d = layer_deltas(lora, i)
             a, res = self._attend(i, layer, h, batch, d, rows, res)
-            h, res = self._norm(linear(a, layer.o_w, layer.o_b, d.get("o_w")), res, layer.ln2_w, layer.ln2_b)
+            o = self._attn_out(i, layer, linear(a, layer.o_w, layer.o_b, d.get("o_w")))
+            h, res = self._norm(o, res, layer.ln2_w, layer.ln2_b)
             m = self._layer_out(i, self._mlp(layer, h, d), batch)
             if i < last:
                 nxt = self.layers[i + 1]

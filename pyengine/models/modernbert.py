@@ -16,32 +16,18 @@ import torch
 import torch.nn.functional as F
 
 from . import rope
-from .decoder import DecoderForSequenceClassification, _p
+from .decoder import ConfigView, DecoderForSequenceClassification, _p
 
 _HEAD_ACTS = {"gelu": F.gelu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
               "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu, "silu": F.silu,
               "tanh": torch.tanh}
 
 
-class _View:
-    """A config with some attributes replaced, the rest read through (transformers 5's
-    configs refuse values outside their fields' types, such as flat rope parameters)."""
-
-    def __init__(self, base, **replaced):
-        self.__dict__.update(replaced, _base=base)
-
-    def __getattr__(self, name):
-        return getattr(self._base, name)
-
-
 def _rope_of(config, kind):
     """The flat rope settings of one layer type ("full_attention" / "sliding_attention")."""
-    per_type = getattr(config, "rope_parameters", None) or {}
-    params = per_type.get(kind) if isinstance(per_type, dict) else None
-    if params is None:  # configs written before per-type rope parameters
-        theta = getattr(config, "global_rope_theta" if kind == "full_attention" else "local_rope_theta", None)
-        params = {"rope_type": "default", "rope_theta": theta or (160000.0 if kind == "full_attention" else 1e4)}
-    return dict(params)
+    if kind == "full_attention":
+        return rope.layer_type_parameters(config, kind, "global_rope_theta", 160000.0)
+    return rope.layer_type_parameters(config, kind, "local_rope_theta", 10000.0)
 
 
 class ModernBertForSequenceClassification(DecoderForSequenceClassification):
@@ -52,7 +38,7 @@ class ModernBertForSequenceClassification(DecoderForSequenceClassification):
     def __init__(self, config, arch, dtype, device, ops, pooling=None):
         # The decoder's own rotary table is the full-attention layers'; the sliding ones'
         # is made below.
-        flat = _View(config, rope_parameters=_rope_of(config, "full_attention"),
+        flat = ConfigView(config, rope_parameters=_rope_of(config, "full_attention"),
                      pooling=getattr(config, "classifier_pooling", "cls"), norm_eps=getattr(config, "norm_eps", 1e-5))
         super().__init__(flat, arch, dtype, device, ops, pooling)
         self.config = config
@@ -79,7 +65,7 @@ class ModernBertForSequenceClassification(DecoderForSequenceClassification):
         self.head_b = _p(H, **f32) if getattr(config, "classifier_bias", False) else None
         self.head_ln_w, self.head_ln_b = _p(H, **f32), (_p(H, **f32) if norm_bias else None)
         self.score_b = _p(self.num_labels, **f32)
-        local = _View(config, rope_parameters=_rope_of(config, "sliding_attention"))
+        local = ConfigView(config, rope_parameters=_rope_of(config, "sliding_attention"))
         self.register_buffer("cos_sin_local", rope.cos_sin_table(local, self.hd, self.max_model_len, device),
                              persistent=False)
 

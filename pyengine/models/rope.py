@@ -32,6 +32,20 @@ def rope_parameters(config):
     return out
 
 
+def layer_type_parameters(config, kind, theta_attr, default_theta):
+    """One layer type's flat rope settings ("full_attention" / "sliding_attention") from
+    transformers 5's per-type ``rope_parameters``, or from older configs' ``theta_attr``
+    (e.g. ``local_rope_theta``) with the shared ``rope_scaling``."""
+    per_type = getattr(config, "rope_parameters", None) or {}
+    params = per_type.get(kind) if isinstance(per_type, dict) else None
+    if params is None:
+        params = dict(getattr(config, "rope_scaling", None) or {}) if kind == "full_attention" else {}
+        params["rope_theta"] = getattr(config, theta_attr, None) or default_theta
+    params = dict(params)
+    params["rope_type"] = params.get("rope_type") or params.get("type") or "default"
+    return params
+
+
 def inv_freq(params, rotary_dim, max_position_embeddings):
     """(rotary_dim/2,) fp32 inverse frequencies for a rope_parameters dict."""
     kind, base = params["rope_type"], float(params["rope_theta"])

@@ -1,0 +1,90 @@
+"""Gemma 3 (text) as a last-token classifier: ``Gemma3TextForSequenceClassification``,
+``Gemma3ForSequenceClassification`` and ``Gemma3ForCausalLM`` / ``Gemma3ForConditionalGeneration``
+converted (their language model only: images are refused, as for any text model).
+
+Gemma's decoder (embeddings scaled by sqrt(hidden), (1 + w) RMSNorms, GELU-tanh gate)
+with Gemma 3's additions: q/k RMSNorm per head, "sandwich" norms (the attention and MLP
+outputs are normed before they join the residual stream), queries scaled by
+``query_pre_attn_scalar ** -0.5``, and sliding-window layers between global ones, each
+layer type with its own rotary base (``rope_parameters`` per layer type, or
+``rope_local_base_freq`` in older configs). Attention logit soft-capping and
+bidirectional attention (EmbeddingGemma) are refused.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import rope
+from .decoder import ConfigView, DecoderForSequenceClassification, _p
+
+# Checkpoint norm names (below "model.layers.N.") that differ from the Llama layout's.
+_SANDWICH = {"post_attention_layernorm.weight": "post_attn_w", "pre_feedforward_layernorm.weight": "ln2_w",
+             "post_feedforward_layernorm.weight": "post_ff_w"}
+# The outer config's attributes the classifier reads, for the multimodal wrapper's config.
+_OUTER = ("num_labels", "id2label", "label2id", "problem_type", "classifier_from_token", "classifier_token_ids",
+          "method", "pad_token_id", "tie_word_embeddings")
+
+
+class Gemma3ForSequenceClassification(DecoderForSequenceClassification):
+    """forward(batch) -> (B, num_labels) fp32 logits of the last tokens."""
+
+    def __init__(self, config, arch, dtype, device, ops, pooling=None):
+        text = getattr(config, "text_config", None)
+        if text is not None:  # the multimodal wrapper: its language model, the outer head settings
+            text = ConfigView(text, **{a: getattr(config, a) for a in _OUTER if hasattr(config, a)})
+        else:
+            text = config
+        for name in ("attn_logit_softcapping",):
+            if getattr(text, name, None) is not None:
+                raise ValueError(f"{arch}: {name}={getattr(text, name)} is not supported (the attention kernels "
+                                 "do not soft-cap)")
+        if getattr(text, "use_bidirectional_attention", False):
+            raise ValueError(f"{arch}: use_bidirectional_attention=True (EmbeddingGemma) is not supported")
+        if getattr(text, "classifier_from_token", None) is not None and \
+                getattr(text, "final_logit_softcapping", None) is not None:
+            raise ValueError(f"{arch}: classifier_from_token with final_logit_softcapping="
+                             f"{text.final_logit_softcapping}: the capped LM logits are not a linear head")
+        full = rope.layer_type_parameters(text, "full_attention", "rope_theta", 1_000_000.0)
+        local = rope.layer_type_parameters(text, "sliding_attention", "rope_local_base_freq", 10_000.0)
+        super().__init__(ConfigView(text, rope_parameters=full, rope_scaling=None), arch, dtype, device, ops,
+                         pooling)
+        self.config = text
+        kw = dict(dtype=dtype, device=device)
+        for layer in self.layers:
+            layer.post_attn_w, layer.post_ff_w = _p(self.H, **kw), _p(self.H, **kw)
+        self.scales = [float(getattr(text, "query_pre_attn_scalar", self.hd)) ** -0.5] * self.num_layers
+        table = rope.cos_sin_table(ConfigView(text, rope_parameters=local, rope_scaling=None), self.hd,
+                                   self.max_model_len, device)
+        self.register_buffer("cos_sin_local", table, persistent=False)
+
+    def _rope(self, batch, i):
+        return batch.positions, (self.cos_sin if self.windows[i] is None else self.cos_sin_local)
+
+    def _sandwich(self, x, w):
+        return self.ops.add_rms_norm(x, None, w, self.eps, self.fam.norm_offset)[0]
+
+    def _attn_out(self, i, layer, o):
+        return self._sandwich(o, layer.post_attn_w)
+
+    def _layer_out(self, i, m, batch):
+        return self._sandwich(m, self.layers[i].post_ff_w)
+
+    @staticmethod
+    def _text_name(name):
+        """The multimodal wrapper's language-model names as the text model's: the hub's
+        language_model.model.* / language_model.lm_head.*, transformers' model.language_model.*."""
+        for wrapped, plain in (("language_model.model.", "model."), ("model.language_model.", "model."),
+                               ("language_model.lm_head.", "lm_head.")):
+            if name.startswith(wrapped):
+                return plain + name[len(wrapped):]
+        return name
+
+    def load_weights(self, weights):
+        super().load_weights((self._text_name(n), t) for n, t in weights)
+
+    def param_targets(self, name):
+        name = self._text_name(name)
+        parts = name.split(".", 3)
+        if parts[:2] == ["model", "layers"] and len(parts) == 4 and parts[3] in _SANDWICH:
+            return [(f"layers.{parts[2]}.{_SANDWICH[parts[3]]}", None, None)]
+        return super().param_targets(name)

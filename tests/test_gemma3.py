@@ -1,0 +1,148 @@
+"""Gemma 3 classifiers (pyengine.models.gemma3) against transformers' own models on the
+same weights and token ids: Gemma3TextForSequenceClassification, the multimodal
+Gemma3ForSequenceClassification on text prompts, and a Gemma3ForCausalLM read as a
+yes/no classifier."""
+import pytest
+import torch
+from transformers import Gemma3Config, Gemma3TextConfig
+
+from pyengine import LLM
+from test_engine import report
+from tiny import save_tiny
+
+ATOL = 1e-4  # DESIGN's fp32 CPU bar
+# 1: one token; 5: inside the 8-token window; 20, 60: past it (and past a 32-key block)
+LENS = [1, 5, 20, 60]
+
+
+def text_config(num_labels=3, arch="Gemma3TextForSequenceClassification", hidden=64, heads=4, head_dim=16, **kw):
+    """Layers 0, 2, 3 slide over 8 tokens, layer 1 is global; the global rotary base is
+    linearly scaled (as Gemma 3 4B and up), the local one is not; queries scaled by
+    query_pre_attn_scalar, not head_dim."""
+    return Gemma3TextConfig(vocab_size=320, hidden_size=hidden, intermediate_size=96, num_hidden_layers=4,
+                            num_attention_heads=heads, num_key_value_heads=heads // 2, head_dim=head_dim,
+                            max_position_embeddings=512, sliding_window=8, query_pre_attn_scalar=24,
+                            layer_types=["sliding_attention", "full_attention", "sliding_attention",
+                                         "sliding_attention"],
+                            rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0,
+                                                                "rope_theta": 1000.0},
+                                             "sliding_attention": {"rope_type": "default", "rope_theta": 50.0}},
+                            num_labels=num_labels, pad_token_id=0, architectures=[arch], **kw)
+
+
+def prompts(seed, lens=LENS):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(5, 300, (n,), generator=g).tolist() for n in lens]
+
+
+def logits(model, ps):
+    with torch.no_grad():
+        return torch.stack([model(torch.tensor([p])).logits[0].float() for p in ps])
+
+
+def ours(path, ps, **kw):
+    llm = LLM(str(path), dtype="float32", **{"kernel_backend": "torch", **kw})
+    return torch.tensor([o.outputs.probs for o in llm.classify([{"prompt_token_ids": p} for p in ps],
+                                                               use_activation=False, use_tqdm=False)])
+
+
+@pytest.fixture(scope="module")
+def gemma3(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gemma3")
+    model, _ = save_tiny(path, text_config(), seed=2, tokenizer="decoder")
+    return path, model
+
+
+def test_logits_match_transformers(gemma3):
+    path, model = gemma3
+    ps = prompts(1)
+    ref = logits(model, ps)
+    assert ref.std() > 0.1
+    got = ours(path, ps)
+    assert torch.allclose(got, ref, atol=ATOL, rtol=0), report(got, ref)
+
+
+def test_batch_invariance(gemma3):
+    llm = LLM(str(gemma3[0]), dtype="float32", kernel_backend="torch")
+    ps = [{"prompt_token_ids": p} for p in prompts(2)]
+    together = torch.tensor([o.outputs.probs for o in llm.classify(ps, use_tqdm=False)])
+    alone = torch.tensor([llm.classify([p], use_tqdm=False)[0].outputs.probs for p in ps])
+    assert torch.allclose(together, alone, atol=1e-5, rtol=0), report(together, alone)
+
+
+def test_triton_kernels_in_the_interpreter(gemma3):
+    """Windowed and global attention, q/k (1 + w) norms with rotary from two tables, the
+    sandwich norms, on the Triton backend."""
+    path, model = gemma3
+    ps = prompts(3, [1, 20, 40])
+    got = ours(path, ps, kernel_backend="triton")
+    ref = logits(model, ps)
+    assert torch.allclose(got, ref, atol=ATOL, rtol=0), report(got, ref)
+
+
+def test_multimodal_wrapper_on_text_prompts(tmp_path):
+    """Gemma3ForSequenceClassification (a vision tower beside the language model, its
+    weights under model.language_model.*): text prompts as transformers gives them."""
+    from transformers import SiglipVisionConfig
+
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                image_size=28, patch_size=14)
+    text = text_config(arch="Gemma3ForSequenceClassification").to_dict()
+    cfg = Gemma3Config(text_config=text, vision_config=vision.to_dict(), mm_tokens_per_image=4, num_labels=2,
+                       architectures=["Gemma3ForSequenceClassification"], image_token_index=310,
+                       boi_token_index=311, eoi_token_index=312)
+    torch.manual_seed(0)
+    model, _ = save_tiny(tmp_path, cfg, seed=4, tokenizer="decoder")
+    assert type(model).__name__ == "Gemma3ForSequenceClassification"
+    ps = prompts(5)
+    ref = logits(model, ps)
+    got = ours(tmp_path, ps)
+    assert torch.allclose(got, ref, atol=ATOL, rtol=0), report(got, ref)
+    with pytest.raises(ValueError, match="takes text only"):
+        LLM(str(tmp_path), dtype="float32", kernel_backend="torch").classify(
+            [{"prompt": "x", "multi_modal_data": {"image": torch.zeros(28, 28, 3, dtype=torch.uint8)}}])
+
+
+def test_causal_lm_as_a_yes_no_classifier(tmp_path):
+    """Gemma3ForCausalLM with classifier_from_token ["no", "yes"]: the sigmoid of the
+    W_yes - W_no row equals the softmax of transformers' two LM logits (tied embeddings)."""
+    from transformers import Gemma3ForCausalLM
+
+    from tiny import randomize, write_bpe_tokenizer
+
+    cfg = text_config(arch="Gemma3ForCausalLM", tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = Gemma3ForCausalLM(cfg).eval()
+    randomize(model, 0.3, 6)
+    model.save_pretrained(tmp_path)
+    tok = write_bpe_tokenizer(tmp_path, "decoder")
+    no, yes = tok.convert_tokens_to_ids(["no", "yes"])
+    ps = prompts(6)
+    with torch.no_grad():
+        ref = torch.stack([model(torch.tensor([p])).logits[0, -1, [no, yes]].float().softmax(-1)[1] for p in ps])
+    llm = LLM(str(tmp_path), dtype="float32", kernel_backend="torch",
+              hf_overrides={"classifier_from_token": ["no", "yes"], "method": "from_2_way_softmax"})
+    got = torch.tensor([o.outputs.probs[0] for o in llm.classify([{"prompt_token_ids": p} for p in ps],
+                                                                  use_tqdm=False)])
+    assert torch.allclose(got, ref, atol=1e-5, rtol=0), (got, ref)
+
+
+@pytest.mark.parametrize("override, match", [
+    ({"attn_logit_softcapping": 50.0}, "attn_logit_softcapping=50.0 is not supported"),
+    ({"use_bidirectional_attention": True}, "use_bidirectional_attention=True"),
+])
+def test_unsupported_options_are_refused(gemma3, override, match):
+    with pytest.raises(ValueError, match=match):
+        LLM(str(gemma3[0]), dtype="float32", kernel_backend="torch", hf_overrides=override)
+
+
+@pytest.mark.gpu
+def test_bf16_on_gpu(tmp_path):
+    """bf16 on the default kernels (head_dim 64) against transformers in fp32: within
+    2e-2 on probabilities, the same argmax."""
+    model, _ = save_tiny(tmp_path, text_config(hidden=256, heads=4, head_dim=64), seed=7, tokenizer="decoder")
+    ps = prompts(8, [1, 7, 64, 200, 333, 31] * 4)
+    got = ours(tmp_path, ps, kernel_backend="auto", dtype="bfloat16", device="cuda").softmax(-1)
+    ref = logits(model.float(), ps).softmax(-1)
+    assert torch.allclose(got, ref, atol=2e-2, rtol=0), report(got, ref)
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.99
