@@ -124,6 +124,15 @@ def window_bounds(op, window, unbounded):
     return left, right, left < unbounded or right < unbounded
 
 
+def check_softcap(op, softcap):
+    """softcap as the kernel's constant: None -> 0.0 (off), else a positive finite float."""
+    if softcap is None:
+        return 0.0
+    check(op, isinstance(softcap, (int, float)) and not isinstance(softcap, bool) and 0 < softcap < float("inf"),
+          lambda: f"softcap must be None or a positive number, got {softcap!r}")
+    return float(softcap)
+
+
 def rotary_inputs(op, q, k, positions, cos_sin):
     """Checks q (T, Hq, D) and k (T, Hkv, D) of one float dtype and device, positions
     (T,) int64/int32 contiguous, cos_sin (max_pos, R) float with R even in [2, D] and a

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from . import _validate as _v
-from .varlen_attention import _UNBOUNDED, _fp32_precision
+from .varlen_attention import _UNBOUNDED, _fp32_precision, _softcap
 
 # Finite stand-in for -inf as the running max (see varlen_attention): keeps
 # exp2(m_i - m_new) finite for padded rows that only ever see zero scores.
@@ -36,7 +36,7 @@ def _pooled_query_attention_kernel(Q, K, V, O, CU_SEQLENS, Q_POS, qk_scale,
                                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                                    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
                                    IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                                   PRECISION: tl.constexpr):
+                                   PRECISION: tl.constexpr, SOFTCAP: tl.constexpr):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     seq_start = tl.load(CU_SEQLENS + seq)
@@ -77,7 +77,7 @@ def _pooled_query_attention_kernel(Q, K, V, O, CU_SEQLENS, Q_POS, qk_scale,
         ok = (cols >= lo) & (cols < hi)
         k = tl.load(k_ptrs + start_n * stride_kt, mask=ok[None, :] & d_ok[:, None], other=0.0)
         v = tl.load(v_ptrs + start_n * stride_vt, mask=ok[:, None] & d_ok[None, :], other=0.0)
-        s = tl.dot(q, k, input_precision=PRECISION) * qk_scale
+        s = _softcap(tl.dot(q, k, input_precision=PRECISION) * qk_scale, SOFTCAP)
         s = tl.where(ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -104,7 +104,8 @@ _OP = "pooled_query_attention"
 _check = functools.partial(_v.check, _OP)
 
 
-def _launch(q, k, v, cu_seqlens, max_seqlen, q_pos, causal=False, scale=None, window=None, block_n=None):
+def _launch(q, k, v, cu_seqlens, max_seqlen, q_pos, causal=False, scale=None, window=None, block_n=None,
+            softcap=None):
     """Validate, then launch. block_n overrides the per-head-dim config (tests use small
     blocks to reach several key blocks on short sequences)."""
     _v.check_float(_OP, "q", q, 3, "(B, Hq, D)")
@@ -129,6 +130,7 @@ def _launch(q, k, v, cu_seqlens, max_seqlen, q_pos, causal=False, scale=None, wi
     _check(q_pos.device == q.device, lambda: f"q_pos is on {q_pos.device}, expected q's device {q.device}")
     _v.check_max_seqlen(_OP, max_seqlen)
     left, right, has_window = _v.window_bounds(_OP, window, _UNBOUNDED)
+    softcap = _v.check_softcap(_OP, softcap)
 
     out = torch.empty((B, Hq, D), dtype=q.dtype, device=q.device)
     if B == 0 or Hq == 0:
@@ -147,12 +149,13 @@ def _launch(q, k, v, cu_seqlens, max_seqlen, q_pos, causal=False, scale=None, wi
         out.stride(0), out.stride(1), group, left, right,
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_G=block_g, BLOCK_N=bn,
         IS_CAUSAL=bool(causal), HAS_WINDOW=has_window,
-        PRECISION=_fp32_precision(q.device) if q.dtype == torch.float32 else "tf32",
+        PRECISION=_fp32_precision(q.device) if q.dtype == torch.float32 else "tf32", SOFTCAP=softcap,
         num_warps=warps, num_stages=stages)
     return out
 
 
-def pooled_query_attention(q, k, v, cu_seqlens, max_seqlen, q_pos, causal=False, scale=None, window=None):
+def pooled_query_attention(q, k, v, cu_seqlens, max_seqlen, q_pos, causal=False, scale=None, window=None,
+                           softcap=None):
     """Attention for one query row per sequence against all of that sequence's keys.
 
     q: (B, Hq, D), the query of each sequence; k, v: (T, Hkv, D) packed, Hq % Hkv == 0,
@@ -162,6 +165,7 @@ def pooled_query_attention(q, k, v, cu_seqlens, max_seqlen, q_pos, causal=False,
     int64 (or int32), the query's position inside its sequence (0 for CLS, len-1 for the
     last token); causal: keys at positions <= q_pos only; scale: float or None
     (1/sqrt(D)); window: None or (left, right) tokens visible around q_pos, -1 =
-    unbounded. A query that sees no key gets zeros. Returns (B, Hq, D) in q's dtype.
+    unbounded; softcap: as in varlen_attention. A query that sees no key gets zeros.
+    Returns (B, Hq, D) in q's dtype.
     """
-    return _launch(q, k, v, cu_seqlens, max_seqlen, q_pos, causal, scale, window)
+    return _launch(q, k, v, cu_seqlens, max_seqlen, q_pos, causal, scale, window, softcap=softcap)

@@ -28,10 +28,22 @@ _MAX_GRID_YZ = 65535
 
 
 @triton.jit
+def _softcap(s, SOFTCAP: tl.constexpr):
+    """Scores soft-capped as SOFTCAP * tanh(x / SOFTCAP) on their natural scale (s holds
+    x * log2(e)); SOFTCAP == 0 leaves them. tanh(y) = 2 sigmoid(2y) - 1: no libdevice
+    call, so the interpreter runs it too."""
+    if SOFTCAP > 0:
+        c = SOFTCAP * 1.4426950408889634
+        s = c * (2.0 * tl.sigmoid(s * (2.0 / c)) - 1.0)
+    return s
+
+
+@triton.jit
 def _attend_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, offs_m, offs_n, offs_d, seq_len,
                   qk_scale, window_left, window_right, stride_kt, stride_vt,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
-                  IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr):
+                  IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr,
+                  SOFTCAP: tl.constexpr):
     """One key block of the online softmax, as wide as offs_n (BLOCK_N, or BLOCK_N_FULL
     in the unmasked middle; k_ptrs / v_ptrs are built on the same offsets). MASKED
     blocks may hold keys some rows must not see (past the sequence end, above the
@@ -47,7 +59,7 @@ def _attend_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, offs_m, offs_n, off
     else:
         k = tl.load(k_ptrs + start_n * stride_kt, mask=d_ok[:, None], other=0.0)
         v = tl.load(v_ptrs + start_n * stride_vt, mask=d_ok[None, :], other=0.0)
-    s = tl.dot(q, k, input_precision=PRECISION) * qk_scale
+    s = _softcap(tl.dot(q, k, input_precision=PRECISION) * qk_scale, SOFTCAP)
     if MASKED:
         ok = (cols < seq_len)[None, :]
         if IS_CAUSAL:
@@ -95,7 +107,8 @@ def _varlen_attention_kernel(Q, K, V, O, CU_SEQLENS, TILE_SEQ, TILE_INFO, qk_sca
                              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                              IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                             PRECISION: tl.constexpr, GROUP: tl.constexpr, BLOCK_N_FULL: tl.constexpr):
+                             PRECISION: tl.constexpr, GROUP: tl.constexpr, BLOCK_N_FULL: tl.constexpr,
+                             SOFTCAP: tl.constexpr):
     """One tile: BLOCK_M tokens of one sequence for GROUP query heads of one kv group.
     GROUP > 1 stacks the heads as tile rows (row r: head r // BLOCK_M, token r % BLOCK_M),
     so each k/v block is loaded once for the group and the dots are GROUP times taller,
@@ -159,7 +172,7 @@ def _varlen_attention_kernel(Q, K, V, O, CU_SEQLENS, TILE_SEQ, TILE_INFO, qk_sca
     for start_n in range(lo, mid_lo, BLOCK_N):
         acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, offs_m, offs_n, offs_d,
                                       seq_len, qk_scale, window_left, window_right, stride_kt, stride_vt,
-                                      HEAD_DIM, BLOCK_D, True, IS_CAUSAL, HAS_WINDOW, PRECISION)
+                                      HEAD_DIM, BLOCK_D, True, IS_CAUSAL, HAS_WINDOW, PRECISION, SOFTCAP)
     narrow_lo = mid_lo
     if BLOCK_N_FULL != BLOCK_N:
         # The unmasked middle in whole BLOCK_N_FULL blocks from mid_lo; what is left of it
@@ -174,15 +187,15 @@ def _varlen_attention_kernel(Q, K, V, O, CU_SEQLENS, TILE_SEQ, TILE_INFO, qk_sca
         for start_n in range(mid_lo, narrow_lo, BLOCK_N_FULL):
             acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, kf_ptrs, vf_ptrs, start_n, offs_m, offs_nf, offs_d,
                                           seq_len, qk_scale, window_left, window_right, stride_kt, stride_vt,
-                                          HEAD_DIM, BLOCK_D, False, IS_CAUSAL, HAS_WINDOW, PRECISION)
+                                          HEAD_DIM, BLOCK_D, False, IS_CAUSAL, HAS_WINDOW, PRECISION, SOFTCAP)
     for start_n in range(narrow_lo, mid_hi, BLOCK_N):
         acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, offs_m, offs_n, offs_d,
                                       seq_len, qk_scale, window_left, window_right, stride_kt, stride_vt,
-                                      HEAD_DIM, BLOCK_D, False, IS_CAUSAL, HAS_WINDOW, PRECISION)
+                                      HEAD_DIM, BLOCK_D, False, IS_CAUSAL, HAS_WINDOW, PRECISION, SOFTCAP)
     for start_n in range(mid_hi, hi, BLOCK_N):
         acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, offs_m, offs_n, offs_d,
                                       seq_len, qk_scale, window_left, window_right, stride_kt, stride_vt,
-                                      HEAD_DIM, BLOCK_D, True, IS_CAUSAL, HAS_WINDOW, PRECISION)
+                                      HEAD_DIM, BLOCK_D, True, IS_CAUSAL, HAS_WINDOW, PRECISION, SOFTCAP)
 
     # Rows past the sequence end saw nothing; keep them finite, they are not stored.
     l_i = tl.where(l_i > 0.0, l_i, 1.0)
@@ -286,7 +299,7 @@ def config_fields(config):
 
 
 def _launch(q, k, v, cu_seqlens, max_seqlen, causal=False, scale=None, window=None,
-            block_m=None, block_n=None, config=None):
+            block_m=None, block_n=None, config=None, softcap=None):
     """Validate, then launch. block_m/block_n override the per-head-dim config (tests use
     small blocks to reach the multi-block paths on short sequences); config: a whole
     (BLOCK_M, BLOCK_N, num_warps, num_stages[, GROUP[, BLOCK_N_FULL]]) tuple (the
@@ -310,6 +323,7 @@ def _launch(q, k, v, cu_seqlens, max_seqlen, causal=False, scale=None, window=No
     max_seqlen = _v.check_max_seqlen("varlen_attention", max_seqlen)
     _check(Hq <= _MAX_GRID_YZ, lambda: f"at most {_MAX_GRID_YZ} heads, got Hq={Hq}")
     left, right, has_window = _v.window_bounds("varlen_attention", window, _UNBOUNDED)
+    softcap = _v.check_softcap("varlen_attention", softcap)
 
     out = torch.empty((T, Hq, D), dtype=q.dtype, device=q.device)
     if T == 0 or B == 0 or max_seqlen == 0:
@@ -340,11 +354,11 @@ def _launch(q, k, v, cu_seqlens, max_seqlen, causal=False, scale=None, window=No
         # fp32 inputs keep fp32-level products (never plain TF32) to match the reference;
         # the precision is ignored for 16-bit inputs.
         PRECISION=_fp32_precision(q.device) if q.dtype == torch.float32 else "tf32", GROUP=group,
-        BLOCK_N_FULL=bn_full, num_warps=warps, num_stages=stages)
+        BLOCK_N_FULL=bn_full, SOFTCAP=softcap, num_warps=warps, num_stages=stages)
     return out
 
 
-def varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=False, scale=None, window=None):
+def varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=False, scale=None, window=None, softcap=None):
     """Attention within each packed sequence.
 
     q: (T, Hq, D); k, v: (T, Hkv, D), Hq % Hkv == 0, all float16/bfloat16/float32, last dim
@@ -353,6 +367,8 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=False, scale=None, 
     sequence are left unwritten); max_seqlen: int, the longest sequence (validated, kept for
     the varlen API's shape; the work list comes from cu_seqlens);
     causal: bool; scale: float or None (1/sqrt(D)); window: None or (left, right) tokens
-    visible on each side of the query, -1 = unbounded. Returns (T, Hq, D) in q's dtype.
+    visible on each side of the query, -1 = unbounded; softcap: None or c > 0, scores
+    soft-capped as c * tanh(s / c) before the softmax (Gemma 2; a compile-time constant,
+    so one kernel per model). Returns (T, Hq, D) in q's dtype.
     """
-    return _launch(q, k, v, cu_seqlens, max_seqlen, causal, scale, window)
+    return _launch(q, k, v, cu_seqlens, max_seqlen, causal, scale, window, softcap=softcap)

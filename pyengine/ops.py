@@ -70,7 +70,21 @@ def _band(L, causal, window, device):
     return _attn_mask(ar[None], ar, torch.tensor([L], device=device), causal, window)[0, 0]
 
 
-def _one_sequence(q, k, v, causal, scale, window):
+def _capped_attention(q, k, v, allowed, scale, softcap):
+    """Attention with soft-capped scores, softcap * tanh(s / softcap), which no fused
+    kernel of torch's takes. q: (n, Hq, Lq, D); k, v: (n, Hkv, L, D); allowed: bool
+    broadcastable to (n, Hq, Lq, L), or None. Returns (n, Hq, Lq, D) in q's dtype."""
+    g = q.shape[1] // k.shape[1]
+    k, v = (x.repeat_interleave(g, dim=1) if g > 1 else x for x in (k, v))
+    s = torch.matmul(q.float() * scale, k.float().transpose(-1, -2))
+    s = softcap * torch.tanh(s / softcap)
+    if allowed is not None:
+        s = s.masked_fill(~allowed, float("-inf"))
+    p = torch.nan_to_num(torch.softmax(s, dim=-1))  # a query that sees no key: zeros
+    return torch.matmul(p, v.float()).to(q.dtype)
+
+
+def _one_sequence(q, k, v, causal, scale, window, softcap=None):
     """Exact attention of one sequence on the CPU. q: (L, Hq, D); k, v: (L, Hkv, D).
 
     Up to 1024 tokens the scores are materialised and two batched matmuls do the work
@@ -80,6 +94,10 @@ def _one_sequence(q, k, v, causal, scale, window):
     L, Hq, D = q.shape
     Hkv = k.shape[1]
     g = Hq // Hkv
+    if softcap:
+        o = _capped_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                              _band(L, causal, window, q.device), scale, softcap)
+        return o[0].transpose(0, 1)
     if L > 1024:
         band = _band(L, causal, window, q.device) if window is not None else None
         o = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=band,
@@ -95,11 +113,12 @@ def _one_sequence(q, k, v, causal, scale, window):
     return o.view(Hkv, g, L, D).permute(2, 0, 1, 3).reshape(L, Hq, D).to(q.dtype)
 
 
-def varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=False, scale=None, window=None):
+def varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=False, scale=None, window=None, softcap=None):
     """Attention within each packed sequence.
 
     q: (T, Hq, D); k, v: (T, Hkv, D) with Hq % Hkv == 0; cu_seqlens: (B+1,) int32;
-    max_seqlen: int; window: None or (left, right) tokens visible on each side (-1 = all).
+    max_seqlen: int; window: None or (left, right) tokens visible on each side (-1 = all);
+    softcap: None, or c > 0 for scores c * tanh(s / c) (Gemma 2).
     Returns (T, Hq, D) in q's dtype. Sequences never attend to each other. On the CPU
     each sequence is computed on its own views (no copies, no padding); on a GPU,
     sequences of like length are gathered into small padded groups (few launches), keys
@@ -113,7 +132,7 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=False, scale=None, 
     if q.device.type == "cpu":
         for a, b in zip(cu[:-1], cu[1:]):
             if b > a:
-                out[a:b] = _one_sequence(q[a:b], k[a:b], v[a:b], causal, scale, window)
+                out[a:b] = _one_sequence(q[a:b], k[a:b], v[a:b], causal, scale, window, softcap)
         return out
     lens = [b - a for a, b in zip(cu[:-1], cu[1:])]
     dev = q.device
@@ -127,22 +146,26 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=False, scale=None, 
         qg, kg, vg = (x[idx].transpose(1, 2) for x in (q, k, v))  # (n, H, L, D)
         uniform = all(lens[i] == L for i in group)
         mask = None
-        if not uniform or window is not None:
+        if not uniform or window is not None or (softcap and causal):
             mask = _attn_mask(ar[None].expand(len(group), L), ar, glens, causal, window)
-        o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, scale=scale,
-                                           is_causal=causal and mask is None, enable_gqa=Hq != Hkv)
+        if softcap:
+            o = _capped_attention(qg, kg, vg, mask, scale, softcap)
+        else:
+            o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, scale=scale,
+                                               is_causal=causal and mask is None, enable_gqa=Hq != Hkv)
         valid = ar[None] < glens[:, None]
         out[idx[valid]] = o.transpose(1, 2)[valid]
     return out
 
 
-def pooled_query_attention(q, k, v, cu_seqlens, max_seqlen, q_pos, causal=False, scale=None, window=None):
+def pooled_query_attention(q, k, v, cu_seqlens, max_seqlen, q_pos, causal=False, scale=None, window=None,
+                           softcap=None):
     """Attention for one query row per sequence against all of that sequence's keys:
     the last layer of a model that pools one token needs nothing else.
 
     q: (B, Hq, D); k, v: (T, Hkv, D); cu_seqlens: (B+1,) int32; max_seqlen: int;
     q_pos: (B,) int64, the query's position inside its sequence (0 for CLS, len-1 for
-    the last token). Returns (B, Hq, D) in q's dtype."""
+    the last token); softcap: as in varlen_attention. Returns (B, Hq, D) in q's dtype."""
     B, Hq, D = q.shape
     Hkv = k.shape[1]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
@@ -153,6 +176,8 @@ def pooled_query_attention(q, k, v, cu_seqlens, max_seqlen, q_pos, causal=False,
     idx = torch.where(ar[None] < lens[:, None], starts[:, None] + ar[None], 0)  # (B, S)
     kg, vg = k[idx].transpose(1, 2), v[idx].transpose(1, 2)  # (B, Hkv, S, D)
     mask = _attn_mask(q_pos.long()[:, None], ar, lens, causal, window)  # (B, 1, 1, S)
+    if softcap:
+        return _capped_attention(q[:, :, None], kg, vg, mask, scale, softcap)[:, :, 0]
     o = F.scaled_dot_product_attention(q[:, :, None], kg, vg, attn_mask=mask, scale=scale,
                                        enable_gqa=Hq != Hkv)
     return o[:, :, 0]

@@ -106,6 +106,9 @@ def main(arch=90):
     attention = _patched("varlen_attention", target)
     for D, causal, window in ((64, False, None), (128, True, (64, -1))):
         attention(z(T, 4, D, dtype=bf), z(T, 2, D, dtype=bf), z(T, 2, D, dtype=bf), cu, 15, causal, None, window)
+    # Gemma 2's shape: head_dim 256, soft-capped scores, a sliding window
+    attention(z(T, 8, 256, dtype=bf), z(T, 4, 256, dtype=bf), z(T, 4, 256, dtype=bf), cu, 15, True, 0.0625,
+              (4095, 0), softcap=50.0)
     # The benchmark's sweep candidates too: a config that spills or overflows shared
     # memory is caught here, not on the GPU machine.
     sweep = importlib.import_module("pyengine.kernels.varlen_attention")
@@ -120,6 +123,8 @@ def main(arch=90):
     for dt, D, Hq, Hkv, causal, window in ((bf, 64, 12, 12, False, None), (bf, 128, 16, 2, True, (64, -1)),
                                            (bf, 256, 8, 8, True, None), (torch.float32, 128, 16, 8, True, None)):
         pooled(z(2, Hq, D, dtype=dt), z(T, Hkv, D, dtype=dt), z(T, Hkv, D, dtype=dt), cu, 15, pos, causal, None, window)
+    pooled(z(2, 8, 256, dtype=bf), z(T, 4, 256, dtype=bf), z(T, 4, 256, dtype=bf), cu, 15, pos, True, 0.0625, None,
+           softcap=50.0)
     _patched("gather_pooled", target)(h, cu, "mean")
     _patched("activation", target)(z(4, 3), "softmax", 0.5, z(3))
     _patched("add_layer_norm", target)(h, h, z(H), z(H), 1e-5)

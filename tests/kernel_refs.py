@@ -59,9 +59,10 @@ def assert_close(actual, expected, tol, what=""):
             f"(got {a[first].item():.6g}, expected {e[first].item():.6g})")
 
 
-def attention64(q, k, v, lens, causal=False, scale=None, window=None):
+def attention64(q, k, v, lens, causal=False, scale=None, window=None, softcap=None):
     """Attention per sequence and head in float64 with an explicit mask; the kv head of
-    query head h is h // (Hq // Hkv). Returns (T, Hq, D) float64."""
+    query head h is h // (Hq // Hkv); softcap: scores c * tanh(s / c). Returns (T, Hq, D)
+    float64."""
     T, Hq, D = q.shape
     group = Hq // k.shape[1]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
@@ -84,7 +85,10 @@ def attention64(q, k, v, lens, causal=False, scale=None, window=None):
             qs = q[start:start + n, h].double()
             ks = k[start:start + n, h // group].double()
             vs = v[start:start + n, h // group].double()
-            s = (qs @ ks.T * scale).masked_fill(~allowed, float("-inf"))
+            s = qs @ ks.T * scale
+            if softcap:
+                s = softcap * torch.tanh(s / softcap)
+            s = s.masked_fill(~allowed, float("-inf"))
             out[start:start + n, h] = torch.softmax(s, dim=-1) @ vs
     return out
 

@@ -81,19 +81,20 @@ def _qkv(lens, Hq, Hkv, D, dtype, seed=0):
 
 
 def _check_attention(lens, Hq, Hkv, D, tol, causal, window=None, scale=None, block_m=None,
-                     block_n=None, seed=0, config=None):
+                     block_n=None, seed=0, config=None, softcap=None):
     dtype = tol[0]
     q, k, v = _qkv(lens, Hq, Hkv, D, dtype, seed)
     cu = cu_seqlens(lens)
     launch = _mod("varlen_attention")._launch
-    out = launch(q, k, v, cu, max(lens), causal, scale, window, block_m, block_n, config=config)
+    out = launch(q, k, v, cu, max(lens), causal, scale, window, block_m, block_n, config=config, softcap=softcap)
     assert out.dtype == dtype and out.shape == q.shape
-    what = f"lens={lens} Hq={Hq} Hkv={Hkv} D={D} {dtype} causal={causal} window={window} config={config}"
+    what = (f"lens={lens} Hq={Hq} Hkv={Hkv} D={D} {dtype} causal={causal} window={window} config={config} "
+            f"softcap={softcap}")
     # The reference on the same values in fp32: the kernel accumulates in fp32 too.
-    ref = ops.varlen_attention(q.float(), k.float(), v.float(), cu, max(lens), causal, scale, window)
+    ref = ops.varlen_attention(q.float(), k.float(), v.float(), cu, max(lens), causal, scale, window, softcap)
     assert_close(out, ref, tol, what + " vs reference")
     # And against per-sequence float64 attention (no packing, explicit mask).
-    assert_close(out, attention64(q, k, v, lens, causal, scale, window), tol, what + " vs float64")
+    assert_close(out, attention64(q, k, v, lens, causal, scale, window, softcap), tol, what + " vs float64")
 
 
 @pytest.mark.usefixtures("poisoned")
@@ -276,6 +277,16 @@ def test_varlen_attention_validation(bad, match):
         _kernel("varlen_attention")(*bad(q, k, v, cu_seqlens([4, 4])), 4)
 
 
+@pytest.mark.parametrize("op", ["varlen_attention", "pooled_query_attention"])
+@pytest.mark.parametrize("softcap", [0.0, -1.0, float("inf"), True, "50"])
+def test_attention_softcap_validation(op, softcap):
+    q, k, v = _qkv([4, 4], 4, 2, 16, torch.float32)
+    cu = cu_seqlens([4, 4])
+    args = (q, k, v, cu, 4) if op == "varlen_attention" else (q[:2], k, v, cu, 4, torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match="softcap must be None or a positive number"):
+        _kernel(op)(*args, softcap=softcap)
+
+
 # ----------------------------------------------------------------------------------------
 # pooled-query attention
 # ----------------------------------------------------------------------------------------
@@ -287,20 +298,24 @@ def _q_pos(lens, kind):
     return torch.tensor([pick(n, i) for i, n in enumerate(lens)], dtype=torch.int64)
 
 
-def _check_pooled(lens, kind, Hq, Hkv, D, tol, causal, window=None, scale=None, block_n=None, seed=0):
+def _check_pooled(lens, kind, Hq, Hkv, D, tol, causal, window=None, scale=None, block_n=None, seed=0, softcap=None):
     dtype = tol[0]
     q_all, k, v = _qkv(lens, Hq, Hkv, D, dtype, seed)
     cu = cu_seqlens(lens)
     pos = _q_pos(lens, kind)
     rows = cu[:-1].long() + pos
     q = q_all[rows]
-    out = _mod("pooled_query_attention")._launch(q, k, v, cu, max(lens), pos, causal, scale, window, block_n)
+    out = _mod("pooled_query_attention")._launch(q, k, v, cu, max(lens), pos, causal, scale, window, block_n,
+                                                 softcap=softcap)
     assert out.dtype == dtype and out.shape == q.shape
-    what = f"lens={lens} q_pos={pos.tolist()} Hq={Hq} Hkv={Hkv} D={D} {dtype} causal={causal} window={window}"
-    ref = ops.pooled_query_attention(q.float(), k.float(), v.float(), cu, max(lens), pos, causal, scale, window)
+    what = (f"lens={lens} q_pos={pos.tolist()} Hq={Hq} Hkv={Hkv} D={D} {dtype} causal={causal} window={window} "
+            f"softcap={softcap}")
+    ref = ops.pooled_query_attention(q.float(), k.float(), v.float(), cu, max(lens), pos, causal, scale, window,
+                                     softcap)
     assert_close(out, ref, tol, what + " vs reference")
     # Full float64 attention per sequence, read at the pooled rows.
-    assert_close(out, attention64(q_all, k, v, lens, causal, scale, window)[rows], tol, what + " vs float64")
+    assert_close(out, attention64(q_all, k, v, lens, causal, scale, window, softcap)[rows], tol,
+                 what + " vs float64")
 
 
 @pytest.mark.usefixtures("poisoned")
@@ -323,6 +338,16 @@ def test_pooled_query_attention(tol, causal, kind, Hq, Hkv, D):
 ], ids=["5-3", "left20-causal", "self", "unbounded"])
 def test_pooled_query_attention_window(window, causal, kind):
     _check_pooled([65, 1, 17, 40], kind, 4, 1, 16, FP32, causal, window=window, block_n=16)
+
+
+@pytest.mark.usefixtures("poisoned")
+@pytest.mark.parametrize("tol", DTYPES)
+@pytest.mark.parametrize("causal,window", [(True, (8, 0)), (False, None)], ids=["causal-window", "bidir"])
+def test_soft_capped_attention(tol, causal, window):
+    # Gemma 2's tanh cap on the scores, small enough here (scale 2) to bend most of them;
+    # masked blocks (the window, sequence ends) and unmasked ones both go through it.
+    _check_attention(MIXED, 4, 2, 16, tol, causal, window=window, scale=2.0, block_m=16, block_n=16, softcap=3.0)
+    _check_pooled(MIXED, "mix", 4, 2, 16, tol, causal, window=window, scale=2.0, block_n=16, softcap=3.0)
 
 
 @pytest.mark.usefixtures("poisoned")
@@ -703,10 +728,11 @@ def test_validation_messages(op, args, match):
 # The constexpr parameters each kernel may have: head dims, block sizes and feature flags.
 # Nothing derived from T, B or max_seqlen may appear here.
 ALLOWED_CONSTEXPRS = {
+    # SOFTCAP: a model's constant (Gemma 2), not a shape
     "varlen_attention": {"HEAD_DIM", "BLOCK_D", "BLOCK_M", "BLOCK_N", "IS_CAUSAL", "HAS_WINDOW", "PRECISION",
-                         "GROUP", "BLOCK_N_FULL"},
+                         "GROUP", "BLOCK_N_FULL", "SOFTCAP"},
     "pooled_query_attention": {"HEAD_DIM", "BLOCK_D", "BLOCK_G", "BLOCK_N", "IS_CAUSAL", "HAS_WINDOW",
-                               "PRECISION"},
+                               "PRECISION", "SOFTCAP"},
     "gather_pooled": {"POOLING", "BLOCK_T", "BLOCK_H", "PREFETCH"},
     "activation": {"KIND", "BIAS_MODE", "SCALE_MODE", "BLOCK_L"},
     "add_layer_norm": {"HAS_RESIDUAL", "HAS_BIAS", "BLOCK_H"},

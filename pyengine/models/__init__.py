@@ -35,12 +35,12 @@ for _a in ("Qwen2VL", "Qwen2_5_VL", "Qwen3VL"):
     _REGISTRY[f"{_a}ForSequenceClassification"] = _VL
     _REGISTRY[f"{_a}ForConditionalGeneration"] = _VL
     _CONVERT_ONLY.add(f"{_a}ForConditionalGeneration")
-# Gemma 3's language model (the multimodal wrapper's too, text prompts only).
+# Gemma 2 and Gemma 3's language models (Gemma 3's multimodal wrapper too, text prompts only).
 _GEMMA3 = "pyengine.models.gemma3:Gemma3ForSequenceClassification"
 for _a in ("Gemma3TextForSequenceClassification", "Gemma3ForSequenceClassification", "Gemma3ForCausalLM",
-           "Gemma3ForConditionalGeneration"):
+           "Gemma3ForConditionalGeneration", "Gemma2ForSequenceClassification", "Gemma2ForCausalLM"):
     _REGISTRY[_a] = _GEMMA3
-_CONVERT_ONLY |= {"Gemma3ForCausalLM", "Gemma3ForConditionalGeneration"}
+_CONVERT_ONLY |= {"Gemma3ForCausalLM", "Gemma3ForConditionalGeneration", "Gemma2ForCausalLM"}
 # jina-reranker-m0's own name, and vLLM's for it.
 _REGISTRY["JinaVLForRanking"] = _REGISTRY["JinaVLForSequenceClassification"] = "pyengine.models.qwen_vl:JinaVLForRanking"
 # Architectures whose head has a fixed width whatever config.json says (as vLLM fixes them).

@@ -65,7 +65,8 @@ FAMILIES = {
                      o_bias=True, mlp_bias=False, head="pooler", pooling="cls"),
 }
 FAMILIES["New"] = FAMILIES["GteNew"]
-# Gemma 3's text stack (pyengine.models.gemma3 adds its sandwich norms and per-type rotary).
+# Gemma 2 and 3 (pyengine.models.gemma3 adds their sandwich norms, per-type rotary, soft-capping).
+FAMILIES["Gemma2"] = Family("model", norm_offset=1.0, embed_scale=True, mlp_bias=False, sliding="layer_types")
 FAMILIES["Gemma3"] = FAMILIES["Gemma3Text"] = Family("model", norm_offset=1.0, embed_scale=True, mlp_bias=False,
                                                      qk_norm=True, sliding="layer_types")
 # ModernBERT's layer options (biases, windows, rotary tables, head) come from its config in
@@ -168,6 +169,7 @@ class DecoderForSequenceClassification(nn.Module):
         self.temperature = float(_cfg(config, "temperature", default=1.0)) if fam.pooling == "config" else 1.0
         self.causal = fam.causal
         self.windows = [self._window(config, i) for i in range(L)]
+        self.softcap = None  # attention scores soft-capped as c * tanh(s / c) (Gemma 2)
         if fam.layout == "gpt2":
             self.scales = [(hd ** -0.5 if getattr(config, "scale_attn_weights", True) else 1.0)
                            / ((i + 1) if getattr(config, "scale_attn_by_inverse_layer_idx", False) else 1)
@@ -296,11 +298,11 @@ class DecoderForSequenceClassification(nn.Module):
                 q, k = ops.rotary(q, k, *self._rope(batch, i))
         if rows is None:
             out = ops.varlen_attention(q, k, v, batch.cu_seqlens, batch.max_seqlen, causal=self.causal,
-                                       scale=self.scales[i], window=self.windows[i])
+                                       scale=self.scales[i], window=self.windows[i], softcap=self.softcap)
         else:
             out = ops.pooled_query_attention(q[rows], k, v, batch.cu_seqlens, batch.max_seqlen,
                                              batch.positions[rows], causal=self.causal, scale=self.scales[i],
-                                             window=self.windows[i])
+                                             window=self.windows[i], softcap=self.softcap)
         return out.reshape(out.shape[0], nh * hd)
 
     def _layer_out(self, i, m, batch):

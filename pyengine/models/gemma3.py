@@ -1,14 +1,15 @@
-"""Gemma 3 (text) as a last-token classifier: ``Gemma3TextForSequenceClassification``,
-``Gemma3ForSequenceClassification`` and ``Gemma3ForCausalLM`` / ``Gemma3ForConditionalGeneration``
-converted (their language model only: images are refused, as for any text model).
+"""Gemma 2 and Gemma 3 (text) as last-token classifiers: ``Gemma2ForSequenceClassification``,
+``Gemma3TextForSequenceClassification``, ``Gemma3ForSequenceClassification``, and their
+causal LMs converted (the language model only: images are refused, as for any text model).
 
 Gemma's decoder (embeddings scaled by sqrt(hidden), (1 + w) RMSNorms, GELU-tanh gate)
-with Gemma 3's additions: q/k RMSNorm per head, "sandwich" norms (the attention and MLP
-outputs are normed before they join the residual stream), queries scaled by
-``query_pre_attn_scalar ** -0.5``, and sliding-window layers between global ones, each
-layer type with its own rotary base (``rope_parameters`` per layer type, or
-``rope_local_base_freq`` in older configs). Attention logit soft-capping and
-bidirectional attention (EmbeddingGemma) are refused.
+with "sandwich" norms (the attention and MLP outputs are normed before they join the
+residual stream), queries scaled by ``query_pre_attn_scalar ** -0.5``, and sliding-window
+layers between global ones. Gemma 2 soft-caps the attention scores
+(``attn_logit_softcapping``: c * tanh(s / c)); Gemma 3 norms q and k per head instead and
+gives each layer type its own rotary base (``rope_parameters`` per layer type, or
+``rope_local_base_freq`` in older configs). Bidirectional attention (EmbeddingGemma) is
+refused, and so is a yes/no head read from an LM whose logits are soft-capped.
 """
 from __future__ import annotations
 
@@ -34,10 +35,6 @@ class Gemma3ForSequenceClassification(DecoderForSequenceClassification):
             text = ConfigView(text, **{a: getattr(config, a) for a in _OUTER if hasattr(config, a)})
         else:
             text = config
-        for name in ("attn_logit_softcapping",):
-            if getattr(text, name, None) is not None:
-                raise ValueError(f"{arch}: {name}={getattr(text, name)} is not supported (the attention kernels "
-                                 "do not soft-cap)")
         if getattr(text, "use_bidirectional_attention", False):
             raise ValueError(f"{arch}: use_bidirectional_attention=True (EmbeddingGemma) is not supported")
         if getattr(text, "classifier_from_token", None) is not None and \
@@ -53,6 +50,10 @@ class Gemma3ForSequenceClassification(DecoderForSequenceClassification):
         for layer in self.layers:
             layer.post_attn_w, layer.post_ff_w = _p(self.H, **kw), _p(self.H, **kw)
         self.scales = [float(getattr(text, "query_pre_attn_scalar", self.hd)) ** -0.5] * self.num_layers
+        softcap = getattr(text, "attn_logit_softcapping", None)
+        if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
+            raise ValueError(f"{arch}: attn_logit_softcapping must be a positive number, got {softcap!r}")
+        self.softcap = float(softcap) if softcap is not None else None
         table = rope.cos_sin_table(ConfigView(text, rope_parameters=local, rope_scaling=None), self.hd,
                                    self.max_model_len, device)
         self.register_buffer("cos_sin_local", table, persistent=False)

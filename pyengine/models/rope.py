@@ -34,10 +34,14 @@ def rope_parameters(config):
 
 def layer_type_parameters(config, kind, theta_attr, default_theta):
     """One layer type's flat rope settings ("full_attention" / "sliding_attention") from
-    transformers 5's per-type ``rope_parameters``, or from older configs' ``theta_attr``
-    (e.g. ``local_rope_theta``) with the shared ``rope_scaling``."""
-    per_type = getattr(config, "rope_parameters", None) or {}
-    params = per_type.get(kind) if isinstance(per_type, dict) else None
+    transformers 5's per-type ``rope_parameters`` (a flat one applies to every type), or
+    from older configs' ``theta_attr`` (e.g. ``local_rope_theta``) with the shared
+    ``rope_scaling``."""
+    rp = getattr(config, "rope_parameters", None) or {}
+    if any(isinstance(v, dict) for v in rp.values()):
+        params = rp.get(kind)
+    else:  # one flat setting (or none) for every layer type
+        params = rp or None
     if params is None:
         params = dict(getattr(config, "rope_scaling", None) or {}) if kind == "full_attention" else {}
         params["rope_theta"] = getattr(config, theta_attr, None) or default_theta

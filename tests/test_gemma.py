@@ -1,10 +1,10 @@
-"""Gemma 3 classifiers (pyengine.models.gemma3) against transformers' own models on the
-same weights and token ids: Gemma3TextForSequenceClassification, the multimodal
-Gemma3ForSequenceClassification on text prompts, and a Gemma3ForCausalLM read as a
-yes/no classifier."""
+"""Gemma 2 and Gemma 3 classifiers (pyengine.models.gemma3) against transformers' own
+models on the same weights and token ids: Gemma3TextForSequenceClassification, the
+multimodal Gemma3ForSequenceClassification on text prompts, a Gemma3ForCausalLM read as a
+yes/no classifier, and Gemma2ForSequenceClassification with soft-capped attention."""
 import pytest
 import torch
-from transformers import Gemma3Config, Gemma3TextConfig
+from transformers import Gemma2Config, Gemma3Config, Gemma3TextConfig
 
 from pyengine import LLM
 from test_engine import report
@@ -128,12 +128,52 @@ def test_causal_lm_as_a_yes_no_classifier(tmp_path):
 
 
 @pytest.mark.parametrize("override, match", [
-    ({"attn_logit_softcapping": 50.0}, "attn_logit_softcapping=50.0 is not supported"),
     ({"use_bidirectional_attention": True}, "use_bidirectional_attention=True"),
+    ({"attn_logit_softcapping": -1.0}, "attn_logit_softcapping must be a positive number"),
+    # a yes/no head is a linear map of the LM logits only without a final cap
+    ({"architectures": ["Gemma3ForCausalLM"], "classifier_from_token": ["no", "yes"], "method": "from_2_way_softmax",
+      "final_logit_softcapping": 30.0}, "classifier_from_token with final_logit_softcapping=30.0"),
 ])
 def test_unsupported_options_are_refused(gemma3, override, match):
     with pytest.raises(ValueError, match=match):
         LLM(str(gemma3[0]), dtype="float32", kernel_backend="torch", hf_overrides=override)
+
+
+# ---------------------------------------------------------------------------- Gemma 2
+def gemma2_config(hidden=64, heads=4, head_dim=16, softcap=3.0):
+    """Gemma 2 with its attention scores soft-capped (3.0: most scores bend; Gemma 2
+    itself uses 50), the last layer sliding so the pooled-rows attention runs a window."""
+    return Gemma2Config(vocab_size=320, hidden_size=hidden, intermediate_size=96, num_hidden_layers=4,
+                        num_attention_heads=heads, num_key_value_heads=heads // 2, head_dim=head_dim,
+                        max_position_embeddings=512, sliding_window=8, query_pre_attn_scalar=24,
+                        layer_types=["sliding_attention", "full_attention", "full_attention", "sliding_attention"],
+                        attn_logit_softcapping=softcap, num_labels=3, pad_token_id=0,
+                        architectures=["Gemma2ForSequenceClassification"])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_gemma2_soft_capped_attention_matches_transformers(backend, tmp_path):
+    model, _ = save_tiny(tmp_path, gemma2_config(), seed=11, tokenizer="decoder")
+    ps = prompts(12, [1, 5, 20, 40] if backend == "triton" else LENS)
+    ref = logits(model, ps)
+    got = ours(tmp_path, ps, kernel_backend=backend)
+    assert torch.allclose(got, ref, atol=ATOL, rtol=0), report(got, ref)
+    # the cap matters: without it the same weights give other logits
+    uncapped = ours(tmp_path, ps, kernel_backend=backend, hf_overrides={"attn_logit_softcapping": None})
+    assert (uncapped - ref).abs().max() > 1e-2
+
+
+@pytest.mark.gpu
+def test_gemma2_bf16_on_gpu(tmp_path):
+    """Gemma 2's shape on the GPU (head_dim 256, scores capped at 50) in bf16 against
+    transformers in fp32."""
+    model, _ = save_tiny(tmp_path, gemma2_config(hidden=512, heads=4, head_dim=256, softcap=50.0), seed=13,
+                         tokenizer="decoder")
+    ps = prompts(14, [1, 7, 64, 200, 333, 31] * 4)
+    got = ours(tmp_path, ps, kernel_backend="auto", dtype="bfloat16", device="cuda").softmax(-1)
+    ref = logits(model.float(), ps).softmax(-1)
+    assert torch.allclose(got, ref, atol=2e-2, rtol=0), report(got, ref)
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.99
 
 
 @pytest.mark.gpu
