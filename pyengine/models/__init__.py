@@ -29,6 +29,7 @@ for _a in _CONVERT_ONLY:
     _REGISTRY[_a] = _DECODER
 _REGISTRY["JambaForSequenceClassification"] = "pyengine.models.jamba:JambaForSequenceClassification"
 _REGISTRY["ModernBertForSequenceClassification"] = "pyengine.models.modernbert:ModernBertForSequenceClassification"
+_REGISTRY["DebertaV2ForSequenceClassification"] = "pyengine.models.deberta:DebertaV2ForSequenceClassification"
 # Vision-language: the Qwen2 decoder behind a vision tower; images through multi_modal_data.
 _VL = "pyengine.models.qwen_vl:QwenVLForSequenceClassification"
 for _a in ("Qwen2VL", "Qwen2_5_VL", "Qwen3VL"):

@@ -1,0 +1,113 @@
+"""DeBERTa-v2/v3 classifiers (pyengine.models.deberta) against transformers' own
+DebertaV2ForSequenceClassification on the same weights and token ids."""
+import pytest
+import torch
+from transformers import DebertaV2Config
+
+from pyengine import LLM
+from test_engine import report
+from tiny import save_tiny
+
+ATOL = 1e-4  # DESIGN's fp32 CPU bar
+# 1 and 5: inside the exact buckets (+-4 here); 20 and 60: log buckets, and past
+# max_relative_positions in the "separate" variant (clamped)
+LENS = [1, 5, 20, 60]
+_BASE = dict(vocab_size=160, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+             max_position_embeddings=512, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=0)
+VARIANTS = {
+    # DeBERTa-v3 / mDeBERTa: log buckets, projections shared with the content keys and
+    # queries, LayerNormed relative embeddings, no absolute positions, no token types
+    "v3": dict(relative_attention=True, position_buckets=8, max_relative_positions=64, pos_att_type=["p2c", "c2p"],
+               share_att_key=True, norm_rel_ebd="layer_norm", position_biased_input=False, type_vocab_size=0),
+    # DeBERTa-v2 style: exact relative positions clamped at 24, their own projections,
+    # absolute positions and token types too
+    "separate": dict(relative_attention=True, position_buckets=-1, max_relative_positions=24,
+                     pos_att_type=["c2p", "p2c"], share_att_key=False, norm_rel_ebd="none",
+                     position_biased_input=True, type_vocab_size=2),
+    # content->position only
+    "c2p-only": dict(relative_attention=True, position_buckets=8, max_relative_positions=64, pos_att_type=["c2p"],
+                     share_att_key=True, norm_rel_ebd="layer_norm", position_biased_input=False, type_vocab_size=0),
+}
+
+
+def prompts(seed, lens=LENS):
+    g = torch.Generator().manual_seed(seed)
+    return [[2] + torch.randint(5, 150, (n,), generator=g).tolist() for n in lens]
+
+
+def logits(model, ps):
+    with torch.no_grad():
+        return torch.stack([model(torch.tensor([p])).logits[0].float() for p in ps])
+
+
+def ours(path, ps, **kw):
+    llm = LLM(str(path), dtype="float32", **{"kernel_backend": "torch", **kw})
+    return torch.tensor([o.outputs.probs for o in llm.classify([{"prompt_token_ids": p} for p in ps],
+                                                               use_activation=False, use_tqdm=False)])
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def deberta(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp("deberta-" + request.param)
+    model, tok = save_tiny(path, DebertaV2Config(num_labels=3, **_BASE, **VARIANTS[request.param]), seed=2)
+    return path, model, tok
+
+
+def test_logits_match_transformers(deberta):
+    path, model, _ = deberta
+    ps = prompts(1)
+    ref = logits(model, ps)
+    assert ref.std() > 0.1
+    got = ours(path, ps)
+    assert torch.allclose(got, ref, atol=ATOL, rtol=0), report(got, ref)
+
+
+def test_batch_invariance(deberta):
+    """Sequences of many lengths share padded attention groups; each result is its own."""
+    llm = LLM(str(deberta[0]), dtype="float32", kernel_backend="torch")
+    ps = [{"prompt_token_ids": p} for p in prompts(2, [1, 3, 60, 59, 7, 20, 21, 2])]
+    together = torch.tensor([o.outputs.probs for o in llm.classify(ps, use_tqdm=False)])
+    alone = torch.tensor([llm.classify([p], use_tqdm=False)[0].outputs.probs for p in ps])
+    assert torch.allclose(together, alone, atol=1e-5, rtol=0), report(together, alone)
+
+
+def test_triton_backend_in_the_interpreter(tmp_path):
+    """The Triton norms and pooled-row gather around the model's own attention."""
+    model, _ = save_tiny(tmp_path, DebertaV2Config(num_labels=2, **_BASE, **VARIANTS["v3"]), seed=3)
+    ps = prompts(3, [1, 20])
+    got = ours(tmp_path, ps, kernel_backend="triton")
+    ref = logits(model, ps)
+    assert torch.allclose(got, ref, atol=ATOL, rtol=0), report(got, ref)
+
+
+def test_cross_encoder_scores_text_pairs(tmp_path):
+    """A one-label DeBERTa reranker: score() on text pairs (token types kept where the
+    model has them) equals the sigmoid of transformers' logit on the tokenizer's pair."""
+    model, tok = save_tiny(tmp_path, DebertaV2Config(num_labels=1, **_BASE, **VARIANTS["separate"]), seed=4)
+    llm = LLM(str(tmp_path), dtype="float32", kernel_backend="torch")
+    q, docs = "the cat sat", ["on the mat", "a dog ran far away", "the cat sat on the mat"]
+    got = torch.tensor([o.outputs.score for o in llm.score(q, docs, use_tqdm=False)])
+    with torch.no_grad():
+        ref = torch.stack([model(**tok(q, d, return_tensors="pt")).logits[0, 0] for d in docs]).sigmoid()
+    assert torch.allclose(got, ref, atol=ATOL, rtol=0), report(got, ref)
+
+
+def test_unsupported_variants_are_refused(tmp_path):
+    save_tiny(tmp_path, DebertaV2Config(num_labels=2, **_BASE, **VARIANTS["v3"]), seed=5)
+    with pytest.raises(ValueError, match=r"conv_kernel_size=3 \(a convolution beside the first layer\)"):
+        LLM(str(tmp_path), dtype="float32", kernel_backend="torch", hf_overrides={"conv_kernel_size": 3})
+    with pytest.raises(ValueError, match="only \\[CLS\\] pooling"):
+        LLM(str(tmp_path), dtype="float32", kernel_backend="torch", pooler_config={"pooling_type": "MEAN"})
+
+
+@pytest.mark.gpu
+def test_bf16_on_gpu(tmp_path):
+    """bf16 against transformers in fp32 on realistic lengths: within 2e-2, same argmax."""
+    cfg = DebertaV2Config(num_labels=3, **{**_BASE, "hidden_size": 256}, **{**VARIANTS["v3"], "position_buckets": 256,
+                                                                          "max_relative_positions": 512})
+    model, _ = save_tiny(tmp_path, cfg, seed=6)
+    ps = prompts(7, [1, 7, 64, 200, 333, 31] * 4)
+    got = ours(tmp_path, ps, kernel_backend="auto", dtype="bfloat16", device="cuda").softmax(-1)
+    ref = logits(model.float(), ps).softmax(-1)
+    assert torch.allclose(got, ref, atol=2e-2, rtol=0), report(got, ref)
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.99
