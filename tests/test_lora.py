@@ -40,6 +40,10 @@ FAMILIES = {
     "gpt2": (lambda n: AutoConfig.for_model("gpt2", vocab_size=320, n_embd=64, n_layer=2, n_head=4, n_positions=512,
                                             pad_token_id=0, num_labels=n),
              dict(target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)),
+    # Gemma 3: sandwich norms and two rotary tables around the adapted projections
+    "gemma3": (lambda n: AutoConfig.for_model("gemma3_text", num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                              sliding_window=4, query_pre_attn_scalar=16, num_labels=n, **_DEC),
+               dict(target_modules=["q_proj", "v_proj", "o_proj", "down_proj"])),
     # DistilBERT's own names (q_lin ... lin1); its whole head (pre_classifier too) saved
     "distilbert": (lambda n: DistilBertConfig(vocab_size=160, max_position_embeddings=64, dim=32, n_layers=2, n_heads=4,
                                               hidden_dim=64, dropout=0.0, attention_dropout=0.0, num_labels=n),
