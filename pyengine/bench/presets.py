@@ -41,6 +41,14 @@ PRESETS = {
                                                  bos_token_id=50281, eos_token_id=50282, cls_token_id=50281,
                                                  sep_token_id=50282,
                                                  architectures=["ModernBertForSequenceClassification"])),
+    # mxbai-rerank-base-v1's shape (DeBERTa-v3-base): relative attention in 256 log buckets
+    "deberta-v3-base": ("DebertaV2Config", dict(vocab_size=128100, hidden_size=768, num_hidden_layers=12,
+                                                num_attention_heads=12, intermediate_size=3072,
+                                                max_position_embeddings=512, relative_attention=True,
+                                                position_buckets=256, pos_att_type=["p2c", "c2p"], share_att_key=True,
+                                                norm_rel_ebd="layer_norm", position_biased_input=False,
+                                                type_vocab_size=0, pad_token_id=0, num_labels=1,
+                                                architectures=["DebertaV2ForSequenceClassification"])),
     "tiny": ("BertConfig", dict(_BERT, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
                                 intermediate_size=1024, num_labels=2)),
 }
@@ -48,7 +56,8 @@ GPU_PRESETS = ("minilm-l6", "bert-base", "qwen3-0.6b", "qwen2-1.5b")
 CPU_PRESETS = ("tiny",)
 
 # Encoders whose prompts are wrapped in begin/end ids, and which attend both ways.
-ENCODER_TYPES = {"bert", "roberta", "xlm-roberta", "ernie", "camembert", "electra", "distilbert", "modernbert"}
+ENCODER_TYPES = {"bert", "roberta", "xlm-roberta", "ernie", "camembert", "electra", "distilbert", "modernbert",
+                 "deberta-v2"}
 _HEAD_NAMES = ("classifier", "score", "pooler", "head")
 
 
@@ -128,6 +137,8 @@ def model_facts(config) -> dict:
             ends = (101, 102) if config.vocab_size > 102 else None  # [CLS], [SEP] in BERT vocabularies
         elif config.model_type == "modernbert":
             ends = (config.cls_token_id, config.sep_token_id)
+        elif config.model_type == "deberta-v2":
+            ends = (1, 2)  # [CLS], [SEP] in the DeBERTa-v3 vocabulary
         else:
             ends = (config.bos_token_id, config.eos_token_id)
             ends = None if None in ends else ends

@@ -60,13 +60,26 @@ def _act(logits, kind):
     return x if kind == "identity" else torch.sigmoid(x) if kind == "sigmoid" else torch.softmax(x, -1)
 
 
-def hf_setup(ctx: Context, batch_size: int, sort: bool):
-    """transformers with SDPA: batches of ``batch_size`` prompts, right-padded, in
-    arrival order or sorted by length (outputs put back in input order)."""
+def load_hf(model_dir, dtype, device):
+    """transformers' model with SDPA attention, or its own (eager) attention for the
+    architectures that have no SDPA path (DeBERTa)."""
     from transformers import AutoModelForSequenceClassification
 
-    model = AutoModelForSequenceClassification.from_pretrained(
-        ctx.model_dir, attn_implementation="sdpa", dtype=ctx.dtype).to(ctx.device).eval()
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(model_dir, attn_implementation="sdpa", dtype=dtype)
+    except ValueError as e:
+        if "scaled_dot_product_attention" not in str(e):
+            raise
+        model = AutoModelForSequenceClassification.from_pretrained(model_dir, attn_implementation="eager",
+                                                                   dtype=dtype)
+    return model.to(device).eval()
+
+
+def hf_setup(ctx: Context, batch_size: int, sort: bool):
+    """transformers with SDPA (where the architecture has it): batches of ``batch_size``
+    prompts, right-padded, in arrival order or sorted by length (outputs put back in input
+    order)."""
+    model = load_hf(ctx.model_dir, ctx.dtype, ctx.device)
     pad = model.config.pad_token_id
     if pad is None:  # decoders pick the last non-pad token; the synthetic ids never include 0
         pad = model.config.pad_token_id = 0
