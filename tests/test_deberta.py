@@ -5,10 +5,10 @@ import torch
 from transformers import DebertaV2Config
 
 from pyengine import LLM
+from model_checks import ATOL, assert_batch_invariant, assert_matches_transformers, engine_logits, hf_logits, \
+    token_prompts
 from test_engine import report
 from tiny import save_tiny
-
-ATOL = 1e-4  # DESIGN's fp32 CPU bar
 # 1 and 5: inside the exact buckets (+-4 here); 20 and 60: log buckets, and past
 # max_relative_positions in the "separate" variant (clamped)
 LENS = [1, 5, 20, 60]
@@ -31,19 +31,7 @@ VARIANTS = {
 
 
 def prompts(seed, lens=LENS):
-    g = torch.Generator().manual_seed(seed)
-    return [[2] + torch.randint(5, 150, (n,), generator=g).tolist() for n in lens]
-
-
-def logits(model, ps):
-    with torch.no_grad():
-        return torch.stack([model(torch.tensor([p])).logits[0].float() for p in ps])
-
-
-def ours(path, ps, **kw):
-    llm = LLM(str(path), dtype="float32", **{"kernel_backend": "torch", **kw})
-    return torch.tensor([o.outputs.probs for o in llm.classify([{"prompt_token_ids": p} for p in ps],
-                                                               use_activation=False, use_tqdm=False)])
+    return token_prompts(seed, lens, prefix=[2])
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
@@ -55,29 +43,18 @@ def deberta(request, tmp_path_factory):
 
 def test_logits_match_transformers(deberta):
     path, model, _ = deberta
-    ps = prompts(1)
-    ref = logits(model, ps)
-    assert ref.std() > 0.1
-    got = ours(path, ps)
-    assert torch.allclose(got, ref, atol=ATOL, rtol=0), report(got, ref)
+    assert_matches_transformers(path, model, prompts(1))
 
 
 def test_batch_invariance(deberta):
     """Sequences of many lengths share padded attention groups; each result is its own."""
-    llm = LLM(str(deberta[0]), dtype="float32", kernel_backend="torch")
-    ps = [{"prompt_token_ids": p} for p in prompts(2, [1, 3, 60, 59, 7, 20, 21, 2])]
-    together = torch.tensor([o.outputs.probs for o in llm.classify(ps, use_tqdm=False)])
-    alone = torch.tensor([llm.classify([p], use_tqdm=False)[0].outputs.probs for p in ps])
-    assert torch.allclose(together, alone, atol=1e-5, rtol=0), report(together, alone)
+    assert_batch_invariant(deberta[0], prompts(2, [1, 3, 60, 59, 7, 20, 21, 2]))
 
 
 def test_triton_backend_in_the_interpreter(tmp_path):
     """The Triton norms and pooled-row gather around the model's own attention."""
     model, _ = save_tiny(tmp_path, DebertaV2Config(num_labels=2, **_BASE, **VARIANTS["v3"]), seed=3)
-    ps = prompts(3, [1, 20])
-    got = ours(tmp_path, ps, kernel_backend="triton")
-    ref = logits(model, ps)
-    assert torch.allclose(got, ref, atol=ATOL, rtol=0), report(got, ref)
+    assert_matches_transformers(tmp_path, model, prompts(3, [1, 20]), kernel_backend="triton")
 
 
 def test_cross_encoder_scores_text_pairs(tmp_path):
@@ -107,7 +84,7 @@ def test_bf16_on_gpu(tmp_path):
                                                                           "max_relative_positions": 512})
     model, _ = save_tiny(tmp_path, cfg, seed=6)
     ps = prompts(7, [1, 7, 64, 200, 333, 31] * 4)
-    got = ours(tmp_path, ps, kernel_backend="auto", dtype="bfloat16", device="cuda").softmax(-1)
-    ref = logits(model.float(), ps).softmax(-1)
+    got = engine_logits(tmp_path, ps, kernel_backend="auto", dtype="bfloat16", device="cuda").softmax(-1)
+    ref = hf_logits(model.float(), ps).softmax(-1)
     assert torch.allclose(got, ref, atol=2e-2, rtol=0), report(got, ref)
     assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.99

@@ -7,10 +7,10 @@ import torch
 from transformers import Gemma2Config, Gemma3Config, Gemma3TextConfig
 
 from pyengine import LLM
+from model_checks import ATOL, assert_batch_invariant, assert_matches_transformers, engine_logits, hf_logits, \
+    token_prompts
 from test_engine import report
 from tiny import save_tiny
-
-ATOL = 1e-4  # DESIGN's fp32 CPU bar
 # 1: one token; 5: inside the 8-token window; 20, 60: past it (and past a 32-key block)
 LENS = [1, 5, 20, 60]
 
@@ -31,19 +31,10 @@ def text_config(num_labels=3, arch="Gemma3TextForSequenceClassification", hidden
 
 
 def prompts(seed, lens=LENS):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(5, 300, (n,), generator=g).tolist() for n in lens]
+    return token_prompts(seed, lens, high=300)
 
 
-def logits(model, ps):
-    with torch.no_grad():
-        return torch.stack([model(torch.tensor([p])).logits[0].float() for p in ps])
-
-
-def ours(path, ps, **kw):
-    llm = LLM(str(path), dtype="float32", **{"kernel_backend": "torch", **kw})
-    return torch.tensor([o.outputs.probs for o in llm.classify([{"prompt_token_ids": p} for p in ps],
-                                                               use_activation=False, use_tqdm=False)])
+logits, ours = hf_logits, engine_logits
 
 
 @pytest.fixture(scope="module")
@@ -54,30 +45,17 @@ def gemma3(tmp_path_factory):
 
 
 def test_logits_match_transformers(gemma3):
-    path, model = gemma3
-    ps = prompts(1)
-    ref = logits(model, ps)
-    assert ref.std() > 0.1
-    got = ours(path, ps)
-    assert torch.allclose(got, ref, atol=ATOL, rtol=0), report(got, ref)
+    assert_matches_transformers(*gemma3, prompts(1))
 
 
 def test_batch_invariance(gemma3):
-    llm = LLM(str(gemma3[0]), dtype="float32", kernel_backend="torch")
-    ps = [{"prompt_token_ids": p} for p in prompts(2)]
-    together = torch.tensor([o.outputs.probs for o in llm.classify(ps, use_tqdm=False)])
-    alone = torch.tensor([llm.classify([p], use_tqdm=False)[0].outputs.probs for p in ps])
-    assert torch.allclose(together, alone, atol=1e-5, rtol=0), report(together, alone)
+    assert_batch_invariant(gemma3[0], prompts(2))
 
 
 def test_triton_kernels_in_the_interpreter(gemma3):
     """Windowed and global attention, q/k (1 + w) norms with rotary from two tables, the
     sandwich norms, on the Triton backend."""
-    path, model = gemma3
-    ps = prompts(3, [1, 20, 40])
-    got = ours(path, ps, kernel_backend="triton")
-    ref = logits(model, ps)
-    assert torch.allclose(got, ref, atol=ATOL, rtol=0), report(got, ref)
+    assert_matches_transformers(*gemma3, prompts(3, [1, 20, 40]), kernel_backend="triton")
 
 
 def test_multimodal_wrapper_on_text_prompts(tmp_path):

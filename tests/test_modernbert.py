@@ -5,10 +5,9 @@ import torch
 from transformers import ModernBertConfig
 
 from pyengine import LLM
+from model_checks import ATOL, assert_batch_invariant, assert_matches_transformers, token_prompts
 from test_engine import report
 from tiny import save_tiny
-
-ATOL = 1e-4  # DESIGN's fp32 CPU bar
 # 1: a lone token; 3 and 9: inside one local window; 17, 40, 65: past it (windows of 4
 # tokens a side here), 65 also past a 64-key block of the Triton kernel
 LENS = [1, 3, 9, 17, 40, 65]
@@ -26,8 +25,7 @@ def config(pooling="cls", biases=False, num_labels=3, layers=5, hidden=64, heads
 
 
 def prompts(seed, lens=LENS):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(5, 150, (n,), generator=g).tolist() for n in lens]
+    return token_prompts(seed, lens)
 
 
 def reference(model, ps):
@@ -60,24 +58,14 @@ def test_logits_match_transformers(mb):
 
 
 def test_batch_invariance(mb):
-    path = mb[0]
-    llm = LLM(path, dtype="float32", kernel_backend="torch")
-    ps = [{"prompt_token_ids": p} for p in prompts(2)]
-    together = torch.tensor([o.outputs.probs for o in llm.classify(ps, use_tqdm=False)])
-    alone = torch.tensor([llm.classify([p], use_tqdm=False)[0].outputs.probs for p in ps])
-    assert torch.allclose(together, alone, atol=1e-5, rtol=0), report(together, alone)
+    assert_batch_invariant(mb[0], prompts(2))
 
 
 def test_triton_kernels_in_the_interpreter(tmp_path):
     """The Triton backend (attention with and without a window, rotary, norms, GeGLU,
     pooled rows) on a ModernBERT, against transformers."""
     model, _ = save_tiny(tmp_path, config("cls", True), seed=4)
-    ps = prompts(3, [1, 9, 40])
-    got = LLM(str(tmp_path), dtype="float32", kernel_backend="triton").classify(
-        [{"prompt_token_ids": p} for p in ps], use_activation=False, use_tqdm=False)
-    got = torch.tensor([o.outputs.probs for o in got])
-    ref = reference(model, ps)
-    assert torch.allclose(got, ref, atol=ATOL, rtol=0), report(got, ref)
+    assert_matches_transformers(tmp_path, model, prompts(3, [1, 9, 40]), kernel_backend="triton")
 
 
 def test_cross_encoder_scores_text_pairs(tmp_path):

@@ -68,6 +68,20 @@ def _p(*shape, dtype, device):
     return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
 
 
+def post_norm_layer(H, I, A, **kw):
+    """One post-norm encoder layer's weights: qkv_w (3A, H) packed [q | k | v] (A = heads
+    * head_dim), o_w (H, A), the attention and output LayerNorms, up_w (I, H), down_w (H, I);
+    every linear with a bias."""
+    layer = nn.Module()
+    layer.qkv_w, layer.qkv_b = _p(3 * A, H, **kw), _p(3 * A, **kw)
+    layer.o_w, layer.o_b = _p(H, A, **kw), _p(H, **kw)
+    layer.ln1_w, layer.ln1_b = _p(H, **kw), _p(H, **kw)
+    layer.up_w, layer.up_b = _p(I, H, **kw), _p(I, **kw)
+    layer.down_w, layer.down_b = _p(H, I, **kw), _p(H, **kw)
+    layer.ln2_w, layer.ln2_b = _p(H, **kw), _p(H, **kw)
+    return layer
+
+
 class BertForSequenceClassification(nn.Module):
     """forward(batch) -> (B, num_labels) fp32 logits of the pooled rows."""
 
@@ -115,16 +129,7 @@ class BertForSequenceClassification(nn.Module):
         self.task = _p(config.task_type_vocab_size, E, **kw) if self.use_task_id else None
         self.emb_ln_w, self.emb_ln_b = _p(E, **kw), _p(E, **kw)
         self.proj_w, self.proj_b = (_p(H, E, **kw), _p(H, **kw)) if E != H else (None, None)
-        self.layers = nn.ModuleList()
-        for _ in range(config.num_hidden_layers):
-            layer = nn.Module()
-            layer.qkv_w, layer.qkv_b = _p(3 * H, H, **kw), _p(3 * H, **kw)
-            layer.o_w, layer.o_b = _p(H, H, **kw), _p(H, **kw)
-            layer.ln1_w, layer.ln1_b = _p(H, **kw), _p(H, **kw)
-            layer.up_w, layer.up_b = _p(I, H, **kw), _p(I, **kw)
-            layer.down_w, layer.down_b = _p(H, I, **kw), _p(H, **kw)
-            layer.ln2_w, layer.ln2_b = _p(H, **kw), _p(H, **kw)
-            self.layers.append(layer)
+        self.layers = nn.ModuleList(post_norm_layer(H, I, H, **kw) for _ in range(config.num_hidden_layers))
         # The head runs in fp32 whatever the model dtype.
         self.dense_w, self.dense_b = _p(H, H, **f32), _p(H, **f32)
         self.out_w, self.out_b = _p(self.num_labels, H, **f32), _p(self.num_labels, **f32)

@@ -21,12 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops import _length_groups
-from .bert import _ACTS
+from .bert import _ACTS, _p, post_norm_layer
 from .loader import WeightSink
-
-
-def _p(*shape, dtype, device):
-    return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
 
 
 def log_buckets(rel, buckets, max_position):
@@ -92,18 +88,12 @@ class DebertaV2ForSequenceClassification(nn.Module):
         A = self.nh * self.hd
         self.layers = nn.ModuleList()
         for _ in range(config.num_hidden_layers):
-            m = nn.Module()
-            m.qkv_w, m.qkv_b = _p(3 * A, H, **kw), _p(3 * A, **kw)
+            m = post_norm_layer(H, I, A, **kw)
             separate = self.relative and not self.share_att_key
             m.pos_k_w, m.pos_k_b = ((_p(A, H, **kw), _p(A, **kw)) if separate and "c2p" in self.pos_types
                                     else (None, None))
             m.pos_q_w, m.pos_q_b = ((_p(A, H, **kw), _p(A, **kw)) if separate and "p2c" in self.pos_types
                                     else (None, None))
-            m.o_w, m.o_b = _p(H, A, **kw), _p(H, **kw)
-            m.ln1_w, m.ln1_b = _p(H, **kw), _p(H, **kw)
-            m.up_w, m.up_b = _p(I, H, **kw), _p(I, **kw)
-            m.down_w, m.down_b = _p(H, I, **kw), _p(H, **kw)
-            m.ln2_w, m.ln2_b = _p(H, **kw), _p(H, **kw)
             self.layers.append(m)
         norm_rel = "layer_norm" in [s.strip() for s in str(getattr(config, "norm_rel_ebd", "none")).lower().split("|")]
         self.rel = _p(2 * self.span, H, **kw) if self.relative else None

@@ -13,8 +13,6 @@ refused, and so is a yes/no head read from an LM whose logits are soft-capped.
 """
 from __future__ import annotations
 
-import torch
-
 from . import rope
 from .decoder import ConfigView, DecoderForSequenceClassification, _p
 
