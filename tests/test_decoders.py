@@ -35,6 +35,9 @@ CONFIGS = {
                                           **_COMMON),
     "gpt2": lambda: AutoConfig.for_model("gpt2", vocab_size=320, n_embd=64, n_layer=2, n_head=4, n_positions=512,
                                          pad_token_id=0, num_labels=3, scale_attn_by_inverse_layer_idx=True),
+    # packed qkv_proj / gate_up_proj, half the head rotated, a sliding window on every layer
+    "phi3": lambda: AutoConfig.for_model("phi3", num_attention_heads=4, num_key_value_heads=2,
+                                         partial_rotary_factor=0.5, sliding_window=9, **_COMMON),
 }
 
 

@@ -19,11 +19,12 @@ _REGISTRY = {
 }
 _DECODER = "pyengine.models.decoder:DecoderForSequenceClassification"
 # Sequence classifiers with their own head (score.weight / classifier.*).
-for _a in ("Qwen2", "Qwen3", "Llama", "Mistral", "Gemma", "GPT2", "LlamaBidirectional", "GteNew", "New"):
+for _a in ("Qwen2", "Qwen3", "Llama", "Mistral", "Gemma", "GPT2", "LlamaBidirectional", "GteNew", "New", "Phi3"):
     _REGISTRY[f"{_a}ForSequenceClassification"] = _DECODER
 # Causal LMs and bare backbones: classifiers only through conversion (convert="classify",
 # automatic under "auto"), with a head from classifier_from_token or a score.weight.
-_CONVERT_ONLY = {f"{a}{s}" for a in ("Qwen2", "Qwen3", "Llama", "Mistral", "Gemma") for s in ("ForCausalLM", "Model")}
+_CONVERT_ONLY = {f"{a}{s}" for a in ("Qwen2", "Qwen3", "Llama", "Mistral", "Gemma", "Phi3")
+                 for s in ("ForCausalLM", "Model")}
 _CONVERT_ONLY |= {"GPT2LMHeadModel", "GPT2Model"}
 for _a in _CONVERT_ONLY:
     _REGISTRY[_a] = _DECODER

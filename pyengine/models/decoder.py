@@ -49,7 +49,8 @@ class Family:
     head: str = "score"              # "score" (no bias) | "pooler" (dense + tanh, classifier)
     pooling: str = "last"
     sliding: str = "none"            # "none" | "global" (Mistral) | "layer_types" (Qwen2/3)
-    partial_rotary: bool = False     # honours partial_rotary_factor (none of these families does)
+    partial_rotary: bool = False     # honours partial_rotary_factor (Phi-3)
+    fused: bool = False              # the checkpoint packs qkv_proj and gate_up_proj (Phi-3)
 
 
 FAMILIES = {
@@ -59,6 +60,8 @@ FAMILIES = {
     "Qwen2": Family("model", qkv_bias=True, o_bias=False, mlp_bias=False, sliding="layer_types"),
     "Qwen3": Family("model", qk_norm=True, mlp_bias=False, sliding="layer_types"),
     "Gemma": Family("model", norm_offset=1.0, embed_scale=True, mlp_bias=False),
+    "Phi3": Family("model", qkv_bias=False, o_bias=False, mlp_bias=False, sliding="global", partial_rotary=True,
+                   fused=True),
     "GPT2": Family("transformer", layout="gpt2", norm="layer", learned_pos=True, qkv_bias=True, o_bias=True,
                    mlp_bias=True, gated=False),
     "GteNew": Family("new", layout="gte", norm="layer", post_norm=True, causal=False, qkv_bias=True,
@@ -415,6 +418,7 @@ class DecoderForSequenceClassification(nn.Module):
                 return [(p + f"qkv_{kind}", qkv[key[10]], None)]
             I = self.layers[0].down_w.shape[1]
             sub = {"self_attn.o_proj.weight": ("o_w", None), "self_attn.o_proj.bias": ("o_b", None),
+                   "self_attn.qkv_proj.weight": ("qkv_w", None), "mlp.gate_up_proj.weight": ("up_w", None),
                    "self_attn.q_norm.weight": ("q_norm", None), "self_attn.k_norm.weight": ("k_norm", None),
                    "input_layernorm.weight": ("ln1_w", None), "post_attention_layernorm.weight": ("ln2_w", None),
                    "mlp.gate_proj.weight": ("up_w", slice(0, I)), "mlp.up_proj.weight": ("up_w", slice(I, 2 * I)),
@@ -507,11 +511,12 @@ class DecoderForSequenceClassification(nn.Module):
         I = self.layers[0].down_w.shape[1]
         nh, nkv, hd = self.nh, self.nkv, self.hd
         split = {}
-        if self.fam.layout == "llama" or (self.fam.layout == "gte" and not getattr(self.config, "pack_qkv", True)):
+        if (self.fam.layout == "llama" and not self.fam.fused) or \
+                (self.fam.layout == "gte" and not getattr(self.config, "pack_qkv", True)):
             for k in ("qkv_w", "qkv_b"):
                 split[k] = [slice(0, nh * hd), slice(nh * hd, (nh + nkv) * hd),
                             slice((nh + nkv) * hd, (nh + 2 * nkv) * hd)]
-        if self.fam.gated:
+        if self.fam.gated and not self.fam.fused:
             split["up_w"] = split["up_b"] = [slice(0, I), slice(I, 2 * I)]
         out = []
         for n in params:
