@@ -43,6 +43,11 @@ for _a in ("Gemma3TextForSequenceClassification", "Gemma3ForSequenceClassificati
            "Gemma3ForConditionalGeneration", "Gemma2ForSequenceClassification", "Gemma2ForCausalLM"):
     _REGISTRY[_a] = _GEMMA3
 _CONVERT_ONLY |= {"Gemma3ForCausalLM", "Gemma3ForConditionalGeneration", "Gemma2ForCausalLM"}
+# Granite (Granite Guardian as a yes/no head): Llama with multipliers.
+_GRANITE = "pyengine.models.granite:GraniteForSequenceClassification"
+for _a in ("GraniteForCausalLM", "GraniteModel", "GraniteForSequenceClassification"):
+    _REGISTRY[_a] = _GRANITE
+_CONVERT_ONLY |= {"GraniteForCausalLM", "GraniteModel"}
 # jina-reranker-m0's own name, and vLLM's for it.
 _REGISTRY["JinaVLForRanking"] = _REGISTRY["JinaVLForSequenceClassification"] = "pyengine.models.qwen_vl:JinaVLForRanking"
 # Architectures whose head has a fixed width whatever config.json says (as vLLM fixes them).
@@ -74,7 +79,7 @@ def resolve_architecture(config, convert="auto"):
     if arch in _CONVERT_ONLY and convert == "none":
         raise ValueError(f"{arch} has no classification head; pass convert='classify' (or 'auto') to classify "
                          "its last token")
-    if check_token_head(config) and _REGISTRY[arch] not in (_DECODER, _VL, _GEMMA3):
+    if check_token_head(config) and _REGISTRY[arch] not in (_DECODER, _VL, _GEMMA3, _GRANITE):
         raise ValueError(f"classifier_from_token is only supported for decoder models, not {arch}")
     if arch in _NUM_LABELS:
         config.num_labels = _NUM_LABELS[arch]

@@ -60,6 +60,7 @@ FAMILIES = {
     "Qwen2": Family("model", qkv_bias=True, o_bias=False, mlp_bias=False, sliding="layer_types"),
     "Qwen3": Family("model", qk_norm=True, mlp_bias=False, sliding="layer_types"),
     "Gemma": Family("model", norm_offset=1.0, embed_scale=True, mlp_bias=False),
+    "Granite": Family("model"),  # pyengine.models.granite adds its multipliers
     "Phi3": Family("model", qkv_bias=False, o_bias=False, mlp_bias=False, sliding="global", partial_rotary=True,
                    fused=True),
     "GPT2": Family("transformer", layout="gpt2", norm="layer", learned_pos=True, qkv_bias=True, o_bias=True,
