@@ -63,7 +63,7 @@ def _part(x, where):
                      + (f" with type {kind!r}" if kind is not None else ""))
 
 
-def _item(x, where):
+def item(x, where):
     """One query or document: a str, or ScoreParts (it has an image)."""
     if isinstance(x, (str, ScoreParts)):
         return x  # a str, or already parsed
@@ -105,15 +105,7 @@ def split_side(data, name):
 
 def score_items(data, name):
     """One side of score(): a list of items, each a str or ScoreParts."""
-    return [_item(x, where) for x, where in split_side(data, name)]
-
-
-def count(data) -> int:
-    """How many items one side of score() holds, without checking them (request limits)."""
-    if isinstance(data, dict):
-        content = data.get("content") if "type" not in data else None
-        return len(content) if isinstance(content, (list, tuple)) else 1
-    return len(data) if isinstance(data, (list, tuple)) else 1
+    return [item(x, where) for x, where in split_side(data, name)]
 
 
 def has_image(item) -> bool:

@@ -51,7 +51,7 @@ from .inputs import parse_prompts
 from .lora import LoRARequest
 from .metrics import Metrics
 from .pooler import score_activation
-from .score_items import count, score_items, split_side
+from .score_items import item, split_side
 from . import __version__
 from .serve_protocol import (ApiError, ClassifyRequest, DetokenizeRequest, LoadLoRARequest, PoolingRequest,
                              RerankRequest, ScoreRequest, TokenizeRequest, UnloadLoRARequest, encode_floats,
@@ -268,8 +268,8 @@ class Server:
     async def score(self, request, stats):
         req = await self._read(request, ScoreRequest)
         self._need_cross_encoder()
-        first, second, _ = req.pair()
-        self._check_count(max(count(first), count(second)), "pairs")
+        first, second, names = req.pair()
+        self._check_count(max(len(split_side(side, name)) for side, name in zip((first, second), names)), "pairs")
         _, out = await self._run(request, stats, req, self._prepare_pairs, first, second)
         data = [{"index": i, "object": "score", "score": float(row[0])} for i, row in enumerate(out)]
         return {**self._head("score", req), "data": data, "usage": self._usage(stats)}
@@ -277,18 +277,19 @@ class Server:
     async def rerank(self, request, stats):
         req = await self._read(request, RerankRequest)
         self._need_cross_encoder()
-        self._check_count(count(req.documents), "documents")
-        if count(req.query) != 1:
-            raise ApiError(400, f"rerank takes one query; 'query' holds {count(req.query)} items")
-        raw = [x for x, _ in split_side(req.documents, "documents")]
-        docs = score_items(req.documents, "documents")  # images are decoded on the tokenizer thread
+        sides = split_side(req.documents, "documents")
+        self._check_count(len(sides), "documents")
+        n = len(split_side(req.query, "query"))
+        if n != 1:
+            raise ApiError(400, f"rerank takes one query; 'query' holds {n} items")
+        docs = [item(x, where) for x, where in sides]  # images are decoded on the tokenizer thread
         _, out = await self._run(request, stats, req, self._prepare_pairs, req.query, docs)
         scores = [float(row[0]) for row in out]
         order = sorted(range(len(scores)), key=lambda i: -scores[i])  # stable: ties keep input order
         if req.top_n:
             order = order[:req.top_n]
         results = [{"index": i, "document": {"text": docs[i]} if isinstance(docs[i], str) else
-                    {"multi_modal": raw[i]}, "relevance_score": scores[i]} for i in order]
+                    {"multi_modal": sides[i][0]}, "relevance_score": scores[i]} for i in order]
         return {"id": f"rerank-{req.request_id or uuid.uuid4().hex}", "model": self._model_name(req),
                 "usage": {"prompt_tokens": stats["tokens"], "total_tokens": stats["tokens"]}, "results": results}
 

@@ -106,6 +106,21 @@ class ConfigView:
         return getattr(self._base, name)
 
 
+# What a multimodal wrapper's config says of the classifier itself (its head, labels and
+# pad token), where its language model's config (text_config) says the rest.
+_OUTER_ATTRS = ("num_labels", "id2label", "label2id", "problem_type", "classifier_from_token",
+                "classifier_token_ids", "method", "tie_word_embeddings", "pad_token_id")
+
+
+def language_config(config):
+    """A multimodal wrapper's ``text_config`` with the wrapper's head settings; a text
+    model's config as it is."""
+    text = getattr(config, "text_config", None)
+    if text is None:
+        return config
+    return ConfigView(text, **{a: getattr(config, a) for a in _OUTER_ATTRS if hasattr(config, a)})
+
+
 def _p(*shape, dtype, device):
     return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
 

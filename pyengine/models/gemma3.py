@@ -14,25 +14,17 @@ refused, and so is a yes/no head read from an LM whose logits are soft-capped.
 from __future__ import annotations
 
 from . import rope
-from .decoder import ConfigView, DecoderForSequenceClassification, _p
+from .decoder import ConfigView, DecoderForSequenceClassification, _p, language_config
 
 # Checkpoint norm names (below "model.layers.N.") that differ from the Llama layout's.
 _SANDWICH = {"post_attention_layernorm.weight": "post_attn_w", "pre_feedforward_layernorm.weight": "ln2_w",
              "post_feedforward_layernorm.weight": "post_ff_w"}
-# The outer config's attributes the classifier reads, for the multimodal wrapper's config.
-_OUTER = ("num_labels", "id2label", "label2id", "problem_type", "classifier_from_token", "classifier_token_ids",
-          "method", "pad_token_id", "tie_word_embeddings")
-
 
 class Gemma3ForSequenceClassification(DecoderForSequenceClassification):
     """forward(batch) -> (B, num_labels) fp32 logits of the last tokens."""
 
     def __init__(self, config, arch, dtype, device, ops, pooling=None):
-        text = getattr(config, "text_config", None)
-        if text is not None:  # the multimodal wrapper: its language model, the outer head settings
-            text = ConfigView(text, **{a: getattr(config, a) for a in _OUTER if hasattr(config, a)})
-        else:
-            text = config
+        text = language_config(config)
         if getattr(text, "use_bidirectional_attention", False):
             raise ValueError(f"{arch}: use_bidirectional_attention=True (EmbeddingGemma) is not supported")
         if getattr(text, "classifier_from_token", None) is not None and \

@@ -17,20 +17,14 @@ Videos are not supported.
 """
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .decoder import DecoderForSequenceClassification, _p
+from .decoder import DecoderForSequenceClassification, _p, language_config
 
 # Architecture prefix -> vision tower generation.
 _GENERATIONS = (("Qwen2_5_VL", "2.5"), ("Qwen2VL", "2"), ("Qwen3VL", "3"), ("JinaVL", "2"))
-# Attributes of the outer config that the decoder reads (the head, its labels).
-_OUTER = ("num_labels", "id2label", "label2id", "problem_type", "classifier_from_token", "classifier_token_ids",
-          "method", "tie_word_embeddings", "pad_token_id")
-
 
 _ACTS = {"quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
          "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"), "gelu": F.gelu}
@@ -238,10 +232,7 @@ class QwenVLForSequenceClassification(DecoderForSequenceClassification):
     decoders; an adapter that names a vision-tower weight is refused when loaded."""
 
     def __init__(self, config, arch, dtype, device, ops, pooling=None):
-        text = copy.copy(getattr(config, "text_config", None) or config)
-        for a in _OUTER:
-            if hasattr(config, a):
-                setattr(text, a, getattr(config, a))
+        text = language_config(config)
         super().__init__(text, arch, dtype, device, ops, pooling)
         vc = config.vision_config
         self.image_token_id = int(config.image_token_id)
