@@ -80,8 +80,8 @@ FAMILIES["ModernBert"] = Family("model", layout="modernbert", norm="layer", caus
 # The language models of Qwen2-VL, Qwen2.5-VL and Qwen3-VL (pyengine.models.qwen_vl adds the vision tower).
 FAMILIES["Qwen2VL"] = FAMILIES["Qwen2_5_VL"] = FAMILIES["JinaVL"] = FAMILIES["Qwen2"]
 FAMILIES["Qwen3VL"] = FAMILIES["Qwen3"]
-_SUFFIXES = ("ForSequenceClassification", "ForConditionalGeneration", "ForRanking", "ForCausalLM", "LMHeadModel",
-             "Model")
+_SUFFIXES = ("ForSequenceClassification", "ForConditionalGeneration", "ForRanking", "ForRewardModel", "ForCausalLM",
+             "LMHeadModel", "Model")
 _GATED = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh",
           "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh"}
 _CONFIG_POOLING = {"avg": "mean", "mean": "mean", "cls": "cls", "last": "last"}
@@ -542,3 +542,39 @@ class DecoderForSequenceClassification(nn.Module):
             else:
                 out.append(n)
         return out
+
+
+class ReluMLPHead:
+    """A two-layer score head, relu(h W1^T + b1) W2^T + b2, in fp32, for a decoder class
+    listed after this one (jina-reranker-m0, Qwen2.5-Math-RM). Its checkpoint names are an
+    ``nn.Sequential``'s (score.0 / score.2) or vLLM's (score.dense / score.out_proj)."""
+
+    head_params = ("dense_w", "dense_b", "score_w", "score_b")
+    _MLP_HEAD = {"score.0.weight": "dense_w", "score.0.bias": "dense_b", "score.2.weight": "score_w",
+                 "score.2.bias": "score_b", "score.dense.weight": "dense_w", "score.dense.bias": "dense_b",
+                 "score.out_proj.weight": "score_w", "score.out_proj.bias": "score_b"}
+
+    def __init__(self, config, arch, dtype, device, ops, pooling=None):
+        if getattr(config, "classifier_from_token", None) is not None:
+            raise ValueError(f"{arch} has a head of its own; classifier_from_token does not apply")
+        super().__init__(config, arch, dtype, device, ops, pooling)
+        f32 = dict(dtype=torch.float32, device=device)
+        self.dense_w, self.dense_b = _p(self.H, self.H, **f32), _p(self.H, **f32)
+        self.score_b = _p(self.num_labels, **f32)
+
+    def _head(self, pooled, p):
+        h = torch.relu(F.linear(pooled, p.get("dense_w", self.dense_w), p.get("dense_b", self.dense_b)))
+        return F.linear(h, p.get("score_w", self.score_w), p.get("score_b", self.score_b))
+
+    def param_targets(self, name):
+        if name in self._MLP_HEAD:
+            return [(self._MLP_HEAD[name], None, None)]
+        return super().param_targets(name)
+
+
+class Qwen2RewardModel(ReluMLPHead, DecoderForSequenceClassification):
+    """``Qwen2ForRewardModel`` (Qwen2.5-Math-RM): the Qwen2 decoder with the two-layer head,
+    read at the last token: the sequence's reward (``use_activation=False``) or its
+    sigmoid. vLLM's pooling of this model returns every token's reward; a classifier
+    keeps the last one, the one the model card reads."""
+

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .decoder import DecoderForSequenceClassification, _p, language_config
+from .decoder import DecoderForSequenceClassification, ReluMLPHead, _p, language_config
 
 # Architecture prefix -> vision tower generation.
 _GENERATIONS = (("Qwen2_5_VL", "2.5"), ("Qwen2VL", "2"), ("Qwen3VL", "3"), ("JinaVL", "2"))
@@ -315,7 +315,7 @@ class QwenVLForSequenceClassification(DecoderForSequenceClassification):
         return out
 
 
-class JinaVLForRanking(QwenVLForSequenceClassification):
+class JinaVLForRanking(ReluMLPHead, QwenVLForSequenceClassification):
     """jina-reranker-m0 (``JinaVLForRanking``; vLLM's ``JinaVLForSequenceClassification``):
     Qwen2-VL with a two-layer head on the last token, relu(h W1^T + b1) W2^T + b2, in
     fp32, one label. Its score prompts render "**Document**:\n{document}\n**Query**:\n
@@ -326,25 +326,4 @@ class JinaVLForRanking(QwenVLForSequenceClassification):
     score_template = "**Document**:\n{{ document }}\n**Query**:\n{{ query }}"
     score_suffix = (100,)
     logit_bias = 2.65
-    head_params = ("dense_w", "dense_b", "score_w", "score_b")
-    # Checkpoint names of the head: the remote code's nn.Sequential, and vLLM's names.
-    _HEAD = {"score.0.weight": "dense_w", "score.0.bias": "dense_b", "score.2.weight": "score_w",
-             "score.2.bias": "score_b", "score.dense.weight": "dense_w", "score.dense.bias": "dense_b",
-             "score.out_proj.weight": "score_w", "score.out_proj.bias": "score_b"}
 
-    def __init__(self, config, arch, dtype, device, ops, pooling=None):
-        if getattr(config, "classifier_from_token", None) is not None:
-            raise ValueError(f"{arch} has a head of its own; classifier_from_token does not apply")
-        super().__init__(config, arch, dtype, device, ops, pooling)
-        f32 = dict(dtype=torch.float32, device=device)
-        self.dense_w, self.dense_b = _p(self.H, self.H, **f32), _p(self.H, **f32)
-        self.score_b = _p(self.num_labels, **f32)
-
-    def _head(self, pooled, p):
-        h = torch.relu(F.linear(pooled, p.get("dense_w", self.dense_w), p.get("dense_b", self.dense_b)))
-        return F.linear(h, p.get("score_w", self.score_w), p.get("score_b", self.score_b))
-
-    def param_targets(self, name):
-        if name in self._HEAD:
-            return [(self._HEAD[name], None, None)]
-        return super().param_targets(name)
