@@ -20,6 +20,7 @@ from .decoder import ConfigView, DecoderForSequenceClassification, _p, language_
 _SANDWICH = {"post_attention_layernorm.weight": "post_attn_w", "pre_feedforward_layernorm.weight": "ln2_w",
              "post_feedforward_layernorm.weight": "post_ff_w"}
 
+
 class Gemma3ForSequenceClassification(DecoderForSequenceClassification):
     """forward(batch) -> (B, num_labels) fp32 logits of the last tokens."""
 
