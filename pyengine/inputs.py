@@ -181,11 +181,12 @@ class InputProcessor:
             i, bad = self._first_bad_id(prompts, flat, ends)
             raise ValueError(f"{what}[{i}] has token id {bad} outside the vocabulary [0, {self.vocab_size})")
         if self.images is not None:
-            for j in np.flatnonzero(flat == self.images.image_token_id):
-                i = bisect_right(ends, int(j))
-                if prompts[i].mm is None:
-                    raise ValueError(f"{what}[{i}] has an image placeholder token but no image; pass the image "
-                                     "as {'prompt': ..., 'multi_modal_data': {'image': img}}")
+            # The prompts holding a placeholder, each once (an image prompt holds hundreds).
+            hits = np.searchsorted(ends, np.flatnonzero(flat == self.images.image_token_id), side="right")
+            i = next((int(i) for i in np.unique(hits) if prompts[i].mm is None), None)
+            if i is not None:
+                raise ValueError(f"{what}[{i}] has an image placeholder token but no image; pass the image "
+                                 "as {'prompt': ..., 'multi_modal_data': {'image': img}}")
         for p, start, end in zip(prompts, [0] + ends[:-1], ends):
             p.id_array = flat[start:end]
         return prompts
@@ -329,9 +330,12 @@ class InputProcessor:
                                           self.image_placeholder if images else None)
         else:
             rendered = [((q, d), []) for q, d in zip(d1, d2)]
-            for i in images:
-                rendered[i] = render_with_images(None, lambda _, qs, ds: [qs[0] + ds[0]], d1[i:i + 1], d2[i:i + 1],
-                                                 self.image_placeholder)[0]
+            if images:
+                back_to_back = render_with_images(None, lambda _, qs, ds: [q + d for q, d in zip(qs, ds)],
+                                                  [d1[i] for i in images], [d2[i] for i in images],
+                                                  self.image_placeholder)
+                for i, r in zip(images, back_to_back):
+                    rendered[i] = r
         prompts = [ImagePrompt(p, [x.load() for x in imgs]) if imgs else p for p, imgs in rendered]
         return self.process(prompts, truncate_prompt_tokens, truncation_side, what="pairs", progress=progress,
                             suffix=self.score_suffix)
