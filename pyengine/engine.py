@@ -113,7 +113,8 @@ def _load_tokenizer(cfg: EngineConfig):
                              f"(any of {', '.join(_TOKENIZER_FILES)})")
         return None  # a checkpoint without a tokenizer: token-id prompts only
     try:
-        return AutoTokenizer.from_pretrained(os.fspath(source), local_files_only=True)
+        # Never remote code: a config.json with an auto_map would otherwise ask on stdin.
+        return AutoTokenizer.from_pretrained(os.fspath(source), local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError, TypeError) as e:
         if tok is not None:
             raise ValueError(f"cannot load tokenizer from {os.fspath(source)!r}: {e}") from e
@@ -164,8 +165,9 @@ class EngineCore:
         images = None
         if getattr(self.model, "vision", None) is not None:
             src = cfg.model if isinstance(cfg.model, (str, os.PathLike)) else None
-            images = ImageProcessor.from_checkpoint(src, self.hf_config, self.hf_config.vision_config,
-                                                    cfg.mm_processor_kwargs)
+            proc = getattr(self.model, "image_processor", ImageProcessor)
+            images = proc.from_checkpoint(src, self.hf_config, self.hf_config.vision_config, cfg.mm_processor_kwargs,
+                                          tokenizer=self.tokenizer)
         elif cfg.mm_processor_kwargs:
             raise ValueError(f"mm_processor_kwargs was given, but {self.arch} takes no images")
         self.inputs = InputProcessor(self.tokenizer, self.max_model_len, self.model.vocab_size,

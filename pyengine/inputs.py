@@ -12,7 +12,7 @@ from itertools import accumulate, chain
 
 import numpy as np
 
-from .multimodal import MMData, expand, image_list, rope_positions
+from .multimodal import MMData, image_list
 from .score_items import has_image, pair_items, render_with_images
 from .templates import load_score_template, render_pairs
 
@@ -283,31 +283,27 @@ class InputProcessor:
             raise ValueError(f"{what}[{idx[0]}] has images, but this model takes text only")
         texts = [i for i in idx if isinstance(prompts[i].prompt, str)]
         ids = {i: prompts[i].prompt for i in idx}
-        if texts:
-            enc = self._tokenize([prompts[i].prompt for i in texts], None, None, "left", add_special_tokens)
-            ids.update((i, tp.token_ids) for i, tp in zip(texts, enc))
         proc = self.images
+        if texts:
+            enc = self._tokenize([proc.prepare_text(prompts[i].prompt) for i in texts], None, None, "left",
+                                 add_special_tokens)
+            ids.update((i, tp.token_ids) for i, tp in zip(texts, enc))
         for i in idx:
             where = f"{what}[{i}]"
-            tokens, pixels, grids = expand(list(ids[i]) + list(suffix), prompts[i].images, proc, where)
+            tokens, mm = proc.prompt(list(ids[i]) + list(suffix), prompts[i].images, where)
             k = limits[i][0]
             if k is not None and len(tokens) > k + len(suffix):
                 raise ValueError(f"{where} has images and {len(tokens)} tokens, more than the truncation limit "
                                  f"{k + len(suffix)}; a prompt with images is not truncated (use smaller images or "
                                  "a shorter text)")
-            pos = rope_positions(tokens, grids, proc.image_token_id, proc.merge)
-            out[i] = TokenizedPrompt(tokens, None, MMData(pixels, grids, pos))
+            out[i] = TokenizedPrompt(tokens, None, mm)
 
     @functools.cached_property
     def image_placeholder(self) -> str:
         """The text that stands for one image (Qwen-VL: <|vision_start|><|image_pad|><|vision_end|>)."""
         if self.tokenizer is None:
             raise ValueError("scoring images needs the model's tokenizer")
-        ids = self.images.placeholder_ids
-        text = "".join(self.tokenizer.convert_ids_to_tokens(ids))
-        if self.tokenizer(text, add_special_tokens=False)["input_ids"] != ids:
-            raise ValueError(f"the tokenizer does not encode the image placeholder {text!r} as the token ids {ids}")
-        return text
+        return self.images.placeholder_text(self.tokenizer)
 
     def process_pairs(self, data_1, data_2, truncate_prompt_tokens=None, truncation_side=None, template=None,
                       progress=None):

@@ -103,7 +103,7 @@ class ImageProcessor:
     OVERRIDES = ("min_pixels", "max_pixels", "size")
 
     @classmethod
-    def from_checkpoint(cls, path, config, vision_config, overrides=None):
+    def from_checkpoint(cls, path, config, vision_config, overrides=None, tokenizer=None):
         """Settings from ``path/preprocessor_config.json`` where there is one (else the
         Qwen2-VL defaults), then ``overrides`` (a dict of :attr:`OVERRIDES`); the patch
         geometry must agree with the vision config."""
@@ -177,11 +177,27 @@ class ImageProcessor:
         t, h, w = grid
         return t * h * w // self.merge ** 2
 
+    def placeholder_text(self, tokenizer):
+        """The text that stands for one image: <|vision_start|><|image_pad|><|vision_end|>."""
+        text = "".join(tokenizer.convert_ids_to_tokens(self.placeholder_ids))
+        if tokenizer(text, add_special_tokens=False)["input_ids"] != self.placeholder_ids:
+            raise ValueError(f"the tokenizer does not encode the image placeholder {text!r} as the token ids "
+                             f"{self.placeholder_ids}")
+        return text
+
+    def prepare_text(self, text):
+        return text
+
+    def prompt(self, ids, images, where):
+        """Token ids with each image's placeholder expanded -> (token ids, MMData)."""
+        tokens, pixels, grids = expand(ids, images, self, where)
+        return tokens, MMData(pixels, grids, rope_positions(tokens, grids, self.image_token_id, self.merge))
+
 
 class MMData:
-    """One prompt's images: pixel_values (N, P) fp32, grids [(t, h, w)] per image, and
-    rope_positions (3, L) int64, the (temporal, height, width) rotary position of each
-    token."""
+    """One prompt's images: pixel_values (N, ...) fp32, grids (per image: (t, h, w)
+    patches, or a tile count), and rope_positions (3, L) int64, the (temporal, height,
+    width) rotary position of each token (None: the model's own positions)."""
 
     __slots__ = ("pixel_values", "grids", "rope_positions")
 
@@ -299,8 +315,8 @@ def rope_positions(ids, grids, image_token_id, merge):
 
 
 class MMBatch:
-    """A batch's images: pixel_values (N, P) and rope_positions (3, T) on the device,
-    grids [(t, h, w)] in token order. The model fills rotary (positions, table), mask
+    """A batch's images: pixel_values (N, ...) and rope_positions (3, T) (or None) on the
+    device, grids in token order. The model fills rotary (positions, table), mask
     (T,) bool (the image tokens) and deepstack (Qwen3-VL's per-layer image features)."""
 
     __slots__ = ("pixel_values", "grids", "rope_positions", "rotary", "mask", "deepstack")
@@ -313,6 +329,7 @@ class MMBatch:
     def build(cls, prompts, device):
         """prompts: TokenizedPrompts, some with ``mm``; text-only ones count up."""
         pix, grids, pos = [], [], []
+        mrope = any(p.mm is not None and p.mm.rope_positions is not None for p in prompts)
         for p in prompts:
             if p.mm is None:
                 pos.append(torch.arange(len(p.token_ids)).expand(3, -1))
@@ -320,7 +337,7 @@ class MMBatch:
                 pix.append(p.mm.pixel_values)
                 grids += p.mm.grids
                 pos.append(p.mm.rope_positions)
-        return cls(_to(torch.cat(pix), device), grids, _to(torch.cat(pos, dim=1), device))
+        return cls(_to(torch.cat(pix), device), grids, _to(torch.cat(pos, dim=1), device) if mrope else None)
 
 
 def _to(t, device):

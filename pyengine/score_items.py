@@ -18,14 +18,18 @@ order the template placed them (jina-reranker-m0's template puts the document fi
 from __future__ import annotations
 
 import itertools
+import re
 
 from .multimodal import image_from_data_url
 
 _FORMS = ("a str, {'prompt': str}, {'type': 'text', 'text': str}, {'type': 'image_url', 'image_url': "
           "{'url': 'data:...'}} or {'type': 'image_pil', 'image_pil': image}")
-# Image i of a pair renders as _MARK.format(i): private-use code points, which no text
-# holds and which Jinja's string filters (upper, trim, ...) leave as they are.
+# Image i of a pair renders as the model's placeholder followed by _MARK.format(i):
+# private-use code points, which no text holds and which Jinja's string filters (upper,
+# trim, ...) leave as they are. The placeholder before them lets a template test for
+# images as vLLM's do ("<image>" in document).
 _MARK = "\ue000{}\ue001"
+_MARKS = re.compile("\ue000[0-9]+\ue001")
 
 
 class ScoreImage:
@@ -143,7 +147,7 @@ def render_with_images(template, render, d1, d2, placeholder):
                 text = []
                 for seg in x:
                     if isinstance(seg, ScoreImage):
-                        mark = _MARK.format(next(marks))
+                        mark = placeholder + _MARK.format(next(marks))
                         pair[mark] = seg
                         seg = mark
                     text.append(seg)
@@ -152,12 +156,20 @@ def render_with_images(template, render, d1, d2, placeholder):
         imgs.append(pair)
     out = []
     for i, (text, pair) in enumerate(zip(render(template, qs, ds), imgs)):
+        counts = {mark: text.count(mark) for mark in pair}
+        if pair and not any(counts.values()) and _MARKS.search(text):
+            # The template rewrote the placeholders (vLLM's Nemotron VL template moves
+            # every image to the front): its own placeholders take the images in the
+            # pair's order, the query's first, where there are as many as images.
+            text = _MARKS.sub("", text)
+            if text.count(placeholder) == len(pair):
+                out.append((text, list(pair.values())))
+                continue
         at = {}
         for mark, img in pair.items():
-            n = text.count(mark)
-            if n != 1:
-                raise ValueError(f"pair {i}: the score template wrote its image ({img.where}) {n} times; each "
-                                 "image must appear exactly once")
+            if counts[mark] != 1:
+                raise ValueError(f"pair {i}: the score template wrote its image ({img.where}) {counts[mark]} times; "
+                                 "each image must appear exactly once")
             at[text.index(mark)] = (mark, img)
         order = [at[k] for k in sorted(at)]
         for mark, _ in order:

@@ -157,7 +157,7 @@ def _prepare(args, name):
     if args.dataset:
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(args.model, local_files_only=True, trust_remote_code=False)
         workload = read_dataset(args.dataset, tok, limit, args.num_prompts)
     else:
         workload = synthetic(args.workload, args.num_prompts, args.seed, config.vocab_size, facts["ends"],

@@ -50,6 +50,9 @@ for _a in ("GraniteForCausalLM", "GraniteModel", "GraniteForSequenceClassificati
 _CONVERT_ONLY |= {"GraniteForCausalLM", "GraniteModel"}
 # jina-reranker-m0's own name, and vLLM's for it.
 _REGISTRY["JinaVLForRanking"] = _REGISTRY["JinaVLForSequenceClassification"] = "pyengine.models.qwen_vl:JinaVLForRanking"
+# NVIDIA's Llama-Nemotron VL rerankers: SigLIP in front of the bidirectional Llama.
+_REGISTRY["LlamaNemotronVLForSequenceClassification"] = \
+    "pyengine.models.nemotron_vl:LlamaNemotronVLForSequenceClassification"
 _REGISTRY["Qwen2ForRewardModel"] = "pyengine.models.decoder:Qwen2RewardModel"
 # Architectures whose head has a fixed width whatever config.json says (as vLLM fixes them).
 _NUM_LABELS = {"JinaVLForRanking": 1, "JinaVLForSequenceClassification": 1, "Qwen2ForRewardModel": 1}

@@ -80,6 +80,8 @@ FAMILIES["ModernBert"] = Family("model", layout="modernbert", norm="layer", caus
 # The language models of Qwen2-VL, Qwen2.5-VL and Qwen3-VL (pyengine.models.qwen_vl adds the vision tower).
 FAMILIES["Qwen2VL"] = FAMILIES["Qwen2_5_VL"] = FAMILIES["JinaVL"] = FAMILIES["Qwen2"]
 FAMILIES["Qwen3VL"] = FAMILIES["Qwen3"]
+# The language model of the Llama-Nemotron VL rerankers (pyengine.models.nemotron_vl adds SigLIP).
+FAMILIES["LlamaNemotronVL"] = FAMILIES["LlamaBidirectional"]
 _SUFFIXES = ("ForSequenceClassification", "ForConditionalGeneration", "ForRanking", "ForRewardModel", "ForCausalLM",
              "LMHeadModel", "Model")
 _GATED = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh",

@@ -39,9 +39,9 @@ def _remote_code_config(path):
     """A config whose model_type transformers does not know (remote code such as mGTE's
     "new" or "llama_bidirec"), read without running any remote code: the nearest
     transformers config where one is listed above, else a plain PretrainedConfig, with
-    every key of config.json kept as an attribute. None for model types transformers
-    knows."""
-    from transformers import AutoConfig, PretrainedConfig
+    every key of config.json kept as an attribute, and each sub-config (a dict with a
+    model_type, such as a vision-language model's ``vision_config`` and ``llm_config``)
+    read the same way. None for model types transformers knows."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     with open(os.path.join(path, "config.json")) as f:
@@ -49,13 +49,25 @@ def _remote_code_config(path):
     mt = raw.get("model_type") if isinstance(raw, dict) else None
     if not mt or mt in CONFIG_MAPPING:
         return None
+    return _config_from_dict(raw)
+
+
+def _config_from_dict(raw):
+    from transformers import AutoConfig, PretrainedConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    mt = raw.get("model_type")
     fields = {k: v for k, v in raw.items() if k not in ("model_type", "auto_map")}
-    base = _REMOTE_MODEL_TYPES.get(mt)
+    base = mt if mt in CONFIG_MAPPING else _REMOTE_MODEL_TYPES.get(mt)
+    subs = {k: _config_from_dict(v) for k, v in fields.items()
+            if base is None and isinstance(v, dict) and isinstance(v.get("model_type"), str)}
     config = AutoConfig.for_model(base, **fields) if base else PretrainedConfig(**fields)
     kept = config.to_dict()
     for k, v in fields.items():  # keys the config class dropped (e.g. "temperature")
         if k not in kept:
             setattr(config, k, v)
+    for k, v in subs.items():
+        setattr(config, k, v)
     return config
 
 

@@ -1,0 +1,421 @@
+"""NVIDIA's Llama-Nemotron VL rerankers (pyengine.models.nemotron_vl, pyengine.image_tiles).
+
+The checkpoint's own modelling code is remote code, so the reference is assembled here
+from transformers' own parts on the same weights, in float64: SigLIP's vision model
+(``last_hidden_state``, or ``hidden_states[select_layer]``), the 2 x 2 regrouping written
+as the chain of views and transposes the checkpoint's code uses, mlp1 as an
+``nn.Sequential``, transformers' Llama with an all-visible mask, the mean of every token,
+then ``score`` over the temperature. Tiles are checked on their own against PIL's resize
+and crop, with the grids worked out by hand."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from transformers import LlamaConfig, LlamaModel, SiglipVisionConfig, SiglipVisionModel
+
+from pyengine import LLM
+from pyengine.image_tiles import TileProcessor, best_grid, grid_options
+from tiny import randomize, write_bpe_tokenizer
+
+try:
+    import PIL.Image as PIL
+except ImportError:
+    PIL = None
+needs_pil = pytest.mark.skipif(PIL is None, reason="pillow is not installed")
+
+TILE, PATCH = 32, 8  # 4 x 4 patches a tile, 2 x 2 tokens after the regrouping
+PER_TILE = 4
+TEMPERATURE = 0.5
+
+
+def save_nemotron(path, select_layer=-1, names="long", width=48, vision_width=32, max_tiles=4, seed=0):
+    """A random reranker saved as the hub's checkpoints are: config.json with model_type
+    llama_nemotron_vl_rerank and its llm_config / vision_config, weights under model.* and
+    score.weight, the tokenizer with <img>, </img>, <IMG_CONTEXT>. Returns the float64
+    reference parts (dict) and the tokenizer."""
+    tok = write_bpe_tokenizer(path, "decoder")
+    tok.add_special_tokens({"additional_special_tokens": ["<img>", "</img>", "<IMG_CONTEXT>"]})
+    tok.save_pretrained(path)
+    ctx = tok.convert_tokens_to_ids("<IMG_CONTEXT>")
+    heads = 4 if width == 48 else 2
+    llm_cfg = LlamaConfig(vocab_size=len(tok), hidden_size=width, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=heads, num_key_value_heads=heads // 2, head_dim=width // heads,
+                          max_position_embeddings=512, pad_token_id=0)
+    vis_heads = 2
+    vis_cfg = SiglipVisionConfig(hidden_size=vision_width, intermediate_size=48, num_hidden_layers=3,
+                                 num_attention_heads=vis_heads, image_size=TILE, patch_size=PATCH)
+    torch.manual_seed(seed)
+    vision = randomize(SiglipVisionModel(vis_cfg), 0.3, seed).eval()
+    lm = randomize(LlamaModel(llm_cfg), 0.3, seed + 1).eval()
+    M = vision_width * 4
+    mlp1 = nn.Sequential(nn.LayerNorm(M), nn.Linear(M, width), nn.GELU(), nn.Linear(width, width))
+    g = torch.Generator().manual_seed(seed + 2)
+    with torch.no_grad():
+        for p in mlp1.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        mlp1[0].weight += 1.0  # a LayerNorm scale around 1
+    score = torch.randn(1, width, generator=g) / width ** 0.5
+    weights = {"score.weight": score}
+    for k, v in vision.state_dict().items():
+        # long: transformers 4's SiglipVisionModel names (model.vision_model.vision_model.*);
+        # short: transformers 5's (model.vision_model.*). Both keep the unused head.*.
+        weights[("model.vision_model.vision_model." if names == "long" else "model.vision_model.") + k] = v.clone()
+    weights.update({"model.language_model." + k: v.clone() for k, v in lm.state_dict().items()})
+    weights.update({"model.mlp1." + k: v.clone() for k, v in mlp1.state_dict().items()})
+    save_file(weights, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    llm_raw = llm_cfg.to_dict()
+    llm_raw.update(architectures=["LlamaBidirectionalModel"], model_type="llama_bidirec", pooling="avg")
+    cfg = {"architectures": ["LlamaNemotronVLForSequenceClassification"], "model_type": "llama_nemotron_vl_rerank",
+           "auto_map": {"AutoConfig": "configuration_llama_nemotron_vl.LlamaNemotronVLForSequenceClassificationConfig"},
+           "llm_config": llm_raw, "vision_config": vis_cfg.to_dict(), "force_image_size": TILE,
+           "downsample_ratio": 0.5, "select_layer": select_layer, "img_context_token_id": ctx, "pooling": "avg",
+           "temperature": TEMPERATURE, "num_labels": 1, "dynamic_image_size": True, "use_thumbnail": True,
+           "min_dynamic_patch": 1, "max_dynamic_patch": 6, "max_input_tiles": 2}
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    with open(os.path.join(path, "processor_config.json"), "w") as f:
+        json.dump({"max_input_tiles": max_tiles, "min_input_tiles": 1, "dynamic_image_size": True}, f)
+    parts = {"vision": vision.double(), "lm": lm.double(), "mlp1": mlp1.double(), "score": score.double(),
+             "select_layer": select_layer, "ctx": ctx}
+    return parts, tok
+
+
+def _shuffle(x):
+    """(n, side * side, C) -> (n, side * side / 4, 4C) as the checkpoint's pixel shuffle."""
+    n, L, C = x.shape
+    s = int(L ** 0.5)
+    x = x.reshape(n, s, s, C).reshape(n, s, s // 2, C * 2).permute(0, 2, 1, 3).contiguous()
+    x = x.view(n, s // 2, s // 2, C * 4).permute(0, 2, 1, 3).contiguous()
+    return x.reshape(n, -1, C * 4)
+
+
+def reference(parts, ids, tiles):
+    """The reranker's logit for one prompt (expanded ids, its tiles), in float64."""
+    ids = torch.tensor(ids)
+    with torch.no_grad():
+        emb = parts["lm"].embed_tokens(ids).clone()
+        if tiles is not None:
+            out = parts["vision"](pixel_values=tiles.double(), output_hidden_states=True)
+            sel = parts["select_layer"]
+            feats = out.last_hidden_state if sel == -1 else out.hidden_states[sel]
+            emb[ids == parts["ctx"]] = parts["mlp1"](_shuffle(feats)).reshape(-1, emb.shape[-1])
+        L = len(ids)
+        mask = torch.zeros(1, 1, L, L, dtype=torch.float64)  # additive: every token sees every token
+        h = parts["lm"](inputs_embeds=emb[None], attention_mask=mask).last_hidden_state[0]
+        return (h.mean(0) @ parts["score"].t()) / TEMPERATURE
+
+
+def images(seed):
+    """Sizes (h, w) whose grids, at 32-pixel tiles and 1 to 4 tiles, are (cols, rows):
+    40x80 -> (2, 1) + thumbnail; 90x30 -> (1, 3) + thumbnail; 20x20 -> (1, 1); and an
+    RGBA 70x70 -> (2, 2) + thumbnail (see test_grids)."""
+    g = np.random.default_rng(seed)
+    out = [g.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in ((40, 80), (90, 30), (20, 20))]
+    return out + [g.integers(0, 256, (70, 70, 4), dtype=np.uint8)]
+
+
+@pytest.fixture(scope="module")
+def nemotron(tmp_path_factory):
+    path = tmp_path_factory.mktemp("nemotron-vl")
+    parts, tok = save_nemotron(path)
+    return str(path), parts, tok
+
+
+# ---------------------------------------------------------------------------- tiles
+@pytest.mark.parametrize("size, lo, hi, want", [
+    # (w, h): a wide image takes a 2 x 1 grid, a tall one 1 x 3 (no 1 x 2: 3 is closer to 90/30)
+    ((80, 40), 1, 4, (2, 1)), ((30, 90), 1, 4, (1, 3)),
+    # small and square: one tile; (2, 2) scores 0.6 for a square with 4 tiles' pixels or more
+    ((20, 20), 1, 4, (1, 1)), ((70, 70), 1, 4, (2, 2)), ((40, 40), 1, 4, (1, 1)),
+    # at most 2 tiles: (1, 1) and (1, 2) tie at 1024/4900 for a square of 4 tiles' pixels; the first wins
+    ((70, 70), 1, 2, (1, 1)),
+    # at least 2 tiles: a square must take a 2-tile grid, the first of (1, 2) and (2, 1) in the set's order
+    ((20, 20), 2, 2, grid_options(2, 2)[0]),
+    # aspect 5: the grids of 4 tiles win over 3 (0.6 x 4/5 against 0.6 x 3/5)
+    ((160, 32), 1, 4, (4, 1)),
+])
+def test_grids(size, lo, hi, want):
+    assert best_grid(*size, TILE, grid_options(lo, hi)) == want
+
+
+def test_grid_options():
+    # every grid of 1 to 4 tiles, fewest tiles first
+    opts = grid_options(1, 4)
+    assert sorted(opts) == sorted([(1, 1), (1, 2), (2, 1), (1, 3), (3, 1), (1, 4), (4, 1), (2, 2)])
+    assert [c * r for c, r in opts] == sorted(c * r for c, r in opts)
+    assert grid_options(3, 3) in ([(1, 3), (3, 1)], [(3, 1), (1, 3)])
+
+
+def _pil_tiles(arr, grid):
+    """PIL's bicubic resize to the grid, crops row by row, the thumbnail; SigLIP's scaling."""
+    img = PIL.fromarray(arr)
+    if img.mode == "RGBA":  # over white, as the engine composites
+        bg = PIL.new("RGBA", img.size, (255, 255, 255, 255))
+        img = PIL.alpha_composite(bg, img).convert("RGB")
+    c, r = grid
+    big = img.resize((c * TILE, r * TILE), PIL.BICUBIC)
+    tiles = [big.crop((x * TILE, y * TILE, (x + 1) * TILE, (y + 1) * TILE)) for y in range(r) for x in range(c)]
+    if c * r > 1:
+        tiles.append(img.resize((TILE, TILE), PIL.BICUBIC))
+    t = torch.tensor(np.stack([np.asarray(x) for x in tiles])).permute(0, 3, 1, 2).double()
+    return (t / 255 - 0.5) / 0.5
+
+
+@needs_pil
+def test_tiles_match_pil():
+    """Each image's tiles are PIL's resize, crops and thumbnail, exactly, on the grids
+    of test_grids (thumbnails change the aspect ratio: one axis may shrink while the
+    other grows)."""
+    proc = TileProcessor(9, 7, 8, TILE, PER_TILE, 1, 4)
+    grids = [(2, 1), (1, 3), (1, 1), (2, 2)]
+    for arr, grid in zip(images(0), grids):
+        got = proc.tiles(arr, "img")
+        want = _pil_tiles(arr, grid)
+        assert got.shape == want.shape == (grid[0] * grid[1] + (grid != (1, 1)), 3, TILE, TILE)
+        err = (got.double() - want).abs().max().item()
+        assert err < 1e-6, f"{arr.shape}: max |d| {err * 255 / 2:.2f} levels"
+    # PIL images in: the same tiles as their arrays
+    arr = images(0)[0]
+    torch.testing.assert_close(proc.tiles(PIL.fromarray(arr), "img"), proc.tiles(arr, "img"), atol=0, rtol=0)
+
+
+@needs_pil
+def test_tiles_without_pillow(monkeypatch):
+    """Where pillow is missing, torch resizes: within one level of PIL when both axes
+    shrink or both grow (the 2 x 1 grid of an 80 x 40 image and its thumbnail)."""
+    import builtins
+
+    real = builtins.__import__
+
+    def no_pil(name, *a, **kw):
+        if name == "PIL" or name.startswith("PIL."):
+            raise ImportError(name)
+        return real(name, *a, **kw)
+
+    arr = images(0)[0]
+    want = _pil_tiles(arr, (2, 1))
+    monkeypatch.setattr(builtins, "__import__", no_pil)
+    got = TileProcessor(9, 7, 8, TILE, PER_TILE, 1, 4).tiles(arr, "img")
+    err = (got.double() - want).abs().max().item()
+    assert 0 < err <= 2 / 255 + 1e-6, f"max |d| {err * 255 / 2:.2f} levels"
+
+
+# ---------------------------------------------------------------------------- model
+def _prompts(seed):
+    """Text prompts with <image> where an image goes, and their images."""
+    ims = images(seed)
+    return [("a photo of <image> and some words", [ims[0]]),
+            ("only text here", []),
+            ("<image> first, then <image> second", [ims[1], ims[3]]),
+            ("short <image>", [ims[2]])]
+
+
+def _dicts(prompts):
+    return [{"prompt": t, "multi_modal_data": {"image": im}} if im else t for t, im in prompts]
+
+
+def _check_layout(ids, tok, tiles_per_image):
+    """<img> + <IMG_CONTEXT> x tiles * 4 + </img> for each image, in order."""
+    start, end, ctx = tok.convert_tokens_to_ids(["<img>", "</img>", "<IMG_CONTEXT>"])
+    runs, i = [], 0
+    while i < len(ids):
+        if ids[i] == ctx:
+            j = i
+            while j < len(ids) and ids[j] == ctx:
+                j += 1
+            assert ids[i - 1] == start and ids[j] == end, "an image's tokens must sit inside <img> ... </img>"
+            runs.append(j - i)
+            i = j
+        else:
+            i += 1
+    assert runs == [n * PER_TILE for n in tiles_per_image]
+
+
+@pytest.mark.parametrize("select_layer, names", [
+    (-1, "long"),   # the last layer and its post-norm; SigLIP's own weight names
+    (-2, "short"),  # hidden_states[-2] (no post-norm); the transformer's names
+])
+def test_matches_reference(select_layer, names, tmp_path):
+    """Text-only and image prompts in one batch (images of 1, 3 and 5 tiles, two in one
+    prompt, one RGBA) against the float64 reference: logits within 1e-4, and their
+    sigmoid as the probability."""
+    parts, tok = save_nemotron(tmp_path, select_layer, names)
+    llm = LLM(str(tmp_path), dtype="float32", kernel_backend="torch")
+    proc = llm.engine.inputs.images
+    prompts = _prompts(1)
+    outs = llm.classify(_dicts(prompts), use_activation=False, use_tqdm=False)
+    probs = llm.classify(_dicts(prompts), use_tqdm=False)
+    tiles_of = {id(a): proc.tiles(a, "img") for _, ims in prompts for a in ims}
+    for i, ((text, ims), out) in enumerate(zip(prompts, outs)):
+        ids = out.prompt_token_ids
+        _check_layout(ids, tok, [tiles_of[id(a)].shape[0] for a in ims])
+        tiles = torch.cat([tiles_of[id(a)] for a in ims]) if ims else None
+        ref = reference(parts, ids, tiles).float()
+        torch.testing.assert_close(torch.tensor(out.outputs.probs), ref, atol=1e-4, rtol=0,
+                                   msg=lambda m: f"prompt {i} ({text!r}): {m}")
+        torch.testing.assert_close(torch.tensor(probs[i].outputs.probs), ref.sigmoid(), atol=1e-4, rtol=0)
+    # the text-only prompt is the plain bidirectional reranker on its tokens
+    assert outs[1].prompt_token_ids == tok("only text here")["input_ids"]
+
+
+def test_batch_invariance_and_token_prompts(nemotron):
+    """A prompt's logit does not depend on its batch (alone, or among the others, fp32:
+    1e-5); a token prompt with one <IMG_CONTEXT> per image, or every one already
+    expanded, gives the text prompt's tokens and logit."""
+    path, parts, tok = nemotron
+    llm = LLM(path, dtype="float32", kernel_backend="torch")
+    prompts = _prompts(2)
+    together = llm.classify(_dicts(prompts), use_activation=False, use_tqdm=False)
+    for i, p in enumerate(_dicts(prompts)):
+        alone = llm.classify([p], use_activation=False, use_tqdm=False)[0]
+        torch.testing.assert_close(torch.tensor(alone.outputs.probs), torch.tensor(together[i].outputs.probs),
+                                   atol=1e-5, rtol=0)
+    text, ims = prompts[2]
+    ctx = tok.convert_tokens_to_ids("<IMG_CONTEXT>")
+    one_each = tok(text.replace("<image>", "<IMG_CONTEXT>"))["input_ids"]
+    assert one_each.count(ctx) == 2
+    expanded = together[2].prompt_token_ids
+    for ids in (one_each, expanded):
+        got = llm.classify([{"prompt_token_ids": ids, "multi_modal_data": {"image": ims}}], use_activation=False,
+                           use_tqdm=False)[0]
+        assert got.prompt_token_ids == expanded
+        torch.testing.assert_close(torch.tensor(got.outputs.probs), torch.tensor(together[2].outputs.probs),
+                                   atol=1e-5, rtol=0)
+
+
+def _url(arr):
+    import base64
+    import io
+    buf = io.BytesIO()
+    PIL.fromarray(arr).save(buf, format="PNG")
+    return {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(buf.getvalue())
+                                               .decode()}}
+
+
+@needs_pil
+def test_score_puts_images_first(nemotron):
+    """LLM.score with the reranker's own template: "question:{q} \\n \\n passage:{d}" with
+    the pair's images in front, each as LLM.classify scores that prompt, and the sigmoid
+    of the float64 reference. A template in vLLM's style, which moves one document image
+    to the front itself, gives the same scores."""
+    path, parts, tok = nemotron
+    llm = LLM(path, dtype="float32", kernel_backend="torch")
+    a, b = images(3)[0], images(3)[2]
+    docs = ["a plain passage", {"content": [_url(a)]}, {"content": [{"type": "text", "text": "a caption "}, _url(b)]}]
+    got = [o.outputs.score for o in llm.score("what is shown?", docs, use_tqdm=False)]
+    want_prompts = [
+        "question:what is shown? \n \n passage:a plain passage",
+        {"prompt": "<image> question:what is shown? \n \n passage:", "multi_modal_data": {"image": a}},
+        {"prompt": "<image> question:what is shown? \n \n passage:a caption ", "multi_modal_data": {"image": b}},
+    ]
+    want = [o.outputs.probs[0] for o in llm.classify(want_prompts, use_tqdm=False)]
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), atol=1e-6, rtol=0)
+    proc = llm.engine.inputs.images
+    for i, p in enumerate(want_prompts):
+        text, ims = (p, []) if isinstance(p, str) else (p["prompt"], [p["multi_modal_data"]["image"]])
+        ids = llm.classify([p], use_tqdm=False)[0].prompt_token_ids
+        tiles = torch.cat([proc.tiles(x, "img") for x in ims]) if ims else None
+        assert abs(got[i] - reference(parts, ids, tiles).sigmoid().item()) < 1e-4
+    vllm_style = ("{%- set q = (messages | selectattr('role', 'equalto', 'query') | first)['content'] -%}"
+                  "{%- set d = (messages | selectattr('role', 'equalto', 'document') | first)['content'] -%}"
+                  "{%- if '<image>' in d -%}<image> {% endif -%}"
+                  "question:{{ q | replace('<image>', '') }} \n \n passage:{{ d | replace('<image>', '') }}")
+    again = [o.outputs.score for o in llm.score("what is shown?", docs, score_template=vllm_style, use_tqdm=False)]
+    torch.testing.assert_close(torch.tensor(again), torch.tensor(got), atol=1e-6, rtol=0)
+    # a template that writes fewer placeholders than the pair has images is refused
+    two = [{"content": [_url(a), _url(b)]}]  # one document with two images
+    with pytest.raises(ValueError, match=r"pair 0: the score template wrote its image .* 0 times"):
+        llm.score("q", two, score_template=vllm_style, use_tqdm=False)
+    assert llm.score("q", two, use_tqdm=False)[0].outputs.score > 0  # the model's own template keeps both
+
+
+# ---------------------------------------------------------------------------- settings and errors
+def test_tiling_settings(nemotron):
+    """processor_config.json's max_input_tiles (4 here) over the config's 6; vLLM's
+    mm_processor_kwargs over both; dynamic_image_size=False: one tile, no thumbnail."""
+    path, _, _ = nemotron
+    wide = images(4)[0]  # 2 x 1 + thumbnail at 4 tiles
+    assert LLM(path, kernel_backend="torch").engine.inputs.images.max_tiles == 4
+    for kw, n in (({}, 3), ({"max_dynamic_patch": 1}, 1), ({"dynamic_image_size": False}, 1)):
+        llm = LLM(path, kernel_backend="torch", mm_processor_kwargs=kw)
+        out = llm.classify([{"prompt": "x <image>", "multi_modal_data": {"image": wide}}], use_tqdm=False)[0]
+        assert out.prompt_token_ids.count(llm.engine.model.image_token_id) == n * PER_TILE, kw
+    with pytest.raises(ValueError, match=r"mm_processor_kwargs: \['min_pixels'\] cannot be set; supported: "
+                                         r"\['min_dynamic_patch', 'max_dynamic_patch', 'dynamic_image_size'\]"):
+        LLM(path, kernel_backend="torch", mm_processor_kwargs={"min_pixels": 4})
+    with pytest.raises(ValueError, match="max_dynamic_patch must be a positive int, got 0"):
+        LLM(path, kernel_backend="torch", mm_processor_kwargs={"max_dynamic_patch": 0})
+
+
+@pytest.mark.parametrize("prompt, match", [
+    # two placeholders, one image
+    (lambda im: {"prompt": "<image> and <image>", "multi_modal_data": {"image": im}},
+     r"prompts\[0\] has 2 image placeholder\(s\) for 1 image\(s\)"),
+    # an image and no placeholder
+    (lambda im: {"prompt": "no placeholder", "multi_modal_data": {"image": im}},
+     r"prompts\[0\] has 0 image placeholder\(s\) for 1 image\(s\)"),
+    # a context token in a prompt without images
+    (lambda im: "text <IMG_CONTEXT>", r"prompts\[0\] has an image placeholder token but no image"),
+    (lambda im: {"prompt": "<image>", "multi_modal_data": {"image": im[:, :, 0].astype(np.float32)}},
+     r"prompts\[0\] image 0 is a torch.float32 array"),
+])
+def test_bad_inputs(nemotron, prompt, match):
+    llm = LLM(nemotron[0], kernel_backend="torch")
+    with pytest.raises((ValueError, TypeError), match=match):
+        llm.classify([prompt(images(5)[0])], use_tqdm=False)
+
+
+def test_bad_checkpoints(tmp_path):
+    save_nemotron(tmp_path)
+    cfg_path = os.path.join(tmp_path, "config.json")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    for change, match in (({"force_image_size": 64}, r"force_image_size=64 differs from the vision tower's "
+                                                     r"image_size=32"),
+                          ({"select_layer": 7}, r"select_layer=7 is outside \[-4, 3\]"),
+                          ({"downsample_ratio": 0.3}, r"downsample_ratio=0.3 must be 1/k"),
+                          ({"vision_config": dict(cfg["vision_config"], model_type="clip_vision_model")},
+                           r"vision model 'clip_vision_model' is not supported")):
+        with open(cfg_path, "w") as f:
+            json.dump(dict(cfg, **change), f)
+        with pytest.raises(ValueError, match=match):
+            LLM(str(tmp_path), kernel_backend="torch")
+
+
+def test_triton_kernels_in_the_interpreter(tmp_path):
+    """head_dim 64 in both towers on the Triton kernels (varlen attention over the
+    packed tiles, LayerNorm, the decoder's kernels) against the float64 reference."""
+    parts, tok = save_nemotron(tmp_path, width=128, vision_width=128, max_tiles=2)
+    llm = LLM(str(tmp_path), dtype="float32", kernel_backend="triton")
+    im = images(6)[0]
+    out = llm.classify([{"prompt": "see <image>", "multi_modal_data": {"image": im}}], use_activation=False,
+                       use_tqdm=False)[0]
+    tiles = llm.engine.inputs.images.tiles(im, "img")
+    ref = reference(parts, out.prompt_token_ids, tiles).float()
+    torch.testing.assert_close(torch.tensor(out.outputs.probs), ref, atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+def test_bf16_on_gpu(tmp_path):
+    """bf16 on the default kernels (head_dim 64 in both towers) against the float64
+    reference: DESIGN's bf16 bar on the probabilities; text-only prompts again through
+    the CUDA graphs."""
+    parts, tok = save_nemotron(tmp_path, width=128, vision_width=128)
+    llm = LLM(str(tmp_path), dtype="bfloat16", device="cuda")
+    prompts = _prompts(7) * 3
+    got = llm.classify(_dicts(prompts), use_tqdm=False)
+    cpu = LLM(str(tmp_path), dtype="float32", kernel_backend="torch").engine.inputs.images
+    for i, ((text, ims), out) in enumerate(zip(prompts, got)):
+        tiles = torch.cat([cpu.tiles(a, "img") for a in ims]) if ims else None
+        ref = reference(parts, out.prompt_token_ids, tiles).sigmoid().float()
+        torch.testing.assert_close(torch.tensor(out.outputs.probs), ref, atol=2e-2, rtol=0,
+                                   msg=lambda m: f"prompt {i}: {m}")
+    text = [t for t, im in prompts if not im]
+    again = [o.outputs.probs for o in llm.classify(text, use_tqdm=False)]
+    first = [o.outputs.probs for (t, im), o in zip(prompts, got) if not im]
+    torch.testing.assert_close(torch.tensor(again), torch.tensor(first), atol=2e-2, rtol=0)
