@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--hf-overrides", type=json.loads, default=None, help="JSON object")
     g.add_argument("--pooler-config", type=json.loads, default=None, help="JSON object")
     g.add_argument("--mm-processor-kwargs", type=json.loads, default=None,
-                   help="JSON object: image preprocessing of a vision-language model (min_pixels, max_pixels)")
+                   help="JSON object: image preprocessing of a vision-language model (Qwen-VL: min_pixels, max_pixels; "
+                        "Nemotron VL: min_dynamic_patch, max_dynamic_patch, dynamic_image_size)")
     g.add_argument("--truncate-prompt-tokens", type=int, default=None, help="-1: the model's maximum")
     g.add_argument("--truncation-side", choices=("left", "right"), default=None)
     g.add_argument("--no-activation", action="store_true", help="write raw logits as probs")

@@ -73,7 +73,8 @@ class EngineConfig:
     ``enable_lora``: accept requests with a LoRA adapter (:mod:`pyengine.lora`), at most
     ``max_loras`` kept loaded at once, each of rank at most ``max_lora_rank``.
     ``mm_processor_kwargs``: image preprocessing settings of a vision-language model in
-    place of its preprocessor_config.json's (``min_pixels``, ``max_pixels``)."""
+    place of its checkpoint's (Qwen-VL: ``min_pixels``, ``max_pixels``; Nemotron VL:
+    ``min_dynamic_patch``, ``max_dynamic_patch``, ``dynamic_image_size``)."""
     model: Any
     tokenizer: Any = None
     dtype: str | torch.dtype = "auto"

@@ -399,6 +399,60 @@ def test_triton_kernels_in_the_interpreter(tmp_path):
     torch.testing.assert_close(torch.tensor(out.outputs.probs), ref, atol=1e-4, rtol=1e-4)
 
 
+def test_lora_on_the_language_model(tmp_path):
+    """A PEFT adapter (written here as PEFT saves one) on the language model's q and v
+    projections: prompts with images that run with it match the float64 reference with
+    W + (alpha / r) B A merged, and the others in the same batch the base model. An
+    adapter on a vision-tower layer is refused before any work."""
+    from safetensors.torch import save_file as save
+    from pyengine import LoRARequest
+
+    parts, tok = save_nemotron(tmp_path / "base")
+    g = torch.Generator().manual_seed(11)
+    r, alpha = 4, 8
+    tensors, merged = {}, {}
+    for i in range(2):
+        for proj in ("q_proj", "v_proj"):
+            lin = getattr(parts["lm"].layers[i].self_attn, proj)
+            a = torch.randn(r, lin.in_features, generator=g) * 0.2
+            b = torch.randn(lin.out_features, r, generator=g) * 0.2
+            key = f"base_model.model.model.language_model.layers.{i}.self_attn.{proj}"
+            tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"] = a, b
+            merged[(i, proj)] = (b.double() @ a.double()) * alpha / r
+
+    def write(path, extra=None):
+        os.makedirs(path)
+        with open(os.path.join(path, "adapter_config.json"), "w") as f:
+            json.dump({"peft_type": "LORA", "r": r, "lora_alpha": alpha, "target_modules": ["q_proj", "v_proj"],
+                       "bias": "none"}, f)
+        save(dict(tensors, **(extra or {})), os.path.join(path, "adapter_model.safetensors"))
+
+    write(tmp_path / "adapter")
+    llm = LLM(str(tmp_path / "base"), dtype="float32", kernel_backend="torch", enable_lora=True, max_lora_rank=8)
+    req = LoRARequest("a", 1, str(tmp_path / "adapter"))
+    prompts = _dicts(_prompts(8))
+    outs = llm.classify(prompts, use_activation=False, use_tqdm=False, lora_request=[req, None, req, None])
+    proc = llm.engine.inputs.images
+    base = {k: getattr(parts["lm"].layers[k[0]].self_attn, k[1]).weight.clone() for k in merged}
+    for i, ((text, ims), out) in enumerate(zip(_prompts(8), outs)):
+        tiles = torch.cat([proc.tiles(x, "img") for x in ims]) if ims else None
+        with torch.no_grad():
+            for (layer, proj), d in merged.items():
+                getattr(parts["lm"].layers[layer].self_attn, proj).weight.copy_(base[(layer, proj)] + (d if i in (0, 2)
+                                                                                                       else 0))
+            ref = reference(parts, out.prompt_token_ids, tiles).float()
+        torch.testing.assert_close(torch.tensor(out.outputs.probs), ref, atol=1e-4, rtol=0,
+                                   msg=lambda m: f"prompt {i}: {m}")
+    with torch.no_grad():  # the fixture's parts are this test's own, but leave them as saved
+        for k, w in base.items():
+            getattr(parts["lm"].layers[k[0]].self_attn, k[1]).weight.copy_(w)
+    bad = {"base_model.model.model.vision_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(r, 32),
+           "base_model.model.model.vision_model.encoder.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(32, r)}
+    write(tmp_path / "vision-adapter", bad)
+    with pytest.raises(ValueError, match=r"adapts vision\.blocks\.0\.qkv_w, which does not take LoRA here"):
+        llm.classify(prompts[:1], lora_request=LoRARequest("v", 2, str(tmp_path / "vision-adapter")), use_tqdm=False)
+
+
 # ---------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
 def test_bf16_on_gpu(tmp_path):
