@@ -239,12 +239,16 @@ def test_end_to_end_on_a_gpu_in_bf16(tmp_path, capsys):
                     assert p["max_abs_dprob"] < 2e-2 and p["argmax_agree"] >= 0.9
 
 
-def test_vision_benchmark_on_the_tiny_preset(tmp_path, capsys):
+@pytest.mark.parametrize("preset", [
+    None,                # the CPU default, qwen2.5-vl-tiny
+    "nemotron-vl-tiny",  # tiles through SigLIP; transformers' parts assembled as the baseline
+])
+def test_vision_benchmark_on_the_tiny_preset(preset, tmp_path, capsys):
     """`python -m pyengine.bench vision`: pyengine against transformers' padded batches
     and single prompts on prompts with one image each; the same probabilities."""
     out = tmp_path / "vision.json"
     assert bench_main.main(["vision", "--num-prompts", "6", "--single-sample", "2", "--cache-dir",
-                            str(tmp_path / "cache"), "--json", str(out)]) == 0
+                            str(tmp_path / "cache"), "--json", str(out)] + (["--preset", preset] if preset else [])) == 0
     report = json.loads(out.read_text())
     assert [r["provider"] for r in report["rows"]] == ["pyengine", "hf-sorted-b16", "hf-single"]
     assert [r["prompts"] for r in report["rows"]] == [6, 6, 2]

@@ -4,11 +4,13 @@ images, pyengine against transformers on the same weights, pixels and token ids.
 Workload: N prompts, each one image (its size drawn, seeded, from a few shapes) between
 two runs of random text ids (lengths round(exp(N(ln 40, 0.6))) clipped to [4, 256]).
 Presets: ``qwen2.5-vl-tiny`` (the CPU default), ``qwen2-vl-2b`` and ``qwen2.5-vl-3b``
-(their published shapes, random weights; the GPU default is ``qwen2-vl-2b``).
+(their published shapes, random weights; the GPU default is ``qwen2-vl-2b``), and the
+Nemotron VL rerankers' ``nemotron-vl-tiny`` and ``nemotron-vl-1b`` (pyengine.bench.nemotron_vl:
+each image cut into tiles, at most two and a thumbnail).
 Providers: pyengine's ``LLM.classify``; transformers one prompt at a time
 (``hf-single``, a seeded sample) and in length-sorted batches of 16, right-padded
-(``hf-sorted-b16``), each fed the pixel values pyengine's preprocessing makes, so the
-providers differ in the model run only. Reported: sequences/s, images/s, tokens/s
+(``hf-sorted-b16``), each fed the pixel values pyengine's preprocessing makes (run inside
+their timed passes too), so the providers differ in the model run only. Reported: sequences/s, images/s, tokens/s
 (median of the timed repeats), peak GPU memory, the largest probability difference to
 transformers. The table is printed last; ``--json PATH`` writes every number.
 """
@@ -49,9 +51,15 @@ VOCAB = 4096  # random text ids below the placeholders; the size does not change
 SHAPES = ((224, 224), (336, 448), (448, 336), (168, 280), (280, 168))
 
 
+def _all_presets():
+    from .nemotron_vl import PRESETS as NEMOTRON
+
+    return list(PRESETS) + list(NEMOTRON)
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog="python -m pyengine.bench vision", description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", help=f"one of {', '.join(PRESETS)} (default qwen2-vl-2b on a GPU, "
+    p.add_argument("--preset", help=f"one of {', '.join(_all_presets())} (default qwen2-vl-2b on a GPU, "
                                     "qwen2.5-vl-tiny on CPU)")
     p.add_argument("--num-prompts", type=int, help="prompts (default 256 on GPU, 32 on CPU)")
     p.add_argument("--repeats", type=int, help="timed repeats after a warm-up pass (default 3 on GPU, 1 on CPU)")
@@ -70,14 +78,19 @@ def _checkpoint(name, dtype, device, cache_dir, seed):
     import transformers
     from safetensors.torch import load_file, save_file
 
+    if name not in PRESETS:
+        from . import nemotron_vl
+
+        return nemotron_vl.checkpoint(name, VOCAB, dtype, device, cache_dir, seed)
     cls, text, vis = PRESETS[name]
     ids = list(range(VOCAB, VOCAB + len(_SPECIAL)))
     cfg = getattr(transformers, cls)(
         text_config=dict(text, vocab_size=VOCAB + 8, max_position_embeddings=32768), vision_config=vis,
         vision_start_token_id=ids[0], image_token_id=ids[1], vision_end_token_id=ids[2], video_token_id=ids[2] + 1)
+    tokens = {"start": ids[0], "image_token_id": ids[1], "end": ids[2]}
     path = os.path.join(cache_dir, f"{name}-{str(dtype).split('.')[-1]}-{seed}")
     if os.path.isfile(os.path.join(path, "model.safetensors")):
-        return path, cfg
+        return path, tokens
     from .presets import _randomize
 
     gen = getattr(transformers, cls.replace("Config", "ForConditionalGeneration"))
@@ -93,7 +106,7 @@ def _checkpoint(name, dtype, device, cache_dir, seed):
     w["score.weight"] = (torch.randn(2, text["hidden_size"], generator=g) * text["hidden_size"] ** -0.5).to(dtype)
     save_file(w, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
     del model
-    return path, cfg
+    return path, tokens
 
 
 def workload(n, seed, image_token_id, start, end):
@@ -157,8 +170,8 @@ def main(argv=None) -> int:
                           ("cpu" if args.device == "auto" else args.device))
     gpu = device.type == "cuda"
     preset = args.preset or ("qwen2-vl-2b" if gpu else "qwen2.5-vl-tiny")
-    if preset not in PRESETS:
-        parser.error(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
+    if preset not in _all_presets():
+        parser.error(f"unknown preset {preset!r}; presets: {', '.join(_all_presets())}")
     dtypes = {"auto": torch.bfloat16 if gpu else torch.float32, "float32": torch.float32, "fp32": torch.float32,
               "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
     if args.dtype not in dtypes:
@@ -173,17 +186,23 @@ def main(argv=None) -> int:
     cache = args.cache_dir or os.environ.get("PYENGINE_BENCH_CACHE") or os.path.expanduser("~/.cache/pyengine/bench")
 
     from ..llm import LLM
-    from ..multimodal import expand
 
-    path, cfg = _checkpoint(preset, dtype, device, cache, args.seed)
+    path, tokens = _checkpoint(preset, dtype, device, cache, args.seed)
     llm = LLM(path, dtype=str(dtype).split(".")[-1], device=str(device))
     proc = llm.engine.inputs.images
-    work = workload(n, args.seed, cfg.image_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id)
+    work = workload(n, args.seed, tokens["image_token_id"], tokens["start"], tokens["end"])
     prompts = [{"prompt_token_ids": ids, "multi_modal_data": {"image": img}} for ids, img in work]
-    prepared = []
-    for i, (ids, img) in enumerate(work):
-        tokens, pix, grids = expand(ids, [img], proc, f"prompt {i}")
-        prepared.append((tokens, pix, list(grids[0])))
+
+    def prepare(items):
+        """(expanded ids, pixels, grid) per prompt: pyengine's preprocessing, which the
+        transformers providers also run inside their timed passes."""
+        out = []
+        for i, (ids, img) in enumerate(items):
+            expanded, mm = proc.prompt(ids, [img], f"prompt {i}")
+            out.append((expanded, mm.pixel_values, mm.grids[0]))
+        return out
+
+    prepared = prepare(work)
     num_tokens = sum(len(p[0]) for p in prepared)
     rows = []
 
@@ -206,10 +225,18 @@ def main(argv=None) -> int:
         [o.outputs.probs for o in llm.classify(prompts, use_tqdm=False)]), n)
     ops = llm.engine.ops.describe()
     del llm
-    model, score = _hf(path, dtype, device, PRESETS[preset][0])
-    ref = measure("hf-sorted-b16", lambda: hf_run(model, score, prepared, 16, device), n)
+    if preset in PRESETS:
+        model, score = _hf(path, dtype, device, PRESETS[preset][0])
+
+        def hf(ps, batch):
+            return hf_run(model, score, ps, batch, device)
+    else:
+        from .nemotron_vl import Baseline
+
+        hf = Baseline(path, dtype, device).run
+    ref = measure("hf-sorted-b16", lambda: hf(prepare(work), 16), n)
     k = min(args.single_sample, n)
-    measure("hf-single", lambda: hf_run(model, score, prepared[:k], 1, device), k)
+    measure("hf-single", lambda: hf(prepare(work[:k]), 1), k)
     diff = float((ours - ref).abs().max())
     env = environment(device)
     report = {"env": env, "preset": preset, "dtype": str(dtype), "num_prompts": n, "num_tokens": num_tokens,
