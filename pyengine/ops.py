@@ -84,33 +84,41 @@ def _capped_attention(q, k, v, allowed, scale, softcap):
     return torch.matmul(p, v.float()).to(q.dtype)
 
 
-def _one_sequence(q, k, v, causal, scale, window, softcap=None):
-    """Exact attention of one sequence on the CPU. q: (L, Hq, D); k, v: (L, Hkv, D).
+# Scores one CPU matmul may hold (n * Hq * L * L floats): a run of like-length
+# sequences is cut into chunks of this size.
+_CPU_SCORES = 1 << 24
+
+
+def _same_length(q, k, v, n, causal, scale, window, softcap=None):
+    """Exact attention of n sequences of one length packed back to back, on the CPU.
+    q: (n * L, Hq, D); k, v: (n * L, Hkv, D). Returns (n * L, Hq, D) in q's dtype.
 
     Up to 1024 tokens the scores are materialised and two batched matmuls do the work
     (faster on CPU than the fused kernel at these sizes); the query heads that share a
     kv head are stacked into one matmul, so k and v are never repeated. Longer
     sequences take the fused kernel, whose memory does not grow with L^2."""
-    L, Hq, D = q.shape
+    T, Hq, D = q.shape
     Hkv = k.shape[1]
-    g = Hq // Hkv
+    L, g = T // n, Hq // Hkv
     if softcap:
-        o = _capped_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+        o = _capped_attention(*(x.view(n, L, -1, D).transpose(1, 2) for x in (q, k, v)),
                               _band(L, causal, window, q.device), scale, softcap)
-        return o[0].transpose(0, 1)
+        return o.transpose(1, 2).reshape(T, Hq, D)
     if L > 1024:
         band = _band(L, causal, window, q.device) if window is not None else None
-        o = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=band,
-                                           scale=scale, is_causal=causal and band is None, enable_gqa=g > 1)
-        return o.transpose(0, 1)
-    qg = q.reshape(L, Hkv, g, D).permute(1, 2, 0, 3).reshape(Hkv, g * L, D)
-    s = torch.bmm(qg.float() * scale, k.permute(1, 2, 0).float())  # (Hkv, g*L, L)
+        o = F.scaled_dot_product_attention(*(x.view(n, L, -1, D).transpose(1, 2) for x in (q, k, v)),
+                                           attn_mask=band, scale=scale, is_causal=causal and band is None,
+                                           enable_gqa=g > 1)
+        return o.transpose(1, 2).reshape(T, Hq, D)
+    qg = q.view(n, L, Hkv, g, D).permute(0, 2, 3, 1, 4).reshape(n * Hkv, g * L, D)
+    kt = k.view(n, L, Hkv, D).permute(0, 2, 3, 1).reshape(n * Hkv, D, L)
+    s = torch.bmm(qg.float() * scale, kt.float())  # (n * Hkv, g * L, L)
     allowed = _band(L, causal, window, q.device)
     if allowed is not None:
-        s.view(Hkv, g, L, L).masked_fill_(~allowed, float("-inf"))
+        s.view(n * Hkv, g, L, L).masked_fill_(~allowed, float("-inf"))
     p = torch.softmax(s, dim=-1)
-    o = torch.bmm(p, v.transpose(0, 1).float())  # (Hkv, g*L, D)
-    return o.view(Hkv, g, L, D).permute(2, 0, 1, 3).reshape(L, Hq, D).to(q.dtype)
+    o = torch.bmm(p, v.view(n, L, Hkv, D).transpose(1, 2).reshape(n * Hkv, L, D).float())  # (n * Hkv, g * L, D)
+    return o.view(n, Hkv, g, L, D).permute(0, 3, 1, 2, 4).reshape(T, Hq, D).to(q.dtype)
 
 
 def varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=False, scale=None, window=None, softcap=None):
@@ -120,7 +128,8 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=False, scale=None, 
     max_seqlen: int; window: None or (left, right) tokens visible on each side (-1 = all);
     softcap: None, or c > 0 for scores c * tanh(s / c) (Gemma 2).
     Returns (T, Hq, D) in q's dtype. Sequences never attend to each other. On the CPU
-    each sequence is computed on its own views (no copies, no padding); on a GPU,
+    each run of like-length sequences is computed on views of its rows (no copies, no
+    padding); on a GPU,
     sequences of like length are gathered into small padded groups (few launches), keys
     masked past each sequence's end, and a group of equal lengths needs no mask.
     """
@@ -130,9 +139,19 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=False, scale=None, 
     cu = cu_seqlens.tolist()
     out = torch.empty_like(q)
     if q.device.type == "cpu":
-        for a, b in zip(cu[:-1], cu[1:]):
-            if b > a:
-                out[a:b] = _one_sequence(q[a:b], k[a:b], v[a:b], causal, scale, window, softcap)
+        # Runs of like-length sequences (the scheduler sorts by length; image tiles are
+        # all one length) go through one batched matmul each, on views of the packed rows.
+        i, B = 0, len(cu) - 1
+        while i < B:
+            L = cu[i + 1] - cu[i]
+            j = i + 1
+            most = max(1, _CPU_SCORES // max(1, Hq * L * L))
+            while j < B and j - i < most and cu[j + 1] - cu[j] == L:
+                j += 1
+            a, b = cu[i], cu[j]
+            if L:
+                out[a:b] = _same_length(q[a:b], k[a:b], v[a:b], j - i, causal, scale, window, softcap)
+            i = j
         return out
     lens = [b - a for a, b in zip(cu[:-1], cu[1:])]
     dev = q.device

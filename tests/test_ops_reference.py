@@ -40,6 +40,35 @@ def test_varlen_attention_reference_long_sequence(causal, window):
     assert_close(out, attention64(q, k, v, lens, causal, None, window), TOL, "varlen_attention long")
 
 
+@pytest.mark.parametrize("causal,window,softcap", [
+    (False, None, None),   # image tiles: one batched matmul per run
+    (True, (4, -1), None),  # a band mask shared by the run
+    (True, None, 5.0),     # soft-capped scores, batched
+])
+@pytest.mark.parametrize("chunk", [None, 3], ids=["whole-runs", "runs-cut-in-3"])
+def test_varlen_attention_reference_like_lengths(causal, window, softcap, chunk, monkeypatch):
+    # Runs of equal lengths (as the scheduler's length-sorted batches and image tiles
+    # have them) share one computation, cut where the scores would exceed a budget.
+    if chunk is not None:
+        monkeypatch.setattr(ops, "_CPU_SCORES", chunk * 4 * 9 * 9)  # 3 sequences of 9 tokens a chunk
+    g = _gen(6)
+    lens = [9, 9, 9, 9, 9, 9, 9, 2, 2, 1, 17, 17]
+    q = torch.randn(sum(lens), 4, 16, generator=g)
+    k, v = (torch.randn(sum(lens), 2, 16, generator=g) for _ in range(2))
+    out = ops.varlen_attention(q, k, v, cu_seqlens(lens), max(lens), causal=causal, window=window, softcap=softcap)
+    assert_close(out, attention64(q, k, v, lens, causal, None, window, softcap), TOL, "varlen_attention runs")
+
+
+def test_varlen_attention_reference_long_like_lengths():
+    # Two sequences over 1024 tokens: one batched call of the fused kernel.
+    g = _gen(7)
+    lens = [1030, 1030]
+    q = torch.randn(sum(lens), 2, 16, generator=g)
+    k, v = (torch.randn(sum(lens), 1, 16, generator=g) for _ in range(2))
+    out = ops.varlen_attention(q, k, v, cu_seqlens(lens), max(lens), causal=True)
+    assert_close(out, attention64(q, k, v, lens, True), TOL, "varlen_attention long runs")
+
+
 def test_pooled_query_attention_reference():
     # One query per sequence (CLS at 0, or the last token) against every key of its sequence.
     g = _gen(5)
