@@ -150,7 +150,10 @@ class LlamaNemotronVLForSequenceClassification(DecoderForSequenceClassification)
             raise ValueError(f"{arch}: vision model {getattr(vc, 'model_type', None)!r} is not supported (only "
                              "SigLIP, siglip_vision_model)")
         outer = {a: getattr(config, a) for a in _OUTER if getattr(config, a, None) is not None}
-        outer.setdefault("pooling", "last")  # the reranker config's own default
+        # The reranker config's own defaults; its llm_config's pooling and temperature
+        # are not the classifier's.
+        outer.setdefault("pooling", "last")
+        outer.setdefault("temperature", 1.0)
         super().__init__(ConfigView(llm, **outer), arch, dtype, device, ops, pooling)
         size = int(getattr(config, "force_image_size", None) or vc.image_size)
         if size != vc.image_size:
