@@ -333,6 +333,31 @@ def test_score_puts_images_first(nemotron):
     assert llm.score("q", two, use_tqdm=False)[0].outputs.score > 0  # the model's own template keeps both
 
 
+@needs_pil
+def test_server_rerank(nemotron):
+    """/rerank with a text and an image document (a data URL) ranks them by LLM.score's scores."""
+    pytest.importorskip("fastapi")
+    from pyengine.config import EngineConfig
+    from pyengine.engine import EngineCore
+    from pyengine.serve import Server, serve_in_thread
+    from test_serve import Client
+
+    path = nemotron[0]
+    docs = ["a passage of text", {"content": [_url(images(12)[1])]}]
+    want = [o.outputs.score for o in LLM(path, dtype="float32", kernel_backend="torch").score(
+        "the query", docs, use_tqdm=False)]
+    server = Server(EngineCore(EngineConfig(model=path, dtype="float32", kernel_backend="torch")), ["nemotron"])
+    url, stop = serve_in_thread(server.build_app())
+    try:
+        status, body = Client(url, server).post("/rerank", {"query": "the query", "documents": docs})
+        assert status == 200, body
+        assert [r["index"] for r in body["results"]] == sorted(range(2), key=lambda i: -want[i])
+        for r in body["results"]:
+            assert r["relevance_score"] == pytest.approx(want[r["index"]], abs=1e-6)
+    finally:
+        stop()
+
+
 # ---------------------------------------------------------------------------- settings and errors
 def test_tiling_settings(nemotron):
     """processor_config.json's max_input_tiles (4 here) over the config's 6; vLLM's
