@@ -6,7 +6,9 @@ the whole call with a message naming the prompt, and nothing is half-done.
 from __future__ import annotations
 
 import functools
+import os
 from bisect import bisect_right
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import accumulate, chain
 
@@ -118,6 +120,42 @@ def parse_prompts(prompts, what="prompts"):
         else:
             raise TypeError(f"{what}[{i}] must be a str or a dict, got {type(p).__name__}")
     return out
+
+
+_POOL = None
+
+
+def _image_pool():
+    """The threads that read images (None on one core), started on first use."""
+    global _POOL
+    n = min(8, os.cpu_count() or 1)
+    if _POOL is None and n > 1:
+        _POOL = ThreadPoolExecutor(max_workers=n, thread_name_prefix="pyengine-images", initializer=_one_thread)
+    return _POOL
+
+
+def _one_thread():
+    # Each image thread runs torch's ops on itself alone: thread teams of their own left
+    # behind by these threads slowed the model's own ops after them by up to 2x.
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _forget_pool():
+    global _POOL
+    _POOL = None  # a forked child has none of its parent's threads
+
+
+os.register_at_fork(after_in_child=_forget_pool)
+
+
+def _load(img):
+    """Decode a lazily opened PIL image now (its errors are reported later, per prompt)."""
+    try:
+        img.load()
+    except Exception:  # noqa: BLE001 - the prompt that holds it reports the error
+        pass
 
 
 class InputProcessor:
@@ -288,9 +326,20 @@ class InputProcessor:
             enc = self._tokenize([proc.prepare_text(prompts[i].prompt) for i in texts], None, None, "left",
                                  add_special_tokens)
             ids.update((i, tp.token_ids) for i, tp in zip(texts, enc))
-        for i in idx:
+
+        def prepare(i):
+            return proc.prompt(list(ids[i]) + list(suffix), prompts[i].images, f"{what}[{i}]")
+
+        # Images are read on a few threads (decoding and resizing release the GIL); the
+        # results are taken in prompt order, so the first bad prompt is the one reported.
+        pool = _image_pool() if len(idx) > 1 else None
+        if pool is not None:
+            # A PIL image opened lazily decodes on first use, which is not safe from two
+            # threads at once: each distinct one is decoded once first.
+            lazy = {id(im): im for i in idx for im in prompts[i].images if hasattr(im, "load")}
+            list(pool.map(_load, lazy.values()))
+        for i, (tokens, mm) in zip(idx, pool.map(prepare, idx) if pool else map(prepare, idx)):
             where = f"{what}[{i}]"
-            tokens, mm = proc.prompt(list(ids[i]) + list(suffix), prompts[i].images, where)
             k = limits[i][0]
             if k is not None and len(tokens) > k + len(suffix):
                 raise ValueError(f"{where} has images and {len(tokens)} tokens, more than the truncation limit "

@@ -394,6 +394,29 @@ def test_bad_inputs(nemotron, prompt, match):
         llm.classify([prompt(images(5)[0])], use_tqdm=False)
 
 
+@needs_pil
+def test_images_read_on_threads(nemotron, tmp_path):
+    """Many prompts' images are read on a thread pool: one lazily opened PIL file shared by
+    several prompts gives the same tokens and logits as its array, and of two bad prompts
+    the first in order is the one reported."""
+    llm = LLM(nemotron[0], dtype="float32", kernel_backend="torch")
+    arr = images(13)[0]
+    PIL.fromarray(arr).save(tmp_path / "a.png")
+    lazy = PIL.open(tmp_path / "a.png")  # not decoded until first used
+    ps = [{"prompt": f"prompt {i} <image>", "multi_modal_data": {"image": lazy}} for i in range(6)]
+    want = [{"prompt": f"prompt {i} <image>", "multi_modal_data": {"image": arr}} for i in range(6)]
+    got = llm.classify(ps, use_activation=False, use_tqdm=False)
+    ref = llm.classify(want, use_activation=False, use_tqdm=False)
+    assert [o.prompt_token_ids for o in got] == [o.prompt_token_ids for o in ref]
+    torch.testing.assert_close(torch.tensor([o.outputs.probs for o in got]),
+                               torch.tensor([o.outputs.probs for o in ref]), atol=1e-6, rtol=0)
+    bad = list(want)
+    bad[4] = {"prompt": "x <image>", "multi_modal_data": {"image": arr[:, :, :2]}}
+    bad[2] = {"prompt": "x <image> <image>", "multi_modal_data": {"image": arr}}
+    with pytest.raises(ValueError, match=r"prompts\[2\] has 2 image placeholder"):
+        llm.classify(bad, use_tqdm=False)
+
+
 def test_bad_checkpoints(tmp_path):
     save_nemotron(tmp_path)
     cfg_path = os.path.join(tmp_path, "config.json")

@@ -185,6 +185,7 @@ def main(argv=None) -> int:
             parser.error(f"--{name.replace('_', '-')} must be a positive integer, got {v}")
     cache = args.cache_dir or os.environ.get("PYENGINE_BENCH_CACHE") or os.path.expanduser("~/.cache/pyengine/bench")
 
+    from ..inputs import _image_pool
     from ..llm import LLM
 
     path, tokens = _checkpoint(preset, dtype, device, cache, args.seed)
@@ -194,13 +195,13 @@ def main(argv=None) -> int:
     prompts = [{"prompt_token_ids": ids, "multi_modal_data": {"image": img}} for ids, img in work]
 
     def prepare(items):
-        """(expanded ids, pixels, grid) per prompt: pyengine's preprocessing, which the
-        transformers providers also run inside their timed passes."""
-        out = []
-        for i, (ids, img) in enumerate(items):
-            expanded, mm = proc.prompt(ids, [img], f"prompt {i}")
-            out.append((expanded, mm.pixel_values, mm.grids[0]))
-        return out
+        """(expanded ids, pixels, grid) per prompt: pyengine's preprocessing on its image
+        threads, which the transformers providers also run inside their timed passes."""
+        def one(i):
+            expanded, mm = proc.prompt(items[i][0], [items[i][1]], f"prompt {i}")
+            return expanded, mm.pixel_values, mm.grids[0]
+        pool = _image_pool()
+        return list(pool.map(one, range(len(items))) if pool else map(one, range(len(items))))
 
     prepared = prepare(work)
     num_tokens = sum(len(p[0]) for p in prepared)
