@@ -10,8 +10,10 @@ In a text prompt an image is ``<image>`` (vLLM's placeholder for these models), 
 becomes ``<img>`` + ``<IMG_CONTEXT>`` x (tiles * tokens_per_tile) + ``</img>``. A token
 prompt holds one ``<IMG_CONTEXT>`` per image, or every one already expanded.
 
-Pixels: PIL's bicubic resize (torch's where pillow is missing), then
-``(x / 255 - 0.5) / 0.5``, SigLIP's normalisation, as the checkpoints' processors do.
+Pixels: PIL's bicubic resize (torch's where pillow is missing), as the checkpoints'
+processors resize. Tiles stay uint8 up to the device, a quarter of the bytes to copy;
+the tower normalises them there as SigLIP does, ``(x / 255 - 0.5) / 0.5`` in fp32
+(pyengine.models.nemotron_vl.normalise).
 """
 from __future__ import annotations
 
@@ -53,7 +55,7 @@ def best_grid(width, height, size, options):
 
 
 class TileProcessor:
-    """Images -> tiles (N, 3, size, size) fp32 for the SigLIP tower, and the prompt's
+    """Images -> tiles (N, 3, size, size) uint8 for the SigLIP tower, and the prompt's
     image tokens. image_token_id, start_id, end_id: <IMG_CONTEXT>, <img>, </img>."""
 
     placeholder = PLACEHOLDER
@@ -124,7 +126,7 @@ class TileProcessor:
 
     # ------------------------------------------------------------------ pixels
     def tiles(self, img, where):
-        """One image -> (n, 3, size, size) fp32 tiles: the grid row by row, then the
+        """One image -> (n, 3, size, size) uint8 tiles: the grid row by row, then the
         thumbnail where there is more than one tile."""
         x = _rgb(img, where)
         s = self.size
@@ -133,8 +135,7 @@ class TileProcessor:
         parts = [_resize(x, rows * s, cols * s).view(3, rows, s, cols, s).permute(1, 3, 0, 2, 4).reshape(-1, 3, s, s)]
         if self.thumbnail and cols * rows > 1:
             parts.append(_resize(x, s, s)[None])
-        t = torch.cat(parts).float()
-        return (t / 255 - 0.5) / 0.5
+        return torch.cat(parts)
 
     def prompt(self, ids, images, where):
         """Token ids with each image's context tokens widened to its tiles' count ->

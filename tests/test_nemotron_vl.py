@@ -99,7 +99,8 @@ def reference(parts, ids, tiles):
     with torch.no_grad():
         emb = parts["lm"].embed_tokens(ids).clone()
         if tiles is not None:
-            out = parts["vision"](pixel_values=tiles.double(), output_hidden_states=True)
+            pixels = (tiles.double() / 255 - 0.5) / 0.5  # SigLIP's normalisation
+            out = parts["vision"](pixel_values=pixels, output_hidden_states=True)
             sel = parts["select_layer"]
             feats = out.last_hidden_state if sel == -1 else out.hidden_states[sel]
             emb[ids == parts["ctx"]] = parts["mlp1"](_shuffle(feats)).reshape(-1, emb.shape[-1])
@@ -151,7 +152,7 @@ def test_grid_options():
 
 
 def _pil_tiles(arr, grid):
-    """PIL's bicubic resize to the grid, crops row by row, the thumbnail; SigLIP's scaling."""
+    """PIL's bicubic resize to the grid, crops row by row, the thumbnail: (n, 3, S, S) uint8."""
     img = PIL.fromarray(arr)
     if img.mode == "RGBA":  # over white, as the engine composites
         bg = PIL.new("RGBA", img.size, (255, 255, 255, 255))
@@ -161,8 +162,7 @@ def _pil_tiles(arr, grid):
     tiles = [big.crop((x * TILE, y * TILE, (x + 1) * TILE, (y + 1) * TILE)) for y in range(r) for x in range(c)]
     if c * r > 1:
         tiles.append(img.resize((TILE, TILE), PIL.BICUBIC))
-    t = torch.tensor(np.stack([np.asarray(x) for x in tiles])).permute(0, 3, 1, 2).double()
-    return (t / 255 - 0.5) / 0.5
+    return torch.tensor(np.stack([np.asarray(x) for x in tiles])).permute(0, 3, 1, 2)
 
 
 @needs_pil
@@ -175,9 +175,10 @@ def test_tiles_match_pil():
     for arr, grid in zip(images(0), grids):
         got = proc.tiles(arr, "img")
         want = _pil_tiles(arr, grid)
+        assert got.dtype == torch.uint8
         assert got.shape == want.shape == (grid[0] * grid[1] + (grid != (1, 1)), 3, TILE, TILE)
-        err = (got.double() - want).abs().max().item()
-        assert err < 1e-6, f"{arr.shape}: max |d| {err * 255 / 2:.2f} levels"
+        err = (got.int() - want.int()).abs().max().item()
+        assert err == 0, f"{arr.shape}: max |d| {err} levels"
     # PIL images in: the same tiles as their arrays
     arr = images(0)[0]
     torch.testing.assert_close(proc.tiles(PIL.fromarray(arr), "img"), proc.tiles(arr, "img"), atol=0, rtol=0)
@@ -200,8 +201,8 @@ def test_tiles_without_pillow(monkeypatch):
     want = _pil_tiles(arr, (2, 1))
     monkeypatch.setattr(builtins, "__import__", no_pil)
     got = TileProcessor(9, 7, 8, TILE, PER_TILE, 1, 4).tiles(arr, "img")
-    err = (got.double() - want).abs().max().item()
-    assert 0 < err <= 2 / 255 + 1e-6, f"max |d| {err * 255 / 2:.2f} levels"
+    err = (got.int() - want.int()).abs().max().item()
+    assert 0 < err <= 1, f"max |d| {err} levels"
 
 
 # ---------------------------------------------------------------------------- model
