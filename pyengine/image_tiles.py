@@ -12,8 +12,8 @@ prompt holds one ``<IMG_CONTEXT>`` per image, or every one already expanded.
 
 Pixels: PIL's bicubic resize (torch's where pillow is missing), as the checkpoints'
 processors resize. Tiles stay uint8 up to the device, a quarter of the bytes to copy;
-the tower normalises them there as SigLIP does, ``(x / 255 - 0.5) / 0.5`` in fp32
-(pyengine.models.nemotron_vl.normalise).
+:meth:`TileProcessor.finish` normalises them there as SigLIP does, ``(x / 255 - 0.5) / 0.5``
+in fp32.
 """
 from __future__ import annotations
 
@@ -136,6 +136,10 @@ class TileProcessor:
         if self.thumbnail and cols * rows > 1:
             parts.append(_resize(x, s, s)[None])
         return torch.cat(parts)
+
+    def finish(self, tiles):
+        """uint8 tiles (N, 3, S, S), on the device -> SigLIP's input, fp32."""
+        return (tiles.float() / 255 - 0.5) / 0.5
 
     def prompt(self, ids, images, where):
         """Token ids with each image's context tokens widened to its tiles' count ->

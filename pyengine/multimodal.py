@@ -147,7 +147,8 @@ class ImageProcessor:
                    vision_end_token_id=getattr(config, "vision_end_token_id", None))
 
     def __call__(self, img, where):
-        """One image -> (patches (t*h*w, C*tp*p*p) fp32, (t, h, w) grid of patches)."""
+        """One image -> (patches (h*w, C*p*p) uint8, (t, h, w) grid of patches), in the
+        vision tower's order; :meth:`finish` turns them into its input on the device."""
         x = _rgb(img, where)
         H, W = x.shape[1:]
         factor = self.patch * self.merge
@@ -160,18 +161,24 @@ class ImageProcessor:
                                   align_corners=False)[0]
         elif H % factor or W % factor:
             raise ValueError(f"{where} is {H}x{W}, not a multiple of {factor}, and do_resize is off")
-        x = x.float()
-        if self.do_rescale:
-            x = x * self.rescale
-        if self.do_normalize:
-            x = (x - self.mean) / self.std
         C, h, w = x.shape
         gh, gw, m, p = h // self.patch, w // self.patch, self.merge, self.patch
         # Patches in merge-block order (each m x m block of patches is one LLM token),
-        # each flattened as (C, temporal, p, p) with the still image repeated over time.
+        # each flattened as (C, p, p); still uint8, a quarter of fp32's bytes to copy,
+        # and not yet repeated over time.
         x = x.reshape(C, gh // m, m, p, gw // m, m, p).permute(1, 4, 2, 5, 0, 3, 6)
-        x = x[:, :, :, :, :, None].expand(-1, -1, -1, -1, -1, self.tp, -1, -1)
-        return x.reshape(gh * gw, C * self.tp * p * p), (1, gh, gw)
+        return x.reshape(gh * gw, C * p * p), (1, gh, gw)
+
+    def finish(self, patches):
+        """uint8 patches (N, C*p*p), on the device -> the tower's input (N, C*tp*p*p) fp32:
+        rescaled, normalised per channel, the still image repeated over time."""
+        N, C = patches.shape[0], self.mean.shape[0]
+        x = patches.view(N, C, -1).float()
+        if self.do_rescale:
+            x = x * self.rescale
+        if self.do_normalize:
+            x = (x - self.mean.view(1, C, 1).to(x.device)) / self.std.view(1, C, 1).to(x.device)
+        return x[:, :, None].expand(-1, -1, self.tp, -1).reshape(N, -1)
 
     def tokens(self, grid):
         t, h, w = grid
@@ -195,7 +202,7 @@ class ImageProcessor:
 
 
 class MMData:
-    """One prompt's images: pixel_values (N, ...) fp32, grids (per image: (t, h, w)
+    """One prompt's images: pixel_values (N, ...) uint8 (as the processor leaves them), grids (per image: (t, h, w)
     patches, or a tile count), and rope_positions (3, L) int64, the (temporal, height,
     width) rotary position of each token (None: the model's own positions)."""
 
@@ -326,8 +333,10 @@ class MMBatch:
         self.rotary = self.mask = self.deepstack = None
 
     @classmethod
-    def build(cls, prompts, device):
-        """prompts: TokenizedPrompts, some with ``mm``; text-only ones count up."""
+    def build(cls, prompts, device, finish):
+        """prompts: TokenizedPrompts, some with ``mm``; text-only ones count up. finish:
+        the image processor's, which turns the pixels, once on the device, into the
+        vision tower's input."""
         pix, grids, pos = [], [], []
         mrope = any(p.mm is not None and p.mm.rope_positions is not None for p in prompts)
         for p in prompts:
@@ -337,7 +346,7 @@ class MMBatch:
                 pix.append(p.mm.pixel_values)
                 grids += p.mm.grids
                 pos.append(p.mm.rope_positions)
-        return cls(_to(torch.cat(pix), device), grids, _to(torch.cat(pos, dim=1), device) if mrope else None)
+        return cls(finish(_to(torch.cat(pix), device)), grids, _to(torch.cat(pos, dim=1), device) if mrope else None)
 
 
 def _to(t, device):

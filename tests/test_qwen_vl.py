@@ -110,8 +110,9 @@ def _pixels(imgs, gen):
     if PIL is not None:
         enc = _hf_processor(gen)([PIL.fromarray(a) for a in imgs], return_tensors="pt")
         return enc["pixel_values"], enc["image_grid_thw"]
-    out = [_ours(gen)(a, "img") for a in imgs]
-    return torch.cat([p for p, _ in out]), torch.tensor([g for _, g in out])
+    proc = _ours(gen)
+    out = [proc(a, "img") for a in imgs]
+    return proc.finish(torch.cat([p for p, _ in out])), torch.tensor([g for _, g in out])
 
 
 def images(seed, patch=14):
@@ -253,13 +254,15 @@ def test_preprocessing_matches_the_pil_processor(shape):
     img = PIL.fromarray(a)
     ref = _hf_processor()(img, return_tensors="pt")
     proc = _ours()
-    patches, grid = proc(a, "img")
+    raw, grid = proc(a, "img")
+    assert raw.dtype == torch.uint8  # normalised on the device (finish)
+    patches = proc.finish(raw)
     assert grid == tuple(ref["image_grid_thw"][0].tolist())
     level = 1 / 255 / 0.26130258 + 1e-5  # one level over the smallest std
     exact = len(shape) == 3 and shape[2] == 3 and shape[0] % 28 == 0 and shape[1] % 28 == 0
     torch.testing.assert_close(patches, ref["pixel_values"], atol=1e-5 if exact else level, rtol=0)
-    assert torch.equal(proc(img, "img")[0], patches)
-    assert torch.equal(proc(torch.from_numpy(a), "img")[0], patches)
+    assert torch.equal(proc(img, "img")[0], raw)
+    assert torch.equal(proc(torch.from_numpy(a), "img")[0], raw)
 
 
 @needs_pil

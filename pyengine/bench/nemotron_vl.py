@@ -110,8 +110,7 @@ class Baseline:
         self.dtype, self.device = dtype, device
 
     def features(self, tiles):
-        pixels = (tiles.to(self.device).float() / 255 - 0.5) / 0.5  # SigLIP's normalisation of uint8 tiles
-        x = self.vision(pixel_values=pixels.to(self.dtype)).last_hidden_state
+        x = self.vision(pixel_values=tiles.to(self.device, self.dtype)).last_hidden_state
         n, L, C = x.shape
         s = int(L ** 0.5)
         # 2 x 2 neighbouring patches side by side, row-major, as the checkpoint regroups them

@@ -199,7 +199,7 @@ def main(argv=None) -> int:
         threads, which the transformers providers also run inside their timed passes."""
         def one(i):
             expanded, mm = proc.prompt(items[i][0], [items[i][1]], f"prompt {i}")
-            return expanded, mm.pixel_values, mm.grids[0]
+            return expanded, proc.finish(mm.pixel_values), mm.grids[0]
         pool = _image_pool()
         return list(pool.map(one, range(len(items))) if pool else map(one, range(len(items))))
 

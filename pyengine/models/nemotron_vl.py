@@ -30,13 +30,8 @@ _ACTS = {"gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"), "gelu": F
 _OUTER = ("num_labels", "id2label", "label2id", "problem_type", "pooling", "temperature", "pad_token_id")
 
 
-def normalise(tiles):
-    """uint8 tiles -> SigLIP's input, (x / 255 - 0.5) / 0.5, in fp32."""
-    return (tiles.float() / 255 - 0.5) / 0.5
-
-
 class SiglipTower(nn.Module):
-    """tiles (N, 3, S, S) uint8 -> (N * (S / patch / k)**2, H_llm): SigLIP's ViT (pre-norm
+    """tiles (N, 3, S, S) -> (N * (S / patch / k)**2, H_llm): SigLIP's ViT (pre-norm
     layers, learned positions, GELU-tanh MLP), then the k x k regrouping and mlp1."""
 
     def __init__(self, vc, select_layer, downsample_ratio, out_width, dtype, device, ops):
@@ -111,12 +106,11 @@ class SiglipTower(nn.Module):
         return [(f"blocks.{i}.{sub[key][0]}", sub[key][1])] if key in sub else []
 
     def forward(self, tiles):
-        """tiles: (N, 3, S, S) uint8, as pyengine.image_tiles makes them."""
+        """tiles: (N, 3, S, S) normalised pixels (pyengine.image_tiles)."""
         ops, E, nh, hd, p, g, k = self.ops, self.E, self.nh, self.hd, self.patch, self.side, self.k
         n = tiles.shape[0]
         # The patch convolution (stride = kernel) as a linear map of each (C, p, p) patch.
-        x = normalise(tiles).to(self.patch_w.dtype).view(n, -1, g, p, g, p).permute(0, 2, 4, 1, 3, 5)
-        x = x.reshape(n * g * g, -1)
+        x = tiles.to(self.patch_w.dtype).view(n, -1, g, p, g, p).permute(0, 2, 4, 1, 3, 5).reshape(n * g * g, -1)
         x = (F.linear(x, self.patch_w, self.patch_b).view(n, g * g, E) + self.pos).view(n * g * g, E)
         cu = torch.arange(0, (n + 1) * g * g, g * g, dtype=torch.int32, device=x.device)
         res = None
