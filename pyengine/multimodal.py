@@ -92,6 +92,7 @@ class ImageProcessor:
         self.mean = torch.tensor(mean, dtype=torch.float32)[:, None, None]
         self.std = torch.tensor(std, dtype=torch.float32)[:, None, None]
         self.rescale = float(rescale)
+        self._on = {}  # device -> (mean, std) there
         self.do_resize, self.do_rescale, self.do_normalize = do_resize, do_rescale, do_normalize
         # What stands for one image in a text: <|vision_start|><|image_pad|><|vision_end|>.
         self.placeholder_ids = [int(t) for t in (vision_start_token_id, image_token_id, vision_end_token_id)
@@ -177,8 +178,18 @@ class ImageProcessor:
         if self.do_rescale:
             x = x * self.rescale
         if self.do_normalize:
-            x = (x - self.mean.view(1, C, 1).to(x.device)) / self.std.view(1, C, 1).to(x.device)
+            mean, std = self._stats(x.device)
+            x = (x - mean) / std
         return x[:, :, None].expand(-1, -1, self.tp, -1).reshape(N, -1)
+
+    def _stats(self, device):
+        """(mean, std) as (1, C, 1) on ``device``, copied there once (a copy per batch
+        from pageable memory would stall the host)."""
+        key = str(device)
+        if key not in self._on:
+            C = self.mean.shape[0]
+            self._on[key] = (self.mean.view(1, C, 1).to(device), self.std.view(1, C, 1).to(device))
+        return self._on[key]
 
     def tokens(self, grid):
         t, h, w = grid
