@@ -18,7 +18,8 @@
 #        compiles and times about 50 launch configs), PROFILE_S=0 (a positive budget runs
 #        the profile of one engine pass per preset, PROFILE_PRESETS), GPU_CHECK_STEPS (default
 #        build,tests,kernels,bench,profile: a subset splits the check over two calls; "vision"
-#        adds the vision-language benchmark, VISION_S=240, VISION_ARGS),
+#        adds the vision-language benchmarks, VISION_S=240 each, VISION_ARGS and
+#        VISION_NEMOTRON_ARGS),
 #        GPU_CHECK_ALLOW_CPU=1 (dry run of this script without a GPU).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -112,6 +113,9 @@ fi
 if [[ ",${GPU_CHECK_STEPS:-}," == *",vision,"* ]]; then
   # shellcheck disable=SC2086
   step vision "${VISION_S:-240}" "$PY" -m pyengine.bench vision ${VISION_ARGS:---num-prompts 128 --repeats 2} --json "$LOGS/vision.json"
+  # the Nemotron VL reranker's shapes: SigLIP tiles in front of the bidirectional Llama
+  # shellcheck disable=SC2086
+  step vision-nemotron "${VISION_S:-240}" "$PY" -m pyengine.bench vision ${VISION_NEMOTRON_ARGS:---preset nemotron-vl-1b --num-prompts 64 --repeats 2} --json "$LOGS/vision-nemotron.json"
 else
   skip vision "not in GPU_CHECK_STEPS"
 fi
