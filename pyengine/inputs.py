@@ -147,7 +147,8 @@ def _forget_pool():
     _POOL = None  # a forked child has none of its parent's threads
 
 
-os.register_at_fork(after_in_child=_forget_pool)
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_forget_pool)
 
 
 def _load(img):

@@ -11,8 +11,11 @@ An image is a PIL image, or a uint8 array (numpy or torch) of shape (H, W), (H, 
 (H, W, 4) (RGBA: composited over white, as transformers' and vLLM's loaders do). Preprocessing follows the
 checkpoint's ``preprocessor_config.json``: a resize to multiples of ``patch * merge``
 within [min_pixels, max_pixels] (PIL's bicubic filter; a value may differ from PIL's by
-one level of 255), rescale, normalise, and patches of
-``C * temporal_patch_size * patch**2`` values in the vision tower's order.
+one level of 255) and uint8 patches of ``C * patch**2`` values in the vision tower's
+order; once on the device, :meth:`ImageProcessor.finish` rescales and normalises them and
+repeats each over ``temporal_patch_size``. Every image processor (also
+pyengine.image_tiles') has that interface: ``prompt(ids, images, where)``, ``finish``,
+``placeholder_text``, ``prepare_text``, ``image_token_id``.
 """
 from __future__ import annotations
 

@@ -136,8 +136,9 @@ def render_with_images(template, render, d1, d2, placeholder):
     """Prompts of pairs: a list of (text, [ScoreImage in text order]).
 
     render(template, queries, documents) -> texts (:func:`pyengine.templates.render_pairs`);
-    placeholder: the model's text for one image. Raises ValueError where the template
-    drops an image or writes it twice."""
+    placeholder: the model's text for one image. Where a template rewrites the
+    placeholders (drops each and writes its own), the pair's images follow in the pair's
+    order. Raises ValueError where the template drops an image or writes it twice."""
     marks = itertools.count()
     qs, ds, imgs = [], [], []
     for q, d in zip(d1, d2):
@@ -158,9 +159,9 @@ def render_with_images(template, render, d1, d2, placeholder):
     for i, (text, pair) in enumerate(zip(render(template, qs, ds), imgs)):
         counts = {mark: text.count(mark) for mark in pair}
         if pair and not any(counts.values()) and _MARKS.search(text):
-            # The template rewrote the placeholders (vLLM's Nemotron VL template moves
-            # every image to the front): its own placeholders take the images in the
-            # pair's order, the query's first, where there are as many as images.
+            # The template rewrote the placeholders (vLLM's Nemotron VL template moves a
+            # document's image to the front): its own placeholders take the images in
+            # the pair's order, the query's first, where there are as many as images.
             text = _MARKS.sub("", text)
             if text.count(placeholder) == len(pair):
                 out.append((text, list(pair.values())))
