@@ -17,14 +17,11 @@ in fp32.
 """
 from __future__ import annotations
 
-import json
-import os
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .multimodal import MMData, _rgb, _runs
+from .multimodal import MMData, _rgb, _runs, checkpoint_json
 
 PLACEHOLDER = "<image>"
 START, CONTEXT, END = "<img>", "<IMG_CONTEXT>", "</img>"
@@ -87,11 +84,7 @@ class TileProcessor:
             if not ok:
                 want = "a bool" if k == "dynamic_image_size" else "a positive int"
                 raise ValueError(f"mm_processor_kwargs: {k} must be {want}, got {v!r}")
-        pre = {}
-        f = os.path.join(os.fspath(path), "processor_config.json") if path is not None else None
-        if f is not None and os.path.isfile(f):
-            with open(f) as fh:
-                pre = json.load(fh)
+        pre = checkpoint_json(path, "processor_config.json")
         lo = overrides.get("min_dynamic_patch", pre.get("min_input_tiles", getattr(config, "min_dynamic_patch", 1)))
         hi = overrides.get("max_dynamic_patch", pre.get("max_input_tiles", getattr(config, "max_dynamic_patch", 1)))
         dynamic = overrides.get("dynamic_image_size",

@@ -53,6 +53,15 @@ def smart_resize(height, width, factor, min_pixels, max_pixels):
     return h, w
 
 
+def checkpoint_json(path, name):
+    """The dict in ``path/name``, or {} where there is no such file (or no path)."""
+    f = os.path.join(os.fspath(path), name) if path is not None else None
+    if f is None or not os.path.isfile(f):
+        return {}
+    with open(f) as fh:
+        return json.load(fh)
+
+
 def _rgb(img, where):
     """(3, H, W) uint8 from a PIL image or a uint8 array."""
     if hasattr(img, "convert") and hasattr(img, "size") and not hasattr(img, "shape"):
@@ -128,11 +137,7 @@ class ImageProcessor:
         for k, v in overrides.items():
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"mm_processor_kwargs: {k} must be a positive int, got {v!r}")
-        pre = {}
-        f = os.path.join(os.fspath(path), "preprocessor_config.json") if path is not None else None
-        if f is not None and os.path.isfile(f):
-            with open(f) as fh:
-                pre = json.load(fh)
+        pre = checkpoint_json(path, "preprocessor_config.json")
         size = pre.get("size") or {}
         geom = {"patch_size": vision_config.patch_size, "temporal_patch_size": vision_config.temporal_patch_size,
                 "merge_size": vision_config.spatial_merge_size}

@@ -123,6 +123,13 @@ def language_config(config):
     return ConfigView(text, **{a: getattr(config, a) for a in _OUTER_ATTRS if hasattr(config, a)})
 
 
+def linear_patches(weights, suffix, width):
+    """weights with the vision tower's patch convolution (stride = kernel, its name ending
+    in ``suffix``) as the (width, C * kernel) matrix of the linear map it is on a patch."""
+    for n, t in weights:
+        yield n, (t.reshape(width, -1) if n.endswith(suffix) else t)
+
+
 def _p(*shape, dtype, device):
     return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..image_tiles import TileProcessor
-from .decoder import ConfigView, DecoderForSequenceClassification, _p
+from .decoder import ConfigView, DecoderForSequenceClassification, _p, linear_patches
 
 _ACTS = {"gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"), "gelu": F.gelu,
          "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x)}
@@ -186,12 +186,7 @@ class LlamaNemotronVLForSequenceClassification(DecoderForSequenceClassification)
         return super().param_targets(name)
 
     def load_weights(self, weights):
-        E = self.vision.E
-
-        def reshaped(ws):
-            for n, t in ws:
-                yield n, (t.reshape(E, -1) if n.endswith("patch_embedding.weight") else t)
-        super().load_weights(reshaped(weights))
+        super().load_weights(linear_patches(weights, "patch_embedding.weight", self.vision.E))
 
     def _expected(self, params):
         out = []

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .decoder import DecoderForSequenceClassification, ReluMLPHead, _p, language_config
+from .decoder import DecoderForSequenceClassification, ReluMLPHead, _p, language_config, linear_patches
 
 # Architecture prefix -> vision tower generation.
 _GENERATIONS = (("Qwen2_5_VL", "2.5"), ("Qwen2VL", "2"), ("Qwen3VL", "3"), ("JinaVL", "2"))
@@ -296,13 +296,7 @@ class QwenVLForSequenceClassification(DecoderForSequenceClassification):
         return super().param_targets(name)
 
     def load_weights(self, weights):
-        E = self.vision.E
-
-        def reshaped(ws):
-            for n, t in ws:
-                # The Conv3d patch embedding with stride = kernel is a linear map of the patch.
-                yield n, (t.reshape(E, -1) if n.endswith("patch_embed.proj.weight") else t)
-        super().load_weights(reshaped(weights))
+        super().load_weights(linear_patches(weights, "patch_embed.proj.weight", self.vision.E))
 
     def _expected(self, params):
         out = []
