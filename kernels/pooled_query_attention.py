@@ -99,6 +99,9 @@ def _pooled_query_attention_kernel(Q, K, V, O, CU_SEQLENS, Q_POS, qk_scale,
 # ragged shapes. The query tile is small (g rows), so the k/v tiles dominate.
 CONFIGS = {16: (64, 4, 3), 32: (64, 4, 3), 64: (64, 4, 3), 128: (64, 4, 3), 256: (32, 4, 2)}
 CONFIGS_FP32 = {16: (32, 4, 2), 32: (32, 4, 2), 64: (32, 4, 2), 128: (32, 4, 2), 256: (16, 4, 2)}
+# 16-bit head dims off the multiples of 16 (72, 88, 136, ...): their masked head-dim tiles
+# spilled registers at the configs above when compiled for sm_90.
+CONFIGS_PADDED = {128: (32, 8, 3), 256: (16, 4, 2)}
 
 _OP = "pooled_query_attention"
 _check = functools.partial(_v.check, _OP)
@@ -140,7 +143,10 @@ def _launch(q, k, v, cu_seqlens, max_seqlen, q_pos, causal=False, scale=None, wi
     block_d = max(16, _v.next_pow2(D))
     group = Hq // Hkv
     block_g = max(16, _v.next_pow2(group))
-    bn, warps, stages = (CONFIGS_FP32 if q.dtype == torch.float32 else CONFIGS)[block_d]
+    if q.dtype == torch.float32:
+        bn, warps, stages = CONFIGS_FP32[block_d]
+    else:
+        bn, warps, stages = (CONFIGS_PADDED if D % 16 and block_d in CONFIGS_PADDED else CONFIGS)[block_d]
     bn = block_n or bn
     # B on grid axis 0 (up to 2^31 - 1 programs), kv heads on axis 1.
     _pooled_query_attention_kernel[(B, Hkv)](

@@ -243,6 +243,14 @@ SWEEP_CONFIGS = {
           (32, 32, 4, 3, 2), (32, 64, 4, 3, 2), (64, 32, 8, 3, 2),
           (64, 32, 4, 3, 1, 64), (64, 32, 4, 3, 1, 128), (64, 32, 8, 3, 1, 64), (32, 32, 4, 3, 2, 64)],
 }
+# 16-bit head dims that are not a multiple of 16 (SigLIP-so400m's 72; 88, 104, 120;
+# 136 ... 248), whose masked head-dim tiles spilled registers at the configs above when
+# compiled for sm_90 (tests/compile_kernels.py): more warps, or smaller tiles.
+CONFIGS_PADDED = {
+    64: (64, 32, 8, 3),
+    128: (64, 32, 8, 3),
+    256: (32, 16, 4, 2),
+}
 CONFIGS_FP32 = {
     16: (64, 32, 4, 2),
     32: (64, 32, 4, 2),
@@ -288,6 +296,8 @@ def config_for(dtype, head_dim):
     block_d = max(16, _v.next_pow2(head_dim))
     if dtype == torch.float32:
         return CONFIGS_FP32[block_d]
+    if head_dim % 16 and block_d in CONFIGS_PADDED:
+        return CONFIGS_PADDED[block_d]
     return CONFIGS[block_d]
 
 

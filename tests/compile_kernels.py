@@ -106,6 +106,10 @@ def main(arch=90):
     attention = _patched("varlen_attention", target)
     for D, causal, window in ((64, False, None), (128, True, (64, -1))):
         attention(z(T, 4, D, dtype=bf), z(T, 2, D, dtype=bf), z(T, 2, D, dtype=bf), cu, 15, causal, None, window)
+    # Head dims padded inside: Qwen2-VL's vision 80 (1280 / 16), SigLIP-so400m's 72, and
+    # others off the multiples of 16, which take config_for's CONFIGS_PADDED
+    for D, causal in ((40, True), (72, False), (80, False), (72, True), (88, True), (136, True)):
+        attention(z(T, 4, D, dtype=bf), z(T, 4, D, dtype=bf), z(T, 4, D, dtype=bf), cu, 15, causal)
     # Gemma 2's shape: head_dim 256, soft-capped scores, a sliding window
     attention(z(T, 8, 256, dtype=bf), z(T, 4, 256, dtype=bf), z(T, 4, 256, dtype=bf), cu, 15, True, 0.0625,
               (4095, 0), softcap=50.0)
@@ -125,9 +129,13 @@ def main(arch=90):
         pooled(z(2, Hq, D, dtype=dt), z(T, Hkv, D, dtype=dt), z(T, Hkv, D, dtype=dt), cu, 15, pos, causal, None, window)
     pooled(z(2, 8, 256, dtype=bf), z(T, 4, 256, dtype=bf), z(T, 4, 256, dtype=bf), cu, 15, pos, True, 0.0625, None,
            softcap=50.0)
+    for D in (40, 72, 136):
+        pooled(z(2, 4, D, dtype=bf), z(T, 4, D, dtype=bf), z(T, 4, D, dtype=bf), cu, 15, pos, False)
     _patched("gather_pooled", target)(h, cu, "mean")
     _patched("activation", target)(z(4, 3), "softmax", 0.5, z(3))
     _patched("add_layer_norm", target)(h, h, z(H), z(H), 1e-5)
+    # the Nemotron VL projector's norm over four SigLIP-so400m patches (4 x 1152), no residual
+    _patched("add_layer_norm", target)(z(T, 4608, dtype=bf), None, z(4608, dtype=bf), z(4608, dtype=bf), 1e-5)
     _patched("add_rms_norm", target)(h, h, z(H, dtype=bf), 1e-6, 1.0)
     _patched("rotary", target)(z(T, 16, 128, dtype=bf), z(T, 8, 128, dtype=bf), z(T, dtype=torch.int64),
                                z(10, 64), False)

@@ -133,6 +133,16 @@ def test_varlen_attention_head_dims(D):
 
 
 @pytest.mark.usefixtures("poisoned")
+def test_head_dim_off_the_multiples_of_16():
+    # 72 (SigLIP-so400m) in fp16: both attention kernels take their CONFIGS_PADDED tiles.
+    va = _mod("varlen_attention")
+    assert va.config_for(torch.float16, 72) == va.CONFIGS_PADDED[128]
+    assert va.config_for(torch.float16, 80) == va.CONFIGS[128]  # a multiple of 16 keeps the table's
+    _check_attention(MIXED, 2, 1, 72, FP16, False)
+    _check_pooled(MIXED, "mix", 2, 1, 72, FP16, True)
+
+
+@pytest.mark.usefixtures("poisoned")
 @pytest.mark.parametrize("window,causal", [
     ((5, 3), False),    # both sides bounded: masked blocks on both ends, a full middle
     ((20, -1), False),  # left only (Mistral-style): key blocks before the window skipped
