@@ -55,7 +55,6 @@ class TileProcessor:
     """Images -> tiles (N, 3, size, size) uint8 for the SigLIP tower, and the prompt's
     image tokens. image_token_id, start_id, end_id: <IMG_CONTEXT>, <img>, </img>."""
 
-    placeholder = PLACEHOLDER
     # vLLM's names for the tiling settings of InternVL-style processors.
     OVERRIDES = ("min_dynamic_patch", "max_dynamic_patch", "dynamic_image_size")
 
