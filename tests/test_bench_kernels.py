@@ -73,7 +73,8 @@ def test_attention_sweep_times_each_candidate(monkeypatch):
     assert sorted((r["case"], r["backend"]) for r in rows) == [
         ("bidir-mha", "triton 16x16/w4/s1"), ("bidir-mha", "triton 16x8/w4/s1/nf16"),
         ("bidir-mha", "triton 64x32/w4/s2 default"), ("causal-gqa2", "triton 16x16/w4/s1/g2"),
-        ("causal-gqa2", "triton 32x16/w4/s1"), ("causal-gqa6", "triton 32x16/w4/s1")]
+        ("causal-gqa2", "triton 32x16/w4/s1"), ("causal-gqa6", "triton 32x16/w4/s1"),
+        ("vision-tiles", "triton 32x16/w4/s1")]  # head dim 24, padded to 32
     assert [r["config"] for r in rows if "nf16" in r["backend"]] == [[16, 8, 4, 1, 1, 16]]
     for r in rows:
         assert r["error"] is None and r["ms"] > 0 and r["tflops"] > 0, r

@@ -10,7 +10,8 @@ user runs) and ``torch.nn.attention.varlen`` where this torch has it.
 Shapes. On GPU, one ragged batch of DESIGN's "mixed" workload (2048 prompts, lengths
 round(exp(N(ln 120, 0.8))) clipped to [8, 512], seed 0: about 325k tokens) in bf16:
 bidirectional attention Hq=Hkv=12 D=64 (BERT-base), causal Hq=16 Hkv=8 D=128
-(Qwen3-0.6B), causal Hq=12 Hkv=2 D=128 (Qwen2-1.5B); norms at hidden 1024; rotary and the
+(Qwen3-0.6B), causal Hq=12 Hkv=2 D=128 (Qwen2-1.5B), bidirectional Hq=Hkv=16 D=72 over
+64 image tiles of 1024 patches (SigLIP-so400m); norms at hidden 1024; rotary and the
 gated MLP of Qwen3-0.6B; BERT-base embeddings; pooling of 2048 rows. With quick=True (the
 default on CPU) the same cases run on tiny shapes in fp32 within seconds.
 
@@ -126,6 +127,15 @@ def cases(device="cpu", quick=False):
         out.append(Case("varlen_attention", name, f"T={T} B={B} Hq={Hq} Hkv={Hkv} D={D}", make,
                         bytes=2 * T * (Hq + Hkv) * D * es, flops=4.0 * D * Hq * pairs,
                         attn=dict(lens=lens, causal=causal, window=None)))
+    # SigLIP-so400m's image tiles: sequences of 1024 patches, 16 heads of 72 (off the
+    # multiples of 16: padded inside, with config_for's CONFIGS_PADDED tiles).
+    tiles, Hv, Dv = ([16] * 3, 2, 24) if quick else ([1024] * 64, 16, 72)
+    Tv = sum(tiles)
+    out.append(Case("varlen_attention", "vision-tiles", f"T={Tv} B={len(tiles)} Hq=Hkv={Hv} D={Dv}",
+                    lambda: (rand(Tv, Hv, Dv, seed=1), rand(Tv, Hv, Dv, seed=2), rand(Tv, Hv, Dv, seed=3),
+                             _cu(tiles, device), max(tiles), False),
+                    bytes=2 * Tv * 2 * Hv * Dv * es, flops=4.0 * Dv * Hv * attention_pairs(tiles),
+                    attn=dict(lens=tiles, causal=False, window=None)))
     Hq, Hkv, D, W = (2, 1, 16, 8) if quick else (8, 2, 64, 64)
     out.append(Case("varlen_attention", "sliding-window", f"T={T} window=({W},0) Hq={Hq} Hkv={Hkv} D={D}",
                     lambda: (rand(T, Hq, D, seed=1), rand(T, Hkv, D, seed=2), rand(T, Hkv, D, seed=3),
