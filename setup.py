@@ -164,6 +164,8 @@ setup(
     python_requires=">=3.10",
     packages=["pyengine", "pyengine.models", "pyengine.bench", "pyengine.integrations", "pyengine.kernels"],
     package_dir={"pyengine": "pyengine", "pyengine.kernels": "kernels"},
+    # launch configs tuned per GPU model (kernels/_tuned.py)
+    package_data={"pyengine.kernels": ["configs/*.json"]},
     install_requires=[
         "torch>=2.5",
         "transformers>=4.56",

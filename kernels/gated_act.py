@@ -5,7 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _validate as _v
+from . import _tuned, _validate as _v
 
 _KINDS = {"silu": 0, "gelu_tanh": 1, "gelu": 2}
 
@@ -97,9 +97,15 @@ _POW2 = ("block", "num_warps")
 _LIMITS = {"block": 16384, "num_warps": 32}
 
 
+def tune_key(x, kind, config=None):
+    """The shape key of a launch in a tuned-configs file (kernels/_tuned.py)."""
+    return f"{_tuned.dtype_name(x.dtype)}/i{x.shape[-1] // 2}/{kind}"
+
+
 def _launch(x, kind, config=None):
-    """config: None (the launcher's choice) or a dict with "block" (columns per program)
-    and/or "num_warps", powers of two; the benchmark's sweep passes SWEEP_CONFIGS entries."""
+    """config: None (the tuned config for this shape where a configs file has one, else
+    the launcher's choice) or a dict with "block" (columns per program) and/or
+    "num_warps", powers of two; the benchmark's sweep passes SWEEP_CONFIGS entries."""
     _check(kind in _KINDS, lambda: f"unknown gated activation {kind!r}; expected 'silu', 'gelu_tanh' or 'gelu'")
     _check(isinstance(x, torch.Tensor) and x.dim() >= 1,
            lambda: f"x must be a tensor (..., 2I), got {getattr(x, 'shape', type(x))}")
@@ -109,6 +115,8 @@ def _launch(x, kind, config=None):
     I = I2 // 2
     block = min(_v.next_pow2(I), 2048)
     warps = 4 if block <= 1024 else 8
+    if config is None:
+        config = _tuned.lookup(x.device, "triton/gated_act", lambda: tune_key(x, kind))
     if config is not None:
         cfg = _v.launch_config("gated_act", config, {"block": block, "num_warps": warps}, _POW2, _LIMITS)
         block, warps = cfg["block"], cfg["num_warps"]

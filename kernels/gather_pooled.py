@@ -5,7 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _validate as _v
+from . import _tuned, _validate as _v
 
 _POOLINGS = {"cls": 0, "last": 1, "mean": 2}
 
@@ -77,9 +77,15 @@ _POW2 = ("block_h", "block_t", "num_warps")
 _LIMITS = {"block_h": 8192, "block_t": 1024, "num_warps": 32, "stages": 2}
 
 
+def tune_key(hidden, cu_seqlens, pooling, *rest, **kw):
+    """The shape key of a launch in a tuned-configs file (kernels/_tuned.py)."""
+    return _tuned.pooled_key(hidden.dtype, hidden.shape[1], pooling)
+
+
 def _launch(hidden, cu_seqlens, pooling, out_dtype=None, config=None):
     """out_dtype: hidden's dtype (the op's contract) unless given (float32 for fused heads).
-    config: None (the launcher's choice) or a dict with any of "block_h" (columns per
+    config: None (the tuned config for this shape where a configs file has one, else the
+    launcher's choice) or a dict with any of "block_h" (columns per
     program), "num_warps", and for mean pooling "block_t" (rows per step) and "stages"
     (row tiles of a program in flight, 1 or 2); block_h, block_t and num_warps are powers
     of two. The benchmark's sweep passes SWEEP_CONFIGS entries."""
@@ -95,6 +101,8 @@ def _launch(hidden, cu_seqlens, pooling, out_dtype=None, config=None):
     block_h = min(_v.next_pow2(max(H, 1)), 1024 if pooling != "mean" else 128)
     block_t = max(1, 4096 // block_h)
     warps, stages = 4, 1
+    if config is None:
+        config = _tuned.lookup(hidden.device, "triton/gather_pooled", lambda: tune_key(hidden, cu_seqlens, pooling))
     if config is not None:
         cfg = _v.launch_config("gather_pooled", config,
                                {"block_h": block_h, "block_t": block_t, "num_warps": warps, "stages": stages},

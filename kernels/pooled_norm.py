@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _validate as _v
+from . import _tuned, _validate as _v
 
 _POOLINGS = {"cls": 0, "last": 1, "mean": 2}
 _NORMS = {None: 0, "layer": 1, "rms": 2}
@@ -158,8 +158,15 @@ _LIMITS = {"block_t": 256, "num_warps": 32, "splits": 64, "stages": 2}
 _MEAN_ONLY = ("splits", "stages")
 
 
+def tune_key(hidden, cu_seqlens, pooling, norm_kind, weight=None, bias=None, eps=None, offset=0.0, residual=None,
+             config=None):
+    """The shape key of a launch in a tuned-configs file (kernels/_tuned.py)."""
+    return _tuned.pooled_key(hidden.dtype, hidden.shape[1], pooling, norm_kind, residual is not None)
+
+
 def _launch(hidden, cu_seqlens, pooling, norm_kind, weight, bias, eps, offset=0.0, residual=None, config=None):
-    """config: None (the launcher's choice) or a dict with any of "block_t" (rows per step,
+    """config: None (the tuned config for this shape where a configs file has one, else
+    the launcher's choice) or a dict with any of "block_t" (rows per step,
     a power of two), "num_warps", and for mean pooling "splits" (slices per sequence) and
     "stages" (tiles of a program in flight, 1 or 2); the benchmark's sweep passes
     SWEEP_CONFIGS entries."""
@@ -197,6 +204,9 @@ def _launch(hidden, cu_seqlens, pooling, norm_kind, weight, bias, eps, offset=0.
     # 16 per sequence. A runtime argument, so ragged batches share one compiled kernel.
     n_splits = min(16, max(1, T // (32 * max(B, 1)))) if mean else 1
     stages = 1
+    if config is None:
+        config = _tuned.lookup(hidden.device, "triton/pooled_norm",
+                               lambda: tune_key(hidden, cu_seqlens, pooling, norm_kind, residual=residual))
     if config is not None:
         cfg = _v.launch_config("pooled_norm", config, {"block_t": block_t, "num_warps": warps, "splits": n_splits,
                                                        "stages": stages}, _POW2, _LIMITS)

@@ -8,7 +8,7 @@ once, and one program handles every head of a token, so one cos/sin row serves t
 import triton
 import triton.language as tl
 
-from . import _validate as _v
+from . import _tuned, _validate as _v
 from .rotary import _token_cos_sin
 
 
@@ -106,8 +106,14 @@ _POW2 = ("block_h", "num_warps")
 _LIMITS = {"heads": 1 << 16, "block_h": 256, "num_warps": 32}
 
 
+def tune_key(q, k, q_weight, k_weight, positions, cos_sin, *rest, **kw):
+    """The shape key of a launch in a tuned-configs file (kernels/_tuned.py)."""
+    return f"{_tuned.dtype_name(q.dtype)}/hq{q.shape[1]}/hk{k.shape[1]}/d{q.shape[2]}/r{cos_sin.shape[-1]}"
+
+
 def _launch(q, k, q_weight, k_weight, positions, cos_sin, eps, offset=0.0, neox=True, config=None):
-    """config: None (the launcher's choice) or a dict with any of "heads" (q or k heads per
+    """config: None (the tuned config for this shape where a configs file has one, else
+    the launcher's choice) or a dict with any of "heads" (q or k heads per
     program; default: every head of the token in one program), "block_h" (at most this
     many heads per loop step, a power of two; default _MAX_PAIRS // BLOCK_HALF) and
     "num_warps"; the benchmark's sweep passes SWEEP_CONFIGS entries."""
@@ -122,6 +128,9 @@ def _launch(q, k, q_weight, k_weight, positions, cos_sin, eps, offset=0.0, neox=
     cap = max(_MAX_PAIRS // block_half, 1)
     warps = 4
     heads, k_first, grid = max(Hq, Hk, 1), 0, (T, 1)
+    if config is None:
+        config = _tuned.lookup(q.device, "triton/qk_norm_rotary", lambda: tune_key(q, k, q_weight, k_weight,
+                                                                                    positions, cos_sin))
     if config is not None:
         cfg = _v.launch_config("qk_norm_rotary", config, {"heads": heads, "block_h": cap, "num_warps": warps},
                                _POW2, _LIMITS)

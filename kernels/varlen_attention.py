@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _validate as _v
+from . import _tuned, _validate as _v
 
 # Finite stand-in for -inf as the running max: a row that has seen no visible key yet
 # keeps m_i at this value, so exp2(m_i - m_new) stays finite (1 or 0) instead of NaN.
@@ -251,6 +251,13 @@ CONFIGS_PADDED = {
     128: (64, 32, 8, 3),
     256: (32, 16, 4, 2),
 }
+# Sweep candidates at those head dims (by padded head dim), each compiled for sm_90
+# without spills at 72, 88 and 120 (tests/compile_kernels.py; 128x32 and 64x64 tiles
+# with 8 warps spill there, 16 to 208 bytes of stack).
+SWEEP_CONFIGS_PADDED = {
+    128: [(64, 32, 8, 3), (64, 32, 8, 2), (32, 32, 4, 3), (32, 16, 4, 3), (64, 16, 4, 3), (64, 16, 8, 3),
+          (32, 32, 8, 3), (32, 64, 8, 3), (128, 16, 8, 3)],
+}
 CONFIGS_FP32 = {
     16: (64, 32, 4, 2),
     32: (64, 32, 4, 2),
@@ -301,6 +308,14 @@ def config_for(dtype, head_dim):
     return CONFIGS[block_d]
 
 
+def sweep_configs(head_dim):
+    """The benchmark's 16-bit candidates for a head dim (SWEEP_CONFIGS, or
+    SWEEP_CONFIGS_PADDED off the multiples of 16), [] where there are none."""
+    block_d = max(16, _v.next_pow2(head_dim))
+    table = SWEEP_CONFIGS_PADDED if head_dim % 16 and block_d in SWEEP_CONFIGS_PADDED else SWEEP_CONFIGS
+    return table.get(block_d, [])
+
+
 def config_fields(config):
     """A (BLOCK_M, BLOCK_N, num_warps, num_stages[, GROUP[, BLOCK_N_FULL]]) config as all
     six fields, the absent ones at their defaults (GROUP 1, BLOCK_N_FULL = BLOCK_N)."""
@@ -308,10 +323,17 @@ def config_fields(config):
     return config + (1, config[1])[len(config) - 4:]
 
 
+def tune_key(q, k, v, cu_seqlens, max_seqlen, causal=False, scale=None, window=None, *rest, softcap=None, **kw):
+    """The shape key of a launch in a tuned-configs file (kernels/_tuned.py)."""
+    has_window = window is not None and any(w is not None and w >= 0 for w in window)
+    return _tuned.attention_key(q.dtype, q.shape[2], causal, q.shape[1] // max(k.shape[1], 1), has_window, softcap)
+
+
 def _launch(q, k, v, cu_seqlens, max_seqlen, causal=False, scale=None, window=None,
             block_m=None, block_n=None, config=None, softcap=None):
     """Validate, then launch. block_m/block_n override the per-head-dim config (tests use
-    small blocks to reach the multi-block paths on short sequences); config: a whole
+    small blocks to reach the multi-block paths on short sequences); config: None (the
+    tuned config for this shape where a configs file has one, else config_for's) or a whole
     (BLOCK_M, BLOCK_N, num_warps, num_stages[, GROUP[, BLOCK_N_FULL]]) tuple (the
     benchmark's config sweep), GROUP query heads of one kv group per program (default 1;
     it must divide Hq / Hkv), BLOCK_N_FULL the key-block width of the unmasked middle
@@ -340,6 +362,9 @@ def _launch(q, k, v, cu_seqlens, max_seqlen, causal=False, scale=None, window=No
         return out
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     block_d = max(16, _v.next_pow2(D))
+    if config is None and block_m is None and block_n is None:
+        config = _tuned.lookup(q.device, "triton/varlen_attention",
+                               lambda: _tuned.attention_key(q.dtype, D, causal, Hq // Hkv, has_window, softcap))
     if config is not None:
         _check(len(config) in (4, 5, 6) and all(isinstance(c, int) and c > 0 for c in config),
                lambda: f"config must be (BLOCK_M, BLOCK_N, num_warps, num_stages[, GROUP[, BLOCK_N_FULL]]) "

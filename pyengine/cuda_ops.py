@@ -27,6 +27,8 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
+from pyengine.kernels import _tuned
+
 __all__ = ["add_rms_norm", "add_layer_norm", "rotary", "gather_pooled", "pooled_norm",
            "activation", "extension", "is_available", "SWEEP_CONFIGS"]
 
@@ -474,6 +476,16 @@ SWEEP_CONFIGS = {
 }
 
 
+def _pooled_norm_tune_key(hidden, cu_seqlens, pooling, norm_kind, weight=None, bias=None, eps=None, offset=0.0,
+                          residual=None, config=None):
+    """The shape key of a launch in a tuned-configs file (pyengine.kernels._tuned)."""
+    return _tuned.pooled_key(hidden.dtype, hidden.shape[1], pooling, norm_kind, residual is not None)
+
+
+# op -> the shape key of its launch arguments, for the ops in SWEEP_CONFIGS
+TUNE_KEYS = {"pooled_norm": _pooled_norm_tune_key}
+
+
 def _pooled_norm_config(config):
     """None, or a pooled_norm config as the 5 ints the custom op carries: [variant id,
     slice_rows, warps, rows_per_warp, blocks_per_sm]. config: None, a dict as described
@@ -608,8 +620,12 @@ def pooled_norm(hidden, cu_seqlens, pooling, norm_kind, weight, bias, eps, offse
     dtype or float32 (bias "layer" only, may be None); offset added to the weight for
     "rms"; residual: like hidden or None, added first in hidden's dtype. "mean" averages
     the normed rows. config: None (the default kernels) or a kernel variant for "mean"
-    (see _PN_VARIANTS and SWEEP_CONFIGS), checked before anything else. Returns (B, H)
-    float32."""
+    (see _PN_VARIANTS and SWEEP_CONFIGS), checked before anything else; None takes the
+    tuned config for this shape where a configs file has one (pyengine.kernels._tuned).
+    Returns (B, H) float32."""
+    if config is None and isinstance(hidden, Tensor) and hidden.dim() == 2:
+        config = _tuned.lookup(hidden.device, "cuda/pooled_norm",
+                               lambda: _pooled_norm_tune_key(hidden, cu_seqlens, pooling, norm_kind, residual=residual))
     cfg = _pooled_norm_config(config)
     args = (hidden, cu_seqlens, pooling, norm_kind, weight, bias, float(eps), float(offset),
             residual, cfg)

@@ -20,6 +20,7 @@ from . import cuda_graph
 from .batch import RaggedBatch
 from .config import EngineConfig
 from .inputs import InputProcessor, TokenizedPrompt
+from .kernels import _tuned
 from .lora import LoRAAdapter, LoRABatch, LoRAManager
 from .models import model_class, resolve_architecture
 from .models.convert import resolve_token_ids
@@ -144,6 +145,8 @@ class EngineCore:
         self.tokenizer = _load_tokenizer(cfg)
         resolve_token_ids(self.hf_config, self.tokenizer)
         self.ops = resolve_ops(cfg.kernel_backend, self.device)
+        if set(self.ops.chosen.values()) - {"torch"}:
+            _tuned.check(self.device)  # a bad tuned-configs file fails here, not mid-batch
         pooling = cfg.pooler_config.pooling_type.lower() if cfg.pooler_config.pooling_type else None
         cls = model_class(self.arch)
         self.model = cls(self.hf_config, self.arch, cfg.torch_dtype, self.device, self.ops, pooling)

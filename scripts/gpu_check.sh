@@ -14,8 +14,12 @@
 #        benchmark's options; default three presets, one timed pass, transformers against
 #        pyengine's default with and without CUDA graphs; add pyengine-lora to --providers
 #        for a LoRA adapter's cost, when the device time allows), KERNELS_ARGS (the kernel
-#        benchmark's; default --repeats 10 --attn-sweep --op-sweep --graph: the op sweep
-#        compiles and times about 50 launch configs), PROFILE_S=0 (a positive budget runs
+#        benchmark's; default --repeats 10 --attn-sweep --op-sweep --graph --write-configs
+#        $GPU_CHECK_TUNED: the op sweep compiles and times about 50 launch configs),
+#        GPU_CHECK_TUNED (default $LOGS/kernel_configs.json: the tuned-configs file the
+#        sweeps write; where it exists, the kernels-tuned step re-times the ops it names
+#        with it, TUNED_S=150, and the later steps run with it; copy it to
+#        kernels/configs/<GPU name>.json to ship it), PROFILE_S=0 (a positive budget runs
 #        the profile of one engine pass per preset, PROFILE_PRESETS), GPU_CHECK_STEPS (default
 #        build,tests,kernels,bench,profile: a subset splits the check over two calls; "vision"
 #        adds the vision-language benchmarks, VISION_S=240 each, VISION_ARGS and
@@ -27,6 +31,7 @@ PY=${PYTHON:-python3}
 LOGS=${GPU_CHECK_LOGS:-bench-results/gpu_check}
 mkdir -p "$LOGS"
 export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1 PYENGINE_REQUIRE_CUDA_BUILD=1 TOKENIZERS_PARALLELISM=false
+TUNED=${GPU_CHECK_TUNED:-$LOGS/kernel_configs.json}
 T_START=$(date +%s.%N)
 
 NAMES=() STATUS=() SECS=()
@@ -93,10 +98,19 @@ if ! want kernels; then
   skip bench-kernels "not in GPU_CHECK_STEPS"
 elif "$PY" -c "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('pyengine.bench.kernels') else 1)" 2>/dev/null; then
   # shellcheck disable=SC2086
-  step bench-kernels "${KERNELS_S:-300}" "$PY" -m pyengine.bench kernels ${KERNELS_ARGS:---repeats 10 --attn-sweep --op-sweep --graph} --json "$LOGS/kernels.json"
+  step bench-kernels "${KERNELS_S:-300}" "$PY" -m pyengine.bench kernels ${KERNELS_ARGS:---repeats 10 --attn-sweep --op-sweep --graph --write-configs "$TUNED"} --json "$LOGS/kernels.json"
+  # the ops the sweeps found a faster config for, timed again as the engine now runs them
+  TUNED_OPS=$([ -f "$TUNED" ] && "$PY" -c "import json, sys; print(','.join(sorted({k.split('/')[1] for k, t in json.load(open(sys.argv[1])).get('ops', {}).items() if t})))" "$TUNED" 2>/dev/null)
+  if [ -n "$TUNED_OPS" ]; then
+    step kernels-tuned "${TUNED_S:-150}" env PYENGINE_KERNEL_CONFIGS="$TUNED" "$PY" -m pyengine.bench kernels --repeats 10 --graph --backends triton,cuda --ops "$TUNED_OPS" --json "$LOGS/kernels_tuned.json"
+  else
+    skip kernels-tuned "no tuned configs file, or the built-in configs won every sweep"
+  fi
 else
   skip bench-kernels "pyengine.bench.kernels not in this tree"
 fi
+# the later steps run with the tuned configs, as the engine would with them shipped
+if [ -f "$TUNED" ]; then export PYENGINE_KERNEL_CONFIGS="$TUNED"; echo "gpu_check: PYENGINE_KERNEL_CONFIGS=$TUNED"; fi
 
 # 4. the model benchmark (python -m pyengine.bench), where the tree has it
 if ! want bench; then
@@ -161,6 +175,20 @@ if sweep:
                + (f" ({d['ms'] / b['ms']:.2f}x)" if d else "")) if b else "no config ran"
         print(f"{op[:16]:16} {case[:12]:12} {backend:7} {dflt:28} {won}"
               + (f"; {failed} config(s) failed" if failed else ""))
+PYEOF
+fi
+if [ -f "$LOGS/kernels_tuned.json" ] && [ -f "$LOGS/kernels.json" ]; then
+  echo "=============== tuned configs ($TUNED): built-in against tuned, ms (% copy or TFLOP/s)"
+  "$PY" - "$LOGS/kernels.json" "$LOGS/kernels_tuned.json" <<'PYEOF'
+import json, sys
+fmt = lambda r: (f"{r['ms']:.4f} ms " + (f"{r['pct_copy']:.0f}%" if r.get("pct_copy") else f"{r['tflops']:.0f} TF")
+                 if r and r.get("ms") else "-")
+before = {(r["op"], r["case"], r["backend"]): r for r in json.load(open(sys.argv[1])) if not r.get("sweep")}
+for r in json.load(open(sys.argv[2])):
+    if r["backend"] in ("triton", "cuda"):
+        b = before.get((r["op"], r["case"], r["backend"]))
+        gain = f"{b['ms'] / r['ms']:.2f}x" if b and b.get("ms") and r.get("ms") else ""
+        print(f"{r['op'][:16]:16} {r['case'][:18]:18} {r['backend']:7} {fmt(b):22} -> {fmt(r):22} {gain}")
 PYEOF
 fi
 [ -f "$LOGS/bench.log" ] && { echo "=============== model benchmark (tail)"; tail -n 40 "$LOGS/bench.log"; }

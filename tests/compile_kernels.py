@@ -96,7 +96,9 @@ def _patched(op, target):
     return getattr(mod, op)
 
 
-def main(arch=90):
+def main(arch=90, tuned_files=()):
+    """Compile for sm_``arch``: every launcher's kernels, the sweep candidates, and the
+    Triton entries of each tuned-configs file in ``tuned_files``."""
     target = GPUTarget("cuda", arch, 32)
     bf = torch.bfloat16
     T, H = 20, 1024
@@ -120,6 +122,12 @@ def main(arch=90):
         for cfg in configs:
             _Compile.config = cfg
             sweep._launch(z(T, 4, D, dtype=bf), z(T, 2, D, dtype=bf), z(T, 2, D, dtype=bf), cu, 15, D == 128,
+                          config=cfg)
+    # the padded head dims' candidates, at the head dims they are for
+    for D in (72, 88, 120):
+        for cfg in sweep.SWEEP_CONFIGS_PADDED[128]:
+            _Compile.config = cfg
+            sweep._launch(z(T, 4, D, dtype=bf), z(T, 4, D, dtype=bf), z(T, 4, D, dtype=bf), cu, 15, False,
                           config=cfg)
     _Compile.config = None
     pooled = _patched("pooled_query_attention", target)
@@ -172,7 +180,78 @@ def main(arch=90):
             _Compile.config = cfg
             call(cfg)
     _Compile.config = None
+    for path in tuned_files:
+        _compile_tuned(path, target)
+
+
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def _tuned_launch(op, key, bf):
+    """A launch of ``op``'s public function whose shape key is ``key`` (the inverse of the
+    launchers' tune keys), or None for an op without one here (the CUDA ops)."""
+    z, T = torch.zeros, 20
+    cu = torch.tensor([0, 5, 20], dtype=torch.int32)
+    parts = key.split("/")
+    dt = _DTYPES[parts[0]]
+    num = {p[:1]: int(p[1:]) for p in parts[1:] if p[:1] in "dhir" and p[1:].isdigit()}
+    if op == "varlen_attention":
+        D, r = num["d"], num["r"]
+        window = (64, -1) if "window" in parts else None
+        return lambda f: f(z(T, 2 * r, D, dtype=dt), z(T, 2, D, dtype=dt), z(T, 2, D, dtype=dt), cu, 15,
+                           parts[2] == "causal", None, window, softcap=50.0 if "softcap" in parts else None)
+    if op == "gated_act":
+        return lambda f: f(z(T, 2 * num["i"], dtype=dt), parts[2])
+    if op == "qk_norm_rotary":
+        hq, hk, d, r = (int(p[2:] if p[:2] in ("hq", "hk") else p[1:]) for p in parts[1:5])
+        qkv = z(T, hq + 2 * hk, d, dtype=dt)
+        return lambda f: f(qkv[:, :hq], qkv[:, hq:hq + hk], z(d, dtype=dt), z(d, dtype=dt), z(T, dtype=torch.int64),
+                           z(10, r), 1e-6)
+    H = num["h"]
+    if op == "gather_pooled":
+        return lambda f: f(z(T, H, dtype=dt), cu, parts[2])
+    if op == "pooled_norm":
+        norm = parts[3] if len(parts) > 3 and parts[3] in ("layer", "rms") else None
+        res = z(T, H, dtype=dt) if "residual" in parts else None
+        return lambda f: f(z(T, H, dtype=dt), cu, parts[2], norm, z(H, dtype=dt), z(H, dtype=dt), 1e-6, 0.0, res)
+    return None
+
+
+def _compile_tuned(path, target):
+    """Compile every Triton entry of a tuned-configs file through its launcher, which
+    must find the entry from the launch's own shape key (so the keys are ones the
+    launchers build)."""
+    from pyengine.kernels import _tuned
+
+    os.environ[_tuned.ENV] = str(path)
+    _tuned.reset()
+    found = []
+    real = _tuned.lookup
+
+    def spy(device, op, key):
+        cfg = real(device, op, key)
+        found.append(cfg)
+        return cfg
+    _tuned.lookup = spy
+    try:
+        for full_op, entries in _tuned.load(path).items():
+            backend, op = full_op.split("/")
+            if backend != "triton":
+                continue
+            for key, cfg in entries.items():
+                launch = _tuned_launch(op, key, torch.bfloat16)
+                found.clear()
+                _Compile.config = cfg
+                launch(_patched(op, target))
+                if cfg not in found:
+                    print(json.dumps({"op": op, "constexprs": {"tuned": str(path), "key": key}, "ok": False,
+                                      "error": f"the launcher did not take {path}'s config for {key}"}), flush=True)
+    finally:
+        _tuned.lookup = real
+        _Compile.config = None
+        os.environ.pop(_tuned.ENV, None)
+        _tuned.reset()
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 90)
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 90, sys.argv[2:])

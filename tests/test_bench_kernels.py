@@ -66,19 +66,29 @@ def test_attention_sweep_times_each_candidate(monkeypatch):
     # is left out where it does not (gqa6 in quick mode: 3 heads over 1). BLOCK_N_FULL
     # shows as /nf where it differs from BLOCK_N (16x8/nf16 runs a wide block on the
     # 30-token prompt); the fp32 default spelt out in six fields is still the default.
+    # Where the candidates do not list the built-in config, it is timed first (the 32
+    # cases); head dims off the multiples of 16 take SWEEP_CONFIGS_PADDED.
     monkeypatch.setattr(va, "SWEEP_CONFIGS", {16: [(16, 16, 4, 1), (16, 8, 4, 1, 1, 16), (64, 32, 4, 2, 1, 32)],
                                               32: [(32, 16, 4, 1), (16, 16, 4, 1, 2)]})
+    monkeypatch.setattr(va, "SWEEP_CONFIGS_PADDED", {32: [(16, 16, 4, 1)]})
     out = io.StringIO()
     rows = kb.attention_sweep("cpu", repeats=1, out=out)
     assert sorted((r["case"], r["backend"]) for r in rows) == [
         ("bidir-mha", "triton 16x16/w4/s1"), ("bidir-mha", "triton 16x8/w4/s1/nf16"),
         ("bidir-mha", "triton 64x32/w4/s2 default"), ("causal-gqa2", "triton 16x16/w4/s1/g2"),
-        ("causal-gqa2", "triton 32x16/w4/s1"), ("causal-gqa6", "triton 32x16/w4/s1"),
-        ("vision-tiles", "triton 32x16/w4/s1")]  # head dim 24, padded to 32
+        ("causal-gqa2", "triton 32x16/w4/s1"), ("causal-gqa2", "triton 64x32/w4/s2 default"),
+        ("causal-gqa6", "triton 32x16/w4/s1"), ("causal-gqa6", "triton 64x32/w4/s2 default"),
+        ("vision-tiles", "triton 16x16/w4/s1"),  # head dim 24, padded to 32
+        ("vision-tiles", "triton 64x32/w4/s2 default")]
     assert [r["config"] for r in rows if "nf16" in r["backend"]] == [[16, 8, 4, 1, 1, 16]]
     for r in rows:
         assert r["error"] is None and r["ms"] > 0 and r["tflops"] > 0, r
         assert r["max_diff"] < 1e-4, r
+        assert r["default"] == r["backend"].endswith(" default"), r
+    # each case's shape key, as the launcher builds it (quick heads: 16/4 over 4/2 and 3/1)
+    assert {(r["case"], r["tune_key"]) for r in rows} == {
+        ("bidir-mha", "float32/d16/bidir/r1"), ("causal-gqa2", "float32/d32/causal/r2"),
+        ("causal-gqa6", "float32/d32/causal/r3"), ("vision-tiles", "float32/d24/bidir/r1")}
     assert "config sweep" in out.getvalue()
 
 

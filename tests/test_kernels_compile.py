@@ -11,6 +11,7 @@ PYENGINE_COMPILE_TRITON_PATH=DIR adds a second run with DIR first on the script'
 PYTHONPATH: a directory holding another triton package (say 3.6, the GPU image's), so
 the kernels are known to compile with that version too before a GPU session starts.
 """
+import glob
 import importlib
 import json
 import os
@@ -28,14 +29,34 @@ SWEPT = ("gated_act", "qk_norm_rotary", "gather_pooled", "pooled_norm")
 _OTHER = os.environ.get("PYENGINE_COMPILE_TRITON_PATH")
 
 
+# A tuned-configs file with an entry per Triton op with a config sweep (configs from
+# their sweeps), keyed as the launchers key their shapes: it checks the script's key ->
+# launch mapping, which every bundled file (kernels/configs/*.json) goes through too.
+_TUNED_TEST = {
+    "triton/varlen_attention": {"bfloat16/d128/causal/r2": [32, 32, 4, 3, 2],
+                                "bfloat16/d72/bidir/r1": [32, 32, 8, 3],
+                                "bfloat16/d64/causal/r1/window": [64, 64, 4, 3]},
+    "triton/gated_act": {"bfloat16/i3072/gelu": {"block": 1024, "num_warps": 8}},
+    "triton/qk_norm_rotary": {"bfloat16/hq16/hk8/d128/r128": {"heads": 8}},
+    "triton/gather_pooled": {"bfloat16/h1024/mean": {"block_h": 256, "block_t": 16, "num_warps": 4, "stages": 2}},
+    "triton/pooled_norm": {"bfloat16/h1024/mean/layer": {"block_t": 2, "num_warps": 4, "stages": 2}},
+    "cuda/pooled_norm": {"bfloat16/h1024/mean/layer": {"variant": "slices", "slice_rows": 128}},
+}
+_BUNDLED = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "kernels", "configs", "*.json")))
+
+
 @pytest.mark.parametrize("triton_path", [None] + ([_OTHER] if _OTHER else []), ids=lambda p: p or "installed")
-def test_kernels_compile_for_sm90(triton_path):
+def test_kernels_compile_for_sm90(triton_path, tmp_path):
     script = os.path.join(os.path.dirname(__file__), "compile_kernels.py")
+    tuned = tmp_path / "tuned.json"
+    tuned.write_text(json.dumps({"format": 1, "ops": {op: {k: {"config": c} for k, c in t.items()}
+                                                      for op, t in _TUNED_TEST.items()}}))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     if triton_path:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (triton_path, env.get("PYTHONPATH")) if p)
-    proc = subprocess.run([sys.executable, script, "90"], capture_output=True, text=True, env=env, timeout=600)
+    proc = subprocess.run([sys.executable, script, "90", str(tuned), *_BUNDLED], capture_output=True, text=True,
+                          env=env, timeout=600)
     if proc.returncode != 0 and ("ImportError" in proc.stderr or "ModuleNotFoundError" in proc.stderr):
         pytest.skip(f"this triton cannot compile for NVIDIA here: {proc.stderr.strip().splitlines()[-1]}")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -68,3 +89,11 @@ def test_kernels_compile_for_sm90(triton_path):
         compiled = [r["config"] for r in rows if r["op"] == op and "config" in r]
         assert all(cfg in compiled for cfg in configs), f"{op}: sweep candidates not compiled: " + str(
             [cfg for cfg in configs if cfg not in compiled])
+    # Every Triton entry of the tuned-configs files compiled through its launcher, which
+    # took it for the shape its key names (a key no launch builds fails as a row above).
+    for path in [str(tuned), *_BUNDLED]:
+        from pyengine.kernels import _tuned
+        for full_op, entries in _tuned.load(path).items():
+            backend, op = full_op.split("/")
+            for key, cfg in entries.items() if backend == "triton" else ():
+                assert any(r["op"] == op and r.get("config") == cfg for r in rows), f"{path}: {op} {key} not compiled"

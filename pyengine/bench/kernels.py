@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from pyengine import ops as ops_mod
+from pyengine.kernels import _tuned
 
 BACKENDS = ("cuda", "triton", "torch")
 EXTRA_BACKENDS = ("sdpa-padded", "torch-varlen")  # attention baselines outside the registry
@@ -427,6 +428,7 @@ def run(device=None, backends=None, quick=False, json_path=None, ops=None, repea
     copy_gbps = copy_bandwidth(device)
     print(f"device copy of {'2 GiB' if device.type == 'cuda' else '32 MiB'}: {copy_gbps:.0f} GB/s (read + "
           "write); '% copy': the time of a copy moving the op's bytes over the op's time", file=out)
+    print(f"launch configs: {_tuned.source(device) or 'built-in (no tuned-configs file applies)'}", file=out)
     copy_ms = {}  # bytes -> ms of a copy that reads and writes that many bytes in all
     rows = []
     for case in cases(device, quick):
@@ -497,48 +499,60 @@ def run(device=None, backends=None, quick=False, json_path=None, ops=None, repea
 
 
 def attention_sweep(device=None, repeats=20, out=sys.stdout):
-    """Time every candidate config of the Triton varlen attention (SWEEP_CONFIGS) on the
-    GPU attention cases; print a table; return rows like run()'s, backend
-    "triton BMxBN/wW/sS[/gG][/nfF]" (gG: G query heads per program, shown for a 5th
-    element other than 1; nfF: key blocks of F over the unmasked middle, shown for a 6th
-    element other than BLOCK_N), "default" marking the launcher's own choice, and
-    "config" the candidate as given."""
+    """Time every candidate config of the Triton varlen attention (``sweep_configs``, and
+    the built-in choice where they do not list it) on the GPU attention cases; print a
+    table; return rows like run()'s, backend "triton BMxBN/wW/sS[/gG][/nfF]" (gG: G query
+    heads per program, shown for a 5th element other than 1; nfF: key blocks of F over the
+    unmasked middle, shown for a 6th element other than BLOCK_N), "default" marking the
+    launcher's built-in choice (tuned configs files are ignored here), "config" the
+    candidate as given and "tune_key" the case's shape key for a configs file."""
     from pyengine.kernels import varlen_attention as va
 
     device = torch.device(device or "cuda")
     rows = []
-    for case in cases(device, quick=device.type == "cpu"):  # CPU: interpreter tests only
-        if case.op != "varlen_attention" or case.attn["window"] is not None:
-            continue
-        args = case.make()
-        q, k, v, cu, max_seqlen, causal = args[:6]
-        D = q.shape[-1]
-        default = va.config_for(q.dtype, D)
-        ref = va._launch(q, k, v, cu, max_seqlen, causal)
-        for cfg in va.SWEEP_CONFIGS.get(max(16, 1 << (D - 1).bit_length()), []):
-            if len(cfg) > 4 and (q.shape[1] // k.shape[1]) % cfg[4]:
-                continue  # more heads per program than the kv group has
-            group, block_n_full = va.config_fields(cfg)[4:]
-            row = {"op": case.op, "case": case.name, "shape": case.shape, "device": str(device),
-                   "backend": "triton {}x{}/w{}/s{}".format(*cfg[:4]) + (f"/g{group}" if group != 1 else "")
-                              + (f"/nf{block_n_full}" if block_n_full != cfg[1] else "")
-                              + (" default" if va.config_fields(cfg) == va.config_fields(default) else ""),
-                   "config": list(cfg), "ms": None, "tflops": None, "max_diff": None, "error": None}
-            try:
-                def call(cfg=cfg):
-                    return va._launch(q, k, v, cu, max_seqlen, causal, config=cfg)
-                row["max_diff"] = _max_diff(call(), ref)
-                row["ms"] = time_call(call, device, repeats=repeats, warmup=1)
-                row["tflops"] = case.flops / (row["ms"] / 1e3) / 1e12
-            except Exception as e:  # a config the GPU refuses must not end the sweep
-                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
-            rows.append(row)
-        del args, q, k, v, ref
+    with _tuned.disabled():
+        for case in cases(device, quick=device.type == "cpu"):  # CPU: interpreter tests only
+            if case.op == "varlen_attention" and case.attn["window"] is None:
+                rows += _attention_case_sweep(va, case, device, repeats)
     print("\nvarlen_attention config sweep (BLOCK_M x BLOCK_N / warps / stages / g: query heads per program"
           " / nf: key block of the unmasked middle)", file=out)
     for r in rows:
         print(f"  {r['case']:14} {r['backend']:37} " + (f"{r['ms']:.4f} ms  {r['tflops']:.0f} TFLOP/s  "
               f"max diff {r['max_diff']:.2g}" if r["ms"] else f"ERROR {r['error']}"), file=out)
+    return rows
+
+
+def _attention_case_sweep(va, case, device, repeats):
+    """attention_sweep's rows for one case."""
+    args = case.make()
+    q, k, v, cu, max_seqlen, causal = args[:6]
+    D = q.shape[-1]
+    default = va.config_fields(va.config_for(q.dtype, D))
+    candidates = list(va.sweep_configs(D))
+    if default not in {va.config_fields(c) for c in candidates}:
+        candidates.insert(0, va.config_for(q.dtype, D))
+    ref = va._launch(q, k, v, cu, max_seqlen, causal)
+    rows = []
+    for cfg in candidates:
+        if len(cfg) > 4 and (q.shape[1] // k.shape[1]) % cfg[4]:
+            continue  # more heads per program than the kv group has
+        group, block_n_full = va.config_fields(cfg)[4:]
+        is_default = va.config_fields(cfg) == default
+        row = {"op": case.op, "case": case.name, "shape": case.shape, "device": str(device),
+               "backend": "triton {}x{}/w{}/s{}".format(*cfg[:4]) + (f"/g{group}" if group != 1 else "")
+                          + (f"/nf{block_n_full}" if block_n_full != cfg[1] else "")
+                          + (" default" if is_default else ""),
+               "sweep": "attention", "impl": "triton", "tune_key": va.tune_key(*args), "default": is_default,
+               "config": list(cfg), "ms": None, "tflops": None, "max_diff": None, "error": None}
+        try:
+            def call(cfg=cfg):
+                return va._launch(q, k, v, cu, max_seqlen, causal, config=cfg)
+            row["max_diff"] = _max_diff(call(), ref)
+            row["ms"] = time_call(call, device, repeats=repeats, warmup=1)
+            row["tflops"] = case.flops / (row["ms"] / 1e3) / 1e12
+        except Exception as e:  # a config the GPU refuses must not end the sweep
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+        rows.append(row)
     return rows
 
 
@@ -595,27 +609,42 @@ def op_sweep(device=None, repeats=20, out=sys.stdout, graph=False, ops=None):
 
     device = torch.device(device or "cuda")
     graph = graph and device.type == "cuda"
-    sweeps = []
+    sweeps, keys = [], {}
     for op in SWEEP_CASES:
         if not ops or op in ops:
             mod = importlib.import_module(f"pyengine.kernels.{op}")
             sweeps.append(("triton", op, mod._launch, [None] + list(mod.SWEEP_CONFIGS)))
-    sweeps += _cuda_sweeps(device, ops)
+            keys["triton", op] = mod.tune_key
+    cuda_sweeps = _cuda_sweeps(device, ops)
+    if cuda_sweeps:
+        from pyengine import cuda_ops
+        keys.update({("cuda", op): fn for op, fn in getattr(cuda_ops, "TUNE_KEYS", {}).items()})
+    sweeps += cuda_sweeps
     by_id = {case.id: case for case in cases(device, quick=device.type == "cpu")}
+    with _tuned.disabled():  # "default" is the built-in choice, whatever configs file applies
+        rows = _op_sweep_rows(sweeps, keys, by_id, device, repeats, graph)
+    print_op_sweep(rows, out=out)
+    return rows
+
+
+def _op_sweep_rows(sweeps, keys, by_id, device, repeats, graph):
     copy_ms, rows = {}, []
     for backend, op, fn, configs in sweeps:
+        key_fn = keys.get((backend, op))
         for name in SWEEP_CASES[op]:
             case = by_id[f"{op}/{name}"]
             ref = None
             for cfg in configs:
                 row = {"op": op, "case": name, "shape": case.shape, "backend": backend, "device": str(device),
-                       "sweep": "op", "config": cfg, "ms": None, "gbps": None, "pct_copy": None, "tflops": None,
+                       "sweep": "op", "impl": backend, "tune_key": None, "default": cfg is None, "config": cfg,
+                       "ms": None, "gbps": None, "pct_copy": None, "tflops": None,
                        "vs_torch": None, "max_diff": None, "error": None, "timing": "events"}
                 try:
                     kw = {} if cfg is None else {"config": cfg}
                     # Fresh arguments per config: in-place ops (qk_norm_rotary) compare
                     # outputs from the same inputs.
                     args = case.make()
+                    row["tune_key"] = key_fn(*args) if key_fn else None
 
                     def call(args=args, kw=kw):
                         return fn(*args, **kw)
@@ -643,7 +672,6 @@ def op_sweep(device=None, repeats=20, out=sys.stdout, graph=False, ops=None):
                         torch.cuda.empty_cache()
                 rows.append(row)
             ref = None
-    print_op_sweep(rows, out=out)
     return rows
 
 
@@ -661,6 +689,69 @@ def best_configs(rows):
             fastest = r
         best[key] = (default, fastest)
     return best
+
+
+def tuned_entries(rows, margin=0.03):
+    """What a sweep says a configs file should hold: {("impl/op", shape key): entry or
+    None} for every shape whose built-in config was timed (attention or op sweep rows).
+    The entry {"config", "ms", "default_ms", "case"} is the fastest candidate where it
+    beats the built-in choice by more than ``margin`` (a fraction, against timing noise);
+    None where the built-in choice stays."""
+    groups = {}
+    for r in rows:
+        if r.get("sweep") in ("attention", "op") and r.get("tune_key") and r["ms"]:
+            groups.setdefault((f"{r['impl']}/{r['op']}", r["tune_key"]), []).append(r)
+    out = {}
+    for key, group in groups.items():
+        default = next((r for r in group if r["default"]), None)
+        if default is None:
+            continue  # nothing to beat: no claim either way
+        best = min(group, key=lambda r: r["ms"])
+        out[key] = None
+        if not best["default"] and best["ms"] < default["ms"] * (1.0 - margin):
+            out[key] = {"config": best["config"], "ms": round(best["ms"], 5), "default_ms": round(default["ms"], 5),
+                        "case": best["case"]}
+    return out
+
+
+def write_configs(path, rows, device, out=sys.stdout, margin=0.03):
+    """Merge a sweep's verdicts into the configs file at ``path`` (pyengine.kernels._tuned's
+    format; created if absent): winners set, shapes whose built-in choice won removed,
+    other shapes kept. Returns the file's content."""
+    device = torch.device(device)
+    data = {"format": _tuned.FORMAT, "ops": {}}
+    if os.path.exists(path):
+        _tuned.load(path)  # a bad file is reported, not overwritten
+        with open(path) as f:
+            data = json.load(f)
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    data["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
+    data["measured"] = {"date": time.strftime("%Y-%m-%d", time.gmtime()), "torch": torch.__version__,
+                        "triton": triton_version, "cuda": torch.version.cuda,
+                        "by": "python -m pyengine.bench kernels --write-configs", "margin": margin}
+    verdicts = tuned_entries(rows, margin)
+    for (op, key), entry in sorted(verdicts.items()):
+        table = data["ops"].setdefault(op, {})
+        if entry is None:
+            table.pop(key, None)
+        else:
+            table[key] = entry
+    data["ops"] = {op: dict(sorted(t.items())) for op, t in sorted(data["ops"].items()) if t}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1)
+        f.write("\n")
+    print(f"\ntuned kernel configs -> {path} (a candidate is kept where it beats the built-in choice by more "
+          f"than {margin:.0%})", file=out)
+    for (op, key), entry in sorted(verdicts.items()):
+        print(f"  {op:26} {key:34} " + ("built-in choice kept" if entry is None else
+              f"{config_label(entry['config'])}: {entry['ms']:.4f} ms, built-in {entry['default_ms']:.4f} ms "
+              f"({entry['default_ms'] / entry['ms']:.2f}x)"), file=out)
+    return data
 
 
 def print_op_sweep(rows, out=sys.stdout):
@@ -713,6 +804,10 @@ def main(argv=None):
     p.add_argument("--op-sweep", action="store_true",
                    help="also time every launch-config candidate of gated_act, qk_norm_rotary, gather_pooled "
                         "and pooled_norm (Triton, and CUDA where pyengine.cuda_ops has a sweep; GPU only)")
+    p.add_argument("--write-configs", default=None, metavar="PATH",
+                   help="with --attn-sweep / --op-sweep: write each swept shape's fastest config, where it beats "
+                        "the built-in choice, into this tuned-configs JSON (merged into an existing file); "
+                        "kernels/configs/<device>.json is the file a GPU of that name reads")
     a = p.parse_args(argv)
     split = (lambda s: [x.strip() for x in s.split(",") if x.strip()] if s else None)
     backends = split(a.backends)
@@ -727,11 +822,20 @@ def main(argv=None):
     for flag, wanted in (("--attn-sweep", a.attn_sweep), ("--op-sweep", a.op_sweep)):
         if wanted and not on_cuda:
             p.error(f"{flag} needs a CUDA device (the sweep times GPU launch configs; none here)")
+    if a.write_configs and not (a.attn_sweep or a.op_sweep):
+        p.error("--write-configs needs --attn-sweep and/or --op-sweep (it writes what they measure)")
+    if a.write_configs and os.path.exists(a.write_configs):
+        try:
+            _tuned.load(a.write_configs)
+        except ValueError as e:
+            p.error(f"--write-configs: {e}")
     rows = run(a.device, backends, a.quick, None, ops=op_names, repeats=a.repeats, graph=a.graph)
     if a.attn_sweep:
         rows += attention_sweep(a.device, repeats=a.repeats)
     if a.op_sweep:
         rows += op_sweep(a.device, repeats=a.repeats, graph=a.graph, ops=op_names)
+    if a.write_configs:
+        write_configs(a.write_configs, rows, a.device or "cuda")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -26,8 +26,12 @@ def environment(device: torch.device) -> dict:
     else:
         name = f"CPU {platform.processor() or platform.machine()} ({os.cpu_count()} cores, " \
                f"{torch.get_num_threads()} torch threads)"
+    from ..kernels import _tuned
+
+    tuned = _tuned.source(device)
     return {"device": str(device), "device_name": name, "torch": torch.__version__, "triton": triton_version,
             "transformers": transformers.__version__, "pyengine": __version__,
+            "kernel_configs": str(tuned) if tuned else "built-in",
             "python": platform.python_version(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
@@ -141,5 +145,5 @@ def format_table(report: dict) -> str:
     env = report["env"]
     lines.append(f"environment: {env['device_name']} | torch {env['torch']} | triton {env['triton']} | "
                  f"transformers {env['transformers']} | pyengine {env['pyengine']} | "
-                 f"python {env['python']} | {env['date']}")
+                 f"python {env['python']} | kernel configs {env.get('kernel_configs', 'built-in')} | {env['date']}")
     return "\n".join(lines)
