@@ -72,9 +72,10 @@ class EngineConfig:
     ``runner``: "auto" or "pooling" (vLLM's flag; this engine has no other runner).
     ``enable_lora``: accept requests with a LoRA adapter (:mod:`pyengine.lora`), at most
     ``max_loras`` kept loaded at once, each of rank at most ``max_lora_rank``.
-    ``mm_processor_kwargs``: image preprocessing settings of a vision-language model in
-    place of its checkpoint's (Qwen-VL: ``min_pixels``, ``max_pixels``; Nemotron VL:
-    ``min_dynamic_patch``, ``max_dynamic_patch``, ``dynamic_image_size``)."""
+    ``mm_processor_kwargs``: image and video preprocessing settings of a vision-language
+    model in place of its checkpoint's (Qwen-VL: ``min_pixels``, ``max_pixels``, and
+    ``fps``, the rate video frames were sampled at; Nemotron VL: ``min_dynamic_patch``,
+    ``max_dynamic_patch``, ``dynamic_image_size``)."""
     model: Any
     tokenizer: Any = None
     dtype: str | torch.dtype = "auto"

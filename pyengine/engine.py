@@ -352,7 +352,7 @@ class EngineCore:
         if logits is None:
             batch = RaggedBatch.build(token_ids, types, self.device)
             if mm:
-                batch.mm = MMBatch.build(prompts, self.device, self.inputs.images.finish)
+                batch.mm = MMBatch.build(prompts, self.device, self.inputs.images)
             logits = self.model(batch) if lora is None else self.model(batch, lora)
         out = self.pooler(logits, activations)  # (B, num_labels) fp32 on the device
         if self.device.type != "cuda":

@@ -14,7 +14,7 @@ from itertools import accumulate, chain
 
 import numpy as np
 
-from .multimodal import MMData, image_list
+from .multimodal import MMData, media_list
 from .score_items import has_image, pair_items, render_with_images
 from .templates import load_score_template, render_pairs
 
@@ -79,7 +79,7 @@ def _parse_dict(p, where):
     if unknown:
         raise ValueError(f"{where} has unknown key(s) {unknown}; a prompt dict takes {list(_PROMPT_KEYS)}")
     if p.get("multi_modal_data") is not None:
-        images = image_list(p["multi_modal_data"], f"{where}['multi_modal_data']")
+        images = media_list(p["multi_modal_data"], f"{where}['multi_modal_data']")
         if p.get("token_type_ids") is not None:
             raise ValueError(f"{where}: token_type_ids do not go with images")
         rest = {k: v for k, v in p.items() if k != "multi_modal_data"}
@@ -221,11 +221,13 @@ class InputProcessor:
             raise ValueError(f"{what}[{i}] has token id {bad} outside the vocabulary [0, {self.vocab_size})")
         if self.images is not None:
             # The prompts holding a placeholder, each once (an image prompt holds hundreds).
-            hits = np.searchsorted(ends, np.flatnonzero(flat == self.images.image_token_id), side="right")
+            marks = [self.images.image_token_id, getattr(self.images, "video_token_id", None)]
+            hits = np.searchsorted(ends, np.flatnonzero(np.isin(flat, [t for t in marks if t is not None])),
+                                   side="right")
             i = next((int(i) for i in np.unique(hits) if prompts[i].mm is None), None)
             if i is not None:
-                raise ValueError(f"{what}[{i}] has an image placeholder token but no image; pass the image "
-                                 "as {'prompt': ..., 'multi_modal_data': {'image': img}}")
+                raise ValueError(f"{what}[{i}] has an image or video placeholder token but no image or video; pass "
+                                 "it as {'prompt': ..., 'multi_modal_data': {'image': img}} ('video': frames)")
         for p, start, end in zip(prompts, [0] + ends[:-1], ends):
             p.id_array = flat[start:end]
         return prompts
@@ -319,7 +321,7 @@ class InputProcessor:
         into patches, rotary positions laid out. Such a prompt is never truncated (a cut
         could split an image's tokens), so one over the limit is an error."""
         if self.images is None:
-            raise ValueError(f"{what}[{idx[0]}] has images, but this model takes text only")
+            raise ValueError(f"{what}[{idx[0]}] has images or videos, but this model takes text only")
         texts = [i for i in idx if isinstance(prompts[i].prompt, str)]
         ids = {i: prompts[i].prompt for i in idx}
         proc = self.images

@@ -1,11 +1,22 @@
-"""Images for vision-language classifiers (Qwen2-VL, Qwen2.5-VL, Qwen3-VL): preprocessing, the
-placeholder tokens, and the 3-D rotary positions of a prompt.
+"""Images and videos for vision-language classifiers (Qwen2-VL, Qwen2.5-VL, Qwen3-VL):
+preprocessing, the placeholder tokens, and the 3-D rotary positions of a prompt.
 
 A prompt with images is ``{"prompt": str | "prompt_token_ids": [...], "multi_modal_data":
 {"image": img | [img, ...]}}`` as in vLLM. Its text holds one ``<|image_pad|>`` per image
 (inside ``<|vision_start|> ... <|vision_end|>``); each is expanded to the image's
 ``t * h * w / merge**2`` tokens, whose embeddings the vision tower's output replaces. A
 token prompt may also come already expanded (as transformers' processor writes it).
+
+Videos (Qwen2-VL and Qwen2.5-VL): ``{"video": frames | [frames, ...]}`` with one
+``<|video_pad|>`` per video, frames a uint8 array (T, H, W[, 3 or 4]) or a list of frames
+(PIL images or arrays), already sampled: every frame is used. As transformers' video
+processor does: every frame resized alike within the video pixel bounds, the count padded
+to a multiple of ``temporal_patch_size`` with the last frame, and each patch spanning
+``temporal_patch_size`` frames. Positions: a video's temporal axis steps by 1 per patch
+group (Qwen2-VL) or by ``tokens_per_second * temporal_patch_size / fps`` (Qwen2.5-VL;
+``fps`` 2 unless ``mm_processor_kwargs`` sets the rate the frames were sampled at), and
+the text after it starts one past the largest position it took, as the models were
+trained (transformers 5's ``get_rope_index`` starts it one past the spatial extent only).
 
 An image is a PIL image, or a uint8 array (numpy or torch) of shape (H, W), (H, W, 3) or
 (H, W, 4) (RGBA: composited over white, as transformers' and vLLM's loaders do). Preprocessing follows the
@@ -95,7 +106,8 @@ class ImageProcessor:
     def __init__(self, image_token_id, patch_size=14, temporal_patch_size=2, merge_size=2,
                  min_pixels=56 * 56, max_pixels=28 * 28 * 1280, mean=_MEAN, std=_STD, rescale=1 / 255,
                  do_resize=True, do_rescale=True, do_normalize=True, video_token_id=None,
-                 vision_start_token_id=None, vision_end_token_id=None):
+                 vision_start_token_id=None, vision_end_token_id=None, video=None):
+        """video: None (videos refused), or a :class:`VideoSettings`."""
         if min_pixels > max_pixels:
             raise ValueError(f"min_pixels={min_pixels} is greater than max_pixels={max_pixels}")
         self.image_token_id, self.video_token_id = int(image_token_id), video_token_id
@@ -109,11 +121,12 @@ class ImageProcessor:
         # What stands for one image in a text: <|vision_start|><|image_pad|><|vision_end|>.
         self.placeholder_ids = [int(t) for t in (vision_start_token_id, image_token_id, vision_end_token_id)
                                 if t is not None]
+        self.video_settings = video
 
     # Settings a user may set for the whole engine (vLLM's LLM(mm_processor_kwargs=...)),
     # e.g. the pixel bounds a checkpoint's own scoring code uses in place of its saved ones;
     # "size": {"shortest_edge", "longest_edge"} is transformers 5's name for the same bounds.
-    OVERRIDES = ("min_pixels", "max_pixels", "size")
+    OVERRIDES = ("min_pixels", "max_pixels", "size", "fps")
 
     @classmethod
     def from_checkpoint(cls, path, config, vision_config, overrides=None, tokenizer=None):
@@ -134,6 +147,10 @@ class ImageProcessor:
                     if name in overrides:
                         raise ValueError(f"mm_processor_kwargs: give {name} or size.{k}, not both")
                     overrides[name] = size[k]
+        fps = overrides.pop("fps", 2.0)
+        if not isinstance(fps, (int, float)) or isinstance(fps, bool) or not 0 < fps < float("inf"):
+            raise ValueError(f"mm_processor_kwargs: fps (the rate the video frames were sampled at) must be a "
+                             f"positive number, got {fps!r}")
         for k, v in overrides.items():
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"mm_processor_kwargs: {k} must be a positive int, got {v!r}")
@@ -153,23 +170,30 @@ class ImageProcessor:
                    do_rescale=pre.get("do_rescale", True), do_normalize=pre.get("do_normalize", True),
                    video_token_id=getattr(config, "video_token_id", None),
                    vision_start_token_id=getattr(config, "vision_start_token_id", None),
-                   vision_end_token_id=getattr(config, "vision_end_token_id", None))
+                   vision_end_token_id=getattr(config, "vision_end_token_id", None),
+                   video=VideoSettings.from_checkpoint(path, config, vision_config, overrides, fps))
+
+    def _resized(self, x, where, min_pixels, max_pixels):
+        """(..., C, H, W) uint8 -> the same resized to multiples of patch * merge."""
+        H, W = x.shape[-2:]
+        factor = self.patch * self.merge
+        if self.do_resize:
+            h, w = smart_resize(H, W, factor, min_pixels, max_pixels)
+            if (h, w) != (H, W):
+                # torch's uint8 antialiased bicubic is PIL's filter in the same fixed-point
+                # steps (8-bit between the two passes), so it agrees with PIL to one level
+                # (and is the very op transformers' video processor runs).
+                lead = x.shape[:-3]
+                x = F.interpolate(x.reshape(-1, *x.shape[-3:]).contiguous(), size=(h, w), mode="bicubic",
+                                  antialias=True, align_corners=False).reshape(*lead, -1, h, w)
+        elif H % factor or W % factor:
+            raise ValueError(f"{where} is {H}x{W}, not a multiple of {factor}, and do_resize is off")
+        return x
 
     def __call__(self, img, where):
         """One image -> (patches (h*w, C*p*p) uint8, (t, h, w) grid of patches), in the
         vision tower's order; :meth:`finish` turns them into its input on the device."""
-        x = _rgb(img, where)
-        H, W = x.shape[1:]
-        factor = self.patch * self.merge
-        if self.do_resize:
-            h, w = smart_resize(H, W, factor, self.min_pixels, self.max_pixels)
-            if (h, w) != (H, W):
-                # torch's uint8 antialiased bicubic is PIL's filter in the same fixed-point
-                # steps (8-bit between the two passes), so it agrees with PIL to one level.
-                x = F.interpolate(x[None].contiguous(), size=(h, w), mode="bicubic", antialias=True,
-                                  align_corners=False)[0]
-        elif H % factor or W % factor:
-            raise ValueError(f"{where} is {H}x{W}, not a multiple of {factor}, and do_resize is off")
+        x = self._resized(_rgb(img, where), where, self.min_pixels, self.max_pixels)
         C, h, w = x.shape
         gh, gw, m, p = h // self.patch, w // self.patch, self.merge, self.patch
         # Patches in merge-block order (each m x m block of patches is one LLM token),
@@ -178,25 +202,54 @@ class ImageProcessor:
         x = x.reshape(C, gh // m, m, p, gw // m, m, p).permute(1, 4, 2, 5, 0, 3, 6)
         return x.reshape(gh * gw, C * p * p), (1, gh, gw)
 
+    def video(self, video, where):
+        """One video -> (patches (t*h*w, C*tp*p*p) uint8, (t, h, w) grid), in the vision
+        tower's order; :meth:`finish_video` turns them into its input on the device."""
+        vs = self.video_settings
+        if vs is None:
+            raise ValueError(f"{where}: this model takes images, not videos")
+        x = self._resized(_frames(video.frames, where), where, vs.min_pixels, vs.max_pixels)
+        if pad := -x.shape[0] % self.tp:  # the last frame repeated, as transformers pads
+            x = torch.cat((x, x[-1:].expand(pad, -1, -1, -1)))
+        T, C, h, w = x.shape
+        gt, gh, gw, m, p, tp = T // self.tp, h // self.patch, w // self.patch, self.merge, self.patch, self.tp
+        # (group, block row, block col, row in block, col in block) x (C, frame in group, p, p)
+        x = x.reshape(gt, tp, C, gh // m, m, p, gw // m, m, p).permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
+        return x.reshape(gt * gh * gw, C * tp * p * p), (gt, gh, gw)
+
+    def t_interval(self, kind):
+        """The temporal position step between a media item's patch groups (kind 1: video)."""
+        return 1.0 if kind == IMAGE or self.video_settings is None else self.video_settings.interval
+
     def finish(self, patches):
         """uint8 patches (N, C*p*p), on the device -> the tower's input (N, C*tp*p*p) fp32:
         rescaled, normalised per channel, the still image repeated over time."""
-        N, C = patches.shape[0], self.mean.shape[0]
-        x = patches.view(N, C, -1).float()
-        if self.do_rescale:
-            x = x * self.rescale
-        if self.do_normalize:
-            mean, std = self._stats(x.device)
-            x = (x - mean) / std
+        N = patches.shape[0]
+        x = self._normalised(patches, self.mean, self.std, self.do_rescale, self.do_normalize)
         return x[:, :, None].expand(-1, -1, self.tp, -1).reshape(N, -1)
 
-    def _stats(self, device):
+    def finish_video(self, patches):
+        """uint8 video patches (N, C*tp*p*p), on the device -> the tower's input, fp32."""
+        vs = self.video_settings
+        return self._normalised(patches, vs.mean, vs.std, vs.do_rescale, vs.do_normalize).reshape(patches.shape[0], -1)
+
+    def _normalised(self, patches, mean, std, do_rescale, do_normalize):
+        """(N, C*k) uint8 -> (N, C, k) fp32, rescaled and normalised per channel."""
+        x = patches.view(patches.shape[0], mean.shape[0], -1).float()
+        if do_rescale:
+            x = x * self.rescale
+        if do_normalize:
+            m, s = self._stats(x.device, mean, std)
+            x = (x - m) / s
+        return x
+
+    def _stats(self, device, mean, std):
         """(mean, std) as (1, C, 1) on ``device``, copied there once (a copy per batch
         from pageable memory would stall the host)."""
-        key = str(device)
+        key = (str(device), id(mean))
         if key not in self._on:
-            C = self.mean.shape[0]
-            self._on[key] = (self.mean.view(1, C, 1).to(device), self.std.view(1, C, 1).to(device))
+            C = mean.shape[0]
+            self._on[key] = (mean.view(1, C, 1).to(device), std.view(1, C, 1).to(device))
         return self._on[key]
 
     def tokens(self, grid):
@@ -214,37 +267,126 @@ class ImageProcessor:
     def prepare_text(self, text):
         return text
 
-    def prompt(self, ids, images, where):
-        """Token ids with each image's placeholder expanded -> (token ids, MMData)."""
-        tokens, pixels, grids = expand(ids, images, self, where)
-        return tokens, MMData(pixels, grids, rope_positions(tokens, grids, self.image_token_id, self.merge))
+    def prompt(self, ids, items, where):
+        """Token ids with each image's and video's placeholder expanded -> (token ids, MMData)."""
+        tokens, mm = expand(ids, items, self, where)
+        intervals = [self.t_interval(k) for k in mm.kinds or [IMAGE] * len(mm.grids)]
+        mm.rope_positions = rope_positions(tokens, mm.grids, self.image_token_id, self.merge, intervals,
+                                           self.video_token_id)
+        return tokens, mm
+
+
+IMAGE, VIDEO = 0, 1
+
+
+class VideoSettings:
+    """A checkpoint's video preprocessing: pixel bounds per frame, statistics, and the
+    temporal position step ``interval`` (1 for Qwen2-VL; tokens_per_second *
+    temporal_patch_size / fps for Qwen2.5-VL)."""
+
+    def __init__(self, min_pixels=128 * 28 * 28, max_pixels=28 * 28 * 768, mean=_MEAN, std=_STD,
+                 do_rescale=True, do_normalize=True, interval=1.0):
+        if min_pixels > max_pixels:
+            raise ValueError(f"video min_pixels={min_pixels} is greater than max_pixels={max_pixels}")
+        self.min_pixels, self.max_pixels = int(min_pixels), int(max_pixels)
+        self.mean = torch.tensor(mean, dtype=torch.float32)
+        self.std = torch.tensor(std, dtype=torch.float32)
+        self.do_rescale, self.do_normalize, self.interval = do_rescale, do_normalize, float(interval)
+
+    @classmethod
+    def from_checkpoint(cls, path, config, vision_config, overrides, fps):
+        """None where the model takes no videos here (Qwen3-VL frames each patch group
+        with a timestamp text of its own, which is not built); else the settings from the
+        video processor's saved config, found as transformers finds it (processor_config.json's
+        "video_processor", video_preprocessor_config.json, preprocessor_config.json), with
+        min_pixels / max_pixels from ``overrides`` (they apply to images and videos alike)."""
+        if getattr(config, "video_token_id", None) is None or str(getattr(config, "model_type", "")).startswith(
+                "qwen3"):
+            return None
+        pre = checkpoint_json(path, "processor_config.json").get("video_processor") or \
+            checkpoint_json(path, "video_preprocessor_config.json") or checkpoint_json(path, "preprocessor_config.json")
+        size = pre.get("size") or {}
+        tps = getattr(vision_config, "tokens_per_second", None)
+        interval = 1.0 if tps is None else tps * vision_config.temporal_patch_size / fps
+        return cls(min_pixels=overrides.get("min_pixels", pre.get("min_pixels", size.get("shortest_edge", 128 * 28 * 28))),
+                   max_pixels=overrides.get("max_pixels", pre.get("max_pixels", size.get("longest_edge", 28 * 28 * 768))),
+                   mean=pre.get("image_mean", _MEAN), std=pre.get("image_std", _STD),
+                   do_rescale=pre.get("do_rescale", True), do_normalize=pre.get("do_normalize", True),
+                   interval=interval)
+
+
+class Video:
+    """A video of a prompt, as given: ``frames`` a uint8 array (T, H, W[, C]) or a list of frames."""
+
+    __slots__ = ("frames",)
+
+    def __init__(self, frames):
+        self.frames = frames
 
 
 class MMData:
-    """One prompt's images: pixel_values (N, ...) uint8 (as the processor leaves them), grids (per image: (t, h, w)
-    patches, or a tile count), and rope_positions (3, L) int64, the (temporal, height,
-    width) rotary position of each token (None: the model's own positions)."""
+    """One prompt's images and videos: pixel_values (N, ...) uint8 of its images (as the processor leaves them, or
+    None), video_values (N, ...) uint8 of its videos (or None), grids (per image and video in token order: (t, h, w)
+    patches, or a tile count), kinds (IMAGE or VIDEO per grid; None: images only), and rope_positions (3, L) int64,
+    the (temporal, height, width) rotary position of each token (None: the model's own positions)."""
 
-    __slots__ = ("pixel_values", "grids", "rope_positions")
+    __slots__ = ("pixel_values", "grids", "rope_positions", "video_values", "kinds")
 
-    def __init__(self, pixel_values, grids, rope_positions):
+    def __init__(self, pixel_values, grids, rope_positions, video_values=None, kinds=None):
         self.pixel_values, self.grids, self.rope_positions = pixel_values, grids, rope_positions
+        self.video_values, self.kinds = video_values, kinds
 
 
-def image_list(data, where):
-    """The images of a ``multi_modal_data`` dict, as a non-empty list."""
+def _is_frame(x):
+    return (hasattr(x, "convert") and hasattr(x, "size") and not hasattr(x, "shape")) or getattr(x, "ndim", 0) in (2, 3)
+
+
+def media_list(data, where):
+    """The images and videos of a ``multi_modal_data`` dict, as one non-empty list:
+    images as given, each video wrapped in a :class:`Video`. A video is a (T, H, W[, C])
+    array or a list of frames; ``"video"`` holds one video or a list of them."""
     if not isinstance(data, dict):
         raise TypeError(f"{where} must be a dict such as {{'image': img}}, got {type(data).__name__}")
-    other = sorted(str(k) for k in data if k != "image")
+    other = sorted(str(k) for k in data if k not in ("image", "video"))
     if other:
-        raise ValueError(f"{where} has {other}: only 'image' is supported (no video or audio)")
-    if "image" not in data:
-        raise ValueError(f"{where} has no 'image'")
-    imgs = data["image"]
-    imgs = list(imgs) if isinstance(imgs, (list, tuple)) else [imgs]
-    if not imgs:
-        raise ValueError(f"{where}['image'] is an empty list")
-    return imgs
+        raise ValueError(f"{where} has {other}: only 'image' and 'video' are supported")
+    if "image" not in data and "video" not in data:
+        raise ValueError(f"{where} has no 'image' or 'video'")
+    out = []
+    if "image" in data:
+        imgs = data["image"]
+        imgs = list(imgs) if isinstance(imgs, (list, tuple)) else [imgs]
+        if not imgs:
+            raise ValueError(f"{where}['image'] is an empty list")
+        out += imgs
+    if "video" in data:
+        v = data["video"]
+        if isinstance(v, tuple) and len(v) == 2 and isinstance(v[1], dict):
+            raise ValueError(f"{where}['video']: (frames, metadata) is not supported; pass the frames, sampled "
+                             "at mm_processor_kwargs' fps (default 2)")
+        one = getattr(v, "ndim", None) is not None or (isinstance(v, (list, tuple)) and v and _is_frame(v[0]))
+        videos = [v] if one else list(v) if isinstance(v, (list, tuple)) else [v]
+        if not videos:
+            raise ValueError(f"{where}['video'] is an empty list")
+        out += [Video(x) for x in videos]
+    return out
+
+
+def _frames(frames, where):
+    """(T, C, H, W) uint8 from a (T, H, W[, C]) uint8 array or a list of frames of one size."""
+    if getattr(frames, "ndim", None) is not None:
+        if frames.ndim not in (3, 4):
+            raise ValueError(f"{where} has shape {tuple(frames.shape)}; a video is (T, H, W[, 3 or 4]) frames")
+        frames = list(frames)
+    if not isinstance(frames, (list, tuple)) or not frames:
+        raise TypeError(f"{where} must be a uint8 array (T, H, W[, 3 or 4]) or a non-empty list of frames, "
+                        f"got {type(frames).__name__}")
+    out = [_rgb(f, f"{where} frame {i}") for i, f in enumerate(frames)]
+    bad = next((i for i, f in enumerate(out) if f.shape != out[0].shape), None)
+    if bad is not None:
+        raise ValueError(f"{where} frame {bad} is {tuple(out[bad].shape[1:])}, frame 0 {tuple(out[0].shape[1:])}; "
+                         "a video's frames must share one size")
+    return torch.stack(out)
 
 
 def image_from_data_url(url, where):
@@ -274,32 +416,52 @@ def image_from_data_url(url, where):
     return img
 
 
-def expand(ids, images, proc, where):
-    """Token ids with each image's placeholder expanded, and the images' patches and
-    grids. ``ids`` holds one placeholder per image, or every placeholder token already."""
-    if proc.video_token_id is not None and proc.video_token_id in ids:
-        raise ValueError(f"{where} has a video placeholder; videos are not supported")
-    pix, grids = [], []
-    for j, img in enumerate(images):
-        p, g = proc(img, f"{where} image {j}")
-        pix.append(p)
-        grids.append(g)
-    counts = [proc.tokens(g) for g in grids]
-    have = sum(1 for t in ids if t == proc.image_token_id)
-    if have == len(images):
-        out, it = [], iter(counts)
-        for t in ids:
-            if t == proc.image_token_id:
-                out += [t] * next(it)
-            else:
-                out.append(t)
-    elif have == sum(counts) and _runs(ids, proc.image_token_id) == counts:
-        out = list(ids)
-    else:
-        raise ValueError(f"{where} has {have} image placeholder token(s) for {len(images)} image(s) "
-                         f"(needs one placeholder per image, or {sum(counts)} tokens already expanded as "
-                         f"{counts})")
-    return out, torch.cat(pix), grids
+def expand(ids, items, proc, where):
+    """Token ids with each image's and video's placeholder expanded -> (token ids, MMData
+    without positions). ``ids`` holds, per kind, one placeholder per item, or every
+    placeholder token already; grids come in token order."""
+    images = [x for x in items if not isinstance(x, Video)]
+    videos = [x for x in items if isinstance(x, Video)]
+    if videos and proc.video_settings is None:
+        raise ValueError(f"{where} has a video; this model takes images only")
+    vt = proc.video_token_id
+    if vt is not None and not videos and vt in ids:
+        raise ValueError(f"{where} has a video placeholder token but no video; pass it as "
+                         "{'prompt': ..., 'multi_modal_data': {'video': frames}}")
+    done = {IMAGE: [proc(x, f"{where} image {j}") for j, x in enumerate(images)],
+            VIDEO: [proc.video(x, f"{where} video {j}") for j, x in enumerate(videos)]}
+    token = {IMAGE: proc.image_token_id, VIDEO: vt}
+    runs = {}  # kind -> placeholder counts to write (None: the prompt has every token already)
+    for kind, what in ((IMAGE, "image"), (VIDEO, "video")):
+        counts = [proc.tokens(g) for _, g in done[kind]]
+        have = sum(1 for t in ids if t == token[kind]) if token[kind] is not None else 0
+        if have == len(counts):
+            runs[kind] = iter(counts)
+        elif have == sum(counts) and _runs(ids, token[kind]) == counts:
+            runs[kind] = None
+        else:
+            raise ValueError(f"{where} has {have} {what} placeholder token(s) for {len(counts)} {what}(s) "
+                             f"(needs one placeholder per {what}, or {sum(counts)} tokens already expanded as "
+                             f"{counts})")
+    kind_of = {t: k for k, t in token.items() if t is not None}
+    out, kinds, prev = [], [], None
+    for t in ids:
+        k = kind_of.get(t)
+        if k is None:
+            out.append(t)
+        elif runs[k] is not None:
+            out += [t] * next(runs[k])
+            kinds.append(k)
+        else:
+            out.append(t)
+            if prev != t:
+                kinds.append(k)
+        prev = t
+    nxt = {IMAGE: iter(done[IMAGE]), VIDEO: iter(done[VIDEO])}
+    grids = [next(nxt[k])[1] for k in kinds]
+    pix = torch.cat([p for p, _ in done[IMAGE]]) if images else None
+    vid = torch.cat([p for p, _ in done[VIDEO]]) if videos else None
+    return out, MMData(pix, grids, None, vid, kinds if videos else None)
 
 
 def _runs(ids, tok):
@@ -313,29 +475,33 @@ def _runs(ids, tok):
     return runs + [n] if n else runs
 
 
-def rope_positions(ids, grids, image_token_id, merge):
-    """(3, L) int64 positions: text tokens count up on all three axes; an image's tokens
-    take (start, start + row, start + col) over its merged grid, and the text after it
-    continues from start + max(rows, cols)."""
+def rope_positions(ids, grids, image_token_id, merge, intervals=None, video_token_id=None):
+    """(3, L) int64 positions: text tokens count up on all three axes; a media item's
+    tokens (image or video placeholders, one grid each in token order) take (start +
+    floor(group * interval), start + row, start + col) over its merged grid, and the text
+    after it continues one past the largest of them. intervals: per grid, the temporal
+    step between patch groups (default 1; a still image has one group)."""
     pos = np.empty((3, len(ids)), dtype=np.int64)
-    i, start, it = 0, 0, iter(grids)
+    i, start, it = 0, 0, iter(zip(grids, intervals or [1.0] * len(grids)))
     arr = np.asarray(ids)
+    media = (arr == image_token_id) if video_token_id is None else (arr == image_token_id) | (arr == video_token_id)
     while i < len(ids):
-        if arr[i] != image_token_id:
+        if not media[i]:
             j = i
-            while j < len(ids) and arr[j] != image_token_id:
+            while j < len(ids) and not media[j]:
                 j += 1
             pos[:, i:j] = np.arange(start, start + j - i)
             start += j - i
             i = j
             continue
-        t, h, w = next(it)
+        (t, h, w), step = next(it)
         h, w = h // merge, w // merge
         n = t * h * w
-        pos[0, i:i + n] = start  # still images: one time step
+        tpos = (np.arange(t) * step).astype(np.int64)  # floor, as the models' rope index
+        pos[0, i:i + n] = np.repeat(tpos, h * w) + start
         pos[1, i:i + n] = np.tile(np.repeat(np.arange(h), w), t) + start
         pos[2, i:i + n] = np.tile(np.arange(w), t * h) + start
-        start += max(h, w)
+        start += max(int(tpos[-1]), h - 1, w - 1) + 1
         i += n
     return torch.from_numpy(pos)
 
@@ -352,20 +518,33 @@ class MMBatch:
         self.rotary = self.mask = self.deepstack = None
 
     @classmethod
-    def build(cls, prompts, device, finish):
-        """prompts: TokenizedPrompts, some with ``mm``; text-only ones count up. finish:
-        the image processor's, which turns the pixels, once on the device, into the
-        vision tower's input."""
-        pix, grids, pos = [], [], []
+    def build(cls, prompts, device, proc):
+        """prompts: TokenizedPrompts, some with ``mm``; text-only ones count up. proc: the
+        image processor, whose ``finish`` (``finish_video`` for videos) turns the pixels,
+        once on the device, into the vision tower's input."""
+        pix, vid, grids, pos, kinds = [], [], [], [], []
         mrope = any(p.mm is not None and p.mm.rope_positions is not None for p in prompts)
         for p in prompts:
             if p.mm is None:
                 pos.append(torch.arange(len(p.token_ids)).expand(3, -1))
-            else:
+                continue
+            if p.mm.pixel_values is not None:
                 pix.append(p.mm.pixel_values)
-                grids += p.mm.grids
-                pos.append(p.mm.rope_positions)
-        return cls(finish(_to(torch.cat(pix), device)), grids, _to(torch.cat(pos, dim=1), device) if mrope else None)
+            if p.mm.video_values is not None:
+                vid.append(p.mm.video_values)
+            grids += p.mm.grids
+            kinds += p.mm.kinds or [IMAGE] * len(p.mm.grids)
+            pos.append(p.mm.rope_positions)
+        images = proc.finish(_to(torch.cat(pix), device)) if pix else None
+        if vid:
+            # The tower takes every item in token order: images' and videos' rows interleaved.
+            videos = proc.finish_video(_to(torch.cat(vid), device))
+            rows, at, parts = {IMAGE: images, VIDEO: videos}, {IMAGE: 0, VIDEO: 0}, []
+            for k, (t, h, w) in zip(kinds, grids):
+                parts.append(rows[k][at[k]:at[k] + t * h * w])
+                at[k] += t * h * w
+            images = torch.cat(parts)
+        return cls(images, grids, _to(torch.cat(pos, dim=1), device) if mrope else None)
 
 
 def _to(t, device):

@@ -385,7 +385,7 @@ def test_tiling_settings(nemotron):
     (lambda im: {"prompt": "no placeholder", "multi_modal_data": {"image": im}},
      r"prompts\[0\] has 0 image placeholder\(s\) for 1 image\(s\)"),
     # a context token in a prompt without images
-    (lambda im: "text <IMG_CONTEXT>", r"prompts\[0\] has an image placeholder token but no image"),
+    (lambda im: "text <IMG_CONTEXT>", r"prompts\[0\] has an image or video placeholder token but no image or video"),
     (lambda im: {"prompt": "<image>", "multi_modal_data": {"image": im[:, :, 0].astype(np.float32)}},
      r"prompts\[0\] image 0 is a torch.float32 array"),
 ])

@@ -13,7 +13,9 @@ Qwen2 decoder (CUDA graphs included); a batch with images runs eagerly.
 Checkpoints: ``*ForConditionalGeneration`` converted to a last-token classifier (a
 ``score.weight`` or ``classifier_from_token``), ``*ForSequenceClassification`` (the same
 weights with ``score.weight``), and jina-reranker-m0 (``JinaVLForRanking``, below).
-Videos are not supported.
+Videos (Qwen2-VL, Qwen2.5-VL) run through the same tower, each patch spanning
+``temporal_patch_size`` frames and attention within each group of patches
+(:mod:`pyengine.multimodal`).
 """
 from __future__ import annotations
 
@@ -143,7 +145,7 @@ class VisionTower(nn.Module):
             # Patches come in merge-block order: (block row, block col, row in block, col in block).
             blk = torch.stack((hh.permute(0, 2, 1, 3).flatten(), ww.permute(0, 2, 1, 3).flatten()), -1)
             hw.append(blk.repeat(t, 1))
-            cu_img += [cu_img[-1] + h * w] * t
+            cu_img += [cu_img[-1] + h * w * (k + 1) for k in range(t)]  # attention within each group of frames
             if self.side:
                 (th, wh), (tw, ww_) = self._axis(h), self._axis(w)
                 r, c = blk[:, 0], blk[:, 1]
@@ -236,6 +238,8 @@ class QwenVLForSequenceClassification(DecoderForSequenceClassification):
         super().__init__(text, arch, dtype, device, ops, pooling)
         vc = config.vision_config
         self.image_token_id = int(config.image_token_id)
+        vt = getattr(config, "video_token_id", None)
+        self.video_token_id = int(vt) if vt is not None else None
         if self.image_token_id >= self.vocab_size:
             raise ValueError(f"{arch}: image_token_id={self.image_token_id} is outside the vocabulary "
                              f"[0, {self.vocab_size})")
@@ -277,6 +281,8 @@ class QwenVLForSequenceClassification(DecoderForSequenceClassification):
         if batch.mm is not None and batch.mm.grids:
             feats, batch.mm.deepstack = self.vision(batch.mm.pixel_values, batch.mm.grids)
             batch.mm.mask = batch.input_ids == self.image_token_id
+            if self.video_token_id is not None:
+                batch.mm.mask |= batch.input_ids == self.video_token_id
             x[batch.mm.mask] = feats.to(x.dtype)
         return x
 
