@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from pyengine import LLM
 from pyengine.inputs import parse_prompts
 from pyengine.multimodal import ImageProcessor, Video, VideoSettings, rope_positions, smart_resize
-from test_qwen_vl import GENS, IMG, save_vl
+from test_qwen_vl import IMG, save_vl
 
 VID = "<|vision_start|><|video_pad|><|vision_end|>"
 # Video pixel bounds of the tiny checkpoints: frames of 28x140 and 56x84 pixels stay as they are.
