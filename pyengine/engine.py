@@ -135,6 +135,10 @@ class EngineCore:
 
     # A request older than this is scheduled next, whatever its length.
     MAX_WAIT_S = 2.0
+    # On the CPU batches are filled to this many tokens (a longer prompt runs alone): a
+    # pass over more works out of cache. On 2 cores, fp32: BERT (hidden 256, 4 layers, 256
+    # mixed prompts) 116 -> 148 seq/s from 16384; Qwen2.5-VL tiny with videos 9.3 -> 10.5.
+    CPU_BATCH_TOKENS = 4096
 
     def __init__(self, cfg: EngineConfig):
         self.cfg = cfg
@@ -286,7 +290,8 @@ class EngineCore:
                 self.graphs.forget(dropped.popleft())
         oldest = self.waiting.oldest()
         anchored = time.monotonic() - oldest.arrival > self.MAX_WAIT_S
-        reqs = self.waiting.pop_batch(self.cfg.max_num_batched_tokens, self.cfg.max_num_seqs, anchored)
+        reqs = self.waiting.pop_batch(self.cfg.max_num_batched_tokens, self.cfg.max_num_seqs, anchored,
+                                      self.CPU_BATCH_TOKENS if self.device.type == "cpu" else None)
         for r in reqs:
             self.running[r.request_id] = r
         try:

@@ -139,19 +139,26 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=False, scale=None, 
     cu = cu_seqlens.tolist()
     out = torch.empty_like(q)
     if q.device.type == "cpu":
-        # Runs of like-length sequences (the scheduler sorts by length; image tiles are
-        # all one length) go through one batched matmul each, on views of the packed rows.
-        i, B = 0, len(cu) - 1
-        while i < B:
-            L = cu[i + 1] - cu[i]
-            j = i + 1
+        # Sequences of one length go through one batched matmul (a chunk of at most
+        # _CPU_SCORES scores) each: on views of the packed rows where they sit back to
+        # back (the scheduler sorts by length; image tiles are all one length), else
+        # gathered (the windows of Qwen2.5-VL's tower repeat a few lengths frame after
+        # frame; a matmul per short run cost more than the copies).
+        by_len = {}
+        for i in range(len(cu) - 1):
+            by_len.setdefault(cu[i + 1] - cu[i], []).append(i)
+        for L, seqs in by_len.items():
+            if L == 0:
+                continue
             most = max(1, _CPU_SCORES // max(1, Hq * L * L))
-            while j < B and j - i < most and cu[j + 1] - cu[j] == L:
-                j += 1
-            a, b = cu[i], cu[j]
-            if L:
-                out[a:b] = _same_length(q[a:b], k[a:b], v[a:b], j - i, causal, scale, window, softcap)
-            i = j
+            for c in range(0, len(seqs), most):
+                part = seqs[c:c + most]
+                a, b = cu[part[0]], cu[part[-1]] + L
+                if b - a == L * len(part):  # back to back
+                    out[a:b] = _same_length(q[a:b], k[a:b], v[a:b], len(part), causal, scale, window, softcap)
+                    continue
+                rows = (torch.tensor([cu[i] for i in part])[:, None] + torch.arange(L)).flatten()
+                out[rows] = _same_length(q[rows], k[rows], v[rows], len(part), causal, scale, window, softcap)
         return out
     lens = [b - a for a, b in zip(cu[:-1], cu[1:])]
     dev = q.device

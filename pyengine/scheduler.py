@@ -122,11 +122,15 @@ class WaitingQueue:
             self._dead = 0
         return item
 
-    def pop_batch(self, max_num_batched_tokens: int, max_num_seqs: int, oldest_first: bool = False) -> list:
+    def pop_batch(self, max_num_batched_tokens: int, max_num_seqs: int, oldest_first: bool = False,
+                  target_tokens: int | None = None) -> list:
         """Remove and return the items of the next batch, as many as fit under both
         budgets: from the start of the oldest item's group on, by group then length, then
         round to the groups before it; with ``oldest_first``, from the oldest item itself
-        on, with no wrap (so a long item that has waited too long runs next)."""
+        on, with no wrap (so a long item that has waited too long runs next).
+        target_tokens: fill batches to this many tokens only (at most
+        max_num_batched_tokens); an item longer than that still runs, alone."""
+        target = max_num_batched_tokens if target_tokens is None else min(target_tokens, max_num_batched_tokens)
         if not self._keys:
             return []
         keys = self._sorted
@@ -154,7 +158,7 @@ class WaitingQueue:
                 if length > max_num_batched_tokens:
                     raise ValueError(f"request {entry[0]!r} has {length} tokens, more than "
                                      f"max_num_batched_tokens={max_num_batched_tokens}")
-                if items and tokens + length > max_num_batched_tokens:
+                if items and tokens + length > target:
                     return i, True
                 items.append(entry)
                 tokens += length

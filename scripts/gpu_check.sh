@@ -22,8 +22,8 @@
 #        kernels/configs/<GPU name>.json to ship it), PROFILE_S=0 (a positive budget runs
 #        the profile of one engine pass per preset, PROFILE_PRESETS), GPU_CHECK_STEPS (default
 #        build,tests,kernels,bench,profile: a subset splits the check over two calls; "vision"
-#        adds the vision-language benchmarks, VISION_S=240 each, VISION_ARGS and
-#        VISION_NEMOTRON_ARGS),
+#        adds the vision-language benchmarks, VISION_S=240 each, VISION_ARGS,
+#        VISION_NEMOTRON_ARGS and VISION_VIDEO_ARGS),
 #        GPU_CHECK_ALLOW_CPU=1 (dry run of this script without a GPU).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -130,6 +130,9 @@ if [[ ",${GPU_CHECK_STEPS:-}," == *",vision,"* ]]; then
   # the Nemotron VL reranker's shapes: SigLIP tiles in front of the bidirectional Llama
   # shellcheck disable=SC2086
   step vision-nemotron "${VISION_S:-240}" "$PY" -m pyengine.bench vision ${VISION_NEMOTRON_ARGS:---preset nemotron-vl-1b --num-prompts 64 --repeats 2} --json "$LOGS/vision-nemotron.json"
+  # videos of 8 frames (four groups of patches) on Qwen2-VL-2B's shapes
+  # shellcheck disable=SC2086
+  step vision-video "${VISION_S:-240}" "$PY" -m pyengine.bench vision ${VISION_VIDEO_ARGS:---preset qwen2-vl-2b --num-prompts 64 --repeats 2 --video-frames 8} --json "$LOGS/vision-video.json"
 else
   skip vision "not in GPU_CHECK_STEPS"
 fi

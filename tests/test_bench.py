@@ -258,3 +258,19 @@ def test_vision_benchmark_on_the_tiny_preset(preset, tmp_path, capsys):
     with pytest.raises(SystemExit):
         bench_main.main(["vision", "--preset", "nope"])
     assert "unknown preset 'nope'" in capsys.readouterr().err
+
+
+def test_vision_benchmark_with_videos(tmp_path, capsys):
+    """--video-frames: a video per prompt (three frames: one padded), transformers given
+    the same pixels and positions; the same probabilities."""
+    out = tmp_path / "video.json"
+    assert bench_main.main(["vision", "--num-prompts", "4", "--single-sample", "1", "--video-frames", "3",
+                            "--cache-dir", str(tmp_path / "cache"), "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert (report["videos"], report["images"], report["video_frames"]) == (4, 0, 3)
+    assert report["max_abs_diff_vs_hf"] < 1e-4
+    assert "a video of 3 frames each" in capsys.readouterr().out
+    for bad in (["--video-frames", "-1"], ["--video-frames", "2", "--preset", "nemotron-vl-tiny"]):
+        with pytest.raises(SystemExit):
+            bench_main.main(["vision", "--cache-dir", str(tmp_path / "cache")] + bad)
+        assert "--video-frames takes a positive frame count" in capsys.readouterr().err

@@ -791,3 +791,27 @@ def test_token_ids_of_an_int_subclass_are_ints(small_llm):
     (plain,) = llm.classify([{"prompt_token_ids": [2, 5]}], use_tqdm=False)
     (sub,) = llm.classify([{"prompt_token_ids": [Tok.A, Tok.B]}], use_tqdm=False)
     assert sub.outputs.probs == plain.outputs.probs
+
+
+def test_cpu_batches_are_filled_to_the_cpu_target(tmp_path):
+    # On the CPU the engine fills batches to CPU_BATCH_TOKENS (faster than one large
+    # pass: less works out of cache) while prompts up to max_model_len still run, a longer
+    # one alone; the results are those of one large batch.
+    factory, _ = FAMILIES["bert"]
+    model, tok = save_tiny(tmp_path, factory(num_labels=3), seed=3)
+    texts = random_texts(12, random.Random(4)) + [" ".join(["dog"] * 40)]
+    llm = LLM(str(tmp_path))
+    ref = torch.tensor([o.outputs.probs for o in llm.classify(texts, use_tqdm=False)])
+    llm.engine.CPU_BATCH_TOKENS = 24
+    sizes, real = [], llm.engine.launch_batch
+
+    def spy(prompts, *args):
+        sizes.append(sum(len(p.token_ids) for p in prompts))
+        return real(prompts, *args)
+    llm.engine.launch_batch = spy
+    got = torch.tensor([o.outputs.probs for o in llm.classify(texts, use_tqdm=False)])
+    long = len(tok(texts[-1])["input_ids"])
+    assert long > 24 and long in sizes and len(sizes) > 2, sizes
+    assert all(n <= 24 for n in sizes if n != long), sizes
+    assert torch.allclose(got, ref, atol=1e-5, rtol=0), report(got, ref)
+    assert torch.allclose(got, hf_probs(model, tok, texts, "softmax"), atol=ATOL, rtol=0)

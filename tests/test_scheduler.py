@@ -92,3 +92,24 @@ def test_waiting_queue_rejects_a_sequence_over_budget_and_keeps_it():
     with pytest.raises(ValueError, match="request 'a' has 9 tokens, more than max_num_batched_tokens=8"):
         q.pop_batch(8, 4)
     assert list(q) == ["a"] and q.pop_batch(9, 4) == ["a"] and not q
+
+
+def test_waiting_queue_fills_batches_to_a_target_below_the_budget():
+    # The CPU engine's batches: filled to target_tokens; an item longer than the target
+    # (but within max_num_batched_tokens) runs alone; one beyond the budget is refused.
+    q = WaitingQueue()
+    for name, n in (("a", 3), ("b", 3), ("c", 4), ("d", 9), ("e", 2)):
+        q.add(name, n, name)
+    batches = []
+    while q:
+        batches.append(q.pop_batch(16, 8, target_tokens=6))
+    assert batches == [["e", "a"], ["b"], ["c"], ["d"]]
+    assert all(sum({"a": 3, "b": 3, "c": 4, "d": 9, "e": 2}[x] for x in b) <= 6 or len(b) == 1 for b in batches)
+    q.add("f", 17, "f")
+    with pytest.raises(ValueError, match="has 17 tokens, more than max_num_batched_tokens=16"):
+        q.pop_batch(16, 8, target_tokens=6)
+    # a target above the budget is the budget
+    for name, n in (("g", 9), ("h", 9)):
+        q.add(name, n, name)
+    q.remove("f")
+    assert q.pop_batch(16, 8, target_tokens=100) == ["g"]

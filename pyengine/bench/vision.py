@@ -2,7 +2,9 @@
 images, pyengine against transformers on the same weights, pixels and token ids.
 
 Workload: N prompts, each one image (its size drawn, seeded, from a few shapes) between
-two runs of random text ids (lengths round(exp(N(ln 40, 0.6))) clipped to [4, 256]).
+two runs of random text ids (lengths round(exp(N(ln 40, 0.6))) clipped to [4, 256]); with
+``--video-frames F`` (Qwen-VL presets but Qwen3-VL) each image is a video of F frames of
+that size instead.
 Presets: ``qwen2.5-vl-tiny`` (the CPU default), ``qwen2-vl-2b`` and ``qwen2.5-vl-3b``
 (their published shapes, random weights; the GPU default is ``qwen2-vl-2b``), and the
 Nemotron VL rerankers' ``nemotron-vl-tiny`` and ``nemotron-vl-1b`` (pyengine.bench.nemotron_vl:
@@ -12,7 +14,9 @@ Providers: pyengine's ``LLM.classify``; transformers one prompt at a time
 (``hf-sorted-b16``), each fed the pixel values pyengine's preprocessing makes (run inside
 their timed passes too), so the providers differ in the model run only. Reported: sequences/s, images/s, tokens/s
 (median of the timed repeats), peak GPU memory, the largest probability difference to
-transformers. The table is printed last; ``--json PATH`` writes every number.
+transformers. The table is printed last; ``--json PATH`` writes every number. With videos,
+transformers is given pyengine's rotary positions (transformers 5 places the text after a
+video otherwise; see pyengine.multimodal), so the comparison is of the model run alone.
 """
 from __future__ import annotations
 
@@ -67,6 +71,8 @@ def build_parser():
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32 or bfloat16")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--video-frames", type=int, default=0, metavar="F",
+                   help="a video of F frames per prompt in place of the image (Qwen2-VL / Qwen2.5-VL presets)")
     p.add_argument("--cache-dir", help="where the checkpoint is saved (default $PYENGINE_BENCH_CACHE or "
                                        "~/.cache/pyengine/bench)")
     p.add_argument("--json", metavar="PATH", help="also write the report as JSON")
@@ -87,7 +93,7 @@ def _checkpoint(name, dtype, device, cache_dir, seed):
     cfg = getattr(transformers, cls)(
         text_config=dict(text, vocab_size=VOCAB + 8, max_position_embeddings=32768), vision_config=vis,
         vision_start_token_id=ids[0], image_token_id=ids[1], vision_end_token_id=ids[2], video_token_id=ids[2] + 1)
-    tokens = {"start": ids[0], "image_token_id": ids[1], "end": ids[2]}
+    tokens = {"start": ids[0], "image_token_id": ids[1], "end": ids[2], "video_token_id": ids[2] + 1}
     path = os.path.join(cache_dir, f"{name}-{str(dtype).split('.')[-1]}-{seed}")
     if os.path.isfile(os.path.join(path, "model.safetensors")):
         return path, tokens
@@ -109,15 +115,16 @@ def _checkpoint(name, dtype, device, cache_dir, seed):
     return path, tokens
 
 
-def workload(n, seed, image_token_id, start, end):
-    """n prompts: (token ids with one placeholder, a uint8 image)."""
+def workload(n, seed, image_token_id, start, end, frames=0):
+    """n prompts: (token ids with one placeholder, a uint8 image (H, W, 3), or with
+    ``frames`` a uint8 video (frames, H, W, 3); ``image_token_id`` is then the video's)."""
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(n):
         a, b = (int(np.clip(round(math.exp(rng.normal(math.log(40), 0.6))), 4, 256)) for _ in range(2))
         h, w = SHAPES[rng.integers(len(SHAPES))]
         ids = rng.integers(1, VOCAB, a).tolist() + [start, image_token_id, end] + rng.integers(1, VOCAB, b).tolist()
-        out.append((ids, rng.integers(0, 256, (h, w, 3), dtype=np.uint8)))
+        out.append((ids, rng.integers(0, 256, (frames, h, w, 3) if frames else (h, w, 3), dtype=np.uint8)))
     return out
 
 
@@ -138,9 +145,10 @@ def _hf(path, dtype, device, cls):
     return model, score
 
 
-def hf_run(model, score, prepared, batch, device):
-    """Probabilities of transformers on prepared (expanded ids, pixels, grid) prompts,
-    in length-sorted right-padded batches of ``batch`` (1: one at a time)."""
+def hf_run(model, score, prepared, batch, device, video=False):
+    """Probabilities of transformers on prepared (expanded ids, pixels, grid, rotary
+    positions) prompts, in length-sorted right-padded batches of ``batch`` (1: one at a
+    time). video: the pixels are videos' (the positions are then passed along)."""
     order = sorted(range(len(prepared)), key=lambda i: len(prepared[i][0]))
     out = torch.empty(len(prepared), score.shape[0])
     pad_id = 0
@@ -156,8 +164,16 @@ def hf_run(model, score, prepared, batch, device):
             pix = torch.cat([prepared[i][1] for i in idx]).to(device, model.dtype)
             grid = torch.tensor([prepared[i][2] for i in idx], device=device)
             ids, mask = ids.to(device), mask.to(device)
-            h = model.model(input_ids=ids, attention_mask=mask, pixel_values=pix, image_grid_thw=grid,
-                            mm_token_type_ids=(ids == model.config.image_token_id).int()).last_hidden_state
+            if video:
+                pos = torch.zeros((3, len(idx), width), dtype=torch.long)
+                for j, i in enumerate(idx):
+                    pos[:, j, :len(prepared[i][0])] = prepared[i][3]
+                kw = dict(pixel_values_videos=pix, video_grid_thw=grid, position_ids=pos.to(device),
+                          mm_token_type_ids=2 * (ids == model.config.video_token_id).int())
+            else:
+                kw = dict(pixel_values=pix, image_grid_thw=grid,
+                          mm_token_type_ids=(ids == model.config.image_token_id).int())
+            h = model.model(input_ids=ids, attention_mask=mask, **kw).last_hidden_state
             last = h[torch.arange(len(idx), device=device), mask.sum(1) - 1].float()
             out[idx] = (last @ score.t()).softmax(-1).cpu()
     return out
@@ -183,23 +199,31 @@ def main(argv=None) -> int:
         v = getattr(args, name)
         if v is not None and v < 1:
             parser.error(f"--{name.replace('_', '-')} must be a positive integer, got {v}")
+    frames = args.video_frames
+    if frames < 0 or (frames and (preset not in PRESETS or PRESETS[preset][0].startswith("Qwen3"))):
+        parser.error(f"--video-frames takes a positive frame count and a Qwen2-VL or Qwen2.5-VL preset, got "
+                     f"{frames} frames on {preset}")
     cache = args.cache_dir or os.environ.get("PYENGINE_BENCH_CACHE") or os.path.expanduser("~/.cache/pyengine/bench")
 
     from ..inputs import _image_pool
     from ..llm import LLM
+    from ..multimodal import Video
 
     path, tokens = _checkpoint(preset, dtype, device, cache, args.seed)
     llm = LLM(path, dtype=str(dtype).split(".")[-1], device=str(device))
     proc = llm.engine.inputs.images
-    work = workload(n, args.seed, tokens["image_token_id"], tokens["start"], tokens["end"])
-    prompts = [{"prompt_token_ids": ids, "multi_modal_data": {"image": img}} for ids, img in work]
+    kind = "video" if frames else "image"
+    work = workload(n, args.seed, tokens[f"{kind}_token_id"], tokens["start"], tokens["end"], frames)
+    prompts = [{"prompt_token_ids": ids, "multi_modal_data": {kind: x}} for ids, x in work]
 
     def prepare(items):
-        """(expanded ids, pixels, grid) per prompt: pyengine's preprocessing on its image
-        threads, which the transformers providers also run inside their timed passes."""
+        """(expanded ids, pixels, grid, positions) per prompt: pyengine's preprocessing on
+        its image threads, which the transformers providers also run inside their timed passes."""
         def one(i):
-            expanded, mm = proc.prompt(items[i][0], [items[i][1]], f"prompt {i}")
-            return expanded, proc.finish(mm.pixel_values), mm.grids[0]
+            ids, x = items[i]
+            expanded, mm = proc.prompt(ids, [Video(x) if frames else x], f"prompt {i}")
+            pix = proc.finish_video(mm.video_values) if frames else proc.finish(mm.pixel_values)
+            return expanded, pix, mm.grids[0], mm.rope_positions
         pool = _image_pool()
         return list(pool.map(one, range(len(items))) if pool else map(one, range(len(items))))
 
@@ -230,7 +254,7 @@ def main(argv=None) -> int:
         model, score = _hf(path, dtype, device, PRESETS[preset][0])
 
         def hf(ps, batch):
-            return hf_run(model, score, ps, batch, device)
+            return hf_run(model, score, ps, batch, device, video=bool(frames))
     else:
         from .nemotron_vl import Baseline
 
@@ -241,16 +265,19 @@ def main(argv=None) -> int:
     diff = float((ours - ref).abs().max())
     env = environment(device)
     report = {"env": env, "preset": preset, "dtype": str(dtype), "num_prompts": n, "num_tokens": num_tokens,
-              "images": n, "ops": ops, "max_abs_diff_vs_hf": diff, "rows": rows}
+              "images": 0 if frames else n, "videos": n if frames else 0, "video_frames": frames, "ops": ops,
+              "max_abs_diff_vs_hf": diff, "rows": rows}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
     base = rows[1]["seq_per_s"]
     print(f"\n{env['device_name']} | torch {env['torch']} | triton {env['triton']} | transformers "
           f"{env['transformers']} | {env['date']}")
-    print(f"{preset}, {str(dtype).split('.')[-1]}: {n} prompts with one image each, {num_tokens} tokens; "
+    media = f"a video of {frames} frames" if frames else "one image"
+    print(f"{preset}, {str(dtype).split('.')[-1]}: {n} prompts with {media} each, {num_tokens} tokens; "
           f"pyengine ops: {ops}; max |p - p_hf| = {diff:.2e}")
-    print(f"{'provider':<16}{'seq/s':>10}{'images/s':>10}{'tokens/s':>12}{'vs hf-b16':>11}{'peak GiB':>10}")
+    print(f"{'provider':<16}{'seq/s':>10}{'videos/s' if frames else 'images/s':>10}{'tokens/s':>12}"
+          f"{'vs hf-b16':>11}{'peak GiB':>10}")
     for r in rows:
         peak = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "-"
         print(f"{r['provider']:<16}{r['seq_per_s']:>10.1f}{r['images_per_s']:>10.1f}{r['tokens_per_s']:>12.0f}"

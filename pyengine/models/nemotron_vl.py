@@ -23,6 +23,7 @@ from torch import nn
 
 from ..image_tiles import TileProcessor
 from .decoder import ConfigView, DecoderForSequenceClassification, _p, linear_patches
+from .qwen_vl import cpu_passes
 
 _ACTS = {"gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"), "gelu": F.gelu,
          "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x)}
@@ -106,7 +107,14 @@ class SiglipTower(nn.Module):
         return [(f"blocks.{i}.{sub[key][0]}", sub[key][1])] if key in sub else []
 
     def forward(self, tiles):
-        """tiles: (N, 3, S, S) normalised pixels (pyengine.image_tiles)."""
+        """tiles: (N, 3, S, S) normalised pixels (pyengine.image_tiles). On the CPU in passes
+        of at most CPU_PASS patches (pyengine.models.qwen_vl.cpu_passes)."""
+        passes = cpu_passes(tiles, [self.side ** 2] * tiles.shape[0])
+        if passes is None:
+            return self._forward(tiles)
+        return torch.cat([self._forward(tiles[i:j]) for i, j, _, _ in passes])
+
+    def _forward(self, tiles):
         ops, E, nh, hd, p, g, k = self.ops, self.E, self.nh, self.hd, self.patch, self.side, self.k
         n = tiles.shape[0]
         # The patch convolution (stride = kernel) as a linear map of each (C, p, p) patch.

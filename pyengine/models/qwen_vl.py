@@ -32,6 +32,29 @@ _ACTS = {"quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
          "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"), "gelu": F.gelu}
 
 
+# On the CPU a tower pass over tens of thousands of patches works out of cache: passes of
+# whole items of at most this many patches ran Qwen2.5-VL's tower 1.6x faster (32 videos,
+# 40k patches, 2 cores: 2.56 s in one pass, 1.59 s in passes of 4096; 8192: 1.72 s).
+CPU_PASS = 4096
+
+
+def cpu_passes(pixels, sizes):
+    """[(first item, end item, first row, end row)] cutting items of ``sizes`` rows into
+    consecutive passes of at most CPU_PASS rows (an item never split; a larger one alone),
+    or None for one pass (a GPU, or few rows)."""
+    if pixels.device.type != "cpu" or sum(sizes) <= CPU_PASS:
+        return None
+    out, i, a = [], 0, 0
+    while i < len(sizes):
+        j, n = i + 1, sizes[i]
+        while j < len(sizes) and n + sizes[j] <= CPU_PASS:
+            n += sizes[j]
+            j += 1
+        out.append((i, j, a, a + n))
+        i, a = j, a + n
+    return out
+
+
 class VisionTower(nn.Module):
     """pixel patches (N, C*tp*p*p) of images with grids [(t, h, w)] -> (N / merge**2, H_out),
     and for Qwen3-VL the deepstack features, one (N / merge**2, H_out) per listed block.
@@ -187,7 +210,15 @@ class VisionTower(nn.Module):
         return F.linear(F.gelu(F.linear(y, m.w1, m.b1)), m.w2, m.b2)
 
     def forward(self, pixels, grids):
-        """-> (merged (N / merge**2, out), [deepstack features])"""
+        """-> (merged (N / merge**2, out), [deepstack features]). On the CPU in passes of
+        whole items of at most CPU_PASS patches (see :func:`cpu_passes`)."""
+        passes = cpu_passes(pixels, [t * h * w for t, h, w in grids])
+        if passes is None:
+            return self._forward(pixels, grids)
+        outs = [self._forward(pixels[a:b], grids[i:j]) for i, j, a, b in passes]
+        return torch.cat([y for y, _ in outs]), [torch.cat(parts) for parts in zip(*(d for _, d in outs))]
+
+    def _forward(self, pixels, grids):
         ops, E, nh, hd, g = self.ops, self.E, self.nh, self.hd, self.merge ** 2
         N = pixels.shape[0]
         lay = self._layout(grids, pixels.device)
