@@ -48,11 +48,12 @@ def test_varlen_attention_reference_long_sequence(causal, window):
 @pytest.mark.parametrize("chunk", [None, 3], ids=["whole-runs", "runs-cut-in-3"])
 def test_varlen_attention_reference_like_lengths(causal, window, softcap, chunk, monkeypatch):
     # Runs of equal lengths (as the scheduler's length-sorted batches and image tiles
-    # have them) share one computation, cut where the scores would exceed a budget.
+    # have them) share one computation, cut where the scores would exceed a budget; the
+    # last three repeat lengths met before (as windows of frames do): gathered to them.
     if chunk is not None:
         monkeypatch.setattr(ops, "_CPU_SCORES", chunk * 4 * 9 * 9)  # 3 sequences of 9 tokens a chunk
     g = _gen(6)
-    lens = [9, 9, 9, 9, 9, 9, 9, 2, 2, 1, 17, 17]
+    lens = [9, 9, 9, 9, 9, 9, 9, 2, 2, 1, 17, 17, 9, 2, 9]
     q = torch.randn(sum(lens), 4, 16, generator=g)
     k, v = (torch.randn(sum(lens), 2, 16, generator=g) for _ in range(2))
     out = ops.varlen_attention(q, k, v, cu_seqlens(lens), max(lens), causal=causal, window=window, softcap=softcap)
