@@ -73,9 +73,13 @@ def checkpoint_json(path, name):
         return json.load(fh)
 
 
+def _is_pil(x):
+    return hasattr(x, "convert") and hasattr(x, "size") and not hasattr(x, "shape")
+
+
 def _rgb(img, where):
     """(3, H, W) uint8 from a PIL image or a uint8 array."""
-    if hasattr(img, "convert") and hasattr(img, "size") and not hasattr(img, "shape"):
+    if _is_pil(img):
         img = np.array(img.convert("RGBA" if "A" in img.mode else "RGB"))
     if isinstance(img, np.ndarray):
         img = torch.from_numpy(np.array(img))  # a copy: arrays may be read-only
@@ -205,9 +209,7 @@ class ImageProcessor:
     def video(self, video, where):
         """One video -> (patches (t*h*w, C*tp*p*p) uint8, (t, h, w) grid), in the vision
         tower's order; :meth:`finish_video` turns them into its input on the device."""
-        vs = self.video_settings
-        if vs is None:
-            raise ValueError(f"{where}: this model takes images, not videos")
+        vs = self.video_settings  # None never gets here: expand() refuses videos then
         x = self._resized(_frames(video.frames, where), where, vs.min_pixels, vs.max_pixels)
         if pad := -x.shape[0] % self.tp:  # the last frame repeated, as transformers pads
             x = torch.cat((x, x[-1:].expand(pad, -1, -1, -1)))
@@ -218,8 +220,8 @@ class ImageProcessor:
         return x.reshape(gt * gh * gw, C * tp * p * p), (gt, gh, gw)
 
     def t_interval(self, kind):
-        """The temporal position step between a media item's patch groups (kind 1: video)."""
-        return 1.0 if kind == IMAGE or self.video_settings is None else self.video_settings.interval
+        """The temporal position step between a media item's patch groups (IMAGE or VIDEO)."""
+        return self.video_settings.interval if kind == VIDEO else 1.0
 
     def finish(self, patches):
         """uint8 patches (N, C*p*p), on the device -> the tower's input (N, C*tp*p*p) fp32:
@@ -341,7 +343,7 @@ class MMData:
 
 
 def _is_frame(x):
-    return (hasattr(x, "convert") and hasattr(x, "size") and not hasattr(x, "shape")) or getattr(x, "ndim", 0) in (2, 3)
+    return _is_pil(x) or getattr(x, "ndim", 0) in (2, 3)
 
 
 def media_list(data, where):
