@@ -211,3 +211,38 @@ def test_cuda_sweep_only_where_cuda_ops_offers_one(monkeypatch):
     # rotary has no swept case: left out.
     assert kb._cuda_sweeps(cuda) == [("cuda", "pooled_norm", with_config, [None, {"a": 1}])]
     assert kb._cuda_sweeps(cuda, ops=["gated_act"]) == []
+
+
+def test_sweep_jobs_list_every_launch_the_sweeps_make(monkeypatch):
+    # The precompile job list: per attention case the built-in config (where the
+    # candidates lack it) and the candidates that fit its kv groups, as the sweep times
+    # them; per swept op its built-in config (None) and candidates.
+    from pyengine.kernels import gated_act
+    from pyengine.kernels import varlen_attention as va
+
+    monkeypatch.setattr(va, "SWEEP_CONFIGS", {16: [(16, 16, 4, 1)], 32: [(32, 16, 4, 1), (16, 16, 4, 1, 2)]})
+    monkeypatch.setattr(va, "SWEEP_CONFIGS_PADDED", {32: [(16, 16, 2, 1)]})
+    monkeypatch.setattr(gated_act, "SWEEP_CONFIGS", [{"block": 16}])
+    jobs = kb.sweep_jobs("cpu", attn=True, ops=["gated_act"])
+    builtin = va.config_for(torch.float32, 16)
+    assert jobs == [("varlen_attention", "bidir-mha", builtin), ("varlen_attention", "bidir-mha", (16, 16, 4, 1)),
+                    ("varlen_attention", "causal-gqa2", builtin), ("varlen_attention", "causal-gqa2", (32, 16, 4, 1)),
+                    ("varlen_attention", "causal-gqa2", (16, 16, 4, 1, 2)),
+                    ("varlen_attention", "causal-gqa6", builtin), ("varlen_attention", "causal-gqa6", (32, 16, 4, 1)),
+                    ("varlen_attention", "vision-tiles", builtin), ("varlen_attention", "vision-tiles", (16, 16, 2, 1)),
+                    ("gated_act", "silu", None), ("gated_act", "silu", {"block": 16}),
+                    ("gated_act", "gelu", None), ("gated_act", "gelu", {"block": 16})]
+    assert [j for j in kb.sweep_jobs("cpu", attn=False, ops=None)] == []
+    assert {j[0] for j in kb.sweep_jobs("cpu", attn=False, ops=[])} == set(kb.SWEEP_CASES)  # [] = every swept op
+
+
+def test_precompile_runs_jobs_in_worker_processes(capsys):
+    # Spawned workers (the interpreter here) launch each job once; a config its launcher
+    # refuses is counted, not raised; the sweep itself reports it again.
+    jobs = [("varlen_attention", "bidir-mha", (16, 16, 4, 1)), ("gated_act", "silu", {"block": 16}),
+            ("gated_act", "silu", {"block": 3})]
+    assert kb.precompile(jobs, 2, per_task=1) == 1
+    assert "precompiled 3 sweep launches (3 tasks) on 2 processes" in capsys.readouterr().out
+    assert kb.precompile(jobs, 4) == 1  # a task per case: two tasks, two processes
+    assert "precompiled 3 sweep launches (2 tasks) on 2 processes" in capsys.readouterr().out
+    assert kb.precompile([], 4) == 0 and kb.precompile(jobs, 0) == 0

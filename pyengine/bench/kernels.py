@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import itertools
 import json
 import math
 import os
@@ -127,7 +128,7 @@ def cases(device="cpu", quick=False):
                     _cu(lens, device), max(lens), causal)
         out.append(Case("varlen_attention", name, f"T={T} B={B} Hq={Hq} Hkv={Hkv} D={D}", make,
                         bytes=2 * T * (Hq + Hkv) * D * es, flops=4.0 * D * Hq * pairs,
-                        attn=dict(lens=lens, causal=causal, window=None)))
+                        attn=dict(lens=lens, causal=causal, window=None, heads=(Hq, Hkv, D))))
     # SigLIP-so400m's image tiles: sequences of 1024 patches, 16 heads of 72 (off the
     # multiples of 16: padded inside, with config_for's CONFIGS_PADDED tiles).
     tiles, Hv, Dv = ([16] * 3, 2, 24) if quick else ([1024] * 64, 16, 72)
@@ -136,13 +137,13 @@ def cases(device="cpu", quick=False):
                     lambda: (rand(Tv, Hv, Dv, seed=1), rand(Tv, Hv, Dv, seed=2), rand(Tv, Hv, Dv, seed=3),
                              _cu(tiles, device), max(tiles), False),
                     bytes=2 * Tv * 2 * Hv * Dv * es, flops=4.0 * Dv * Hv * attention_pairs(tiles),
-                    attn=dict(lens=tiles, causal=False, window=None)))
+                    attn=dict(lens=tiles, causal=False, window=None, heads=(Hv, Hv, Dv))))
     Hq, Hkv, D, W = (2, 1, 16, 8) if quick else (8, 2, 64, 64)
     out.append(Case("varlen_attention", "sliding-window", f"T={T} window=({W},0) Hq={Hq} Hkv={Hkv} D={D}",
                     lambda: (rand(T, Hq, D, seed=1), rand(T, Hkv, D, seed=2), rand(T, Hkv, D, seed=3),
                              _cu(lens, device), max(lens), True, None, (W, 0)),
                     flops=4.0 * D * Hq * attention_pairs(lens, True, (W, 0)),
-                    attn=dict(lens=lens, causal=True, window=(W, 0))))
+                    attn=dict(lens=lens, causal=True, window=(W, 0), heads=(Hq, Hkv, D))))
     out.append(Case("add_rms_norm", "residual", f"T={T} H={H}",
                     lambda: (rand(T, H, seed=4), rand(T, H, seed=5), rand(H, seed=6), 1e-6),
                     bytes=4 * T * H * es + H * es))
@@ -526,16 +527,10 @@ def _attention_case_sweep(va, case, device, repeats):
     """attention_sweep's rows for one case."""
     args = case.make()
     q, k, v, cu, max_seqlen, causal = args[:6]
-    D = q.shape[-1]
-    default = va.config_fields(va.config_for(q.dtype, D))
-    candidates = list(va.sweep_configs(D))
-    if default not in {va.config_fields(c) for c in candidates}:
-        candidates.insert(0, va.config_for(q.dtype, D))
+    default = va.config_fields(va.config_for(q.dtype, q.shape[-1]))
     ref = va._launch(q, k, v, cu, max_seqlen, causal)
     rows = []
-    for cfg in candidates:
-        if len(cfg) > 4 and (q.shape[1] // k.shape[1]) % cfg[4]:
-            continue  # more heads per program than the kv group has
+    for cfg in _case_candidates(va, case, device):
         group, block_n_full = va.config_fields(cfg)[4:]
         is_default = va.config_fields(cfg) == default
         row = {"op": case.op, "case": case.name, "shape": case.shape, "device": str(device),
@@ -675,6 +670,103 @@ def _op_sweep_rows(sweeps, keys, by_id, device, repeats, graph):
     return rows
 
 
+def sweep_jobs(device, attn=True, ops=None):
+    """Every Triton launch the sweeps will make, as (op, case name, config) triples: the
+    attention candidates per case (and the built-in config) with ``attn``, each swept op's
+    candidates (None: its built-in config) for the op names in ``ops`` (None: none)."""
+    import importlib
+
+    from pyengine.kernels import varlen_attention as va
+
+    jobs = []
+    for case in cases(device, quick=torch.device(device).type == "cpu"):
+        if attn and case.op == "varlen_attention" and case.attn["window"] is None:
+            jobs += [(case.op, case.name, cfg) for cfg in _case_candidates(va, case, device)]
+        if ops is not None and case.op in SWEEP_CASES and case.name in SWEEP_CASES[case.op] and (
+                not ops or case.op in ops):
+            mod = importlib.import_module(f"pyengine.kernels.{case.op}")
+            jobs += [(case.op, case.name, cfg) for cfg in [None] + list(mod.SWEEP_CONFIGS)]
+    return jobs
+
+
+def _case_candidates(va, case, device):
+    """An attention case's sweep configs: the built-in one first where the candidates do
+    not list it, then each candidate that fits the case's kv groups."""
+    Hq, Hkv, D = case.attn["heads"]
+    builtin = va.config_for(torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16, D)
+    candidates = list(va.sweep_configs(D))
+    if va.config_fields(builtin) not in {va.config_fields(c) for c in candidates}:
+        candidates.insert(0, builtin)
+    return [c for c in candidates if len(c) <= 4 or (Hq // Hkv) % c[4] == 0]
+
+
+def _precompile_task(task):
+    """In a precompile worker: the launches of one task (jobs of one case) on the device,
+    which compile them into Triton's on-disk cache; the case's tensors are made once and
+    freed after. Returns the number of jobs that failed (the sweep reports them again)."""
+    import importlib
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    op, name = task[0][:2]
+    case = next(c for c in cases(device, quick=device.type == "cpu") if c.id == f"{op}/{name}")
+    mod = importlib.import_module(f"pyengine.kernels.{op}")
+    failed = 0
+    try:
+        args = case.make()
+        with _tuned.disabled():
+            for _, _, cfg in task:
+                try:
+                    if op == "varlen_attention":
+                        mod._launch(*args[:6], config=cfg)
+                    else:
+                        mod._launch(*args, config=cfg)
+                except Exception:  # noqa: BLE001 - the sweep reports it with its message
+                    failed += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    except Exception:  # noqa: BLE001 - the inputs could not be made (out of memory): the sweep compiles these
+        return len(task)
+    finally:
+        args = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return failed
+
+
+def precompile(jobs, workers, out=None, per_task=3):
+    """Compile the sweeps' launches (``sweep_jobs``) on ``workers`` processes at once
+    (spawned, each on the device), filling Triton's on-disk cache so that the timed sweeps
+    load each kernel instead of compiling it in turn: compiling, not timing, is most of a
+    sweep's time. A task is up to ``per_task`` jobs of one case (its tensors made once);
+    attention and op tasks alternate, so that few of the large gated-MLP inputs are made at
+    once. Returns the number of jobs that failed (the sweep reports them again); never raises."""
+    import concurrent.futures
+    import multiprocessing
+
+    if workers < 1 or not jobs:
+        return 0
+    out = out or sys.stdout
+    by_case = {}
+    for job in jobs:
+        by_case.setdefault(job[:2], []).append(job)
+    tasks = [[g[i:i + per_task] for i in range(0, len(g), per_task)] for g in by_case.values()]
+    attn = [t for g, key in zip(tasks, by_case) if key[0] == "varlen_attention" for t in g]
+    other = [t for g, key in zip(tasks, by_case) if key[0] != "varlen_attention" for t in g]
+    order = [t for pair in itertools.zip_longest(attn, other) for t in pair if t is not None]
+    t0 = time.perf_counter()
+    n = min(workers, len(order))
+    try:
+        ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
+        with concurrent.futures.ProcessPoolExecutor(max_workers=n, mp_context=ctx) as pool:
+            failed = sum(pool.map(_precompile_task, order))
+    except Exception as e:  # a pool that cannot start: the sweeps compile as they go
+        print(f"precompile skipped: {type(e).__name__}: {e}", file=out)
+        return 0
+    print(f"precompiled {len(jobs)} sweep launches ({len(order)} tasks) on {n} processes in "
+          f"{time.perf_counter() - t0:.1f} s ({failed} failed)", file=out)
+    return failed
+
+
 def best_configs(rows):
     """{(backend, op, case): (default row, fastest row)} over op-sweep rows that ran."""
     best = {}
@@ -808,6 +900,9 @@ def main(argv=None):
                    help="with --attn-sweep / --op-sweep: write each swept shape's fastest config, where it beats "
                         "the built-in choice, into this tuned-configs JSON (merged into an existing file); "
                         "kernels/configs/<device>.json is the file a GPU of that name reads")
+    p.add_argument("--precompile", type=int, default=None, metavar="N",
+                   help="with a sweep: compile its launches on N processes first (default: up to 8, by the CPU "
+                        "count; 0: compile as the sweep goes)")
     a = p.parse_args(argv)
     split = (lambda s: [x.strip() for x in s.split(",") if x.strip()] if s else None)
     backends = split(a.backends)
@@ -829,6 +924,11 @@ def main(argv=None):
             _tuned.load(a.write_configs)
         except ValueError as e:
             p.error(f"--write-configs: {e}")
+    if a.precompile is not None and a.precompile < 0:
+        p.error(f"--precompile takes a process count >= 0, got {a.precompile}")
+    if a.attn_sweep or a.op_sweep:
+        workers = a.precompile if a.precompile is not None else min(8, max(0, (os.cpu_count() or 1) - 2))
+        precompile(sweep_jobs(a.device or "cuda", a.attn_sweep, (op_names or []) if a.op_sweep else None), workers)
     rows = run(a.device, backends, a.quick, None, ops=op_names, repeats=a.repeats, graph=a.graph)
     if a.attn_sweep:
         rows += attention_sweep(a.device, repeats=a.repeats)
