@@ -242,6 +242,9 @@ class InputProcessor:
     # Texts per tokenizer call: large enough for the fast tokenizer's parallel batch, small
     # enough that a progress bar moves on a large corpus.
     CHUNK = 8192
+    # Prompts with images or videos past which their preparation (reading, resizing,
+    # patching: milliseconds each, a video's frames more) shows a progress bar.
+    MEDIA_BAR = 32
 
     def _tokenize(self, texts, pairs, k, side, add_special_tokens=True, progress=None):
         """progress: None, or a callable told how many texts each tokenizer call did."""
@@ -289,7 +292,7 @@ class InputProcessor:
         texts_by_limit = {}  # one tokenizer call per distinct (k, side, pair or not)
         with_images = [i for i, p in enumerate(prompts) if isinstance(p, ImagePrompt)]
         if with_images:
-            self._with_images(prompts, with_images, limits, out, what, add_special_tokens, suffix)
+            self._with_images(prompts, with_images, limits, out, what, add_special_tokens, suffix, progress)
         for i, p in enumerate(prompts):
             if isinstance(p, ImagePrompt):
                 continue
@@ -316,10 +319,11 @@ class InputProcessor:
                         tp.token_type_ids = tp.token_type_ids + [tp.token_type_ids[-1]] * len(suffix)
         return self._check(out, what) if check else out
 
-    def _with_images(self, prompts, idx, limits, out, what, add_special_tokens, suffix=()):
+    def _with_images(self, prompts, idx, limits, out, what, add_special_tokens, suffix=(), progress=None):
         """Fill out[i] for the prompts with images: placeholders expanded, images read
         into patches, rotary positions laid out. Such a prompt is never truncated (a cut
-        could split an image's tokens), so one over the limit is an error."""
+        could split an image's tokens), so one over the limit is an error. progress: as
+        in :meth:`_tokenize`, told of each prompt done."""
         if self.images is None:
             raise ValueError(f"{what}[{idx[0]}] has images or videos, but this model takes text only")
         texts = [i for i in idx if isinstance(prompts[i].prompt, str)]
@@ -349,6 +353,8 @@ class InputProcessor:
                                  f"{k + len(suffix)}; a prompt with images is not truncated (use smaller images or "
                                  "a shorter text)")
             out[i] = TokenizedPrompt(tokens, None, mm)
+            if progress is not None:
+                progress(1)
 
     @functools.cached_property
     def image_placeholder(self) -> str:

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from .async_engine import AsyncEngine
 from .config import EngineConfig, PoolerConfig, PoolingParams
 from .engine import EngineCore, Request
-from .inputs import parse_prompts
+from .inputs import ImagePrompt, parse_prompts
 from .outputs import ClassificationRequestOutput, PoolingOutput, PoolingRequestOutput, ScoringRequestOutput
 from .pooler import score_activation
 from .score_items import pair_items
@@ -73,11 +73,13 @@ class _Frontend:
             return pooling_params.truncate_prompt_tokens, acts * n
         return [p.truncate_prompt_tokens for p in params], acts
 
-    def _tokenizing(self, n_texts, use_tqdm):
-        """A progress bar over the texts to tokenise, for calls of more than one tokenizer
-        chunk (below that the tokenizer is done before a bar would say anything)."""
-        return tqdm(total=n_texts, desc="Tokenizing", unit="prompt",
-                    disable=not use_tqdm or n_texts <= self.engine.inputs.CHUNK)
+    def _tokenizing(self, n_texts, use_tqdm, n_media=0):
+        """A progress bar over the texts to tokenise and the prompts with images or videos
+        to prepare, for calls of more than one tokenizer chunk or more than MEDIA_BAR such
+        prompts (below that the work is done before a bar would say anything)."""
+        inputs = self.engine.inputs
+        return tqdm(total=n_texts + n_media, desc="Preparing inputs" if n_media else "Tokenizing", unit="prompt",
+                    disable=not use_tqdm or (n_texts <= inputs.CHUNK and n_media <= inputs.MEDIA_BAR))
 
     def _encode_inputs(self, prompts, pooling_task, truncate_prompt_tokens, truncation_side, use_activation,
                        lora_request, pooling_params, use_tqdm=False):
@@ -91,7 +93,8 @@ class _Frontend:
         parsed = parse_prompts(prompts)
         trunc, acts = self._params(pooling_params, len(parsed), truncate_prompt_tokens, use_activation,
                                    self.engine.classify_act, "classify")
-        with self._tokenizing(sum(isinstance(p, str) for p in parsed), use_tqdm) as bar:
+        with self._tokenizing(sum(isinstance(p, str) for p in parsed), use_tqdm,
+                              sum(isinstance(p, ImagePrompt) for p in parsed)) as bar:
             toks = self.engine.inputs.process(parsed, trunc, truncation_side, progress=bar.update)
         return toks, acts, self.engine.lora_adapters(lora_request, len(toks))
 

@@ -265,3 +265,19 @@ def test_bf16_video_on_gpu(gen, tmp_path):
     ref = LLM(str(tmp_path), dtype="float32", kernel_backend="torch").classify(prompts, use_tqdm=False)
     torch.testing.assert_close(torch.tensor([o.outputs.probs for o in got]),
                                torch.tensor([o.outputs.probs for o in ref]), atol=2e-2, rtol=0)
+
+
+def test_preparing_many_media_prompts_shows_a_progress_bar(vlv, capsys):
+    # Past MEDIA_BAR prompts with images or videos, their preparation (frames read,
+    # resized, patched) shows a bar that counts every prompt once; the results are the same.
+    llm = LLM(vlv[0], dtype="float32", kernel_backend="torch")
+    prompts = [p for p, _ in _video_prompts(3)]
+    quiet = [o.outputs.probs for o in llm.classify(prompts, use_tqdm=True)]
+    assert "Preparing inputs" not in capsys.readouterr().err
+    llm.engine.inputs.MEDIA_BAR = 2
+    shown = [o.outputs.probs for o in llm.classify(prompts, use_tqdm=True)]
+    err = capsys.readouterr().err
+    assert "Preparing inputs" in err and "4/4" in err, err
+    assert shown == quiet
+    llm.classify(prompts, use_tqdm=False)
+    assert "Preparing inputs" not in capsys.readouterr().err
