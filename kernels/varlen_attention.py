@@ -325,7 +325,7 @@ def config_fields(config):
 
 def tune_key(q, k, v, cu_seqlens, max_seqlen, causal=False, scale=None, window=None, *rest, softcap=None, **kw):
     """The shape key of a launch in a tuned-configs file (kernels/_tuned.py)."""
-    has_window = window is not None and any(w is not None and w >= 0 for w in window)
+    has_window = _v.window_bounds("varlen_attention", window, _UNBOUNDED)[2]
     return _tuned.attention_key(q.dtype, q.shape[2], causal, q.shape[1] // max(k.shape[1], 1), has_window, softcap)
 
 

@@ -128,7 +128,7 @@ def cases(device="cpu", quick=False):
                     _cu(lens, device), max(lens), causal)
         out.append(Case("varlen_attention", name, f"T={T} B={B} Hq={Hq} Hkv={Hkv} D={D}", make,
                         bytes=2 * T * (Hq + Hkv) * D * es, flops=4.0 * D * Hq * pairs,
-                        attn=dict(lens=lens, causal=causal, window=None, heads=(Hq, Hkv, D))))
+                        attn=dict(lens=lens, causal=causal, window=None, heads=(Hq, Hkv, D), dtype=dtype)))
     # SigLIP-so400m's image tiles: sequences of 1024 patches, 16 heads of 72 (off the
     # multiples of 16: padded inside, with config_for's CONFIGS_PADDED tiles).
     tiles, Hv, Dv = ([16] * 3, 2, 24) if quick else ([1024] * 64, 16, 72)
@@ -137,13 +137,13 @@ def cases(device="cpu", quick=False):
                     lambda: (rand(Tv, Hv, Dv, seed=1), rand(Tv, Hv, Dv, seed=2), rand(Tv, Hv, Dv, seed=3),
                              _cu(tiles, device), max(tiles), False),
                     bytes=2 * Tv * 2 * Hv * Dv * es, flops=4.0 * Dv * Hv * attention_pairs(tiles),
-                    attn=dict(lens=tiles, causal=False, window=None, heads=(Hv, Hv, Dv))))
+                    attn=dict(lens=tiles, causal=False, window=None, heads=(Hv, Hv, Dv), dtype=dtype)))
     Hq, Hkv, D, W = (2, 1, 16, 8) if quick else (8, 2, 64, 64)
     out.append(Case("varlen_attention", "sliding-window", f"T={T} window=({W},0) Hq={Hq} Hkv={Hkv} D={D}",
                     lambda: (rand(T, Hq, D, seed=1), rand(T, Hkv, D, seed=2), rand(T, Hkv, D, seed=3),
                              _cu(lens, device), max(lens), True, None, (W, 0)),
                     flops=4.0 * D * Hq * attention_pairs(lens, True, (W, 0)),
-                    attn=dict(lens=lens, causal=True, window=(W, 0), heads=(Hq, Hkv, D))))
+                    attn=dict(lens=lens, causal=True, window=(W, 0), heads=(Hq, Hkv, D), dtype=dtype)))
     out.append(Case("add_rms_norm", "residual", f"T={T} H={H}",
                     lambda: (rand(T, H, seed=4), rand(T, H, seed=5), rand(H, seed=6), 1e-6),
                     bytes=4 * T * H * es + H * es))
@@ -530,7 +530,7 @@ def _attention_case_sweep(va, case, device, repeats):
     default = va.config_fields(va.config_for(q.dtype, q.shape[-1]))
     ref = va._launch(q, k, v, cu, max_seqlen, causal)
     rows = []
-    for cfg in _case_candidates(va, case, device):
+    for cfg in _case_candidates(va, case):
         group, block_n_full = va.config_fields(cfg)[4:]
         is_default = va.config_fields(cfg) == default
         row = {"op": case.op, "case": case.name, "shape": case.shape, "device": str(device),
@@ -681,7 +681,7 @@ def sweep_jobs(device, attn=True, ops=None):
     jobs = []
     for case in cases(device, quick=torch.device(device).type == "cpu"):
         if attn and case.op == "varlen_attention" and case.attn["window"] is None:
-            jobs += [(case.op, case.name, cfg) for cfg in _case_candidates(va, case, device)]
+            jobs += [(case.op, case.name, cfg) for cfg in _case_candidates(va, case)]
         if ops is not None and case.op in SWEEP_CASES and case.name in SWEEP_CASES[case.op] and (
                 not ops or case.op in ops):
             mod = importlib.import_module(f"pyengine.kernels.{case.op}")
@@ -689,11 +689,11 @@ def sweep_jobs(device, attn=True, ops=None):
     return jobs
 
 
-def _case_candidates(va, case, device):
+def _case_candidates(va, case):
     """An attention case's sweep configs: the built-in one first where the candidates do
     not list it, then each candidate that fits the case's kv groups."""
     Hq, Hkv, D = case.attn["heads"]
-    builtin = va.config_for(torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16, D)
+    builtin = va.config_for(case.attn["dtype"], D)
     candidates = list(va.sweep_configs(D))
     if va.config_fields(builtin) not in {va.config_fields(c) for c in candidates}:
         candidates.insert(0, builtin)
@@ -716,10 +716,7 @@ def _precompile_task(task):
         with _tuned.disabled():
             for _, _, cfg in task:
                 try:
-                    if op == "varlen_attention":
-                        mod._launch(*args[:6], config=cfg)
-                    else:
-                        mod._launch(*args, config=cfg)
+                    mod._launch(*args, config=cfg)
                 except Exception:  # noqa: BLE001 - the sweep reports it with its message
                     failed += 1
         if device.type == "cuda":
