@@ -7,9 +7,9 @@ A prompt with images is ``{"prompt": str | "prompt_token_ids": [...], "multi_mod
 ``t * h * w / merge**2`` tokens, whose embeddings the vision tower's output replaces. A
 token prompt may also come already expanded (as transformers' processor writes it).
 
-Videos (Qwen2-VL and Qwen2.5-VL): ``{"video": frames | [frames, ...]}`` with one
-``<|video_pad|>`` per video, frames a uint8 array (T, H, W[, 3 or 4]) or a list of frames
-(PIL images or arrays), already sampled: every frame is used. As transformers' video
+Videos: ``{"video": frames | [frames, ...]}`` with one ``<|video_pad|>`` per video, frames
+a uint8 array (T, H, W[, 3 or 4]) or a list of frames (PIL images or arrays), already
+sampled: every frame is used (Qwen3-VL may sample, below). As transformers' video
 processor does: every frame resized alike within the video pixel bounds, the count padded
 to a multiple of ``temporal_patch_size`` with the last frame, and each patch spanning
 ``temporal_patch_size`` frames. Positions: a video's temporal axis steps by 1 per patch
@@ -17,6 +17,13 @@ group (Qwen2-VL) or by ``tokens_per_second * temporal_patch_size / fps`` (Qwen2.
 ``fps`` 2 unless ``mm_processor_kwargs`` sets the rate the frames were sampled at), and
 the text after it starts one past the largest position it took, as the models were
 trained (transformers 5's ``get_rope_index`` starts it one past the spatial extent only).
+
+Qwen3-VL's videos (:class:`VideoSettings` ``timestamps``): each patch group's tokens
+written after a ``<{t:.1f} seconds>`` text between ``<|vision_start|>`` and
+``<|vision_end|>``, positioned as an image each; frames sampled at ``fps``, or
+``(frames, metadata)`` as vLLM's video loader gives them (times from the source's fps
+and frame indices; ``do_sample_frames`` samples here, as transformers does); one pixel
+budget for the whole video.
 
 An image is a PIL image, or a uint8 array (numpy or torch) of shape (H, W), (H, W, 3) or
 (H, W, 4) (RGBA: composited over white, as transformers' and vLLM's loaders do). Preprocessing follows the
@@ -44,6 +51,7 @@ import torch.nn.functional as F
 # OpenAI CLIP's statistics, the Qwen2-VL processor's defaults.
 _MEAN = (0.48145466, 0.4578275, 0.40821073)
 _STD = (0.26862954, 0.26130258, 0.27577711)
+_HALF = (0.5, 0.5, 0.5)  # Qwen3-VL's processors' mean and std
 
 
 def smart_resize(height, width, factor, min_pixels, max_pixels):
@@ -110,8 +118,9 @@ class ImageProcessor:
     def __init__(self, image_token_id, patch_size=14, temporal_patch_size=2, merge_size=2,
                  min_pixels=56 * 56, max_pixels=28 * 28 * 1280, mean=_MEAN, std=_STD, rescale=1 / 255,
                  do_resize=True, do_rescale=True, do_normalize=True, video_token_id=None,
-                 vision_start_token_id=None, vision_end_token_id=None, video=None):
-        """video: None (videos refused), or a :class:`VideoSettings`."""
+                 vision_start_token_id=None, vision_end_token_id=None, video=None, tokenizer=None):
+        """video: None (videos refused), or a :class:`VideoSettings`; tokenizer: what encodes
+        Qwen3-VL's video timestamps."""
         if min_pixels > max_pixels:
             raise ValueError(f"min_pixels={min_pixels} is greater than max_pixels={max_pixels}")
         self.image_token_id, self.video_token_id = int(image_token_id), video_token_id
@@ -126,6 +135,10 @@ class ImageProcessor:
         self.placeholder_ids = [int(t) for t in (vision_start_token_id, image_token_id, vision_end_token_id)
                                 if t is not None]
         self.video_settings = video
+        # Qwen3-VL's videos: each patch group's tokens between these, after its timestamp
+        # text, which this tokenizer encodes (set by from_checkpoint).
+        self.vision_start_token_id, self.vision_end_token_id = vision_start_token_id, vision_end_token_id
+        self.tokenizer, self._stamps = tokenizer, {}
 
     # Settings a user may set for the whole engine (vLLM's LLM(mm_processor_kwargs=...)),
     # e.g. the pixel bounds a checkpoint's own scoring code uses in place of its saved ones;
@@ -151,8 +164,9 @@ class ImageProcessor:
                     if name in overrides:
                         raise ValueError(f"mm_processor_kwargs: give {name} or size.{k}, not both")
                     overrides[name] = size[k]
-        fps = overrides.pop("fps", 2.0)
-        if not isinstance(fps, (int, float)) or isinstance(fps, bool) or not 0 < fps < float("inf"):
+        fps = overrides.pop("fps", None)
+        if fps is not None and (not isinstance(fps, (int, float)) or isinstance(fps, bool)
+                                or not 0 < fps < float("inf")):
             raise ValueError(f"mm_processor_kwargs: fps (the rate the video frames were sampled at) must be a "
                              f"positive number, got {fps!r}")
         for k, v in overrides.items():
@@ -160,6 +174,7 @@ class ImageProcessor:
                 raise ValueError(f"mm_processor_kwargs: {k} must be a positive int, got {v!r}")
         pre = checkpoint_json(path, "preprocessor_config.json")
         size = pre.get("size") or {}
+        qwen3 = str(getattr(config, "model_type", "")).startswith("qwen3")
         geom = {"patch_size": vision_config.patch_size, "temporal_patch_size": vision_config.temporal_patch_size,
                 "merge_size": vision_config.spatial_merge_size}
         for k, v in geom.items():
@@ -169,20 +184,24 @@ class ImageProcessor:
                    min_pixels=overrides.get("min_pixels", pre.get("min_pixels", size.get("shortest_edge", 56 * 56))),
                    max_pixels=overrides.get("max_pixels",
                                             pre.get("max_pixels", size.get("longest_edge", 28 * 28 * 1280))),
-                   mean=pre.get("image_mean", _MEAN), std=pre.get("image_std", _STD),
-                   rescale=pre.get("rescale_factor", 1 / 255), do_resize=pre.get("do_resize", True),
+                   mean=pre.get("image_mean", _HALF if qwen3 else _MEAN),
+                   std=pre.get("image_std", _HALF if qwen3 else _STD), rescale=pre.get("rescale_factor", 1 / 255),
+                   do_resize=pre.get("do_resize", True),
                    do_rescale=pre.get("do_rescale", True), do_normalize=pre.get("do_normalize", True),
                    video_token_id=getattr(config, "video_token_id", None),
                    vision_start_token_id=getattr(config, "vision_start_token_id", None),
                    vision_end_token_id=getattr(config, "vision_end_token_id", None),
-                   video=VideoSettings.from_checkpoint(path, config, vision_config, overrides, fps))
+                   video=VideoSettings.from_checkpoint(path, config, vision_config, overrides, fps),
+                   tokenizer=tokenizer)
 
-    def _resized(self, x, where, min_pixels, max_pixels):
-        """(..., C, H, W) uint8 -> the same resized to multiples of patch * merge."""
+    def _resized(self, x, where, bounds):
+        """(..., C, H, W) uint8 -> the same resized to multiples of patch * merge: by
+        :func:`smart_resize` within bounds (min_pixels, max_pixels), or to the (h, w) a
+        callable bounds(H, W) gives."""
         H, W = x.shape[-2:]
         factor = self.patch * self.merge
         if self.do_resize:
-            h, w = smart_resize(H, W, factor, min_pixels, max_pixels)
+            h, w = bounds(H, W) if callable(bounds) else smart_resize(H, W, factor, *bounds)
             if (h, w) != (H, W):
                 # torch's uint8 antialiased bicubic is PIL's filter in the same fixed-point
                 # steps (8-bit between the two passes), so it agrees with PIL to one level
@@ -197,7 +216,7 @@ class ImageProcessor:
     def __call__(self, img, where):
         """One image -> (patches (h*w, C*p*p) uint8, (t, h, w) grid of patches), in the
         vision tower's order; :meth:`finish` turns them into its input on the device."""
-        x = self._resized(_rgb(img, where), where, self.min_pixels, self.max_pixels)
+        x = self._resized(_rgb(img, where), where, (self.min_pixels, self.max_pixels))
         C, h, w = x.shape
         gh, gw, m, p = h // self.patch, w // self.patch, self.merge, self.patch
         # Patches in merge-block order (each m x m block of patches is one LLM token),
@@ -207,17 +226,35 @@ class ImageProcessor:
         return x.reshape(gh * gw, C * p * p), (1, gh, gw)
 
     def video(self, video, where):
-        """One video -> (patches (t*h*w, C*tp*p*p) uint8, (t, h, w) grid), in the vision
-        tower's order; :meth:`finish_video` turns them into its input on the device."""
+        """One video -> (patches (t*h*w, C*tp*p*p) uint8, (t, h, w) grid, times): patches in
+        the vision tower's order (:meth:`finish_video` turns them into its input on the
+        device); times None, or (Qwen3-VL) the seconds each patch group stands for."""
         vs = self.video_settings  # None never gets here: expand() refuses videos then
-        x = self._resized(_frames(video.frames, where), where, vs.min_pixels, vs.max_pixels)
+        x = _frames(video.frames, where)
+        keep, times = vs.sample(len(x), video.metadata, self.tp, where)
+        if keep is not None:
+            x = x[keep]
+        if vs.timestamps:  # Qwen3-VL: one pixel budget for the whole video
+            n = len(x)
+            x = self._resized(x, where, lambda H, W: vs.frames_size(n, H, W, self.patch * self.merge, self.tp))
+        else:
+            x = self._resized(x, where, (vs.min_pixels, vs.max_pixels))
         if pad := -x.shape[0] % self.tp:  # the last frame repeated, as transformers pads
             x = torch.cat((x, x[-1:].expand(pad, -1, -1, -1)))
         T, C, h, w = x.shape
         gt, gh, gw, m, p, tp = T // self.tp, h // self.patch, w // self.patch, self.merge, self.patch, self.tp
         # (group, block row, block col, row in block, col in block) x (C, frame in group, p, p)
         x = x.reshape(gt, tp, C, gh // m, m, p, gw // m, m, p).permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
-        return x.reshape(gt * gh * gw, C * tp * p * p), (gt, gh, gw)
+        return x.reshape(gt * gh * gw, C * tp * p * p), (gt, gh, gw), times
+
+    def timestamp_ids(self, seconds):
+        """The token ids of Qwen3-VL's "<{seconds:.1f} seconds>" before a patch group's tokens."""
+        text = f"<{seconds:.1f} seconds>"
+        if text not in self._stamps:
+            if self.tokenizer is None:
+                raise ValueError("this image processor has no tokenizer for the video timestamps")
+            self._stamps[text] = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return self._stamps[text]
 
     def t_interval(self, kind):
         """The temporal position step between a media item's patch groups (IMAGE or VIDEO)."""
@@ -285,48 +322,138 @@ IMAGE, VIDEO = 0, 1
 
 
 class VideoSettings:
-    """A checkpoint's video preprocessing: pixel bounds per frame, statistics, and the
-    temporal position step ``interval`` (1 for Qwen2-VL; tokens_per_second *
-    temporal_patch_size / fps for Qwen2.5-VL)."""
+    """A checkpoint's video preprocessing: pixel bounds, statistics, the temporal
+    position step ``interval`` (1 for Qwen2-VL; tokens_per_second * temporal_patch_size /
+    fps for Qwen2.5-VL), and for Qwen3-VL (``timestamps``) its frame sampling (``fps``,
+    ``min_frames``, ``max_frames``), its per-video pixel budget and its per-frame cap."""
 
     def __init__(self, min_pixels=128 * 28 * 28, max_pixels=28 * 28 * 768, mean=_MEAN, std=_STD,
-                 do_rescale=True, do_normalize=True, interval=1.0):
+                 do_rescale=True, do_normalize=True, interval=1.0, timestamps=False, fps=2.0, min_frames=4,
+                 max_frames=768, cap_pixels_per_frame=False, max_video_tokens=768):
         if min_pixels > max_pixels:
             raise ValueError(f"video min_pixels={min_pixels} is greater than max_pixels={max_pixels}")
         self.min_pixels, self.max_pixels = int(min_pixels), int(max_pixels)
         self.mean = torch.tensor(mean, dtype=torch.float32)
         self.std = torch.tensor(std, dtype=torch.float32)
         self.do_rescale, self.do_normalize, self.interval = do_rescale, do_normalize, float(interval)
+        self.timestamps, self.fps = bool(timestamps), float(fps)
+        self.min_frames, self.max_frames = int(min_frames), int(max_frames)
+        self.cap, self.max_video_tokens = bool(cap_pixels_per_frame), int(max_video_tokens)
 
     @classmethod
     def from_checkpoint(cls, path, config, vision_config, overrides, fps):
-        """None where the model takes no videos here (Qwen3-VL frames each patch group
-        with a timestamp text of its own, which is not built); else the settings from the
-        video processor's saved config, found as transformers finds it (processor_config.json's
+        """None where the model takes no videos; else the settings from the video
+        processor's saved config, found as transformers finds it (processor_config.json's
         "video_processor", video_preprocessor_config.json, preprocessor_config.json), with
-        min_pixels / max_pixels from ``overrides`` (they apply to images and videos alike)."""
-        if getattr(config, "video_token_id", None) is None or str(getattr(config, "model_type", "")).startswith(
-                "qwen3"):
+        min_pixels / max_pixels from ``overrides`` (they apply to images and videos alike)
+        and ``fps`` (None: 2, or for Qwen3-VL the saved one)."""
+        if getattr(config, "video_token_id", None) is None:
             return None
         pre = checkpoint_json(path, "processor_config.json").get("video_processor") or \
             checkpoint_json(path, "video_preprocessor_config.json") or checkpoint_json(path, "preprocessor_config.json")
         size = pre.get("size") or {}
+        qwen3 = str(getattr(config, "model_type", "")).startswith("qwen3")
+        lo, hi = (128 * 32 * 32, 32 * 32 * 768) if qwen3 else (128 * 28 * 28, 28 * 28 * 768)
+        kw = dict(min_pixels=overrides.get("min_pixels", pre.get("min_pixels", size.get("shortest_edge", lo))),
+                  max_pixels=overrides.get("max_pixels", pre.get("max_pixels", size.get("longest_edge", hi))),
+                  mean=pre.get("image_mean", _HALF if qwen3 else _MEAN),
+                  std=pre.get("image_std", _HALF if qwen3 else _STD),
+                  do_rescale=pre.get("do_rescale", True), do_normalize=pre.get("do_normalize", True))
+        if qwen3:
+            fps = float(pre.get("fps") or 2.0) if fps is None else fps
+            return cls(**kw, timestamps=True, fps=fps, min_frames=pre.get("min_frames", 4),
+                       max_frames=pre.get("max_frames", 768),
+                       cap_pixels_per_frame=bool(pre.get("cap_pixels_per_frame")),
+                       max_video_tokens=pre.get("max_video_tokens", 768))
         tps = getattr(vision_config, "tokens_per_second", None)
-        interval = 1.0 if tps is None else tps * vision_config.temporal_patch_size / fps
-        return cls(min_pixels=overrides.get("min_pixels", pre.get("min_pixels", size.get("shortest_edge", 128 * 28 * 28))),
-                   max_pixels=overrides.get("max_pixels", pre.get("max_pixels", size.get("longest_edge", 28 * 28 * 768))),
-                   mean=pre.get("image_mean", _MEAN), std=pre.get("image_std", _STD),
-                   do_rescale=pre.get("do_rescale", True), do_normalize=pre.get("do_normalize", True),
-                   interval=interval)
+        fps = 2.0 if fps is None else fps  # the rate the frames were sampled at
+        return cls(**kw, interval=1.0 if tps is None else tps * vision_config.temporal_patch_size / fps)
+
+    def sample(self, n, meta, tp, where):
+        """Qwen3-VL's frame choice and times for a video of ``n`` frames -> (indices of the
+        frames to keep (None: all), the seconds each group of ``tp`` frames stands for: the
+        mean of its first and last frame's time); (None, None) for the other models.
+
+        Without metadata the frames were sampled at ``fps``. With it, ``metadata["fps"]``
+        is the source video's rate and ``frames_indices`` (default 0..n-1) place the frames
+        in it; with ``do_sample_frames`` the frames are the whole video, sampled here at
+        ``fps`` (at least ``min_frames``, at most ``max_frames``) as transformers' Qwen3-VL
+        video processor samples them."""
+        if not self.timestamps:
+            return None, None
+        keep = None
+        if meta is None:
+            idx, rate = list(range(n)), self.fps
+        else:
+            rate = meta["fps"]
+            if meta.get("do_sample_frames"):
+                total = meta.get("total_num_frames", n)
+                if total != n:
+                    raise ValueError(f"{where}: metadata total_num_frames={total} with do_sample_frames, but the "
+                                     f"video has {n} frames")
+                num = min(max(int(n / rate * self.fps), self.min_frames), self.max_frames, n)
+                keep = idx = np.linspace(0, n - 1, num).round().astype(int).tolist()
+            else:
+                idx = [int(i) for i in meta.get("frames_indices", range(n))]
+                if len(idx) != n:
+                    raise ValueError(f"{where}: metadata frames_indices has {len(idx)} entries for {n} frames")
+        if len(idx) < tp:
+            raise ValueError(f"{where} has {len(idx)} frame(s); this model's videos need at least {tp}")
+        idx = idx + [idx[-1]] * (-len(idx) % tp)
+        secs = [i / rate for i in idx]
+        return keep, [(secs[i] + secs[i + tp - 1]) / 2 for i in range(0, len(secs), tp)]
+
+    def frames_size(self, n, H, W, factor, tp):
+        """Qwen3-VL: the (h, w), multiples of ``factor``, of a video's ``n`` frames of H x W:
+        its rounded frame count times h * w within [min_pixels, max_pixels] (with the
+        per-frame cap where the checkpoint sets ``cap_pixels_per_frame``)."""
+        hi = self.max_pixels
+        if self.cap:
+            per = max(min(self.max_video_tokens * factor * factor, self.max_pixels // n), int(self.min_pixels * 1.05))
+            hi = per * n
+        if H < factor or W < factor:
+            s = max(factor / H, factor / W)
+            H, W = int(H * s), int(W * s)
+        if max(H, W) / min(H, W) > 200:
+            raise ValueError(f"a video of {H}x{W} frames has an aspect ratio over 200")
+        h, w, t = round(H / factor) * factor, round(W / factor) * factor, round(n / tp) * tp
+        if t * h * w > hi:
+            beta = math.sqrt(n * H * W / hi)
+            h = max(factor, math.floor(H / beta / factor) * factor)
+            w = max(factor, math.floor(W / beta / factor) * factor)
+        elif t * h * w < self.min_pixels:
+            beta = math.sqrt(self.min_pixels / (n * H * W))
+            h, w = math.ceil(H * beta / factor) * factor, math.ceil(W * beta / factor) * factor
+        return h, w
+
+
+# What video metadata (vLLM's and transformers' VideoMetadata) may hold.
+_META = ("fps", "frames_indices", "total_num_frames", "duration", "video_backend", "do_sample_frames", "height",
+         "width")
 
 
 class Video:
-    """A video of a prompt, as given: ``frames`` a uint8 array (T, H, W[, C]) or a list of frames."""
+    """A video of a prompt, as given: ``frames`` a uint8 array (T, H, W[, C]) or a list of
+    frames; ``metadata`` None or a dict of :data:`_META` keys (checked here)."""
 
-    __slots__ = ("frames",)
+    __slots__ = ("frames", "metadata")
 
-    def __init__(self, frames):
-        self.frames = frames
+    def __init__(self, frames, metadata=None, where="video"):
+        self.frames, self.metadata = frames, metadata
+        if metadata is None:
+            return
+        bad = sorted(str(k) for k in metadata if k not in _META)
+        if bad:
+            raise ValueError(f"{where}: video metadata has {bad}; known keys: {list(_META)}")
+        fps = metadata.get("fps")
+        if not isinstance(fps, (int, float)) or isinstance(fps, bool) or not 0 < fps < float("inf"):
+            raise ValueError(f"{where}: video metadata needs fps, the source video's frame rate (a positive "
+                             f"number), got {fps!r}")
+        idx = metadata.get("frames_indices")
+        if idx is not None:
+            idx = np.asarray(idx)
+            if idx.ndim != 1 or idx.dtype.kind not in "iu" or (idx < 0).any():
+                raise ValueError(f"{where}: video metadata frames_indices must be a list of non-negative ints")
 
 
 class MMData:
@@ -346,10 +473,16 @@ def _is_frame(x):
     return _is_pil(x) or getattr(x, "ndim", 0) in (2, 3)
 
 
+def _with_meta(v):
+    """Whether ``v`` is a (frames, metadata) pair."""
+    return isinstance(v, tuple) and len(v) == 2 and isinstance(v[1], dict)
+
+
 def media_list(data, where):
     """The images and videos of a ``multi_modal_data`` dict, as one non-empty list:
     images as given, each video wrapped in a :class:`Video`. A video is a (T, H, W[, C])
-    array or a list of frames; ``"video"`` holds one video or a list of them."""
+    array or a list of frames, or a (frames, metadata dict) pair as vLLM's video loader
+    gives them; ``"video"`` holds one video or a list of them."""
     if not isinstance(data, dict):
         raise TypeError(f"{where} must be a dict such as {{'image': img}}, got {type(data).__name__}")
     other = sorted(str(k) for k in data if k not in ("image", "video"))
@@ -366,14 +499,14 @@ def media_list(data, where):
         out += imgs
     if "video" in data:
         v = data["video"]
-        if isinstance(v, tuple) and len(v) == 2 and isinstance(v[1], dict):
-            raise ValueError(f"{where}['video']: (frames, metadata) is not supported; pass the frames, sampled "
-                             "at mm_processor_kwargs' fps (default 2)")
-        one = getattr(v, "ndim", None) is not None or (isinstance(v, (list, tuple)) and v and _is_frame(v[0]))
+        one = getattr(v, "ndim", None) is not None or _with_meta(v) or (
+            isinstance(v, (list, tuple)) and v and _is_frame(v[0]))
         videos = [v] if one else list(v) if isinstance(v, (list, tuple)) else [v]
         if not videos:
             raise ValueError(f"{where}['video'] is an empty list")
-        out += [Video(x) for x in videos]
+        for j, x in enumerate(videos):
+            at = f"{where}['video']" + ("" if one else f"[{j}]")
+            out.append(Video(*x, where=at) if _with_meta(x) else Video(x))
     return out
 
 
@@ -424,28 +557,47 @@ def image_from_data_url(url, where):
 def expand(ids, items, proc, where):
     """Token ids with each image's and video's placeholder expanded -> (token ids, MMData
     without positions). ``ids`` holds, per kind, one placeholder per item, or every
-    placeholder token already; grids come in token order."""
+    placeholder token already; grids come in token order. A Qwen3-VL video is one grid
+    (1, h, w) per patch group, each run of its tokens after the group's timestamp text."""
     images = [x for x in items if not isinstance(x, Video)]
     videos = [x for x in items if isinstance(x, Video)]
-    if videos and proc.video_settings is None:
+    vs = proc.video_settings
+    if videos and vs is None:
         raise ValueError(f"{where} has a video; this model takes images only")
+    if vs is not None and not vs.timestamps:
+        meta = next((j for j, v in enumerate(videos) if v.metadata is not None), None)
+        if meta is not None:
+            raise ValueError(f"{where} video {meta}: (frames, metadata) is taken by Qwen3-VL only; pass the "
+                             "frames, sampled at mm_processor_kwargs' fps (default 2)")
     vt = proc.video_token_id
     if vt is not None and not videos and vt in ids:
         raise ValueError(f"{where} has a video placeholder token but no video; pass it as "
                          "{'prompt': ..., 'multi_modal_data': {'video': frames}}")
-    done = {IMAGE: [proc(x, f"{where} image {j}") for j, x in enumerate(images)],
-            VIDEO: [proc.video(x, f"{where} video {j}") for j, x in enumerate(videos)]}
     token = {IMAGE: proc.image_token_id, VIDEO: vt}
-    runs = {}  # kind -> placeholder counts to write (None: the prompt has every token already)
+    # per kind, per item: (patches, [grid per token run], [token ids standing for the item])
+    done = {IMAGE: [], VIDEO: []}
+    for j, x in enumerate(images):
+        patches, grid = proc(x, f"{where} image {j}")
+        done[IMAGE].append((patches, [grid], [token[IMAGE]] * proc.tokens(grid)))
+    for j, x in enumerate(videos):
+        patches, (t, h, w), times = proc.video(x, f"{where} video {j}")
+        n = h * w // proc.merge ** 2
+        if times is None:
+            done[VIDEO].append((patches, [(t, h, w)], [vt] * (t * n)))
+            continue
+        text = [i for s in times for i in proc.timestamp_ids(s) + [proc.vision_start_token_id] + [vt] * n +
+                [proc.vision_end_token_id]]
+        done[VIDEO].append((patches, [(1, h, w)] * t, text))
+    whole = {}  # kind -> an iterator over the items' expansions (None: the prompt has every token already)
     for kind, what in ((IMAGE, "image"), (VIDEO, "video")):
-        counts = [proc.tokens(g) for _, g in done[kind]]
+        counts = [proc.tokens(g) for _, grids, _ in done[kind] for g in grids]
         have = sum(1 for t in ids if t == token[kind]) if token[kind] is not None else 0
-        if have == len(counts):
-            runs[kind] = iter(counts)
+        if have == len(done[kind]):
+            whole[kind] = iter(text for _, _, text in done[kind])
         elif have == sum(counts) and _runs(ids, token[kind]) == counts:
-            runs[kind] = None
+            whole[kind] = None
         else:
-            raise ValueError(f"{where} has {have} {what} placeholder token(s) for {len(counts)} {what}(s) "
+            raise ValueError(f"{where} has {have} {what} placeholder token(s) for {len(done[kind])} {what}(s) "
                              f"(needs one placeholder per {what}, or {sum(counts)} tokens already expanded as "
                              f"{counts})")
     kind_of = {t: k for k, t in token.items() if t is not None}
@@ -454,18 +606,19 @@ def expand(ids, items, proc, where):
         k = kind_of.get(t)
         if k is None:
             out.append(t)
-        elif runs[k] is not None:
-            out += [t] * next(runs[k])
-            kinds.append(k)
+        elif whole[k] is not None:
+            text = next(whole[k])
+            out += text
+            kinds += [k] * len(_runs(text, t))
         else:
             out.append(t)
             if prev != t:
                 kinds.append(k)
         prev = t
-    nxt = {IMAGE: iter(done[IMAGE]), VIDEO: iter(done[VIDEO])}
-    grids = [next(nxt[k])[1] for k in kinds]
-    pix = torch.cat([p for p, _ in done[IMAGE]]) if images else None
-    vid = torch.cat([p for p, _ in done[VIDEO]]) if videos else None
+    nxt = {k: iter([g for _, grids, _ in done[k] for g in grids]) for k in (IMAGE, VIDEO)}
+    grids = [next(nxt[k]) for k in kinds]
+    pix = torch.cat([p for p, _, _ in done[IMAGE]]) if images else None
+    vid = torch.cat([p for p, _, _ in done[VIDEO]]) if videos else None
     return out, MMData(pix, grids, None, vid, kinds if videos else None)
 
 

@@ -53,11 +53,11 @@ def _interval(model, fps=2.0):
 def test_video_patches_match_a_loop_over_the_frames(n):
     v = frames(n, n, 4, 6)
     proc = _proc()
-    patches, grid = proc.video(Video(v), "v")
+    patches, grid, times = proc.video(Video(v), "v")
     p, tp, m = 14, 2, 2
     T = -(-n // tp) * tp
     padded = np.concatenate([v, np.repeat(v[-1:], T - n, 0)]) if T > n else v
-    assert grid == (T // tp, 4, 6) and patches.dtype == torch.uint8
+    assert grid == (T // tp, 4, 6) and patches.dtype == torch.uint8 and times is None
     rows = []
     for g in range(T // tp):
         for by in range(4 // m):
@@ -84,12 +84,12 @@ def test_video_frames_resize_within_the_video_bounds():
     g = np.random.default_rng(3)
     v = g.integers(0, 256, (2, 50, 130, 3), dtype=np.uint8)
     proc = _proc()
-    patches, grid = proc.video(Video(list(v)), "v")  # a list of frames works as the array does
+    patches, grid, _ = proc.video(Video(list(v)), "v")  # a list of frames works as the array does
     h, w = smart_resize(50, 130, 28, V_MIN, V_MAX)
     assert grid == (1, h // 14, w // 14)
     x = torch.from_numpy(v).permute(0, 3, 1, 2).contiguous()
     r = F.interpolate(x, size=(h, w), mode="bicubic", antialias=True, align_corners=False)
-    direct, _ = proc.video(Video(r.permute(0, 2, 3, 1).numpy()), "v")
+    direct, _, _ = proc.video(Video(r.permute(0, 2, 3, 1).numpy()), "v")
     assert torch.equal(patches, direct)
 
 
@@ -139,7 +139,7 @@ def _hf_logits(model, score, ids, items, interval, positions=None):
         kw.update(pixel_values=proc.finish(torch.cat([p for p, _ in out])),
                   image_grid_thw=torch.tensor([g for _, g in out]))
     if vids:
-        out = [proc.video(v, "vid") for v in vids]
+        out = [proc.video(v, "vid")[:2] for v in vids]
         kw.update(pixel_values_videos=proc.finish_video(torch.cat([p for p, _ in out])),
                   video_grid_thw=torch.tensor([g for _, g in out]))
         if model.gen == "2.5":
@@ -224,7 +224,7 @@ def test_triton_kernels_in_the_interpreter(tmp_path):
     (lambda v: {"prompt": f"x {VID}", "multi_modal_data": {"video": v[None]}}, ValueError,
      r"video 0 has shape \(1, 2, 56, 84, 3\); a video is \(T, H, W\[, 3 or 4\]\) frames"),
     (lambda v: {"prompt": f"x {VID}", "multi_modal_data": {"video": (v, {"fps": 2})}}, ValueError,
-     r"\(frames, metadata\) is not supported"),
+     r"video 0: \(frames, metadata\) is taken by Qwen3-VL only"),
     (lambda v: {"prompt": f"x {VID}", "multi_modal_data": {"video": []}}, ValueError, r"is an empty list"),
 ])
 def test_bad_video_inputs(vlv, prompt, exc, match):
@@ -236,11 +236,12 @@ def test_bad_video_inputs(vlv, prompt, exc, match):
 
 
 def test_models_without_video_refuse_it(tmp_path):
-    # Qwen3-VL frames each patch group with a timestamp text of its own: not built here.
-    save_vl(tmp_path, "3")
+    # Nemotron VL cuts images into tiles and has no video placeholder.
+    from test_nemotron_vl import save_nemotron
+    save_nemotron(tmp_path)
     llm = LLM(str(tmp_path), dtype="float32", kernel_backend="torch")
     with pytest.raises(ValueError, match=r"prompts\[0\] has a video; this model takes images only"):
-        llm.classify([{"prompt": f"x {VID}", "multi_modal_data": {"video": frames(1, 2, 4, 4, 16)}}],
+        llm.classify([{"prompt": "x <image>", "multi_modal_data": {"video": frames(1, 2, 4, 4, 16)}}],
                      use_tqdm=False)
 
 

@@ -13,7 +13,7 @@ Qwen2 decoder (CUDA graphs included); a batch with images runs eagerly.
 Checkpoints: ``*ForConditionalGeneration`` converted to a last-token classifier (a
 ``score.weight`` or ``classifier_from_token``), ``*ForSequenceClassification`` (the same
 weights with ``score.weight``), and jina-reranker-m0 (``JinaVLForRanking``, below).
-Videos (Qwen2-VL, Qwen2.5-VL) run through the same tower, each patch spanning
+Videos (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) run through the same tower, each patch spanning
 ``temporal_patch_size`` frames and attention within each group of patches
 (:mod:`pyengine.multimodal`).
 """
