@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .multimodal import MMData, Video, _rgb, _runs, checkpoint_json
+from .multimodal import VIDEO, Embeds, MMData, Video, _rgb, _runs, checkpoint_json
 
 PLACEHOLDER = "<image>"
 START, CONTEXT, END = "<img>", "<IMG_CONTEXT>", "</img>"
@@ -136,8 +136,10 @@ class TileProcessor:
     def prompt(self, ids, images, where):
         """Token ids with each image's context tokens widened to its tiles' count ->
         (token ids, MMData with the tiles and the tiles per image)."""
-        if any(isinstance(x, Video) for x in images):
+        if any(isinstance(x, Video) or (isinstance(x, Embeds) and x.kind == VIDEO) for x in images):
             raise ValueError(f"{where} has a video; this model takes images only")
+        if any(isinstance(x, Embeds) for x in images):
+            raise ValueError(f"{where} has image embeddings; this model takes pixels only")
         tiles = [self.tiles(img, f"{where} image {j}") for j, img in enumerate(images)]
         counts = [t.shape[0] * self.tokens_per_tile for t in tiles]
         runs = _runs(ids, self.image_token_id)

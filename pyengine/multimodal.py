@@ -25,6 +25,10 @@ written after a ``<{t:.1f} seconds>`` text between ``<|vision_start|>`` and
 and frame indices; ``do_sample_frames`` samples here, as transformers does); one pixel
 budget for the whole video.
 
+Features computed beforehand (vLLM's embedding inputs): ``{"image": {"image_embeds":
+(tokens, width), "image_grid_thw": (items, 3)}}`` (``video_`` alike) stand for their items
+(:class:`Embeds`); the grids fix the token counts and positions, the tower skips them.
+
 An image is a PIL image, or a uint8 array (numpy or torch) of shape (H, W), (H, W, 3) or
 (H, W, 4) (RGBA: composited over white, as transformers' and vLLM's loaders do). Preprocessing follows the
 checkpoint's ``preprocessor_config.json``: a resize to multiples of ``patch * merge``
@@ -118,9 +122,11 @@ class ImageProcessor:
     def __init__(self, image_token_id, patch_size=14, temporal_patch_size=2, merge_size=2,
                  min_pixels=56 * 56, max_pixels=28 * 28 * 1280, mean=_MEAN, std=_STD, rescale=1 / 255,
                  do_resize=True, do_rescale=True, do_normalize=True, video_token_id=None,
-                 vision_start_token_id=None, vision_end_token_id=None, video=None, tokenizer=None):
+                 vision_start_token_id=None, vision_end_token_id=None, video=None, tokenizer=None,
+                 embed_width=None):
         """video: None (videos refused), or a :class:`VideoSettings`; tokenizer: what encodes
-        Qwen3-VL's video timestamps."""
+        Qwen3-VL's video timestamps; embed_width: the width of features given in place of
+        pixels (the language model's hidden size, times 1 + deepstack levels; None: refused)."""
         if min_pixels > max_pixels:
             raise ValueError(f"min_pixels={min_pixels} is greater than max_pixels={max_pixels}")
         self.image_token_id, self.video_token_id = int(image_token_id), video_token_id
@@ -139,6 +145,7 @@ class ImageProcessor:
         # text, which this tokenizer encodes (set by from_checkpoint).
         self.vision_start_token_id, self.vision_end_token_id = vision_start_token_id, vision_end_token_id
         self.tokenizer, self._stamps = tokenizer, {}
+        self.embed_width = embed_width
 
     # Settings a user may set for the whole engine (vLLM's LLM(mm_processor_kwargs=...)),
     # e.g. the pixel bounds a checkpoint's own scoring code uses in place of its saved ones;
@@ -175,6 +182,8 @@ class ImageProcessor:
         pre = checkpoint_json(path, "preprocessor_config.json")
         size = pre.get("size") or {}
         qwen3 = str(getattr(config, "model_type", "")).startswith("qwen3")
+        hidden = getattr(getattr(config, "text_config", None), "hidden_size", None) or config.hidden_size
+        deep = (getattr(vision_config, "deepstack_visual_indexes", None) or []) if qwen3 else []
         geom = {"patch_size": vision_config.patch_size, "temporal_patch_size": vision_config.temporal_patch_size,
                 "merge_size": vision_config.spatial_merge_size}
         for k, v in geom.items():
@@ -192,7 +201,7 @@ class ImageProcessor:
                    vision_start_token_id=getattr(config, "vision_start_token_id", None),
                    vision_end_token_id=getattr(config, "vision_end_token_id", None),
                    video=VideoSettings.from_checkpoint(path, config, vision_config, overrides, fps),
-                   tokenizer=tokenizer)
+                   tokenizer=tokenizer, embed_width=hidden * (1 + len(deep)))
 
     def _resized(self, x, where, bounds):
         """(..., C, H, W) uint8 -> the same resized to multiples of patch * merge: by
@@ -456,17 +465,65 @@ class Video:
                 raise ValueError(f"{where}: video metadata frames_indices must be a list of non-negative ints")
 
 
+class Embeds:
+    """Images' or videos' features computed beforehand (vLLM's embedding inputs): ``kind``
+    IMAGE or VIDEO, ``rows`` (tokens, width) float tensor, ``grids`` [(t, h, w)] patch
+    grids, which fix each item's token count and positions; ``where`` names it in errors."""
+
+    __slots__ = ("kind", "rows", "grids", "where")
+
+    def __init__(self, kind, rows, grids, where):
+        self.kind, self.rows, self.grids, self.where = kind, rows, grids, where
+
+    def split(self, merge, width):
+        """-> one Embeds per grid, its rows cut by t * h * w / merge**2 tokens; the row
+        count and ``width`` (the language model's, times 1 + deepstack levels) checked."""
+        what = "image" if self.kind == IMAGE else "video"
+        counts = [t * h * w // merge ** 2 for t, h, w in self.grids]
+        bad = next((g for g in self.grids if g[1] % merge or g[2] % merge), None)
+        if bad is not None:
+            raise ValueError(f"{self.where}: grid {bad} is not a multiple of the merge size {merge}")
+        if self.rows.shape[0] != sum(counts) or self.rows.shape[1] != width:
+            raise ValueError(f"{self.where}: {what}_embeds is {tuple(self.rows.shape)}; its grids "
+                             f"{[list(g) for g in self.grids]} need ({sum(counts)}, {width})")
+        rows = self.rows.split(counts)
+        return [Embeds(self.kind, r, [g], f"{self.where} item {j}") for j, (r, g) in enumerate(zip(rows, self.grids))]
+
+
+def _embeds(v, kind, where):
+    """A ``{"image_embeds", "image_grid_thw"}`` (or ``video_``) dict -> an :class:`Embeds`."""
+    what = "image" if kind == IMAGE else "video"
+    keys = {f"{what}_embeds", f"{what}_grid_thw"}
+    if set(v) != keys:
+        raise ValueError(f"{where}: embedding inputs are a dict of exactly {sorted(keys)}, got {sorted(map(str, v))}")
+    rows, grid = v[f"{what}_embeds"], v[f"{what}_grid_thw"]
+    if not isinstance(rows, torch.Tensor) or not rows.is_floating_point() or rows.ndim not in (2, 3):
+        raise ValueError(f"{where}: {what}_embeds must be a float tensor (tokens, width) or (items, tokens, width), "
+                         f"got {getattr(rows, 'dtype', type(rows).__name__)} {tuple(getattr(rows, 'shape', ()))}")
+    grid = torch.as_tensor(grid)
+    if grid.ndim == 1:
+        grid = grid[None]
+    if grid.ndim != 2 or grid.shape[1] != 3 or grid.is_floating_point() or (grid < 1).any():
+        raise ValueError(f"{where}: {what}_grid_thw must be positive ints (items, 3), got {tuple(grid.shape)}")
+    if rows.ndim == 3:
+        if rows.shape[0] != grid.shape[0]:
+            raise ValueError(f"{where}: {rows.shape[0]} {what}_embeds items for {grid.shape[0]} grids")
+        rows = rows.reshape(-1, rows.shape[-1])
+    return Embeds(kind, rows.detach().cpu(), [tuple(int(x) for x in g) for g in grid], where)
+
+
 class MMData:
     """One prompt's images and videos: pixel_values (N, ...) uint8 of its images (as the processor leaves them, or
     None), video_values (N, ...) uint8 of its videos (or None), grids (per image and video in token order: (t, h, w)
-    patches, or a tile count), kinds (IMAGE or VIDEO per grid; None: images only), and rope_positions (3, L) int64,
-    the (temporal, height, width) rotary position of each token (None: the model's own positions)."""
+    patches, or a tile count), kinds (IMAGE or VIDEO per grid; None: images only), rope_positions (3, L) int64,
+    the (temporal, height, width) rotary position of each token (None: the model's own positions), and embeds
+    (per grid: None, or the features given for it (tokens, width); None: all from pixels)."""
 
-    __slots__ = ("pixel_values", "grids", "rope_positions", "video_values", "kinds")
+    __slots__ = ("pixel_values", "grids", "rope_positions", "video_values", "kinds", "embeds")
 
-    def __init__(self, pixel_values, grids, rope_positions, video_values=None, kinds=None):
+    def __init__(self, pixel_values, grids, rope_positions, video_values=None, kinds=None, embeds=None):
         self.pixel_values, self.grids, self.rope_positions = pixel_values, grids, rope_positions
-        self.video_values, self.kinds = video_values, kinds
+        self.video_values, self.kinds, self.embeds = video_values, kinds, embeds
 
 
 def _is_frame(x):
@@ -493,11 +550,16 @@ def media_list(data, where):
     out = []
     if "image" in data:
         imgs = data["image"]
-        imgs = list(imgs) if isinstance(imgs, (list, tuple)) else [imgs]
-        if not imgs:
-            raise ValueError(f"{where}['image'] is an empty list")
-        out += imgs
-    if "video" in data:
+        if isinstance(imgs, dict):
+            out.append(_embeds(imgs, IMAGE, f"{where}['image']"))
+        else:
+            imgs = list(imgs) if isinstance(imgs, (list, tuple)) else [imgs]
+            if not imgs:
+                raise ValueError(f"{where}['image'] is an empty list")
+            out += imgs
+    if "video" in data and isinstance(data["video"], dict):
+        out.append(_embeds(data["video"], VIDEO, f"{where}['video']"))
+    elif "video" in data:
         v = data["video"]
         one = getattr(v, "ndim", None) is not None or _with_meta(v) or (
             isinstance(v, (list, tuple)) and v and _is_frame(v[0]))
@@ -554,18 +616,27 @@ def image_from_data_url(url, where):
     return img
 
 
+def _kind(x):
+    return x.kind if isinstance(x, Embeds) else VIDEO if isinstance(x, Video) else IMAGE
+
+
 def expand(ids, items, proc, where):
     """Token ids with each image's and video's placeholder expanded -> (token ids, MMData
     without positions). ``ids`` holds, per kind, one placeholder per item, or every
     placeholder token already; grids come in token order. A Qwen3-VL video is one grid
-    (1, h, w) per patch group, each run of its tokens after the group's timestamp text."""
-    images = [x for x in items if not isinstance(x, Video)]
-    videos = [x for x in items if isinstance(x, Video)]
+    (1, h, w) per patch group, each run of its tokens after the group's timestamp text.
+    Features given beforehand (:class:`Embeds`) take the place of their item's pixels."""
+    if any(isinstance(x, Embeds) for x in items):
+        if proc.embed_width is None:
+            raise ValueError(f"{where} has image or video embeddings; this model takes pixels only")
+        items = [y for x in items for y in (x.split(proc.merge, proc.embed_width) if isinstance(x, Embeds) else [x])]
+    images = [x for x in items if _kind(x) == IMAGE]
+    videos = [x for x in items if _kind(x) == VIDEO]
     vs = proc.video_settings
     if videos and vs is None:
         raise ValueError(f"{where} has a video; this model takes images only")
     if vs is not None and not vs.timestamps:
-        meta = next((j for j, v in enumerate(videos) if v.metadata is not None), None)
+        meta = next((j for j, v in enumerate(videos) if isinstance(v, Video) and v.metadata is not None), None)
         if meta is not None:
             raise ValueError(f"{where} video {meta}: (frames, metadata) is taken by Qwen3-VL only; pass the "
                              "frames, sampled at mm_processor_kwargs' fps (default 2)")
@@ -574,26 +645,36 @@ def expand(ids, items, proc, where):
         raise ValueError(f"{where} has a video placeholder token but no video; pass it as "
                          "{'prompt': ..., 'multi_modal_data': {'video': frames}}")
     token = {IMAGE: proc.image_token_id, VIDEO: vt}
-    # per kind, per item: (patches, [grid per token run], [token ids standing for the item])
+    # per kind, per item: (patches or None, [grid per token run], [token ids standing for
+    # the item], [given features per token run] or None)
     done = {IMAGE: [], VIDEO: []}
     for j, x in enumerate(images):
+        if isinstance(x, Embeds):
+            done[IMAGE].append((None, x.grids, [token[IMAGE]] * proc.tokens(x.grids[0]), [x.rows]))
+            continue
         patches, grid = proc(x, f"{where} image {j}")
-        done[IMAGE].append((patches, [grid], [token[IMAGE]] * proc.tokens(grid)))
+        done[IMAGE].append((patches, [grid], [token[IMAGE]] * proc.tokens(grid), None))
     for j, x in enumerate(videos):
-        patches, (t, h, w), times = proc.video(x, f"{where} video {j}")
+        if isinstance(x, Embeds):
+            patches, (t, h, w), rows = None, x.grids[0], x.rows
+            # Qwen3-VL's timestamps for features: frames taken to be sampled at fps
+            times = vs.sample(t * proc.tp, None, proc.tp, x.where)[1]
+        else:
+            patches, (t, h, w), times = proc.video(x, f"{where} video {j}")
+            rows = None
         n = h * w // proc.merge ** 2
         if times is None:
-            done[VIDEO].append((patches, [(t, h, w)], [vt] * (t * n)))
+            done[VIDEO].append((patches, [(t, h, w)], [vt] * (t * n), None if rows is None else [rows]))
             continue
         text = [i for s in times for i in proc.timestamp_ids(s) + [proc.vision_start_token_id] + [vt] * n +
                 [proc.vision_end_token_id]]
-        done[VIDEO].append((patches, [(1, h, w)] * t, text))
+        done[VIDEO].append((patches, [(1, h, w)] * t, text, None if rows is None else list(rows.split(n))))
     whole = {}  # kind -> an iterator over the items' expansions (None: the prompt has every token already)
     for kind, what in ((IMAGE, "image"), (VIDEO, "video")):
-        counts = [proc.tokens(g) for _, grids, _ in done[kind] for g in grids]
+        counts = [proc.tokens(g) for _, grids, _, _ in done[kind] for g in grids]
         have = sum(1 for t in ids if t == token[kind]) if token[kind] is not None else 0
         if have == len(done[kind]):
-            whole[kind] = iter(text for _, _, text in done[kind])
+            whole[kind] = iter(text for _, _, text, _ in done[kind])
         elif have == sum(counts) and _runs(ids, token[kind]) == counts:
             whole[kind] = None
         else:
@@ -615,11 +696,13 @@ def expand(ids, items, proc, where):
             if prev != t:
                 kinds.append(k)
         prev = t
-    nxt = {k: iter([g for _, grids, _ in done[k] for g in grids]) for k in (IMAGE, VIDEO)}
-    grids = [next(nxt[k]) for k in kinds]
-    pix = torch.cat([p for p, _, _ in done[IMAGE]]) if images else None
-    vid = torch.cat([p for p, _, _ in done[VIDEO]]) if videos else None
-    return out, MMData(pix, grids, None, vid, kinds if videos else None)
+    nxt = {k: iter([(g, None if given is None else given[i]) for _, grids, _, given in done[k]
+                    for i, g in enumerate(grids)]) for k in (IMAGE, VIDEO)}
+    grids, embeds = zip(*[next(nxt[k]) for k in kinds]) if kinds else ((), ())
+    pix = [p for p, _, _, _ in done[IMAGE] if p is not None]
+    vid = [p for p, _, _, _ in done[VIDEO] if p is not None]
+    return out, MMData(torch.cat(pix) if pix else None, list(grids), None, torch.cat(vid) if vid else None,
+                       kinds if videos else None, list(embeds) if any(e is not None for e in embeds) else None)
 
 
 def _runs(ids, tok):
@@ -665,14 +748,17 @@ def rope_positions(ids, grids, image_token_id, merge, intervals=None, video_toke
 
 
 class MMBatch:
-    """A batch's images: pixel_values (N, ...) and rope_positions (3, T) (or None) on the
-    device, grids in token order. The model fills rotary (positions, table), mask
-    (T,) bool (the image tokens) and deepstack (Qwen3-VL's per-layer image features)."""
+    """A batch's images: pixel_values (N, ...) of the items the tower runs, their grids,
+    rope_positions (3, T) (or None) on the device, and given (None, or per item in token
+    order: None for the tower's next item, or the (tokens, width) features given for it).
+    The model fills rotary (positions, table), mask (T,) bool (the image tokens) and
+    deepstack (Qwen3-VL's per-layer image features)."""
 
-    __slots__ = ("pixel_values", "grids", "rope_positions", "rotary", "mask", "deepstack")
+    __slots__ = ("pixel_values", "grids", "rope_positions", "given", "rotary", "mask", "deepstack")
 
-    def __init__(self, pixel_values, grids, rope_positions):
+    def __init__(self, pixel_values, grids, rope_positions, given=None):
         self.pixel_values, self.grids, self.rope_positions = pixel_values, grids, rope_positions
+        self.given = given
         self.rotary = self.mask = self.deepstack = None
 
     @classmethod
@@ -680,7 +766,7 @@ class MMBatch:
         """prompts: TokenizedPrompts, some with ``mm``; text-only ones count up. proc: the
         image processor, whose ``finish`` (``finish_video`` for videos) turns the pixels,
         once on the device, into the vision tower's input."""
-        pix, vid, grids, pos, kinds = [], [], [], [], []
+        pix, vid, grids, pos, kinds, given = [], [], [], [], [], []
         mrope = any(p.mm is not None and p.mm.rope_positions is not None for p in prompts)
         for p in prompts:
             if p.mm is None:
@@ -692,17 +778,45 @@ class MMBatch:
                 vid.append(p.mm.video_values)
             grids += p.mm.grids
             kinds += p.mm.kinds or [IMAGE] * len(p.mm.grids)
+            given += p.mm.embeds or [None] * len(p.mm.grids)
             pos.append(p.mm.rope_positions)
         images = proc.finish(_to(torch.cat(pix), device)) if pix else None
+        tower = [g for g, e in zip(grids, given) if e is None]
         if vid:
             # The tower takes every item in token order: images' and videos' rows interleaved.
             videos = proc.finish_video(_to(torch.cat(vid), device))
             rows, at, parts = {IMAGE: images, VIDEO: videos}, {IMAGE: 0, VIDEO: 0}, []
-            for k, (t, h, w) in zip(kinds, grids):
-                parts.append(rows[k][at[k]:at[k] + t * h * w])
-                at[k] += t * h * w
+            for k, (t, h, w), e in zip(kinds, grids, given):
+                if e is None:
+                    parts.append(rows[k][at[k]:at[k] + t * h * w])
+                    at[k] += t * h * w
             images = torch.cat(parts)
-        return cls(images, grids, _to(torch.cat(pos, dim=1), device) if mrope else None)
+        if any(e is not None for e in given):
+            given = [None if e is None else _to(e, device) for e in given]
+        else:
+            given = None
+        return cls(images, tower, _to(torch.cat(pos, dim=1), device) if mrope else None, given)
+
+    def features(self, tower, deep, width, merge, dtype):
+        """The tower's output for its items (tower (N, width) or None where it ran on
+        none, deep [(N, width)] per deepstack level) with the given features put in their
+        places, in token order, as ``dtype`` -> (features, deep); a given item's row holds
+        its features, then its deepstack levels'."""
+        if self.given is None:
+            return tower.to(dtype), [d.to(dtype) for d in deep]
+        levels = next(e.shape[1] for e in self.given if e is not None) // width - 1
+        out, dout, at, it = [], [[] for _ in range(levels)], 0, iter(self.grids)
+        for e in self.given:
+            if e is None:
+                t, h, w = next(it)
+                n = t * h * w // merge ** 2
+                parts = [tower[at:at + n]] + [lv[at:at + n] for lv in deep]
+                at += n
+            else:
+                parts = e.split(width, dim=1)
+            for acc, x in zip([out] + dout, parts):
+                acc.append(x.to(dtype))
+        return torch.cat(out), [torch.cat(d) for d in dout]
 
 
 def _to(t, device):

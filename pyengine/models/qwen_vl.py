@@ -309,12 +309,13 @@ class QwenVLForSequenceClassification(DecoderForSequenceClassification):
 
     def _embed(self, batch):
         x = super()._embed(batch)
-        if batch.mm is not None and batch.mm.grids:
-            feats, batch.mm.deepstack = self.vision(batch.mm.pixel_values, batch.mm.grids)
+        if batch.mm is not None and (batch.mm.grids or batch.mm.given):
+            feats, deep = self.vision(batch.mm.pixel_values, batch.mm.grids) if batch.mm.grids else (None, [])
+            feats, batch.mm.deepstack = batch.mm.features(feats, deep, self.H, self.vision.merge, x.dtype)
             batch.mm.mask = batch.input_ids == self.image_token_id
             if self.video_token_id is not None:
                 batch.mm.mask |= batch.input_ids == self.video_token_id
-            x[batch.mm.mask] = feats.to(x.dtype)
+            x[batch.mm.mask] = feats
         return x
 
     def _layer_out(self, i, m, batch):
