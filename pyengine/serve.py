@@ -128,6 +128,10 @@ class Server:
                                 f"{self.names + list(self.loras)}")
         if getattr(req, "priority", 0) != 0:
             raise ApiError(400, "priority scheduling is not enabled on this server; priority must be 0")
+        for name, flag in (("mm_processor_kwargs", "--mm-processor-kwargs"), ("media_io_kwargs", None)):
+            if getattr(req, name, None):
+                where = f"; set them for the whole server with {flag}" if flag else ""
+                raise ApiError(400, f"{name} per request is not supported{where}")
         return req
 
     async def _body(self, request: Request):

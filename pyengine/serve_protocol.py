@@ -44,6 +44,11 @@ class _Common(BaseModel):
     request_id: str | None = None
     priority: int = 0
     use_activation: bool | None = None
+    # Taken as vLLM takes them: the salt has nothing to salt here (no prefix cache); the
+    # processor and media settings are the server's (checked in pyengine.serve).
+    cache_salt: str | None = None
+    mm_processor_kwargs: dict[str, Any] | None = None
+    media_io_kwargs: dict[str, Any] | None = None
 
 
 class LoadLoRARequest(BaseModel):

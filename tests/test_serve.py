@@ -141,7 +141,9 @@ def test_classify_matches_offline(cls_env):
     ids = [[2, 10, 11, 12, 3], [2, 40, 3]]
     cases = [(texts(6, 0), None), (ids, [{"prompt_token_ids": x} for x in ids]), (ids[0], [{"prompt_token_ids": ids[0]}])]
     for body_input, offline_input in cases:
-        status, r = client.post("/classify", {"model": "tiny-cls", "input": body_input, "request_id": "abc"})
+        # cache_salt and empty per-request processor settings are taken, as vLLM takes them
+        status, r = client.post("/classify", {"model": "tiny-cls", "input": body_input, "request_id": "abc",
+                                              "cache_salt": "s" * 43, "mm_processor_kwargs": {}})
         assert status == 200, r
         offline = llm.classify(offline_input or body_input, use_tqdm=False)
         assert r["id"] == "classify-abc" and r["object"] == "list" and r["model"] == "tiny-cls"
@@ -345,6 +347,10 @@ BAD = [
     ("/classify", {"input": "the cat " * 40}, None, 400, "max_model_len"),
     ("/classify", {"input": ["a"] * (MAX_INPUTS + 1)}, None, 413, "limit"),
     ("/classify", {"input": "the", "priority": 3}, None, 400, "priority"),
+    ("/classify", {"input": "the", "mm_processor_kwargs": {"max_pixels": 9}}, None, 400,
+     "mm_processor_kwargs per request is not supported; set them for the whole server"),
+    ("/score", {"text_1": "a", "text_2": "b", "media_io_kwargs": {"image": {}}}, None, 400,
+     "media_io_kwargs per request"),
     ("/classify", {"input": [[2, 999, 3]]}, None, 400, "outside the vocabulary"),
     ("/classify", {"input": "the", "truncation_side": "middle"}, None, 400, "truncation_side"),
     ("/classify", {"input": "the", "truncate_prompt_tokens": 0}, None, 400, "truncate_prompt_tokens"),
