@@ -303,6 +303,10 @@ def load_adapter(request: LoRARequest, model, max_rank: int) -> LoRAAdapter:
             full = getattr(model, param, None) if "." not in param else model.get_parameter(param)
             if full is None:
                 raise ValueError(f"{what}: {module} adapts {param}, which this model does not have")
+            layer, _, leaf = param.removeprefix("layers.").partition(".")
+            if param not in model.head_params and (not param.startswith("layers.") or leaf not in model.lora_weights):
+                raise ValueError(f"{what}: {module} adapts {param}, which does not take LoRA here (supported: "
+                                 f"{', '.join(model.lora_weights)} of each layer and the head)")
             n_out = full.shape[0] if rows is None else rows.stop - rows.start
             if a.shape[1] != full.shape[1] or src.shape[0] != n_out:
                 raise ValueError(f"{what}: {module} maps ({a.shape[1]} -> {src.shape[0]}), the model's layer is "
@@ -311,10 +315,6 @@ def load_adapter(request: LoRARequest, model, max_rank: int) -> LoRAAdapter:
                 dst = head_param(param, module)
                 (dst if rows is None else dst[rows]).add_((src.double() @ a.double()).float())
                 continue
-            layer, _, leaf = param.removeprefix("layers.").partition(".")
-            if not param.startswith("layers.") or leaf not in model.lora_weights:
-                raise ValueError(f"{what}: {module} adapts {param}, which does not take LoRA here (supported: "
-                                 f"{', '.join(model.lora_weights)} of each layer and the head)")
             pieces.setdefault((int(layer), leaf), []).append((rows, a, src))
     device = model.layers[0].qkv_w.device
     return LoRAAdapter(request.lora_name, request.lora_int_id, os.fspath(request.lora_path), rank,

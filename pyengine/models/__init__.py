@@ -54,6 +54,13 @@ _REGISTRY["JinaVLForRanking"] = _REGISTRY["JinaVLForSequenceClassification"] = "
 _REGISTRY["LlamaNemotronVLForSequenceClassification"] = \
     "pyengine.models.nemotron_vl:LlamaNemotronVLForSequenceClassification"
 _REGISTRY["Qwen2ForRewardModel"] = "pyengine.models.decoder:Qwen2RewardModel"
+# Mixture-of-experts decoders: the decoder with sparse feed-forward layers.
+_MOE = "pyengine.models.moe:MoeDecoderForSequenceClassification"
+for _a in ("Qwen3Moe", "Qwen2Moe", "Mixtral"):
+    _REGISTRY[f"{_a}ForSequenceClassification"] = _MOE
+    for _s in ("ForCausalLM", "Model"):
+        _REGISTRY[_a + _s] = _MOE
+        _CONVERT_ONLY.add(_a + _s)
 # Architectures whose head has a fixed width whatever config.json says (as vLLM fixes them).
 _NUM_LABELS = {"JinaVLForRanking": 1, "JinaVLForSequenceClassification": 1, "Qwen2ForRewardModel": 1}
 
@@ -83,7 +90,7 @@ def resolve_architecture(config, convert="auto"):
     if arch in _CONVERT_ONLY and convert == "none":
         raise ValueError(f"{arch} has no classification head; pass convert='classify' (or 'auto') to classify "
                          "its last token")
-    if check_token_head(config) and _REGISTRY[arch] not in (_DECODER, _VL, _GEMMA3, _GRANITE):
+    if check_token_head(config) and _REGISTRY[arch] not in (_DECODER, _VL, _GEMMA3, _GRANITE, _MOE):
         raise ValueError(f"classifier_from_token is only supported for decoder models, not {arch}")
     if arch in _NUM_LABELS:
         config.num_labels = _NUM_LABELS[arch]

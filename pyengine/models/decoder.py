@@ -69,6 +69,9 @@ FAMILIES = {
                      o_bias=True, mlp_bias=False, head="pooler", pooling="cls"),
 }
 FAMILIES["New"] = FAMILIES["GteNew"]
+# Mixture-of-experts relatives (pyengine.models.moe adds their sparse layers).
+FAMILIES["Qwen3Moe"], FAMILIES["Qwen2Moe"], FAMILIES["Mixtral"] = FAMILIES["Qwen3"], FAMILIES["Qwen2"], \
+    FAMILIES["Mistral"]
 # Gemma 2 and 3 (pyengine.models.gemma3 adds their sandwich norms, per-type rotary, soft-capping).
 FAMILIES["Gemma2"] = Family("model", norm_offset=1.0, embed_scale=True, mlp_bias=False, sliding="layer_types")
 FAMILIES["Gemma3"] = FAMILIES["Gemma3Text"] = Family("model", norm_offset=1.0, embed_scale=True, mlp_bias=False,
@@ -169,7 +172,7 @@ class DecoderForSequenceClassification(nn.Module):
         hd = _cfg(config, "head_dim", default=H // nh)
         if nh % nkv:
             raise ValueError(f"{arch}: num_attention_heads={nh} is not a multiple of num_key_value_heads={nkv}")
-        I = _cfg(config, "intermediate_size", "n_inner", default=4 * H)
+        self.I = _cfg(config, "intermediate_size", "n_inner", default=4 * H)
         self.nh, self.nkv, self.hd, self.H = nh, nkv, hd, H
         self.eps = _cfg(config, "rms_norm_eps", "layer_norm_epsilon", "layer_norm_eps", default=1e-6)
         if fam.layout == "gte":
@@ -228,10 +231,7 @@ class DecoderForSequenceClassification(nn.Module):
             m.k_norm = _p(hd, **kw) if fam.qk_norm else None
             m.ln1_w, m.ln1_b = _p(H, **kw), (_p(H, **kw) if nb else None)
             m.ln2_w, m.ln2_b = _p(H, **kw), (_p(H, **kw) if nb else None)
-            up = 2 * I if fam.gated else I
-            m.up_w, m.up_b = _p(up, H, **kw), (_p(up, **kw) if mlp_bias else None)
-            m.down_w = _p(H, I, **kw)
-            m.down_b = _p(H, **kw) if (mlp_bias or fam.layout == "gte") else None
+            self._build_mlp(len(self.layers), m, mlp_bias, kw)
             self.layers.append(m)
         if not fam.post_norm:  # the final norm runs on the pooled rows in fp32
             self.norm_w, self.norm_b = _p(H, **f32), (_p(H, **f32) if nb else None)
@@ -252,6 +252,15 @@ class DecoderForSequenceClassification(nn.Module):
             self.score_w, self.score_b = _p(self.num_labels, H, **f32), _p(self.num_labels, **f32)
         else:
             self.score_w, self.score_b = _p(self.num_labels, H, **f32), None
+
+    def _build_mlp(self, i, m, bias, kw):
+        """Layer i's feed-forward parameters on module m: the dense MLP, up_w (2I, H)
+        packed [gate | up] (I rows without a gate), down_w (H, I)."""
+        H, I = self.H, self.I
+        up = 2 * I if self.fam.gated else I
+        m.up_w, m.up_b = _p(up, H, **kw), (_p(up, **kw) if bias else None)
+        m.down_w = _p(H, I, **kw)
+        m.down_b = _p(H, **kw) if (bias or self.fam.layout == "gte") else None
 
     # ------------------------------------------------------------------ options
     @property
@@ -441,7 +450,7 @@ class DecoderForSequenceClassification(nn.Module):
             if key.startswith("self_attn.") and key[10:12] in ("q_", "k_", "v_") and "_proj." in key:
                 kind = "w" if key.endswith("weight") else "b"
                 return [(p + f"qkv_{kind}", qkv[key[10]], None)]
-            I = self.layers[0].down_w.shape[1]
+            I = self.I
             sub = {"self_attn.o_proj.weight": ("o_w", None), "self_attn.o_proj.bias": ("o_b", None),
                    "self_attn.qkv_proj.weight": ("qkv_w", None), "mlp.gate_up_proj.weight": ("up_w", None),
                    "self_attn.q_norm.weight": ("q_norm", None), "self_attn.k_norm.weight": ("k_norm", None),
@@ -480,7 +489,7 @@ class DecoderForSequenceClassification(nn.Module):
             return []
         i, key = parts[2], ".".join(parts[3:])
         p = f"layers.{i}."
-        I = self.layers[0].down_w.shape[1]
+        I = self.I
         if key.startswith("attention.") and key.split(".")[1] in ("q_proj", "k_proj", "v_proj"):
             kind = "w" if key.endswith("weight") else "b"
             return [(p + f"qkv_{kind}", qkv[key.split(".")[1][0]], None)]
@@ -533,7 +542,7 @@ class DecoderForSequenceClassification(nn.Module):
         sink.put("score_w", convert.token_head(rows, self.method))
 
     def _expected(self, params):
-        I = self.layers[0].down_w.shape[1]
+        I = self.I
         nh, nkv, hd = self.nh, self.nkv, self.hd
         split = {}
         if (self.fam.layout == "llama" and not self.fam.fused) or \
