@@ -10,7 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
-                          Qwen2VLForConditionalGeneration, Qwen3VLConfig, Qwen3VLForConditionalGeneration)
+                          Qwen2VLForConditionalGeneration, Qwen3VLConfig, Qwen3VLForConditionalGeneration,
+                          Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration)
 
 from pyengine import LLM
 from pyengine.multimodal import ImageProcessor, rope_positions
@@ -29,7 +30,8 @@ IMG = "<|vision_start|><|image_pad|><|vision_end|>"
 # generation -> (config, transformers model, architecture prefix, patch size)
 GENS = {"2": (Qwen2VLConfig, Qwen2VLForConditionalGeneration, "Qwen2VL", 14),
         "2.5": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, "Qwen2_5_VL", 14),
-        "3": (Qwen3VLConfig, Qwen3VLForConditionalGeneration, "Qwen3VL", 16)}
+        "3": (Qwen3VLConfig, Qwen3VLForConditionalGeneration, "Qwen3VL", 16),
+        "3-moe": (Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration, "Qwen3VLMoe", 16)}
 MIN_PIX = 56 * 56
 
 
@@ -39,7 +41,7 @@ def max_pix(patch):
 
 def stats(gen):
     """Qwen3-VL's processor normalises with 0.5/0.5; the others with CLIP's statistics."""
-    return ([0.5] * 3, [0.5] * 3) if gen == "3" else ([0.48145466, 0.4578275, 0.40821073],
+    return ([0.5] * 3, [0.5] * 3) if gen.startswith("3") else ([0.48145466, 0.4578275, 0.40821073],
                                                       [0.26862954, 0.26130258, 0.27577711])
 
 
@@ -56,13 +58,15 @@ def _config(gen, vocab, ids, width):
         vis.update(hidden_size=vw, intermediate_size=64, out_hidden_size=width)
     if gen == "2.5":  # windows of 2x2 tokens in blocks 0 and 2, block 1 attends to the whole image
         vis.update(window_size=56, fullatt_block_indexes=[1])
-    if gen == "3":  # a 3x3 learned position grid resampled to each image; deepstack after blocks 0 and 1
+    if gen.startswith("3"):  # a 3x3 learned position grid resampled to each image; deepstack after blocks 0, 1
         vis.update(num_position_embeddings=9, deepstack_visual_indexes=[0, 1])
     text = dict(vocab_size=vocab, hidden_size=width, intermediate_size=96, num_hidden_layers=3,
                 num_attention_heads=heads, num_key_value_heads=heads // 2, head_dim=width // heads,
                 max_position_embeddings=512, rope_parameters={
                     "rope_type": "default", "rope_theta": 10000.0,
                     "mrope_section": [half - 2 * (half // 3), half // 3, half // 3]})
+    if gen == "3-moe":  # 4 experts of 40, top 2 (pyengine.models.moe)
+        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=40)
     return C(text_config=text, vision_config=vis, image_token_id=ids[1], video_token_id=ids[3],
              vision_start_token_id=ids[0], vision_end_token_id=ids[2])
 
@@ -144,7 +148,8 @@ def last_hidden(model, ids, imgs):
         return model.model(input_ids=ids, **kw).last_hidden_state[0, -1]
 
 
-@pytest.fixture(scope="module", params=["2.5", "2", "3"], ids=["qwen2.5-vl", "qwen2-vl", "qwen3-vl"])
+@pytest.fixture(scope="module", params=["2.5", "2", "3", "3-moe"], ids=["qwen2.5-vl", "qwen2-vl", "qwen3-vl",
+                                                                         "qwen3-vl-moe"])
 def vl(request, tmp_path_factory):
     path = tmp_path_factory.mktemp("vl")
     return (str(path), *save_vl(path, request.param))

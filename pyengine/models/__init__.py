@@ -61,6 +61,9 @@ for _a in ("Qwen3Moe", "Qwen2Moe", "Mixtral"):
     for _s in ("ForCausalLM", "Model"):
         _REGISTRY[_a + _s] = _MOE
         _CONVERT_ONLY.add(_a + _s)
+_VL_MOE = "pyengine.models.qwen_vl:QwenVLMoeForSequenceClassification"
+_REGISTRY["Qwen3VLMoeForSequenceClassification"] = _REGISTRY["Qwen3VLMoeForConditionalGeneration"] = _VL_MOE
+_CONVERT_ONLY.add("Qwen3VLMoeForConditionalGeneration")
 # Architectures whose head has a fixed width whatever config.json says (as vLLM fixes them).
 _NUM_LABELS = {"JinaVLForRanking": 1, "JinaVLForSequenceClassification": 1, "Qwen2ForRewardModel": 1}
 
@@ -90,7 +93,7 @@ def resolve_architecture(config, convert="auto"):
     if arch in _CONVERT_ONLY and convert == "none":
         raise ValueError(f"{arch} has no classification head; pass convert='classify' (or 'auto') to classify "
                          "its last token")
-    if check_token_head(config) and _REGISTRY[arch] not in (_DECODER, _VL, _GEMMA3, _GRANITE, _MOE):
+    if check_token_head(config) and _REGISTRY[arch] not in (_DECODER, _VL, _GEMMA3, _GRANITE, _MOE, _VL_MOE):
         raise ValueError(f"classifier_from_token is only supported for decoder models, not {arch}")
     if arch in _NUM_LABELS:
         config.num_labels = _NUM_LABELS[arch]

@@ -82,7 +82,7 @@ FAMILIES["ModernBert"] = Family("model", layout="modernbert", norm="layer", caus
                                 pooling="config")
 # The language models of Qwen2-VL, Qwen2.5-VL and Qwen3-VL (pyengine.models.qwen_vl adds the vision tower).
 FAMILIES["Qwen2VL"] = FAMILIES["Qwen2_5_VL"] = FAMILIES["JinaVL"] = FAMILIES["Qwen2"]
-FAMILIES["Qwen3VL"] = FAMILIES["Qwen3"]
+FAMILIES["Qwen3VL"] = FAMILIES["Qwen3VLMoe"] = FAMILIES["Qwen3"]
 # The language model of the Llama-Nemotron VL rerankers (pyengine.models.nemotron_vl adds SigLIP).
 FAMILIES["LlamaNemotronVL"] = FAMILIES["LlamaBidirectional"]
 _SUFFIXES = ("ForSequenceClassification", "ForConditionalGeneration", "ForRanking", "ForRewardModel", "ForCausalLM",
@@ -505,7 +505,8 @@ class DecoderForSequenceClassification(nn.Module):
     def param_targets(self, name):
         """Checkpoint name -> [(param, rows of dim 0 or None, how)]: where a weight of the
         transformers model lands here ([] for names this model does not use). how: None,
-        "t" (a Conv1D weight, stored (in, out)) or ("rows", s) (rows s of the weight)."""
+        "t" (a Conv1D weight, stored (in, out)), ("rows", s) (rows s of the weight) or a
+        function of the weight."""
         if name in ("score.weight", "classifier.weight", "classifier.bias"):
             # A token head is built from the LM head instead (load_weights).
             return [] if self.token_head else [("score_w" if name.endswith("weight") else "score_b", None, None)]
@@ -521,7 +522,7 @@ class DecoderForSequenceClassification(nn.Module):
                 lm_rows = t[self.token_ids].float()
                 continue
             for target, rows, how in self.param_targets(name):
-                src = t.t() if how == "t" else (t[how[1]] if isinstance(how, tuple) else t)
+                src = t.t() if how == "t" else t[how[1]] if isinstance(how, tuple) else how(t) if callable(how) else t
                 sink.put(target, src, rows=rows)
                 if target == "embed" and self.token_head:
                     emb_rows = t[self.token_ids].float()

@@ -1,9 +1,10 @@
-"""Mixture-of-experts decoders as classifiers: Qwen3-MoE, Qwen2-MoE and Mixtral, the
+"""Mixture-of-experts decoders as classifiers: Qwen3-MoE, Qwen2-MoE and Mixtral (and
+Qwen3-VL-MoE's language model, pyengine.models.qwen_vl), the
 decoder of :mod:`pyengine.models.decoder` with sparse feed-forward layers.
 
 A sparse layer routes each token to ``num_experts_per_tok`` of its experts: a softmax
-over the router's logits in fp32, the top k kept (renormalised to sum to 1 for Mixtral
-and where ``norm_topk_prob`` is set), each expert a SwiGLU MLP; Qwen2-MoE adds a shared
+over the router's logits in fp32, the top k kept (renormalised to sum to 1 for Mixtral,
+Qwen3-VL-MoE and where ``norm_topk_prob`` is set), each expert a SwiGLU MLP; Qwen2-MoE adds a shared
 expert scaled by sigmoid(x w_gate). Which layers are sparse: every ``decoder_sparse_step``-th
 one not listed in ``mlp_only_layers`` (Qwen), every one (Mixtral); the others keep the
 dense MLP. The token-expert pairs are sorted by expert so each expert runs one matmul
@@ -12,7 +13,8 @@ not depend on the batch. The expert counts are read on the host, so these models
 without CUDA graphs. LoRA adapters apply to the attention weights and the head.
 
 Checkpoint names: ``mlp.experts.{e}.{gate,up,down}_proj`` (Qwen), ``block_sparse_moe.experts.{e}.w1/w3/w2``
-(Mixtral), or the stacked ``experts.gate_up_proj`` (E, 2I, H) / ``experts.down_proj`` (E, H, I).
+(Mixtral), or the stacked ``experts.gate_up_proj`` (E, 2I, H) / ``experts.down_proj`` (E, H, I)
+(or each expert transposed, as Qwen3-VL-MoE's checkpoints store them).
 """
 from __future__ import annotations
 
@@ -23,6 +25,12 @@ from .decoder import DecoderForSequenceClassification, _cfg, _p
 
 # Per-expert checkpoint names -> (our stacked parameter, which rows of the expert's slot).
 _EXPERT = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up", "down_proj": "down", "w2": "down"}
+
+
+def _expert(t, e, rows):
+    """Expert e of a stacked (E, rows, cols) weight, or of one stored (E, cols, rows)."""
+    w = t[e]
+    return w.t() if w.shape[0] != rows and w.shape[1] == rows else w
 
 
 class MoeDecoderForSequenceClassification(DecoderForSequenceClassification):
@@ -50,9 +58,10 @@ class MoeDecoderForSequenceClassification(DecoderForSequenceClassification):
             raise ValueError(f"{self.arch}: num_experts_per_tok={k} must be between 1 and the {E} experts")
         self.top_k, self.Ie = k, _cfg(c, "moe_intermediate_size", default=self.I)
         # Mixtral always renormalises the kept probabilities and weighs in fp32; Qwen
-        # renormalises where norm_topk_prob says and rounds the weights to the model dtype.
+        # renormalises where norm_topk_prob says (Qwen3-VL-MoE's config has none: always)
+        # and rounds the weights to the model dtype.
         self.mixtral = self.arch.startswith("Mixtral")
-        self.norm_topk = self.mixtral or bool(getattr(c, "norm_topk_prob", False))
+        self.norm_topk = self.mixtral or bool(getattr(c, "norm_topk_prob", True))
         m.router_w = _p(E, H, **kw)
         m.experts_up, m.experts_down = _p(E, 2 * self.Ie, H, **kw), _p(E, H, self.Ie, **kw)
         S = getattr(c, "shared_expert_intermediate_size", 0) or 0
@@ -105,10 +114,12 @@ class MoeDecoderForSequenceClassification(DecoderForSequenceClassification):
         if key == "gate.weight":
             return [(p + "router_w", None, None)]
         # The stacked layout is put expert by expert, so either layout marks the same slots.
+        # Qwen3-VL-MoE's own checkpoints store each expert transposed, (H, 2I) and (I, H).
         if key == "experts.gate_up_proj":
-            return [(p + "experts_up", (e, r), ("rows", (e, r))) for e in range(E) for r in rows.values()]
+            return [(p + "experts_up", (e, r), lambda t, e=e, r=r: _expert(t, e, 2 * Ie)[r])
+                    for e in range(E) for r in rows.values()]
         if key == "experts.down_proj":
-            return [(p + "experts_down", e, ("rows", e)) for e in range(E)]
+            return [(p + "experts_down", e, lambda t, e=e: _expert(t, e, self.H)) for e in range(E)]
         if parts[3] == "experts" and len(parts) == 7 and parts[5] in _EXPERT and parts[6] == "weight":
             e, kind = int(parts[4]), _EXPERT[parts[5]]
             if kind == "down":

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .decoder import DecoderForSequenceClassification, ReluMLPHead, _p, language_config, linear_patches
+from .moe import MoeDecoderForSequenceClassification
 
 # Architecture prefix -> vision tower generation.
 _GENERATIONS = (("Qwen2_5_VL", "2.5"), ("Qwen2VL", "2"), ("Qwen3VL", "3"), ("JinaVL", "2"))
@@ -345,6 +346,11 @@ class QwenVLForSequenceClassification(DecoderForSequenceClassification):
             else:
                 out.append(n)
         return out
+
+
+class QwenVLMoeForSequenceClassification(QwenVLForSequenceClassification, MoeDecoderForSequenceClassification):
+    """Qwen3-VL-MoE: the Qwen3-VL vision tower in front of the Qwen3-MoE decoder
+    (pyengine.models.moe: no CUDA graphs, LoRA on the attention and the head)."""
 
 
 class JinaVLForRanking(ReluMLPHead, QwenVLForSequenceClassification):
