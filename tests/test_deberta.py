@@ -27,6 +27,9 @@ VARIANTS = {
     # content->position only
     "c2p-only": dict(relative_attention=True, position_buckets=8, max_relative_positions=64, pos_att_type=["c2p"],
                      share_att_key=True, norm_rel_ebd="layer_norm", position_biased_input=False, type_vocab_size=0),
+    # no relative attention: the c2p / p2c listed still widen the scale, as in transformers
+    "absolute": dict(relative_attention=False, pos_att_type=["c2p", "p2c"], position_biased_input=True,
+                     type_vocab_size=2),
 }
 
 

@@ -84,6 +84,18 @@ def test_from_2_way_softmax_untied_causal_lm_auto_converted(tmp_path):
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
 
 
+def test_from_2_way_softmax_is_a_sigmoid_whatever_the_problem_type(tmp_path):
+    # The one logit is the log-odds of "yes": a problem_type in the language model's
+    # config (here regression, which would mean identity) does not change its activation.
+    model, _ = save_causal(tmp_path, AutoConfig.for_model("qwen3", problem_type="regression", **_COMMON), seed=5)
+    llm = LLM(str(tmp_path), kernel_backend="torch",
+              hf_overrides={"classifier_from_token": ["no", "yes"], "method": "from_2_way_softmax"})
+    prompts = random_prompts([4, 21], seed=6)
+    got = probs(llm.classify(ids(prompts), use_tqdm=False))[:, 0]
+    ref = last_logits(model, prompts)[:, [NO, YES]].softmax(-1)[:, 1]
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("tokens", [["yes"], [5, 17, 250]])
 def test_no_post_processing(tmp_path, tokens):
     """Head rows W_lm[tokens]: one token is a sigmoid score, several a softmax over them."""

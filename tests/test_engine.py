@@ -116,6 +116,23 @@ def test_lengths_one_to_max_model_len(family):
     assert torch.allclose(got, ref, atol=ATOL, rtol=0), report(got, ref)
 
 
+def test_pad_tokens_inside_prompts(family):
+    # A pad token inside a token prompt is a token like any other, except that RoBERTa's
+    # positions skip it (transformers counts the non-pad tokens only), in every batch.
+    name, path, model, tok = family
+    pad = model.config.pad_token_id
+    g = torch.Generator().manual_seed(9)
+    prompts = [torch.randint(5, model.config.vocab_size, (n,), generator=g).tolist() for n in (6, 9, 12)]
+    prompts[0][2] = prompts[1][-1] = pad
+    prompts[2][3] = prompts[2][4] = pad
+    llm = LLM(str(path))
+    got = torch.tensor([o.outputs.probs for o in llm.classify([{"prompt_token_ids": p} for p in prompts],
+                                                               use_tqdm=False)])
+    with torch.no_grad():
+        ref = torch.stack([model(input_ids=torch.tensor([p])).logits[0].float().softmax(-1) for p in prompts])
+    assert torch.allclose(got, ref, atol=ATOL, rtol=0), report(got, ref)
+
+
 def test_batch_invariance(family):
     # A prompt's result must not depend on its batch mates (fp32: 1e-5).
     name, path, model, tok = family

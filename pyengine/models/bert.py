@@ -135,11 +135,21 @@ class BertForSequenceClassification(nn.Module):
         self.out_w, self.out_b = _p(self.num_labels, H, **f32), _p(self.num_labels, **f32)
 
     # ------------------------------------------------------------------ forward
+    def _roberta_positions(self, batch):
+        """(T,) RoBERTa's position ids, as transformers counts them: pad + the count of
+        non-pad tokens of the sequence so far, and pad itself at a pad token (a prompt
+        without pads gets pad + 1 + its positions)."""
+        pad = self.pad_offset - 1
+        keep = (batch.input_ids != pad).long()
+        seen = torch.cumsum(keep, 0)
+        start = torch.arange(keep.shape[0], device=keep.device) - batch.positions  # each token's sequence start
+        return (seen - seen[start] + keep[start]) * keep + pad
+
     def forward(self, batch, lora=None):
         """batch: RaggedBatch; lora: the batch's adapters (a LoRABatch), or None."""
         ops = self.ops
         T = batch.num_tokens
-        positions = batch.positions + self.pad_offset if self.pad_offset else batch.positions
+        positions = self._roberta_positions(batch) if self.pad_offset else batch.positions
         extra = self.task[0] if self.use_task_id else None  # task_type_ids default to 0
         x = ops.embed_layer_norm(batch.input_ids, positions, batch.token_type_ids, self.word, self.pos,
                                  self.tok_type, self.emb_ln_w, self.emb_ln_b, self.eps, extra)

@@ -51,6 +51,10 @@ def check_token_head(config):
     if method == "from_2_way_softmax" and len(tokens) != 2:
         raise ValueError(f"method 'from_2_way_softmax' needs exactly two tokens [false, true], got {list(tokens)}")
     config.num_labels = 1 if method == "from_2_way_softmax" else len(tokens)
+    if method == "from_2_way_softmax":
+        # Its one logit is the log-odds of the true token: sigmoid, whatever problem_type
+        # the language model's config carries.
+        config.problem_type = None
     return True
 
 

@@ -77,7 +77,8 @@ class DebertaV2ForSequenceClassification(nn.Module):
         self.max_rel = max_rel if max_rel >= 1 else config.max_position_embeddings
         self.buckets = buckets
         self.span = buckets if buckets > 0 else self.max_rel
-        self.scale = (self.hd * (1 + len(self.pos_types))) ** -0.5 if self.relative else self.hd ** -0.5
+        # c2p and p2c widen the scale whether or not relative attention is on, as transformers does.
+        self.scale = (self.hd * (1 + len(self.pos_types))) ** -0.5
         kw, f32 = dict(dtype=dtype, device=device), dict(dtype=torch.float32, device=device)
         self.word = _p(V, E, **kw)
         self.pos = _p(config.max_position_embeddings, E, **kw) if getattr(config, "position_biased_input", True) \
