@@ -151,8 +151,8 @@ def test_pooler_config_overrides_pooling(tmp_path):
 
 
 @pytest.mark.parametrize("rope,match", [
-    ({"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 64}, "rope type 'yarn'"),
-    ({"rope_type": "dynamic", "factor": 2.0}, "rope type 'dynamic'"),
+    ({"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8, "factor": 2.0,
+      "original_max_position_embeddings": 64}, "rope type 'longrope' is not supported"),
     ({"rope_type": "default", "partial_rotary_factor": 0.1}, "partial_rotary_factor=0.1 gives a rotary width 1"),
     ({"rope_type": "default", "partial_rotary_factor": 0.5}, "partial_rotary_factor=0.5 is not supported"),
 ])
@@ -202,6 +202,15 @@ def test_bf16_on_gpu(tmp_path, name):
     {"rope_type": "linear", "factor": 3.0},
     {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
      "original_max_position_embeddings": 64},
+    # YaRN: the ramp between beta_fast and beta_slow, the attention factor from factor
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
+    # ... from mscale / mscale_all_dim, an untruncated ramp, other betas
+    {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 128, "mscale": 1.0,
+     "mscale_all_dim": 0.5, "truncate": False, "beta_fast": 16, "beta_slow": 2},
+    # ... a given attention factor, factor from the two lengths
+    {"rope_type": "yarn", "factor": None, "original_max_position_embeddings": 128, "attention_factor": 1.3},
+    # dynamic NTK: within max_position_embeddings, the default frequencies
+    {"rope_type": "dynamic", "factor": 2.0},
 ])
 def test_rope_frequencies_match_transformers(rope_params, partial):
     """Inverse frequencies (partial rotary included) equal transformers' own init functions."""
@@ -214,5 +223,19 @@ def test_rope_frequencies_match_transformers(rope_params, partial):
     params = rope.rope_parameters(cfg)
     ours = rope.inv_freq(params, rope.rotary_dim(cfg, 32), cfg.max_position_embeddings)
     theirs, scaling = ROPE_INIT_FUNCTIONS[rope_params["rope_type"]](cfg, "cpu")
-    assert ours.shape == (int(32 * partial) // 2,) and scaling == 1.0
+    assert ours.shape == (int(32 * partial) // 2,)
+    assert rope.attention_factor(params, cfg.max_position_embeddings) == pytest.approx(scaling, rel=1e-12)
     torch.testing.assert_close(ours, theirs.float(), atol=0, rtol=1e-6)
+
+
+def test_yarn_model_matches_transformers(tmp_path):
+    # Qwen3 with YaRN over an original context of 64: scaled frequencies and cos/sin
+    # scaled by the attention factor, on prompts past the original context.
+    cfg = CONFIGS["qwen3"]()
+    cfg.rope_parameters = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                           "original_max_position_embeddings": 64}
+    model, _ = save_tiny(tmp_path, cfg, tokenizer="decoder")
+    prompts = random_prompts([5, 70, 200], seed=9)
+    got = probs(LLM(str(tmp_path), kernel_backend="torch").classify(ids(prompts), use_activation=False,
+                                                                    use_tqdm=False))
+    torch.testing.assert_close(got, hf_logits(model, prompts), atol=1e-4, rtol=1e-5)

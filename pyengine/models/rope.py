@@ -3,7 +3,9 @@
 Frequencies follow transformers' formulas in fp32 (inverse frequencies and the
 position product both in fp32), so cos/sin agree bit for bit with the checkpoint's
 own modeling code; ``ops.rotary`` then rotates the first R dims of each head at the
-packed positions.
+packed positions. YaRN scales cos and sin by its attention factor. Dynamic NTK
+scaling changes the frequencies only past ``max_position_embeddings``, which no
+prompt reaches here (it is the length limit), so it takes the default frequencies.
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import math
 
 import torch
 
-SUPPORTED = ("default", "linear", "llama3", "ntk")
+SUPPORTED = ("default", "linear", "llama3", "ntk", "yarn", "dynamic")
 
 
 def rope_parameters(config):
@@ -69,6 +71,8 @@ def inv_freq(params, rotary_dim, max_position_embeddings):
     freqs = 1.0 / base ** exps
     if kind == "linear":
         return freqs / factor
+    if kind == "yarn":
+        return _yarn(params, freqs, factor, rotary_dim, max_position_embeddings)
     if kind == "llama3":
         old = params.get("original_max_position_embeddings") or max_position_embeddings
         low, high = float(params["low_freq_factor"]), float(params["high_freq_factor"])
@@ -79,6 +83,49 @@ def inv_freq(params, rotary_dim, max_position_embeddings):
         medium = ~(wavelen < old / high) & ~(wavelen > old / low)
         return torch.where(medium, smoothed, scaled)
     return freqs
+
+
+def _original_max(params, max_position_embeddings):
+    return params.get("original_max_position_embeddings") or max_position_embeddings
+
+
+def _yarn(params, freqs, factor, dim, max_position_embeddings):
+    """YaRN: interpolated (freqs / factor) below the low-rotation band, extrapolated
+    (freqs) above the high one, a linear ramp between (beta_fast, beta_slow rotations
+    over the original context)."""
+    base = float(params["rope_theta"])
+    old = _original_max(params, max_position_embeddings)
+    if params.get("factor") is None:
+        factor = max_position_embeddings / old
+
+    def at(rotations):
+        return dim * math.log(old / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = at(params.get("beta_fast") or 32), at(params.get("beta_slow") or 1)
+    if params.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ramp  # the share of the unscaled frequency
+    return freqs / factor * (1 - keep) + freqs * keep
+
+
+def attention_factor(params, max_position_embeddings):
+    """The scale YaRN puts on cos and sin (1 for the other types): the checkpoint's
+    ``attention_factor``, else 0.1 ln(factor) + 1 (or the mscale / mscale_all_dim ratio)."""
+    if params["rope_type"] != "yarn":
+        return 1.0
+    if params.get("attention_factor") is not None:
+        return float(params["attention_factor"])
+    factor = params.get("factor") or max_position_embeddings / _original_max(params, max_position_embeddings)
+
+    def m(scale, k=1.0):
+        return 1.0 if scale <= 1 else 0.1 * k * math.log(scale) + 1.0
+
+    mscale, all_dim = params.get("mscale"), params.get("mscale_all_dim")
+    return float(m(factor, mscale) / m(factor, all_dim)) if mscale and all_dim else m(factor)
 
 
 def rotary_dim(config, head_dim):
@@ -100,6 +147,9 @@ def cos_sin_table(config, head_dim, max_pos, device, partial=True):
     if r != head_dim and not partial:
         raise ValueError(f"partial_rotary_factor={params['partial_rotary_factor']} is not supported for this "
                          "architecture: its transformers implementation rotates the whole head")
-    f = inv_freq(params, r, getattr(config, "max_position_embeddings", max_pos))
+    limit = getattr(config, "max_position_embeddings", max_pos)
+    f = inv_freq(params, r, limit)
     ang = torch.arange(max_pos, dtype=torch.float32)[:, None] * f[None, :]
-    return torch.cat((ang.cos(), ang.sin()), dim=-1).to(device)
+    table = torch.cat((ang.cos(), ang.sin()), dim=-1)
+    scale = attention_factor(params, limit)
+    return (table * scale if scale != 1.0 else table).to(device)
