@@ -616,6 +616,23 @@ def image_from_data_url(url, where):
     return img
 
 
+def video_from_data_url(url, where):
+    """A video sent as JPEG frames, ``data:video/jpeg;base64,<frame>,<frame>,...`` (each
+    frame base64 on its own, as vLLM's video loader takes them) -> a list of PIL images.
+    Other video types are refused: there is no video decoder here."""
+    if not isinstance(url, str):
+        raise TypeError(f"{where}: a video URL must be a string, got {type(url).__name__}")
+    if not url.startswith("data:"):
+        raise ValueError(f"{where}: videos are not fetched from URLs or files; send the frames as a data URL "
+                         "(data:video/jpeg;base64,<frame>,<frame>,...)")
+    head, _, data = url.partition(",")
+    if head.lower() != "data:video/jpeg;base64" or not data:
+        raise ValueError(f"{where}: a video is taken as JPEG frames, data:video/jpeg;base64,<frame>,<frame>,... "
+                         f"(there is no video decoder here), got {head[:40]!r}")
+    return [image_from_data_url("data:image/jpeg;base64," + f, f"{where} frame {i}")
+            for i, f in enumerate(data.split(","))]
+
+
 def _kind(x):
     return x.kind if isinstance(x, Embeds) else VIDEO if isinstance(x, Video) else IMAGE
 

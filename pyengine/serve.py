@@ -207,10 +207,11 @@ class Server:
 
     # ------------------------------------------------------------------ tokenizer thread
     def _chat_prompt(self, req):
-        """``req.messages`` rendered into one parsed prompt (with its images, if any)."""
-        images = [] if self.core.inputs.images is not None else None
-        text = render_chat(self.core.tokenizer, req, self.chat_template, images)
-        return parse_prompts({"prompt": text, "multi_modal_data": {"image": images}} if images else text)
+        """``req.messages`` rendered into one parsed prompt (with its images and videos, if any)."""
+        media = {"image": [], "video": []} if self.core.inputs.images is not None else None
+        text = render_chat(self.core.tokenizer, req, self.chat_template, media)
+        data = {k: v for k, v in (media or {}).items() if v}
+        return parse_prompts({"prompt": text, "multi_modal_data": data} if data else text)
 
     def _prepare_single(self, req: ClassifyRequest, prompts):
         """Messages or parsed input -> (TokenizedPrompts, activation)."""

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from transformers import PreTrainedTokenizerBase
 
 from .inputs import all_ints
-from .multimodal import image_from_data_url
+from .multimodal import image_from_data_url, video_from_data_url
 
 
 class ApiError(Exception):
@@ -218,29 +218,42 @@ def decode_image(url, where):
         raise ApiError(400, str(e)) from None
 
 
-def _message_parts(content, where, images):
-    """Content parts with images: text parts kept, each image_url part decoded into
-    ``images`` and replaced by {'type': 'image'} for the chat template to place."""
+def decode_video(url, where):
+    """A ``video_url`` part's frames: JPEG frames in one data URL (pyengine.multimodal)."""
+    try:
+        return video_from_data_url(url, where)
+    except (TypeError, ValueError) as e:
+        raise ApiError(400, str(e)) from None
+
+
+def _message_parts(content, where, media):
+    """Content parts with images or videos: text parts kept, each image_url (video_url)
+    part decoded into ``media["image"]`` (``media["video"]``) and replaced by {'type':
+    'image'} ({'type': 'video'}) for the chat template to place."""
     parts = []
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text" and isinstance(part.get("text"), str):
             parts.append({"type": "text", "text": part["text"]})
-        elif kind == "image_url":
-            url = part.get("image_url")
-            images.append(decode_image(url.get("url") if isinstance(url, dict) else url, f"{where}.content[{j}]"))
-            parts.append({"type": "image"})
+        elif kind in ("image_url", "video_url"):
+            url = part.get(kind)
+            url, at = (url.get("url") if isinstance(url, dict) else url), f"{where}.content[{j}]"
+            image = kind == "image_url"
+            media["image" if image else "video"].append(decode_image(url, at) if image else decode_video(url, at))
+            parts.append({"type": "image" if image else "video"})
         else:
-            raise ApiError(400, f"{where}.content[{j}] must be a text part {{'type': 'text', 'text': str}} or an "
-                                "image part {'type': 'image_url', 'image_url': {'url': 'data:...'}}")
+            raise ApiError(400, f"{where}.content[{j}] must be a text part {{'type': 'text', 'text': str}}, an "
+                                "image part {'type': 'image_url', 'image_url': {'url': 'data:...'}} or a video "
+                                "part {'type': 'video_url', 'video_url': {'url': 'data:video/jpeg;base64,...'}}")
     return parts
 
 
-def render_chat(tokenizer, req: ClassifyRequest, default_template: str | None = None, images=None) -> str:
+def render_chat(tokenizer, req: ClassifyRequest, default_template: str | None = None, media=None) -> str:
     """The prompt text the chat template (the request's, else ``default_template``, the
-    server's, else the tokenizer's) makes of ``req.messages``. images: None for a
-    text-only model; else a list that receives the decoded images of image_url parts, in
-    order (those messages reach the template as parts, images as {'type': 'image'})."""
+    server's, else the tokenizer's) makes of ``req.messages``. media: None for a
+    text-only model; else {"image": [], "video": []}, which receive the decoded images of
+    image_url parts and the frames of video_url parts, in order (those messages reach the
+    template as parts: {'type': 'image'}, {'type': 'video'})."""
     if tokenizer is None:
         raise ApiError(400, "chat messages need a tokenizer, and this model was loaded without one")
     if not req.messages:
@@ -250,9 +263,9 @@ def render_chat(tokenizer, req: ClassifyRequest, default_template: str | None = 
         if not isinstance(m.get("role"), str):
             raise ApiError(400, f"messages[{i}] needs a string 'role'")
         content, where = m.get("content", ""), f"messages[{i}]"
-        with_images = images is not None and isinstance(content, list) and any(
-            isinstance(p, dict) and p.get("type") == "image_url" for p in content)
-        content = _message_parts(content, where, images) if with_images else _message_text(content, where)
+        with_media = media is not None and isinstance(content, list) and any(
+            isinstance(p, dict) and p.get("type") in ("image_url", "video_url") for p in content)
+        content = _message_parts(content, where, media) if with_media else _message_text(content, where)
         msgs.append({**m, "content": content})
     kwargs = dict(req.chat_template_kwargs or {})
     clash = sorted(set(kwargs) & _RESERVED)

@@ -282,3 +282,61 @@ def test_preparing_many_media_prompts_shows_a_progress_bar(vlv, capsys):
     assert shown == quiet
     llm.classify(prompts, use_tqdm=False)
     assert "Preparing inputs" not in capsys.readouterr().err
+
+
+VCHAT = ("{% for m in messages %}{{ m.role }}: {% if m.content is string %}{{ m.content }}{% else %}"
+         "{% for p in m.content %}{% if p.type == 'video' %}" + VID + "{% elif p.type == 'image' %}" + IMG +
+         "{% else %}{{ p.text }}{% endif %}{% endfor %}{% endif %} | {% endfor %}")
+
+
+def test_server_classify_messages_with_videos(vlv):
+    """/classify and /tokenize with a video_url part holding JPEG frames (vLLM's
+    data:video/jpeg;base64,<frame>,<frame>,... form): the result of LLM.classify on the
+    same decoded frames. Other video types, URLs and bad frames are 400s."""
+    pytest.importorskip("fastapi")
+    PIL = pytest.importorskip("PIL.Image")
+    import base64
+    import io
+
+    from pyengine.config import EngineConfig
+    from pyengine.engine import EngineCore
+    from pyengine.serve import Server, serve_in_thread
+    from test_serve import Client
+
+    path, model = vlv[:2]
+    if model.gen != "2.5":
+        pytest.skip("the same server path for both generations")
+    v = frames(21, 3, 4, 6)
+    jpegs = []
+    for f in v:
+        buf = io.BytesIO()
+        PIL.fromarray(f).save(buf, format="JPEG", quality=90)
+        jpegs.append(buf.getvalue())
+    url = "data:video/jpeg;base64," + ",".join(base64.b64encode(j).decode() for j in jpegs)
+    decoded = [np.array(PIL.open(io.BytesIO(j)).convert("RGB")) for j in jpegs]  # what the server sees
+
+    core = EngineCore(EngineConfig(model=path, dtype="float32", kernel_backend="torch"))
+    server = Server(core, ["vlv"], chat_template=VCHAT)
+    base, stop = serve_in_thread(server.build_app())
+    client = Client(base, server)
+    try:
+        msgs = [{"role": "user", "content": [{"type": "text", "text": "what happens "},
+                                             {"type": "video_url", "video_url": {"url": url}}]}]
+        status, body = client.post("/classify", {"messages": msgs})
+        assert status == 200, body
+        want = LLM(path, dtype="float32", kernel_backend="torch").classify(
+            [{"prompt": f"user: what happens {VID} | ", "multi_modal_data": {"video": decoded}}], use_tqdm=False)[0]
+        torch.testing.assert_close(torch.tensor(body["data"][0]["probs"]), torch.tensor(want.outputs.probs),
+                                   atol=1e-5, rtol=0)
+        assert body["usage"]["prompt_tokens"] == len(want.prompt_token_ids)
+        status, body = client.post("/tokenize", {"messages": msgs, "add_generation_prompt": False})
+        assert status == 200 and body["tokens"] == want.prompt_token_ids, body
+        for u, match in (("data:video/mp4;base64,AAAA", "a video is taken as JPEG frames"),
+                         ("https://x/clip.mp4", "not fetched from URLs"),
+                         ("data:video/jpeg;base64," + base64.b64encode(jpegs[0]).decode() + ",AAAA",
+                          "frame 1: cannot decode the image")):
+            bad = [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": u}}]}]
+            status, body = client.post("/classify", {"messages": bad})
+            assert status == 400 and match in body["error"]["message"], (u, body)
+    finally:
+        stop()
