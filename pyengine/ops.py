@@ -304,6 +304,28 @@ def gated_act(x, kind):
     raise ValueError(f"unknown gated activation {kind!r}")
 
 
+def expert_matmul(x, w, experts, weights=None, per_pair=False):
+    """Mixture-of-experts matmul: pair p (token p // k, slot p % k) -> x[row] @ w[e]^T
+    (times weights[token, slot] where given), e = experts[token, slot]. x: (T, K), or
+    with per_pair (T * k, K); w: (E, N, K); experts, weights: (T, k). Returns (T * k, N).
+    One matmul per expert over its pairs, sorted by expert (reads the counts on the host)."""
+    T, k = experts.shape
+    flat = experts.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=w.shape[0]).tolist()
+    rows = x[order if per_pair else order // k]
+    out = torch.empty(T * k, w.shape[1], dtype=x.dtype, device=x.device)
+    at = 0
+    for e, n in enumerate(counts):
+        if n:
+            y = F.linear(rows[at:at + n], w[e])
+            if weights is not None:
+                y = (y.float() * weights.reshape(-1)[order[at:at + n], None].float()).to(x.dtype)
+            out[order[at:at + n]] = y
+            at += n
+    return out
+
+
 def embed_layer_norm(input_ids, positions, token_type_ids, word, pos, type_, weight, bias, eps,
                      extra=None):
     """BERT embeddings: LayerNorm(word[ids] + pos[positions] + type[token_type_ids] (+ extra)).
@@ -408,7 +430,7 @@ def selective_scan(x, dt, A, B, C, D, z, dt_bias, cu_seqlens, max_seqlen):
 
 OP_NAMES = ("varlen_attention", "pooled_query_attention", "gather_pooled", "activation", "add_layer_norm",
             "add_rms_norm", "rotary", "qk_norm_rotary", "gated_act", "embed_layer_norm", "pooled_norm",
-            "causal_conv1d", "selective_scan")
+            "causal_conv1d", "selective_scan", "expert_matmul")
 
 # Where the faster versions live: "module:function". A module that is missing or fails
 # to import (no triton, no built extension) simply makes that backend unavailable.
@@ -416,7 +438,7 @@ _TRITON = {name: f"pyengine.kernels.{name}:{name}" for name in OP_NAMES}
 _CUDA = {name: f"pyengine.cuda_ops:{name}" for name in OP_NAMES}
 _IMPLS = {"triton": _TRITON, "cuda": _CUDA}
 # Torch references that copy cu_seqlens to the host (a sync, and no CUDA graph capture).
-_HOST_READS = ("varlen_attention", "selective_scan")
+_HOST_READS = ("varlen_attention", "selective_scan", "expert_matmul")
 
 
 def _load(spec):

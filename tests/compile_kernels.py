@@ -156,6 +156,14 @@ def main(arch=90, tuned_files=()):
     qkv = z(T, 64 + 2 * 8, 96)
     qk_norm_rotary(qkv[:, :64], qkv[:, 64:72], z(96), z(96), z(T, dtype=torch.int32), z(10, 48), 1e-6, 1.0, False)
     _patched("gated_act", target)(z(T, 2 * 3072, dtype=bf), "gelu")
+    # Qwen3-30B-A3B's expert shapes (H 2048, I 768, top 8; 8 experts here, E changes no
+    # constexpr): the [gate | up] matmul over tokens, the weighted down matmul over pairs;
+    # and fp32 with full-precision dots
+    expert_matmul = _patched("expert_matmul", target)
+    experts = torch.arange(T * 8).remainder(8).view(T, 8)
+    expert_matmul(z(T, 2048, dtype=bf), z(8, 2 * 768, 2048, dtype=bf), experts)
+    expert_matmul(z(T * 8, 768, dtype=bf), z(8, 2048, 768, dtype=bf), experts, z(T, 8, dtype=bf), per_pair=True)
+    expert_matmul(z(T, 64), z(4, 96, 64), experts[:, :2] % 4)
     ids = z(T, dtype=torch.int64)
     _patched("embed_layer_norm", target)(ids, ids, ids, z(100, 768, dtype=bf), z(10, 768, dtype=bf),
                                          z(2, 768, dtype=bf), z(768), z(768), 1e-12, z(768, dtype=bf))

@@ -8,7 +8,7 @@ import torch
 from pyengine.bench import kernels as kb
 
 KERNEL_OPS = ("varlen_attention", "gather_pooled", "activation", "add_layer_norm", "add_rms_norm", "qk_norm_rotary",
-              "rotary", "gated_act", "embed_layer_norm", "pooled_norm")
+              "rotary", "gated_act", "embed_layer_norm", "pooled_norm", "expert_matmul")
 
 
 def test_quick_cpu_run_times_every_op(tmp_path):
@@ -20,7 +20,9 @@ def test_quick_cpu_run_times_every_op(tmp_path):
     assert all(r["error"] is None for r in rows if r["backend"] == "torch")
     sdpa = [r for r in rows if r["backend"] == "sdpa-padded" and r["ms"]]
     assert sdpa and all(r["tflops"] and r["vs_torch"] for r in sdpa)
-    assert all(r["gbps"] and r["pct_copy"] for r in rows if r["backend"] == "torch" and r["op"] != "varlen_attention")
+    compute = ("varlen_attention", "expert_matmul")  # rated in TFLOP/s
+    assert all(r["gbps"] and r["pct_copy"] for r in rows if r["backend"] == "torch" and r["op"] not in compute)
+    assert all(r["tflops"] for r in rows if r["backend"] == "torch" and r["op"] == "expert_matmul")
     assert json.loads(path.read_text()) == rows
     assert "varlen_attention" in out.getvalue() and "GB/s" in out.getvalue()
 

@@ -166,6 +166,18 @@ def cases(device="cpu", quick=False):
     for kind in ("silu", "gelu"):
         out.append(Case("gated_act", kind, f"T={T} I={I}", lambda kind=kind: (rand(T, 2 * I, seed=11), kind),
                         bytes=3 * T * I * es))
+    # Mixture-of-experts matmuls at Qwen3-30B-A3B's shapes (128 experts, top 8, H 2048,
+    # I 768) over one batch of 16k tokens: [gate | up] over tokens, the weighted down over pairs.
+    Tm, E, k, Hm, Im = (40, 4, 2, 64, 32) if quick else (16384, 128, 8, 2048, 768)
+    g = torch.Generator().manual_seed(26)
+    experts = torch.rand(Tm, E, generator=g).topk(k, dim=-1).indices.to(device)
+    out.append(Case("expert_matmul", "moe-up", f"T={Tm} E={E} k={k} H={Hm} N={2 * Im}",
+                    lambda: (rand(Tm, Hm, seed=27), rand(E, 2 * Im, Hm, seed=28), experts),
+                    bytes=(Tm * Hm + E * 2 * Im * Hm + Tm * k * 2 * Im) * es, flops=2.0 * Tm * k * 2 * Im * Hm))
+    out.append(Case("expert_matmul", "moe-down", f"T={Tm} E={E} k={k} I={Im} N={Hm}",
+                    lambda: (rand(Tm * k, Im, seed=29), rand(E, Hm, Im, seed=30), experts,
+                             rand(Tm, k, seed=31), True),
+                    bytes=(Tm * k * Im + E * Hm * Im + Tm * k * Hm) * es, flops=2.0 * Tm * k * Im * Hm))
     g = torch.Generator().manual_seed(12)
     ids = torch.randint(0, V, (T,), generator=g).to(device)
     out.append(Case("embed_layer_norm", "bert", f"T={T} H={Hb} V={V}",

@@ -7,10 +7,11 @@ over the router's logits in fp32, the top k kept (renormalised to sum to 1 for M
 Qwen3-VL-MoE and where ``norm_topk_prob`` is set), each expert a SwiGLU MLP; Qwen2-MoE adds a shared
 expert scaled by sigmoid(x w_gate). Which layers are sparse: every ``decoder_sparse_step``-th
 one not listed in ``mlp_only_layers`` (Qwen), every one (Mixtral); the others keep the
-dense MLP. The token-expert pairs are sorted by expert so each expert runs one matmul
-over its tokens, and each token's k outputs are added in a fixed order, so a result does
-not depend on the batch. The expert counts are read on the host, so these models run
-without CUDA graphs. LoRA adapters apply to the attention weights and the head.
+dense MLP. The experts run in ``ops.expert_matmul`` (one Triton launch for all experts,
+no host sync, so CUDA graphs hold it; the torch reference, a matmul per expert, reads
+the counts on the host), and each token's k outputs are added in a fixed order, so a
+result does not depend on the batch. LoRA adapters apply to the attention weights and
+the head.
 
 Checkpoint names: ``mlp.experts.{e}.{gate,up,down}_proj`` (Qwen), ``block_sparse_moe.experts.{e}.w1/w3/w2``
 (Mixtral), or the stacked ``experts.gate_up_proj`` (E, 2I, H) / ``experts.down_proj`` (E, H, I)
@@ -38,7 +39,8 @@ class MoeDecoderForSequenceClassification(DecoderForSequenceClassification):
     experts_up (E, 2I, H) packed [gate | up], experts_down (E, H, I), and for Qwen2-MoE
     shared_up (2S, H), shared_down (H, S), shared_gate (1, H)."""
 
-    graph_ops = ()  # routing reads the experts' token counts on the host
+    # With the torch reference of expert_matmul (a matmul per expert) no CUDA graph.
+    graph_ops = DecoderForSequenceClassification.graph_ops + ("expert_matmul",)
     lora_weights = ("qkv_w", "o_w")
 
     def _sparse(self, i):
@@ -78,22 +80,11 @@ class MoeDecoderForSequenceClassification(DecoderForSequenceClassification):
             weights = weights / weights.sum(-1, keepdim=True)
         if not self.mixtral:
             weights = weights.to(h.dtype)
-        # Token-expert pairs sorted by expert (stable: tokens in order within an expert).
-        flat = experts.flatten()
-        order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=layer.router_w.shape[0]).tolist()
-        xs = h[order // k]
-        ys = torch.empty_like(xs)
-        at = 0
-        for e, n in enumerate(counts):
-            if n:
-                u = self.ops.gated_act(F.linear(xs[at:at + n], layer.experts_up[e]), self.act)
-                ys[at:at + n] = F.linear(u, layer.experts_down[e])
-                at += n
-        y = torch.empty_like(ys)
-        y[order] = ys
-        # Each token's k outputs weighed and added in slot order.
-        out = (y.view(T, k, -1) * weights[..., None]).sum(1).to(h.dtype)
+        # Each (token, slot) pair through its expert; the k weighed outputs of a token
+        # added in slot order.
+        u = self.ops.gated_act(self.ops.expert_matmul(h, layer.experts_up, experts), self.act)
+        y = self.ops.expert_matmul(u, layer.experts_down, experts, weights, per_pair=True)
+        out = y.view(T, k, -1).sum(1)
         if hasattr(layer, "shared_up"):
             s = F.linear(self.ops.gated_act(F.linear(h, layer.shared_up), self.act), layer.shared_down)
             out = out + torch.sigmoid(F.linear(h, layer.shared_gate)) * s
