@@ -179,3 +179,11 @@ def test_bf16_on_gpu(tmp_path, name):
     got = probs(LLM(str(tmp_path), dtype="bfloat16", device="cuda").classify(ids(prompts), use_tqdm=False))
     ref = hf_logits(model, prompts).softmax(-1)
     assert (got - ref).abs().max() < 2e-2
+
+
+def test_benchmark_preset_resolves_to_the_moe_model():
+    from pyengine.bench.presets import architecture_missing, preset_config
+    from pyengine.models import resolve_architecture
+    cfg = preset_config("qwen3-30b-a3b", layers=2)
+    assert architecture_missing(cfg) is None
+    assert resolve_architecture(cfg) == "Qwen3MoeForSequenceClassification"

@@ -49,6 +49,14 @@ PRESETS = {
                                                 norm_rel_ebd="layer_norm", position_biased_input=False,
                                                 type_vocab_size=0, pad_token_id=0, num_labels=1,
                                                 architectures=["DebertaV2ForSequenceClassification"])),
+    # Qwen3-30B-A3B's layer (128 experts of 768, top 8, renormalised); 48 layers in the
+    # checkpoint, fewer with --layers (random weights of all 48 take 61 GB in bf16)
+    "qwen3-30b-a3b": ("Qwen3MoeConfig", dict(_QWEN, hidden_size=2048, num_hidden_layers=48, num_attention_heads=32,
+                                             num_key_value_heads=4, head_dim=128, intermediate_size=6144,
+                                             moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8,
+                                             norm_topk_prob=True, tie_word_embeddings=False,
+                                             max_position_embeddings=40960, num_labels=1,
+                                             architectures=["Qwen3MoeForSequenceClassification"])),
     "tiny": ("BertConfig", dict(_BERT, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
                                 intermediate_size=1024, num_labels=2)),
 }
