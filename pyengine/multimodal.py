@@ -589,15 +589,22 @@ def _frames(frames, where):
     return torch.stack(out)
 
 
-def image_from_data_url(url, where):
-    """A base64 data URL (``data:image/png;base64,...``) decoded into a PIL image. Other
-    URLs are refused: nothing here fetches from the network or reads files."""
+def _data_url(url, where, what, form):
+    """(head, payload) of a data URL; other URLs are refused: nothing here fetches from
+    the network or reads files. what: "image" / "video"; form: an example for messages."""
     if not isinstance(url, str):
-        raise TypeError(f"{where}: an image URL must be a string, got {type(url).__name__}")
+        raise TypeError(f"{where}: {'an' if what == 'image' else 'a'} {what} URL must be a string, "
+                        f"got {type(url).__name__}")
     if not url.startswith("data:"):
-        raise ValueError(f"{where}: images are not fetched from URLs or files; send the image as a data URL "
-                         "(data:image/png;base64,...)")
+        raise ValueError(f"{where}: {what}s are not fetched from URLs or files; send the {what} as a data URL "
+                         f"({form})")
     head, _, data = url.partition(",")
+    return head, data
+
+
+def image_from_data_url(url, where):
+    """A base64 data URL (``data:image/png;base64,...``) decoded into a PIL image."""
+    head, data = _data_url(url, where, "image", "data:image/png;base64,...")
     if not head.endswith(";base64") or not data:
         raise ValueError(f"{where}: a data URL must be base64 (data:image/...;base64,...)")
     try:
@@ -620,12 +627,7 @@ def video_from_data_url(url, where):
     """A video sent as JPEG frames, ``data:video/jpeg;base64,<frame>,<frame>,...`` (each
     frame base64 on its own, as vLLM's video loader takes them) -> a list of PIL images.
     Other video types are refused: there is no video decoder here."""
-    if not isinstance(url, str):
-        raise TypeError(f"{where}: a video URL must be a string, got {type(url).__name__}")
-    if not url.startswith("data:"):
-        raise ValueError(f"{where}: videos are not fetched from URLs or files; send the frames as a data URL "
-                         "(data:video/jpeg;base64,<frame>,<frame>,...)")
-    head, _, data = url.partition(",")
+    head, data = _data_url(url, where, "video", "data:video/jpeg;base64,<frame>,<frame>,...")
     if head.lower() != "data:video/jpeg;base64" or not data:
         raise ValueError(f"{where}: a video is taken as JPEG frames, data:video/jpeg;base64,<frame>,<frame>,... "
                          f"(there is no video decoder here), got {head[:40]!r}")

@@ -17,7 +17,7 @@ from transformers.video_utils import VideoMetadata
 from pyengine import LLM
 from pyengine.multimodal import ImageProcessor, Video, VideoSettings
 from test_qwen_vl import IMG, save_vl
-from test_qwen_vl_video import VID, frames
+from test_qwen_vl_video import VID, assert_batch_invariant, frames
 
 # Video pixel budget of the tiny checkpoint (over all frames, rounded to pairs): 4 frames of
 # 64x96 pixels (4x6 patches of 16) stay as they are.
@@ -231,12 +231,7 @@ def test_fps_sets_the_times_of_frames_without_metadata(vl3):
 
 def test_video_results_do_not_depend_on_the_batch(vl3):
     llm = LLM(vl3[0], dtype="float32", kernel_backend="torch")
-    prompts = [p for p, _ in _cases(5)]
-    together = [o.outputs.probs for o in llm.classify(prompts, use_tqdm=False)]
-    for i, p in enumerate(prompts):
-        alone = llm.classify([p], use_tqdm=False)[0].outputs.probs
-        torch.testing.assert_close(torch.tensor(alone), torch.tensor(together[i]), atol=1e-5, rtol=0,
-                                   msg=lambda m: f"prompt {i}: {m}")
+    assert_batch_invariant(llm, [p for p, _ in _cases(5)])
 
 
 @pytest.mark.parametrize("video, match", [

@@ -188,15 +188,18 @@ def test_videos_match_transformers(vlv, fps):
                                    msg=lambda m: f"prompt {i}: {m}")
 
 
-def test_video_results_do_not_depend_on_the_batch(vlv):
-    path = vlv[0]
-    llm = LLM(path, dtype="float32", kernel_backend="torch")
-    prompts = [p for p, _ in _video_prompts(5)]
+def assert_batch_invariant(llm, prompts):
+    """Each prompt alone gives its result in one call with the others (fp32: 1e-5)."""
     together = [o.outputs.probs for o in llm.classify(prompts, use_tqdm=False)]
     for i, p in enumerate(prompts):
         alone = llm.classify([p], use_tqdm=False)[0].outputs.probs
         torch.testing.assert_close(torch.tensor(alone), torch.tensor(together[i]), atol=1e-5, rtol=0,
                                    msg=lambda m: f"prompt {i}: {m}")
+
+
+def test_video_results_do_not_depend_on_the_batch(vlv):
+    llm = LLM(vlv[0], dtype="float32", kernel_backend="torch")
+    assert_batch_invariant(llm, [p for p, _ in _video_prompts(5)])
 
 
 def test_triton_kernels_in_the_interpreter(tmp_path):
