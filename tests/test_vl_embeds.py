@@ -58,6 +58,9 @@ def test_image_features_score_as_their_pixels(vle):
     torch.testing.assert_close(torch.tensor(a.outputs.probs), torch.tensor(b.outputs.probs), atol=1e-5, rtol=1e-5)
     ref = reference(model, tok, score, text, imgs)
     torch.testing.assert_close(torch.tensor(a.outputs.probs), ref, atol=1e-4, rtol=1e-4)
+    # alone: a batch whose every item is given, the vision tower not run at all
+    alone = llm.classify([by_rows], use_activation=False, use_tqdm=False)[0]
+    torch.testing.assert_close(torch.tensor(alone.outputs.probs), torch.tensor(a.outputs.probs), atol=1e-5, rtol=0)
 
 
 def test_features_and_pixels_mix_in_a_prompt_and_a_batch(vle):

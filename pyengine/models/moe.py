@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from .decoder import DecoderForSequenceClassification, _cfg, _p
 
-# Per-expert checkpoint names -> (our stacked parameter, which rows of the expert's slot).
+# Per-expert checkpoint names -> which part of the expert: [gate | up] halves, or down.
 _EXPERT = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up", "down_proj": "down", "w2": "down"}
 
 
@@ -39,7 +39,7 @@ class MoeDecoderForSequenceClassification(DecoderForSequenceClassification):
     experts_up (E, 2I, H) packed [gate | up], experts_down (E, H, I), and for Qwen2-MoE
     shared_up (2S, H), shared_down (H, S), shared_gate (1, H)."""
 
-    # With the torch reference of expert_matmul (a matmul per expert) no CUDA graph.
+    # Graphs need expert_matmul off its torch reference, which reads counts on the host.
     graph_ops = DecoderForSequenceClassification.graph_ops + ("expert_matmul",)
     lora_weights = ("qkv_w", "o_w")
 

@@ -350,7 +350,7 @@ class QwenVLForSequenceClassification(DecoderForSequenceClassification):
 
 class QwenVLMoeForSequenceClassification(QwenVLForSequenceClassification, MoeDecoderForSequenceClassification):
     """Qwen3-VL-MoE: the Qwen3-VL vision tower in front of the Qwen3-MoE decoder
-    (pyengine.models.moe: no CUDA graphs, LoRA on the attention and the head)."""
+    (pyengine.models.moe: LoRA on the attention and the head)."""
 
 
 class JinaVLForRanking(ReluMLPHead, QwenVLForSequenceClassification):
