@@ -24,6 +24,11 @@ CONFIGS = {
     "qwen3-moe": lambda: AutoConfig.for_model("qwen3_moe", num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                                               num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48,
                                               norm_topk_prob=True, mlp_only_layers=[1], **_COMMON),
+    # a sliding window of 7 on every layer (Qwen3-MoE ignores max_window_layers)
+    "qwen3-moe-window": lambda: AutoConfig.for_model("qwen3_moe", num_attention_heads=4, num_key_value_heads=2,
+                                                     head_dim=16, num_experts=4, num_experts_per_tok=2,
+                                                     moe_intermediate_size=48, use_sliding_window=True,
+                                                     sliding_window=7, max_window_layers=1, **_COMMON),
     # top 3 of 6 not renormalised, a shared expert with its sigmoid gate; every 2nd layer sparse
     "qwen2-moe": lambda: AutoConfig.for_model("qwen2_moe", num_attention_heads=4, num_key_value_heads=4,
                                               num_experts=6, num_experts_per_tok=3, moe_intermediate_size=40,

@@ -19,7 +19,7 @@ the trailing pad to get its number.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -69,9 +69,10 @@ FAMILIES = {
                      o_bias=True, mlp_bias=False, head="pooler", pooling="cls"),
 }
 FAMILIES["New"] = FAMILIES["GteNew"]
-# Mixture-of-experts relatives (pyengine.models.moe adds their sparse layers).
-FAMILIES["Qwen3Moe"], FAMILIES["Qwen2Moe"], FAMILIES["Mixtral"] = FAMILIES["Qwen3"], FAMILIES["Qwen2"], \
-    FAMILIES["Mistral"]
+# Mixture-of-experts relatives (pyengine.models.moe adds their sparse layers). Qwen3-MoE's
+# window, where use_sliding_window sets one, covers every layer (no max_window_layers).
+FAMILIES["Qwen3Moe"] = replace(FAMILIES["Qwen3"], sliding="global")
+FAMILIES["Qwen2Moe"], FAMILIES["Mixtral"] = FAMILIES["Qwen2"], FAMILIES["Mistral"]
 # Gemma 2 and 3 (pyengine.models.gemma3 adds their sandwich norms, per-type rotary, soft-capping).
 FAMILIES["Gemma2"] = Family("model", norm_offset=1.0, embed_scale=True, mlp_bias=False, sliding="layer_types")
 FAMILIES["Gemma3"] = FAMILIES["Gemma3Text"] = Family("model", norm_offset=1.0, embed_scale=True, mlp_bias=False,
@@ -82,7 +83,8 @@ FAMILIES["ModernBert"] = Family("model", layout="modernbert", norm="layer", caus
                                 pooling="config")
 # The language models of Qwen2-VL, Qwen2.5-VL and Qwen3-VL (pyengine.models.qwen_vl adds the vision tower).
 FAMILIES["Qwen2VL"] = FAMILIES["Qwen2_5_VL"] = FAMILIES["JinaVL"] = FAMILIES["Qwen2"]
-FAMILIES["Qwen3VL"] = FAMILIES["Qwen3VLMoe"] = FAMILIES["Qwen3"]
+FAMILIES["Qwen3VL"] = FAMILIES["Qwen3"]
+FAMILIES["Qwen3VLMoe"] = FAMILIES["Qwen3Moe"]
 # The language model of the Llama-Nemotron VL rerankers (pyengine.models.nemotron_vl adds SigLIP).
 FAMILIES["LlamaNemotronVL"] = FAMILIES["LlamaBidirectional"]
 _SUFFIXES = ("ForSequenceClassification", "ForConditionalGeneration", "ForRanking", "ForRewardModel", "ForCausalLM",
