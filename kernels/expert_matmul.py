@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _validate as _v
+from . import _tuned, _validate as _v
 
 
 @triton.jit
@@ -48,6 +48,28 @@ def _expert_matmul_kernel(X, W, OUT, PAIRS, BLOCK_EXPERT, WEIGHTS, N, K, stride_
 
 _check = functools.partial(_v.check, "expert_matmul")
 
+# Candidates the benchmark times (python -m pyengine.bench kernels --op-sweep) on
+# Qwen3-30B-A3B's two expert matmuls, against the launcher's own 64 x 64 x 32 (bf16) on 4
+# warps in 3 stages. Not measured yet.
+SWEEP_CONFIGS = [
+    {"block_n": 128},                                            # wider tiles: fewer passes over x
+    {"block_n": 128, "block_k": 64},
+    {"block_m": 128, "block_n": 128, "num_warps": 8},
+    {"block_m": 128, "block_n": 64, "block_k": 64, "num_warps": 4},
+    {"block_m": 32, "block_n": 128, "block_k": 64},              # short expert runs waste less padding
+    {"block_m": 16, "block_n": 128, "block_k": 128},
+    {"block_k": 64, "num_stages": 4},
+    {"block_n": 128, "block_k": 64, "num_warps": 8, "num_stages": 4},
+]
+_POW2 = ("block_m", "block_n", "block_k", "num_warps")
+_LIMITS = {"block_m": 256, "block_n": 256, "block_k": 256, "num_warps": 16, "num_stages": 6}
+
+
+def tune_key(x, w, experts, weights=None, per_pair=False, config=None):
+    """The shape key of a launch in a tuned-configs file (kernels/_tuned.py): the dtype and
+    the expert weight's (N, K); nothing that depends on the batch."""
+    return f"{_tuned.dtype_name(x.dtype)}/n{w.shape[1]}/k{w.shape[2]}"
+
 
 def align(experts, num_experts, block_m):
     """Pairs sorted by expert, each expert's run padded to whole blocks, on the device
@@ -76,8 +98,9 @@ def align(experts, num_experts, block_m):
 
 
 def _launch(x, w, experts, weights=None, per_pair=False, config=None):
-    """config: None or a dict of "block_m", "block_n", "block_k", "num_warps" (powers of
-    two; block_m, block_n, block_k at least 16, as tl.dot needs)."""
+    """config: None (the tuned config for this shape where a configs file has one, else
+    the launcher's choice) or a dict of "block_m", "block_n", "block_k", "num_warps"
+    (powers of two; the blocks at least 16, as tl.dot needs) and "num_stages"."""
     _check(isinstance(w, torch.Tensor) and w.dim() == 3, lambda: f"w must be (E, N, K), got {getattr(w, 'shape', w)}")
     E, N, K = w.shape
     _v.check_float("expert_matmul", "x", x, 2, "(rows, K)")
@@ -96,10 +119,11 @@ def _launch(x, w, experts, weights=None, per_pair=False, config=None):
                lambda: f"weights must be {tuple(experts.shape)} on {x.device}, got {getattr(weights, 'shape', None)}")
     # Fixed blocks whatever the batch (a shape-dependent choice would compile a kernel
     # per batch size class).
+    if config is None:
+        config = _tuned.lookup(x.device, "triton/expert_matmul", lambda: tune_key(x, w, experts))
     cfg = _v.launch_config("expert_matmul", config, {"block_m": 64, "block_n": 64,
                                                      "block_k": 64 if x.dtype == torch.float32 else 32,
-                                                     "num_warps": 4},
-                           ("block_m", "block_n", "block_k", "num_warps"), {"num_warps": 16})
+                                                     "num_warps": 4, "num_stages": 3}, _POW2, _LIMITS)
     for name in ("block_m", "block_n", "block_k"):
         _check(cfg[name] >= 16, lambda: f"config[{name!r}] must be at least 16, got {cfg[name]}")
     out = torch.empty((T * k, N), dtype=x.dtype, device=x.device)
@@ -112,7 +136,7 @@ def _launch(x, w, experts, weights=None, per_pair=False, config=None):
                                 w.stride(1), out.stride(0), TOP_K=k, PER_PAIR=per_pair,
                                 HAS_WEIGHT=weights is not None, IEEE=x.dtype == torch.float32,
                                 BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"],
-                                num_warps=cfg["num_warps"])
+                                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out
 
 

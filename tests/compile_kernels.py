@@ -171,7 +171,7 @@ def main(arch=90, tuned_files=()):
     # The --op-sweep candidates of the memory-bound ops, on the benchmark's shapes (bf16,
     # H = 1024, Qwen3-0.6B's heads and MLP); the patched modules launch the stubs.
     mods = {op: importlib.import_module(f"pyengine.kernels.{op}")
-            for op in ("gated_act", "qk_norm_rotary", "gather_pooled", "pooled_norm")}
+            for op in ("gated_act", "qk_norm_rotary", "gather_pooled", "pooled_norm", "expert_matmul")}
     qkv = z(T, 16 + 2 * 8, 128, dtype=bf)
     calls = {
         "gated_act": lambda cfg: [mods["gated_act"]._launch(z(T, 2 * 3072, dtype=bf), kind, config=cfg)
@@ -182,6 +182,10 @@ def main(arch=90, tuned_files=()):
         "gather_pooled": lambda cfg: mods["gather_pooled"]._launch(h, cu, "mean", config=cfg),
         "pooled_norm": lambda cfg: mods["pooled_norm"]._launch(h, cu, "mean", "layer", z(H, dtype=bf),
                                                                z(H, dtype=bf), 1e-6, config=cfg),
+        "expert_matmul": lambda cfg: [
+            mods["expert_matmul"]._launch(z(T, 2048, dtype=bf), z(8, 2 * 768, 2048, dtype=bf), experts, config=cfg),
+            mods["expert_matmul"]._launch(z(T * 8, 768, dtype=bf), z(8, 2048, 768, dtype=bf), experts,
+                                          z(T, 8, dtype=bf), True, config=cfg)],
     }
     for op, call in calls.items():
         for cfg in mods[op].SWEEP_CONFIGS:
@@ -215,6 +219,9 @@ def _tuned_launch(op, key, bf):
         qkv = z(T, hq + 2 * hk, d, dtype=dt)
         return lambda f: f(qkv[:, :hq], qkv[:, hq:hq + hk], z(d, dtype=dt), z(d, dtype=dt), z(T, dtype=torch.int64),
                            z(10, r), 1e-6)
+    if op == "expert_matmul":
+        n, k = (int(p[1:]) for p in parts[1:3])
+        return lambda f: f(z(T, k, dtype=dt), z(4, n, k, dtype=dt), torch.arange(T * 2).remainder(4).view(T, 2))
     H = num["h"]
     if op == "gather_pooled":
         return lambda f: f(z(T, H, dtype=dt), cu, parts[2])

@@ -113,6 +113,7 @@ def _tiny_sweep_cases(device, quick=False):
     cu = torch.tensor([0, 1, 4], dtype=torch.int32)
     pos = torch.tensor([0, 0, 1, 2])
     cos_sin = torch.cat([torch.ones(3, 4), torch.zeros(3, 4)], 1)
+    experts = torch.tensor([[0, 1], [1, 0], [1, 0], [0, 1]])
 
     def qk():
         qkv = randn(4, 4, 8)
@@ -123,22 +124,30 @@ def _tiny_sweep_cases(device, quick=False):
             kb.Case("gather_pooled", "mean", "T=4", lambda: (randn(4, 16), cu, "mean"), bytes=4 * 6 * 16),
             kb.Case("pooled_norm", "mean-layer", "T=4",
                     lambda: (randn(4, 16), cu, "mean", "layer", torch.ones(16), torch.zeros(16), 1e-6),
-                    bytes=4 * 6 * 16)]
+                    bytes=4 * 6 * 16),
+            kb.Case("expert_matmul", "moe-up", "T=4 E=2 k=2",
+                    lambda: (randn(4, 16), randn(2, 32, 16), experts), bytes=4 * 400, flops=2.0 * 8 * 32 * 16),
+            kb.Case("expert_matmul", "moe-down", "T=4 E=2 k=2",
+                    lambda: (randn(8, 16), randn(2, 16, 16), experts, randn(4, 2), True), bytes=4 * 400,
+                    flops=2.0 * 8 * 16 * 16)]
 
 
 def test_op_sweep_times_each_candidate(monkeypatch):
     # Interpreter run on 4-token cases, one candidate per op: each row timed and checked
     # against the op's default config; the CUDA loop is skipped on CPU.
-    from pyengine.kernels import gated_act, gather_pooled, pooled_norm, qk_norm_rotary
+    from pyengine.kernels import expert_matmul, gated_act, gather_pooled, pooled_norm, qk_norm_rotary
 
     for mod, cfg in ((gated_act, {"block": 16}), (qk_norm_rotary, {"heads": 1}),
                      (gather_pooled, {"block_h": 8, "block_t": 2, "stages": 2}),
-                     (pooled_norm, {"block_t": 2, "splits": 2, "stages": 2})):
+                     (pooled_norm, {"block_t": 2, "splits": 2, "stages": 2}),
+                     (expert_matmul, {"block_m": 16, "block_n": 16, "block_k": 16})):
         monkeypatch.setattr(mod, "SWEEP_CONFIGS", [cfg])
     monkeypatch.setattr(kb, "cases", _tiny_sweep_cases)
     out = io.StringIO()
     rows = kb.op_sweep("cpu", repeats=1, out=out)
     assert sorted((r["op"], r["case"], kb.config_label(r["config"])) for r in rows) == [
+        ("expert_matmul", "moe-down", "block_m=16 block_n=16 block_k=16"), ("expert_matmul", "moe-down", "default"),
+        ("expert_matmul", "moe-up", "block_m=16 block_n=16 block_k=16"), ("expert_matmul", "moe-up", "default"),
         ("gated_act", "gelu", "block=16"), ("gated_act", "gelu", "default"),
         ("gated_act", "silu", "block=16"), ("gated_act", "silu", "default"),
         ("gather_pooled", "mean", "block_h=8 block_t=2 stages=2"), ("gather_pooled", "mean", "default"),
@@ -147,7 +156,7 @@ def test_op_sweep_times_each_candidate(monkeypatch):
     for r in rows:
         assert r["error"] is None and r["backend"] == "triton" and r["ms"] > 0 and r["pct_copy"] > 0, r
         assert r["config"] is None or r["max_diff"] < 1e-5, r
-    assert len(kb.best_configs(rows)) == 5
+    assert len(kb.best_configs(rows)) == 7
     assert "config sweep" in out.getvalue() and "best config per case" in out.getvalue()
 
 

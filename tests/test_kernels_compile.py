@@ -22,8 +22,8 @@ import pytest
 
 pytest.importorskip("triton")
 
-# The memory-bound ops with a config sweep (python -m pyengine.bench kernels --op-sweep).
-SWEPT = ("gated_act", "qk_norm_rotary", "gather_pooled", "pooled_norm")
+# The ops with a config sweep besides attention (python -m pyengine.bench kernels --op-sweep).
+SWEPT = ("gated_act", "qk_norm_rotary", "gather_pooled", "pooled_norm", "expert_matmul")
 
 
 _OTHER = os.environ.get("PYENGINE_COMPILE_TRITON_PATH")
@@ -40,6 +40,7 @@ _TUNED_TEST = {
     "triton/qk_norm_rotary": {"bfloat16/hq16/hk8/d128/r128": {"heads": 8}},
     "triton/gather_pooled": {"bfloat16/h1024/mean": {"block_h": 256, "block_t": 16, "num_warps": 4, "stages": 2}},
     "triton/pooled_norm": {"bfloat16/h1024/mean/layer": {"block_t": 2, "num_warps": 4, "stages": 2}},
+    "triton/expert_matmul": {"bfloat16/n1536/k2048": {"block_n": 128, "block_k": 64}},
     "cuda/pooled_norm": {"bfloat16/h1024/mean/layer": {"variant": "slices", "slice_rows": 128}},
 }
 _BUNDLED = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "kernels", "configs", "*.json")))

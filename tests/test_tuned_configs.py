@@ -153,6 +153,21 @@ def test_launchers_take_the_config_of_their_shape(configs_env, monkeypatch):
         (16, 16, 2), built_in[:2] + built_in[2:3], built_in[:2] + built_in[2:3], (32,) + built_in[1:3]]
 
 
+def test_expert_matmul_takes_the_config_of_its_expert_shape(configs_env, monkeypatch):
+    # Keyed by the dtype and the expert weight's (N, K): any batch of tokens takes it.
+    from pyengine.kernels import expert_matmul
+
+    configs_env({"triton/expert_matmul": {"float32/n32/k16": _entry({"block_m": 16, "block_n": 32,
+                                                                      "num_stages": 2})}})
+    launches = _stub_kernel(monkeypatch, expert_matmul, "_expert_matmul_kernel")
+    experts = torch.tensor([[0, 1], [1, 0], [0, 1]])
+    for T in (3, 2):
+        expert_matmul._launch(torch.randn(T, 16), torch.randn(2, 32, 16), experts[:T])
+    expert_matmul._launch(torch.randn(3, 16), torch.randn(2, 24, 16), experts)  # another N: built in
+    assert [(kw["BLOCK_M"], kw["BLOCK_N"], kw["num_stages"]) for _, kw in launches] == [
+        (16, 32, 2), (16, 32, 2), (64, 64, 3)]
+
+
 @pytest.mark.parametrize("ops,call,match", [
     ({"triton/gated_act": {"float32/i8/silu": _entry({"block": 6})}},
      lambda: __import__("pyengine.kernels.gated_act", fromlist=["x"])._launch(torch.randn(2, 16), "silu"),

@@ -563,10 +563,10 @@ def _attention_case_sweep(va, case, device, repeats):
     return rows
 
 
-# The memory-bound ops with launch-config candidates (SWEEP_CONFIGS in their Triton
+# The ops with launch-config candidates besides attention (SWEEP_CONFIGS in their Triton
 # module): op -> the cases of cases() they are timed on.
 SWEEP_CASES = {"gated_act": ("silu", "gelu"), "qk_norm_rotary": ("qwen3",), "gather_pooled": ("mean",),
-               "pooled_norm": ("mean-layer",)}
+               "pooled_norm": ("mean-layer",), "expert_matmul": ("moe-up", "moe-down")}
 
 
 def config_label(config):
