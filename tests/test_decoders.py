@@ -151,8 +151,9 @@ def test_pooler_config_overrides_pooling(tmp_path):
 
 
 @pytest.mark.parametrize("rope,match", [
-    ({"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8, "factor": 2.0,
-      "original_max_position_embeddings": 64}, "rope type 'longrope' is not supported"),
+    ({"rope_type": "longrope", "short_factor": [1.0] * 5, "long_factor": [2.0] * 8,
+      "original_max_position_embeddings": 64}, "longrope short_factor must list 8 factors"),
+    ({"rope_type": "su", "factor": 2.0}, "rope type 'su' is not supported"),
     ({"rope_type": "default", "partial_rotary_factor": 0.1}, "partial_rotary_factor=0.1 gives a rotary width 1"),
     ({"rope_type": "default", "partial_rotary_factor": 0.5}, "partial_rotary_factor=0.5 is not supported"),
 ])
@@ -226,6 +227,54 @@ def test_rope_frequencies_match_transformers(rope_params, partial):
     assert ours.shape == (int(32 * partial) // 2,)
     assert rope.attention_factor(params, cfg.max_position_embeddings) == pytest.approx(scaling, rel=1e-12)
     torch.testing.assert_close(ours, theirs.float(), atol=0, rtol=1e-6)
+
+
+def _longrope(seed, n):
+    g = torch.Generator().manual_seed(seed)
+    return (1.0 + 3.0 * torch.rand(n, generator=g)).tolist()
+
+
+@pytest.mark.parametrize("partial", [1.0, 0.5])
+@pytest.mark.parametrize("factor", [None, 4.0])  # None: max_position_embeddings / original
+def test_longrope_frequencies_match_transformers(partial, factor):
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from pyengine.models import rope
+
+    half = int(32 * partial) // 2
+    rp = {"rope_type": "longrope", "rope_theta": 5000.0, "partial_rotary_factor": partial,
+          "short_factor": _longrope(1, half), "long_factor": _longrope(2, half), "original_max_position_embeddings": 64}
+    if factor:
+        rp["factor"] = factor
+    # Phi3Config keeps the original context at its top level too (default 4096)
+    cfg = AutoConfig.for_model("phi3", num_attention_heads=2, head_dim=32, **_COMMON, rope_parameters=rp,
+                               original_max_position_embeddings=64)
+    params = rope.rope_parameters(cfg)
+    assert params["original_max_position_embeddings"] == 64
+    for long, seq_len in ((False, None), (True, 65)):
+        ours = rope.inv_freq(params, rope.rotary_dim(cfg, 32), cfg.max_position_embeddings, long=long)
+        theirs, scaling = ROPE_INIT_FUNCTIONS["longrope"](cfg, "cpu", seq_len=seq_len)
+        torch.testing.assert_close(ours, theirs.float(), atol=0, rtol=1e-6)
+        assert rope.attention_factor(params, cfg.max_position_embeddings) == pytest.approx(scaling, rel=1e-12)
+
+
+def test_longrope_model_matches_transformers(tmp_path):
+    # Phi-3.5-style LongRoPE over an original context of 32 (partial rotary): prompts of
+    # up to 32 tokens take the short factors, longer ones the long factors, each prompt on
+    # its own in a batch mixing both (transformers run one prompt at a time).
+    cfg = CONFIGS["phi3"]()
+    cfg.original_max_position_embeddings = 32
+    half = int(cfg.hidden_size // cfg.num_attention_heads * cfg.partial_rotary_factor) // 2
+    cfg.rope_parameters = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                           "short_factor": _longrope(3, half), "long_factor": _longrope(4, half),
+                           "original_max_position_embeddings": 32}
+    model, _ = save_tiny(tmp_path, cfg, tokenizer="decoder")
+    from pyengine.models import rope
+    assert rope.long_context(model.config) == 32 and rope.attention_factor(rope.rope_parameters(model.config), 512) > 1
+    prompts = random_prompts([5, 32, 33, 90, 12], seed=10)
+    got = probs(LLM(str(tmp_path), kernel_backend="torch").classify(ids(prompts), use_activation=False,
+                                                                    use_tqdm=False))
+    torch.testing.assert_close(got, hf_logits(model, prompts), atol=1e-4, rtol=1e-5)
 
 
 def test_yarn_model_matches_transformers(tmp_path):

@@ -237,9 +237,14 @@ class DecoderForSequenceClassification(nn.Module):
             self.layers.append(m)
         if not fam.post_norm:  # the final norm runs on the pooled rows in fp32
             self.norm_w, self.norm_b = _p(H, **f32), (_p(H, **f32) if nb else None)
+        self.long_after = None  # LongRoPE: longer sequences take the table's second half
         if not fam.learned_pos:
             cs = rope.cos_sin_table(config, hd, max_pos, device, partial=fam.partial_rotary)
             self.register_buffer("cos_sin", cs, persistent=False)
+            self.long_after = rope.long_context(config)
+            self._long_rows = None  # (batch, positions) of the forward in progress
+            if self.long_after is not None and type(self)._rope is not DecoderForSequenceClassification._rope:
+                raise ValueError(f"{arch}: LongRoPE is supported for the plain decoders only")
         self.token_head = getattr(config, "classifier_from_token", None) is not None
         if self.token_head:
             ids = getattr(config, "classifier_token_ids", None)
@@ -355,7 +360,16 @@ class DecoderForSequenceClassification(nn.Module):
 
     def _rope(self, batch, i):
         """(positions (T,), table (P, R)) for layer i's rotary ops: each token's row of the table."""
-        return batch.positions, self.cos_sin
+        if self.long_after is None:
+            return batch.positions, self.cos_sin
+        if self._long_rows is None or self._long_rows[0] is not batch:
+            # A token of a sequence longer than the original context reads the long
+            # factors' rows; found on the device (no sync), once per forward.
+            cu = batch.cu_seqlens.long()
+            seq = torch.searchsorted(cu[1:], torch.arange(batch.positions.shape[0], device=cu.device), right=True)
+            long = (cu[1:] - cu[:-1])[seq] > self.long_after
+            self._long_rows = (batch, batch.positions + long * (self.cos_sin.shape[0] // 2))
+        return self._long_rows[1], self.cos_sin
 
     def _attend(self, i, layer, h, batch, d, rows, stream):
         """Layer i's attention and the residual stream it adds to: in the last layer with

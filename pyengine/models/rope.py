@@ -3,7 +3,9 @@
 Frequencies follow transformers' formulas in fp32 (inverse frequencies and the
 position product both in fp32), so cos/sin agree bit for bit with the checkpoint's
 own modeling code; ``ops.rotary`` then rotates the first R dims of each head at the
-packed positions. YaRN scales cos and sin by its attention factor. Dynamic NTK
+packed positions. YaRN and LongRoPE scale cos and sin by their attention factor;
+LongRoPE's long factors serve the sequences longer than the original context (each
+sequence on its own, as transformers does for one prompt). Dynamic NTK
 scaling changes the frequencies only past ``max_position_embeddings``, which no
 prompt reaches here (it is the length limit), so it takes the default frequencies.
 """
@@ -13,7 +15,7 @@ import math
 
 import torch
 
-SUPPORTED = ("default", "linear", "llama3", "ntk", "yarn", "dynamic")
+SUPPORTED = ("default", "linear", "llama3", "ntk", "yarn", "dynamic", "longrope")
 
 
 def rope_parameters(config):
@@ -31,6 +33,8 @@ def rope_parameters(config):
         out["rope_type"] = "default"
     if getattr(config, "partial_rotary_factor", None) is not None:
         out.setdefault("partial_rotary_factor", config.partial_rotary_factor)
+    if getattr(config, "original_max_position_embeddings", None) is not None:  # Phi-3 keeps it at the top
+        out.setdefault("original_max_position_embeddings", config.original_max_position_embeddings)
     return out
 
 
@@ -52,8 +56,9 @@ def layer_type_parameters(config, kind, theta_attr, default_theta):
     return params
 
 
-def inv_freq(params, rotary_dim, max_position_embeddings):
-    """(rotary_dim/2,) fp32 inverse frequencies for a rope_parameters dict."""
+def inv_freq(params, rotary_dim, max_position_embeddings, long=False):
+    """(rotary_dim/2,) fp32 inverse frequencies for a rope_parameters dict (LongRoPE: its
+    short factors, or with ``long`` its long ones)."""
     kind, base = params["rope_type"], float(params["rope_theta"])
     if kind not in SUPPORTED:
         raise ValueError(f"rope type {kind!r} is not supported; supported: {', '.join(SUPPORTED)}")
@@ -68,6 +73,12 @@ def inv_freq(params, rotary_dim, max_position_embeddings):
         a = math.log(factor) / (rotary_dim / 2) ** mixed_b
         lam = (a * torch.arange(1, rotary_dim // 2 + 1).float() ** mixed_b).exp()
         return 1.0 / base ** exps / lam
+    if kind == "longrope":
+        name = "long_factor" if long else "short_factor"
+        ext = params.get(name)
+        if not isinstance(ext, (list, tuple)) or len(ext) != rotary_dim // 2:
+            raise ValueError(f"longrope {name} must list {rotary_dim // 2} factors (rotary width / 2), got {ext!r}")
+        return 1.0 / (torch.tensor(ext, dtype=torch.float32) * base ** exps)
     freqs = 1.0 / base ** exps
     if kind == "linear":
         return freqs / factor
@@ -113,13 +124,17 @@ def _yarn(params, freqs, factor, dim, max_position_embeddings):
 
 
 def attention_factor(params, max_position_embeddings):
-    """The scale YaRN puts on cos and sin (1 for the other types): the checkpoint's
-    ``attention_factor``, else 0.1 ln(factor) + 1 (or the mscale / mscale_all_dim ratio)."""
-    if params["rope_type"] != "yarn":
+    """The scale YaRN and LongRoPE put on cos and sin (1 for the other types): the
+    checkpoint's ``attention_factor``, else for YaRN 0.1 ln(factor) + 1 (or the mscale /
+    mscale_all_dim ratio), for LongRoPE sqrt(1 + ln(factor) / ln(original context))."""
+    if params["rope_type"] not in ("yarn", "longrope"):
         return 1.0
     if params.get("attention_factor") is not None:
         return float(params["attention_factor"])
-    factor = params.get("factor") or max_position_embeddings / _original_max(params, max_position_embeddings)
+    old = _original_max(params, max_position_embeddings)
+    factor = params.get("factor") or max_position_embeddings / old
+    if params["rope_type"] == "longrope":
+        return 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(old))
 
     def m(scale, k=1.0):
         return 1.0 if scale <= 1 else 0.1 * k * math.log(scale) + 1.0
@@ -139,7 +154,8 @@ def rotary_dim(config, head_dim):
 
 
 def cos_sin_table(config, head_dim, max_pos, device, partial=True):
-    """(max_pos, R) fp32 with cos in the first R/2 columns and sin in the last R/2.
+    """(max_pos, R) fp32 with cos in the first R/2 columns and sin in the last R/2
+    (LongRoPE: (2 max_pos, R), the short factors' rows then the long ones').
     partial=False is for families whose transformers code rotates the whole head: a
     partial_rotary_factor in their config is then an error, not a silent difference."""
     params = rope_parameters(config)
@@ -148,8 +164,23 @@ def cos_sin_table(config, head_dim, max_pos, device, partial=True):
         raise ValueError(f"partial_rotary_factor={params['partial_rotary_factor']} is not supported for this "
                          "architecture: its transformers implementation rotates the whole head")
     limit = getattr(config, "max_position_embeddings", max_pos)
-    f = inv_freq(params, r, limit)
-    ang = torch.arange(max_pos, dtype=torch.float32)[:, None] * f[None, :]
-    table = torch.cat((ang.cos(), ang.sin()), dim=-1)
     scale = attention_factor(params, limit)
-    return (table * scale if scale != 1.0 else table).to(device)
+
+    def table(f):
+        ang = torch.arange(max_pos, dtype=torch.float32)[:, None] * f[None, :]
+        t = torch.cat((ang.cos(), ang.sin()), dim=-1)
+        return t * scale if scale != 1.0 else t
+    out = table(inv_freq(params, r, limit))
+    if params["rope_type"] == "longrope":  # the long factors' rows after the short ones'
+        out = torch.cat((out, table(inv_freq(params, r, limit, long=True))))
+    return out.to(device)
+
+
+def long_context(config):
+    """LongRoPE's switch: a sequence longer than this many tokens takes the long factors
+    (rows max_pos.. of :func:`cos_sin_table`), as transformers decides for one prompt;
+    None for the other rope types."""
+    params = rope_parameters(config)
+    if params["rope_type"] != "longrope":
+        return None
+    return int(_original_max(params, getattr(config, "max_position_embeddings", None)))
