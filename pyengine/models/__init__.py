@@ -64,8 +64,15 @@ for _a in ("Qwen3Moe", "Qwen2Moe", "Mixtral"):
 _VL_MOE = "pyengine.models.qwen_vl:QwenVLMoeForSequenceClassification"
 _REGISTRY["Qwen3VLMoeForSequenceClassification"] = _REGISTRY["Qwen3VLMoeForConditionalGeneration"] = _VL_MOE
 _CONVERT_ONLY.add("Qwen3VLMoeForConditionalGeneration")
+# InternLM2's reward models (remote code, read without it), and its causal LMs converted.
+_INTERNLM2 = "pyengine.models.internlm2:InternLM2ForSequenceClassification"
+_REGISTRY["InternLM2ForRewardModel"] = _REGISTRY["InternLM2ForCausalLM"] = _INTERNLM2
+_CONVERT_ONLY.add("InternLM2ForCausalLM")
+# The model classes that build a head from LM rows (classifier_from_token).
+_TOKEN_HEADS = (_DECODER, _VL, _GEMMA3, _GRANITE, _MOE, _VL_MOE, _INTERNLM2)
 # Architectures whose head has a fixed width whatever config.json says (as vLLM fixes them).
-_NUM_LABELS = {"JinaVLForRanking": 1, "JinaVLForSequenceClassification": 1, "Qwen2ForRewardModel": 1}
+_NUM_LABELS = {"JinaVLForRanking": 1, "JinaVLForSequenceClassification": 1, "Qwen2ForRewardModel": 1,
+               "InternLM2ForRewardModel": 1}
 
 
 def supported_architectures():
@@ -93,7 +100,7 @@ def resolve_architecture(config, convert="auto"):
     if arch in _CONVERT_ONLY and convert == "none":
         raise ValueError(f"{arch} has no classification head; pass convert='classify' (or 'auto') to classify "
                          "its last token")
-    if check_token_head(config) and _REGISTRY[arch] not in (_DECODER, _VL, _GEMMA3, _GRANITE, _MOE, _VL_MOE):
+    if check_token_head(config) and _REGISTRY[arch] not in _TOKEN_HEADS:
         raise ValueError(f"classifier_from_token is only supported for decoder models, not {arch}")
     if arch in _NUM_LABELS:
         config.num_labels = _NUM_LABELS[arch]

@@ -69,6 +69,8 @@ FAMILIES = {
                      o_bias=True, mlp_bias=False, head="pooler", pooling="cls"),
 }
 FAMILIES["New"] = FAMILIES["GteNew"]
+# InternLM2 (remote code): Llama with its own weight names (pyengine.models.internlm2).
+FAMILIES["InternLM2"] = Family("model", qkv_bias=False, o_bias=False, mlp_bias=False)
 # Mixture-of-experts relatives (pyengine.models.moe adds their sparse layers). Qwen3-MoE's
 # window, where use_sliding_window sets one, covers every layer (no max_window_layers).
 FAMILIES["Qwen3Moe"] = replace(FAMILIES["Qwen3"], sliding="global")
@@ -163,6 +165,8 @@ class DecoderForSequenceClassification(nn.Module):
     # unmerged, and the fp32 head, merged.
     lora_weights = ("qkv_w", "o_w", "up_w", "down_w")
     head_params = ("pool_w", "pool_b", "score_w", "score_b")
+    # The LM head's checkpoint names, for a head built from its rows (classifier_from_token).
+    lm_head_names = ("lm_head.weight", "lm_head.decoder.weight")
 
     def __init__(self, config, arch, dtype, device, ops, pooling=None):
         super().__init__()
@@ -534,7 +538,7 @@ class DecoderForSequenceClassification(nn.Module):
         sink = WeightSink(params, f"{self.arch} ({type(self).__name__})")
         lm_rows = emb_rows = None
         for name, t in weights:
-            if self.token_head and name in ("lm_head.weight", "lm_head.decoder.weight"):
+            if self.token_head and name in self.lm_head_names:
                 lm_rows = t[self.token_ids].float()
                 continue
             for target, rows, how in self.param_targets(name):
@@ -555,7 +559,7 @@ class DecoderForSequenceClassification(nn.Module):
         rows = lm_rows if lm_rows is not None else (emb_rows if tied else None)
         if rows is None:
             raise ValueError(f"{self.arch}: classifier_from_token needs the LM head, but the checkpoint has no "
-                             "lm_head.weight and tie_word_embeddings is false")
+                             f"{self.lm_head_names[0]} and tie_word_embeddings is false")
         sink.put("score_w", convert.token_head(rows, self.method))
 
     def _expected(self, params):

@@ -32,7 +32,7 @@ def load_hf_config(model, hf_overrides=None):
 
 
 # Remote-code model types whose config is a transformers config plus extra keys.
-_REMOTE_MODEL_TYPES = {"llama_bidirec": "llama"}
+_REMOTE_MODEL_TYPES = {"llama_bidirec": "llama", "internlm2": "llama"}
 
 
 def _remote_code_config(path):
