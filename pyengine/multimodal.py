@@ -470,10 +470,11 @@ class Embeds:
     IMAGE or VIDEO, ``rows`` (tokens, width) float tensor, ``grids`` [(t, h, w)] patch
     grids, which fix each item's token count and positions; ``where`` names it in errors."""
 
-    __slots__ = ("kind", "rows", "grids", "where")
+    __slots__ = ("kind", "rows", "grids", "where", "per_item")
 
-    def __init__(self, kind, rows, grids, where):
-        self.kind, self.rows, self.grids, self.where = kind, rows, grids, where
+    def __init__(self, kind, rows, grids, where, per_item=None):
+        """per_item: the token count of every item, where the rows came as (items, tokens, width)."""
+        self.kind, self.rows, self.grids, self.where, self.per_item = kind, rows, grids, where, per_item
 
     def split(self, merge, width):
         """-> one Embeds per grid, its rows cut by t * h * w / merge**2 tokens; the row
@@ -483,6 +484,9 @@ class Embeds:
         bad = next((g for g in self.grids if g[1] % merge or g[2] % merge), None)
         if bad is not None:
             raise ValueError(f"{self.where}: grid {bad} is not a multiple of the merge size {merge}")
+        if self.per_item is not None and any(n != self.per_item for n in counts):
+            raise ValueError(f"{self.where}: {what}_embeds has {self.per_item} tokens per item; its grids "
+                             f"{[list(g) for g in self.grids]} need {counts}")
         if self.rows.shape[0] != sum(counts) or self.rows.shape[1] != width:
             raise ValueError(f"{self.where}: {what}_embeds is {tuple(self.rows.shape)}; its grids "
                              f"{[list(g) for g in self.grids]} need ({sum(counts)}, {width})")
@@ -505,11 +509,13 @@ def _embeds(v, kind, where):
         grid = grid[None]
     if grid.ndim != 2 or grid.shape[1] != 3 or grid.is_floating_point() or (grid < 1).any():
         raise ValueError(f"{where}: {what}_grid_thw must be positive ints (items, 3), got {tuple(grid.shape)}")
+    per_item = None
     if rows.ndim == 3:
         if rows.shape[0] != grid.shape[0]:
             raise ValueError(f"{where}: {rows.shape[0]} {what}_embeds items for {grid.shape[0]} grids")
+        per_item = rows.shape[1]
         rows = rows.reshape(-1, rows.shape[-1])
-    return Embeds(kind, rows.detach().cpu(), [tuple(int(x) for x in g) for g in grid], where)
+    return Embeds(kind, rows.detach().cpu(), [tuple(int(x) for x in g) for g in grid], where, per_item)
 
 
 class MMData:

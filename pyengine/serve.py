@@ -149,6 +149,8 @@ class Server:
             return json.loads(b"".join(chunks))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ApiError(400, f"malformed JSON body: {e}") from None
+        except RecursionError:
+            raise ApiError(400, "malformed JSON body: nested too deeply") from None
 
     def _check_count(self, n: int, what: str):
         if n > self.max_inputs:

@@ -16,7 +16,8 @@ from tiny import save_tiny
 
 _COMMON = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                max_position_embeddings=512, pad_token_id=0, num_labels=1)
-_NAMES = {"self_attn.o_proj.weight": "attention.wo.weight", "mlp.gate_proj.weight": "feed_forward.w1.weight",
+_NAMES = {"self_attn.o_proj.weight": "attention.wo.weight", "self_attn.o_proj.bias": "attention.wo.bias",
+          "mlp.gate_proj.weight": "feed_forward.w1.weight",
           "mlp.up_proj.weight": "feed_forward.w3.weight", "mlp.down_proj.weight": "feed_forward.w2.weight",
           "input_layernorm.weight": "attention_norm.weight",
           "post_attention_layernorm.weight": "ffn_norm.weight"}
@@ -35,18 +36,19 @@ def _internlm2(src, dst, arch, nh, nkv, hd):
             out["v_head.weight"] = t
         elif name == "lm_head.weight":
             out["output.weight"] = t
-        elif name.endswith("self_attn.q_proj.weight"):
-            pre = name[:-len("self_attn.q_proj.weight")]
-            q = t.view(nkv, g, hd, -1)
-            k = w[pre + "self_attn.k_proj.weight"].view(nkv, 1, hd, -1)
-            v = w[pre + "self_attn.v_proj.weight"].view(nkv, 1, hd, -1)
-            out[pre.replace("self_attn.", "") + "attention.wqkv.weight"] = torch.cat([q, k, v], 1).reshape(-1, t.shape[1])
+        elif name.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.bias")):
+            pre, kind = name.rsplit("self_attn.", 1)[0], name.rsplit(".", 1)[1]
+            rest = t.shape[1:]
+            q = t.view(nkv, g, hd, *rest)
+            k = w[f"{pre}self_attn.k_proj.{kind}"].view(nkv, 1, hd, *rest)
+            v = w[f"{pre}self_attn.v_proj.{kind}"].view(nkv, 1, hd, *rest)
+            out[f"{pre}attention.wqkv.{kind}"] = torch.cat([q, k, v], 1).reshape(-1, *rest)
         elif name.split(".", 3)[-1] in _NAMES:  # model.layers.{i}.{key}
             _, _, i, key = name.split(".", 3)
             out[f"model.layers.{i}.{_NAMES[key]}"] = t
     save_file(out, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
     cfg = json.load(open(os.path.join(src, "config.json")))
-    cfg.update(model_type="internlm2", architectures=[arch], bias=False,
+    cfg.update(model_type="internlm2", architectures=[arch], bias=bool(cfg.get("attention_bias")),
                auto_map={"AutoModel": "modeling_internlm2.InternLM2ForRewardModel"},
                rope_scaling={"type": "dynamic", "factor": 2.0})
     for k in ("head_dim", "attention_bias", "mlp_bias"):
@@ -57,11 +59,16 @@ def _internlm2(src, dst, arch, nh, nkv, hd):
             os.symlink(os.path.join(src, f), os.path.join(dst, f))
 
 
-@pytest.mark.parametrize("nh, nkv", [(4, 2), (4, 1), (2, 2)])  # groups of 2, one kv head for all, MHA
-def test_reward_model_matches_llama(tmp_path, nh, nkv):
+@pytest.mark.parametrize("nh, nkv, bias", [
+    (4, 2, False),  # groups of 2
+    (4, 1, False),  # one kv head for all
+    (2, 2, True),   # MHA, with wqkv and wo biases ("bias": true)
+])
+def test_reward_model_matches_llama(tmp_path, nh, nkv, bias):
     src, dst = tmp_path / "llama", tmp_path / "internlm2"
     dst.mkdir()
-    cfg = AutoConfig.for_model("llama", num_attention_heads=nh, num_key_value_heads=nkv, **_COMMON)
+    cfg = AutoConfig.for_model("llama", num_attention_heads=nh, num_key_value_heads=nkv, attention_bias=bias,
+                               **_COMMON)
     model, _ = save_tiny(src, cfg, tokenizer="decoder")
     _internlm2(src, dst, "InternLM2ForRewardModel", nh, nkv, 64 // nh)
     prompts = random_prompts([1, 5, 40, 130], seed=nh + nkv)

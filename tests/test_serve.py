@@ -338,6 +338,7 @@ def test_api_key_and_https(tmp_path):
 # ---------------------------------------------------------------------- bad input
 BAD = [
     ("/classify", None, b"{not json", 400, "malformed JSON"),
+    ("/classify", None, b'{"input": ' + b"[" * 100000, 400, "nested too deeply"),
     ("/classify", [1, 2], None, 400, "JSON object"),
     ("/classify", {"input": 5}, None, 400, "input must be"),
     ("/classify", {"input": ["a", [1, 2]]}, None, 400, "input must be"),

@@ -114,6 +114,9 @@ def test_video_features_score_as_their_frames(vle):
      r"grid \(1, 3, 6\) is not a multiple of the merge size 2"),
     (lambda r, g: {"image": {"image_embeds": r[None].expand(3, -1, -1), "image_grid_thw": g}},
      r"3 image_embeds items for 2 grids"),
+    # (items, tokens, width) whose total fits but whose items do not: 7 + 7 for 6 and 8
+    (lambda r, g: {"image": {"image_embeds": r.view(2, 7, -1), "image_grid_thw": g}},
+     r"image_embeds has 7 tokens per item; its grids \[\[1, 4, 6\], \[1, 8, 4\]\] need \[6, 8\]"),
 ])
 def test_bad_embedding_inputs(vle, data, match):
     llm, model, _, _ = vle

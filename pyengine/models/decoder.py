@@ -70,7 +70,7 @@ FAMILIES = {
 }
 FAMILIES["New"] = FAMILIES["GteNew"]
 # InternLM2 (remote code): Llama with its own weight names (pyengine.models.internlm2).
-FAMILIES["InternLM2"] = Family("model", qkv_bias=False, o_bias=False, mlp_bias=False)
+FAMILIES["InternLM2"] = Family("model", mlp_bias=False)
 # Mixture-of-experts relatives (pyengine.models.moe adds their sparse layers). Qwen3-MoE's
 # window, where use_sliding_window sets one, covers every layer (no max_window_layers).
 FAMILIES["Qwen3Moe"] = replace(FAMILIES["Qwen3"], sliding="global")
