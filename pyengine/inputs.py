@@ -363,6 +363,13 @@ class InputProcessor:
             raise ValueError("scoring images needs the model's tokenizer")
         return self.images.placeholder_text(self.tokenizer)
 
+    @functools.cached_property
+    def video_placeholder(self) -> str | None:
+        """The text that stands for one video (<|vision_start|><|video_pad|><|vision_end|>),
+        or None for a model that takes no videos."""
+        fn = getattr(self.images, "video_placeholder_text", None)
+        return fn(self.tokenizer) if fn is not None and self.tokenizer is not None else None
+
     def process_pairs(self, data_1, data_2, truncate_prompt_tokens=None, truncation_side=None, template=None,
                       progress=None):
         """Cross-encoder pairs: 1:1, 1:N (one query, N documents) or N:N, of texts and
@@ -378,16 +385,17 @@ class InputProcessor:
         if images and self.images is None:
             i = images[0]
             img = next(x for x in (d1[i] if has_image(d1[i]) else d2[i]) if not isinstance(x, str))
-            raise ValueError(f"pair {i} has an image ({img.where}), but this model takes text only")
+            raise ValueError(f"pair {i} has an image or video ({img.where}), but this model takes text only")
         if template is not None:
             rendered = render_with_images(load_score_template(template), render_pairs, d1, d2,
-                                          self.image_placeholder if images else None)
+                                          self.image_placeholder if images else None,
+                                          self.video_placeholder if images else None)
         else:
             rendered = [((q, d), []) for q, d in zip(d1, d2)]
             if images:
                 back_to_back = render_with_images(None, lambda _, qs, ds: [q + d for q, d in zip(qs, ds)],
                                                   [d1[i] for i in images], [d2[i] for i in images],
-                                                  self.image_placeholder)
+                                                  self.image_placeholder, self.video_placeholder)
                 for i, r in zip(images, back_to_back):
                     rendered[i] = r
         prompts = [ImagePrompt(p, [x.load() for x in imgs]) if imgs else p for p, imgs in rendered]

@@ -315,6 +315,19 @@ class ImageProcessor:
                              f"{self.placeholder_ids}")
         return text
 
+    def video_placeholder_text(self, tokenizer):
+        """The text that stands for one video, <|vision_start|><|video_pad|><|vision_end|>,
+        or None where the model takes no videos."""
+        if self.video_settings is None or self.video_token_id is None:
+            return None
+        ids = [self.vision_start_token_id, self.video_token_id, self.vision_end_token_id]
+        if any(t is None for t in ids):
+            return None
+        text = "".join(tokenizer.convert_ids_to_tokens(ids))
+        if tokenizer(text, add_special_tokens=False)["input_ids"] != ids:
+            raise ValueError(f"the tokenizer does not encode the video placeholder {text!r} as the token ids {ids}")
+        return text
+
     def prepare_text(self, text):
         return text
 

@@ -1,12 +1,14 @@
-"""score()'s inputs as vLLM's score API takes them: texts and images, and the rendering
-of (query, document) pairs that hold images into one prompt each.
+"""score()'s inputs as vLLM's score API takes them: texts, images and videos, and the
+rendering of (query, document) pairs that hold them into one prompt each.
 
 An item (one query or one document) is a str, ``{"prompt": str}``, a content part, or
 ``{"content": [part, ...]}`` (vLLM's ScoreMultiModalParam: one item whose parts are
 written one after another, text as it is and each image as the model's placeholder).
 Parts: ``{"type": "text", "text": str}``, ``{"type": "image_url", "image_url": {"url":
 "data:image/...;base64,..."}}`` (the url may also stand alone), ``{"type": "image_pil",
-"image_pil": img}`` (a PIL image, or a uint8 array as in multi_modal_data). data_1 /
+"image_pil": img}`` (a PIL image, or a uint8 array as in multi_modal_data), ``{"type":
+"video_url", "video_url": {"url": "data:video/jpeg;base64,<frame>,..."}}`` (JPEG frames,
+for models that take videos). data_1 /
 data_2 are one item or a list of items; a lone ``{"content": [...]}`` (not in a list)
 holds one item per part, as in vLLM. Images stay undecoded until the pairs are
 tokenised, on the tokenizer's thread in the server.
@@ -20,10 +22,11 @@ from __future__ import annotations
 import itertools
 import re
 
-from .multimodal import image_from_data_url
+from .multimodal import Video, image_from_data_url, video_from_data_url
 
 _FORMS = ("a str, {'prompt': str}, {'type': 'text', 'text': str}, {'type': 'image_url', 'image_url': "
-          "{'url': 'data:...'}} or {'type': 'image_pil', 'image_pil': image}")
+          "{'url': 'data:...'}}, {'type': 'image_pil', 'image_pil': image} or {'type': 'video_url', 'video_url': "
+          "{'url': 'data:video/jpeg;base64,...'}}")
 # Image i of a pair renders as the model's placeholder followed by _MARK.format(i):
 # private-use code points, which no text holds and which Jinja's string filters (upper,
 # trim, ...) leave as they are. The placeholder before them lets a template test for
@@ -33,19 +36,25 @@ _MARKS = re.compile("\ue000[0-9]+\ue001")
 
 
 class ScoreImage:
-    """One image part: the part as given, and where it came from (for error messages)."""
+    """One image or video part: the part as given, and where it came from (for error messages)."""
 
     __slots__ = ("part", "where")
 
     def __init__(self, part, where):
         self.part, self.where = part, where
 
+    @property
+    def video(self):
+        return self.part["type"] == "video_url"
+
     def load(self):
-        """The image itself: a PIL image (decoded from the data URL) or the image_pil object."""
+        """The item itself: a PIL image (decoded from the data URL) or the image_pil object,
+        or a :class:`~pyengine.multimodal.Video` of the decoded frames."""
         if self.part["type"] == "image_pil":
             return self.part["image_pil"]
-        url = self.part["image_url"]
-        return image_from_data_url(url.get("url") if isinstance(url, dict) else url, self.where)
+        url = self.part[self.part["type"]]
+        url = url.get("url") if isinstance(url, dict) else url
+        return Video(video_from_data_url(url, self.where)) if self.video else image_from_data_url(url, self.where)
 
 
 class ScoreParts(list):
@@ -61,7 +70,7 @@ def _part(x, where):
     kind = x.get("type")
     if kind == "text" and isinstance(x.get("text"), str):
         return x["text"]
-    if kind in ("image_url", "image_pil") and x.get(kind) is not None:
+    if kind in ("image_url", "image_pil", "video_url") and x.get(kind) is not None:
         return ScoreImage(x, where)
     raise ValueError(f"{where} is not a content part ({_FORMS}); got keys {sorted(map(str, x))}"
                      + (f" with type {kind!r}" if kind is not None else ""))
@@ -132,13 +141,14 @@ def pair_items(data_1, data_2):
     return d1, d2
 
 
-def render_with_images(template, render, d1, d2, placeholder):
+def render_with_images(template, render, d1, d2, placeholder, video_placeholder=None):
     """Prompts of pairs: a list of (text, [ScoreImage in text order]).
 
     render(template, queries, documents) -> texts (:func:`pyengine.templates.render_pairs`);
-    placeholder: the model's text for one image. Where a template rewrites the
-    placeholders (drops each and writes its own), the pair's images follow in the pair's
-    order. Raises ValueError where the template drops an image or writes it twice."""
+    placeholder / video_placeholder: the model's text for one image / video. Where a
+    template rewrites the image placeholders (drops each and writes its own), the pair's
+    images follow in the pair's order. Raises ValueError where the template drops an
+    image or video or writes it twice."""
     marks = itertools.count()
     qs, ds, imgs = [], [], []
     for q, d in zip(d1, d2):
@@ -148,7 +158,9 @@ def render_with_images(template, render, d1, d2, placeholder):
                 text = []
                 for seg in x:
                     if isinstance(seg, ScoreImage):
-                        mark = placeholder + _MARK.format(next(marks))
+                        if seg.video and video_placeholder is None:
+                            raise ValueError(f"{seg.where} is a video; this model takes images only")
+                        mark = (video_placeholder if seg.video else placeholder) + _MARK.format(next(marks))
                         pair[mark] = seg
                         seg = mark
                     text.append(seg)
@@ -158,7 +170,7 @@ def render_with_images(template, render, d1, d2, placeholder):
     out = []
     for i, (text, pair) in enumerate(zip(render(template, qs, ds), imgs)):
         counts = {mark: text.count(mark) for mark in pair}
-        if pair and not any(counts.values()) and _MARKS.search(text):
+        if pair and not any(counts.values()) and _MARKS.search(text) and not any(m.video for m in pair.values()):
             # The template rewrote the placeholders (vLLM's Nemotron VL template moves a
             # document's image to the front): its own placeholders take the images in
             # the pair's order, the query's first, where there are as many as images.
@@ -173,7 +185,7 @@ def render_with_images(template, render, d1, d2, placeholder):
                                  "each image must appear exactly once")
             at[text.index(mark)] = (mark, img)
         order = [at[k] for k in sorted(at)]
-        for mark, _ in order:
-            text = text.replace(mark, placeholder)
+        for mark, img in order:
+            text = text.replace(mark, video_placeholder if img.video else placeholder)
         out.append((text, [img for _, img in order]))
     return out

@@ -343,3 +343,48 @@ def test_server_classify_messages_with_videos(vlv):
             assert status == 400 and match in body["error"]["message"], (u, body)
     finally:
         stop()
+
+
+def _jpeg_video(v):
+    """(data:video/jpeg URL of v's frames, the frames as a JPEG decoder gives them back)."""
+    PIL = pytest.importorskip("PIL.Image")
+    import base64
+    import io
+    jpegs = []
+    for f in v:
+        buf = io.BytesIO()
+        PIL.fromarray(f).save(buf, format="JPEG", quality=90)
+        jpegs.append(buf.getvalue())
+    url = "data:video/jpeg;base64," + ",".join(base64.b64encode(j).decode() for j in jpegs)
+    return url, [np.array(PIL.open(io.BytesIO(j)).convert("RGB")) for j in jpegs]
+
+
+@pytest.mark.parametrize("gen", ["2.5", "3"])
+def test_score_takes_video_parts(gen, tmp_path):
+    # A cross-encoder (one label) scoring a text query against documents with videos: each
+    # pair is query then document back to back, the video as its placeholder, scored as
+    # classify() scores the same text and frames (sigmoid).
+    model, _, _ = save_vl(tmp_path, gen, num_labels=1)
+    size = {"size": {"shortest_edge": 32 * 32 * 4, "longest_edge": 32 * 32 * 64}} if gen == "3" else {}
+    with open(tmp_path / "video_preprocessor_config.json", "w") as f:
+        json.dump({"min_pixels": V_MIN, "max_pixels": V_MAX, **size}, f)
+    llm = LLM(str(tmp_path), dtype="float32", kernel_backend="torch")
+    patch = 16 if gen == "3" else 14
+    url, decoded = _jpeg_video(frames(31, 4, 4, 6, patch=patch))
+    part = {"type": "video_url", "video_url": {"url": url}}
+    docs = [{"content": [{"type": "text", "text": "clip: "}, part]}, "just text"]
+    got = llm.score("what happens", docs, use_tqdm=False)
+    want = llm.classify([{"prompt": f"what happensclip: {VID}", "multi_modal_data": {"video": decoded}},
+                         "what happensjust text"], use_tqdm=False)
+    for g, w in zip(got, want):
+        assert g.prompt_token_ids == w.prompt_token_ids
+        assert g.outputs.score == pytest.approx(w.outputs.probs[0], abs=1e-6)
+
+
+def test_score_refuses_videos_on_image_only_models(tmp_path):
+    from test_nemotron_vl import save_nemotron
+    save_nemotron(tmp_path)
+    llm = LLM(str(tmp_path), dtype="float32", kernel_backend="torch")
+    url, _ = _jpeg_video(frames(2, 2, 4, 4, 16))
+    with pytest.raises(ValueError, match=r"data_2\[0\] is a video; this model takes images only"):
+        llm.score("q", {"type": "video_url", "video_url": {"url": url}}, use_tqdm=False)

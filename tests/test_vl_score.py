@@ -230,7 +230,9 @@ def test_mm_processor_kwargs_set_the_pixel_bounds(jina):
      "not fetched from URLs"),
     ("q", {"type": "image_url", "image_url": {"url": "data:image/png;base64,%%%"}}, ValueError, "not valid base64"),
     ("q", {"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AAAA"}}, ValueError,
-     "with type 'video_url'"),
+     "a video is taken as JPEG frames"),
+    ("q", {"type": "audio_url", "audio_url": {"url": "data:audio/wav;base64,AAAA"}}, ValueError,
+     "with type 'audio_url'"),
     # vLLM's classify form is not a score item
     ("q", {"prompt": "", "multi_modal_data": {"image": np.zeros((28, 28, 3), np.uint8)}}, ValueError,
      "not as multi_modal_data"),
@@ -265,7 +267,7 @@ def test_images_on_a_text_model_are_refused(tmp_path):
                                 architectures=["Qwen2ForSequenceClassification"]), tokenizer="decoder")
     llm = LLM(path, dtype="float32", kernel_backend="torch")
     part = {"type": "image_pil", "image_pil": object()}
-    with pytest.raises(ValueError, match=r"pair 1 has an image \(data_2\[1\]\), but this model takes text only"):
+    with pytest.raises(ValueError, match=r"pair 1 has an image or video \(data_2\[1\]\), but this model takes text only"):
         llm.score("q", ["text", part])
     with pytest.raises(ValueError, match="takes no images"):
         LLM(path, dtype="float32", kernel_backend="torch", mm_processor_kwargs={"max_pixels": 3136})
