@@ -297,9 +297,6 @@ def test_server_classify_messages_with_videos(vlv):
     data:video/jpeg;base64,<frame>,<frame>,... form): the result of LLM.classify on the
     same decoded frames. Other video types, URLs and bad frames are 400s."""
     pytest.importorskip("fastapi")
-    PIL = pytest.importorskip("PIL.Image")
-    import base64
-    import io
 
     from pyengine.config import EngineConfig
     from pyengine.engine import EngineCore
@@ -309,14 +306,7 @@ def test_server_classify_messages_with_videos(vlv):
     path, model = vlv[:2]
     if model.gen != "2.5":
         pytest.skip("the same server path for both generations")
-    v = frames(21, 3, 4, 6)
-    jpegs = []
-    for f in v:
-        buf = io.BytesIO()
-        PIL.fromarray(f).save(buf, format="JPEG", quality=90)
-        jpegs.append(buf.getvalue())
-    url = "data:video/jpeg;base64," + ",".join(base64.b64encode(j).decode() for j in jpegs)
-    decoded = [np.array(PIL.open(io.BytesIO(j)).convert("RGB")) for j in jpegs]  # what the server sees
+    url, decoded = _jpeg_video(frames(21, 3, 4, 6))  # decoded: what the server sees
 
     core = EngineCore(EngineConfig(model=path, dtype="float32", kernel_backend="torch"))
     server = Server(core, ["vlv"], chat_template=VCHAT)
@@ -336,8 +326,7 @@ def test_server_classify_messages_with_videos(vlv):
         assert status == 200 and body["tokens"] == want.prompt_token_ids, body
         for u, match in (("data:video/mp4;base64,AAAA", "a video is taken as JPEG frames"),
                          ("https://x/clip.mp4", "not fetched from URLs"),
-                         ("data:video/jpeg;base64," + base64.b64encode(jpegs[0]).decode() + ",AAAA",
-                          "frame 1: cannot decode the image")):
+                         (url.split(",")[0] + "," + url.split(",")[1] + ",AAAA", "frame 1: cannot decode the image")):
             bad = [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": u}}]}]
             status, body = client.post("/classify", {"messages": bad})
             assert status == 400 and match in body["error"]["message"], (u, body)
