@@ -112,6 +112,14 @@ def _rgb(img, where):
     return img.permute(2, 0, 1)
 
 
+def _placeholder(tokenizer, ids, what):
+    """The text of the token ids ``ids``, checked to encode back to them."""
+    text = "".join(tokenizer.convert_ids_to_tokens(ids))
+    if tokenizer(text, add_special_tokens=False)["input_ids"] != ids:
+        raise ValueError(f"the tokenizer does not encode the {what} placeholder {text!r} as the token ids {ids}")
+    return text
+
+
 class ImageProcessor:
     """Images -> vision-tower patches for one checkpoint.
 
@@ -309,24 +317,15 @@ class ImageProcessor:
 
     def placeholder_text(self, tokenizer):
         """The text that stands for one image: <|vision_start|><|image_pad|><|vision_end|>."""
-        text = "".join(tokenizer.convert_ids_to_tokens(self.placeholder_ids))
-        if tokenizer(text, add_special_tokens=False)["input_ids"] != self.placeholder_ids:
-            raise ValueError(f"the tokenizer does not encode the image placeholder {text!r} as the token ids "
-                             f"{self.placeholder_ids}")
-        return text
+        return _placeholder(tokenizer, self.placeholder_ids, "image")
 
     def video_placeholder_text(self, tokenizer):
         """The text that stands for one video, <|vision_start|><|video_pad|><|vision_end|>,
         or None where the model takes no videos."""
-        if self.video_settings is None or self.video_token_id is None:
-            return None
         ids = [self.vision_start_token_id, self.video_token_id, self.vision_end_token_id]
-        if any(t is None for t in ids):
+        if self.video_settings is None or any(t is None for t in ids):
             return None
-        text = "".join(tokenizer.convert_ids_to_tokens(ids))
-        if tokenizer(text, add_special_tokens=False)["input_ids"] != ids:
-            raise ValueError(f"the tokenizer does not encode the video placeholder {text!r} as the token ids {ids}")
-        return text
+        return _placeholder(tokenizer, ids, "video")
 
     def prepare_text(self, text):
         return text

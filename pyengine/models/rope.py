@@ -83,7 +83,7 @@ def inv_freq(params, rotary_dim, max_position_embeddings, long=False):
     if kind == "linear":
         return freqs / factor
     if kind == "yarn":
-        return _yarn(params, freqs, factor, rotary_dim, max_position_embeddings)
+        return _yarn(params, freqs, rotary_dim, max_position_embeddings)
     if kind == "llama3":
         old = params.get("original_max_position_embeddings") or max_position_embeddings
         low, high = float(params["low_freq_factor"]), float(params["high_freq_factor"])
@@ -100,14 +100,18 @@ def _original_max(params, max_position_embeddings):
     return params.get("original_max_position_embeddings") or max_position_embeddings
 
 
-def _yarn(params, freqs, factor, dim, max_position_embeddings):
+def _scale_factor(params, max_position_embeddings):
+    """YaRN's / LongRoPE's factor: the given one, else max positions over the original context."""
+    return params.get("factor") or max_position_embeddings / _original_max(params, max_position_embeddings)
+
+
+def _yarn(params, freqs, dim, max_position_embeddings):
     """YaRN: interpolated (freqs / factor) below the low-rotation band, extrapolated
     (freqs) above the high one, a linear ramp between (beta_fast, beta_slow rotations
     over the original context)."""
     base = float(params["rope_theta"])
     old = _original_max(params, max_position_embeddings)
-    if params.get("factor") is None:
-        factor = max_position_embeddings / old
+    factor = _scale_factor(params, max_position_embeddings)
 
     def at(rotations):
         return dim * math.log(old / (rotations * 2 * math.pi)) / (2 * math.log(base))
@@ -132,7 +136,7 @@ def attention_factor(params, max_position_embeddings):
     if params.get("attention_factor") is not None:
         return float(params["attention_factor"])
     old = _original_max(params, max_position_embeddings)
-    factor = params.get("factor") or max_position_embeddings / old
+    factor = _scale_factor(params, max_position_embeddings)
     if params["rope_type"] == "longrope":
         return 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(old))
 
