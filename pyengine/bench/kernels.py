@@ -938,16 +938,24 @@ def main(argv=None):
     if a.attn_sweep or a.op_sweep:
         workers = a.precompile if a.precompile is not None else min(8, max(0, (os.cpu_count() or 1) - 2))
         precompile(sweep_jobs(a.device or "cuda", a.attn_sweep, (op_names or []) if a.op_sweep else None), workers)
-    rows = run(a.device, backends, a.quick, None, ops=op_names, repeats=a.repeats, graph=a.graph)
+    rows = []
+
+    def save(sweep_done):
+        # After each phase, so that a run stopped by a time limit keeps what it measured.
+        if a.write_configs and sweep_done:
+            write_configs(a.write_configs, rows, a.device or "cuda")
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(rows, f, indent=1)
+
+    rows += run(a.device, backends, a.quick, None, ops=op_names, repeats=a.repeats, graph=a.graph)
+    save(False)
     if a.attn_sweep:
         rows += attention_sweep(a.device, repeats=a.repeats)
+        save(True)
     if a.op_sweep:
         rows += op_sweep(a.device, repeats=a.repeats, graph=a.graph, ops=op_names)
-    if a.write_configs:
-        write_configs(a.write_configs, rows, a.device or "cuda")
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(rows, f, indent=1)
+        save(True)
     return 0
 
 
