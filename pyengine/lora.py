@@ -266,7 +266,8 @@ def load_adapter(request: LoRARequest, model, max_rank: int) -> LoRAAdapter:
             base = getattr(model, param, None)
             if base is None:
                 raise ValueError(f"{what}: {key} changes {param}, which this model does not have")
-            head[param] = base.detach().float().clone()
+            # Built on the host with the adapter's tensors; moved to the model's device at the end.
+            head[param] = base.detach().float().cpu().clone()
         return head[param]
 
     for key, t in saved.items():

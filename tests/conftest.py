@@ -11,6 +11,12 @@ import torch  # noqa: E402
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped on CPU)")
+    # Under xdist each worker gets its share of the cores: N workers each running torch's
+    # default of one thread per core oversubscribe the machine many times over, and the
+    # CPU references of the GPU tests (transformers in fp32) then crawl.
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
+    if workers > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
 def pytest_collection_modifyitems(config, items):

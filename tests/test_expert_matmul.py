@@ -27,14 +27,17 @@ def _case(T, k, E, N, K, dtype, seed, per_pair=False, skewed=False):
 
 
 def _ref64(x, w, experts, weights, per_pair):
+    """float64 (T * k, N): pair p = t * k + s is w[experts[t, s]] @ x[t] (x[p] with
+    per_pair), times weights[t, s]; one matmul per expert over the pairs it takes."""
     T, k = experts.shape
+    flat = experts.reshape(-1)
+    src = x.double() if per_pair else x.double().repeat_interleave(k, dim=0)
     out = torch.empty(T * k, w.shape[1], dtype=torch.float64)
-    for p in range(T * k):
-        t, s = divmod(p, k)
-        row = x[p if per_pair else t].double()
-        out[p] = w[experts[t, s]].double() @ row
-        if weights is not None:
-            out[p] *= weights[t, s].double()
+    for e in flat.unique().tolist():
+        rows = (flat == e).nonzero().squeeze(1)
+        out[rows] = src[rows] @ w[e].double().T
+    if weights is not None:
+        out *= weights.reshape(-1, 1).double()
     return out
 
 

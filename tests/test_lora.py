@@ -76,9 +76,10 @@ def peft_model(base_path, adapter=None):
     return pytest.importorskip("peft").PeftModel.from_pretrained(model, adapter).eval()
 
 
-def write_adapter(base_path, out, suffixes, r=4, seed=0):
-    """A LoRA adapter in PEFT's file format written without PEFT: random A and B on every
-    linear layer of the transformers model whose name ends in one of ``suffixes``."""
+def write_adapter(base_path, out, suffixes, r=4, seed=0, b_std=0.3):
+    """A LoRA adapter in PEFT's file format written without PEFT: random A and B (B's
+    entries N(0, b_std)) on every linear layer of the transformers model whose name ends
+    in one of ``suffixes``."""
     model = AutoModelForSequenceClassification.from_pretrained(base_path)
     g = torch.Generator().manual_seed(seed)
     tensors = {}
@@ -90,7 +91,7 @@ def write_adapter(base_path, out, suffixes, r=4, seed=0):
         n_in, n_out = w.shape if type(mod).__name__ == "Conv1D" else w.shape[::-1]
         key = f"base_model.model.{name}"
         tensors[f"{key}.lora_A.weight"] = torch.randn(r, n_in, generator=g) * n_in ** -0.5
-        tensors[f"{key}.lora_B.weight"] = torch.randn(n_out, r, generator=g) * 0.3
+        tensors[f"{key}.lora_B.weight"] = torch.randn(n_out, r, generator=g) * b_std
     out.mkdir()
     save_file(tensors, out / "adapter_model.safetensors")
     (out / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": r, "lora_alpha": 2 * r}))
@@ -400,8 +401,10 @@ def test_adapters_in_bf16_on_gpu(name, suffixes, tmp_path):
     eagerly), then every prompt with it (graphs of the adapter's own), then none (the base
     model's graphs)."""
     factory, _ = FAMILIES[name]
-    save_tiny(tmp_path, factory(3), tokenizer=None)
-    a = write_adapter(tmp_path, tmp_path / "a", suffixes, seed=12)
+    # Weights of N(0, 0.1) and a milder adapter: with the CPU tests' N(0, 0.3) these tiny
+    # models turn bf16 rounding into probability errors over 2e-2 in plain torch too.
+    save_tiny(tmp_path, factory(3), tokenizer=None, std=0.1)
+    a = write_adapter(tmp_path, tmp_path / "a", suffixes, seed=12, b_std=0.15)
     lora = LoRARequest("a", 1, str(a))
     prompts = [{"prompt_token_ids": p} for p in prompts_for([1, 7, 60, 33, 5, 50, 17, 2] * 4, seed=13)]
     calls = [[lora if i % 2 else None for i in range(len(prompts))], lora, None]

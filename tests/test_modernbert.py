@@ -123,7 +123,9 @@ def test_a_checkpoint_with_biases_its_config_lacks_is_refused(tmp_path):
 def test_bf16_on_gpu(tmp_path):
     """bf16 on the default kernels (head_dim 64) against transformers in fp32: within
     2e-2 on probabilities, the same argmax."""
-    model, _ = save_tiny(tmp_path, config("cls", True, hidden=256, heads=4), seed=9)
+    # Weights of N(0, 0.05): at the CPU tests' 0.3 this width-256 model is so ill-conditioned
+    # that transformers' own bf16 run is 0.5 off its fp32 run on probabilities.
+    model, _ = save_tiny(tmp_path, config("cls", True, hidden=256, heads=4), seed=9, std=0.05)
     ps = prompts(10, [1, 7, 64, 200, 333, 31] * 4)
     got = torch.tensor([o.outputs.probs for o in LLM(str(tmp_path), dtype="bfloat16", device="cuda").classify(
         [{"prompt_token_ids": p} for p in ps], use_tqdm=False)])

@@ -114,8 +114,8 @@ class VisionTower(nn.Module):
             self.mergers.append(m)
         theta = float((getattr(vc, "rope_parameters", None) or {}).get("rope_theta", 10000.0))
         d = self.hd // 2
-        self.register_buffer("inv_freq", 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d),
-                             persistent=False)
+        inv = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
+        self.register_buffer("inv_freq", inv.to(device), persistent=False)
 
     def targets(self, rest):
         """Checkpoint name under ``visual.`` -> [(param, rows)]."""
