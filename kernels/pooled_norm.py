@@ -152,6 +152,13 @@ SWEEP_CONFIGS = [
     # (4 slices at H = 1024: 10% of the bytes of hidden), more shorten the longest chain.
     {"block_t": 2, "num_warps": 4, "stages": 2, "splits": 2},
     {"block_t": 2, "num_warps": 4, "stages": 2, "splits": 8},
+    # H200, 2026-11-27: "stages": 2 won (0.257 ms, 64% of a copy), every 4- and 8-warp
+    # layout spreads a row over warps, so each LayerNorm statistic is a block reduction
+    # through shared memory. One warp per program keeps a row's reductions in shuffles;
+    # more programs per SM keep the loads in flight. Not measured yet.
+    {"block_t": 1, "num_warps": 1, "stages": 2, "splits": 8},   # 165 registers (triton 3.9, sm_90)
+    {"block_t": 2, "num_warps": 1, "stages": 2, "splits": 8},   # 236 registers
+    {"block_t": 1, "num_warps": 2, "stages": 2, "splits": 8},   # 95 registers
 ]
 _POW2 = ("block_t", "num_warps")
 _LIMITS = {"block_t": 256, "num_warps": 32, "splits": 64, "stages": 2}
