@@ -102,7 +102,10 @@ def check_rotary():
 
 def check_pooling():
     cases = [(torch.float32, 64, [1, 5, 3], 0), (torch.float16, 384, [2, 1, 7, 1], 0),
-             (torch.bfloat16, 40, [3, 9], 8), (torch.float16, 33, [1, 2], 0), (torch.bfloat16, 256, [20, 1], 0)]
+             (torch.bfloat16, 40, [3, 9], 8), (torch.float16, 33, [1, 2], 0), (torch.bfloat16, 256, [20, 1], 0),
+             # cls / last: 11 sequences over two blocks of the warp-per-row kernel (8 warps
+             # each), a row of 1024; and rows past its bound (block kernel) in fp32
+             (torch.bfloat16, 1024, [1, 4, 2, 9, 1, 3, 5, 1, 2, 7, 1], 0), (torch.float32, 2176, [2, 1, 3], 0)]
     for dt, H, lens, pad in cases:
         T = sum(lens)
         hid = torch.randn(T, H + pad, dtype=dt)[:, :H]
@@ -114,7 +117,9 @@ def check_pooling():
             for nk in (None, "layer", "rms"):
                 for rr in (None, res):
                     for wdt in (dt, torch.float32):
-                        w, b = torch.randn(H, dtype=wdt), torch.randn(H, dtype=wdt)
+                        w = torch.randn(H, dtype=wdt)
+                        # LayerNorm without a bias once per case (the fp32-weight pass)
+                        b = None if nk == "layer" and wdt == torch.float32 else torch.randn(H, dtype=wdt)
                         off = 1.0 if nk == "rms" else 0.0
                         close(f"pooled_norm {tag} {nk} res={rr is not None} w={wdt}",
                               co.pooled_norm(hid, cu, p, nk, w, b, 1e-5, off, rr),
