@@ -159,3 +159,17 @@ def rotary_inputs(op, q, k, positions, cos_sin):
     check(op, cos_sin.stride(1) == 1,
           lambda: f"cos_sin must be contiguous in its last dim, got {tuple(cos_sin.stride())}")
     return T, Hq, D, R
+
+
+
+def rows_aligned(*tensors):
+    """Whether the kernels should be told that every token and head stride of these
+    (T, H, D) tensors is a multiple of 8 elements (so that, from a 16-byte aligned base,
+    each row starts 16-byte aligned): True when all are positive multiples of 8 and some is
+    not a multiple of 16. Triton marks only integer arguments divisible by 16 itself, so a
+    head stride of 72 (SigLIP's) left it no proof of alignment, and it split every load into
+    2-byte pieces (sm_90 PTX: 128 ld.global.b16 per thread where head_dim 64 takes 16-byte
+    cp.async). Strides that are all multiples of 16 need no hint and get none, which keeps
+    those kernels as they were measured."""
+    strides = [s for t in tensors for s in t.stride()[:2]]
+    return all(s > 0 and s % 8 == 0 for s in strides) and any(s % 16 for s in strides)

@@ -36,7 +36,20 @@ def _pooled_query_attention_kernel(Q, K, V, O, CU_SEQLENS, Q_POS, qk_scale,
                                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                                    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
                                    IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                                   PRECISION: tl.constexpr, SOFTCAP: tl.constexpr):
+                                   PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
+                                   ALIGNED_ROWS: tl.constexpr = False):
+    if ALIGNED_ROWS:
+        # The launcher checked each stride is a multiple of 8 elements (_validate.rows_aligned);
+        # written as a product with 8, the compiler can prove it (tl.multiple_of on a scalar
+        # argument left the loads unvectorised).
+        stride_qb = stride_qb // 8 * 8
+        stride_qh = stride_qh // 8 * 8
+        stride_kt = stride_kt // 8 * 8
+        stride_kh = stride_kh // 8 * 8
+        stride_vt = stride_vt // 8 * 8
+        stride_vh = stride_vh // 8 * 8
+        stride_ob = stride_ob // 8 * 8
+        stride_oh = stride_oh // 8 * 8
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     seq_start = tl.load(CU_SEQLENS + seq)
@@ -156,7 +169,7 @@ def _launch(q, k, v, cu_seqlens, max_seqlen, q_pos, causal=False, scale=None, wi
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_G=block_g, BLOCK_N=bn,
         IS_CAUSAL=bool(causal), HAS_WINDOW=has_window,
         PRECISION=_fp32_precision(q.device) if q.dtype == torch.float32 else "tf32", SOFTCAP=softcap,
-        num_warps=warps, num_stages=stages)
+        ALIGNED_ROWS=_v.rows_aligned(q, k, v, out), num_warps=warps, num_stages=stages)
     return out
 
 

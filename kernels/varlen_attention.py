@@ -108,7 +108,7 @@ def _varlen_attention_kernel(Q, K, V, O, CU_SEQLENS, TILE_SEQ, TILE_INFO, qk_sca
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                              IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                              PRECISION: tl.constexpr, GROUP: tl.constexpr, BLOCK_N_FULL: tl.constexpr,
-                             SOFTCAP: tl.constexpr):
+                             SOFTCAP: tl.constexpr, ALIGNED_ROWS: tl.constexpr = False):
     """One tile: BLOCK_M tokens of one sequence for GROUP query heads of one kv group.
     GROUP > 1 stacks the heads as tile rows (row r: head r // BLOCK_M, token r % BLOCK_M),
     so each k/v block is loaded once for the group and the dots are GROUP times taller,
@@ -117,6 +117,18 @@ def _varlen_attention_kernel(Q, K, V, O, CU_SEQLENS, TILE_SEQ, TILE_INFO, qk_sca
     masked blocks stay BLOCK_N wide, so the sequence end and the diagonal waste little,
     while the middle runs fewer online-softmax rescales and wider dots. BLOCK_N_FULL ==
     BLOCK_N compiles the single-width kernel."""
+    if ALIGNED_ROWS:
+        # The launcher checked each stride is a multiple of 8 elements (_validate.rows_aligned);
+        # written as a product with 8, the compiler can prove it (tl.multiple_of on a scalar
+        # argument left the loads unvectorised).
+        stride_qt = stride_qt // 8 * 8
+        stride_qh = stride_qh // 8 * 8
+        stride_kt = stride_kt // 8 * 8
+        stride_kh = stride_kh // 8 * 8
+        stride_vt = stride_vt // 8 * 8
+        stride_vh = stride_vh // 8 * 8
+        stride_ot = stride_ot // 8 * 8
+        stride_oh = stride_oh // 8 * 8
     tile = tl.program_id(0)
     head = tl.program_id(1) * GROUP
     # The grid holds an upper bound of the tile count; TILE_INFO[0] is the true one.
@@ -256,7 +268,10 @@ CONFIGS_PADDED = {
 # with 8 warps spill there, 16 to 208 bytes of stack).
 SWEEP_CONFIGS_PADDED = {
     128: [(64, 32, 8, 3), (64, 32, 8, 2), (32, 32, 4, 3), (32, 16, 4, 3), (64, 16, 4, 3), (64, 16, 8, 3),
-          (32, 32, 8, 3), (32, 64, 8, 3), (128, 16, 8, 3)],
+          (32, 32, 8, 3), (128, 16, 8, 3),
+          # With the stride hint (ALIGNED_ROWS) the padded tiles load 16 bytes at a time, as
+          # at head dim 80: the unpadded head dims' tiles, compiled without spills there.
+          (64, 32, 4, 3), (64, 64, 4, 3)],
 }
 CONFIGS_FP32 = {
     16: (64, 32, 4, 2),
@@ -389,7 +404,8 @@ def _launch(q, k, v, cu_seqlens, max_seqlen, causal=False, scale=None, window=No
         # fp32 inputs keep fp32-level products (never plain TF32) to match the reference;
         # the precision is ignored for 16-bit inputs.
         PRECISION=_fp32_precision(q.device) if q.dtype == torch.float32 else "tf32", GROUP=group,
-        BLOCK_N_FULL=bn_full, SOFTCAP=softcap, num_warps=warps, num_stages=stages)
+        BLOCK_N_FULL=bn_full, SOFTCAP=softcap, ALIGNED_ROWS=_v.rows_aligned(q, k, v, out),
+        num_warps=warps, num_stages=stages)
     return out
 
 

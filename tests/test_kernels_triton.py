@@ -132,6 +132,23 @@ def test_varlen_attention_head_dims(D):
     _check_attention(MIXED, 2, 1, D, FP32, True, block_m=32, block_n=16)
 
 
+@pytest.mark.parametrize("shape, view, hinted", [
+    ((9, 4, 72), None, True),       # head stride 72: a multiple of 8 Triton cannot see
+    ((9, 4, 64), None, False),      # every stride a multiple of 16: Triton sees it, no hint
+    ((9, 4, 36), None, False),      # head stride 36: rows not 16-byte aligned, no claim
+    ((9, 3, 4, 72), 1, True),       # q of a fused (T, 3, H, 72) qkv: token stride 864
+    ((9, 4, 80), 72, False),        # the first 72 of 80 columns: strides 320 and 80, seen
+])
+def test_attention_stride_hint(shape, view, hinted):
+    from pyengine.kernels import _validate
+    t = torch.zeros(shape)
+    if len(shape) == 4:
+        t = t.unbind(view)[0]
+    elif view:
+        t = t[..., :view]
+    assert _validate.rows_aligned(t, t) is hinted
+
+
 @pytest.mark.usefixtures("poisoned")
 def test_head_dim_off_the_multiples_of_16():
     # 72 (SigLIP-so400m) in fp16: both attention kernels take their CONFIGS_PADDED tiles.
