@@ -448,6 +448,31 @@ def test_triton_kernels_in_the_interpreter(tmp_path):
     torch.testing.assert_close(torch.tensor(out.outputs.probs), ref, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("n, L, H, D", [
+    (3, 16, 2, 72),   # SigLIP's head dim, views of a fused qkv (the GPU's dense path)
+    (1, 5, 4, 64),    # one tile, a length off the powers of two
+])
+def test_dense_tile_attention_matches_varlen(n, L, H, D):
+    """tile_attention's dense path (SDPA over (n, H, L, L), the one a GPU takes) against
+    the per-tile varlen path and a float64 per-tile softmax, on strided q / k / v."""
+    from pyengine.models.nemotron_vl import tile_attention
+    from pyengine.ops import resolve_ops
+
+    qkv = torch.randn(n * L, 3, H, D, generator=torch.Generator().manual_seed(n + D), dtype=torch.float32)
+    q, k, v = qkv.unbind(1)
+    cu = torch.arange(0, (n + 1) * L, L, dtype=torch.int32)
+    ops = resolve_ops("torch", "cpu")
+    dense = tile_attention(ops, q, k, v, cu, L, D ** -0.5, dense=True)
+    packed = tile_attention(ops, q, k, v, cu, L, D ** -0.5, dense=False)
+    ref = torch.empty(n * L, H, D, dtype=torch.float64)
+    for t in range(n):
+        r = slice(t * L, (t + 1) * L)
+        s = torch.einsum("qhd,khd->hqk", q[r].double(), k[r].double()) * D ** -0.5
+        ref[r] = torch.einsum("hqk,khd->qhd", s.softmax(-1), v[r].double())
+    torch.testing.assert_close(dense.double(), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(packed.double(), ref, atol=1e-5, rtol=1e-5)
+
+
 def test_lora_on_the_language_model(tmp_path):
     """A PEFT adapter (written here as PEFT saves one) on the language model's q and v
     projections: prompts with images that run with it match the float64 reference with
