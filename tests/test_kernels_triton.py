@@ -755,11 +755,12 @@ def test_validation_messages(op, args, match):
 # The constexpr parameters each kernel may have: head dims, block sizes and feature flags.
 # Nothing derived from T, B or max_seqlen may appear here.
 ALLOWED_CONSTEXPRS = {
-    # SOFTCAP: a model's constant (Gemma 2), not a shape
+    # SOFTCAP: a model's constant (Gemma 2), not a shape; ALIGNED_ROWS: from the strides,
+    # which the head count and head dim set, not T or B
     "varlen_attention": {"HEAD_DIM", "BLOCK_D", "BLOCK_M", "BLOCK_N", "IS_CAUSAL", "HAS_WINDOW", "PRECISION",
-                         "GROUP", "BLOCK_N_FULL", "SOFTCAP"},
+                         "GROUP", "BLOCK_N_FULL", "SOFTCAP", "ALIGNED_ROWS"},
     "pooled_query_attention": {"HEAD_DIM", "BLOCK_D", "BLOCK_G", "BLOCK_N", "IS_CAUSAL", "HAS_WINDOW",
-                               "PRECISION", "SOFTCAP"},
+                               "PRECISION", "SOFTCAP", "ALIGNED_ROWS"},
     "gather_pooled": {"POOLING", "BLOCK_T", "BLOCK_H", "PREFETCH"},
     "activation": {"KIND", "BIAS_MODE", "SCALE_MODE", "BLOCK_L"},
     "add_layer_norm": {"HAS_RESIDUAL", "HAS_BIAS", "BLOCK_H"},
