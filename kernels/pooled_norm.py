@@ -58,10 +58,78 @@ def _norm_rows(x, w, b, h_ok, H, eps, offset, NORM: tl.constexpr, HAS_BIAS: tl.c
 
 
 @triton.jit
+def _mean_warp_rows(X, RES, W, B, OUT, slot, lo, hi, stride_x, stride_r, stride_o, H, eps, offset,
+                    NORM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, SPAN: tl.constexpr, PREFETCH: tl.constexpr):
+    """Rows lo..hi of one sequence, summed after the norm into OUT[slot], with rows held as
+    (BLOCK_H // SPAN, BLOCK_T, SPAN) tiles: a warp's 32 lanes span SPAN columns (16 bytes
+    each) and the warps take different rows, so a row's statistics are per-thread sums and
+    warp shuffles, with no barrier in the loop (a (BLOCK_T, BLOCK_H) tile spreads each row
+    over the warps, and every statistic is a block reduction). The affine part is applied
+    once to the slice's sum: sum_t (z_t * w + b) = (sum_t z_t) * w + count * b."""
+    CH: tl.constexpr = BLOCK_H // SPAN
+    offs_t = tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, CH)[:, None, None] * SPAN + tl.arange(0, SPAN)[None, None, :]  # (CH, 1, SPAN)
+    c_ok = cols < H
+    acc = tl.zeros([CH, BLOCK_T, SPAN], dtype=tl.float32)
+    rows = lo + offs_t
+    ok = (rows < hi)[None, :, None] & c_ok
+    r64 = rows.to(tl.int64)[None, :, None]
+    x_next = tl.load(X + r64 * stride_x + cols, mask=ok, other=0.0)
+    r_next = x_next
+    if HAS_RESIDUAL:
+        r_next = tl.load(RES + r64 * stride_r + cols, mask=ok, other=0.0)
+    for t0 in range(lo, hi, BLOCK_T):
+        rows = t0 + offs_t
+        row_ok = (rows < hi)[None, :, None]
+        x, r = x_next, r_next
+        if PREFETCH:
+            # The next tile's loads go out before this one is normed (same sums, same order).
+            nxt = rows + BLOCK_T
+            ok = (nxt < hi)[None, :, None] & c_ok
+            n64 = nxt.to(tl.int64)[None, :, None]
+            x_next = tl.load(X + n64 * stride_x + cols, mask=ok, other=0.0)
+            if HAS_RESIDUAL:
+                r_next = tl.load(RES + n64 * stride_r + cols, mask=ok, other=0.0)
+        if HAS_RESIDUAL:
+            x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
+        x = x.to(tl.float32)
+        if NORM == 1:
+            mean = tl.sum(tl.sum(x, 2), 0) / H
+            diff = tl.where(c_ok, x - mean[None, :, None], 0.0)
+            z = diff * tl.rsqrt(tl.sum(tl.sum(diff * diff, 2), 0) / H + eps)[None, :, None]
+        elif NORM == 2:
+            z = x * tl.rsqrt(tl.sum(tl.sum(x * x, 2), 0) / H + eps)[None, :, None]
+        else:
+            z = x
+        acc += tl.where(row_ok, z, 0.0)
+        if not PREFETCH:
+            nxt = rows + BLOCK_T
+            ok = (nxt < hi)[None, :, None] & c_ok
+            n64 = nxt.to(tl.int64)[None, :, None]
+            x_next = tl.load(X + n64 * stride_x + cols, mask=ok, other=0.0)
+            if HAS_RESIDUAL:
+                r_next = tl.load(RES + n64 * stride_r + cols, mask=ok, other=0.0)
+    total = tl.sum(acc, 1)  # (CH, SPAN): the one cross-warp reduction, after the loop
+    cols2 = tl.arange(0, CH)[:, None] * SPAN + tl.arange(0, SPAN)[None, :]
+    ok2 = cols2 < H
+    if NORM != 0:
+        w = tl.load(W + cols2, mask=ok2, other=0.0).to(tl.float32)
+        if NORM == 1:
+            total = total * w
+            if HAS_BIAS:
+                count = tl.maximum(hi - lo, 0).to(tl.float32)  # a slice past the end holds no row
+                total += count * tl.load(B + cols2, mask=ok2, other=0.0).to(tl.float32)
+        else:
+            total = total * (w + offset)
+    tl.store(OUT + slot * stride_o + cols2, total, mask=ok2)
+
+
+@triton.jit
 def _pooled_norm_kernel(X, RES, CU_SEQLENS, W, B, OUT, stride_x, stride_r, stride_o, H, eps, offset, n_splits,
                         POOLING: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
                         HAS_RESIDUAL: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
-                        PREFETCH: tl.constexpr):
+                        PREFETCH: tl.constexpr, WARP_ROWS: tl.constexpr = 0):
     """cls / last: OUT is (B, H), one normed row per sequence. mean: OUT is the (B *
     n_splits, H) fp32 workspace; program (seq, split) sums the normed rows of its slice
     of the sequence, and _mean_finish_kernel adds the slices up. PREFETCH (mean): each
@@ -84,30 +152,35 @@ def _pooled_norm_kernel(X, RES, CU_SEQLENS, W, B, OUT, stride_x, stride_r, strid
         chunk = (end - start + n_splits - 1) // n_splits
         lo = start + split * chunk
         hi = tl.minimum(lo + chunk, end)
-        offs_t = tl.arange(0, BLOCK_T)
-        acc = tl.zeros([BLOCK_T, BLOCK_H], dtype=tl.float32)
-        if PREFETCH:
-            # Triton does not pipeline these loads: without this a step waits for its rows,
-            # then norms them (reductions with barriers) while no load of this program is
-            # in flight. Here the next tile's round trip overlaps this tile's norm.
-            x_next, r_next = _load_raw(X, RES, lo + offs_t, lo + offs_t < hi, offs_h, h_ok, stride_x, stride_r,
-                                       HAS_RESIDUAL)
-            for t0 in range(lo, hi, BLOCK_T):
-                rows = t0 + offs_t
-                x, r = x_next, r_next
-                x_next, r_next = _load_raw(X, RES, rows + BLOCK_T, rows + BLOCK_T < hi, offs_h, h_ok, stride_x,
-                                           stride_r, HAS_RESIDUAL)
-                y = _norm_rows(_add_rows(x, r, HAS_RESIDUAL), w, b, h_ok, H, eps, offset, NORM, HAS_BIAS)
-                acc += tl.where((rows < hi)[:, None], y, 0.0)
+        if WARP_ROWS:
+            _mean_warp_rows(X, RES, W, B, OUT, seq.to(tl.int64) * n_splits + split, lo, hi, stride_x, stride_r,
+                            stride_o, H, eps, offset, NORM, HAS_BIAS, HAS_RESIDUAL, BLOCK_T, BLOCK_H, WARP_ROWS,
+                            PREFETCH)
         else:
-            for t0 in range(lo, hi, BLOCK_T):
-                rows = t0 + offs_t
-                row_ok = rows < hi
-                x = _load_rows(X, RES, rows, row_ok, offs_h, h_ok, stride_x, stride_r, HAS_RESIDUAL)
-                y = _norm_rows(x, w, b, h_ok, H, eps, offset, NORM, HAS_BIAS)
-                acc += tl.where(row_ok[:, None], y, 0.0)
-        slot = seq.to(tl.int64) * n_splits + split
-        tl.store(OUT + slot * stride_o + offs_h, tl.sum(acc, 0), mask=h_ok)
+            offs_t = tl.arange(0, BLOCK_T)
+            acc = tl.zeros([BLOCK_T, BLOCK_H], dtype=tl.float32)
+            if PREFETCH:
+                # Triton does not pipeline these loads: without this a step waits for its rows,
+                # then norms them (reductions with barriers) while no load of this program is
+                # in flight. Here the next tile's round trip overlaps this tile's norm.
+                x_next, r_next = _load_raw(X, RES, lo + offs_t, lo + offs_t < hi, offs_h, h_ok, stride_x, stride_r,
+                                           HAS_RESIDUAL)
+                for t0 in range(lo, hi, BLOCK_T):
+                    rows = t0 + offs_t
+                    x, r = x_next, r_next
+                    x_next, r_next = _load_raw(X, RES, rows + BLOCK_T, rows + BLOCK_T < hi, offs_h, h_ok, stride_x,
+                                               stride_r, HAS_RESIDUAL)
+                    y = _norm_rows(_add_rows(x, r, HAS_RESIDUAL), w, b, h_ok, H, eps, offset, NORM, HAS_BIAS)
+                    acc += tl.where((rows < hi)[:, None], y, 0.0)
+            else:
+                for t0 in range(lo, hi, BLOCK_T):
+                    rows = t0 + offs_t
+                    row_ok = rows < hi
+                    x = _load_rows(X, RES, rows, row_ok, offs_h, h_ok, stride_x, stride_r, HAS_RESIDUAL)
+                    y = _norm_rows(x, w, b, h_ok, H, eps, offset, NORM, HAS_BIAS)
+                    acc += tl.where(row_ok[:, None], y, 0.0)
+            slot = seq.to(tl.int64) * n_splits + split
+            tl.store(OUT + slot * stride_o + offs_h, tl.sum(acc, 0), mask=h_ok)
     else:
         if POOLING == 0:
             rows = start + tl.arange(0, 1)
@@ -159,10 +232,16 @@ SWEEP_CONFIGS = [
     {"block_t": 1, "num_warps": 1, "stages": 2, "splits": 8},   # 165 registers (triton 3.9, sm_90)
     {"block_t": 2, "num_warps": 1, "stages": 2, "splits": 8},   # 236 registers
     {"block_t": 1, "num_warps": 2, "stages": 2, "splits": 8},   # 95 registers
+    # Rows one per warp (warp_rows): no barrier in the row loop (sm_90 PTX: none, against
+    # four per step for the layouts above), the affine part once per slice.
+    {"warp_rows": 1, "block_t": 4, "num_warps": 4, "stages": 2},                # 96 registers
+    {"warp_rows": 1, "block_t": 8, "num_warps": 4, "stages": 2},                # 168 registers
+    {"warp_rows": 1, "block_t": 8, "num_warps": 8, "stages": 2},                # 102 registers
+    {"warp_rows": 1, "block_t": 4, "num_warps": 4, "stages": 2, "splits": 8},   # 96 registers
 ]
 _POW2 = ("block_t", "num_warps")
-_LIMITS = {"block_t": 256, "num_warps": 32, "splits": 64, "stages": 2}
-_MEAN_ONLY = ("splits", "stages")
+_LIMITS = {"block_t": 256, "num_warps": 32, "splits": 64, "stages": 2, "warp_rows": 1}
+_MEAN_ONLY = ("splits", "stages", "warp_rows")
 
 
 def tune_key(hidden, cu_seqlens, pooling, norm_kind, weight=None, bias=None, eps=None, offset=0.0, residual=None,
@@ -174,9 +253,10 @@ def tune_key(hidden, cu_seqlens, pooling, norm_kind, weight=None, bias=None, eps
 def _launch(hidden, cu_seqlens, pooling, norm_kind, weight, bias, eps, offset=0.0, residual=None, config=None):
     """config: None (the tuned config for this shape where a configs file has one, else
     the launcher's choice) or a dict with any of "block_t" (rows per step,
-    a power of two), "num_warps", and for mean pooling "splits" (slices per sequence) and
-    "stages" (tiles of a program in flight, 1 or 2); the benchmark's sweep passes
-    SWEEP_CONFIGS entries."""
+    a power of two), "num_warps", and for mean pooling "splits" (slices per sequence),
+    "stages" (tiles of a program in flight, 1 or 2) and "warp_rows" (1: rows held one per
+    warp, see _mean_warp_rows; num_warps at most block_t keeps every row in one warp); the
+    benchmark's sweep passes SWEEP_CONFIGS entries."""
     _check(pooling in _POOLINGS, lambda: f"unknown pooling {pooling!r}; expected 'cls', 'last' or 'mean'")
     _check(norm_kind in _NORMS, lambda: f"unknown norm_kind {norm_kind!r}; expected None, 'layer' or 'rms'")
     _v.check_float("pooled_norm", "hidden", hidden, 2, "(T, H)")
@@ -210,18 +290,23 @@ def _launch(hidden, cu_seqlens, pooling, norm_kind, weight, bias, eps, offset=0.
     # Mean: slices of about 32 tokens on average (T and B are host ints: no sync), at most
     # 16 per sequence. A runtime argument, so ragged batches share one compiled kernel.
     n_splits = min(16, max(1, T // (32 * max(B, 1)))) if mean else 1
-    stages = 1
+    stages, warp_rows = 1, 0
     if config is None:
         config = _tuned.lookup(hidden.device, "triton/pooled_norm",
                                lambda: tune_key(hidden, cu_seqlens, pooling, norm_kind, residual=residual))
     if config is not None:
         cfg = _v.launch_config("pooled_norm", config, {"block_t": block_t, "num_warps": warps, "splits": n_splits,
-                                                       "stages": stages}, _POW2, _LIMITS)
+                                                       "stages": stages, "warp_rows": 0}, _POW2, _LIMITS)
         bad = [name for name in _MEAN_ONLY if name in config and not mean]
         _check(not bad, lambda: f"config key(s) {bad} apply to pooling='mean' only, got pooling={pooling!r}")
         _check(cfg["block_t"] * block_h <= 65536,
                lambda: f"config tile block_t x H = {cfg['block_t']} x {block_h} exceeds 65536 elements")
         block_t, warps, n_splits, stages = cfg["block_t"], cfg["num_warps"], cfg["splits"], cfg["stages"]
+        if cfg["warp_rows"]:
+            # A warp's 32 lanes load 16 bytes each across SPAN columns; the row must hold one.
+            span = 32 * (16 // hidden.element_size())
+            _check(block_h >= span, lambda: f"config warp_rows needs H >= {span} for {hidden.dtype}, got H={H}")
+            warp_rows = span
     out = torch.empty((B, H), dtype=torch.float32, device=hidden.device)
     if B == 0:
         return out
@@ -233,7 +318,7 @@ def _launch(hidden, cu_seqlens, pooling, norm_kind, weight, bias, eps, offset=0.
         H, float(eps), float(offset), n_splits,
         POOLING=_POOLINGS[pooling], NORM=_NORMS[norm_kind], HAS_BIAS=has_bias,
         HAS_RESIDUAL=residual is not None, BLOCK_T=block_t, BLOCK_H=block_h, PREFETCH=stages == 2,
-        num_warps=warps)
+        WARP_ROWS=warp_rows, num_warps=warps)
     if mean:
         fin_h = min(block_h, 1024)
         _mean_finish_kernel[(B, _v.cdiv(H, fin_h))](dest, cu_seqlens, out, out.stride(0), H, n_splits,

@@ -713,6 +713,36 @@ def test_pooled_norm_sweep_configs(config):
         assert_close(out, ops.pooled_norm(*args), FP32[1:], f"{norm_kind} {config}")
 
 
+@pytest.mark.usefixtures("poisoned")
+@pytest.mark.parametrize("tol", [FP16, FP32], ids=["fp16", "fp32"])
+@pytest.mark.parametrize("config", [
+    {"warp_rows": 1, "block_t": 4, "num_warps": 4, "stages": 2},               # one row per warp, prefetched
+    {"warp_rows": 1, "block_t": 2, "num_warps": 2, "splits": 8},               # slices past short sequences' ends
+    {"warp_rows": 1, "block_t": 8, "num_warps": 4, "stages": 2, "splits": 1},  # two rows per warp
+])
+def test_pooled_norm_warp_rows(tol, config):
+    # H = 600: row chunks of 256 (fp16) or 128 (fp32) columns with a masked tail; lengths
+    # 1 to 41 across slices and row tiles; every norm, with and without bias and residual.
+    lens = [1, 41, 3, 17]
+    T, H, dt = sum(lens), 600, tol[0]
+    h, r = _randn(T, H, seed=63).to(dt), _randn(T, H, seed=64).to(dt)
+    w, b = (1 + 0.3 * _randn(H, seed=65)).to(dt), _randn(H, seed=66).to(dt)
+    for norm_kind, bias, res in (("layer", b, r), ("layer", None, None), ("rms", None, r), (None, None, r)):
+        args = (h, cu_seqlens(lens), "mean", norm_kind, w, bias, 1e-5, 0.5 if norm_kind == "rms" else 0.0, res)
+        out = _mod("pooled_norm")._launch(*args, config=config)
+        ref = ops.pooled_norm(*(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                                for a in args))
+        assert_close(out, ref, (torch.float32,) + tuple(tol[1:]), f"{norm_kind} bias={bias is not None} "
+                     f"res={res is not None} {config}")
+
+
+def test_pooled_norm_warp_rows_needs_a_wide_row():
+    h = _randn(5, 64, seed=67).half()
+    with pytest.raises(ValueError, match=r"warp_rows needs H >= 256 for torch.float16, got H=64"):
+        _mod("pooled_norm")._launch(h, cu_seqlens([5]), "mean", "rms", torch.ones(64).half(), None, 1e-5,
+                                    config={"warp_rows": 1})
+
+
 def test_prefetching_mean_is_bit_identical():
     # "stages": 2 only issues the next tile's loads earlier: the same sums in the same order.
     lens = [1, 70, 9]
@@ -768,7 +798,7 @@ ALLOWED_CONSTEXPRS = {
     "rotary": {"HALF", "NEOX", "BLOCK_HALF", "BLOCK_HQ", "BLOCK_HK"},
     "gated_act": {"KIND", "BLOCK"},
     "embed_layer_norm": {"HAS_TYPE", "HAS_EXTRA", "HAS_BIAS", "BLOCK_H"},
-    "pooled_norm": {"POOLING", "NORM", "HAS_BIAS", "HAS_RESIDUAL", "BLOCK_T", "BLOCK_H", "PREFETCH"},
+    "pooled_norm": {"POOLING", "NORM", "HAS_BIAS", "HAS_RESIDUAL", "BLOCK_T", "BLOCK_H", "PREFETCH", "WARP_ROWS"},
 }
 
 
