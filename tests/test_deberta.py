@@ -85,7 +85,9 @@ def test_bf16_on_gpu(tmp_path):
     """bf16 against transformers in fp32 on realistic lengths: within 2e-2, same argmax."""
     cfg = DebertaV2Config(num_labels=3, **{**_BASE, "hidden_size": 256}, **{**VARIANTS["v3"], "position_buckets": 256,
                                                                           "max_relative_positions": 512})
-    model, _ = save_tiny(tmp_path, cfg, seed=6)
+    # Weights of N(0, 0.05): at the CPU tests' 0.3 transformers' own bf16 run of this
+    # width-256 model is 0.38 off its fp32 run on probabilities.
+    model, _ = save_tiny(tmp_path, cfg, seed=6, std=0.05)
     ps = prompts(7, [1, 7, 64, 200, 333, 31] * 4)
     got = engine_logits(tmp_path, ps, kernel_backend="auto", dtype="bfloat16", device="cuda").softmax(-1)
     ref = hf_logits(model.float(), ps).softmax(-1)

@@ -2,13 +2,15 @@
 models on the same weights and token ids: Gemma3TextForSequenceClassification, the
 multimodal Gemma3ForSequenceClassification on text prompts, a Gemma3ForCausalLM read as a
 yes/no classifier, and Gemma2ForSequenceClassification with soft-capped attention."""
+import copy
+
 import pytest
 import torch
 from transformers import Gemma2Config, Gemma3Config, Gemma3TextConfig
 
 from pyengine import LLM
-from model_checks import ATOL, assert_batch_invariant, assert_matches_transformers, engine_logits, hf_logits, \
-    token_prompts
+from model_checks import ATOL, assert_batch_invariant, assert_bf16_bar, assert_matches_transformers, engine_logits, \
+    hf_logits, token_prompts
 from test_engine import report
 from tiny import save_tiny
 # 1: one token; 5: inside the 8-token window; 20, 60: past it (and past a 32-key block)
@@ -145,20 +147,24 @@ def test_gemma2_soft_capped_attention_matches_transformers(backend, tmp_path):
 def test_gemma2_bf16_on_gpu(tmp_path):
     """Gemma 2's shape on the GPU (head_dim 256, scores capped at 50) in bf16 against
     transformers in fp32."""
+    # Norm weights about 0 (Gemma scales by 1 + weight). Even so transformers' own bf16 run
+    # of this model is 0.06 off its fp32 run: the bar allows for that.
     model, _ = save_tiny(tmp_path, gemma2_config(hidden=512, heads=4, head_dim=256, softcap=50.0), seed=13,
-                         tokenizer="decoder")
+                         tokenizer="decoder", norm_center=0.0)
     ps = prompts(14, [1, 7, 64, 200, 333, 31] * 4)
     got = ours(tmp_path, ps, kernel_backend="auto", dtype="bfloat16", device="cuda").softmax(-1)
     ref = logits(model.float(), ps).softmax(-1)
-    assert torch.allclose(got, ref, atol=2e-2, rtol=0), report(got, ref)
-    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.99
+    assert_bf16_bar(got, ref, logits(copy.deepcopy(model).to(torch.bfloat16), ps).float().softmax(-1))
 
 
 @pytest.mark.gpu
 def test_bf16_on_gpu(tmp_path):
     """bf16 on the default kernels (head_dim 64) against transformers in fp32: within
     2e-2 on probabilities, the same argmax."""
-    model, _ = save_tiny(tmp_path, text_config(hidden=256, heads=4, head_dim=64), seed=7, tokenizer="decoder")
+    # Weights of N(0, 0.1), norm weights about 0 (Gemma scales by 1 + weight): with 1 + 1
+    # and N(0, 0.3) transformers' own bf16 run is 0.08 off its fp32 run.
+    model, _ = save_tiny(tmp_path, text_config(hidden=256, heads=4, head_dim=64), seed=7, tokenizer="decoder",
+                         std=0.1, norm_center=0.0)
     ps = prompts(8, [1, 7, 64, 200, 333, 31] * 4)
     got = ours(tmp_path, ps, kernel_backend="auto", dtype="bfloat16", device="cuda").softmax(-1)
     ref = logits(model.float(), ps).softmax(-1)

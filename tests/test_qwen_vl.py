@@ -2,6 +2,7 @@
 pyengine.multimodal), against transformers' own model on the same weights, with pixel
 values and placeholder counts from transformers' PIL image processor (where pillow is
 missing, as on the GPU image, from ours, which is checked against it on the CPU)."""
+import copy
 import json
 import os
 
@@ -15,6 +16,7 @@ from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, 
 
 from pyengine import LLM
 from pyengine.multimodal import ImageProcessor, rope_positions
+from model_checks import assert_bf16_bar
 from test_cuda_graph import RecordedGraphs
 from tiny import randomize, write_bpe_tokenizer
 
@@ -71,22 +73,23 @@ def _config(gen, vocab, ids, width):
              vision_start_token_id=ids[0], vision_end_token_id=ids[2])
 
 
-def save_vl(path, gen, width=48, num_labels=2, seed=0):
-    """A random VL model saved as *ForSequenceClassification (score.weight added) with a
-    tokenizer and preprocessor config. Returns (transformers model, tokenizer, score)."""
+def save_vl(path, gen, width=48, num_labels=2, seed=0, std=0.3, score_std=1.0):
+    """A random VL model (weights N(0, std), the score head's N(0, score_std)) saved as
+    *ForSequenceClassification (score.weight added) with a tokenizer and preprocessor
+    config. Returns (transformers model, tokenizer, score)."""
     tok = write_bpe_tokenizer(path, "decoder")
     tok.add_special_tokens({"additional_special_tokens": SPECIALS})
     tok.save_pretrained(path)
     cfg = _config(gen, len(tok), tok.convert_tokens_to_ids(SPECIALS), width)
     torch.manual_seed(seed)
     _, M, prefix, patch = GENS[gen]
-    model = randomize(M(cfg), 0.3, seed).eval()
+    model = randomize(M(cfg), std, seed).eval()
     model.config.architectures = [f"{prefix}ForSequenceClassification"]
     model.config.num_labels = num_labels
     model.gen = gen
     model.save_pretrained(path)
     weights = load_file(os.path.join(path, "model.safetensors"))
-    score = torch.randn(num_labels, width, generator=torch.Generator().manual_seed(seed + 1))
+    score = score_std * torch.randn(num_labels, width, generator=torch.Generator().manual_seed(seed + 1))
     weights["score.weight"] = score
     save_file(weights, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
     mean, std = stats(gen)
@@ -366,11 +369,15 @@ def test_bf16_on_gpu(gen, tmp_path):
     llm = LLM(str(tmp_path), dtype="bfloat16", device="cuda")
     got = torch.tensor([o.outputs.probs for o in llm.classify(_dicts(prompts), use_tqdm=False)])
     ref = torch.stack([reference(model, tok, score, t, im).softmax(-1) for t, im in prompts])
-    torch.testing.assert_close(got, ref, atol=2e-2, rtol=0)
-    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.99
-    text = [t for t, im in prompts if not im]
-    again = torch.tensor([o.outputs.probs for o in llm.classify(text, use_tqdm=False)])
-    torch.testing.assert_close(again, ref[[i for i, (_, im) in enumerate(prompts) if not im]], atol=2e-2, rtol=0)
+    # transformers' own bf16 run, for the prompts this random model makes ill-conditioned
+    # (Qwen2-VL's: 0.38 off its fp32 run on one)
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    half.gen = gen
+    hf16 = torch.stack([reference(half, tok, score, t, im).softmax(-1) for t, im in prompts])
+    assert_bf16_bar(got, ref, hf16)
+    text = [i for i, (_, im) in enumerate(prompts) if not im]
+    again = torch.tensor([o.outputs.probs for o in llm.classify([prompts[i][0] for i in text], use_tqdm=False)])
+    assert_bf16_bar(again, ref[text], hf16[text])
 
 
 # ---------------------------------------------------------------------------- LoRA

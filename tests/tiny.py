@@ -57,26 +57,27 @@ def write_bpe_tokenizer(path, kind="roberta"):
     return tok
 
 
-def randomize(model, std=0.3, seed=0):
-    """Redraw every floating parameter and buffer-free weight from N(0, std)."""
+def randomize(model, std=0.3, seed=0, norm_center=1.0):
+    """Redraw every floating parameter and buffer-free weight from N(0, std); norm weights
+    from N(norm_center, 0.1) (0 for models that scale by 1 + weight, as Gemma does)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "LayerNorm.weight" in name or name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+                p.copy_(norm_center + 0.1 * torch.randn(p.shape, generator=g))
             else:
                 p.copy_(std * torch.randn(p.shape, generator=g))
     return model
 
 
-def save_tiny(path, config, seed=0, std=0.3, tokenizer="wordpiece"):
+def save_tiny(path, config, seed=0, std=0.3, tokenizer="wordpiece", norm_center=1.0):
     """Build AutoModelForSequenceClassification from ``config``, randomise it, save it
     and a tokenizer to ``path``. Returns (model in eval mode, tokenizer)."""
     from transformers import AutoModelForSequenceClassification
 
     torch.manual_seed(seed)
     model = AutoModelForSequenceClassification.from_config(config, attn_implementation="eager")
-    randomize(model, std, seed).eval()
+    randomize(model, std, seed, norm_center).eval()
     model.save_pretrained(path)
     if tokenizer == "wordpiece":
         tok = write_wordpiece_tokenizer(path)
