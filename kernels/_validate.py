@@ -172,4 +172,12 @@ def rows_aligned(*tensors):
     cp.async). Strides that are all multiples of 16 need no hint and get none, which keeps
     those kernels as they were measured."""
     strides = [s for t in tensors for s in t.stride()[:2]]
-    return all(s > 0 and s % 8 == 0 for s in strides) and any(s % 16 for s in strides)
+    return rows_16b(*tensors) and any(s % 16 for s in strides)
+
+
+def rows_16b(*tensors):
+    """Whether every token and head stride of these (T, H, D) tensors is a positive
+    multiple of 8 elements: the kernels then load whole 16-byte pieces (with the hint of
+    rows_aligned where Triton cannot see it), and padded head dims take the same tiles as
+    unpadded ones."""
+    return all(s > 0 and s % 8 == 0 for t in tensors for s in t.stride()[:2])

@@ -256,8 +256,9 @@ SWEEP_CONFIGS = {
           (64, 32, 4, 3, 1, 64), (64, 32, 4, 3, 1, 128), (64, 32, 8, 3, 1, 64), (32, 32, 4, 3, 2, 64)],
 }
 # 16-bit head dims that are not a multiple of 16 (SigLIP-so400m's 72; 88, 104, 120;
-# 136 ... 248), whose masked head-dim tiles spilled registers at the configs above when
-# compiled for sm_90 (tests/compile_kernels.py): more warps, or smaller tiles.
+# 136 ... 248) with strides Triton cannot take as multiples of 8 (rare: see config_for),
+# whose masked head-dim tiles, loaded 2 bytes at a time, spilled registers at the configs
+# above when compiled for sm_90 (tests/compile_kernels.py): more warps, or smaller tiles.
 CONFIGS_PADDED = {
     64: (64, 32, 8, 3),
     128: (64, 32, 8, 3),
@@ -311,14 +312,17 @@ def tile_map(cu_seqlens, T, block_m, block_b=1024):
     return tile_seq, tile_info, n
 
 
-def config_for(dtype, head_dim):
+def config_for(dtype, head_dim, rows_16b=False):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) the launcher uses for these inputs (one
     query head per program). Causal and bidirectional share the table: the sweep picked
-    the same tiles for both."""
+    the same tiles for both. rows_16b (_validate.rows_16b: every stride a multiple of 8):
+    a padded head dim's rows load in 16-byte pieces, and it takes the unpadded tiles
+    (H200, SigLIP's 64 x 1024 tiles at head dim 72: 64x32 with 4 warps 1.65 ms, the 8-warp
+    CONFIGS_PADDED tile 2.97 ms)."""
     block_d = max(16, _v.next_pow2(head_dim))
     if dtype == torch.float32:
         return CONFIGS_FP32[block_d]
-    if head_dim % 16 and block_d in CONFIGS_PADDED:
+    if head_dim % 16 and block_d in CONFIGS_PADDED and not rows_16b:
         return CONFIGS_PADDED[block_d]
     return CONFIGS[block_d]
 
@@ -384,7 +388,7 @@ def _launch(q, k, v, cu_seqlens, max_seqlen, causal=False, scale=None, window=No
         _check(len(config) in (4, 5, 6) and all(isinstance(c, int) and c > 0 for c in config),
                lambda: f"config must be (BLOCK_M, BLOCK_N, num_warps, num_stages[, GROUP[, BLOCK_N_FULL]]) "
                        f"positive ints, got {config!r}")
-    cfg = config or config_for(q.dtype, D)
+    cfg = config or config_for(q.dtype, D, _v.rows_16b(q, k, v))
     bm, bn, warps, stages, group, bn_full = config_fields(cfg)
     _check((Hq // Hkv) % group == 0, lambda: f"GROUP={group} heads per program must divide Hq / Hkv = {Hq // Hkv}")
     _check(group & (group - 1) == 0, lambda: f"GROUP={group} heads per program must be a power of two (tile rows)")

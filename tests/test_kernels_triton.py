@@ -154,6 +154,7 @@ def test_head_dim_off_the_multiples_of_16():
     # 72 (SigLIP-so400m) in fp16: both attention kernels take their CONFIGS_PADDED tiles.
     va = _mod("varlen_attention")
     assert va.config_for(torch.float16, 72) == va.CONFIGS_PADDED[128]
+    assert va.config_for(torch.float16, 72, rows_16b=True) == va.CONFIGS[128]  # 16-byte loads: unpadded tiles
     assert va.config_for(torch.float16, 80) == va.CONFIGS[128]  # a multiple of 16 keeps the table's
     _check_attention(MIXED, 2, 1, 72, FP16, False)
     _check_pooled(MIXED, "mix", 2, 1, 72, FP16, True)
