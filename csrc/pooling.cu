@@ -456,6 +456,18 @@ pooled_norm_row_kernel(const T* __restrict__ hidden, int64_t h_stride,
       for (int j = 0; j < VEC; ++j) x[p].v[j] = from_float<T>(to_float(x[p].v[j]) + to_float(rs.v[j]));
     }
   }
+  // The weight and bias go out with the row's loads where they fit in registers, so their
+  // round trip overlaps the row's instead of following the statistics (H <= 32 * VEC * 4).
+  constexpr bool kEarly = PACKS <= 4;
+  Pack<W, VEC> we[kEarly ? PACKS : 1], be[kEarly ? PACKS : 1];
+  if constexpr (kEarly) {
+#pragma unroll
+    for (int p = 0; p < PACKS; ++p) {
+      if (!ok[p]) continue;
+      if (norm_kind != 0) we[p].load(weight + p * kChunk + lane * VEC);
+      if (norm_kind == 1 && bias != nullptr) be[p].load(bias + p * kChunk + lane * VEC);
+    }
+  }
   float mean = 0.f, rstd = 1.f;
   if (norm_kind != 0) {
     float part = 0.f;
@@ -490,8 +502,13 @@ pooled_norm_row_kernel(const T* __restrict__ hidden, int64_t h_stride,
     if (!ok[p]) continue;
     const int c = p * kChunk + lane * VEC;
     Pack<W, VEC> w, bb;
-    if (norm_kind != 0) w.load(weight + c);
-    if (norm_kind == 1 && bias != nullptr) bb.load(bias + c);
+    if constexpr (kEarly) {
+      w = we[p];
+      bb = be[p];
+    } else {
+      if (norm_kind != 0) w.load(weight + c);
+      if (norm_kind == 1 && bias != nullptr) bb.load(bias + c);
+    }
     Pack<float, VEC> o;
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
