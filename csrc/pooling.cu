@@ -255,7 +255,7 @@ __global__ void pooled_norm_kernel(const T* __restrict__ hidden, int64_t h_strid
 // H <= 32 * VEC * PACKS (checked by the launcher).
 constexpr int kPnWarps = 8;
 
-template <typename T, typename W, int VEC, int PACKS, bool RES>
+template <typename T, typename W, int VEC, int PACKS, bool RES, bool EARLY = false>
 __global__ void __launch_bounds__(32 * kPnWarps)
 pooled_norm_mean_kernel(const T* __restrict__ hidden, int64_t h_stride,
                         const T* __restrict__ residual, int64_t r_stride,
@@ -268,11 +268,25 @@ pooled_norm_mean_kernel(const T* __restrict__ hidden, int64_t h_stride,
   // buffering them would cost registers the running sums need.
   constexpr bool kPrefetch = !RES && PACKS * VEC * sizeof(T) <= 64;
   constexpr int kChunk = 32 * VEC;  // columns covered by one pack index p across the warp
+  static_assert(kChunk <= 32 * kPnWarps, "the epilogue gives each thread at most one column per chunk");
   __shared__ float red[kPnWarps][kChunk];
 
   const int lane = threadIdx.x, warp = threadIdx.y;
   const int H = hidden_size;
   const int b = blockIdx.x;
+  // EARLY: the columns this thread finishes in the epilogue (p * kChunk + tid), their weight
+  // and bias loaded before anything else, so the round trip overlaps the row loop.
+  float w_early[EARLY ? PACKS : 1], b_early[EARLY ? PACKS : 1];
+  if constexpr (EARLY) {
+    const int tid = warp * 32 + lane;
+#pragma unroll
+    for (int p = 0; p < PACKS; ++p) {
+      const int c = p * kChunk + tid;
+      const bool mine = tid < kChunk && c < H;
+      w_early[p] = mine && norm_kind != 0 ? to_float(weight[c]) : 0.f;
+      b_early[p] = mine && norm_kind == 1 && bias != nullptr ? to_float(bias[c]) : 0.f;
+    }
+  }
   const int64_t start = cu_seqlens[b], end = cu_seqlens[b + 1];
   const float inv_h = 1.f / static_cast<float>(H);
 
@@ -401,7 +415,14 @@ pooled_norm_mean_kernel(const T* __restrict__ hidden, int64_t h_stride,
 #pragma unroll
       for (int w = 0; w < kPnWarps; ++w) sum += red[w][t];
       float y = sum / len;
-      if (norm_kind == 1) {
+      if constexpr (EARLY) {
+        // this thread's column of chunk p: t == tid here (kChunk <= threads)
+        if (norm_kind == 1) {
+          y = y * w_early[p] + b_early[p];
+        } else if (norm_kind == 2) {
+          y *= w_early[p] + offset;
+        }
+      } else if (norm_kind == 1) {
         y *= to_float(weight[c]);
         if (bias != nullptr) y += to_float(bias[c]);
       } else if (norm_kind == 2) {
@@ -570,7 +591,7 @@ void launch_pooled_norm_typed(uintptr_t hidden, int64_t h_stride, uintptr_t resi
   check_launch(op, "pooled_norm kernel");
 }
 
-template <typename T, typename W, int VEC, int PACKS>
+template <typename T, typename W, int VEC, int PACKS, bool EARLY = false>
 void launch_pooled_norm_mean(uintptr_t hidden, int64_t h_stride, uintptr_t residual,
                              int64_t r_stride, uintptr_t cu_seqlens, int64_t batch, int norm_kind,
                              uintptr_t weight, uintptr_t bias, float eps, float offset,
@@ -584,9 +605,9 @@ void launch_pooled_norm_mean(uintptr_t hidden, int64_t h_stride, uintptr_t resid
         reinterpret_cast<float*>(out), static_cast<int>(hidden_size));
   };
   if (residual != 0) {
-    if constexpr (PACKS <= kMaxPacksRes) args(pooled_norm_mean_kernel<T, W, VEC, PACKS, true>);
+    if constexpr (PACKS <= kMaxPacksRes) args(pooled_norm_mean_kernel<T, W, VEC, PACKS, true, EARLY>);
   } else {
-    args(pooled_norm_mean_kernel<T, W, VEC, PACKS, false>);
+    args(pooled_norm_mean_kernel<T, W, VEC, PACKS, false, EARLY>);
   }
   check_launch("pooled_norm", "pooled_norm mean kernel");
 }
@@ -624,27 +645,23 @@ void launch_pooled_norm_vec(uintptr_t hidden, int64_t h_stride, uintptr_t residu
     a.eps = eps; a.offset = offset; a.stream = stream;
     launch_pooled_norm_slices(a, cfg, packs);
   } else if (vec && pooling == 2 && packs <= max_packs) {
-    if (packs <= 1) {
-      launch_pooled_norm_mean<T, W, V, 1>(hidden, h_stride, residual, r_stride, cu_seqlens,
-                                          batch, norm_kind, weight, bias, eps, offset, out,
-                                          hidden_size, stream);
-    } else if (packs <= 2) {
-      launch_pooled_norm_mean<T, W, V, 2>(hidden, h_stride, residual, r_stride, cu_seqlens,
-                                          batch, norm_kind, weight, bias, eps, offset, out,
-                                          hidden_size, stream);
-    } else if (packs <= 4) {
-      launch_pooled_norm_mean<T, W, V, 4>(hidden, h_stride, residual, r_stride, cu_seqlens,
-                                          batch, norm_kind, weight, bias, eps, offset, out,
-                                          hidden_size, stream);
-    } else if (packs <= 8) {
-      launch_pooled_norm_mean<T, W, V, 8>(hidden, h_stride, residual, r_stride, cu_seqlens,
-                                          batch, norm_kind, weight, bias, eps, offset, out,
-                                          hidden_size, stream);
+#define PYE_PN_MEAN(P, E)                                                                        \
+  launch_pooled_norm_mean<T, W, V, P, E>(hidden, h_stride, residual, r_stride, cu_seqlens, batch, \
+                                         norm_kind, weight, bias, eps, offset, out, hidden_size,   \
+                                         stream)
+#define PYE_PN_MEAN_PACKS(E)                                                                     \
+  if (packs <= 1) PYE_PN_MEAN(1, E);                                                             \
+  else if (packs <= 2) PYE_PN_MEAN(2, E);                                                        \
+  else if (packs <= 4) PYE_PN_MEAN(4, E);                                                        \
+  else if (packs <= 8) PYE_PN_MEAN(8, E);                                                        \
+  else PYE_PN_MEAN(kMaxPacks, E)
+    if (cfg.variant == 2) {
+      PYE_PN_MEAN_PACKS(true);
     } else {
-      launch_pooled_norm_mean<T, W, V, kMaxPacks>(hidden, h_stride, residual, r_stride,
-                                                  cu_seqlens, batch, norm_kind, weight, bias,
-                                                  eps, offset, out, hidden_size, stream);
+      PYE_PN_MEAN_PACKS(false);
     }
+#undef PYE_PN_MEAN_PACKS
+#undef PYE_PN_MEAN
   } else if (vec && pooling != 2 && packs <= max_packs) {
 #define PYE_PN_ROWS(P)                                                                          \
   launch_pooled_norm_rows<T, W, V, P>(hidden, h_stride, residual, r_stride, cu_seqlens, batch,   \
@@ -696,8 +713,8 @@ void launch_pooled_norm(int dtype, int wdtype, uintptr_t hidden, int64_t h_strid
   if (norm_kind != 0 && weight == 0) throw_bad_arg(op, "a norm needs its weight");
   if (hidden_size <= 0 || hidden_size > 0x7fffffff) throw_bad_arg(op, "bad hidden size");
   if (batch > 0x7fffffff) throw_bad_arg(op, "more than 2^31-1 sequences");
-  if (config.variant != 0 && config.variant != 1) {
-    throw_bad_arg(op, "config variant must be 0 (default) or 1 (sliced), got " +
+  if (config.variant < 0 || config.variant > 2) {
+    throw_bad_arg(op, "config variant must be 0 (default), 1 (sliced) or 2 (early affine), got " +
                           std::to_string(config.variant));
   }
   if (config.variant == 1) {

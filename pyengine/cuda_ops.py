@@ -451,7 +451,10 @@ def gather_pooled(hidden, cu_seqlens, pooling):
 #   blocks_per_sm  0: one block per slice; k: k blocks per SM, each looping over slices
 # Every variant sums in an order fixed by a sequence's length, so results are
 # deterministic and do not depend on the other sequences in the batch.
-_PN_VARIANTS = {"slices": 1}
+# {"variant": "early_affine"}: the default kernel with each thread's weight and bias
+# columns loaded into registers when the block starts (the default loads them after the row
+# loop: one more dependent round trip per block); the other keys are ignored.
+_PN_VARIANTS = {"slices": 1, "early_affine": 2}
 _PN_PARAMS = {"slice_rows": 128, "warps": 8, "rows_per_warp": 2, "blocks_per_sm": 0}
 _PN_MAX_WARPS = 8
 _PN_MAX_BLOCKS_PER_SM = 64
@@ -472,6 +475,8 @@ SWEEP_CONFIGS = {
         {"variant": "slices", "slice_rows": 256, "warps": 8, "rows_per_warp": 4, "blocks_per_sm": 0},
         # a grid sized to the SM count
         {"variant": "slices", "slice_rows": 128, "warps": 8, "rows_per_warp": 2, "blocks_per_sm": 2},
+        # the default kernel, its affine part's loads issued at the start
+        {"variant": "early_affine"},
     ],
 }
 
@@ -569,7 +574,7 @@ def _pooled_norm_launch_config(cfg, hidden, pooling, norm_kind, residual, B, H):
     ws = None
     # Only "mean" through a norm or with a residual reaches the warp kernels; plain mean
     # pooling is the gather kernel.
-    if pooling == "mean" and (norm_kind is not None or residual is not None) and 0 < slice_rows < T:
+    if variant == 1 and pooling == "mean" and (norm_kind is not None or residual is not None) and 0 < slice_rows < T:
         ws = torch.empty((-(-T // slice_rows) + B, H), dtype=torch.float32, device=hidden.device)
     kw = dict(variant=variant, slice_rows=slice_rows, warps=warps, rows_per_warp=rows_per_warp,
               blocks_per_sm=blocks_per_sm, tokens=T, workspace=_ptr(ws),

@@ -82,7 +82,7 @@ def test_extension_rejects_bad_pooled_norm_configs():
     import pyengine._C as C
     # dtype bf16, no norm, a residual pointer: the mean path that takes a config
     args = (2, 2, 16, 8, 16, 8, 16, 1, 2, 0, 0, 0, 1e-5, 0.0, 16, 8, 0, 0)
-    for kw, msg in (({"variant": 7}, "config variant must be 0 .default. or 1"),
+    for kw, msg in (({"variant": 7}, r"config variant must be 0 .default., 1 .sliced. or 2 .early affine., got 7"),
                     ({"variant": 1, "warps": 9}, r"config warps must be in \[1, 8\], got 9"),
                     ({"variant": 1, "rows_per_warp": 3}, "config rows_per_warp must be 1, 2 or 4"),
                     ({"variant": 1, "slice_rows": -1}, "config slice_rows must be >= 0")):
@@ -220,7 +220,8 @@ def test_non_tensors_raise_type_errors():
 
 
 BAD_PN_CONFIGS = [
-    ({"variant": "fast"}, ValueError, r"config variant must be 'default' or one of \['slices'\], got 'fast'"),
+    ({"variant": "fast"}, ValueError,
+     r"config variant must be 'default' or one of \['early_affine', 'slices'\], got 'fast'"),
     ({"slice_rows": 64}, ValueError, r"config variant must be 'default' or one of"),
     ({"variant": "slices", "rows": 2}, ValueError, r"config has unknown keys \['rows'\]"),
     ({"variant": "default", "warps": 4}, ValueError, r"config \{'variant': 'default'\} takes no parameters"),
@@ -232,7 +233,7 @@ BAD_PN_CONFIGS = [
     ({"variant": "slices", "warps": True}, ValueError, r"config warps must be an int, got True"),
     ({"variant": "slices", "blocks_per_sm": -1}, ValueError, r"config blocks_per_sm must be in \[0, 64\]"),
     ([1, 64, 8, 2], ValueError, r"config as a sequence must be 5 ints"),
-    ([0, 64, 8, 2, 0], ValueError, r"config variant id must be one of \[1\]"),
+    ([0, 64, 8, 2, 0], ValueError, r"config variant id must be one of \[1, 2\]"),
     ("slices", TypeError, r"config must be None, a dict or a sequence of 5 ints, got str"),
 ]
 
