@@ -255,6 +255,61 @@ __global__ void pooled_norm_kernel(const T* __restrict__ hidden, int64_t h_strid
 // H <= 32 * VEC * PACKS (checked by the launcher).
 constexpr int kPnWarps = 8;
 
+// A lane's packs (p * 32 + lane), p < PACKS, of one row starting at `row`; masked packs
+// (ok[p] false: past H) hold zeros, so they drop out of plain sums.
+template <typename T, int VEC, int PACKS>
+__device__ __forceinline__ void load_row_packs(Pack<T, VEC> (&dst)[PACKS], const T* row, const bool (&ok)[PACKS],
+                                               int lane) {
+#pragma unroll
+  for (int p = 0; p < PACKS; ++p) {
+    if (ok[p]) {
+      dst[p].load(row + p * 32 * VEC + lane * VEC);
+    } else {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) dst[p].v[j] = from_float<T>(0.f);
+    }
+  }
+}
+
+// A warp's statistics of the row its lanes hold (load_row_packs): LayerNorm (norm_kind 1)
+// the mean and 1 / sqrt(var + eps) of the two-pass variance of (s - mean), as the
+// reference; RMSNorm (2) mean 0 and 1 / sqrt(mean square + eps); none (0) 0 and 1. Every
+// pass re-reads the packed row (a 16-bit to fp32 conversion is one instruction) instead of
+// keeping an fp32 copy, which would cost as many registers as a caller's running sums.
+template <typename T, int VEC, int PACKS>
+__device__ __forceinline__ void warp_row_stats(const Pack<T, VEC> (&x)[PACKS], const bool (&ok)[PACKS],
+                                               int norm_kind, float inv_h, float eps, float& mean,
+                                               float& rstd) {
+  mean = 0.f;
+  rstd = 1.f;
+  if (norm_kind == 0) return;
+  float part = 0.f;
+#pragma unroll
+  for (int p = 0; p < PACKS; ++p) {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      const float f = to_float(x[p].v[j]);
+      part += norm_kind == 2 ? f * f : f;
+    }
+  }
+  if (norm_kind == 2) {
+    rstd = rsqrtf(warp_sum(part) * inv_h + eps);
+    return;
+  }
+  mean = warp_sum(part) * inv_h;
+  float sq = 0.f;
+#pragma unroll
+  for (int p = 0; p < PACKS; ++p) {
+    if (!ok[p]) continue;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      const float d = to_float(x[p].v[j]) - mean;
+      sq += d * d;
+    }
+  }
+  rstd = rsqrtf(warp_sum(sq) * inv_h + eps);
+}
+
 template <typename T, typename W, int VEC, int PACKS, bool RES, bool EARLY = false>
 __global__ void __launch_bounds__(32 * kPnWarps)
 pooled_norm_mean_kernel(const T* __restrict__ hidden, int64_t h_stride,
@@ -275,9 +330,12 @@ pooled_norm_mean_kernel(const T* __restrict__ hidden, int64_t h_stride,
   const int H = hidden_size;
   const int b = blockIdx.x;
   // EARLY: the columns this thread finishes in the epilogue (p * kChunk + tid), their weight
-  // and bias loaded before anything else, so the round trip overlaps the row loop.
-  float w_early[EARLY ? PACKS : 1], b_early[EARLY ? PACKS : 1];
-  if constexpr (EARLY) {
+  // and bias loaded before anything else, so the round trip overlaps the row loop. Up to 4
+  // packs (H <= 1024 at 16 bits): past that the registers are the running sums' (ptxas
+  // spilled 240 bytes at 16 packs), and a longer row loop hides the epilogue anyway.
+  constexpr bool kEarly = EARLY && PACKS <= 4;
+  float w_early[kEarly ? PACKS : 1], b_early[kEarly ? PACKS : 1];
+  if constexpr (kEarly) {
     const int tid = warp * 32 + lane;
 #pragma unroll
     for (int p = 0; p < PACKS; ++p) {
@@ -344,6 +402,8 @@ pooled_norm_mean_kernel(const T* __restrict__ hidden, int64_t h_stride,
     // Every pass re-reads the row from its packed form (a 16-bit to fp32 conversion is one
     // instruction) instead of keeping an fp32 copy, which would cost as many registers as
     // the running sums. Masked packs hold zeros, so they drop out of the plain sums.
+    // (warp_row_stats computes the same statistics; written out here, this kernel compiles
+    // to the code that was measured: 106 registers at bf16, H = 1024, against 117.)
     float part = 0.f;
 #pragma unroll
     for (int p = 0; p < PACKS; ++p) {
@@ -415,7 +475,7 @@ pooled_norm_mean_kernel(const T* __restrict__ hidden, int64_t h_stride,
 #pragma unroll
       for (int w = 0; w < kPnWarps; ++w) sum += red[w][t];
       float y = sum / len;
-      if constexpr (EARLY) {
+      if constexpr (kEarly) {
         // this thread's column of chunk p: t == tid here (kChunk <= threads)
         if (norm_kind == 1) {
           y = y * w_early[p] + b_early[p];
@@ -456,30 +516,14 @@ pooled_norm_row_kernel(const T* __restrict__ hidden, int64_t h_stride,
   const int64_t r = pooling == 0 ? cu_seqlens[b] : cu_seqlens[b + 1] - 1;
   const float inv_h = 1.f / static_cast<float>(H);
   bool ok[PACKS];
+#pragma unroll
+  for (int p = 0; p < PACKS; ++p) ok[p] = p * kChunk + lane * VEC < H;
   Pack<T, VEC> x[PACKS];
-#pragma unroll
-  for (int p = 0; p < PACKS; ++p) {
-    ok[p] = p * kChunk + lane * VEC < H;
-    if (ok[p]) {
-      x[p].load(hidden + r * h_stride + p * kChunk + lane * VEC);
-    } else {
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) x[p].v[j] = from_float<T>(0.f);
-    }
-  }
-  if constexpr (RES) {
-#pragma unroll
-    for (int p = 0; p < PACKS; ++p) {
-      if (!ok[p]) continue;
-      Pack<T, VEC> rs;
-      rs.load(residual + r * r_stride + p * kChunk + lane * VEC);
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) x[p].v[j] = from_float<T>(to_float(x[p].v[j]) + to_float(rs.v[j]));
-    }
-  }
+  load_row_packs(x, hidden + r * h_stride, ok, lane);
   // The weight and bias go out with the row's loads where they fit in registers, so their
-  // round trip overlaps the row's instead of following the statistics (H <= 32 * VEC * 4).
-  constexpr bool kEarly = PACKS <= 4;
+  // round trip overlaps the row's instead of following the statistics (H <= 32 * VEC * 4;
+  // not at one pack, where ptxas put them in 8 bytes of local memory with an fp32 weight).
+  constexpr bool kEarly = PACKS <= 4 && PACKS > 1;
   Pack<W, VEC> we[kEarly ? PACKS : 1], be[kEarly ? PACKS : 1];
   if constexpr (kEarly) {
 #pragma unroll
@@ -489,34 +533,19 @@ pooled_norm_row_kernel(const T* __restrict__ hidden, int64_t h_stride,
       if (norm_kind == 1 && bias != nullptr) be[p].load(bias + p * kChunk + lane * VEC);
     }
   }
-  float mean = 0.f, rstd = 1.f;
-  if (norm_kind != 0) {
-    float part = 0.f;
+  if constexpr (RES) {
+    // All of the residual's packs in flight together, as the row's: loaded and added one
+    // pack at a time, they were four dependent round trips (sm_90 SASS).
+    Pack<T, VEC> rs[PACKS];
+    load_row_packs(rs, residual + r * r_stride, ok, lane);
 #pragma unroll
     for (int p = 0; p < PACKS; ++p) {
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) {
-        const float f = to_float(x[p].v[j]);
-        part += norm_kind == 2 ? f * f : f;
-      }
-    }
-    if (norm_kind == 1) {
-      mean = warp_sum(part) * inv_h;
-      float sq = 0.f;
-#pragma unroll
-      for (int p = 0; p < PACKS; ++p) {
-        if (!ok[p]) continue;
-#pragma unroll
-        for (int j = 0; j < VEC; ++j) {
-          const float d = to_float(x[p].v[j]) - mean;
-          sq += d * d;
-        }
-      }
-      rstd = rsqrtf(warp_sum(sq) * inv_h + eps);
-    } else {
-      rstd = rsqrtf(warp_sum(part) * inv_h + eps);
+      for (int j = 0; j < VEC; ++j) x[p].v[j] = from_float<T>(to_float(x[p].v[j]) + to_float(rs[p].v[j]));
     }
   }
+  float mean, rstd;
+  warp_row_stats(x, ok, norm_kind, inv_h, eps, mean, rstd);
   float* orow = out + b * H;
 #pragma unroll
   for (int p = 0; p < PACKS; ++p) {
