@@ -58,6 +58,19 @@ def _norm_rows(x, w, b, h_ok, H, eps, offset, NORM: tl.constexpr, HAS_BIAS: tl.c
 
 
 @triton.jit
+def _load_spans(X, RES, rows, hi, cols, c_ok, stride_x, stride_r, HAS_RESIDUAL: tl.constexpr):
+    """_mean_warp_rows' (CH, BLOCK_T, SPAN) tiles of hidden and of the residual (hidden again
+    without one) for rows (BLOCK_T,) below hi, as stored."""
+    ok = (rows < hi)[None, :, None] & c_ok
+    r64 = rows.to(tl.int64)[None, :, None]
+    x = tl.load(X + r64 * stride_x + cols, mask=ok, other=0.0)
+    r = x
+    if HAS_RESIDUAL:
+        r = tl.load(RES + r64 * stride_r + cols, mask=ok, other=0.0)
+    return x, r
+
+
+@triton.jit
 def _mean_warp_rows(X, RES, W, B, OUT, slot, lo, hi, stride_x, stride_r, stride_o, H, eps, offset,
                     NORM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
                     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, SPAN: tl.constexpr, PREFETCH: tl.constexpr):
@@ -72,25 +85,14 @@ def _mean_warp_rows(X, RES, W, B, OUT, slot, lo, hi, stride_x, stride_r, stride_
     cols = tl.arange(0, CH)[:, None, None] * SPAN + tl.arange(0, SPAN)[None, None, :]  # (CH, 1, SPAN)
     c_ok = cols < H
     acc = tl.zeros([CH, BLOCK_T, SPAN], dtype=tl.float32)
-    rows = lo + offs_t
-    ok = (rows < hi)[None, :, None] & c_ok
-    r64 = rows.to(tl.int64)[None, :, None]
-    x_next = tl.load(X + r64 * stride_x + cols, mask=ok, other=0.0)
-    r_next = x_next
-    if HAS_RESIDUAL:
-        r_next = tl.load(RES + r64 * stride_r + cols, mask=ok, other=0.0)
+    x_next, r_next = _load_spans(X, RES, lo + offs_t, hi, cols, c_ok, stride_x, stride_r, HAS_RESIDUAL)
     for t0 in range(lo, hi, BLOCK_T):
         rows = t0 + offs_t
         row_ok = (rows < hi)[None, :, None]
         x, r = x_next, r_next
         if PREFETCH:
             # The next tile's loads go out before this one is normed (same sums, same order).
-            nxt = rows + BLOCK_T
-            ok = (nxt < hi)[None, :, None] & c_ok
-            n64 = nxt.to(tl.int64)[None, :, None]
-            x_next = tl.load(X + n64 * stride_x + cols, mask=ok, other=0.0)
-            if HAS_RESIDUAL:
-                r_next = tl.load(RES + n64 * stride_r + cols, mask=ok, other=0.0)
+            x_next, r_next = _load_spans(X, RES, rows + BLOCK_T, hi, cols, c_ok, stride_x, stride_r, HAS_RESIDUAL)
         if HAS_RESIDUAL:
             x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
         x = x.to(tl.float32)
@@ -104,12 +106,7 @@ def _mean_warp_rows(X, RES, W, B, OUT, slot, lo, hi, stride_x, stride_r, stride_
             z = x
         acc += tl.where(row_ok, z, 0.0)
         if not PREFETCH:
-            nxt = rows + BLOCK_T
-            ok = (nxt < hi)[None, :, None] & c_ok
-            n64 = nxt.to(tl.int64)[None, :, None]
-            x_next = tl.load(X + n64 * stride_x + cols, mask=ok, other=0.0)
-            if HAS_RESIDUAL:
-                r_next = tl.load(RES + n64 * stride_r + cols, mask=ok, other=0.0)
+            x_next, r_next = _load_spans(X, RES, rows + BLOCK_T, hi, cols, c_ok, stride_x, stride_r, HAS_RESIDUAL)
     total = tl.sum(acc, 1)  # (CH, SPAN): the one cross-warp reduction, after the loop
     cols2 = tl.arange(0, CH)[:, None] * SPAN + tl.arange(0, SPAN)[None, :]
     ok2 = cols2 < H

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from . import _validate as _v
-from .varlen_attention import _UNBOUNDED, _fp32_precision, _softcap
+from .varlen_attention import _UNBOUNDED, _fp32_precision, _multiples_of_8, _softcap
 
 # Finite stand-in for -inf as the running max (see varlen_attention): keeps
 # exp2(m_i - m_new) finite for padded rows that only ever see zero scores.
@@ -39,17 +39,8 @@ def _pooled_query_attention_kernel(Q, K, V, O, CU_SEQLENS, Q_POS, qk_scale,
                                    PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
                                    ALIGNED_ROWS: tl.constexpr = False):
     if ALIGNED_ROWS:
-        # The launcher checked each stride is a multiple of 8 elements (_validate.rows_aligned);
-        # written as a product with 8, the compiler can prove it (tl.multiple_of on a scalar
-        # argument left the loads unvectorised).
-        stride_qb = stride_qb // 8 * 8
-        stride_qh = stride_qh // 8 * 8
-        stride_kt = stride_kt // 8 * 8
-        stride_kh = stride_kh // 8 * 8
-        stride_vt = stride_vt // 8 * 8
-        stride_vh = stride_vh // 8 * 8
-        stride_ob = stride_ob // 8 * 8
-        stride_oh = stride_oh // 8 * 8
+        stride_qb, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ob, stride_oh = _multiples_of_8(
+            stride_qb, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ob, stride_oh)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     seq_start = tl.load(CU_SEQLENS + seq)

@@ -101,6 +101,14 @@ def _tile_map_kernel(CU_SEQLENS, TILE_SEQ, TILE_INFO, BLOCK_M: tl.constexpr, BLO
 
 
 @triton.jit
+def _multiples_of_8(a, b, c, d, e, f, g, h):
+    """Eight strides the launcher checked are multiples of 8 elements (_validate.rows_aligned),
+    written as products with 8 so the compiler can prove it and load whole 16-byte pieces
+    (tl.multiple_of on a scalar argument left the loads unvectorised)."""
+    return a // 8 * 8, b // 8 * 8, c // 8 * 8, d // 8 * 8, e // 8 * 8, f // 8 * 8, g // 8 * 8, h // 8 * 8
+
+
+@triton.jit
 def _varlen_attention_kernel(Q, K, V, O, CU_SEQLENS, TILE_SEQ, TILE_INFO, qk_scale,
                              stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                              stride_ot, stride_oh, kv_group, window_left, window_right,
@@ -118,17 +126,8 @@ def _varlen_attention_kernel(Q, K, V, O, CU_SEQLENS, TILE_SEQ, TILE_INFO, qk_sca
     while the middle runs fewer online-softmax rescales and wider dots. BLOCK_N_FULL ==
     BLOCK_N compiles the single-width kernel."""
     if ALIGNED_ROWS:
-        # The launcher checked each stride is a multiple of 8 elements (_validate.rows_aligned);
-        # written as a product with 8, the compiler can prove it (tl.multiple_of on a scalar
-        # argument left the loads unvectorised).
-        stride_qt = stride_qt // 8 * 8
-        stride_qh = stride_qh // 8 * 8
-        stride_kt = stride_kt // 8 * 8
-        stride_kh = stride_kh // 8 * 8
-        stride_vt = stride_vt // 8 * 8
-        stride_vh = stride_vh // 8 * 8
-        stride_ot = stride_ot // 8 * 8
-        stride_oh = stride_oh // 8 * 8
+        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh = _multiples_of_8(
+            stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh)
     tile = tl.program_id(0)
     head = tl.program_id(1) * GROUP
     # The grid holds an upper bound of the tile count; TILE_INFO[0] is the true one.
