@@ -25,13 +25,15 @@ from ..image_tiles import TileProcessor
 from .decoder import ConfigView, DecoderForSequenceClassification, _p, linear_patches
 from .qwen_vl import cpu_passes
 
+
 def tile_attention(ops, q, k, v, cu, L, scale, dense):
     """Bidirectional attention within each tile: q, k, v (n * L, heads, D), every tile L
     rows. dense: as one (n, heads, L, L) problem through torch's fused SDPA (FlashAttention
     where the GPU has it), which the equal lengths allow without padding; else the ops'
     varlen_attention over cu (n + 1,) int32. On an H200, SigLIP's tiles (64 x 1024 patches,
-    16 heads of 72) took 0.88 ms through SDPA and 4.6 to 7.8 ms through the Triton varlen
-    kernel (`python -m pyengine.bench kernels`, case vision-tiles). Returns (n * L, heads, D)."""
+    16 heads of 72) took 0.86 ms through SDPA and 1.65 ms through the Triton varlen kernel
+    at its best tile (`python -m pyengine.bench kernels`, case vision-tiles). Returns
+    (n * L, heads, D)."""
     if not dense:
         return ops.varlen_attention(q, k, v, cu, L, causal=False, scale=scale)
     n, H, D = q.shape[0] // L, q.shape[1], q.shape[2]
