@@ -498,7 +498,8 @@ pooled_norm_mean_kernel(const T* __restrict__ hidden, int64_t h_stride,
 // one pooled row (and of its residual), so the statistics are warp shuffles and nothing
 // touches shared memory or waits at a block barrier. The block kernel, whose row goes
 // through shared memory and block reductions, took 8.4 us for 2048 last rows at H = 1024
-// bf16 with a residual, against Triton's 4.6 us (H200); this one is not measured yet.
+// bf16 with a residual, against Triton's 4.6 us (H200); this one took 7.5 us there before
+// its residual and weight loads went out with the row's (below), and is not timed since.
 // Same arithmetic as the block kernel: the residual added in hidden's dtype, two-pass
 // LayerNorm, the affine part per element, fp32 out.
 template <typename T, typename W, int VEC, int PACKS, bool RES>
@@ -648,6 +649,17 @@ constexpr int dtype_code_of() {
   else return kFloat32;
 }
 
+// f(std::integral_constant<int, P>{}) for the smallest compiled pack count P (1, 2, 4, 8,
+// kMaxPacks) that holds `packs`: the warp kernels' one instantiation ladder.
+template <typename F>
+void with_packs(int64_t packs, F&& f) {
+  if (packs <= 1) f(std::integral_constant<int, 1>{});
+  else if (packs <= 2) f(std::integral_constant<int, 2>{});
+  else if (packs <= 4) f(std::integral_constant<int, 4>{});
+  else if (packs <= 8) f(std::integral_constant<int, 8>{});
+  else f(std::integral_constant<int, kMaxPacks>{});
+}
+
 template <typename T, typename W>
 void launch_pooled_norm_vec(uintptr_t hidden, int64_t h_stride, uintptr_t residual,
                             int64_t r_stride, uintptr_t cu_seqlens, int64_t batch, int pooling,
@@ -674,34 +686,23 @@ void launch_pooled_norm_vec(uintptr_t hidden, int64_t h_stride, uintptr_t residu
     a.eps = eps; a.offset = offset; a.stream = stream;
     launch_pooled_norm_slices(a, cfg, packs);
   } else if (vec && pooling == 2 && packs <= max_packs) {
-#define PYE_PN_MEAN(P, E)                                                                        \
-  launch_pooled_norm_mean<T, W, V, P, E>(hidden, h_stride, residual, r_stride, cu_seqlens, batch, \
-                                         norm_kind, weight, bias, eps, offset, out, hidden_size,   \
-                                         stream)
-#define PYE_PN_MEAN_PACKS(E)                                                                     \
-  if (packs <= 1) PYE_PN_MEAN(1, E);                                                             \
-  else if (packs <= 2) PYE_PN_MEAN(2, E);                                                        \
-  else if (packs <= 4) PYE_PN_MEAN(4, E);                                                        \
-  else if (packs <= 8) PYE_PN_MEAN(8, E);                                                        \
-  else PYE_PN_MEAN(kMaxPacks, E)
-    if (cfg.variant == 2) {
-      PYE_PN_MEAN_PACKS(true);
-    } else {
-      PYE_PN_MEAN_PACKS(false);
-    }
-#undef PYE_PN_MEAN_PACKS
-#undef PYE_PN_MEAN
+    with_packs(packs, [&](auto P) {
+      if (cfg.variant == 2) {
+        launch_pooled_norm_mean<T, W, V, decltype(P)::value, true>(hidden, h_stride, residual, r_stride,
+                                                        cu_seqlens, batch, norm_kind, weight, bias,
+                                                        eps, offset, out, hidden_size, stream);
+      } else {
+        launch_pooled_norm_mean<T, W, V, decltype(P)::value, false>(hidden, h_stride, residual, r_stride,
+                                                         cu_seqlens, batch, norm_kind, weight, bias,
+                                                         eps, offset, out, hidden_size, stream);
+      }
+    });
   } else if (vec && pooling != 2 && packs <= max_packs) {
-#define PYE_PN_ROWS(P)                                                                          \
-  launch_pooled_norm_rows<T, W, V, P>(hidden, h_stride, residual, r_stride, cu_seqlens, batch,   \
-                                      pooling, norm_kind, weight, bias, eps, offset, out,        \
-                                      hidden_size, stream)
-    if (packs <= 1) PYE_PN_ROWS(1);
-    else if (packs <= 2) PYE_PN_ROWS(2);
-    else if (packs <= 4) PYE_PN_ROWS(4);
-    else if (packs <= 8) PYE_PN_ROWS(8);
-    else PYE_PN_ROWS(kMaxPacks);
-#undef PYE_PN_ROWS
+    with_packs(packs, [&](auto P) {
+      launch_pooled_norm_rows<T, W, V, decltype(P)::value>(hidden, h_stride, residual, r_stride, cu_seqlens,
+                                                batch, pooling, norm_kind, weight, bias, eps,
+                                                offset, out, hidden_size, stream);
+    });
   } else if (vec) {
     launch_pooled_norm_typed<T, W, V>(hidden, h_stride, residual, r_stride, cu_seqlens, batch,
                                       pooling, norm_kind, weight, bias, eps, offset, out,
