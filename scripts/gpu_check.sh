@@ -110,8 +110,8 @@ fi
 # the later steps run with the tuned configs, as the engine would with them shipped
 if [ -f "$TUNED" ]; then export PYENGINE_KERNEL_CONFIGS="$TUNED"; echo "gpu_check: PYENGINE_KERNEL_CONFIGS=$TUNED"; fi
 
-# 3b. every GPU test in the tree, after the kernel benchmark (whose timings want an idle
-#     machine) and with the tuned configs it wrote, so the tests run the configs shipped
+# 3. every GPU test in the tree, after the kernel benchmark (whose timings want an idle
+#    machine) and with the tuned configs it wrote, so the tests run the configs shipped
 PYTEST_OPTS=()
 "$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST_OPTS=(--timeout=120)
 "$PY" -c "import xdist" 2>/dev/null && [ "${TEST_WORKERS:-12}" -gt 1 ] && PYTEST_OPTS+=(-n "${TEST_WORKERS:-12}")
