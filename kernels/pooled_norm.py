@@ -58,10 +58,13 @@ def _norm_rows(x, w, b, h_ok, H, eps, offset, NORM: tl.constexpr, HAS_BIAS: tl.c
 
 
 @triton.jit
-def _load_spans(X, RES, rows, hi, cols, c_ok, stride_x, stride_r, HAS_RESIDUAL: tl.constexpr):
+def _load_spans(X, RES, rows, hi, cols, c_ok, stride_x, stride_r, HAS_RESIDUAL: tl.constexpr, EVEN_H: tl.constexpr):
     """_mean_warp_rows' (CH, BLOCK_T, SPAN) tiles of hidden and of the residual (hidden again
-    without one) for rows (BLOCK_T,) below hi, as stored."""
-    ok = (rows < hi)[None, :, None] & c_ok
+    without one) for rows (BLOCK_T,) below hi, as stored; rows past hi hold zeros."""
+    if EVEN_H:
+        ok = (rows < hi)[None, :, None]
+    else:
+        ok = (rows < hi)[None, :, None] & c_ok
     r64 = rows.to(tl.int64)[None, :, None]
     x = tl.load(X + r64 * stride_x + cols, mask=ok, other=0.0)
     r = x
@@ -71,54 +74,95 @@ def _load_spans(X, RES, rows, hi, cols, c_ok, stride_x, stride_r, HAS_RESIDUAL: 
 
 
 @triton.jit
-def _mean_warp_rows(X, RES, W, B, OUT, slot, lo, hi, stride_x, stride_r, stride_o, H, eps, offset,
+def _row_sum(t):
+    """(CH, BLOCK_T, SPAN) -> (BLOCK_T,): the chunks a thread holds first (in-thread adds),
+    then the warp's lanes (one shuffle tree per row; summing the lanes first would run a
+    tree per chunk)."""
+    return tl.sum(tl.sum(t, 0), 1)
+
+
+@triton.jit
+def _norm_acc(acc, x, r, rows, hi, c_ok, H, eps, NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+              EVEN_H: tl.constexpr):
+    """acc + the normed rows (without the affine part) of one step of _mean_warp_rows, from
+    _load_spans' tiles. Rows past hi load as zeros and get a zero scale, so they add exactly
+    0 without a per-element select."""
+    if HAS_RESIDUAL:
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
+    x = x.to(tl.float32)
+    if NORM == 1:
+        diff = x - (_row_sum(x) / H)[None, :, None]
+        if not EVEN_H:
+            diff = tl.where(c_ok, diff, 0.0)
+        rstd = tl.rsqrt(_row_sum(diff * diff) / H + eps)
+        # a zero scale for rows past hi, whatever eps makes of their zero variance
+        acc += diff * tl.where(rows < hi, rstd, 0.0)[None, :, None]
+    elif NORM == 2:
+        rstd = tl.rsqrt(_row_sum(x * x) / H + eps)
+        acc += x * tl.where(rows < hi, rstd, 0.0)[None, :, None]
+    else:
+        acc += x
+    return acc
+
+
+@triton.jit
+def _mean_warp_rows(X, RES, W, B, OUT, slot, lo, hi, n_splits, stride_x, stride_r, stride_o, H, eps, offset,
                     NORM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, SPAN: tl.constexpr, PREFETCH: tl.constexpr):
-    """Rows lo..hi of one sequence, summed after the norm into OUT[slot], with rows held as
-    (BLOCK_H // SPAN, BLOCK_T, SPAN) tiles: a warp's 32 lanes span SPAN columns (16 bytes
-    each) and the warps take different rows, so a row's statistics are per-thread sums and
-    warp shuffles, with no barrier in the loop (a (BLOCK_T, BLOCK_H) tile spreads each row
-    over the warps, and every statistic is a block reduction). The affine part is applied
-    once to the slice's sum: sum_t (z_t * w + b) = (sum_t z_t) * w + count * b."""
+                    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, SPAN: tl.constexpr, PREFETCH: tl.constexpr,
+                    EVEN_H: tl.constexpr, ASYNC: tl.constexpr):
+    """Rows lo..hi of one sequence, summed after the norm into OUT[slot] (divided by the
+    row count when the sequence is one slice), with rows held as (BLOCK_H // SPAN, BLOCK_T,
+    SPAN) tiles: a warp's 32 lanes span SPAN columns (16 bytes each) and the warps take
+    different rows, so a row's statistics are per-thread sums and warp shuffles, with no
+    barrier in the loop (a (BLOCK_T, BLOCK_H) tile spreads each row over the warps, and
+    every statistic is a block reduction). Triton picks the layout: 3.9 keeps rows one per
+    warp, 3.6 only with one warp per program (see SWEEP_CONFIGS). The affine part is
+    applied once to the slice's sum: sum_t (z_t * w + b) = (sum_t z_t) * w + count * b.
+    Loads in flight: ASYNC >= 2 has Triton pipeline the loop's loads (cp.async into shared
+    memory, ASYNC - 1 steps ahead); else PREFETCH loads the next step into registers
+    before this one is normed, which ptxas may reorder (see SWEEP_CONFIGS)."""
     CH: tl.constexpr = BLOCK_H // SPAN
     offs_t = tl.arange(0, BLOCK_T)
     cols = tl.arange(0, CH)[:, None, None] * SPAN + tl.arange(0, SPAN)[None, None, :]  # (CH, 1, SPAN)
     c_ok = cols < H
     acc = tl.zeros([CH, BLOCK_T, SPAN], dtype=tl.float32)
-    x_next, r_next = _load_spans(X, RES, lo + offs_t, hi, cols, c_ok, stride_x, stride_r, HAS_RESIDUAL)
-    for t0 in range(lo, hi, BLOCK_T):
-        rows = t0 + offs_t
-        row_ok = (rows < hi)[None, :, None]
-        x, r = x_next, r_next
-        if PREFETCH:
-            # The next tile's loads go out before this one is normed (same sums, same order).
-            x_next, r_next = _load_spans(X, RES, rows + BLOCK_T, hi, cols, c_ok, stride_x, stride_r, HAS_RESIDUAL)
-        if HAS_RESIDUAL:
-            x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
-        x = x.to(tl.float32)
-        if NORM == 1:
-            mean = tl.sum(tl.sum(x, 2), 0) / H
-            diff = tl.where(c_ok, x - mean[None, :, None], 0.0)
-            z = diff * tl.rsqrt(tl.sum(tl.sum(diff * diff, 2), 0) / H + eps)[None, :, None]
-        elif NORM == 2:
-            z = x * tl.rsqrt(tl.sum(tl.sum(x * x, 2), 0) / H + eps)[None, :, None]
-        else:
-            z = x
-        acc += tl.where(row_ok, z, 0.0)
-        if not PREFETCH:
-            x_next, r_next = _load_spans(X, RES, rows + BLOCK_T, hi, cols, c_ok, stride_x, stride_r, HAS_RESIDUAL)
+    if ASYNC >= 2:
+        for t0 in tl.range(lo, hi, BLOCK_T, num_stages=ASYNC):
+            rows = t0 + offs_t
+            x, r = _load_spans(X, RES, rows, hi, cols, c_ok, stride_x, stride_r, HAS_RESIDUAL, EVEN_H)
+            acc = _norm_acc(acc, x, r, rows, hi, c_ok, H, eps, NORM, HAS_RESIDUAL, EVEN_H)
+    else:
+        x_next, r_next = _load_spans(X, RES, lo + offs_t, hi, cols, c_ok, stride_x, stride_r, HAS_RESIDUAL,
+                                     EVEN_H)
+        for t0 in range(lo, hi, BLOCK_T):
+            rows = t0 + offs_t
+            x, r = x_next, r_next
+            if PREFETCH:
+                # The next tile's loads go out before this one is normed (same sums, same
+                # order). Under a branch of their own: as plain loop code, with no use in
+                # this step, ptxas issued them at the step's end (sm_90 SASS), too late to
+                # hide anything; a branch keeps them at its start.
+                if t0 + BLOCK_T < hi:
+                    x_next, r_next = _load_spans(X, RES, rows + BLOCK_T, hi, cols, c_ok, stride_x, stride_r,
+                                                 HAS_RESIDUAL, EVEN_H)
+            acc = _norm_acc(acc, x, r, rows, hi, c_ok, H, eps, NORM, HAS_RESIDUAL, EVEN_H)
+            if not PREFETCH:
+                x_next, r_next = _load_spans(X, RES, rows + BLOCK_T, hi, cols, c_ok, stride_x, stride_r,
+                                             HAS_RESIDUAL, EVEN_H)
     total = tl.sum(acc, 1)  # (CH, SPAN): the one cross-warp reduction, after the loop
     cols2 = tl.arange(0, CH)[:, None] * SPAN + tl.arange(0, SPAN)[None, :]
     ok2 = cols2 < H
+    count = tl.maximum(hi - lo, 0).to(tl.float32)  # a slice past the end holds no row
     if NORM != 0:
         w = tl.load(W + cols2, mask=ok2, other=0.0).to(tl.float32)
         if NORM == 1:
             total = total * w
             if HAS_BIAS:
-                count = tl.maximum(hi - lo, 0).to(tl.float32)  # a slice past the end holds no row
                 total += count * tl.load(B + cols2, mask=ok2, other=0.0).to(tl.float32)
         else:
             total = total * (w + offset)
+    if n_splits == 1:
+        total = total / count  # the mean itself: no finishing kernel (an empty sequence: 0 / 0)
     tl.store(OUT + slot * stride_o + cols2, total, mask=ok2)
 
 
@@ -126,11 +170,14 @@ def _mean_warp_rows(X, RES, W, B, OUT, slot, lo, hi, stride_x, stride_r, stride_
 def _pooled_norm_kernel(X, RES, CU_SEQLENS, W, B, OUT, stride_x, stride_r, stride_o, H, eps, offset, n_splits,
                         POOLING: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
                         HAS_RESIDUAL: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
-                        PREFETCH: tl.constexpr, WARP_ROWS: tl.constexpr = 0):
+                        PREFETCH: tl.constexpr, WARP_ROWS: tl.constexpr = 0, EVEN_H: tl.constexpr = False,
+                        ASYNC: tl.constexpr = 0):
     """cls / last: OUT is (B, H), one normed row per sequence. mean: OUT is the (B *
     n_splits, H) fp32 workspace; program (seq, split) sums the normed rows of its slice
-    of the sequence, and _mean_finish_kernel adds the slices up. PREFETCH (mean): each
-    step loads the next tile before norming the current one (same sums, same order)."""
+    of the sequence, and _mean_finish_kernel adds the slices up; with one slice per
+    sequence OUT is (B, H) and takes the mean directly. PREFETCH (mean): each step loads
+    the next tile before norming the current one (same sums, same order). EVEN_H: H ==
+    BLOCK_H, so no column is masked. ASYNC (mean, warp_rows): see _mean_warp_rows."""
     seq = tl.program_id(0)
     start = tl.load(CU_SEQLENS + seq)
     end = tl.load(CU_SEQLENS + seq + 1)
@@ -150,9 +197,9 @@ def _pooled_norm_kernel(X, RES, CU_SEQLENS, W, B, OUT, stride_x, stride_r, strid
         lo = start + split * chunk
         hi = tl.minimum(lo + chunk, end)
         if WARP_ROWS:
-            _mean_warp_rows(X, RES, W, B, OUT, seq.to(tl.int64) * n_splits + split, lo, hi, stride_x, stride_r,
-                            stride_o, H, eps, offset, NORM, HAS_BIAS, HAS_RESIDUAL, BLOCK_T, BLOCK_H, WARP_ROWS,
-                            PREFETCH)
+            _mean_warp_rows(X, RES, W, B, OUT, seq.to(tl.int64) * n_splits + split, lo, hi, n_splits, stride_x,
+                            stride_r, stride_o, H, eps, offset, NORM, HAS_BIAS, HAS_RESIDUAL, BLOCK_T, BLOCK_H,
+                            WARP_ROWS, PREFETCH, EVEN_H, ASYNC)
         else:
             offs_t = tl.arange(0, BLOCK_T)
             acc = tl.zeros([BLOCK_T, BLOCK_H], dtype=tl.float32)
@@ -176,8 +223,11 @@ def _pooled_norm_kernel(X, RES, CU_SEQLENS, W, B, OUT, stride_x, stride_r, strid
                     x = _load_rows(X, RES, rows, row_ok, offs_h, h_ok, stride_x, stride_r, HAS_RESIDUAL)
                     y = _norm_rows(x, w, b, h_ok, H, eps, offset, NORM, HAS_BIAS)
                     acc += tl.where(row_ok[:, None], y, 0.0)
+            total = tl.sum(acc, 0)
+            if n_splits == 1:
+                total = total / (end - start).to(tl.float32)  # an empty sequence: 0 / 0, as the reference
             slot = seq.to(tl.int64) * n_splits + split
-            tl.store(OUT + slot * stride_o + offs_h, tl.sum(acc, 0), mask=h_ok)
+            tl.store(OUT + slot * stride_o + offs_h, total, mask=h_ok)
     else:
         if POOLING == 0:
             rows = start + tl.arange(0, 1)
@@ -206,46 +256,50 @@ def _mean_finish_kernel(WS, CU_SEQLENS, OUT, stride_o, H, n_splits, BLOCK_H: tl.
 _check = functools.partial(_v.check, "pooled_norm")
 
 # Candidates the benchmark times (python -m pyengine.bench kernels --op-sweep) for mean
-# pooling at H = 1024, as config dicts for _launch. The launcher's own choice there: 4
-# rows x 1024 per step, 4 warps, 4 slices per sequence on the mixed workload, one tile in
-# flight: 114 registers, so 4 programs per SM, each idle on DRAM while it norms (its
-# loads go out only after the previous tile's norm). Registers are ptxas's for bf16
-# LayerNorm on sm_90. Not measured yet.
+# pooling at H = 1024, as config dicts for _launch. Registers: ptxas's for bf16 LayerNorm
+# on sm_90 under triton 3.6 (the GPU image's) / 3.9 where they differ.
+# Measured on the H200 (2026-11-27, triton 3.6, the code before the changes below): the
+# (BLOCK_T, BLOCK_H) layout's best {"stages": 2} 0.257 ms (64% of a copy; 0.322 built-in);
+# {"warp_rows": 1, "block_t": 4, "num_warps": 4, "stages": 2} 0.2425 ms (67%), now the
+# launcher's choice at this width. Read since from the PTX: with more than one warp, triton
+# 3.6 does not keep the (CH, BLOCK_T, SPAN) tile's rows one per warp (3.9 does): its row
+# statistics still cross warps, six barriers a step. With one warp per program a row is in
+# one warp under both, with no barrier in the loop (tests/test_kernels_compile.py checks).
+# Changed since, not measured yet (sm_90 SASS, triton 3.9, the 4-warp config): a row's sums
+# over its chunks run in-thread before the shuffles (one shuffle tree per row instead of
+# one per chunk: 40 shuffles a step -> 10), rows past the end are zeroed by their scale
+# rather than a select per element, full-width rows skip the column mask, the accumulation
+# is one FMA per element: 412 instructions a step -> about 250. The prefetched loads, which
+# ptxas had moved towards the step's end, go out at its start. With one slice per sequence
+# the kernel writes the means itself (no workspace, no finishing kernel).
 SWEEP_CONFIGS = [
-    {"stages": 2},                                      # 126 registers, still 4 programs per SM
-    {"block_t": 2, "num_warps": 4},                     # 72 registers: 7 programs per SM
-    {"block_t": 2, "num_warps": 4, "stages": 2},        # 77 registers: 6 programs per SM
-    {"block_t": 1, "num_warps": 4, "stages": 2},        # 51 registers: 9 programs per SM
-    {"block_t": 2, "num_warps": 8, "stages": 2},        # 60 registers, 4 elements per thread per row
-    {"block_t": 4, "num_warps": 8, "stages": 2},        # 79 registers
-    # The workspace is B x slices x H fp32, written then read: fewer slices move less
-    # (4 slices at H = 1024: 10% of the bytes of hidden), more shorten the longest chain.
-    {"block_t": 2, "num_warps": 4, "stages": 2, "splits": 2},
-    {"block_t": 2, "num_warps": 4, "stages": 2, "splits": 8},
-    # H200, 2026-11-27: "stages": 2 won (0.257 ms, 64% of a copy), every 4- and 8-warp
-    # layout spreads a row over warps, so each LayerNorm statistic is a block reduction
-    # through shared memory. One warp per program keeps a row's reductions in shuffles;
-    # more programs per SM keep the loads in flight. Not measured yet.
-    {"block_t": 1, "num_warps": 1, "stages": 2, "splits": 8},   # 165 registers (triton 3.9, sm_90)
-    {"block_t": 2, "num_warps": 1, "stages": 2, "splits": 8},   # 236 registers
-    {"block_t": 1, "num_warps": 2, "stages": 2, "splits": 8},   # 95 registers
-    # Rows one per warp (warp_rows): no barrier in the row loop (sm_90 PTX: none, against
-    # four per step for the layouts above), the affine part once per slice.
-    {"warp_rows": 1, "block_t": 4, "num_warps": 4, "stages": 2},                # 96 registers
-    {"warp_rows": 1, "block_t": 8, "num_warps": 4, "stages": 2},                # 168 registers
-    {"warp_rows": 1, "block_t": 8, "num_warps": 8, "stages": 2},                # 102 registers
-    {"warp_rows": 1, "block_t": 4, "num_warps": 4, "stages": 2, "splits": 8},   # 96 registers
-    # H200, 2026-11-27: {"warp_rows": 1, "block_t": 4, "num_warps": 4, "stages": 2} won
-    # (0.2425 ms, 67% of a copy). Each program ends in one cross-warp sum of its
-    # (4, 4, 256) accumulator through shared memory (37 barriers in the PTX): fewer,
-    # longer slices pay it less often. Not measured yet.
-    {"warp_rows": 1, "block_t": 4, "num_warps": 4, "stages": 2, "splits": 2},
+    {"stages": 2},                                                              # 125 registers
+    {"warp_rows": 1, "block_t": 4, "num_warps": 4, "stages": 2},                # 127 / 96 registers
+    # The workspace is B x slices x H fp32, written then read (4 slices at H = 1024: 10%
+    # of the bytes of hidden); fewer slices make the longest sequence's chain longer.
     {"warp_rows": 1, "block_t": 4, "num_warps": 4, "stages": 2, "splits": 1},
-    {"warp_rows": 1, "block_t": 8, "num_warps": 8, "stages": 2, "splits": 2},
+    # Triton's pipelined loads (cp.async into shared memory, async_stages - 1 steps ahead):
+    # the bytes in flight no longer depend on where ptxas puts a load.
+    {"warp_rows": 1, "block_t": 4, "num_warps": 4, "async_stages": 3},          # 96 / 89 registers
+    {"warp_rows": 1, "block_t": 4, "num_warps": 4, "async_stages": 3, "splits": 1},
+    # One warp per program: a row in one warp under either triton, no cross-warp sum even at
+    # the end; up to 21 programs per SM at 94 registers.
+    {"warp_rows": 1, "block_t": 1, "num_warps": 1, "stages": 2},                # 118 / 114 registers
+    {"warp_rows": 1, "block_t": 1, "num_warps": 1, "stages": 2, "splits": 1},
+    {"warp_rows": 1, "block_t": 1, "num_warps": 1, "async_stages": 3},          # 94 registers, 4 KB shared
+    {"warp_rows": 1, "block_t": 1, "num_warps": 1, "async_stages": 4},          # 94 registers, 6 KB
+    {"warp_rows": 1, "block_t": 1, "num_warps": 1, "async_stages": 4, "splits": 1},
+    {"warp_rows": 1, "block_t": 1, "num_warps": 1, "async_stages": 4, "splits": 2},
+    {"warp_rows": 1, "block_t": 1, "num_warps": 1, "async_stages": 4, "splits": 8},
+    {"warp_rows": 1, "block_t": 2, "num_warps": 1, "async_stages": 3},          # 128 registers, 8 KB
 ]
+# The launcher's choice for mean pooling where a row holds at least one span (256 columns
+# at 16 bits) and at most 1024 columns (wider rows would hold more than 32 elements a
+# thread per tile); the (BLOCK_T, BLOCK_H) layout elsewhere.
+_MEAN_WARP_ROWS = {"warp_rows": 1, "block_t": 4, "num_warps": 4, "stages": 2}
 _POW2 = ("block_t", "num_warps")
-_LIMITS = {"block_t": 256, "num_warps": 32, "splits": 64, "stages": 2, "warp_rows": 1}
-_MEAN_ONLY = ("splits", "stages", "warp_rows")
+_LIMITS = {"block_t": 256, "num_warps": 32, "splits": 64, "stages": 2, "warp_rows": 1, "async_stages": 4}
+_MEAN_ONLY = ("splits", "stages", "warp_rows", "async_stages")
 
 
 def tune_key(hidden, cu_seqlens, pooling, norm_kind, weight=None, bias=None, eps=None, offset=0.0, residual=None,
@@ -258,9 +312,10 @@ def _launch(hidden, cu_seqlens, pooling, norm_kind, weight, bias, eps, offset=0.
     """config: None (the tuned config for this shape where a configs file has one, else
     the launcher's choice) or a dict with any of "block_t" (rows per step,
     a power of two), "num_warps", and for mean pooling "splits" (slices per sequence),
-    "stages" (tiles of a program in flight, 1 or 2) and "warp_rows" (1: rows held one per
-    warp, see _mean_warp_rows; num_warps at most block_t keeps every row in one warp); the
-    benchmark's sweep passes SWEEP_CONFIGS entries."""
+    "stages" (tiles of a program in flight, 1 or 2), "warp_rows" (1: rows held one per
+    warp, see _mean_warp_rows; num_warps at most block_t keeps every row in one warp) and,
+    with warp_rows, "async_stages" (2 to 4: Triton's pipelined loads through shared memory
+    instead of "stages"); the benchmark's sweep passes SWEEP_CONFIGS entries."""
     _check(pooling in _POOLINGS, lambda: f"unknown pooling {pooling!r}; expected 'cls', 'last' or 'mean'")
     _check(norm_kind in _NORMS, lambda: f"unknown norm_kind {norm_kind!r}; expected None, 'layer' or 'rms'")
     _v.check_float("pooled_norm", "hidden", hidden, 2, "(T, H)")
@@ -294,27 +349,34 @@ def _launch(hidden, cu_seqlens, pooling, norm_kind, weight, bias, eps, offset=0.
     # Mean: slices of about 32 tokens on average (T and B are host ints: no sync), at most
     # 16 per sequence. A runtime argument, so ragged batches share one compiled kernel.
     n_splits = min(16, max(1, T // (32 * max(B, 1)))) if mean else 1
-    stages, warp_rows = 1, 0
+    stages, warp_rows, async_stages = 1, 0, 1
     if config is None:
         config = _tuned.lookup(hidden.device, "triton/pooled_norm",
                                lambda: tune_key(hidden, cu_seqlens, pooling, norm_kind, residual=residual))
+    span = 32 * (16 // hidden.element_size())  # columns a warp's 32 lanes load at 16 bytes each
+    if config is None and mean and span <= block_h <= 1024:
+        config = _MEAN_WARP_ROWS
     if config is not None:
         cfg = _v.launch_config("pooled_norm", config, {"block_t": block_t, "num_warps": warps, "splits": n_splits,
-                                                       "stages": stages, "warp_rows": 0}, _POW2, _LIMITS)
+                                                       "stages": stages, "warp_rows": 0, "async_stages": 1},
+                               _POW2, _LIMITS)
         bad = [name for name in _MEAN_ONLY if name in config and not mean]
         _check(not bad, lambda: f"config key(s) {bad} apply to pooling='mean' only, got pooling={pooling!r}")
         _check(cfg["block_t"] * block_h <= 65536,
                lambda: f"config tile block_t x H = {cfg['block_t']} x {block_h} exceeds 65536 elements")
         block_t, warps, n_splits, stages = cfg["block_t"], cfg["num_warps"], cfg["splits"], cfg["stages"]
+        async_stages = cfg["async_stages"]
+        _check(async_stages == 1 or cfg["warp_rows"],
+               lambda: f"config async_stages={async_stages} needs warp_rows=1 (the other layout has no such loop)")
         if cfg["warp_rows"]:
-            # A warp's 32 lanes load 16 bytes each across SPAN columns; the row must hold one.
-            span = 32 * (16 // hidden.element_size())
+            # The row must hold one span.
             _check(block_h >= span, lambda: f"config warp_rows needs H >= {span} for {hidden.dtype}, got H={H}")
             warp_rows = span
     out = torch.empty((B, H), dtype=torch.float32, device=hidden.device)
     if B == 0:
         return out
-    dest = torch.empty((B * n_splits, H), dtype=torch.float32, device=hidden.device) if mean else out
+    # One slice per sequence writes the means itself; more go through the workspace.
+    dest = torch.empty((B * n_splits, H), dtype=torch.float32, device=hidden.device) if n_splits > 1 else out
     _pooled_norm_kernel[(B, n_splits)](
         hidden, hidden if residual is None else residual, cu_seqlens,
         hidden if norm_kind is None else weight, bias if has_bias else hidden, dest,
@@ -322,8 +384,8 @@ def _launch(hidden, cu_seqlens, pooling, norm_kind, weight, bias, eps, offset=0.
         H, float(eps), float(offset), n_splits,
         POOLING=_POOLINGS[pooling], NORM=_NORMS[norm_kind], HAS_BIAS=has_bias,
         HAS_RESIDUAL=residual is not None, BLOCK_T=block_t, BLOCK_H=block_h, PREFETCH=stages == 2,
-        WARP_ROWS=warp_rows, num_warps=warps)
-    if mean:
+        WARP_ROWS=warp_rows, EVEN_H=H == block_h, ASYNC=async_stages if async_stages > 1 else 0, num_warps=warps)
+    if n_splits > 1:
         fin_h = min(block_h, 1024)
         _mean_finish_kernel[(B, _v.cdiv(H, fin_h))](dest, cu_seqlens, out, out.stride(0), H, n_splits,
                                                          BLOCK_H=fin_h, num_warps=4)

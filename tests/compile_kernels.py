@@ -4,8 +4,8 @@ Run as a script (tests/test_kernels_compile.py does, in a fresh process: the tes
 process runs Triton in interpreter mode, which skips the compiler's checks). Each
 kernel is replaced by a stub that, instead of launching, builds the signature from the
 launch arguments and compiles to a cubin with triton.compile; the result per launch is
-printed as one JSON line: op, constexprs, ok, error, shared bytes, registers and stack
-(spills) from cuobjdump when the wheel ships it.
+printed as one JSON line: op, constexprs, ok, error, shared bytes, the PTX's barriers
+(bar.sync), registers and stack (spills) from cuobjdump when the wheel ships it.
 """
 import importlib
 import json
@@ -78,7 +78,8 @@ class _Compile:
             try:
                 k = triton.compile(ASTSource(self.kernel, sig, constexprs, attrs), target=self.target,
                                    options=dict(num_warps=num_warps, num_stages=num_stages))
-                row.update(ok=True, shared=k.metadata.shared, **_resources(k.asm["cubin"]))
+                row.update(ok=True, shared=k.metadata.shared, barriers=k.asm["ptx"].count("bar.sync"),
+                           **_resources(k.asm["cubin"]))
             except Exception as e:  # reported, the test decides
                 row["error"] = f"{type(e).__name__}: {e}"[:4000]
             print(json.dumps(row), flush=True)

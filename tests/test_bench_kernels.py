@@ -183,6 +183,12 @@ def _never_launched(*args, **kwargs):
     ("pooled_norm", lambda m, c: m._launch(torch.randn(5, 8), torch.tensor([0, 2, 5], dtype=torch.int32), "mean",
                                            "rms", torch.ones(8), None, 1e-6, config=c), {"block_t": True},
      "positive int"),
+    ("pooled_norm", lambda m, c: m._launch(torch.randn(5, 8), torch.tensor([0, 2, 5], dtype=torch.int32), "mean",
+                                           "rms", torch.ones(8), None, 1e-6, config=c), {"async_stages": 3},
+     "needs warp_rows=1"),
+    ("pooled_norm", lambda m, c: m._launch(torch.randn(5, 8), torch.tensor([0, 2, 5], dtype=torch.int32), "mean",
+                                           "rms", torch.ones(8), None, 1e-6, config=c),
+     {"warp_rows": 1, "async_stages": 5}, "at most 4"),
 ])
 def test_bad_config_raises_before_launch(monkeypatch, op, call, config, match):
     import importlib

@@ -719,13 +719,19 @@ def test_pooled_norm_sweep_configs(config):
 @pytest.mark.parametrize("config", [
     {"warp_rows": 1, "block_t": 4, "num_warps": 4, "stages": 2},               # one row per warp, prefetched
     {"warp_rows": 1, "block_t": 2, "num_warps": 2, "splits": 8},               # slices past short sequences' ends
-    {"warp_rows": 1, "block_t": 8, "num_warps": 4, "stages": 2, "splits": 1},  # two rows per warp
+    {"warp_rows": 1, "block_t": 8, "num_warps": 4, "stages": 2, "splits": 1},  # two rows per warp, no workspace
+    {"warp_rows": 1, "block_t": 4, "num_warps": 4, "async_stages": 3},          # Triton-pipelined loads
+    {"warp_rows": 1, "block_t": 1, "num_warps": 1, "async_stages": 4, "splits": 1},  # one warp, no workspace
 ])
-def test_pooled_norm_warp_rows(tol, config):
-    # H = 600: row chunks of 256 (fp16) or 128 (fp32) columns with a masked tail; lengths
-    # 1 to 41 across slices and row tiles; every norm, with and without bias and residual.
+@pytest.mark.parametrize("H", [
+    600,  # row chunks of 256 (fp16) or 128 (fp32) columns with a masked tail
+    256,  # H == BLOCK_H: no column masked (EVEN_H)
+])
+def test_pooled_norm_warp_rows(tol, config, H):
+    # Lengths 1 to 41 across slices and row tiles; every norm, with and without bias and
+    # residual.
     lens = [1, 41, 3, 17]
-    T, H, dt = sum(lens), 600, tol[0]
+    T, dt = sum(lens), tol[0]
     h, r = _randn(T, H, seed=63).to(dt), _randn(T, H, seed=64).to(dt)
     w, b = (1 + 0.3 * _randn(H, seed=65)).to(dt), _randn(H, seed=66).to(dt)
     for norm_kind, bias, res in (("layer", b, r), ("layer", None, None), ("rms", None, r), (None, None, r)):
@@ -745,7 +751,8 @@ def test_pooled_norm_warp_rows_needs_a_wide_row():
 
 
 def test_prefetching_mean_is_bit_identical():
-    # "stages": 2 only issues the next tile's loads earlier: the same sums in the same order.
+    # "stages": 2 and "async_stages" only issue the next tiles' loads earlier: the same sums
+    # in the same order.
     lens = [1, 70, 9]
     cu = cu_seqlens(lens)
     h, w = _randn(sum(lens), 96, seed=61), _randn(96, seed=62)
@@ -753,7 +760,12 @@ def test_prefetching_mean_is_bit_identical():
     assert torch.equal(g(h, cu, "mean", config={"stages": 2}), g(h, cu, "mean"))
     p = _mod("pooled_norm")._launch
     assert torch.equal(p(h, cu, "mean", "rms", w, None, 1e-6, config={"stages": 2}),
-                       p(h, cu, "mean", "rms", w, None, 1e-6))
+                       p(h, cu, "mean", "rms", w, None, 1e-6, config={"stages": 1}))
+    # rows one per warp: registers one step ahead, or Triton's pipelined loads
+    rows = {"warp_rows": 1, "block_t": 2, "num_warps": 2}
+    plain = p(h, cu, "mean", "layer", w, w, 1e-6, config=rows)
+    for extra in ({"stages": 2}, {"async_stages": 3}):
+        assert torch.equal(p(h, cu, "mean", "layer", w, w, 1e-6, config={**rows, **extra}), plain), extra
 
 
 @pytest.mark.parametrize("op,args,match", [
@@ -799,7 +811,8 @@ ALLOWED_CONSTEXPRS = {
     "rotary": {"HALF", "NEOX", "BLOCK_HALF", "BLOCK_HQ", "BLOCK_HK"},
     "gated_act": {"KIND", "BLOCK"},
     "embed_layer_norm": {"HAS_TYPE", "HAS_EXTRA", "HAS_BIAS", "BLOCK_H"},
-    "pooled_norm": {"POOLING", "NORM", "HAS_BIAS", "HAS_RESIDUAL", "BLOCK_T", "BLOCK_H", "PREFETCH", "WARP_ROWS"},
+    "pooled_norm": {"POOLING", "NORM", "HAS_BIAS", "HAS_RESIDUAL", "BLOCK_T", "BLOCK_H", "PREFETCH", "WARP_ROWS",
+                    "EVEN_H", "ASYNC"},
 }
 
 
