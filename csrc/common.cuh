@@ -149,6 +149,41 @@ template <typename T, int N>
 constexpr int pack_align() { return PackInfo<T, N>::kChunk; }
 
 // ---------------------------------------------------------------------------------------
+// 16-byte copies from global to shared memory that do not wait (cp.async, sm_80 and up):
+// the bytes land while the thread goes on; committed groups complete in order, and
+// cp_async_wait_pending(n) returns once at most n of this thread's groups are pending.
+// Elsewhere (an older GPU, the CPU emulation) a plain copy, complete at once.
+// ---------------------------------------------------------------------------------------
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem) : "memory");
+#else
+  *reinterpret_cast<uint4*>(smem) = *reinterpret_cast<const uint4*>(gmem);
+#endif
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+
+// n: 0 to 4 (the wait takes an immediate).
+__device__ __forceinline__ void cp_async_wait_pending(int n) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  switch (n) {
+    case 0: asm volatile("cp.async.wait_group 0;\n" ::: "memory"); break;
+    case 1: asm volatile("cp.async.wait_group 1;\n" ::: "memory"); break;
+    case 2: asm volatile("cp.async.wait_group 2;\n" ::: "memory"); break;
+    case 3: asm volatile("cp.async.wait_group 3;\n" ::: "memory"); break;
+    default: asm volatile("cp.async.wait_group 4;\n" ::: "memory"); break;
+  }
+#endif
+}
+
+// ---------------------------------------------------------------------------------------
 // reductions (blockDim.x a multiple of 32)
 // ---------------------------------------------------------------------------------------
 

@@ -36,7 +36,8 @@ void launch_gather_pooled(int dtype, uintptr_t hidden, int64_t row_stride,
 // candidate timed by the kernel benchmark's sweep (pyengine/cuda_ops.py SWEEP_CONFIGS).
 struct PooledNormConfig {
   int variant = 0;            // 0: pooled_norm_mean_kernel; 1: sliced; 2: 0 with the affine
-                              //    part's loads at the start (the other fields unused)
+                              //    part's loads at the start (the other fields unused); 3: 2
+                              //    with rows staged by cp.async, rows_per_warp of them ahead
   int64_t slice_rows = 0;     // rows per slice; 0: a slice is a whole sequence
   int warps = 8;              // warps per block, 1..8
   int rows_per_warp = 1;      // 1, 2 or 4 rows' loads in flight per warp (an upper bound)

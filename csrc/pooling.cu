@@ -18,7 +18,8 @@
 //   Rows neither warp kernel can hold: pooled_norm_kernel, one block per sequence; the
 //     current row lives in shared memory as fp32, the running sum too.
 //   A config (ops.h PooledNormConfig) may swap the warp kernel for the sliced variant in
-//     pooled_norm_slices.cu, on the same inputs.
+//     pooled_norm_slices.cu, on the same inputs, or run it with its rows staged in shared
+//     memory (variant 3, up to 4 packs a lane).
 #include <type_traits>
 
 #include "pooling_internal.cuh"
@@ -310,18 +311,28 @@ __device__ __forceinline__ void warp_row_stats(const Pack<T, VEC> (&x)[PACKS], c
   rstd = rsqrtf(warp_sum(sq) * inv_h + eps);
 }
 
-template <typename T, typename W, int VEC, int PACKS, bool RES, bool EARLY = false>
+// MODE (pyengine.cuda_ops' pooled_norm config variants): 0 the default; 1 early_affine
+// (below); 2 async: rows come through shared memory by cp.async, `ahead` (1, 2 or 4) rows
+// per warp in flight beside the one being normed, instead of one row prefetched into
+// registers. Measured on the H200 (2026-11-27), the default kernel reached 83% of a copy
+// with 16 warps per SM (two blocks of 106 registers) and one 2 KB row in flight per warp:
+// 32 KB per SM, about what the DRAM latency needs at that bandwidth and no more. Staged in
+// shared memory the rows in flight cost no registers. Each lane copies and later reads back
+// only its own packs, so the stages need no barrier: cp.async.wait_group is per thread.
+// Modes 1 and 2 apply up to 4 packs (H <= 1024 at 16 bits); the launcher runs mode 0 above.
+template <typename T, typename W, int VEC, int PACKS, bool RES, int MODE = 0>
 __global__ void __launch_bounds__(32 * kPnWarps)
 pooled_norm_mean_kernel(const T* __restrict__ hidden, int64_t h_stride,
                         const T* __restrict__ residual, int64_t r_stride,
                         const int* __restrict__ cu_seqlens, int norm_kind,
                         const W* __restrict__ weight, const W* __restrict__ bias, float eps,
-                        float offset, float* __restrict__ out, int hidden_size) {
+                        float offset, float* __restrict__ out, int hidden_size, int ahead) {
+  constexpr bool kAsync = MODE == 2 && PACKS <= 4;
   // Up to 64 bytes of the next row per lane are loaded before the current one is reduced,
   // so a warp's loads stay in flight during its shuffles. Larger rows (and residual rows,
   // which double the bytes) already give each warp enough loads in flight, and double
   // buffering them would cost registers the running sums need.
-  constexpr bool kPrefetch = !RES && PACKS * VEC * sizeof(T) <= 64;
+  constexpr bool kPrefetch = !kAsync && !RES && PACKS * VEC * sizeof(T) <= 64;
   constexpr int kChunk = 32 * VEC;  // columns covered by one pack index p across the warp
   static_assert(kChunk <= 32 * kPnWarps, "the epilogue gives each thread at most one column per chunk");
   __shared__ float red[kPnWarps][kChunk];
@@ -333,7 +344,7 @@ pooled_norm_mean_kernel(const T* __restrict__ hidden, int64_t h_stride,
   // and bias loaded before anything else, so the round trip overlaps the row loop. Up to 4
   // packs (H <= 1024 at 16 bits): past that the registers are the running sums' (ptxas
   // spilled 240 bytes at 16 packs), and a longer row loop hides the epilogue anyway.
-  constexpr bool kEarly = EARLY && PACKS <= 4;
+  constexpr bool kEarly = MODE != 0 && PACKS <= 4;
   float w_early[kEarly ? PACKS : 1], b_early[kEarly ? PACKS : 1];
   if constexpr (kEarly) {
     const int tid = warp * 32 + lane;
@@ -380,11 +391,52 @@ pooled_norm_mean_kernel(const T* __restrict__ hidden, int64_t h_stride,
     }
   };
 
+  // kAsync: stage k of this lane holds packs (p, lane) of one row (and of its residual):
+  // a ring of ahead + 1 stages, per warp, in dynamic shared memory.
+  extern __shared__ uint4 pn_stages[];
+  constexpr int kPerStage = (RES ? 2 : 1) * PACKS * 32;  // 16-byte packs per warp and stage
+  uint4* my_stages = pn_stages + static_cast<int64_t>(warp) * (ahead + 1) * kPerStage + lane;
+  auto stage_row = [&](int k, int64_t row) {
+    // An empty group past the end keeps the wait count uniform.
+    if (row < end) {
+      uint4* dst = my_stages + k * kPerStage;
+#pragma unroll
+      for (int p = 0; p < PACKS; ++p) {
+        if (!ok[p]) continue;
+        cp_async16(dst + p * 32, hidden + row * h_stride + p * kChunk + lane * VEC);
+        if constexpr (RES) cp_async16(dst + (PACKS + p) * 32, residual + row * r_stride + p * kChunk + lane * VEC);
+      }
+    }
+    cp_async_commit();
+  };
+  int stage = 0;  // the stage of row r
+
   int64_t r = start + warp;
-  if (r < end) load(x, r);
+  if constexpr (kAsync) {
+    for (int k = 0; k < ahead; ++k) stage_row(k, r + static_cast<int64_t>(k) * kPnWarps);
+  } else {
+    if (r < end) load(x, r);
+  }
   for (; r < end; r += kPnWarps) {
     const int64_t rn = r + kPnWarps;
-    if constexpr (kPrefetch) {
+    if constexpr (kAsync) {
+      // Row r + ahead steps goes into the stage this lane read in the previous step (its
+      // values were used there, so that read is complete).
+      stage_row(stage == 0 ? ahead : stage - 1, r + static_cast<int64_t>(ahead) * kPnWarps);
+      cp_async_wait_pending(ahead);  // row r's group has landed
+      const uint4* src = my_stages + stage * kPerStage;
+#pragma unroll
+      for (int p = 0; p < PACKS; ++p) {
+        if (ok[p]) {
+          *reinterpret_cast<uint4*>(x[p].v) = src[p * 32];
+          if constexpr (RES) *reinterpret_cast<uint4*>(rs[p].v) = src[(PACKS + p) * 32];
+        } else {
+#pragma unroll
+          for (int j = 0; j < VEC; ++j) x[p].v[j] = from_float<T>(0.f);
+        }
+      }
+      stage = stage == ahead ? 0 : stage + 1;
+    } else if constexpr (kPrefetch) {
       if (rn < end) load(xn, rn);
     }
     if constexpr (RES) {
@@ -449,7 +501,7 @@ pooled_norm_mean_kernel(const T* __restrict__ hidden, int64_t h_stride,
     if constexpr (kPrefetch) {
 #pragma unroll
       for (int p = 0; p < PACKS; ++p) x[p] = xn[p];
-    } else {
+    } else if constexpr (!kAsync) {
       if (rn < end) load(x, rn);
     }
   }
@@ -621,25 +673,47 @@ void launch_pooled_norm_typed(uintptr_t hidden, int64_t h_stride, uintptr_t resi
   check_launch(op, "pooled_norm kernel");
 }
 
-template <typename T, typename W, int VEC, int PACKS, bool EARLY = false>
+// MODE as pooled_norm_mean_kernel's, lowered to 0 past 4 packs (where it would compile
+// to the default kernel anyway); ahead: rows in flight per warp for MODE 2.
+template <typename T, typename W, int VEC, int PACKS, int MODE = 0>
 void launch_pooled_norm_mean(uintptr_t hidden, int64_t h_stride, uintptr_t residual,
                              int64_t r_stride, uintptr_t cu_seqlens, int64_t batch, int norm_kind,
                              uintptr_t weight, uintptr_t bias, float eps, float offset,
-                             uintptr_t out, int64_t hidden_size, cudaStream_t stream) {
+                             uintptr_t out, int64_t hidden_size, int device, cudaStream_t stream,
+                             int ahead) {
+  const char* op = "pooled_norm";
+  constexpr int kMode = PACKS <= 4 ? MODE : 0;
   const dim3 grid(static_cast<unsigned>(batch)), block(32, kPnWarps);
+  const int stages_ahead = kMode == 2 ? ahead : 0;
+  const size_t smem = kMode == 2 ? static_cast<size_t>(kPnWarps) * (ahead + 1) * (residual != 0 ? 2 : 1) *
+                                       PACKS * 32 * sizeof(uint4)
+                                 : 0;
+  // the kernel's static shared memory (its epilogue's red) counts against the same limit
+  const size_t total = smem + sizeof(float) * kPnWarps * 32 * VEC;
   auto args = [&](auto kernel) {
-    kernel<<<grid, block, 0, stream>>>(
+    if (smem > 0 && total > 48 * 1024) {
+      int optin = 0;
+      PYE_CUDA_CHECK(op, cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+      if (total > static_cast<size_t>(optin)) {
+        throw_bad_arg(op, "config variant 'async' with rows_per_warp=" + std::to_string(ahead) + " needs " +
+                              std::to_string(total) + " bytes of shared memory per block; this GPU allows " +
+                              std::to_string(optin) + ": use fewer rows_per_warp");
+      }
+      PYE_CUDA_CHECK(op, cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                              static_cast<int>(smem)));
+    }
+    kernel<<<grid, block, smem, stream>>>(
         reinterpret_cast<const T*>(hidden), h_stride, reinterpret_cast<const T*>(residual),
         r_stride, reinterpret_cast<const int*>(cu_seqlens), norm_kind,
         reinterpret_cast<const W*>(weight), reinterpret_cast<const W*>(bias), eps, offset,
-        reinterpret_cast<float*>(out), static_cast<int>(hidden_size));
+        reinterpret_cast<float*>(out), static_cast<int>(hidden_size), stages_ahead);
   };
   if (residual != 0) {
-    if constexpr (PACKS <= kMaxPacksRes) args(pooled_norm_mean_kernel<T, W, VEC, PACKS, true, EARLY>);
+    if constexpr (PACKS <= kMaxPacksRes) args(pooled_norm_mean_kernel<T, W, VEC, PACKS, true, kMode>);
   } else {
-    args(pooled_norm_mean_kernel<T, W, VEC, PACKS, false, EARLY>);
+    args(pooled_norm_mean_kernel<T, W, VEC, PACKS, false, kMode>);
   }
-  check_launch("pooled_norm", "pooled_norm mean kernel");
+  check_launch(op, "pooled_norm mean kernel");
 }
 
 template <typename X>
@@ -687,15 +761,15 @@ void launch_pooled_norm_vec(uintptr_t hidden, int64_t h_stride, uintptr_t residu
     launch_pooled_norm_slices(a, cfg, packs);
   } else if (vec && pooling == 2 && packs <= max_packs) {
     with_packs(packs, [&](auto P) {
-      if (cfg.variant == 2) {
-        launch_pooled_norm_mean<T, W, V, decltype(P)::value, true>(hidden, h_stride, residual, r_stride,
-                                                        cu_seqlens, batch, norm_kind, weight, bias,
-                                                        eps, offset, out, hidden_size, stream);
-      } else {
-        launch_pooled_norm_mean<T, W, V, decltype(P)::value, false>(hidden, h_stride, residual, r_stride,
-                                                         cu_seqlens, batch, norm_kind, weight, bias,
-                                                         eps, offset, out, hidden_size, stream);
-      }
+      constexpr int kP = decltype(P)::value;
+      auto go = [&](auto mode) {
+        launch_pooled_norm_mean<T, W, V, kP, decltype(mode)::value>(
+            hidden, h_stride, residual, r_stride, cu_seqlens, batch, norm_kind, weight, bias, eps, offset, out,
+            hidden_size, device, stream, cfg.rows_per_warp);
+      };
+      if (cfg.variant == 2) go(std::integral_constant<int, 1>{});
+      else if (cfg.variant == 3) go(std::integral_constant<int, 2>{});
+      else go(std::integral_constant<int, 0>{});
     });
   } else if (vec && pooling != 2 && packs <= max_packs) {
     with_packs(packs, [&](auto P) {
@@ -743,9 +817,12 @@ void launch_pooled_norm(int dtype, int wdtype, uintptr_t hidden, int64_t h_strid
   if (norm_kind != 0 && weight == 0) throw_bad_arg(op, "a norm needs its weight");
   if (hidden_size <= 0 || hidden_size > 0x7fffffff) throw_bad_arg(op, "bad hidden size");
   if (batch > 0x7fffffff) throw_bad_arg(op, "more than 2^31-1 sequences");
-  if (config.variant < 0 || config.variant > 2) {
-    throw_bad_arg(op, "config variant must be 0 (default), 1 (sliced) or 2 (early affine), got " +
+  if (config.variant < 0 || config.variant > 3) {
+    throw_bad_arg(op, "config variant must be 0 (default), 1 (sliced), 2 (early affine) or 3 (async), got " +
                           std::to_string(config.variant));
+  }
+  if (config.variant == 3 && config.rows_per_warp != 1 && config.rows_per_warp != 2 && config.rows_per_warp != 4) {
+    throw_bad_arg(op, "config rows_per_warp must be 1, 2 or 4, got " + std::to_string(config.rows_per_warp));
   }
   if (config.variant == 1) {
     if (config.slice_rows < 0) throw_bad_arg(op, "config slice_rows must be >= 0");

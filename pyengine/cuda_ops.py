@@ -454,7 +454,12 @@ def gather_pooled(hidden, cu_seqlens, pooling):
 # {"variant": "early_affine"}: the default kernel with each thread's weight and bias
 # columns loaded into registers when the block starts (the default loads them after the row
 # loop: one more dependent round trip per block); the other keys are ignored.
-_PN_VARIANTS = {"slices": 1, "early_affine": 2}
+# {"variant": "async", "rows_per_warp": n}: early_affine with the rows staged in shared
+# memory by cp.async, n (1, 2 or 4) rows per warp in flight beside the one being normed
+# (the default: one, in registers); 8 warps per block, (n + 1) x 16 KB of shared memory per
+# block at H = 1024 (twice that with a residual). early_affine and async apply up to
+# H = 32 x 4 x (16 bytes / element size) (1024 at 16 bits); past it the default kernel runs.
+_PN_VARIANTS = {"slices": 1, "early_affine": 2, "async": 3}
 _PN_PARAMS = {"slice_rows": 128, "warps": 8, "rows_per_warp": 2, "blocks_per_sm": 0}
 _PN_MAX_WARPS = 8
 _PN_MAX_BLOCKS_PER_SM = 64
@@ -477,6 +482,10 @@ SWEEP_CONFIGS = {
         {"variant": "slices", "slice_rows": 128, "warps": 8, "rows_per_warp": 2, "blocks_per_sm": 2},
         # the default kernel, its affine part's loads issued at the start
         {"variant": "early_affine"},
+        # rows in flight through shared memory: the default keeps one per warp in registers
+        {"variant": "async", "rows_per_warp": 1},
+        {"variant": "async", "rows_per_warp": 2},
+        {"variant": "async", "rows_per_warp": 4},
     ],
 }
 

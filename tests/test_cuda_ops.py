@@ -82,7 +82,9 @@ def test_extension_rejects_bad_pooled_norm_configs():
     import pyengine._C as C
     # dtype bf16, no norm, a residual pointer: the mean path that takes a config
     args = (2, 2, 16, 8, 16, 8, 16, 1, 2, 0, 0, 0, 1e-5, 0.0, 16, 8, 0, 0)
-    for kw, msg in (({"variant": 7}, r"config variant must be 0 .default., 1 .sliced. or 2 .early affine., got 7"),
+    for kw, msg in (({"variant": 7}, r"config variant must be 0 .default., 1 .sliced., 2 .early affine. or 3 "
+                                     r".async., got 7"),
+                    ({"variant": 3, "rows_per_warp": 3}, "config rows_per_warp must be 1, 2 or 4, got 3"),
                     ({"variant": 1, "warps": 9}, r"config warps must be in \[1, 8\], got 9"),
                     ({"variant": 1, "rows_per_warp": 3}, "config rows_per_warp must be 1, 2 or 4"),
                     ({"variant": 1, "slice_rows": -1}, "config slice_rows must be >= 0")):
@@ -221,19 +223,20 @@ def test_non_tensors_raise_type_errors():
 
 BAD_PN_CONFIGS = [
     ({"variant": "fast"}, ValueError,
-     r"config variant must be 'default' or one of \['early_affine', 'slices'\], got 'fast'"),
+     r"config variant must be 'default' or one of \['async', 'early_affine', 'slices'\], got 'fast'"),
     ({"slice_rows": 64}, ValueError, r"config variant must be 'default' or one of"),
     ({"variant": "slices", "rows": 2}, ValueError, r"config has unknown keys \['rows'\]"),
     ({"variant": "default", "warps": 4}, ValueError, r"config \{'variant': 'default'\} takes no parameters"),
     ({"variant": "slices", "warps": 0}, ValueError, r"config warps must be in \[1, 8\], got 0"),
     ({"variant": "slices", "warps": 16}, ValueError, r"config warps must be in \[1, 8\], got 16"),
     ({"variant": "slices", "rows_per_warp": 3}, ValueError, r"config rows_per_warp must be 1, 2 or 4, got 3"),
+    ({"variant": "async", "rows_per_warp": 8}, ValueError, r"config rows_per_warp must be 1, 2 or 4, got 8"),
     ({"variant": "slices", "slice_rows": -8}, ValueError, r"config slice_rows must be >= 0"),
     ({"variant": "slices", "slice_rows": 64.0}, ValueError, r"config slice_rows must be an int, got 64.0"),
     ({"variant": "slices", "warps": True}, ValueError, r"config warps must be an int, got True"),
     ({"variant": "slices", "blocks_per_sm": -1}, ValueError, r"config blocks_per_sm must be in \[0, 64\]"),
     ([1, 64, 8, 2], ValueError, r"config as a sequence must be 5 ints"),
-    ([0, 64, 8, 2, 0], ValueError, r"config variant id must be one of \[1, 2\]"),
+    ([0, 64, 8, 2, 0], ValueError, r"config variant id must be one of \[1, 2, 3\]"),
     ("slices", TypeError, r"config must be None, a dict or a sequence of 5 ints, got str"),
 ]
 

@@ -9,14 +9,14 @@ OUT="$ROOT/build/cuda_emu"
 PY=${PYTHON:-$([ -x "$ROOT/.venv/bin/python" ] && echo "$ROOT/.venv/bin/python" || echo python3)}
 rm -rf "$OUT/src" && mkdir -p "$OUT/src"
 # Rewrite what g++ cannot parse: kernel<<<grid, block, smem, stream>>>(args) and
-# `extern __shared__ float name[];`.
+# `extern __shared__ TYPE name[];`.
 "$PY" - "$ROOT/csrc" "$OUT/src" <<'PYEOF'
 import pathlib, re, sys
 src, dst = map(pathlib.Path, sys.argv[1:])
 for f in src.iterdir():
     s = f.read_text()
-    s = re.sub(r"extern __shared__ float (\w+)\[\];",
-               r"float* \1 = reinterpret_cast<float*>(emu::g_dyn_smem);", s)
+    s = re.sub(r"extern __shared__ (\w+) (\w+)\[\];",
+               r"\1* \2 = reinterpret_cast<\1*>(emu::g_dyn_smem);", s)
     s = re.sub(r"^(\s*)(.+?)<<<(.+?)>>>\(", r"\1emu::launch(\2, \3)(", s, flags=re.M)
     (dst / (f.name + ".cpp" if f.suffix == ".cu" else f.name)).write_text(s)
 PYEOF
