@@ -58,14 +58,24 @@ def _norm_rows(x, w, b, h_ok, H, eps, offset, NORM: tl.constexpr, HAS_BIAS: tl.c
 
 
 @triton.jit
-def _load_spans(X, RES, rows, hi, cols, c_ok, stride_x, stride_r, HAS_RESIDUAL: tl.constexpr, EVEN_H: tl.constexpr):
-    """_mean_warp_rows' (CH, BLOCK_T, SPAN) tiles of hidden and of the residual (hidden again
-    without one) for rows (BLOCK_T,) below hi, as stored; rows past hi hold zeros."""
-    if EVEN_H:
-        ok = (rows < hi)[None, :, None]
+def _rows(v, ROWS_FIRST: tl.constexpr):
+    """(BLOCK_T,) -> broadcastable over _mean_warp_rows' tiles: (BLOCK_T, 1, 1) when rows
+    are dimension 0, else (1, BLOCK_T, 1)."""
+    if ROWS_FIRST:
+        return v[:, None, None]
     else:
-        ok = (rows < hi)[None, :, None] & c_ok
-    r64 = rows.to(tl.int64)[None, :, None]
+        return v[None, :, None]
+
+
+@triton.jit
+def _load_spans(X, RES, rows, hi, cols, c_ok, stride_x, stride_r, HAS_RESIDUAL: tl.constexpr, EVEN_H: tl.constexpr,
+                ROWS_FIRST: tl.constexpr):
+    """_mean_warp_rows' tiles of hidden and of the residual (hidden again without one) for
+    rows (BLOCK_T,) below hi, as stored; rows past hi hold zeros."""
+    ok = _rows(rows < hi, ROWS_FIRST)
+    if not EVEN_H:
+        ok = ok & c_ok
+    r64 = _rows(rows.to(tl.int64), ROWS_FIRST)
     x = tl.load(X + r64 * stride_x + cols, mask=ok, other=0.0)
     r = x
     if HAS_RESIDUAL:
@@ -74,66 +84,80 @@ def _load_spans(X, RES, rows, hi, cols, c_ok, stride_x, stride_r, HAS_RESIDUAL: 
 
 
 @triton.jit
-def _row_sum(t):
-    """(CH, BLOCK_T, SPAN) -> (BLOCK_T,): the chunks a thread holds first (in-thread adds),
-    then the warp's lanes (one shuffle tree per row; summing the lanes first would run a
-    tree per chunk)."""
-    return tl.sum(tl.sum(t, 0), 1)
+def _row_sum(t, ROWS_FIRST: tl.constexpr):
+    """Per-row sums of a tile, kept 3-d in the tile's own layout (so they broadcast back
+    without a layout conversion): the chunks a thread holds first (in-thread adds), then
+    the warp's lanes (one shuffle tree per row; the lanes first would run a tree per chunk)."""
+    if ROWS_FIRST:
+        return tl.sum(tl.sum(t, 1, keep_dims=True), 2, keep_dims=True)
+    else:
+        return tl.sum(tl.sum(t, 0, keep_dims=True), 2, keep_dims=True)
 
 
 @triton.jit
 def _norm_acc(acc, x, r, rows, hi, c_ok, H, eps, NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-              EVEN_H: tl.constexpr):
+              EVEN_H: tl.constexpr, ROWS_FIRST: tl.constexpr):
     """acc + the normed rows (without the affine part) of one step of _mean_warp_rows, from
     _load_spans' tiles. Rows past hi load as zeros and get a zero scale, so they add exactly
     0 without a per-element select."""
     if HAS_RESIDUAL:
         x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
     x = x.to(tl.float32)
+    live = _rows(rows < hi, ROWS_FIRST)
     if NORM == 1:
-        diff = x - (_row_sum(x) / H)[None, :, None]
+        diff = x - _row_sum(x, ROWS_FIRST) / H
         if not EVEN_H:
             diff = tl.where(c_ok, diff, 0.0)
-        rstd = tl.rsqrt(_row_sum(diff * diff) / H + eps)
+        rstd = tl.rsqrt(_row_sum(diff * diff, ROWS_FIRST) / H + eps)
         # a zero scale for rows past hi, whatever eps makes of their zero variance
-        acc += diff * tl.where(rows < hi, rstd, 0.0)[None, :, None]
+        acc += diff * tl.where(live, rstd, 0.0)
     elif NORM == 2:
-        rstd = tl.rsqrt(_row_sum(x * x) / H + eps)
-        acc += x * tl.where(rows < hi, rstd, 0.0)[None, :, None]
+        rstd = tl.rsqrt(_row_sum(x * x, ROWS_FIRST) / H + eps)
+        acc += x * tl.where(live, rstd, 0.0)
     else:
         acc += x
     return acc
 
 
 @triton.jit
-def _mean_warp_rows(X, RES, W, B, OUT, slot, lo, hi, n_splits, stride_x, stride_r, stride_o, H, eps, offset,
-                    NORM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+def _mean_warp_rows(X, RES, W, B, OUT, slot, lo, hi, n_splits, chunk_stride, stride_x, stride_r, stride_o, H, eps,
+                    offset, NORM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
                     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, SPAN: tl.constexpr, PREFETCH: tl.constexpr,
-                    EVEN_H: tl.constexpr, ASYNC: tl.constexpr):
+                    EVEN_H: tl.constexpr, ASYNC: tl.constexpr, ROWS_FIRST: tl.constexpr):
     """Rows lo..hi of one sequence, summed after the norm into OUT[slot] (divided by the
-    row count when the sequence is one slice), with rows held as (BLOCK_H // SPAN, BLOCK_T,
-    SPAN) tiles: a warp's 32 lanes span SPAN columns (16 bytes each) and the warps take
-    different rows, so a row's statistics are per-thread sums and warp shuffles, with no
-    barrier in the loop (a (BLOCK_T, BLOCK_H) tile spreads each row over the warps, and
-    every statistic is a block reduction). Triton picks the layout: 3.9 keeps rows one per
-    warp, 3.6 only with one warp per program (see SWEEP_CONFIGS). The affine part is
+    row count when the sequence is one slice), with rows held as tiles of BLOCK_T rows x
+    CH = BLOCK_H // SPAN chunks x SPAN columns: a warp's 32 lanes span SPAN columns (16
+    bytes each) and the warps take different rows, so a row's statistics are per-thread
+    sums and warp shuffles, with no barrier in the loop (a (BLOCK_T, BLOCK_H) tile spreads
+    each row over the warps, and every statistic is a block reduction). The affine part is
     applied once to the slice's sum: sum_t (z_t * w + b) = (sum_t z_t) * w + count * b.
+    Which dimension gets the warps is Triton's choice, from what it can prove contiguous:
+    the chunk and row dimensions tie (a chunk is SPAN columns apart, a row an unknown
+    stride), and triton 3.6 gives the warps to the first of the two, 3.9 to the second. So
+    ROWS_FIRST (the launcher's, by version) puts the rows first for 3.6, as (BLOCK_T, CH,
+    SPAN) with chunk_stride == SPAN a runtime value (a constant chunk stride ranked the
+    chunks first there), and second for 3.9, as (CH, BLOCK_T, SPAN); tests/
+    test_kernels_compile.py checks the loop has no barrier under both.
     Loads in flight: ASYNC >= 2 has Triton pipeline the loop's loads (cp.async into shared
     memory, ASYNC - 1 steps ahead); else PREFETCH loads the next step into registers
-    before this one is normed, which ptxas may reorder (see SWEEP_CONFIGS)."""
+    before this one is normed."""
     CH: tl.constexpr = BLOCK_H // SPAN
     offs_t = tl.arange(0, BLOCK_T)
-    cols = tl.arange(0, CH)[:, None, None] * SPAN + tl.arange(0, SPAN)[None, None, :]  # (CH, 1, SPAN)
+    if ROWS_FIRST:
+        cols = tl.arange(0, CH)[None, :, None] * chunk_stride + tl.arange(0, SPAN)[None, None, :]
+        acc = tl.zeros([BLOCK_T, CH, SPAN], dtype=tl.float32)
+    else:
+        cols = tl.arange(0, CH)[:, None, None] * SPAN + tl.arange(0, SPAN)[None, None, :]
+        acc = tl.zeros([CH, BLOCK_T, SPAN], dtype=tl.float32)
     c_ok = cols < H
-    acc = tl.zeros([CH, BLOCK_T, SPAN], dtype=tl.float32)
     if ASYNC >= 2:
         for t0 in tl.range(lo, hi, BLOCK_T, num_stages=ASYNC):
             rows = t0 + offs_t
-            x, r = _load_spans(X, RES, rows, hi, cols, c_ok, stride_x, stride_r, HAS_RESIDUAL, EVEN_H)
-            acc = _norm_acc(acc, x, r, rows, hi, c_ok, H, eps, NORM, HAS_RESIDUAL, EVEN_H)
+            x, r = _load_spans(X, RES, rows, hi, cols, c_ok, stride_x, stride_r, HAS_RESIDUAL, EVEN_H, ROWS_FIRST)
+            acc = _norm_acc(acc, x, r, rows, hi, c_ok, H, eps, NORM, HAS_RESIDUAL, EVEN_H, ROWS_FIRST)
     else:
         x_next, r_next = _load_spans(X, RES, lo + offs_t, hi, cols, c_ok, stride_x, stride_r, HAS_RESIDUAL,
-                                     EVEN_H)
+                                     EVEN_H, ROWS_FIRST)
         for t0 in range(lo, hi, BLOCK_T):
             rows = t0 + offs_t
             x, r = x_next, r_next
@@ -144,12 +168,12 @@ def _mean_warp_rows(X, RES, W, B, OUT, slot, lo, hi, n_splits, stride_x, stride_
                 # hide anything; a branch keeps them at its start.
                 if t0 + BLOCK_T < hi:
                     x_next, r_next = _load_spans(X, RES, rows + BLOCK_T, hi, cols, c_ok, stride_x, stride_r,
-                                                 HAS_RESIDUAL, EVEN_H)
-            acc = _norm_acc(acc, x, r, rows, hi, c_ok, H, eps, NORM, HAS_RESIDUAL, EVEN_H)
+                                                 HAS_RESIDUAL, EVEN_H, ROWS_FIRST)
+            acc = _norm_acc(acc, x, r, rows, hi, c_ok, H, eps, NORM, HAS_RESIDUAL, EVEN_H, ROWS_FIRST)
             if not PREFETCH:
                 x_next, r_next = _load_spans(X, RES, rows + BLOCK_T, hi, cols, c_ok, stride_x, stride_r,
-                                             HAS_RESIDUAL, EVEN_H)
-    total = tl.sum(acc, 1)  # (CH, SPAN): the one cross-warp reduction, after the loop
+                                             HAS_RESIDUAL, EVEN_H, ROWS_FIRST)
+    total = tl.sum(acc, 0 if ROWS_FIRST else 1)  # (CH, SPAN): the one cross-warp sum, after the loop
     cols2 = tl.arange(0, CH)[:, None] * SPAN + tl.arange(0, SPAN)[None, :]
     ok2 = cols2 < H
     count = tl.maximum(hi - lo, 0).to(tl.float32)  # a slice past the end holds no row
@@ -168,16 +192,18 @@ def _mean_warp_rows(X, RES, W, B, OUT, slot, lo, hi, n_splits, stride_x, stride_
 
 @triton.jit
 def _pooled_norm_kernel(X, RES, CU_SEQLENS, W, B, OUT, stride_x, stride_r, stride_o, H, eps, offset, n_splits,
+                        chunk_stride,
                         POOLING: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
                         HAS_RESIDUAL: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
                         PREFETCH: tl.constexpr, WARP_ROWS: tl.constexpr = 0, EVEN_H: tl.constexpr = False,
-                        ASYNC: tl.constexpr = 0):
+                        ASYNC: tl.constexpr = 0, ROWS_FIRST: tl.constexpr = False):
     """cls / last: OUT is (B, H), one normed row per sequence. mean: OUT is the (B *
     n_splits, H) fp32 workspace; program (seq, split) sums the normed rows of its slice
     of the sequence, and _mean_finish_kernel adds the slices up; with one slice per
     sequence OUT is (B, H) and takes the mean directly. PREFETCH (mean): each step loads
     the next tile before norming the current one (same sums, same order). EVEN_H: H ==
-    BLOCK_H, so no column is masked. ASYNC (mean, warp_rows): see _mean_warp_rows."""
+    BLOCK_H, so no column is masked. ASYNC, ROWS_FIRST and chunk_stride (WARP_ROWS, a
+    runtime argument on purpose): see _mean_warp_rows."""
     seq = tl.program_id(0)
     start = tl.load(CU_SEQLENS + seq)
     end = tl.load(CU_SEQLENS + seq + 1)
@@ -197,9 +223,9 @@ def _pooled_norm_kernel(X, RES, CU_SEQLENS, W, B, OUT, stride_x, stride_r, strid
         lo = start + split * chunk
         hi = tl.minimum(lo + chunk, end)
         if WARP_ROWS:
-            _mean_warp_rows(X, RES, W, B, OUT, seq.to(tl.int64) * n_splits + split, lo, hi, n_splits, stride_x,
-                            stride_r, stride_o, H, eps, offset, NORM, HAS_BIAS, HAS_RESIDUAL, BLOCK_T, BLOCK_H,
-                            WARP_ROWS, PREFETCH, EVEN_H, ASYNC)
+            _mean_warp_rows(X, RES, W, B, OUT, seq.to(tl.int64) * n_splits + split, lo, hi, n_splits, chunk_stride,
+                            stride_x, stride_r, stride_o, H, eps, offset, NORM, HAS_BIAS, HAS_RESIDUAL, BLOCK_T,
+                            BLOCK_H, WARP_ROWS, PREFETCH, EVEN_H, ASYNC, ROWS_FIRST)
         else:
             offs_t = tl.arange(0, BLOCK_T)
             acc = tl.zeros([BLOCK_T, BLOCK_H], dtype=tl.float32)
@@ -255,39 +281,42 @@ def _mean_finish_kernel(WS, CU_SEQLENS, OUT, stride_o, H, n_splits, BLOCK_H: tl.
 
 _check = functools.partial(_v.check, "pooled_norm")
 
+# _mean_warp_rows' dimension order for this triton: rows first before 3.9 (checked at 3.6),
+# second from 3.9 on.
+_ROWS_FIRST = tuple(int(p) for p in triton.__version__.split(".")[:2] if p.isdigit()) < (3, 9)
+
 # Candidates the benchmark times (python -m pyengine.bench kernels --op-sweep) for mean
 # pooling at H = 1024, as config dicts for _launch. Registers: ptxas's for bf16 LayerNorm
 # on sm_90 under triton 3.6 (the GPU image's) / 3.9 where they differ.
 # Measured on the H200 (2026-11-27, triton 3.6, the code before the changes below): the
 # (BLOCK_T, BLOCK_H) layout's best {"stages": 2} 0.257 ms (64% of a copy; 0.322 built-in);
 # {"warp_rows": 1, "block_t": 4, "num_warps": 4, "stages": 2} 0.2425 ms (67%), now the
-# launcher's choice at this width. Read since from the PTX: with more than one warp, triton
-# 3.6 does not keep the (CH, BLOCK_T, SPAN) tile's rows one per warp (3.9 does): its row
-# statistics still cross warps, six barriers a step. With one warp per program a row is in
-# one warp under both, with no barrier in the loop (tests/test_kernels_compile.py checks).
-# Changed since, not measured yet (sm_90 SASS, triton 3.9, the 4-warp config): a row's sums
-# over its chunks run in-thread before the shuffles (one shuffle tree per row instead of
-# one per chunk: 40 shuffles a step -> 10), rows past the end are zeroed by their scale
-# rather than a select per element, full-width rows skip the column mask, the accumulation
-# is one FMA per element: 412 instructions a step -> about 250. The prefetched loads, which
-# ptxas had moved towards the step's end, go out at its start. With one slice per sequence
-# the kernel writes the means itself (no workspace, no finishing kernel).
+# launcher's choice at this width. Read from the PTX since: under triton 3.6 that layout
+# was not the one intended; its warps took column chunks, not rows (122 registers, six
+# barriers a step for row statistics across warps). With the dimension order that each
+# triton needs (_mean_warp_rows) it is, under 3.6 and 3.9: no barrier in the row loop.
+# Also changed since, not measured yet: a row's sums over its chunks run in-thread before
+# the shuffles (one shuffle tree per row instead of one per chunk: 40 shuffles a step ->
+# 10), rows past the end are zeroed by their scale rather than a select per element,
+# full-width rows skip the column mask, the accumulation is one FMA per element (sm_90
+# SASS at 3.9: 412 instructions a step -> about 250); the prefetched loads, which ptxas had
+# moved towards the step's end, go out at its start; with one slice per sequence the
+# kernel writes the means itself (no workspace, no finishing kernel).
 SWEEP_CONFIGS = [
     {"stages": 2},                                                              # 125 registers
-    {"warp_rows": 1, "block_t": 4, "num_warps": 4, "stages": 2},                # 127 / 96 registers
+    {"warp_rows": 1, "block_t": 4, "num_warps": 4, "stages": 2},                # 96 registers
     # The workspace is B x slices x H fp32, written then read (4 slices at H = 1024: 10%
     # of the bytes of hidden); fewer slices make the longest sequence's chain longer.
     {"warp_rows": 1, "block_t": 4, "num_warps": 4, "stages": 2, "splits": 1},
     # Triton's pipelined loads (cp.async into shared memory, async_stages - 1 steps ahead):
     # the bytes in flight no longer depend on where ptxas puts a load.
-    {"warp_rows": 1, "block_t": 4, "num_warps": 4, "async_stages": 3},          # 96 / 89 registers
+    {"warp_rows": 1, "block_t": 4, "num_warps": 4, "async_stages": 3},          # 92 / 90 registers, 16 KB shared
     {"warp_rows": 1, "block_t": 4, "num_warps": 4, "async_stages": 3, "splits": 1},
-    # One warp per program: a row in one warp under either triton, no cross-warp sum even at
-    # the end; up to 21 programs per SM at 94 registers.
-    {"warp_rows": 1, "block_t": 1, "num_warps": 1, "stages": 2},                # 118 / 114 registers
+    # One warp per program: no cross-warp sum even at the end; up to 21 programs per SM.
+    {"warp_rows": 1, "block_t": 1, "num_warps": 1, "stages": 2},                # 127 / 114 registers
     {"warp_rows": 1, "block_t": 1, "num_warps": 1, "stages": 2, "splits": 1},
-    {"warp_rows": 1, "block_t": 1, "num_warps": 1, "async_stages": 3},          # 94 registers, 4 KB shared
-    {"warp_rows": 1, "block_t": 1, "num_warps": 1, "async_stages": 4},          # 94 registers, 6 KB
+    {"warp_rows": 1, "block_t": 1, "num_warps": 1, "async_stages": 3},          # 96 / 94 registers, 4 KB
+    {"warp_rows": 1, "block_t": 1, "num_warps": 1, "async_stages": 4},          # 96 / 94 registers, 6 KB
     {"warp_rows": 1, "block_t": 1, "num_warps": 1, "async_stages": 4, "splits": 1},
     {"warp_rows": 1, "block_t": 1, "num_warps": 1, "async_stages": 4, "splits": 2},
     {"warp_rows": 1, "block_t": 1, "num_warps": 1, "async_stages": 4, "splits": 8},
@@ -381,10 +410,11 @@ def _launch(hidden, cu_seqlens, pooling, norm_kind, weight, bias, eps, offset=0.
         hidden, hidden if residual is None else residual, cu_seqlens,
         hidden if norm_kind is None else weight, bias if has_bias else hidden, dest,
         hidden.stride(0), hidden.stride(0) if residual is None else residual.stride(0), dest.stride(0),
-        H, float(eps), float(offset), n_splits,
+        H, float(eps), float(offset), n_splits, max(warp_rows, 1),
         POOLING=_POOLINGS[pooling], NORM=_NORMS[norm_kind], HAS_BIAS=has_bias,
         HAS_RESIDUAL=residual is not None, BLOCK_T=block_t, BLOCK_H=block_h, PREFETCH=stages == 2,
-        WARP_ROWS=warp_rows, EVEN_H=H == block_h, ASYNC=async_stages if async_stages > 1 else 0, num_warps=warps)
+        WARP_ROWS=warp_rows, EVEN_H=H == block_h, ASYNC=async_stages if async_stages > 1 else 0,
+        ROWS_FIRST=bool(warp_rows) and _ROWS_FIRST, num_warps=warps)
     if n_splits > 1:
         fin_h = min(block_h, 1024)
         _mean_finish_kernel[(B, _v.cdiv(H, fin_h))](dest, cu_seqlens, out, out.stride(0), H, n_splits,

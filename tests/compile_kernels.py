@@ -4,12 +4,13 @@ Run as a script (tests/test_kernels_compile.py does, in a fresh process: the tes
 process runs Triton in interpreter mode, which skips the compiler's checks). Each
 kernel is replaced by a stub that, instead of launching, builds the signature from the
 launch arguments and compiles to a cubin with triton.compile; the result per launch is
-printed as one JSON line: op, constexprs, ok, error, shared bytes, the PTX's barriers
-(bar.sync), registers and stack (spills) from cuobjdump when the wheel ships it.
+printed as one JSON line: op, constexprs, ok, error, shared bytes, the barriers (bar.sync)
+inside the PTX's loops, registers and stack (spills) from cuobjdump when the wheel ships it.
 """
 import importlib
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -39,6 +40,18 @@ def _resources(cubin):
         if key in ("REG", "STACK", "LOCAL") and val.isdigit():
             res[key.lower()] = int(val)
     return res
+
+
+def _loop_barriers(ptx):
+    """bar.sync lines inside a loop of the PTX: between a label and a later branch back to it."""
+    lines = ptx.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"\s*(\$L__\w+):", line))}
+    inside = set()
+    for i, line in enumerate(lines):
+        m = re.search(r"\bbra(?:\.uni)?\s+(\$L__\w+);", line)
+        if m and labels.get(m.group(1), i) < i:
+            inside.update(range(labels[m.group(1)], i))
+    return sum("bar.sync" in lines[i] for i in inside)
 
 
 class _Compile:
@@ -78,7 +91,7 @@ class _Compile:
             try:
                 k = triton.compile(ASTSource(self.kernel, sig, constexprs, attrs), target=self.target,
                                    options=dict(num_warps=num_warps, num_stages=num_stages))
-                row.update(ok=True, shared=k.metadata.shared, barriers=k.asm["ptx"].count("bar.sync"),
+                row.update(ok=True, shared=k.metadata.shared, loop_barriers=_loop_barriers(k.asm["ptx"]),
                            **_resources(k.asm["cubin"]))
             except Exception as e:  # reported, the test decides
                 row["error"] = f"{type(e).__name__}: {e}"[:4000]

@@ -743,6 +743,25 @@ def test_pooled_norm_warp_rows(tol, config, H):
                      f"res={res is not None} {config}")
 
 
+@pytest.mark.usefixtures("poisoned")
+@pytest.mark.parametrize("rows_first", [False, True], ids=["chunks-rows-span", "rows-chunks-span"])
+@pytest.mark.parametrize("H", [600, 256])
+def test_pooled_norm_warp_rows_dimension_orders(monkeypatch, rows_first, H):
+    # The tile's dimension order is chosen by triton version (_ROWS_FIRST); this
+    # interpreter's triton takes one of them, so both are run here.
+    monkeypatch.setattr(_mod("pooled_norm"), "_ROWS_FIRST", rows_first)
+    lens = [1, 41, 3, 17]
+    T = sum(lens)
+    h, r = _randn(T, H, seed=68), _randn(T, H, seed=69)
+    w, b = 1 + 0.3 * _randn(H, seed=70), _randn(H, seed=71)
+    for config in ({"warp_rows": 1, "block_t": 4, "num_warps": 4, "stages": 2},
+                   {"warp_rows": 1, "block_t": 2, "num_warps": 1, "async_stages": 3, "splits": 2}):
+        for norm_kind, res in (("layer", r), ("rms", None)):
+            args = (h, cu_seqlens(lens), "mean", norm_kind, w, b if norm_kind == "layer" else None, 1e-5, 0.0, res)
+            out = _mod("pooled_norm")._launch(*args, config=config)
+            assert_close(out, ops.pooled_norm(*args), FP32[1:], f"{norm_kind} {config} rows_first={rows_first}")
+
+
 def test_pooled_norm_warp_rows_needs_a_wide_row():
     h = _randn(5, 64, seed=67).half()
     with pytest.raises(ValueError, match=r"warp_rows needs H >= 256 for torch.float16, got H=64"):
@@ -812,7 +831,7 @@ ALLOWED_CONSTEXPRS = {
     "gated_act": {"KIND", "BLOCK"},
     "embed_layer_norm": {"HAS_TYPE", "HAS_EXTRA", "HAS_BIAS", "BLOCK_H"},
     "pooled_norm": {"POOLING", "NORM", "HAS_BIAS", "HAS_RESIDUAL", "BLOCK_T", "BLOCK_H", "PREFETCH", "WARP_ROWS",
-                    "EVEN_H", "ASYNC"},
+                    "EVEN_H", "ASYNC", "ROWS_FIRST"},
 }
 
 
