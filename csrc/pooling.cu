@@ -821,7 +821,9 @@ void launch_pooled_norm(int dtype, int wdtype, uintptr_t hidden, int64_t h_strid
     throw_bad_arg(op, "config variant must be 0 (default), 1 (sliced), 2 (early affine) or 3 (async), got " +
                           std::to_string(config.variant));
   }
-  if (config.variant == 3 && config.rows_per_warp != 1 && config.rows_per_warp != 2 && config.rows_per_warp != 4) {
+  // rows_per_warp: the sliced variant's rows per warp, the async variant's rows ahead
+  if ((config.variant == 1 || config.variant == 3) && config.rows_per_warp != 1 && config.rows_per_warp != 2 &&
+      config.rows_per_warp != 4) {
     throw_bad_arg(op, "config rows_per_warp must be 1, 2 or 4, got " + std::to_string(config.rows_per_warp));
   }
   if (config.variant == 1) {
@@ -829,10 +831,6 @@ void launch_pooled_norm(int dtype, int wdtype, uintptr_t hidden, int64_t h_strid
     if (config.warps < 1 || config.warps > kSlMaxWarps) {
       throw_bad_arg(op, "config warps must be in [1, " + std::to_string(kSlMaxWarps) + "], got " +
                             std::to_string(config.warps));
-    }
-    if (config.rows_per_warp != 1 && config.rows_per_warp != 2 && config.rows_per_warp != 4) {
-      throw_bad_arg(op, "config rows_per_warp must be 1, 2 or 4, got " +
-                            std::to_string(config.rows_per_warp));
     }
     if (config.blocks_per_sm < 0 || config.blocks_per_sm > 64) {
       throw_bad_arg(op, "config blocks_per_sm must be in [0, 64]");
