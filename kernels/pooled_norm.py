@@ -133,11 +133,11 @@ def _mean_warp_rows(X, RES, W, B, OUT, slot, lo, hi, n_splits, chunk_stride, str
     applied once to the slice's sum: sum_t (z_t * w + b) = (sum_t z_t) * w + count * b.
     Which dimension gets the warps is Triton's choice, from what it can prove contiguous:
     the chunk and row dimensions tie (a chunk is SPAN columns apart, a row an unknown
-    stride), and triton 3.6 gives the warps to the first of the two, 3.9 to the second. So
-    ROWS_FIRST (the launcher's, by version) puts the rows first for 3.6, as (BLOCK_T, CH,
-    SPAN) with chunk_stride == SPAN a runtime value (a constant chunk stride ranked the
-    chunks first there), and second for 3.9, as (CH, BLOCK_T, SPAN); tests/
-    test_kernels_compile.py checks the loop has no barrier under both.
+    stride), and triton 3.6 gives the warps to the first of the two, 3.7 and later to the
+    second. So ROWS_FIRST (the launcher's, by version) puts the rows first for 3.6, as
+    (BLOCK_T, CH, SPAN) with chunk_stride == SPAN a runtime value (a constant chunk stride
+    ranked the chunks first there), and second from 3.7 on, as (CH, BLOCK_T, SPAN);
+    tests/test_kernels_compile.py checks the loop has no barrier.
     Loads in flight: ASYNC >= 2 has Triton pipeline the loop's loads (cp.async into shared
     memory, ASYNC - 1 steps ahead); else PREFETCH loads the next step into registers
     before this one is normed."""
@@ -281,9 +281,9 @@ def _mean_finish_kernel(WS, CU_SEQLENS, OUT, stride_o, H, n_splits, BLOCK_H: tl.
 
 _check = functools.partial(_v.check, "pooled_norm")
 
-# _mean_warp_rows' dimension order for this triton: rows first before 3.9 (checked at 3.6),
-# second from 3.9 on.
-_ROWS_FIRST = tuple(int(p) for p in triton.__version__.split(".")[:2] if p.isdigit()) < (3, 9)
+# _mean_warp_rows' dimension order for this triton: rows first before 3.7, second from 3.7
+# on (the row loop's PTX checked at 3.6, 3.7, 3.8 and 3.9).
+_ROWS_FIRST = tuple(int(p) for p in triton.__version__.split(".")[:2] if p.isdigit()) < (3, 7)
 
 # Candidates the benchmark times (python -m pyengine.bench kernels --op-sweep) for mean
 # pooling at H = 1024, as config dicts for _launch. Registers: ptxas's for bf16 LayerNorm
