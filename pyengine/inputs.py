@@ -197,6 +197,22 @@ class InputProcessor:
                              f"{reserve} token(s) of their own")
         return k - reserve, truncation_side or "left"
 
+    def _check_room(self, prompts, limits, what, reserve):
+        """A truncation limit below the special tokens the tokenizer adds to a text (or a
+        pair) is an error: the tokenizer would log it and return the text uncut."""
+        need = {}
+        for i, p in enumerate(prompts):
+            k = limits[i][0]
+            if k is None or not isinstance(p, (str, tuple)):
+                continue
+            pair = isinstance(p, tuple)
+            if pair not in need:
+                need[pair] = self.tokenizer.num_special_tokens_to_add(pair=pair)
+            if k < need[pair]:
+                raise ValueError(f"{what}[{i}]: truncate_prompt_tokens={k + reserve} keeps fewer tokens than the "
+                                 f"{need[pair] + reserve} special tokens this model adds to a "
+                                 f"{'text pair' if pair else 'text'}; pass at least {need[pair] + reserve}")
+
     def _check(self, prompts, what):
         for i, p in enumerate(prompts):
             n = len(p.token_ids)
@@ -288,6 +304,8 @@ class InputProcessor:
         for i, p in enumerate(prompts):
             if len(p) == 0:
                 raise ValueError(f"{what}[{i}] is empty")
+        if add_special_tokens and self.tokenizer is not None:
+            self._check_room(prompts, limits, what, len(suffix))
         out: list[TokenizedPrompt | None] = [None] * len(prompts)
         texts_by_limit = {}  # one tokenizer call per distinct (k, side, pair or not)
         with_images = [i for i, p in enumerate(prompts) if isinstance(p, ImagePrompt)]

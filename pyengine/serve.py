@@ -16,6 +16,9 @@ With ``--allow-runtime-lora-updating``, ``POST /v1/load_lora_adapter`` and
 ``--chat-template`` (a file or Jinja source), as vLLM's flag: the chat template of
 /classify requests with messages that bring none, and, where it uses ``query`` and
 ``document`` (see :mod:`pyengine.templates`), the score template of /score and /rerank.
+A request's own ``chat_template`` is refused (400) unless the server runs with
+``--trust-request-chat-template``, as vLLM's: a template is code, and one that loops long
+enough holds the tokenizer thread every request goes through.
 
 ``--api-key KEY`` (or ``PYENGINE_API_KEY``) makes every route but the probes (/health,
 /ping, /metrics, /version) answer 401 unless the request carries ``Authorization: Bearer
@@ -83,7 +86,8 @@ class Server:
     ``lora_modules``: {name: adapter directory}, each loaded and checked here;
     ``allow_runtime_lora``: add the routes that load and unload adapters;
     ``chat_template``: Jinja source or a file of it (see the module's docstring);
-    ``api_keys``: bearer tokens, one of which every route but the probes requires."""
+    ``api_keys``: bearer tokens, one of which every route but the probes requires;
+    ``trust_request_chat_template``: accept a ``chat_template`` in a request's body."""
 
     # Routes open without a key: liveness and monitoring probes rarely carry one.
     OPEN_ROUTES = frozenset({"/health", "/ping", "/metrics", "/version"})
@@ -91,7 +95,7 @@ class Server:
     def __init__(self, core: EngineCore, names: list[str], max_inputs: int = 1024,
                  max_request_bytes: int = 64 << 20, lora_modules: dict | None = None,
                  allow_runtime_lora: bool = False, chat_template: str | None = None,
-                 api_keys: list[str] | None = None):
+                 api_keys: list[str] | None = None, trust_request_chat_template: bool = False):
         if max_inputs < 1:
             raise ValueError(f"max_inputs must be positive, got {max_inputs}")
         if api_keys is not None and (not isinstance(api_keys, (list, tuple)) or
@@ -100,6 +104,7 @@ class Server:
         self.api_keys = [k.encode() for k in api_keys or ()]
         self.chat_template = None if chat_template is None else read_template(chat_template, "chat_template")
         self.score_template = None
+        self.trust_request_chat_template = bool(trust_request_chat_template)
         if self.chat_template is not None and "query" in self.chat_template and "document" in self.chat_template:
             self.score_template = load_score_template(self.chat_template)
         if allow_runtime_lora and core.lora is None:
@@ -126,6 +131,9 @@ class Server:
         if req.model is not None and req.model not in self.names and req.model not in self.loras:
             raise ApiError(404, f"The model `{req.model}` does not exist; this server serves "
                                 f"{self.names + list(self.loras)}")
+        if getattr(req, "chat_template", None) is not None and not self.trust_request_chat_template:
+            raise ApiError(400, "Chat template is passed with request, but --trust-request-chat-template is not "
+                                "set. Refused request with untrusted chat template.")
         if getattr(req, "priority", 0) != 0:
             raise ApiError(400, "priority scheduling is not enabled on this server; priority must be 0")
         for name, flag in (("mm_processor_kwargs", "--mm-processor-kwargs"), ("media_io_kwargs", None)):
@@ -495,6 +503,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat-template", default=None, metavar="FILE_OR_JINJA",
                    help="chat template for /classify messages; with query and document, the score template "
                         "of /score and /rerank (vLLM's score template files work as they are)")
+    p.add_argument("--trust-request-chat-template", action="store_true",
+                   help="accept a 'chat_template' in request bodies (refused by default: a template is code "
+                        "the tokenizer thread runs)")
     p.add_argument("--max-inputs-per-request", type=int, default=1024)
     p.add_argument("--max-request-bytes", type=int, default=64 << 20)
     p.add_argument("--api-key", nargs="+", default=None, metavar="KEY",
@@ -540,7 +551,7 @@ def main(argv=None):
     api_keys = args.api_key or ([os.environ["PYENGINE_API_KEY"]] if os.environ.get("PYENGINE_API_KEY") else None)
     server = Server(core, args.served_model_name or [args.model], args.max_inputs_per_request,
                     args.max_request_bytes, lora_modules, args.allow_runtime_lora_updating, args.chat_template,
-                    api_keys)
+                    api_keys, args.trust_request_chat_template)
     uvicorn.run(server.build_app(), host=args.host, port=args.port, log_level=args.log_level.lower(),
                 ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile)
 

@@ -273,7 +273,8 @@ def render_chat(tokenizer, req: ClassifyRequest, default_template: str | None = 
         raise ApiError(400, f"chat_template_kwargs may not set {clash}")
     template = req.chat_template if req.chat_template is not None else default_template
     if template is None and getattr(tokenizer, "chat_template", None) is None:
-        raise ApiError(400, "the tokenizer has no chat template; pass one in 'chat_template'")
+        raise ApiError(400, "the tokenizer has no chat template; start the server with --chat-template (or send "
+                            "'chat_template' to a server run with --trust-request-chat-template)")
     try:
         return tokenizer.apply_chat_template(msgs, chat_template=template, tokenize=False,
                                              add_generation_prompt=req.add_generation_prompt,

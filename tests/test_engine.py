@@ -262,6 +262,26 @@ def test_truncation(tmp_path, side):
     assert ids.prompt_token_ids == (full[:k] if side == "right" else full[-k:])
 
 
+def test_truncation_below_the_special_tokens_is_an_error(tmp_path):
+    # BERT adds 2 special tokens to a text and 3 to a pair: a smaller limit cannot be
+    # kept (the tokenizer would return the text uncut), so it is refused up front.
+    factory, _ = FAMILIES["bert"]
+    save_tiny(tmp_path, factory(num_labels=1))
+    llm = LLM(str(tmp_path), max_model_len=16)
+    text = " ".join(["cat"] * 40)
+    with pytest.raises(ValueError, match=r"prompts\[1\]: truncate_prompt_tokens=1 keeps fewer tokens than the 2 "
+                                         r"special tokens this model adds to a text; pass at least 2"):
+        llm.classify([{"prompt_token_ids": [5, 6, 7]}, text], truncate_prompt_tokens=1, use_tqdm=False)
+    with pytest.raises(ValueError, match=r"truncate_prompt_tokens=2 .* 3 special tokens .* text pair"):
+        llm.score(text, text, truncate_prompt_tokens=2, use_tqdm=False)
+    # At the limit itself every content token goes, the special tokens stay.
+    assert len(llm.classify(text, truncate_prompt_tokens=2, use_tqdm=False)[0].prompt_token_ids) == 2
+    assert len(llm.score(text, text, truncate_prompt_tokens=3, use_tqdm=False)[0].prompt_token_ids) == 3
+    # Token ids get no special tokens: any positive limit cuts them.
+    assert llm.classify({"prompt_token_ids": [5, 6, 7]}, truncate_prompt_tokens=1,
+                        use_tqdm=False)[0].prompt_token_ids == [7]
+
+
 def test_truncate_minus_one_is_max_model_len(tmp_path):
     factory, _ = FAMILIES["bert"]
     save_tiny(tmp_path, factory(num_labels=2))

@@ -95,10 +95,10 @@ def wait_for(pred, what, timeout=20.0):
         time.sleep(0.01)
 
 
-def _start(path, names):
+def _start(path, names, trust=False):
     core = EngineCore(EngineConfig(model=str(path), max_num_seqs=32))
     gate = Gate(core)
-    server = Server(core, names, max_inputs=MAX_INPUTS)
+    server = Server(core, names, max_inputs=MAX_INPUTS, trust_request_chat_template=trust)
     url, stop = serve_in_thread(server.build_app())
     return Client(url, server), gate, stop
 
@@ -107,7 +107,7 @@ def _start(path, names):
 def cls_env(tmp_path_factory):
     path = tmp_path_factory.mktemp("serve_cls")
     _, tok = save_tiny(path, _config(3), seed=5)
-    client, gate, stop = _start(path, ["tiny-cls", "alias"])
+    client, gate, stop = _start(path, ["tiny-cls", "alias"], trust=True)
     yield client, gate, LLM(str(path)), tok
     stop()
 
@@ -181,6 +181,21 @@ def test_classify_messages_use_the_chat_template(cls_env):
     assert status == 200, r
     (o,) = llm.classify("user the cat sat assistant on a mat", use_tqdm=False)
     assert close(r["data"][0]["probs"], o.outputs.probs)
+
+
+def test_request_chat_template_needs_trust(ce_env):
+    """Without --trust-request-chat-template a request's own template is refused before
+    it is rendered (a template is code, run on the thread every request goes through);
+    a template that would loop for minutes is answered at once."""
+    client, _, _ = ce_env
+    slow = "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}x"
+    msgs = [{"role": "user", "content": "the cat"}]
+    for path, body in (("/classify", {"messages": msgs, "chat_template": slow}),
+                       ("/pooling", {"messages": msgs, "chat_template": slow}),
+                       ("/tokenize", {"messages": msgs, "chat_template": slow})):
+        status, r = client.post(path, body)
+        assert status == 400 and "--trust-request-chat-template" in r["error"]["message"], (path, r)
+    assert client.post("/classify", {"input": "the cat"})[0] == 200
 
 
 def test_pooling_matches_encode(cls_env):
@@ -356,6 +371,8 @@ BAD = [
     ("/classify", {"input": "the", "truncation_side": "middle"}, None, 400, "truncation_side"),
     ("/classify", {"input": "the", "truncate_prompt_tokens": 0}, None, 400, "truncate_prompt_tokens"),
     ("/classify", {"input": "the", "truncate_prompt_tokens": 100}, None, 400, "truncate_prompt_tokens"),
+    ("/classify", {"input": "the cat sat", "truncate_prompt_tokens": 1}, None, 400,
+     "input[0]: truncate_prompt_tokens=1 keeps fewer tokens than the 2 special tokens"),
     ("/classify", {"input": "the", "messages": [{"role": "user", "content": "x"}]}, None, 400, "exactly one"),
     ("/classify", {"messages": [{"role": "user", "content": "x"}]}, None, 400, "chat template"),
     ("/classify", {"messages": [{"role": "user", "content": "x"}], "chat_template": TEMPLATE,

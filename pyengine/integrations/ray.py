@@ -228,7 +228,7 @@ class PyEngineClassifier:
 
 def serve_app(model, *, num_replicas=1, num_gpus=1, num_cpus=1, served_model_name=None,
               max_inputs_per_request=1024, max_request_bytes=64 << 20, deployment_options=None, lora_modules=None,
-              chat_template=None, api_keys=None, **engine_kwargs):
+              chat_template=None, api_keys=None, trust_request_chat_template=False, **engine_kwargs):
     """A Ray Serve application of pyengine's HTTP server (pyengine.serve), ``num_replicas``
     replicas of ``num_gpus`` GPU each; Ray Serve's proxy spreads requests over them.
 
@@ -240,7 +240,8 @@ def serve_app(model, *, num_replicas=1, num_gpus=1, num_cpus=1, served_model_nam
     ``autoscaling_config``, which then replaces ``num_replicas``). ``lora_modules``: {name:
     LoRA adapter directory} served as extra model names (turns ``enable_lora`` on);
     ``chat_template``: as the server's ``--chat-template`` (Jinja source, or a file on
-    every node); ``api_keys``: as its ``--api-key`` (a list of bearer tokens).
+    every node); ``api_keys``: as its ``--api-key`` (a list of bearer tokens);
+    ``trust_request_chat_template``: as its ``--trust-request-chat-template``.
     """
     from ray import serve
 
@@ -267,7 +268,8 @@ def serve_app(model, *, num_replicas=1, num_gpus=1, num_cpus=1, served_model_nam
 
             core = EngineCore(EngineConfig(model=model, **engine_kwargs))
             self.server = Server(core, names, max_inputs_per_request, max_request_bytes, lora_modules,
-                                 chat_template=chat_template, api_keys=api_keys)
+                                 chat_template=chat_template, api_keys=api_keys,
+                                 trust_request_chat_template=trust_request_chat_template)
 
         def __serve_build_asgi_app__(self):
             # Called by Ray Serve after __init__; the app's lifespan starts the engine thread.
