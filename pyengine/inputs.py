@@ -302,7 +302,7 @@ class InputProcessor:
         else:
             limits = [self._limit(truncate_prompt_tokens, truncation_side, len(suffix))] * len(prompts)
         for i, p in enumerate(prompts):
-            if len(p) == 0:
+            if check and len(p) == 0:  # a count of an empty prompt is fine (0, or the special tokens)
                 raise ValueError(f"{what}[{i}] is empty")
         if add_special_tokens and self.tokenizer is not None:
             self._check_room(prompts, limits, what, len(suffix))

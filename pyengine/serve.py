@@ -44,6 +44,7 @@ try:
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, PlainTextResponse, Response
     from starlette.exceptions import HTTPException as StarletteHTTPException
+    from starlette.requests import ClientDisconnect
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("pyengine.serve needs fastapi and uvicorn: pip install 'fastapi>=0.110' 'uvicorn>=0.29'") from e
 
@@ -111,6 +112,7 @@ class Server:
             raise ValueError("runtime LoRA updating needs an engine with LoRA enabled (enable_lora=True)")
         self.allow_runtime_lora = allow_runtime_lora
         self.loras, self._lora_ids = {}, itertools.count(1)
+        self._loading = set()  # adapter names being loaded: a second load of one is refused
         for name, path in (lora_modules or {}).items():
             if name in names:
                 raise ValueError(f"LoRA module name {name!r} is also a served model name")
@@ -148,11 +150,14 @@ class Server:
         if length is not None and length.isdigit() and int(length) > self.max_request_bytes:
             raise ApiError(413, f"request body of {length} bytes is over the limit of {self.max_request_bytes}")
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > self.max_request_bytes:
-                raise ApiError(413, f"request body is over the limit of {self.max_request_bytes} bytes")
-            chunks.append(chunk)
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > self.max_request_bytes:
+                    raise ApiError(413, f"request body is over the limit of {self.max_request_bytes} bytes")
+                chunks.append(chunk)
+        except ClientDisconnect:  # the client left while sending: not a server fault
+            raise ClientGone() from None
         try:
             return json.loads(b"".join(chunks))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -326,13 +331,16 @@ class Server:
 
     async def load_lora(self, request, stats):
         req = validate(LoadLoRARequest, await self._body(request))
-        if req.lora_name in self.names or req.lora_name in self.loras:
+        if req.lora_name in self.names or req.lora_name in self.loras or req.lora_name in self._loading:
             raise ApiError(400, f"The lora adapter '{req.lora_name}' has already been loaded.")
         lora = LoRARequest(req.lora_name, next(self._lora_ids), req.lora_path)
+        self._loading.add(req.lora_name)  # held across the await, so a concurrent load of the name fails
         try:  # read and checked on the tokenizer thread, which alone touches the adapter cache
             await self.engine.preprocess(self.core.lora_adapters, lora, 1)
         except FileNotFoundError as e:
             raise ApiError(400, str(e)) from None
+        finally:
+            self._loading.discard(req.lora_name)
         self.loras[req.lora_name] = lora
         return f"Success: LoRA adapter '{req.lora_name}' added successfully."
 
@@ -361,6 +369,7 @@ class Server:
         except (ValueError, TypeError) as e:  # the input checks' errors: the request was bad
             resp = _error(400, str(e))
         except ClientGone:
+            stats["aborted"] = True
             resp = Response(status_code=499)  # nobody reads it; the status is for metrics
         except Exception as e:  # noqa: BLE001 - answer 500 and stay up
             log.exception("%s failed", route)

@@ -283,6 +283,9 @@ def test_tokenize_detokenize_version_ping(cls_env):
     status, r = client.post("/tokenize", {"messages": msgs, "chat_template": TEMPLATE})
     assert status == 200, r
     assert r["tokens"] == tok("user the cat yes", add_special_tokens=False)["input_ids"]
+    # An empty prompt counts as what the tokenizer makes of it (vLLM's /tokenize).
+    status, r = client.post("/tokenize", {"prompt": ""})
+    assert status == 200 and r["tokens"] == tok("")["input_ids"] and r["count"] == 2, r
     status, r = client.post("/tokenize", {"prompt": "the cat " * 40})
     assert status == 200 and r["count"] > r["max_model_len"], r
     status, r = client.post("/detokenize", {"tokens": tok(text, add_special_tokens=False)["input_ids"]})
@@ -502,6 +505,26 @@ def test_disconnected_client_work_is_dropped(cls_env):
     assert close(r["data"][0]["probs"], o.outputs.probs)
 
 
+def test_client_leaving_while_sending_is_an_abort(cls_env):
+    """A body cut short by the client's disconnect counts as an aborted request (499), not
+    as a server error."""
+    client, _, _, _ = cls_env
+
+    def count(status):
+        _, text = client.request("GET", "/metrics")
+        key = f'pyengine_http_requests_total{{route="/score",status="{status}"}} '
+        return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(key))
+
+    aborted, errors = client.metric("pyengine_requests_aborted_total"), count(500)
+    sock = socket.create_connection((client.host, client.port), timeout=10)
+    sock.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: 1000\r\n\r\n{\"text_1\": ")
+    time.sleep(0.2)
+    sock.close()
+    wait_for(lambda: client.metric("pyengine_requests_aborted_total") == aborted + 1, "the abort")
+    assert count(500) == errors and count(499) >= 1
+
+
 def test_concurrent_clients_match_offline(cls_env, ce_env):
     # 64 clients for a bounded time, mixing routes, good and malformed requests.
     cls_client, _, cls_llm, _ = cls_env
@@ -648,6 +671,27 @@ def test_runtime_lora_loading_and_unloading(lora_env, cls_env, tmp_path):
         status, r = client.post(path_, body)
         assert status == code and needle in json.dumps(r), (path_, body, status, r)
     assert "x" not in [m["id"] for m in client.request("GET", "/v1/models")[1]["data"]]
+    # Two loads of one name at once: the first holds the name while its adapter is read,
+    # so the second is refused rather than reported loaded beside it.
+    server = client.server
+    read = server.core.lora_adapters
+
+    def slow_read(*args):
+        time.sleep(0.5)
+        return read(*args)
+    server.core.lora_adapters = slow_read
+    try:
+        second = write_adapter(path, tmp_path / "rt2", ["query"], seed=12)
+        with ThreadPoolExecutor(2) as pool:
+            got = list(pool.map(lambda p: client.post("/v1/load_lora_adapter", {"lora_name": "twice", "lora_path": p}),
+                                [str(adapter), str(second)]))
+    finally:
+        server.core.lora_adapters = read
+    assert sorted(status for status, _ in got) == [200, 400], got
+    assert "already been loaded" in json.dumps([r for status, r in got if status == 400])
+    winner = [str(adapter), str(second)][[status for status, _ in got].index(200)]
+    assert server.loras["twice"].lora_path == winner
+    assert client.post("/v1/unload_lora_adapter", {"lora_name": "twice"})[0] == 200
     # a server started without the flag has no such routes
     assert cls_env[0].post("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": str(adapter)})[0] == 404
 
