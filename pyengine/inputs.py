@@ -159,6 +159,25 @@ def _load(img):
         pass
 
 
+class _BadText(ValueError):
+    """A text the tokenizer cannot take: index, in the texts of one tokenizer call."""
+
+    def __init__(self, index, message):
+        super().__init__(f"text {index} {message}")
+        self.index, self.message = index, message
+
+
+def _find_unencodable(texts, pairs, offset):
+    """Raise _BadText for the first text (or pair) that is not valid Unicode (a lone
+    surrogate such as JSON's "\\ud800"), which the tokenizer refuses without saying which."""
+    for j, t in enumerate(texts):
+        for part, side in ((t, ""), (None if pairs is None else pairs[j], " (its second text)")):
+            try:
+                part is None or part.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise _BadText(offset + j, f"is not valid Unicode{side}: {e.reason} at character {e.start}") from None
+
+
 class InputProcessor:
     """Turns prompts into token ids under the model's length limit."""
 
@@ -263,7 +282,8 @@ class InputProcessor:
     MEDIA_BAR = 32
 
     def _tokenize(self, texts, pairs, k, side, add_special_tokens=True, progress=None):
-        """progress: None, or a callable told how many texts each tokenizer call did."""
+        """progress: None, or a callable told how many texts each tokenizer call did. A
+        text the tokenizer cannot take raises _BadText with its index in ``texts``."""
         if self.tokenizer is None:
             raise ValueError("text prompts need a tokenizer; pass tokenizer=... or token ids")
         tok, out = self.tokenizer, []
@@ -272,9 +292,14 @@ class InputProcessor:
         try:
             for lo in range(0, len(texts), self.CHUNK):
                 chunk = texts[lo:lo + self.CHUNK]
-                enc = tok(chunk, text_pair=None if pairs is None else pairs[lo:lo + self.CHUNK],
-                          add_special_tokens=add_special_tokens, truncation=k is not None, max_length=k,
-                          return_attention_mask=False, return_token_type_ids=self.keep_token_types)
+                second = None if pairs is None else pairs[lo:lo + self.CHUNK]
+                try:
+                    enc = tok(chunk, text_pair=second, add_special_tokens=add_special_tokens,
+                              truncation=k is not None, max_length=k, return_attention_mask=False,
+                              return_token_type_ids=self.keep_token_types)
+                except (TypeError, ValueError):
+                    _find_unencodable(chunk, second, lo)
+                    raise
                 types = enc.get("token_type_ids") if self.keep_token_types else None
                 out += [TokenizedPrompt(ids, types[i] if types is not None else None)
                         for i, ids in enumerate(enc["input_ids"])]
@@ -327,7 +352,11 @@ class InputProcessor:
         for (k, side, pairs), idx in texts_by_limit.items():
             firsts = [prompts[i][0] if pairs else prompts[i] for i in idx]
             seconds = [prompts[i][1] for i in idx] if pairs else None
-            for i, tp in zip(idx, self._tokenize(firsts, seconds, k, side, add_special_tokens, progress)):
+            try:
+                toks = self._tokenize(firsts, seconds, k, side, add_special_tokens, progress)
+            except _BadText as e:  # e.index counts in this group: name the prompt itself
+                raise ValueError(f"{what}[{idx[e.index]}] {e.message}") from None
+            for i, tp in zip(idx, toks):
                 out[i] = tp
         if suffix:
             for tp in out:
@@ -348,8 +377,11 @@ class InputProcessor:
         ids = {i: prompts[i].prompt for i in idx}
         proc = self.images
         if texts:
-            enc = self._tokenize([proc.prepare_text(prompts[i].prompt) for i in texts], None, None, "left",
-                                 add_special_tokens)
+            try:
+                enc = self._tokenize([proc.prepare_text(prompts[i].prompt) for i in texts], None, None, "left",
+                                     add_special_tokens)
+            except _BadText as e:
+                raise ValueError(f"{what}[{texts[e.index]}] {e.message}") from None
             ids.update((i, tp.token_ids) for i, tp in zip(texts, enc))
 
         def prepare(i):
@@ -389,15 +421,16 @@ class InputProcessor:
         return fn(self.tokenizer) if fn is not None and self.tokenizer is not None else None
 
     def process_pairs(self, data_1, data_2, truncate_prompt_tokens=None, truncation_side=None, template=None,
-                      progress=None):
+                      progress=None, names=("data_1", "data_2")):
         """Cross-encoder pairs: 1:1, 1:N (one query, N documents) or N:N, of texts and
         (vision-language models) images, see :mod:`pyengine.score_items`. Returns
         list[TokenizedPrompt], one per pair. Without a template (``template``, else the
         model's own) each text pair is tokenised as the tokenizer does a text pair,
         keeping token_type_ids, and a pair with an image as query then document back to
         back; with one (see :mod:`pyengine.templates`) each pair is rendered into one text
-        and tokenised as a prompt. The model's score suffix ends every prompt."""
-        d1, d2 = pair_items(data_1, data_2)
+        and tokenised as a prompt. The model's score suffix ends every prompt. names: what
+        errors call the two sides."""
+        d1, d2 = pair_items(data_1, data_2, names)
         template = self.score_template if template is None else template
         images = [i for i, (q, d) in enumerate(zip(d1, d2)) if has_image(q) or has_image(d)]
         if images and self.images is None:

@@ -125,19 +125,21 @@ def has_image(item) -> bool:
     return isinstance(item, ScoreParts)
 
 
-def pair_items(data_1, data_2):
-    """score()'s inputs as two equal-length lists of items (1:1, 1:N or N:N), none empty."""
-    d1, d2 = score_items(data_1, "data_1"), score_items(data_2, "data_2")
-    if not d1 or not d2:
-        raise ValueError("score() got an empty list")
-    if len(d1) == 1 and len(d2) > 1:
-        d1 = d1 * len(d2)
-    if len(d1) != len(d2):
-        raise ValueError(f"score() pairs must be 1:1, 1:N or N:N; got {len(d1)} queries and {len(d2)} documents")
-    for name, d in (("data_1", d1), ("data_2", d2)):
+def pair_items(data_1, data_2, names=("data_1", "data_2")):
+    """score()'s inputs as two equal-length lists of items (1:1, 1:N or N:N), none empty.
+    names: what errors call the two sides (the server's request fields)."""
+    d1, d2 = score_items(data_1, names[0]), score_items(data_2, names[1])
+    for name, d in zip(names, (d1, d2)):
+        if not d:
+            raise ValueError(f"score() got an empty list for {name}")
         for i, x in enumerate(d):
             if isinstance(x, str) and not x:
                 raise ValueError(f"{name}[{i}] is empty")
+    if len(d1) == 1 and len(d2) > 1:
+        d1 = d1 * len(d2)
+    if len(d1) != len(d2):
+        raise ValueError(f"score() pairs must be 1:1, 1:N or N:N; got {len(d1)} items in {names[0]} and "
+                         f"{len(d2)} in {names[1]}")
     return d1, d2
 
 

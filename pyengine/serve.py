@@ -249,9 +249,9 @@ class Server:
             prompts, special = [req.prompt], req.add_special_tokens is not False
         return self.core.inputs.process(prompts, None, None, "prompt", special, check=False)[0].token_ids
 
-    def _prepare_pairs(self, req, first, second):
+    def _prepare_pairs(self, req, first, second, names):
         toks = self.core.inputs.process_pairs(first, second, req.truncate_prompt_tokens, req.truncation_side,
-                                              self.score_template)
+                                              self.score_template, names=names)
         return toks, self._activation(req.use_activation, score_activation(self.core.hf_config))
 
     # ------------------------------------------------------------------ routes
@@ -290,7 +290,7 @@ class Server:
         self._need_cross_encoder()
         first, second, names = req.pair()
         self._check_count(max(len(split_side(side, name)) for side, name in zip((first, second), names)), "pairs")
-        _, out = await self._run(request, stats, req, self._prepare_pairs, first, second)
+        _, out = await self._run(request, stats, req, self._prepare_pairs, first, second, names)
         data = [{"index": i, "object": "score", "score": float(row[0])} for i, row in enumerate(out)]
         return {**self._head("score", req), "data": data, "usage": self._usage(stats)}
 
@@ -303,7 +303,7 @@ class Server:
         if n != 1:
             raise ApiError(400, f"rerank takes one query; 'query' holds {n} items")
         docs = [item(x, where) for x, where in sides]  # images are decoded on the tokenizer thread
-        _, out = await self._run(request, stats, req, self._prepare_pairs, req.query, docs)
+        _, out = await self._run(request, stats, req, self._prepare_pairs, req.query, docs, ("query", "documents"))
         scores = [float(row[0]) for row in out]
         order = sorted(range(len(scores)), key=lambda i: -scores[i])  # stable: ties keep input order
         if req.top_n:

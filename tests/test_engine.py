@@ -403,10 +403,16 @@ def test_token_ids_with_types_and_arrays(cross_encoder, tmp_path):
 def test_mismatched_pairs(cross_encoder):
     path, _, _ = cross_encoder
     llm = LLM(str(path))
-    with pytest.raises(ValueError, match="1:1, 1:N or N:N; got 2 queries and 3 documents"):
+    with pytest.raises(ValueError, match="1:1, 1:N or N:N; got 2 items in data_1 and 3 in data_2"):
         llm.score(["a", "b"], ["c", "d", "e"])
     with pytest.raises(ValueError, match=r"data_2\[1\] is empty"):
         llm.score("a", ["c", ""])
+    # A lone surrogate (JSON's "\ud800") is not Unicode the tokenizer takes: the error names
+    # the prompt, where the tokenizer's own names none.
+    with pytest.raises(ValueError, match=r"pairs\[1\] is not valid Unicode \(its second text\)"):
+        llm.score("a", ["c", "d \udfff"])
+    with pytest.raises(ValueError, match=r"prompts\[2\] is not valid Unicode: surrogates not allowed at character 4"):
+        llm.classify(["a", "b", "the \ud800 cat"], use_tqdm=False)
 
 
 def test_bad_model_and_engine_args(tmp_path, small_llm):

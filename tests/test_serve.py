@@ -372,6 +372,7 @@ BAD = [
      "media_io_kwargs per request"),
     ("/classify", {"input": [[2, 999, 3]]}, None, 400, "outside the vocabulary"),
     ("/classify", {"input": "the", "truncation_side": "middle"}, None, 400, "truncation_side"),
+    ("/classify", {"input": ["the", "a \ud800 b"]}, None, 400, "input[1] is not valid Unicode"),
     ("/classify", {"input": "the", "truncate_prompt_tokens": 0}, None, 400, "truncate_prompt_tokens"),
     ("/classify", {"input": "the", "truncate_prompt_tokens": 100}, None, 400, "truncate_prompt_tokens"),
     ("/classify", {"input": "the cat sat", "truncate_prompt_tokens": 1}, None, 400,
@@ -412,7 +413,8 @@ def test_oversized_body_is_413(cls_env):
     ({"text_1": ["a", "b"], "text_2": ["c", "d", "e"]}, 400, "1:N"),
     ({"text_1": "a"}, 400, "text_2"),
     ({"text_1": "a", "text_2": ["b"] * (MAX_INPUTS + 1)}, 413, "limit"),
-    ({"text_1": "a", "text_2": [""]}, 400, "empty"),
+    ({"text_1": "a", "text_2": ["b", ""]}, 400, "text_2[1] is empty"),  # errors name the client's fields
+    ({"queries": ["a", "b"], "documents": ["c", "d", "e"]}, 400, "2 items in queries and 3 in documents"),
 ])
 def test_bad_score_input(ce_env, body, status, needle):
     client, _, _ = ce_env
@@ -422,7 +424,9 @@ def test_bad_score_input(ce_env, body, status, needle):
 
 @pytest.mark.parametrize("body,needle", [({"query": "a", "documents": ["b"], "top_n": -1}, "top_n"),
                                          ({"query": "a", "documents": "b"}, "documents"),
-                                         ({"query": "a", "documents": []}, "empty")])
+                                         ({"query": "a", "documents": []}, "empty list for documents"),
+                                         ({"query": "", "documents": ["b"]}, "query[0] is empty"),
+                                         ({"query": "a", "documents": ["b", ""]}, "documents[1] is empty")])
 def test_bad_rerank_input(ce_env, body, needle):
     client, _, _ = ce_env
     got, r = client.post("/rerank", body)
