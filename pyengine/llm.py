@@ -171,7 +171,7 @@ class LLM(_Frontend):
         outs = self.encode(prompts, "classify", truncate_prompt_tokens=truncate_prompt_tokens,
                            truncation_side=truncation_side, use_activation=use_activation, use_tqdm=use_tqdm,
                            lora_request=lora_request, pooling_params=pooling_params)
-        return [ClassificationRequestOutput.from_pooling(o) for o in outs]
+        return [ClassificationRequestOutput.from_base(o) for o in outs]
 
     def score(self, data_1, data_2, *, truncate_prompt_tokens=None, truncation_side=None, use_activation=None,
               use_tqdm=True, score_template=None, lora_request=None, pooling_params=None, chat_template=None
@@ -193,7 +193,7 @@ class LLM(_Frontend):
         rendered into one prompt and tokenised as a single text."""
         inputs = self._score_inputs(data_1, data_2, truncate_prompt_tokens, truncation_side, use_activation,
                                     score_template, lora_request, pooling_params, chat_template, use_tqdm)
-        return [ScoringRequestOutput.from_pooling(o) for o in self._run(*inputs, use_tqdm, "Scoring")]
+        return [ScoringRequestOutput.from_base(o) for o in self._run(*inputs, use_tqdm, "Scoring")]
 
 
 class AsyncLLM(_Frontend):
@@ -231,7 +231,7 @@ class AsyncLLM(_Frontend):
         outs = await self.encode(prompts, "classify", truncate_prompt_tokens=truncate_prompt_tokens,
                                  truncation_side=truncation_side, use_activation=use_activation,
                                  lora_request=lora_request, pooling_params=pooling_params)
-        return [ClassificationRequestOutput.from_pooling(o) for o in outs]
+        return [ClassificationRequestOutput.from_base(o) for o in outs]
 
     async def score(self, data_1, data_2, *, truncate_prompt_tokens=None, truncation_side=None, use_activation=None,
                     score_template=None, lora_request=None, pooling_params=None, chat_template=None
@@ -239,7 +239,7 @@ class AsyncLLM(_Frontend):
         """As :meth:`LLM.score`."""
         outs = await self._run(self._score_inputs, data_1, data_2, truncate_prompt_tokens, truncation_side,
                                use_activation, score_template, lora_request, pooling_params, chat_template)
-        return [ScoringRequestOutput.from_pooling(o) for o in outs]
+        return [ScoringRequestOutput.from_base(o) for o in outs]
 
     def shutdown(self):
         """Stop the worker thread; calls still waiting fail."""

@@ -1,9 +1,13 @@
-"""Output objects shaped like vLLM's, so downstream code ports unchanged."""
+"""Output objects shaped like vLLM's, so downstream code ports unchanged: the task
+outputs are PoolingRequestOutput subclasses built from one by ``from_base``."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import torch
+
+_O = TypeVar("_O")
 
 
 @dataclass
@@ -15,6 +19,12 @@ class PoolingOutput:
 class ClassificationOutput:
     probs: list[float]
 
+    @staticmethod
+    def from_base(out: PoolingOutput) -> ClassificationOutput:
+        if out.data.dim() != 1:
+            raise ValueError(f"a classification needs a 1-D vector of label outputs, got shape {tuple(out.data.shape)}")
+        return ClassificationOutput(out.data.tolist())
+
     @property
     def num_classes(self) -> int:
         return len(self.probs)
@@ -24,37 +34,33 @@ class ClassificationOutput:
 class ScoringOutput:
     score: float
 
-
-@dataclass
-class PoolingRequestOutput:
-    request_id: str
-    outputs: PoolingOutput
-    prompt_token_ids: list[int]
-    finished: bool = True
+    @staticmethod
+    def from_base(out: PoolingOutput) -> ScoringOutput:
+        if out.data.numel() != 1:
+            raise ValueError(f"a score needs one output per pair, got {out.data.numel()}")
+        return ScoringOutput(float(out.data.item()))
 
 
 @dataclass
-class ClassificationRequestOutput:
+class PoolingRequestOutput(Generic[_O]):
+    """vLLM's field order: request_id, outputs, prompt_token_ids, num_cached_tokens
+    (always 0: there is no prefix cache), finished."""
     request_id: str
-    outputs: ClassificationOutput
+    outputs: _O
     prompt_token_ids: list[int]
+    num_cached_tokens: int = 0
     finished: bool = True
 
-    @classmethod
-    def from_pooling(cls, out: PoolingRequestOutput):
-        return cls(out.request_id, ClassificationOutput(out.outputs.data.tolist()), out.prompt_token_ids)
+
+class ClassificationRequestOutput(PoolingRequestOutput[ClassificationOutput]):
+    @staticmethod
+    def from_base(out: PoolingRequestOutput) -> ClassificationRequestOutput:
+        return ClassificationRequestOutput(out.request_id, ClassificationOutput.from_base(out.outputs),
+                                           out.prompt_token_ids, out.num_cached_tokens, out.finished)
 
 
-@dataclass
-class ScoringRequestOutput:
-    request_id: str
-    outputs: ScoringOutput
-    prompt_token_ids: list[int]
-    finished: bool = True
-
-    @classmethod
-    def from_pooling(cls, out: PoolingRequestOutput):
-        data = out.outputs.data
-        if data.numel() != 1:
-            raise ValueError(f"a score needs one output per pair, got {data.numel()}")
-        return cls(out.request_id, ScoringOutput(float(data.item())), out.prompt_token_ids)
+class ScoringRequestOutput(PoolingRequestOutput[ScoringOutput]):
+    @staticmethod
+    def from_base(out: PoolingRequestOutput) -> ScoringRequestOutput:
+        return ScoringRequestOutput(out.request_id, ScoringOutput.from_base(out.outputs), out.prompt_token_ids,
+                                    out.num_cached_tokens, out.finished)

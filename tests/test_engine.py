@@ -7,6 +7,7 @@ import torch
 from transformers import BertConfig, DistilBertConfig, ElectraConfig, ErnieConfig, RobertaConfig, XLMRobertaConfig
 
 from pyengine import LLM, PoolerConfig, PoolingParams
+from pyengine.outputs import PoolingOutput
 from tiny import WORDS, save_tiny
 
 ATOL = 1e-4  # DESIGN's fp32 CPU bar on probabilities
@@ -398,6 +399,28 @@ def test_token_ids_with_types_and_arrays(cross_encoder, tmp_path):
         prompts[:1], use_tqdm=False)[0].outputs.probs
     with pytest.raises(ValueError, match="has no tokenizer files"):
         LLM(str(path), tokenizer=str(bare))
+
+
+def test_outputs_have_vllm_classes(cross_encoder):
+    """classify / score / encode outputs as vLLM's: the task outputs subclass
+    PoolingRequestOutput, carry num_cached_tokens (0, no prefix cache), and are built from
+    the pooling output by from_base."""
+    from pyengine import ClassificationRequestOutput, PoolingRequestOutput, ScoringRequestOutput
+
+    path, _, _ = cross_encoder
+    llm = LLM(str(path))
+    (enc,) = llm.encode("the cat", pooling_task="classify", use_tqdm=False)
+    (cls,) = llm.classify("the cat", use_tqdm=False)
+    (sc,) = llm.score("the cat", "a dog", use_tqdm=False)
+    for o, kind in ((enc, PoolingRequestOutput), (cls, ClassificationRequestOutput), (sc, ScoringRequestOutput)):
+        assert isinstance(o, kind) and isinstance(o, PoolingRequestOutput), type(o)
+        assert o.num_cached_tokens == 0 and o.finished is True
+    again = ClassificationRequestOutput.from_base(enc)
+    assert again.outputs.probs == cls.outputs.probs and again.prompt_token_ids == cls.prompt_token_ids
+    assert again.outputs.num_classes == 1 and again.request_id == enc.request_id
+    assert ScoringRequestOutput.from_base(enc).outputs.score == enc.outputs.data.item()
+    with pytest.raises(ValueError, match="one output per pair, got 2"):
+        ScoringRequestOutput.from_base(PoolingRequestOutput("x", PoolingOutput(torch.rand(2)), [1]))
 
 
 def test_mismatched_pairs(cross_encoder):
