@@ -88,19 +88,32 @@ class AsyncEngine:
         flight). Racy reads, fine for a gauge."""
         return self._handed_over + self.core.num_unfinished()
 
+    def _check_alive(self):
+        if not self.alive:
+            raise RuntimeError("the engine was shut down" if self._stop else "the engine loop is not running")
+
     async def preprocess(self, fn, *args):
         """Run ``fn(*args)`` (tokenisation, template rendering) on the tokenizer thread."""
-        if not self.alive:
-            raise RuntimeError("the engine loop is not running")
-        return await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, fn, *args)
+        self._check_alive()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, fn, *args)
+        except asyncio.CancelledError:
+            # shutdown() cancels the queued work: the caller was not cancelled, so it
+            # gets the shutdown's error, as a call already queued in the core does.
+            task = asyncio.current_task()
+            cancelling = getattr(task, "cancelling", None)
+            if self._stop and (cancelling is None or not cancelling()):
+                raise RuntimeError("the engine was shut down") from None
+            raise
 
-    async def run(self, prompts: list[TokenizedPrompt], activation, lora=None) -> torch.Tensor:
+    async def run(self, prompts: list[TokenizedPrompt], activation, lora=None, request_id=None) -> torch.Tensor:
         """Queue ``prompts`` and wait for them: (len(prompts), num_labels) fp32 on the
         host. activation: one activation kind (or None, raw logits) for all, or a list of
         one per prompt; lora: one loaded LoRAAdapter (or None) for all, or a list of one
-        per prompt. Cancelling the await drops whatever of them has not run yet."""
-        if not self.alive:
-            raise RuntimeError("the engine loop is not running")
+        per prompt; request_id: the sequences' ids are f"{request_id}-{i}" (default: a
+        counter's next value; the caller keeps ids unique). Cancelling the await drops
+        whatever of them has not run yet."""
+        self._check_alive()
         if not prompts:
             raise ValueError("no prompts to run")
         n = len(prompts)
@@ -108,7 +121,7 @@ class AsyncEngine:
         loras = lora if isinstance(lora, list) else [lora] * n
         loop = asyncio.get_running_loop()
         call = _Call(loop, loop.create_future(), n)
-        base = next(self._ids)
+        base = next(self._ids) if request_id is None else request_id
         reqs = [Request(f"{base}-{i}", p, act, ad) for i, (p, act, ad) in enumerate(zip(prompts, acts, loras))]
         with self._count_lock:
             self._handed_over += len(reqs)

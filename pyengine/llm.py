@@ -213,9 +213,9 @@ class AsyncLLM(_Frontend):
         self._calls = itertools.count()
 
     async def _run(self, prepare, *args) -> list[PoolingRequestOutput]:
+        call = next(self._calls)  # ids in call order, the same as the engine core's
         prompts, activations, loras = await self._driver.preprocess(prepare, *args)
-        rows = await self._driver.run(prompts, activations, loras)
-        call = next(self._calls)
+        rows = await self._driver.run(prompts, activations, loras, request_id=call)
         return [PoolingRequestOutput(f"{call}-{i}", PoolingOutput(row), p.token_ids)
                 for i, (p, row) in enumerate(zip(prompts, rows.unbind(0)))]
 

@@ -105,10 +105,47 @@ def test_bad_calls_fail_alone_and_shutdown(paths):
         assert not llm.engine.has_unfinished()
         ok = await llm.classify(["the cat", "a dog"])  # the engine carries on
         llm.shutdown()
-        with pytest.raises(RuntimeError, match="not running"):
+        with pytest.raises(RuntimeError, match="the engine was shut down"):
             await llm.classify("the cat")
         return ok
 
     ok = asyncio.run(main())
     close([o.outputs.probs for o in ok],
           [o.outputs.probs for o in LLM(str(clf)).classify(["the cat", "a dog"], use_tqdm=False)])
+
+
+def test_request_ids_follow_call_order(paths):
+    """A call's ids are taken when it is made (f"{call}-{i}", as the engine core's), not
+    when it finishes: the long first call keeps 0 though the short second one, in the
+    long one's last batch, is handed back first."""
+    clf, _ = paths
+
+    async def main():
+        async with AsyncLLM(str(clf)) as llm:
+            return await asyncio.gather(llm.classify(["the cat sat on the mat"] * 300), llm.classify("a dog"))
+
+    long, short = asyncio.run(main())
+    assert [o.request_id for o in long] == [f"0-{i}" for i in range(300)]
+    assert [o.request_id for o in short] == ["1-0"]
+
+
+def test_shutdown_fails_calls_waiting_to_tokenise(paths):
+    """A call still queued for the tokenizer thread at shutdown raises the shutdown's
+    RuntimeError, as a call already in the core does, not a CancelledError nobody asked for."""
+    clf, _ = paths
+    import threading
+
+    async def main():
+        llm = AsyncLLM(str(clf))
+        hold = threading.Event()
+        busy = asyncio.ensure_future(llm._driver.preprocess(hold.wait, 20))  # occupies the tokenizer thread
+        waiting = asyncio.ensure_future(llm.classify("a dog"))
+        await asyncio.sleep(0.1)
+        llm.shutdown()
+        hold.set()
+        await busy
+        with pytest.raises(RuntimeError, match="the engine was shut down"):
+            await waiting
+        assert not waiting.cancelled()
+
+    asyncio.run(main())
