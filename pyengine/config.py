@@ -1,6 +1,7 @@
 """Configuration dataclasses, validated when built."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,8 +35,10 @@ class PoolerConfig:
             raise TypeError(f"PoolerConfig.use_activation must be a bool, got {self.use_activation!r}")
         for name in ("logit_bias", "logit_scale"):
             v = getattr(self, name)
-            if v is not None and not isinstance(v, (int, float)):
+            if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool)):
                 raise TypeError(f"PoolerConfig.{name} must be a number, got {type(v).__name__}")
+            if v is not None and not math.isfinite(v):
+                raise ValueError(f"PoolerConfig.{name} must be finite, got {v!r}")
 
 
 @dataclass
@@ -101,7 +104,8 @@ class EngineConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
-        if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 1):
+        if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or
+                                               isinstance(self.max_model_len, bool) or self.max_model_len < 1):
             raise ValueError(f"max_model_len must be a positive int or None, got {self.max_model_len!r}")
         if self.hf_overrides is not None and not isinstance(self.hf_overrides, dict):
             raise TypeError(f"hf_overrides must be a dict, got {type(self.hf_overrides).__name__}")

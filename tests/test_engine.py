@@ -462,6 +462,12 @@ def test_bad_model_and_engine_args(tmp_path, small_llm):
         LLM(str(good), max_model_len=100)
     with pytest.raises(ValueError, match="max_num_seqs must be a positive int"):
         LLM(str(good), max_num_seqs=0)
+    with pytest.raises(ValueError, match="max_model_len must be a positive int or None, got True"):
+        LLM(str(good), max_model_len=True)
+    with pytest.raises(TypeError, match="logit_scale must be a number, got bool"):
+        PoolerConfig(logit_scale=True)
+    with pytest.raises(ValueError, match="logit_bias must be finite, got nan"):
+        LLM(str(good), pooler_config={"logit_bias": float("nan")})
     with pytest.raises(ValueError, match="max_model_len=64 is larger than max_num_batched_tokens=32"):
         LLM(str(good), max_model_len=64, max_num_batched_tokens=32)
     assert LLM(str(good), max_num_batched_tokens=32).engine.max_model_len == 32
