@@ -15,6 +15,7 @@ from __future__ import annotations
 import bisect
 import fcntl
 import json
+import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -30,12 +31,31 @@ def file_format(path: str, what: str) -> str:
     return FORMATS[ext]
 
 
-def _bad_value(value, kind) -> str | None:
-    """Why ``value`` cannot be a prompt of ``kind`` ('text' or 'ids'), or None."""
+def _bad_value(value, kind, vocab_size=None) -> str | None:
+    """Why ``value`` cannot be a prompt of ``kind`` ('text' or 'ids'), or None.
+    vocab_size: where known, token ids must lie in [0, vocab_size)."""
     if kind == "text":
-        return None if isinstance(value, str) and value else "expected a non-empty string"
+        if not isinstance(value, str) or not value:
+            return "expected a non-empty string"
+        return _not_unicode(value)
     ok = isinstance(value, list) and value and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
-    return None if ok else "expected a non-empty list of token ids"
+    if not ok:
+        return "expected a non-empty list of token ids"
+    if vocab_size is not None:
+        bad = next((t for t in value if not 0 <= t < vocab_size), None)
+        if bad is not None:
+            return f"token id {bad} is outside the model's vocabulary [0, {vocab_size})"
+    return None
+
+
+def _not_unicode(text) -> str | None:
+    """Why ``text`` is not valid Unicode (a lone surrogate such as JSON's "\\ud83d", left
+    where scraped text was cut mid-character), or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"not valid Unicode: {e.reason} at character {e.start}"
+    return None
 
 
 @dataclass
@@ -47,6 +67,7 @@ class InputPlan:
     shard_size: int
     offsets: list[int] | None = None  # JSONL: byte offset of each shard's first line
     group_starts: list[int] | None = None  # Parquet: first row of each row group, then num_rows
+    schema: object = None  # JSONL to Parquet: the Arrow schema every shard is written with
 
     @property
     def num_shards(self) -> int:
@@ -57,16 +78,21 @@ class InputPlan:
 
 
 def scan_input(path, shard_size, prompt_columns, kind, output_columns, file_column=None,
-               file_root=None) -> InputPlan:
+               file_root=None, vocab_size=None, output_format="jsonl") -> InputPlan:
     """Check every row's prompt columns (so a bad row fails the job before any shard is
     scored) and index the shards. ``kind``: 'text' or 'ids'. file_column: one of the
     prompt columns whose values are paths (relative ones under ``file_root``) of files
-    that must exist, such as images."""
+    that must exist, such as images. vocab_size: the bound token ids are checked against
+    (None: not checked here). output_format 'parquet' with a JSONL input: every field
+    must keep one type over the file (a Parquet column has one); the plan's schema holds it."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"input file {path!r} does not exist")
     fmt = file_format(path, "input")
-    scan = _scan_jsonl if fmt == "jsonl" else _scan_parquet
-    return scan(path, shard_size, prompt_columns, kind, output_columns, _FileCheck(file_column, file_root))
+    files = _FileCheck(file_column, file_root)
+    if fmt == "jsonl":
+        return _scan_jsonl(path, shard_size, prompt_columns, kind, output_columns, files, vocab_size,
+                           _SchemaScan(path) if output_format == "parquet" else None)
+    return _scan_parquet(path, shard_size, prompt_columns, kind, output_columns, files, vocab_size)
 
 
 class _FileCheck:
@@ -81,7 +107,7 @@ class _FileCheck:
             raise ValueError(f"{where}, column {self.column!r}: file {full!r} not found")
 
 
-def _scan_jsonl(path, shard_size, prompt_columns, kind, output_columns, files):
+def _scan_jsonl(path, shard_size, prompt_columns, kind, output_columns, files, vocab_size, schema):
     offsets, row, pos = [], 0, 0
     with open(path, "rb") as f:
         for lineno, line in enumerate(f, 1):
@@ -98,7 +124,7 @@ def _scan_jsonl(path, shard_size, prompt_columns, kind, output_columns, files):
             for c in prompt_columns:
                 if c not in obj:
                     raise ValueError(f"{where} has no field {c!r}; its fields are {sorted(obj)}")
-                why = _bad_value(obj[c], kind)
+                why = _bad_value(obj[c], kind, vocab_size)
                 if why:
                     raise ValueError(f"{where}, field {c!r}: {why}, got {obj[c]!r:.60}")
                 if c == files.column:
@@ -106,15 +132,130 @@ def _scan_jsonl(path, shard_size, prompt_columns, kind, output_columns, files):
             taken = [c for c in output_columns if c in obj]
             if taken:
                 raise ValueError(f"{where} already has field(s) {taken}; pass --output-prefix to name the outputs")
+            if schema is not None:
+                schema.add(obj, lineno, row)
             if row % shard_size == 0:
                 offsets.append(start)
             row += 1
     if row == 0:
         raise ValueError(f"input file {path!r} has no rows")
-    return InputPlan(path, "jsonl", row, shard_size, offsets=offsets)
+    return InputPlan(path, "jsonl", row, shard_size, offsets=offsets,
+                     schema=None if schema is None else schema.finish())
 
 
-def _scan_parquet(path, shard_size, prompt_columns, kind, output_columns, files):
+class _SchemaScan:
+    """The Arrow schema of a JSONL file's rows for a Parquet output, inferred a chunk of
+    rows at a time and unified over the file (ints widen to floats, a field missing or
+    null in some rows is nullable), so that a field whose type changes between rows, a
+    value Parquet cannot hold or an empty object fails the job before any shard is
+    scored, naming the field and line, instead of the write of some later shard."""
+
+    CHUNK = 8192
+
+    def __init__(self, path):
+        self.path = path
+        self.rows, self.lines = [], []  # the chunk being gathered: rows, (line, row) of each
+        self.parts = []  # (schema, first line, last line) per chunk
+
+    def add(self, obj, lineno, row):
+        self.rows.append(obj)
+        self.lines.append((lineno, row))
+        if len(self.rows) == self.CHUNK:
+            self._flush()
+
+    def _flush(self):
+        import pyarrow as pa
+
+        if not self.rows:
+            return
+        try:
+            schema = pa.Table.from_pylist(self.rows).schema
+        except (pa.ArrowException, OverflowError, UnicodeError):
+            self._locate()
+            raise
+        self.parts.append((schema, self.lines[0][0], self.lines[-1][0]))
+        self.rows, self.lines = [], []
+
+    def _locate(self):
+        """Raise ValueError naming the first row and field of the chunk that Arrow
+        cannot take (a prefix of the chunk that fails stays failing as it grows)."""
+        import pyarrow as pa
+
+        for name in dict.fromkeys(k for r in self.rows for k in r):
+            values = [r.get(name) for r in self.rows]
+            try:
+                pa.array(values)
+                continue
+            except (pa.ArrowException, OverflowError, UnicodeError):
+                pass
+            lo, hi = 1, len(values)  # the shortest failing prefix has hi values
+            while lo < hi:
+                mid = (lo + hi) // 2
+                try:
+                    pa.array(values[:mid])
+                    lo = mid + 1
+                except (pa.ArrowException, OverflowError, UnicodeError):
+                    hi = mid
+            try:
+                pa.array(values[:hi])
+                why = "cannot be stored"
+            except (pa.ArrowException, OverflowError, UnicodeError) as e:
+                why = str(e)
+            line, row = self.lines[hi - 1]
+            raise ValueError(f"{self.path} line {line} (row {row}), field {name!r}: a Parquet column holds one type "
+                             f"of value and this one does not fit the rows before it ({why}); make the rows "
+                             "agree, or write JSONL") from None
+
+    def finish(self):
+        import pyarrow as pa
+
+        self._flush()
+        try:
+            schema = pa.unify_schemas([s for s, _, _ in self.parts], promote_options="permissive")
+        except pa.ArrowException:
+            schema = None
+        if schema is None:
+            self._conflict()
+        for field in schema:
+            if _has_empty_struct(field.type):
+                line = next(a for s, a, _ in self.parts if field.name in s.names and _has_empty_struct(
+                    s.field(field.name).type))
+                raise ValueError(f"{self.path}: field {field.name!r} holds only empty objects ({{}}) from line "
+                                 f"{line} on, which Parquet cannot store; drop the field or write JSONL")
+        return schema
+
+    def _conflict(self):
+        import pyarrow as pa
+
+        names = dict.fromkeys(n for s, _, _ in self.parts for n in s.names)
+        for name in names:
+            seen = []  # (type, first line, last line) of the chunks holding the field
+            for s, a, b in self.parts:
+                if name not in s.names:
+                    continue
+                t = s.field(name).type
+                for u, a0, b0 in seen:
+                    try:
+                        pa.unify_schemas([pa.schema([(name, u)]), pa.schema([(name, t)])], promote_options="permissive")
+                    except pa.ArrowException:
+                        raise ValueError(f"{self.path}: field {name!r} holds {u} in lines {a0}..{b0} and {t} in lines "
+                                         f"{a}..{b}; a Parquet column holds one type: make the rows agree, or write "
+                                         "JSONL") from None
+                seen.append((t, a, b))
+        raise ValueError(f"{self.path}: the rows' fields do not share one Parquet schema; write JSONL")
+
+
+def _has_empty_struct(t) -> bool:
+    import pyarrow as pa
+
+    if pa.types.is_struct(t):
+        return t.num_fields == 0 or any(_has_empty_struct(t.field(i).type) for i in range(t.num_fields))
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        return _has_empty_struct(t.value_type)
+    return False
+
+
+def _scan_parquet(path, shard_size, prompt_columns, kind, output_columns, files, vocab_size):
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -144,11 +285,19 @@ def _scan_parquet(path, shard_size, prompt_columns, kind, output_columns, files)
             lengths = pc.utf8_length(col) if kind == "text" else pc.list_value_length(col)
             bad = pc.or_kleene(pc.is_null(col), pc.equal(lengths, 0)).fill_null(True)
             if kind == "ids":  # a null inside a list marks its row bad
-                flat_null = pc.is_null(pc.list_flatten(col)).to_numpy(zero_copy_only=False)
+                flat = pc.list_flatten(col)
+                flat_null = pc.is_null(flat).to_numpy(zero_copy_only=False)
                 if flat_null.any():
                     parents = pc.list_parent_indices(col).to_numpy()
                     i = int(parents[np.flatnonzero(flat_null)[0]])
                     raise ValueError(f"{path} row {base + i}, column {c!r}: a token id is null")
+                ids = flat.to_numpy(zero_copy_only=False)
+                out = np.flatnonzero((ids < 0) | (ids >= vocab_size)) if vocab_size is not None else ()
+                if len(out):
+                    i = int(pc.list_parent_indices(col).to_numpy()[out[0]])
+                    raise ValueError(f"{path} row {base + i}, column {c!r}: token id {int(ids[out[0]])} is outside "
+                                     f"the model's vocabulary [0, {vocab_size})")
+
             hits = np.flatnonzero(bad.to_numpy(zero_copy_only=False))
             if hits.size:
                 i = int(hits[0])
@@ -227,11 +376,40 @@ def _json_default(v):
     return str(v)  # dates, decimals: as Parquet readers print them
 
 
-def _table_from_rows(rows):
+def _table_from_rows(rows, schema=None):
+    """JSONL rows as a Table: with ``schema`` (the scan's, over the whole file), in it."""
     import pyarrow as pa
 
+    if schema is not None:
+        return pa.Table.from_pylist(rows, schema=schema)
     names = list(dict.fromkeys(k for r in rows for k in r))  # every key, in order of appearance
     return pa.table({n: [r.get(n) for r in rows] for n in names})
+
+
+def _finite(v):
+    """``v`` with every NaN or infinity (nested too) as None: JSON has no such numbers."""
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_finite(x) for x in v]
+    return v
+
+
+def _json_line(row) -> str:
+    """One output row as a line of strict JSON: NaN and infinities as null, and a row
+    holding a lone surrogate (not UTF-8) with its non-ASCII characters escaped."""
+    try:
+        line = json.dumps(row, ensure_ascii=False, allow_nan=False, default=_json_default)
+    except ValueError:  # NaN or infinity
+        row = _finite(row)
+        line = json.dumps(row, ensure_ascii=False, allow_nan=False, default=_json_default)
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:
+        line = json.dumps(row, ensure_ascii=True, allow_nan=False, default=_json_default)
+    return line
 
 
 def _conform(table, schema):
@@ -246,8 +424,10 @@ def _conform(table, schema):
 class ShardStore:
     """The part files, manifest and lock of one output (see the module docstring)."""
 
-    def __init__(self, output: str, identity: dict, num_shards: int, overwrite: bool = False):
+    def __init__(self, output: str, identity: dict, num_shards: int, overwrite: bool = False, schema=None):
+        """schema: the Arrow schema of JSONL input rows for a Parquet output (InputPlan.schema)."""
         self.output = os.path.abspath(output)
+        self.schema = schema
         self.fmt = file_format(output, "output")
         self.dir = self.output + ".parts"
         self.num_shards = num_shards
@@ -273,7 +453,10 @@ class ShardStore:
             with open(manifest) as f:
                 old = json.load(f)
             diff = sorted(k for k in set(old) | set(job) if old.get(k) != job.get(k))
-            if diff:
+            kept = [n for n in os.listdir(self.dir) if n.startswith("part-") and not n.endswith(".tmp")]
+            if diff and not kept:  # that job finished no shard (it failed first): this one takes the folder
+                self._atomic_write(manifest, json.dumps(job, indent=1, sort_keys=True).encode())
+            elif diff:
                 raise ValueError(f"{self.dir} holds shards of a different job (differs in {diff}); "
                                  "pass --overwrite to start over")
         else:
@@ -301,14 +484,14 @@ class ShardStore:
             lines = []
             for i, row in enumerate(rows):
                 row = {**row, **{name: _plain(vals[i]) for name, vals in outputs.items()}}
-                lines.append(json.dumps(row, ensure_ascii=False, default=_json_default))
+                lines.append(_json_line(row))
             self._atomic_write(self.part(k), ("\n".join(lines) + "\n").encode())
             return
         import numpy as np
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        table = _table_from_rows(rows) if isinstance(rows, list) else rows
+        table = _table_from_rows(rows, self.schema) if isinstance(rows, list) else rows
         for name, vals in outputs.items():
             if name.endswith("probs"):
                 arr = pa.array([np.asarray(v, dtype=np.float32) for v in vals], type=pa.list_(pa.float32()))

@@ -18,6 +18,7 @@ import argparse
 import importlib
 import json
 import os
+import re
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -144,18 +145,47 @@ def _columns(a) -> list[str]:
 def _identity(a, kw) -> dict:
     """What makes two runs the same job: their shards may be mixed."""
     st = os.stat(a.input)
-    # These do not change results.
-    speed_only = ("device", "max_num_batched_tokens", "max_num_seqs", "kernel_backend", "enforce_eager")
+    # These do not change results; but for the token budget where it may set the length
+    # limit (max_model_len defaults to at most the budget) and prompts are cut to that limit.
+    speed_only = ("device", "max_num_seqs", "kernel_backend", "enforce_eager")
+    if a.truncate_prompt_tokens != -1 or a.max_model_len is not None:
+        speed_only += ("max_num_batched_tokens",)
     same = {k: v for k, v in kw.items() if k not in speed_only}
     return {"input": os.path.abspath(a.input), "input_size": st.st_size, "input_mtime_ns": st.st_mtime_ns,
             "shard_size": a.shard_size, **same}
 
 
 class _ShardClassifier(PyEngineClassifier):
-    """On Ray: returns the outputs and where they go (shard, row), not the prompts."""
+    """On Ray: returns the outputs and where they go (shard, row), not the prompts.
+    shard_size: the job's, so that an error names the input row."""
+
+    def __init__(self, shard_size, **kw):
+        super().__init__(**kw)
+        self.shard_size = shard_size
 
     def __call__(self, batch):
-        return {"__shard": batch["__shard"], "__i": batch["__i"], **self.predict(batch)}
+        import numpy as np
+
+        shards, rows = batch["__shard"], batch["__i"]
+        try:
+            outputs = self.predict(batch)
+        except (ValueError, TypeError) as e:
+            # An input error goes back as data: Ray would retry the task, and the driver
+            # gets its exception only as text inside Ray's own.
+            msg = _name_row(str(e), lambda j: (int(shards[j]), int(shards[j]) * self.shard_size + int(rows[j])))
+            return {"__shard": shards[:1], "__i": rows[:1], "__error": np.array([msg], dtype=object)}
+        return {"__shard": shards, "__i": rows, **outputs}
+
+
+def _name_row(message, where) -> str:
+    """An engine error about prompts[j] (or pairs[j]) of one call, restated for the
+    input file: where(j) -> (shard, input row)."""
+    m = re.match(r"(prompts|pairs)\[(\d+)\]:? ?", message)
+    if m is None:
+        return message
+    k, row = where(int(m.group(2)))
+    return f"input row {row} (shard {k}): {message[m.end():]}"
+
 
 
 class ShardCollector:
@@ -226,9 +256,9 @@ def _run_local(a, plan, store, pending, kw, bar, on_shard_done):
             batch = {c: [r[c] for r in rows] for c in cols} if isinstance(rows, list) else rows.select(cols)
             try:
                 outputs = clf.predict(batch)
-            except ValueError as e:
-                start, stop = plan.shard_rows(k)
-                raise ValueError(f"shard {k} (input rows {start}..{stop - 1}): {e}") from e
+            except (ValueError, TypeError) as e:
+                start = plan.shard_rows(k)[0]
+                raise ValueError(_name_row(str(e), lambda j: (k, start + j))) from e
             store.write(k, rows, outputs)
             bar.update(len(rows))
             if on_shard_done is not None:
@@ -252,11 +282,14 @@ def _run_ray(a, plan, store, pending, kw, bar, on_shard_done):
         ds = ray.data.from_items([{"shard": k} for k in pending], override_num_blocks=len(pending))
         ds = ds.map_batches(_PromptReader, fn_constructor_kwargs={"plan": plan, "columns": cols}, batch_size=1,
                             compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0, label_selector=here)
-        ds = ds.map_batches(_ShardClassifier, fn_constructor_kwargs=kw, batch_size=a.batch_size,
+        ds = ds.map_batches(_ShardClassifier, fn_constructor_kwargs={**kw, "shard_size": plan.shard_size},
+                            batch_size=a.batch_size,
                             compute=ray.data.ActorPoolStrategy(size=replicas), num_gpus=gpus,
                             num_cpus=a.num_cpus_per_replica)
         reader, collector = ShardReader(plan), ShardCollector(plan)
         for tbl in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            if "__error" in tbl.column_names:
+                raise ValueError(tbl.column("__error")[0].as_py())
             outs = {c: tbl.column(c).to_pylist() for c in tbl.column_names if not c.startswith("__")}
             new, finished = collector.add(tbl.column("__shard").to_pylist(), tbl.column("__i").to_pylist(), outs)
             bar.update(new)
@@ -270,6 +303,16 @@ def _run_ray(a, plan, store, pending, kw, bar, on_shard_done):
     finally:
         if started:
             ray.shutdown()
+
+
+def _vocab_size(config):
+    """The model's vocabulary size from its (text) config, or None where it has none."""
+    try:
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    except (AttributeError, ValueError):
+        text = config
+    v = getattr(text, "vocab_size", None)
+    return v if isinstance(v, int) and v > 0 else None
 
 
 def run(a, on_shard_done=None):
@@ -291,8 +334,8 @@ def run(a, on_shard_done=None):
     cols = _columns(a)
     outputs = [a.output_prefix + c for c in (("score",) if pairs else ("probs", "label"))]
     plan = scan_input(a.input, a.shard_size, cols, kind, outputs, a.image_column or a.pair_image_column,
-                      kw.get("image_root"))
-    store = ShardStore(a.output, _identity(a, kw), plan.num_shards, overwrite=a.overwrite)
+                      kw.get("image_root"), _vocab_size(config), file_format(a.output, "--output"))
+    store = ShardStore(a.output, _identity(a, kw), plan.num_shards, overwrite=a.overwrite, schema=plan.schema)
     try:
         done = store.done()
         pending = [k for k in range(plan.num_shards) if k not in done]

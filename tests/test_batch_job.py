@@ -277,3 +277,112 @@ def test_local_pairs_with_a_score_template(tmp_path, models, corpus):
         job(models[1], inp, tmp_path / "o3.jsonl", "--pair-column", "text_2", "--score-template",
             str(tmp_path / "bad.jinja"))
     assert not os.path.exists(tmp_path / "o3.jsonl")
+
+
+@pytest.mark.parametrize("rows,match", [
+    # a field's type changes between two chunks of the scan (chunks of 64 rows here)
+    ([{"text": "a b", "tag": i if i < 64 else f"t{i}"} for i in range(100)],
+     r"field 'tag' holds int64 in lines 1\.\.64 and string in lines 65\.\.100"),
+    # ... and inside one chunk: the first row that does not fit is named
+    ([{"text": "a b", "tag": i if i < 10 else f"t{i}"} for i in range(20)], r"line 11 \(row 10\), field 'tag'"),
+    ([{"text": "a b", "n": 1}, {"text": "c", "n": 2 ** 64}], r"line 2 \(row 1\), field 'n'"),
+    ([{"text": "a b", "meta": {}}, {"text": "c", "meta": {}}], r"field 'meta' holds only empty objects"),
+    ([{"text": "a b", "note": "ok"}, {"text": "c", "note": "cut \ud83d"}], r"line 2 \(row 1\), field 'note'"),
+])
+def test_jsonl_to_parquet_fields_keep_one_type(tmp_path, models, monkeypatch, rows, match):
+    """A Parquet column holds one type: a JSONL field that changes type, or a value
+    Parquet cannot hold, fails the job before any shard is scored, naming field and line."""
+    pytest.importorskip("pyarrow")
+    from pyengine import batch_io
+
+    monkeypatch.setattr(batch_io._SchemaScan, "CHUNK", 64)
+    inp = write_input(rows, tmp_path / "in.jsonl")
+    with pytest.raises(ValueError, match=match):
+        job(models[0], inp, tmp_path / "out.parquet")
+    assert not (tmp_path / "out.parquet.parts").exists()
+    # JSONL keeps each value as it is
+    assert job(models[0], inp, tmp_path / "out.jsonl") == len(rows)
+    assert [{k: r[k] for k in rows[0]} for r in read_output(tmp_path / "out.jsonl")] == rows
+
+
+def test_jsonl_to_parquet_widens_and_fills(tmp_path, models, monkeypatch):
+    """Ints and floats of one field become one float column; a field some rows lack (or
+    hold null) is null there; every shard is written with the file's one schema."""
+    pytest.importorskip("pyarrow")
+    from pyengine import batch_io
+
+    monkeypatch.setattr(batch_io._SchemaScan, "CHUNK", 64)
+    rows = [{"text": f"a b {WORDS[i % len(WORDS)]}", "w": i if i % 3 else i + 0.5,
+             **({"extra": [i, i + 1]} if i >= 150 else {})} for i in range(N)]
+    inp = write_input(rows, tmp_path / "in.jsonl")
+    assert job(models[0], inp, tmp_path / "out.parquet") == N
+    got = read_output(tmp_path / "out.parquet")
+    assert [r["w"] for r in got] == [float(r["w"]) for r in rows]
+    assert [r["extra"] for r in got] == [r.get("extra") for r in rows]
+
+
+def test_text_that_is_not_unicode_and_nan_values(tmp_path, models):
+    """A lone surrogate in a prompt fails the scan; elsewhere JSONL output escapes it, and
+    a NaN read from Parquet is written as null (strict JSON)."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    inp = write_input([{"text": "a b"}, {"text": "c \udc80 d"}], tmp_path / "bad.jsonl")
+    with pytest.raises(ValueError, match=r"line 2 \(row 1\), field 'text': not valid Unicode"):
+        job(models[0], inp, tmp_path / "bad_out.jsonl")
+    inp = write_input([{"text": "a b", "note": "x \ud83d"}], tmp_path / "note.jsonl")
+    job(models[0], inp, tmp_path / "note_out.jsonl")
+    raw = (tmp_path / "note_out.jsonl").read_bytes()
+    assert b"\\ud83d" in raw and json.loads(raw)["note"] == "x \ud83d"
+    pq.write_table(pa.table({"text": ["a b", "c"], "w": [float("nan"), 1.5]}), tmp_path / "nan.parquet")
+    job(models[0], str(tmp_path / "nan.parquet"), tmp_path / "nan_out.jsonl")
+
+    def strict(s):
+        raise ValueError(f"not JSON: {s}")
+    got = [json.loads(line, parse_constant=strict) for line in open(tmp_path / "nan_out.jsonl")]
+    assert [r["w"] for r in got] == [None, 1.5]
+
+
+def test_token_ids_outside_the_vocabulary_fail_the_scan(tmp_path, models):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    rows = [{"ids": [2, 5, 3]} for _ in range(100)]
+    rows[70] = {"ids": [2, 160, 3]}  # the tiny models' vocabulary is [0, 160)
+    inp = write_input(rows, tmp_path / "in.jsonl")
+    with pytest.raises(ValueError, match=r"line 71 \(row 70\), field 'ids': token id 160 is outside"):
+        job(models[0], inp, tmp_path / "out.jsonl", "--token-ids-column", "ids")
+    pq.write_table(pa.table({"ids": [r["ids"] for r in rows]}), tmp_path / "in.parquet", row_group_size=32)
+    with pytest.raises(ValueError, match=r"row 70, column 'ids': token id 160 is outside"):
+        job(models[0], str(tmp_path / "in.parquet"), tmp_path / "out.jsonl", "--token-ids-column", "ids")
+    assert not (tmp_path / "out.jsonl.parts").exists()
+
+
+def test_a_job_that_failed_before_any_shard_does_not_block_the_next(tmp_path, models, corpus):
+    long = [{"id": i, "text": " ".join(["cat"] * (80 if i == 70 else 3))} for i in range(100)]
+    inp = write_input(long, tmp_path / "in.jsonl")
+    out = tmp_path / "out.jsonl"
+    # Row 70 is over the 64-token limit: shard 1 fails, shard 0 stays.
+    with pytest.raises(ValueError, match=r"input row 70 \(shard 1\): has 82 tokens, more than max_model_len=64"):
+        job(models[0], inp, out)
+    with pytest.raises(ValueError, match="different job.*truncate_prompt_tokens"):
+        job(models[0], inp, out, "--truncate-prompt-tokens", "-1")
+    # Failing in shard 0, nothing is kept: the corrected run takes the folder over.
+    inp0 = write_input(long[70:], tmp_path / "in0.jsonl")
+    with pytest.raises(ValueError, match=r"input row 0 \(shard 0\)"):
+        job(models[0], inp0, tmp_path / "out0.jsonl")
+    assert job(models[0], inp0, tmp_path / "out0.jsonl", "--truncate-prompt-tokens", "-1") == 30
+    # With -1 the token budget may set the limit: a resumed run must keep it.
+    hook, _ = stop_after(1)
+    with pytest.raises(Stop):
+        job(models[0], inp, tmp_path / "o2.jsonl", "--truncate-prompt-tokens", "-1", "--max-num-batched-tokens", "32",
+            hook=hook)
+    with pytest.raises(ValueError, match="different job.*max_num_batched_tokens"):
+        job(models[0], inp, tmp_path / "o2.jsonl", "--truncate-prompt-tokens", "-1")
+
+
+def test_ray_input_error_names_the_row(ray_cluster, tmp_path, models):
+    rows = [{"text": " ".join(["cat"] * (80 if i == 70 else 3))} for i in range(100)]
+    inp = write_input(rows, tmp_path / "in.jsonl")
+    with pytest.raises(ValueError, match=r"^input row 70 \(shard 1\): has 82 tokens"):
+        job(models[0], inp, tmp_path / "out.jsonl", "--ray-address", "local", "--num-replicas", "1")
