@@ -3,6 +3,8 @@ an end-to-end run on a one-layer tiny preset, a dataset run, and argument errors
 import json
 import math
 import os
+import tempfile
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -10,6 +12,7 @@ import torch
 from pyengine.bench import __main__ as bench_main
 from pyengine.bench import model as bench_model
 from pyengine.bench import presets as P
+from pyengine.bench import vision as bench_vision
 from pyengine.bench.workloads import mixed_lengths, parse_workload, read_dataset, synthetic
 from tiny import save_tiny
 
@@ -71,12 +74,29 @@ def _run(argv, capsys):
     return rc, out.out, out.err
 
 
-def test_end_to_end_on_the_tiny_preset(tmp_path, capsys):
+def _printed_before_json(module, capsys, monkeypatch):
+    """What the benchmark had printed when it wrote its JSON (the list fills then)."""
+    printed = []
+
+    def dump(obj, f, **kw):
+        printed.append(capsys.readouterr().out)
+        json.dump(obj, f, **kw)
+    monkeypatch.setattr(module, "json", SimpleNamespace(dump=dump))
+    return printed
+
+
+def test_end_to_end_on_the_tiny_preset(tmp_path, capsys, monkeypatch):
     path = tmp_path / "r.json"
+    printed = _printed_before_json(bench_model, capsys, monkeypatch)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the LoRA provider writes its adapter
     rc, out, err = _run(["--preset", "tiny", "--layers", "1", "--num-prompts", "8", "--repeats", "1",
                          "--single-sample", "3", "--cache-dir", str(tmp_path / "cache"), "--json", str(path),
                          "--no-progress"], capsys)
     assert rc == 0, err
+    # The table is printed before the JSON is written: a failing write cannot lose it.
+    assert len(printed) == 1 and "environment:" in printed[0].splitlines()[-1]
+    out = printed[0] + out
+    assert not [f for f in os.listdir(tmp_path) if f.startswith("pyengine-bench-lora-")]  # adapter removed
     rep = json.loads(path.read_text())
     assert set(rep) >= {"env", "peak", "args", "results"}
     assert set(rep["env"]) >= {"device", "device_name", "torch", "triton", "transformers", "date"}
@@ -167,21 +187,78 @@ def test_an_unregistered_architecture_is_skipped(tmp_path, capsys, monkeypatch):
     (["--dtype", "int8"], "--dtype 'int8'"),
     (["--device", "tpu"], "is not a device"), (["--device", "meta"], "only cpu and cuda"),
     (["--json", "/nonexistent/dir/r.json"], "does not exist"),
+    (["--json", os.path.dirname(os.path.abspath(__file__))], "is a directory, not a file"),
+    (["--preset", "tiny", "--workload", "fixed:600"], "600 tokens per prompt exceed the maximum length of preset "
+                                                      "tiny, 512 tokens"),
+    (["--preset", "tiny", "--workload", "fixed:300", "--max-num-batched-tokens", "256"],
+     "300 tokens per prompt exceed --max-num-batched-tokens 256"),
     (["--single-sample", "-3"], "--single-sample must be >= 0"),
     (["--threads", "0"], "--threads must be a positive integer"),
 ])
-def test_bad_arguments_are_clear_errors(argv, msg, capsys):
+def test_bad_arguments_are_clear_errors(argv, msg, capsys, monkeypatch):
+    monkeypatch.setattr(bench_model, "matmul_peak", _never_called)  # refused before any work
     with pytest.raises(SystemExit) as e:
         bench_model.main(argv)
     assert e.value.code == 2
-    assert msg in capsys.readouterr().err
+    assert msg in " ".join(capsys.readouterr().err.split())
+
+
+def _never_called(*args, **kwargs):
+    raise AssertionError("work started despite a bad argument")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
-def test_cuda_without_a_gpu_is_a_clear_error(capsys):
+def test_cuda_without_a_gpu_is_a_clear_error(capsys, monkeypatch):
     with pytest.raises(SystemExit):
         bench_model.main(["--device", "cuda"])
     assert "torch sees no CUDA device" in capsys.readouterr().err
+    # Providers that cannot run here, and nothing else: refused before any work.
+    monkeypatch.setattr(bench_model, "matmul_peak", _never_called)
+    with pytest.raises(SystemExit) as e:
+        bench_model.main(["--providers", "pyengine-triton,pyengine-eager"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "no selected provider can run on cpu: pyengine-triton: on CPU Triton runs only in its interpreter" in err
+    assert "pyengine-eager: CUDA graphs need a CUDA device" in err
+
+
+def test_a_run_that_measures_nothing_fails_and_removes_the_adapter(tmp_path, capsys, monkeypatch):
+    # The LoRA provider's one row fails while classifying: a non-zero exit that says nothing
+    # was measured, and the adapter folder is gone all the same.
+    from pyengine.llm import LLM
+
+    def broken(self, *args, **kwargs):
+        assert [f for f in os.listdir(tmp_path) if f.startswith("pyengine-bench-lora-")]  # in use now
+        raise RuntimeError("classify broke")
+    monkeypatch.setattr(LLM, "classify", broken)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    rc, out, err = _run(["--preset", "tiny", "--layers", "1", "--num-prompts", "4", "--providers", "pyengine-lora",
+                         "--cache-dir", str(tmp_path / "cache"), "--no-progress"], capsys)
+    assert rc == 1
+    assert "failed providers: tiny/pyengine-lora" in err
+    assert "nothing was benchmarked: no provider row was measured" in err
+    assert "RuntimeError: classify broke" in out
+    assert not [f for f in os.listdir(tmp_path) if f.startswith("pyengine-bench-lora-")]
+
+
+def test_the_token_budget_caps_the_workload_with_a_note(tmp_path, capsys):
+    # A budget below the model's limit cuts the mixed prompts for every provider, and says so.
+    path = tmp_path / "r.json"
+    rc, out, err = _run(["--preset", "tiny", "--layers", "1", "--num-prompts", "8", "--repeats", "1",
+                         "--providers", "hf-b32,pyengine-torch", "--max-num-batched-tokens", "64",
+                         "--cache-dir", str(tmp_path / "cache"), "--json", str(path), "--no-progress"], capsys)
+    assert rc == 0, err
+    capped = sum(n >= 64 for n in mixed_lengths(8, 0))
+    assert capped > 0
+    assert (f"[tiny] note: --max-num-batched-tokens 64 is below the model's limit of 512 tokens: every provider's "
+            f"prompts are capped at 64 ({capped} of 8 reach it)") in err
+    (res,) = json.loads(path.read_text())["results"]
+    assert res["workload"]["max_len"] == 64
+    assert res["workload"]["num_tokens"] == sum(min(n, 64) for n in mixed_lengths(8, 0))
+    assert all(p["num_prompts"] == 8 for p in res["providers"])
+    with pytest.raises(SystemExit):
+        bench_model.main(["--help"])
+    assert "also caps the prompts' length, for every provider" in " ".join(capsys.readouterr().out.split())
 
 
 def test_subcommands_dispatch_lazily(capsys, monkeypatch):
@@ -243,10 +320,11 @@ def test_end_to_end_on_a_gpu_in_bf16(tmp_path, capsys):
     None,                # the CPU default, qwen2.5-vl-tiny
     "nemotron-vl-tiny",  # tiles through SigLIP; transformers' parts assembled as the baseline
 ])
-def test_vision_benchmark_on_the_tiny_preset(preset, tmp_path, capsys):
+def test_vision_benchmark_on_the_tiny_preset(preset, tmp_path, capsys, monkeypatch):
     """`python -m pyengine.bench vision`: pyengine against transformers' padded batches
     and single prompts on prompts with one image each; the same probabilities."""
     out = tmp_path / "vision.json"
+    printed = _printed_before_json(bench_vision, capsys, monkeypatch)
     assert bench_main.main(["vision", "--num-prompts", "6", "--single-sample", "2", "--cache-dir",
                             str(tmp_path / "cache"), "--json", str(out)] + (["--preset", preset] if preset else [])) == 0
     report = json.loads(out.read_text())
@@ -254,10 +332,36 @@ def test_vision_benchmark_on_the_tiny_preset(preset, tmp_path, capsys):
     assert [r["prompts"] for r in report["rows"]] == [6, 6, 2]
     assert report["max_abs_diff_vs_hf"] < 1e-4
     assert all(r["seq_per_s"] > 0 for r in report["rows"])
-    assert "pyengine" in capsys.readouterr().out.splitlines()[-3]
+    assert "pyengine" in printed[0].splitlines()[-3]  # the table, printed before the JSON was written
     with pytest.raises(SystemExit):
         bench_main.main(["vision", "--preset", "nope"])
     assert "unknown preset 'nope'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # before the checkpoint is built
+        bench_main.main(["vision", "--cache-dir", str(tmp_path / "none"), "--json", str(tmp_path)])
+    assert "is a directory, not a file" in capsys.readouterr().err and not os.path.exists(tmp_path / "none")
+
+
+@pytest.mark.parametrize("preset", ["qwen2.5-vl-tiny", "nemotron-vl-tiny"])
+def test_vision_checkpoint_is_built_atomically(preset, tmp_path, monkeypatch):
+    # A build stopped before its last write leaves nothing under the cache that a later run
+    # would take for a finished checkpoint; the next build completes it.
+    import safetensors.torch
+    from safetensors import safe_open
+
+    cache = tmp_path / "cache"
+    real = safetensors.torch.save_file
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(safetensors.torch, "save_file", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        bench_vision._checkpoint(preset, torch.float32, torch.device("cpu"), str(cache), 0)
+    assert os.listdir(cache) == []
+    monkeypatch.setattr(safetensors.torch, "save_file", real)
+    path, _ = bench_vision._checkpoint(preset, torch.float32, torch.device("cpu"), str(cache), 0)
+    assert os.listdir(cache) == [os.path.basename(path)]
+    with safe_open(os.path.join(path, "model.safetensors"), "pt") as f:
+        assert "score.weight" in f.keys()
 
 
 def test_vision_benchmark_with_videos(tmp_path, capsys):

@@ -59,6 +59,90 @@ def test_main_rejects_unknown_names():
         kb.main(["--backends", "tpu"])
 
 
+def _never_called(*args, **kwargs):
+    raise AssertionError("work started despite a bad argument")
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--device", "foo"], "--device 'foo' is not a device"),
+    (["--device", "meta"], "--device 'meta': only cpu and cuda"),
+    (["--repeats", "0"], "--repeats must be a positive integer, got 0"),
+    (["--repeats", "-5"], "--repeats must be a positive integer, got -5"),
+    (["--json", "/nonexistent/dir/k.json"], "does not exist"),
+    (["--json", "."], "'.' is a directory, not a file"),
+])
+def test_bad_arguments_are_clear_errors(argv, msg, capsys, monkeypatch):
+    monkeypatch.setattr(kb, "copy_bandwidth", _never_called)  # refused before any work
+    with pytest.raises(SystemExit) as e:
+        kb.main(argv)
+    assert e.value.code == 2
+    assert msg in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_cuda_device_without_a_gpu_is_a_clear_error(capsys, monkeypatch):
+    monkeypatch.setattr(kb, "copy_bandwidth", _never_called)
+    with pytest.raises(SystemExit) as e:
+        kb.main(["--device", "cuda"])
+    assert e.value.code == 2
+    assert "--device cuda: torch sees no CUDA device" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the backends a CPU lacks")
+def test_requested_backends_that_cannot_run_are_named(monkeypatch):
+    # Off the interpreter Triton does not run on CPU; nor do the CUDA kernels or torch's varlen.
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    out = io.StringIO()
+    rows = kb.run("cpu", backends=["triton", "cuda", "torch-varlen"], ops=["activation"], out=out)
+    assert {r["backend"] for r in rows} == {"torch"}
+    text = out.getvalue()
+    assert "backend triton skipped: on CPU Triton runs only in its interpreter" in text
+    assert "backend cuda skipped: kernel backend 'cuda' is not available on cpu" in text
+    assert "backend torch-varlen skipped: needs a CUDA device" in text
+    out = io.StringIO()
+    kb.run("cpu", ops=["activation"], out=out)
+    assert "skipped" not in out.getvalue()  # none named: the default set, without notes
+
+
+def test_repeats_is_honoured_in_quick_mode(monkeypatch, capsys):
+    # --repeats given: the cases run that many times, quick or not (3 is only the quick default).
+    asked = []
+
+    def fake_time_call(fn, device, repeats=20, warmup=2, budget_ms=2000.0, min_repeats=3):
+        asked.append(repeats)
+        return 1.0
+    monkeypatch.setattr(kb, "time_call", fake_time_call)
+    monkeypatch.setattr(kb, "copy_bandwidth", lambda *args, **kwargs: 1.0)
+    assert kb.main(["--device", "cpu", "--quick", "--repeats", "7", "--ops", "add_rms_norm",
+                    "--backends", "torch"]) == 0
+    assert asked == [7]
+    asked.clear()
+    kb.run("cpu", backends=["torch"], quick=True, ops=["add_rms_norm"], out=io.StringIO())
+    assert asked == [kb.QUICK_REPEATS]
+
+
+def test_time_call_runs_no_more_than_asked():
+    # repeats below min_repeats: that many timed runs (plus the one that sizes them).
+    n = []
+    kb.time_call(lambda: n.append(1), "cpu", repeats=1, warmup=0)
+    assert len(n) == 2
+    n.clear()
+    kb.time_call(lambda: n.append(1), "cpu", repeats=20, warmup=1, min_repeats=3)
+    assert 1 + 1 + 3 <= len(n) <= 1 + 1 + 20
+
+
+def test_op_sweep_help_lists_every_swept_op(capsys):
+    with pytest.raises(SystemExit) as e:
+        kb.main(["--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    start = text.index("--op-sweep also time")
+    sweep_help = text[start:text.index("--write-configs PATH", start)]
+    assert "expert_matmul" in kb.SWEEP_CASES
+    for op in kb.SWEEP_CASES:
+        assert op in sweep_help, op
+
+
 def test_attention_sweep_times_each_candidate(monkeypatch):
     # Interpreter run on the quick shapes (head dims 16 and 32): one small candidate per
     # head dim, checked against the launcher's default output.

@@ -45,9 +45,11 @@ import torch
 import torch.nn.functional as F
 
 from pyengine import ops as ops_mod
+from pyengine.bench.report import output_path_error
 from pyengine.kernels import _tuned
 
 BACKENDS = ("cuda", "triton", "torch")
+REPEATS, QUICK_REPEATS = 20, 3  # default timed runs per case; quick mode is a fast check, not a measurement
 EXTRA_BACKENDS = ("sdpa-padded", "torch-varlen")  # attention baselines outside the registry
 
 
@@ -297,7 +299,7 @@ def _sync(device):
 
 def time_call(fn, device, repeats=20, warmup=2, budget_ms=2000.0, min_repeats=3):
     """Median milliseconds of fn() over up to `repeats` runs (fewer when one run is slow,
-    at least min_repeats), after `warmup` runs (the first compiles)."""
+    at least min_repeats unless repeats is smaller), after `warmup` runs (the first compiles)."""
     device = torch.device(device)
     for _ in range(warmup):
         fn()
@@ -306,7 +308,7 @@ def time_call(fn, device, repeats=20, warmup=2, budget_ms=2000.0, min_repeats=3)
     fn()
     _sync(device)
     one = (time.perf_counter() - t0) * 1e3
-    n = max(min_repeats, min(repeats, int(budget_ms / max(one, 1e-3))))
+    n = max(min(min_repeats, repeats), min(repeats, int(budget_ms / max(one, 1e-3))))
     times = []
     for _ in range(n):
         if device.type == "cuda":
@@ -419,42 +421,54 @@ def _max_diff(a, b):
 
 
 def _available_backends(device, backends):
-    """{backend: Ops} for the registry backends that run on device."""
-    out = {}
+    """({backend: Ops} for the registry backends that run on device, {backend: why not}
+    for the others)."""
+    out, skipped = {}, {}
     for b in backends:
         if b in EXTRA_BACKENDS:
             continue
         if b == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            skipped[b] = "on CPU Triton runs only in its interpreter (TRITON_INTERPRET=1)"
             continue
         try:
             out[b] = ops_mod.resolve_ops(b, device)
-        except (RuntimeError, ImportError):
-            continue
-    return out
+        except (RuntimeError, ImportError) as e:
+            skipped[b] = str(e)
+    return out, skipped
 
 
-def run(device=None, backends=None, quick=False, json_path=None, ops=None, repeats=20, out=sys.stdout,
+def run(device=None, backends=None, quick=False, json_path=None, ops=None, repeats=None, out=sys.stdout,
         graph=False):
     """Time every case on every available backend; print a table; return the rows.
 
     device: "cuda" if available else "cpu" by default; backends: names among
     cuda/triton/torch/sdpa-padded/torch-varlen (default: all that run here); quick: tiny
     shapes (forced on CPU); json_path: also write the rows there; ops: op names to keep;
-    graph: on CUDA, time ops and copies by CUDA-graph replay (time_graph), falling back to
-    event pairs per case where capture fails (row["timing"] says which)."""
+    repeats: timed runs per case (default REPEATS, QUICK_REPEATS with quick); graph: on
+    CUDA, time ops and copies by CUDA-graph replay (time_graph), falling back to event
+    pairs per case where capture fails (row["timing"] says which). A backend named in
+    ``backends`` that cannot run here is printed with the reason, before the table."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cpu":
         quick = True
+    repeats = repeats or (QUICK_REPEATS if quick else REPEATS)
+    named = list(backends or ())
     backends = list(backends or (BACKENDS + EXTRA_BACKENDS))
     if "torch" not in backends:
         backends.append("torch")  # the baseline every speedup is against
-    resolved = _available_backends(device, backends)
+    resolved, skipped = _available_backends(device, backends)
     varlen = torch_varlen_fn() if device.type == "cuda" and "torch-varlen" in backends else None
+    if "torch-varlen" in backends and varlen is None:
+        skipped["torch-varlen"] = "needs a CUDA device" if device.type != "cuda" else \
+            "this torch has no torch.nn.attention.varlen"
     graph = graph and device.type == "cuda"
     copy_gbps = copy_bandwidth(device)
     print(f"device copy of {'2 GiB' if device.type == 'cuda' else '32 MiB'}: {copy_gbps:.0f} GB/s (read + "
           "write); '% copy': the time of a copy moving the op's bytes over the op's time", file=out)
     print(f"launch configs: {_tuned.source(device) or 'built-in (no tuned-configs file applies)'}", file=out)
+    for b in named:
+        if b in skipped:
+            print(f"backend {b} skipped: {skipped[b]}", file=out)
     copy_ms = {}  # bytes -> ms of a copy that reads and writes that many bytes in all
     rows = []
     for case in cases(device, quick):
@@ -496,7 +510,7 @@ def run(device=None, backends=None, quick=False, json_path=None, ops=None, repea
                         except Exception:  # not capturable: event pairs instead
                             torch.cuda.synchronize(device)
                     if row["ms"] is None:
-                        row["ms"] = time_call(call, device, repeats=3 if quick else repeats, warmup=1)
+                        row["ms"] = time_call(call, device, repeats=repeats, warmup=1)
                 if b == "torch":
                     torch_out, torch_ms = first, row["ms"]
                 else:
@@ -909,15 +923,17 @@ def main(argv=None):
                    help="comma list among cuda,triton,torch,sdpa-padded,torch-varlen (default: all available)")
     p.add_argument("--ops", default=None, help="comma list of op names (default: all)")
     p.add_argument("--quick", action="store_true", help="tiny shapes (always on CPU)")
-    p.add_argument("--repeats", type=int, default=20, help="timed runs per case (median reported)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help=f"timed runs per case, at most (fewer where one run is slow; median reported; default "
+                        f"{REPEATS}, {QUICK_REPEATS} with --quick or on CPU)")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     p.add_argument("--graph", action="store_true",
                    help="time by CUDA-graph replay (GPU time without per-call host overhead)")
     p.add_argument("--attn-sweep", action="store_true",
                    help="also time every candidate Triton attention config (GPU only)")
     p.add_argument("--op-sweep", action="store_true",
-                   help="also time every launch-config candidate of gated_act, qk_norm_rotary, gather_pooled "
-                        "and pooled_norm (Triton, and CUDA where pyengine.cuda_ops has a sweep; GPU only)")
+                   help=f"also time every launch-config candidate of {', '.join(SWEEP_CASES)} (Triton, and CUDA "
+                        "where pyengine.cuda_ops has a sweep; GPU only)")
     p.add_argument("--write-configs", default=None, metavar="PATH",
                    help="with --attn-sweep / --op-sweep: write each swept shape's fastest config, where it beats "
                         "the built-in choice, into this tuned-configs JSON (merged into an existing file); "
@@ -926,6 +942,20 @@ def main(argv=None):
                    help="with a sweep: compile its launches on N processes first (default: up to 8, by the CPU "
                         "count; 0: compile as the sweep goes)")
     a = p.parse_args(argv)
+    if a.device is not None:
+        try:
+            dev = torch.device(a.device)
+        except RuntimeError:
+            p.error(f"--device {a.device!r} is not a device; use cpu, cuda or cuda:N")
+        if dev.type not in ("cpu", "cuda"):
+            p.error(f"--device {a.device!r}: only cpu and cuda are supported")
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            p.error(f"--device {a.device}: torch sees no CUDA device")
+    if a.repeats is not None and a.repeats < 1:
+        p.error(f"--repeats must be a positive integer, got {a.repeats}")
+    why = output_path_error(a.json) if a.json is not None else None
+    if why:
+        p.error(f"--json {why}")
     split = (lambda s: [x.strip() for x in s.split(",") if x.strip()] if s else None)
     backends = split(a.backends)
     unknown = [b for b in backends or () if b not in BACKENDS + EXTRA_BACKENDS]
@@ -964,10 +994,10 @@ def main(argv=None):
     rows += run(a.device, backends, a.quick, None, ops=op_names, repeats=a.repeats, graph=a.graph)
     save(False)
     if a.attn_sweep:
-        rows += attention_sweep(a.device, repeats=a.repeats)
+        rows += attention_sweep(a.device, repeats=a.repeats or REPEATS)
         save(True)
     if a.op_sweep:
-        rows += op_sweep(a.device, repeats=a.repeats, graph=a.graph, ops=op_names)
+        rows += op_sweep(a.device, repeats=a.repeats or REPEATS, graph=a.graph, ops=op_names)
         save(True)
     return 0
 

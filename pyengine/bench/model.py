@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from . import presets as P
 from . import providers as PR
-from .report import environment, format_table, matmul_peak, median, timed
+from .report import environment, format_table, matmul_peak, median, output_path_error, timed
 from .workloads import parse_workload, read_dataset, synthetic
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -55,7 +55,10 @@ def build_parser():
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
-    p.add_argument("--max-num-batched-tokens", type=int, default=16384, help="pyengine's token budget per batch")
+    p.add_argument("--max-num-batched-tokens", type=int, default=16384,
+                   help="pyengine's token budget per batch (default 16384); a prompt must fit one batch, so it also "
+                        "caps the prompts' length, for every provider (mixed and dataset prompts are cut to it, "
+                        "fixed:N must fit it)")
     p.add_argument("--max-num-seqs", type=int, default=256, help="pyengine's sequences per batch")
     p.add_argument("--cache-dir", help="where preset checkpoints are saved (default $PYENGINE_BENCH_CACHE "
                                        "or ~/.cache/pyengine/bench)")
@@ -114,9 +117,11 @@ def _check(args, parser):
             parser.error(f"--dataset {args.dataset!r} does not exist")
     args.workload = args.workload or "mixed"
     try:
-        parse_workload(args.workload)
+        _, fixed = parse_workload(args.workload)
     except ValueError as e:
         parser.error(str(e))
+    if fixed is not None:
+        _check_fixed_length(args, fixed, parser)
     args.num_prompts = args.num_prompts or (None if args.dataset else 2048 if gpu else 256)
     args.repeats = args.repeats or (5 if gpu else 1)
     args.single_sample = (128 if gpu else 64) if args.single_sample is None else args.single_sample
@@ -127,13 +132,34 @@ def _check(args, parser):
             parser.error(f"unknown provider {name!r}; providers: {', '.join(PR.ALL_NAMES)} (or hf, pyengine)")
         chosen += groups.get(name, [name])
     args.providers = [n for n in PR.ALL_NAMES if n in chosen]
+    unavailable = {n: PR.backend_unavailable(n.split("-", 1)[1], device)
+                   for n in args.providers if n in PR.PYENGINE_NAMES}
+    if all(unavailable.get(n) for n in args.providers):
+        parser.error(f"no selected provider can run on {device}: "
+                     + "; ".join(f"{n}: {why}" for n, why in unavailable.items()))
     if args.json is not None:
-        parent = os.path.dirname(os.path.abspath(args.json))
-        if not os.path.isdir(parent):
-            parser.error(f"--json {args.json!r}: directory {parent!r} does not exist")
+        why = output_path_error(args.json)
+        if why:
+            parser.error(f"--json {why}")
     args.cache_dir = args.cache_dir or os.environ.get("PYENGINE_BENCH_CACHE") or \
         os.path.join(os.path.expanduser("~"), ".cache", "pyengine", "bench")
     return args
+
+
+def _check_fixed_length(args, length, parser):
+    """A fixed:N workload must fit every selected model (or --model) and the token budget,
+    whichever is smaller: refused here, before the matmul peak and the checkpoints."""
+    from transformers import AutoConfig
+
+    budget = args.max_num_batched_tokens
+    for name in args.presets or [None]:
+        config = P.preset_config(name, args.layers) if name else AutoConfig.from_pretrained(args.model,
+                                                                                           local_files_only=True)
+        max_len = P.model_facts(config)["max_len"]
+        if length > min(max_len, budget):
+            limit = f"--max-num-batched-tokens {budget} (a prompt must fit one batch)" if budget < max_len else \
+                f"the maximum length of {f'preset {name}' if name else f'--model {args.model}'}, {max_len} tokens"
+            parser.error(f"--workload {args.workload}: {length} tokens per prompt exceed {limit}")
 
 
 def _log(msg):
@@ -171,23 +197,27 @@ def _prepare(args, name):
 
 
 def _run_provider(prov, ctx, prompts, repeats, bar):
-    """Set up, warm up and time one provider. Returns (wall times, process CPU times,
-    outputs, peak bytes, ops)."""
+    """Set up, warm up and time one provider, then close it (run.close(), where it has one,
+    also after an error). Returns (wall times, process CPU times, outputs, peak bytes, ops)."""
     dev = ctx.device
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     run = prov.setup(ctx)
     ops = getattr(run, "ops", None)
-    warm = prompts if dev.type == "cuda" else prompts[:CPU_WARMUP_PROMPTS]
-    timed(lambda: run(warm), dev)
-    bar.update(1)
-    times, cpu, out = [], [], None
-    for _ in range(repeats):
-        c0 = time.process_time()
-        t, out = timed(lambda: run(prompts), dev)
-        cpu.append(time.process_time() - c0)
-        times.append(t)
+    try:
+        warm = prompts if dev.type == "cuda" else prompts[:CPU_WARMUP_PROMPTS]
+        timed(lambda: run(warm), dev)
         bar.update(1)
+        times, cpu, out = [], [], None
+        for _ in range(repeats):
+            c0 = time.process_time()
+            t, out = timed(lambda: run(prompts), dev)
+            cpu.append(time.process_time() - c0)
+            times.append(t)
+            bar.update(1)
+    finally:
+        if hasattr(run, "close"):
+            run.close()
     peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None
     del run
     gc.collect()
@@ -227,6 +257,11 @@ def bench_one(args, name, bar) -> dict:
         bar.update(steps)
         return {"preset": label, "status": "skipped", "reason": prep}
     config, path, workload, facts = prep
+    budget = args.max_num_batched_tokens
+    capped = sum(n == budget for n in workload.lengths) if budget < facts["max_len"] else 0
+    if capped:
+        _log(f"[{label}] note: --max-num-batched-tokens {budget} is below the model's limit of {facts['max_len']} "
+             f"tokens: every provider's prompts are capped at {budget} ({capped} of {len(workload.prompts)} reach it)")
     ctx = PR.Context(path, args.device, args.dtype, args.max_num_batched_tokens, args.max_num_seqs,
                      None if facts["max_len"] <= args.max_num_batched_tokens else args.max_num_batched_tokens)
     n = len(workload.prompts)
@@ -317,17 +352,18 @@ def main(argv=None) -> int:
     report = {"env": env, "peak": peak, "args": {k: (v if isinstance(v, (int, float, str, list, type(None)))
                                                      else str(v)) for k, v in vars(args).items()},
               "results": results}
+    print(format_table(report))  # first: a JSON write that fails must not lose the table
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
         _log(f"wrote {args.json}")
-    print(format_table(report))
-    if all(r["status"] == "skipped" for r in results):
-        print("nothing was benchmarked: every preset was skipped", file=sys.stderr)
-        return 1
     failed = [f"{r['preset']}/{p['name']}" for r in results if r["status"] == "ok"
               for p in r["providers"] if p["status"] == "failed"]
     if failed:
         print(f"failed providers: {', '.join(failed)}", file=sys.stderr)
+    if not any(p["status"] == "ok" for r in results for p in r.get("providers", [])):
+        why = "every preset was skipped" if all(r["status"] == "skipped" for r in results) else \
+            "no provider row was measured (every one failed or was skipped)"
+        print(f"nothing was benchmarked: {why}", file=sys.stderr)
         return 1
-    return 0
+    return 1 if failed else 0

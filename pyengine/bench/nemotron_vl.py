@@ -41,11 +41,12 @@ def _tokenizer(vocab):
 
 
 def checkpoint(name, vocab, dtype, device, cache_dir, seed):
-    """(path, {image_token_id, start, end}) of the preset saved once under cache_dir."""
+    """(path, {image_token_id, start, end}) of the preset saved once under cache_dir (built
+    in a temporary directory and renamed, so that a run killed part-way leaves none)."""
     from safetensors.torch import save_file
     from transformers import LlamaConfig, LlamaModel, SiglipVisionConfig, SiglipVisionModel
 
-    from .presets import _randomize
+    from .presets import _randomize, building
 
     text, vis, tile = PRESETS[name]
     tok = _tokenizer(vocab)
@@ -66,8 +67,6 @@ def checkpoint(name, vocab, dtype, device, cache_dir, seed):
     w = {"score.weight": (torch.randn(1, H, generator=g) * H ** -0.5).to(dtype)}
     for pre, m in (("model.vision_model.", vision), ("model.language_model.", lm), ("model.mlp1.", mlp1)):
         w.update({pre + k: v.detach().cpu().contiguous() for k, v in m.state_dict().items()})
-    os.makedirs(path, exist_ok=True)
-    tok.save_pretrained(path)
     llm_raw = dict(llm_cfg.to_dict(), architectures=["LlamaBidirectionalModel"], model_type="llama_bidirec",
                    pooling="avg")
     cfg = {"architectures": ["LlamaNemotronVLForSequenceClassification"], "model_type": "llama_nemotron_vl_rerank",
@@ -75,9 +74,11 @@ def checkpoint(name, vocab, dtype, device, cache_dir, seed):
            "downsample_ratio": 0.5, "select_layer": -1, "img_context_token_id": ids["image_token_id"],
            "pooling": "avg", "temperature": 1.0, "num_labels": 1, "dynamic_image_size": True,
            "min_dynamic_patch": 1, "max_dynamic_patch": 2, "use_thumbnail": True}
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(cfg, f)
-    save_file(w, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    with building(path, "model.safetensors") as tmp:
+        tok.save_pretrained(tmp)
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(cfg, f)
+        save_file(w, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
     return path, ids
 
 

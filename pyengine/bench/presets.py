@@ -8,6 +8,7 @@ depend on the values.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -104,6 +105,26 @@ def _randomize(model, seed):
                 mod.weight.normal_(0.0, 1.0, generator=g)
 
 
+@contextlib.contextmanager
+def building(path: str, marker: str):
+    """Build a cache entry atomically: yields a new temporary directory beside ``path`` to
+    write it in, renamed to ``path`` when the block ends without error and removed in any
+    case, so that a run killed part-way leaves nothing that passes a check for ``path``'s
+    ``marker`` file. Where a concurrent run finished ``path`` first, its copy stays."""
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}-", dir=parent)
+    try:
+        yield tmp
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            if not os.path.isfile(os.path.join(path, marker)):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def build_checkpoint(name: str, config, cache_dir: str, dtype: torch.dtype, device, seed: int = 0) -> str:
     """Save a randomly initialised ``config`` model (weights in ``dtype``) under
     ``cache_dir``, unless a finished copy is there already. Returns its directory."""
@@ -113,9 +134,7 @@ def build_checkpoint(name: str, config, cache_dir: str, dtype: torch.dtype, devi
     path = os.path.join(cache_dir, f"{name}-{key}")
     if os.path.isfile(os.path.join(path, "config.json")):
         return path
-    os.makedirs(cache_dir, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{name}-", dir=cache_dir)
-    try:
+    with building(path, "config.json") as tmp:
         torch.manual_seed(seed)
         with torch.device(device):  # initialise on the GPU: a CPU init of 1.5B weights takes minutes
             model = AutoModelForSequenceClassification.from_config(config, dtype=dtype)
@@ -124,13 +143,6 @@ def build_checkpoint(name: str, config, cache_dir: str, dtype: torch.dtype, devi
         del model
         if torch.device(device).type == "cuda":
             torch.cuda.empty_cache()  # the providers' peak memory must not see this model
-        try:
-            os.replace(tmp, path)  # atomic: a concurrent run sees all of it or nothing
-        except OSError:
-            if not os.path.isfile(os.path.join(path, "config.json")):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 

@@ -8,6 +8,7 @@ the timing for all of them.
 """
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from typing import Callable
 
@@ -39,7 +40,7 @@ class Provider:
     name: str
     label: str
     kind: str          # "baseline" or "pyengine"
-    setup: Callable    # setup(ctx) -> run(prompts) -> (N, L) fp32 tensor
+    setup: Callable    # setup(ctx) -> run(prompts) -> (N, L) fp32 tensor; run.close(), if set, frees what it holds
     sampled: bool = False  # runs on a sample of the prompts only (slow one-at-a-time)
 
 
@@ -125,6 +126,11 @@ def pyengine_setup(ctx: Context, backend: str, enforce_eager: bool = False, lora
         outs = llm.classify([{"prompt_token_ids": p} for p in prompts], use_tqdm=False, lora_request=lora)
         return torch.tensor([o.outputs.probs for o in outs], dtype=torch.float32)
 
+    def close():
+        if lora is not None:  # the adapter is read when first used: kept until the provider is done
+            shutil.rmtree(lora.lora_path, ignore_errors=True)
+
+    run.close = close
     run.ops = llm.engine.ops.describe() + ("; CUDA graphs" if llm.engine.graphs is not None else "")
     if lora_rank is not None:
         run.ops += f"; LoRA rank {lora_rank} on every projection"
@@ -134,9 +140,9 @@ def pyengine_setup(ctx: Context, backend: str, enforce_eager: bool = False, lora
 def write_blank_adapter(model, model_dir, rank):
     """A PEFT LoRA adapter of ``rank`` on every projection ``model`` (a pyengine model
     loaded from ``model_dir``) takes LoRA on, written to a new temporary directory;
-    returns that directory. A is random and B zero (PEFT's own initialisation), so outputs equal the
-    base model's while the adapter's matmuls all run: the accuracy columns stay
-    comparable and the timing is an adapter's."""
+    returns that directory, which the caller removes. A is random and B zero (PEFT's own
+    initialisation), so outputs equal the base model's while the adapter's matmuls all
+    run: the accuracy columns stay comparable and the timing is an adapter's."""
     import json
     import os
     import tempfile
@@ -157,10 +163,14 @@ def write_blank_adapter(model, model_dir, rank):
         tensors[module + ".lora_A.weight"] = torch.randn(rank, n_in, generator=g) * n_in ** -0.5
         tensors[module + ".lora_B.weight"] = torch.zeros(n_out, rank)
     out = tempfile.mkdtemp(prefix=f"pyengine-bench-lora-r{rank}-")
-    save_file(tensors, os.path.join(out, "adapter_model.safetensors"))
-    with open(os.path.join(out, "adapter_config.json"), "w") as f:
-        json.dump({"peft_type": "LORA", "task_type": "SEQ_CLS", "r": rank, "lora_alpha": 2 * rank,
-                   "target_modules": sorted({k.split(".")[-3] for k in tensors}), "bias": "none"}, f)
+    try:
+        save_file(tensors, os.path.join(out, "adapter_model.safetensors"))
+        with open(os.path.join(out, "adapter_config.json"), "w") as f:
+            json.dump({"peft_type": "LORA", "task_type": "SEQ_CLS", "r": rank, "lora_alpha": 2 * rank,
+                       "target_modules": sorted({k.split(".")[-3] for k in tensors}), "bias": "none"}, f)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
     return out
 
 

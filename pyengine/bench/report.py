@@ -36,6 +36,20 @@ def environment(device: torch.device) -> dict:
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
+def output_path_error(path: str) -> str | None:
+    """Why ``path`` cannot be written as an output file (a directory, a missing or
+    read-only folder, a read-only file), or None; checked before a run, so that its end
+    is not lost."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        return f"{path!r} is a directory, not a file"
+    if not os.path.isdir(parent):
+        return f"{path!r}: directory {parent!r} does not exist"
+    if not os.access(path if os.path.exists(path) else parent, os.W_OK):
+        return f"{path!r} cannot be written (no write permission)"
+    return None
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)

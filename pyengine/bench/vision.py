@@ -28,7 +28,7 @@ import os
 import numpy as np
 import torch
 
-from .report import environment, median, timed
+from .report import environment, median, output_path_error, timed
 
 _SPECIAL = ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>"]
 # name -> (config class, text config, vision config)
@@ -80,7 +80,9 @@ def build_parser():
 
 
 def _checkpoint(name, dtype, device, cache_dir, seed):
-    """The preset saved once with a tokenizer-free config and a score head."""
+    """The preset saved once with a tokenizer-free config and a score head (built in a
+    temporary directory and renamed: model.safetensors is written twice, and a run killed
+    in between must not leave one without the score head)."""
     import transformers
     from safetensors.torch import load_file, save_file
 
@@ -97,21 +99,22 @@ def _checkpoint(name, dtype, device, cache_dir, seed):
     path = os.path.join(cache_dir, f"{name}-{str(dtype).split('.')[-1]}-{seed}")
     if os.path.isfile(os.path.join(path, "model.safetensors")):
         return path, tokens
-    from .presets import _randomize
+    from .presets import _randomize, building
 
     gen = getattr(transformers, cls.replace("Config", "ForConditionalGeneration"))
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = gen(cfg).to(dtype)
-    _randomize(model, seed)
-    model.config.architectures = [cls.replace("Config", "ForSequenceClassification")]
-    model.config.num_labels = 2
-    model.save_pretrained(path)
-    w = load_file(os.path.join(path, "model.safetensors"))
-    g = torch.Generator().manual_seed(seed + 1)
-    w["score.weight"] = (torch.randn(2, text["hidden_size"], generator=g) * text["hidden_size"] ** -0.5).to(dtype)
-    save_file(w, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
-    del model
+    with building(path, "model.safetensors") as tmp:
+        torch.manual_seed(seed)
+        with torch.device(device):
+            model = gen(cfg).to(dtype)
+        _randomize(model, seed)
+        model.config.architectures = [cls.replace("Config", "ForSequenceClassification")]
+        model.config.num_labels = 2
+        model.save_pretrained(tmp)
+        del model
+        w = load_file(os.path.join(tmp, "model.safetensors"))
+        g = torch.Generator().manual_seed(seed + 1)
+        w["score.weight"] = (torch.randn(2, text["hidden_size"], generator=g) * text["hidden_size"] ** -0.5).to(dtype)
+        save_file(w, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
     return path, tokens
 
 
@@ -203,6 +206,9 @@ def main(argv=None) -> int:
     if frames < 0 or (frames and (preset not in PRESETS or PRESETS[preset][0].startswith("Qwen3"))):
         parser.error(f"--video-frames takes a positive frame count and a Qwen2-VL or Qwen2.5-VL preset, got "
                      f"{frames} frames on {preset}")
+    why = output_path_error(args.json) if args.json is not None else None
+    if why:
+        parser.error(f"--json {why}")
     cache = args.cache_dir or os.environ.get("PYENGINE_BENCH_CACHE") or os.path.expanduser("~/.cache/pyengine/bench")
 
     from ..inputs import _image_pool
@@ -267,9 +273,6 @@ def main(argv=None) -> int:
     report = {"env": env, "preset": preset, "dtype": str(dtype), "num_prompts": n, "num_tokens": num_tokens,
               "images": 0 if frames else n, "videos": n if frames else 0, "video_frames": frames, "ops": ops,
               "max_abs_diff_vs_hf": diff, "rows": rows}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
     base = rows[1]["seq_per_s"]
     print(f"\n{env['device_name']} | torch {env['torch']} | triton {env['triton']} | transformers "
           f"{env['transformers']} | {env['date']}")
@@ -282,4 +285,7 @@ def main(argv=None) -> int:
         peak = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "-"
         print(f"{r['provider']:<16}{r['seq_per_s']:>10.1f}{r['images_per_s']:>10.1f}{r['tokens_per_s']:>12.0f}"
               f"{r['seq_per_s'] / base:>10.2f}x{peak:>10}")
+    if args.json:  # after the table: a JSON write that fails must not lose it
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
     return 0
