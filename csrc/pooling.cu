@@ -49,10 +49,16 @@ __global__ void gather_pooled_kernel(const T* __restrict__ hidden, int64_t row_s
   O* orow = out + static_cast<int64_t>(b) * hidden_size;
   if constexpr (POOL != 2) {
     if (!active) return;
+    Pack<O, VEC> o;
+    if (end == start) {  // no such row: NaN, as mean's 0 / 0 (and no load out of bounds)
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) o.v[j] = from_float<O>(std::numeric_limits<float>::quiet_NaN());
+      o.store(orow + col);
+      return;
+    }
     const int64_t row = POOL == 0 ? start : end - 1;
     Pack<T, VEC> v;
     v.load(hidden + row * row_stride + col);
-    Pack<O, VEC> o;
 #pragma unroll
     for (int j = 0; j < VEC; ++j) o.v[j] = from_float<O>(to_float(v.v[j]));
     o.store(orow + col);
@@ -173,7 +179,8 @@ __global__ void pooled_norm_kernel(const T* __restrict__ hidden, int64_t h_strid
   const int b = blockIdx.x;
   const int64_t start = cu_seqlens[b], end = cu_seqlens[b + 1];
   const int64_t r0 = pooling == 1 ? end - 1 : start;
-  const int64_t r1 = pooling == 2 ? end : r0 + 1;
+  // cls / last of an empty sequence: no row, so the 0 / 0 below gives NaN, as under mean
+  const int64_t r1 = pooling == 2 ? end : (end > start ? r0 + 1 : r0);
   const float inv_h = 1.f / static_cast<float>(H);
 
   for (int i = threadIdx.x; i < nvec; i += blockDim.x) {
@@ -230,7 +237,7 @@ __global__ void pooled_norm_kernel(const T* __restrict__ hidden, int64_t h_strid
       }
     }
   }
-  // cls / last divide by 1 (exact); an empty sequence under mean gives NaN, as the reference.
+  // cls / last divide by 1 (exact); an empty sequence gives NaN, as the reference.
   const float len = static_cast<float>(r1 - r0);
   float* orow = out + static_cast<int64_t>(b) * H;
   for (int i = threadIdx.x; i < nvec; i += blockDim.x) {
@@ -566,7 +573,12 @@ pooled_norm_row_kernel(const T* __restrict__ hidden, int64_t h_stride,
   const int64_t b = static_cast<int64_t>(blockIdx.x) * kPnWarps + threadIdx.y;
   if (b >= batch) return;  // a whole warp: no barrier below
   const int H = hidden_size;
-  const int64_t r = pooling == 0 ? cu_seqlens[b] : cu_seqlens[b + 1] - 1;
+  const int64_t start = cu_seqlens[b], end = cu_seqlens[b + 1];
+  if (start == end) {  // an empty sequence has no such row: NaN, as mean's 0 / 0
+    for (int c = lane; c < H; c += 32) out[b * H + c] = std::numeric_limits<float>::quiet_NaN();
+    return;
+  }
+  const int64_t r = pooling == 0 ? start : end - 1;
   const float inv_h = 1.f / static_cast<float>(H);
   bool ok[PACKS];
 #pragma unroll

@@ -96,13 +96,21 @@ def check_float(op, name, t, ndim, layout):
           lambda: f"{name} must be contiguous in its last dim, got strides {tuple(t.stride())}")
 
 
-def check_cu_seqlens(op, cu_seqlens, device, expected):
-    """cu_seqlens: a contiguous 1-D (B+1,) int32 tensor on device (`expected` names it)."""
+def check_cu_seqlens(op, cu_seqlens, device, expected, T):
+    """cu_seqlens: a contiguous 1-D (B+1,) int32 tensor on device (`expected` names it),
+    running from 0 to T (the packed rows) without decreasing. The values are checked
+    where they sit on the host; on a GPU that would cost a sync (or kernels) per launch,
+    so there they are the caller's promise (the engine's batches are built so)."""
     check(op, isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.dim() == 1 and cu_seqlens.numel() >= 1,
           lambda: f"cu_seqlens must be a 1-D (B+1,) tensor, got {getattr(cu_seqlens, 'shape', type(cu_seqlens))}")
     check(op, cu_seqlens.dtype == torch.int32, lambda: f"cu_seqlens.dtype must be int32, got {cu_seqlens.dtype}")
     check(op, cu_seqlens.device == device, lambda: f"cu_seqlens is on {cu_seqlens.device}, expected {expected}")
     check(op, cu_seqlens.is_contiguous(), "cu_seqlens must be contiguous")
+    if cu_seqlens.device.type == "cpu":
+        first, last = int(cu_seqlens[0]), int(cu_seqlens[-1])
+        check(op, first == 0, lambda: f"cu_seqlens must start at 0, got {first}")
+        check(op, last == T, lambda: f"cu_seqlens must end at T={T} (the packed rows), got {last}")
+        check(op, bool((cu_seqlens[1:] >= cu_seqlens[:-1]).all()), "cu_seqlens must not decrease")
 
 
 def check_max_seqlen(op, max_seqlen):

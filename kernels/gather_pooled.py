@@ -21,11 +21,11 @@ def _gather_pooled_kernel(X, CU_SEQLENS, OUT, stride_xt, stride_ob, H,
     h_ok = offs_h < H
     start = tl.load(CU_SEQLENS + seq)
     end = tl.load(CU_SEQLENS + seq + 1)
-    if POOLING == 0:
-        row = tl.load(X + start.to(tl.int64) * stride_xt + offs_h, mask=h_ok, other=0.0)
-        out = row.to(tl.float32)
-    elif POOLING == 1:
-        row = tl.load(X + (end - 1).to(tl.int64) * stride_xt + offs_h, mask=h_ok, other=0.0)
+    if POOLING != 2:
+        # An empty sequence has no such row: NaN, as mean's 0 / 0 (and no load out of bounds).
+        row_at = start if POOLING == 0 else end - 1
+        ok = h_ok & (offs_h * 0 + start < end)  # a vector mask (a scalar term is not one in the interpreter)
+        row = tl.load(X + row_at.to(tl.int64) * stride_xt + offs_h, mask=ok, other=float("nan"))
         out = row.to(tl.float32)
     else:
         acc = tl.zeros([BLOCK_T, BLOCK_H], dtype=tl.float32)
@@ -91,7 +91,7 @@ def _launch(hidden, cu_seqlens, pooling, out_dtype=None, config=None):
     of two. The benchmark's sweep passes SWEEP_CONFIGS entries."""
     _check(pooling in _POOLINGS, lambda: f"unknown pooling {pooling!r}; expected 'cls', 'last' or 'mean'")
     _v.check_float("gather_pooled", "hidden", hidden, 2, "(T, H)")
-    _v.check_cu_seqlens("gather_pooled", cu_seqlens, hidden.device, f"hidden's device {hidden.device}")
+    _v.check_cu_seqlens("gather_pooled", cu_seqlens, hidden.device, f"hidden's device {hidden.device}", hidden.shape[0])
     B = cu_seqlens.numel() - 1
     H = hidden.shape[1]
     # cls / last move one row per sequence: wide blocks. Mean streams every row of its

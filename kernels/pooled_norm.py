@@ -259,8 +259,9 @@ def _pooled_norm_kernel(X, RES, CU_SEQLENS, W, B, OUT, stride_x, stride_r, strid
             rows = start + tl.arange(0, 1)
         else:
             rows = end - 1 + tl.arange(0, 1)
-        x = _load_rows(X, RES, rows, rows >= 0, offs_h, h_ok, stride_x, stride_r, HAS_RESIDUAL)
+        x = _load_rows(X, RES, rows, (rows >= start) & (rows < end), offs_h, h_ok, stride_x, stride_r, HAS_RESIDUAL)
         out = tl.sum(_norm_rows(x, w, b, h_ok, H, eps, offset, NORM, HAS_BIAS), 0)
+        out = tl.where(end > start, out, float("nan"))  # an empty sequence: NaN, as mean's 0 / 0
         tl.store(OUT + seq.to(tl.int64) * stride_o + offs_h, out, mask=h_ok)
 
 
@@ -367,7 +368,7 @@ def _launch(hidden, cu_seqlens, pooling, norm_kind, weight, bias, eps, offset=0.
     for name, t in params:
         _v.check_param("pooled_norm", name, t, H, hidden.device, f"{hidden.device}",
                        note=f" for norm_kind={norm_kind!r}")
-    _v.check_cu_seqlens("pooled_norm", cu_seqlens, hidden.device, f"{hidden.device}")
+    _v.check_cu_seqlens("pooled_norm", cu_seqlens, hidden.device, f"{hidden.device}", hidden.shape[0])
     B = cu_seqlens.numel() - 1
     has_bias = norm_kind == "layer" and bias is not None
     block_h = _v.next_pow2(H)

@@ -128,7 +128,7 @@ def _launch(q, k, v, cu_seqlens, max_seqlen, q_pos, causal=False, scale=None, wi
     _check(Hkv >= 1 and Hq % Hkv == 0, lambda: f"Hq ({Hq}) must be a multiple of Hkv ({Hkv})")
     _check(1 <= D <= 256, lambda: f"head_dim must be in [1, 256], got {D}")
     _check(Hkv <= _MAX_GRID_Y, lambda: f"at most {_MAX_GRID_Y} kv heads, got Hkv={Hkv}")
-    _v.check_cu_seqlens(_OP, cu_seqlens, q.device, f"{q.device}")
+    _v.check_cu_seqlens(_OP, cu_seqlens, q.device, f"{q.device}", k.shape[0])
     _check(cu_seqlens.numel() == B + 1,
            lambda: f"cu_seqlens must be (B+1,) = ({B + 1},) for q {tuple(q.shape)}, got ({cu_seqlens.numel()},)")
     _check(isinstance(q_pos, torch.Tensor) and q_pos.shape == (B,),

@@ -59,7 +59,7 @@ def _launch(q, k, positions, cos_sin, neox=True):
         return q, k
     half = R // 2
     block_half = _v.next_pow2(half)
-    block_hq = _v.next_pow2(Hq)
+    block_hq = _v.next_pow2(max(Hq, 1))  # no query heads (only keys to rotate): one masked lane
     block_hk = _v.next_pow2(max(k.shape[1], 1))
     _rotary_kernel[(T,)](q, k, positions, cos_sin, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
                          cos_sin.stride(0), Hq, k.shape[1], HALF=half, NEOX=bool(neox),

@@ -368,7 +368,7 @@ def _launch(q, k, v, cu_seqlens, max_seqlen, causal=False, scale=None, window=No
            lambda: f"q, k, v must share a dtype, got q {q.dtype} k {k.dtype} v {v.dtype}")
     _check(Hkv >= 1 and Hq % Hkv == 0, lambda: f"Hq ({Hq}) must be a multiple of Hkv ({Hkv})")
     _check(1 <= D <= 256, lambda: f"head_dim must be in [1, 256], got {D}")
-    _v.check_cu_seqlens("varlen_attention", cu_seqlens, q.device, f"{q.device}")
+    _v.check_cu_seqlens("varlen_attention", cu_seqlens, q.device, f"{q.device}", q.shape[0])
     B = cu_seqlens.numel() - 1
     max_seqlen = _v.check_max_seqlen("varlen_attention", max_seqlen)
     _check(Hq <= _MAX_GRID_YZ, lambda: f"at most {_MAX_GRID_YZ} heads, got Hq={Hq}")
@@ -376,7 +376,7 @@ def _launch(q, k, v, cu_seqlens, max_seqlen, causal=False, scale=None, window=No
     softcap = _v.check_softcap("varlen_attention", softcap)
 
     out = torch.empty((T, Hq, D), dtype=q.dtype, device=q.device)
-    if T == 0 or B == 0 or max_seqlen == 0:
+    if T == 0 or B == 0:
         return out
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     block_d = max(16, _v.next_pow2(D))

@@ -153,6 +153,8 @@ def _check_norm(op, x, residual, weight, bias, real):
     _weight(op, "weight", weight, H, x.dtype)
     if bias is not None:
         _weight(op, "bias", bias, H, x.dtype)
+        if bias.dtype != weight.dtype:  # the kernel reads both as the weight's type
+            _fail(op, f"bias.dtype must be weight's {weight.dtype}, got {bias.dtype}")
     _same_device(op, [("x", x), ("residual", residual), ("weight", weight), ("bias", bias)], real)
     return rows, H, x_stride, res_stride
 

@@ -121,6 +121,20 @@ def _same_length(q, k, v, n, causal, scale, window, softcap=None):
     return o.view(n, Hkv, g, L, D).permute(0, 3, 1, 2, 4).reshape(T, Hq, D).to(q.dtype)
 
 
+def _host_cu(op, cu_seqlens, T):
+    """cu_seqlens as a host list, checked: 1-D, from 0 up to T, never decreasing (a
+    reference that reads it on the host checks it there for free)."""
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        raise ValueError(f"{op}: cu_seqlens must be a 1-D (B+1,) tensor, got shape {tuple(cu_seqlens.shape)}")
+    cu = cu_seqlens.tolist()
+    bad = next((i for i in range(len(cu) - 1) if cu[i + 1] < cu[i]), None)
+    if cu[0] != 0 or cu[-1] != T or bad is not None:
+        why = (f"starts at {cu[0]}, not 0" if cu[0] != 0 else f"ends at {cu[-1]}, not T={T}" if cu[-1] != T
+               else f"decreases at entry {bad + 1}")
+        raise ValueError(f"{op}: cu_seqlens {why}; it must run from 0 to T without decreasing")
+    return cu
+
+
 def varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=False, scale=None, window=None, softcap=None):
     """Attention within each packed sequence.
 
@@ -136,7 +150,7 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=False, scale=None, 
     T, Hq, D = q.shape
     Hkv = k.shape[1]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    cu = cu_seqlens.tolist()
+    cu = _host_cu("varlen_attention", cu_seqlens, T)
     out = torch.empty_like(q)
     if q.device.type == "cpu":
         # Sequences of one length go through one batched matmul (a chunk of at most
@@ -196,6 +210,9 @@ def pooled_query_attention(q, k, v, cu_seqlens, max_seqlen, q_pos, causal=False,
     Hkv = k.shape[1]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     S = int(max_seqlen)
+    if cu_seqlens.device.type == "cpu":  # free to check here (on a GPU: the caller's promise)
+        cu = _host_cu("pooled_query_attention", cu_seqlens, k.shape[0])
+        S = max([S] + [b - a for a, b in zip(cu[:-1], cu[1:])])  # a short max_seqlen would drop keys
     starts = cu_seqlens[:-1].long()
     lens = cu_seqlens[1:].long() - starts
     ar = torch.arange(S, device=q.device)
@@ -211,11 +228,15 @@ def pooled_query_attention(q, k, v, cu_seqlens, max_seqlen, q_pos, causal=False,
 
 def gather_pooled(hidden, cu_seqlens, pooling):
     """One row per sequence. hidden: (T, H); cu_seqlens: (B+1,) int32;
-    pooling: "cls" (first token), "last" (true last token) or "mean". Returns (B, H)."""
-    if pooling == "cls":
-        return hidden[cu_seqlens[:-1].long()]
-    if pooling == "last":
-        return hidden[cu_seqlens[1:].long() - 1]
+    pooling: "cls" (first token), "last" (true last token) or "mean". Returns (B, H).
+    An empty sequence's row is NaN whatever the pooling (mean's 0 / 0)."""
+    if pooling in ("cls", "last"):
+        starts, ends = cu_seqlens[:-1].long(), cu_seqlens[1:].long()
+        rows = starts if pooling == "cls" else ends - 1
+        if hidden.shape[0] == 0:
+            return hidden.new_full((rows.numel(), hidden.shape[1]), float("nan"))
+        picked = hidden[rows.clamp(0, hidden.shape[0] - 1)]
+        return torch.where((ends > starts)[:, None], picked, torch.full_like(picked, float("nan")))
     if pooling == "mean":
         lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
         seq_id = torch.repeat_interleave(
@@ -402,7 +423,7 @@ def selective_scan(x, dt, A, B, C, D, z, dt_bias, cu_seqlens, max_seqlen):
     With d = softplus(dt + dt_bias): h_t = exp(d_t A) h_{t-1} + d_t B_t x_t,
     y_t = (C_t . h_t + D x_t) * silu(z_t), in fp32. Returns (T, Ci) in x's dtype."""
     T, Ci = x.shape
-    cu = cu_seqlens.tolist()
+    cu = _host_cu("selective_scan", cu_seqlens, T)
     starts, lens = torch.tensor(cu[:-1]), [b - a for a, b in zip(cu[:-1], cu[1:])]
     # Longest first: the sequences still running at step s are a prefix of this order.
     order = sorted(range(len(lens)), key=lambda i: -lens[i])
@@ -413,7 +434,7 @@ def selective_scan(x, dt, A, B, C, D, z, dt_bias, cu_seqlens, max_seqlen):
     h = torch.zeros(len(lens), Ci, A.shape[1], dtype=torch.float32, device=x.device)
     y = torch.empty(T, Ci, dtype=torch.float32, device=x.device)
     n = len(lens)
-    for step in range(int(max_seqlen)):
+    for step in range(max(lens, default=0)):  # the lengths are on the host: max_seqlen is not needed
         while n and sorted_lens[n - 1] <= step:
             n -= 1
         rows = starts[:n] + step

@@ -169,6 +169,9 @@ BAD_INPUTS = [
     ("add_layer_norm", lambda: cuda_ops.add_layer_norm(_meta(4, 8), None, _meta(8, dtype=torch.bfloat16),
                                                        None, 1e-5),
      r"weight.dtype must be float32 or the input's torch.float16"),
+    ("add_layer_norm", lambda: cuda_ops.add_layer_norm(_meta(4, 8), None, _meta(8, dtype=torch.float32),
+                                                       _meta(8), 1e-5),
+     r"bias.dtype must be weight's torch.float32, got torch.float16"),
     ("rotary", lambda: cuda_ops.rotary(_meta(4, 2, 8), _meta(4, 1, 8), _meta(4, dtype=torch.int32),
                                        _meta(16, 8, dtype=torch.float32)),
      r"positions.dtype must be int64"),
@@ -459,6 +462,29 @@ def test_gather_pooled_matches_reference(dtype, H, pooling, layout):
             _close(got, want, dtype, f"gather_pooled mean lens={lens}")
         else:
             assert torch.equal(got, want), f"gather_pooled {pooling} lens={lens}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", ["gather_pooled", "pooled_norm"])
+@pytest.mark.parametrize("pooling", ["cls", "last", "mean"])
+@pytest.mark.parametrize("H", [256, 8192])  # the warp kernels, and pooled_norm's block kernel
+def test_empty_sequences_pool_to_nan(op, pooling, H):
+    """Empty first, middle and last sequences give NaN rows whatever the pooling (mean's
+    0 / 0; cls / last read no row out of bounds), the others as the reference."""
+    gen = torch.Generator(device="cuda").manual_seed(41)
+    lens = [0, 3, 0, 2, 0]
+    cu = _cu(lens, "cuda")
+    hidden = torch.randn(sum(lens), H, device="cuda", generator=gen).to(torch.bfloat16)
+    w = torch.randn(H, device="cuda", generator=gen)
+    _poison()
+    if op == "gather_pooled":
+        got, want = cuda_ops.gather_pooled(hidden, cu, pooling), ref.gather_pooled(hidden, cu, pooling)
+    else:
+        got = cuda_ops.pooled_norm(hidden, cu, pooling, "rms", w, None, 1e-6)
+        want = ref.pooled_norm(hidden, cu, pooling, "rms", w, None, 1e-6)
+    empty = torch.tensor([n == 0 for n in lens], device="cuda")
+    assert got[empty].float().isnan().all() and want[empty].float().isnan().all(), got[:, :4]
+    _close(got[~empty], want[~empty], torch.bfloat16, f"{op} {pooling} beside empty sequences")
 
 
 @pytest.mark.gpu

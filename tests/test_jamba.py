@@ -105,3 +105,7 @@ def test_packed_mamba_ops_reset_at_sequence_boundaries():
         torch.testing.assert_close(conv[s:e].double(), F.silu(ref), atol=1e-5, rtol=0)
         ref = _scan_reference(*(t.double() for t in (x[s:e], dt[s:e], A, B[s:e], C[s:e], D, z[s:e], dt_bias)))
         torch.testing.assert_close(scan[s:e].double(), ref, atol=1e-4, rtol=1e-5)
+    # The lengths are on the host: a max_seqlen short of the longest changes nothing.
+    assert torch.equal(ops.selective_scan(x, dt, A, B, C, D, z, dt_bias, cu, 2), scan)
+    with pytest.raises(ValueError, match="selective_scan: cu_seqlens ends at 38, not T=42"):
+        ops.selective_scan(x, dt, A, B, C, D, z, dt_bias, cu[:-1], max(lens))

@@ -298,6 +298,10 @@ def test_varlen_attention_tile_map():
     (lambda q, k, v, cu: (q, k, v[:-1], cu), "same shape"),
     (lambda q, k, v, cu: (q, k, v, cu.long()), "cu_seqlens.dtype must be int32"),
     (lambda q, k, v, cu: (q.transpose(1, 2), k, v, cu), "q must be contiguous in its last dim"),
+    # cu_seqlens values, checked where they sit on the host (a bad one would index out of bounds)
+    (lambda q, k, v, cu: (q, k, v, cu + 1), "cu_seqlens must start at 0, got 1"),
+    (lambda q, k, v, cu: (q, k, v, torch.tensor([0, 3, 10], dtype=torch.int32)), r"must end at T=8 .*got 10"),
+    (lambda q, k, v, cu: (q, k, v, torch.tensor([0, 6, 4, 8], dtype=torch.int32)), "must not decrease"),
 ])
 def test_varlen_attention_validation(bad, match):
     q, k, v = _qkv([4, 4], 4, 2, 16, torch.float32)
@@ -385,6 +389,18 @@ def test_pooled_query_attention_fp16_gqa_padded_head_dim():
 
 
 @pytest.mark.usefixtures("poisoned")
+def test_varlen_attention_max_seqlen_is_only_a_hint():
+    # The tiles come from cu_seqlens: a max_seqlen short of the longest sequence (0
+    # included) changes nothing, and every row is written.
+    lens = [3, 5]
+    q, k, v = _qkv(lens, 2, 1, 16, torch.float32)
+    want = attention64(q, k, v, lens, False, 16 ** -0.5)
+    for max_seqlen in (0, 2, 5):
+        out = _kernel("varlen_attention")(q, k, v, cu_seqlens(lens), max_seqlen)
+        assert_close(out, want, FP32, f"max_seqlen={max_seqlen}")
+
+
+@pytest.mark.usefixtures("poisoned")
 def test_pooled_query_attention_views_and_empty_sequence():
     # k and v as views of a fused (T, 2, Hkv, D) projection (as BERT's last layer passes
     # them), q a strided view; an empty sequence gets zeros, its neighbours are unaffected.
@@ -440,6 +456,26 @@ def test_gather_pooled(tol, pooling, lens, H):
     assert out.dtype == h.dtype
     assert_close(out, ops.gather_pooled(h, cu_seqlens(lens), pooling), tol, pooling)
     assert_close(out, gather64(h, lens, pooling), tol, pooling + " vs float64")
+
+
+@pytest.mark.usefixtures("poisoned")
+@pytest.mark.parametrize("op", ["gather_pooled", "pooled_norm"])
+@pytest.mark.parametrize("pooling", ["cls", "last", "mean"])
+def test_empty_sequences_pool_to_nan(op, pooling):
+    # Empty first, middle and last sequences: NaN rows (mean's 0 / 0, and no row to take
+    # for cls / last, none read out of bounds), their neighbours as the reference.
+    lens, H = [0, 3, 0, 2, 0], 40
+    h, cu = _randn(sum(lens), H, seed=31), cu_seqlens(lens)
+    if op == "gather_pooled":
+        out, want = _kernel(op)(h, cu, pooling), ops.gather_pooled(h, cu, pooling)
+    else:
+        w, b = _randn(H, seed=32), _randn(H, seed=33)
+        out, want = _kernel(op)(h, cu, pooling, "layer", w, b, 1e-5), ops.pooled_norm(h, cu, pooling, "layer", w, b,
+                                                                                       1e-5)
+    empty = torch.tensor([n == 0 for n in lens])
+    assert out[empty].isnan().all() and want[empty].isnan().all()
+    assert_close(out[~empty], want[~empty], FP32, f"{op} {pooling} beside empty sequences")
+
 
 
 @pytest.mark.usefixtures("poisoned")
@@ -548,6 +584,18 @@ def test_rotary(tol, neox, D, R):
     assert_close(k, rotary64(k0, pos, cos_sin, neox), tol, "k vs float64")
     assert torch.equal(q[..., R:], q0[..., R:]), "features past R must be untouched"
     assert torch.equal(qkv[:, 6:], v_before), "v (beside q and k in the buffer) must be untouched"
+
+
+def test_rotary_keys_only():
+    # No query heads (q of shape (T, 0, D)): the keys are rotated as with queries present.
+    pos = torch.tensor([0, 3, 1, 7])
+    ang = _randn(8, 4, seed=34)
+    cos_sin = torch.cat([ang.cos(), ang.sin()], 1)
+    k = _randn(4, 2, 8, seed=35)
+    want = ops.rotary(_randn(4, 1, 8, seed=36), k.clone(), pos, cos_sin)[1]
+    _, got = _kernel("rotary")(torch.empty(4, 0, 8), k.clone(), pos, cos_sin)
+    assert_close(got, want, FP32, "keys only")
+
 
 
 @pytest.mark.usefixtures("poisoned")

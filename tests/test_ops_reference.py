@@ -83,6 +83,9 @@ def test_pooled_query_attention_reference():
         out = ops.pooled_query_attention(q_all[rows], k, v, cu, max(lens), pos, causal=causal)
         full = attention64(q_all, k, v, lens, causal)
         assert_close(out, full[rows], TOL, f"pooled_query_attention causal={causal}")
+        # On the host, a max_seqlen short of the longest sequence drops no key.
+        short = ops.pooled_query_attention(q_all[rows], k, v, cu, 2, pos, causal=causal)
+        assert_close(short, out, (0, 0), "max_seqlen=2")
 
 
 def test_varlen_attention_reference_scale_and_isolation():
@@ -102,6 +105,19 @@ def test_gather_pooled_reference(pooling):
     out = ops.gather_pooled(h, cu_seqlens(LENS), pooling)
     assert out.dtype == h.dtype
     assert_close(out, gather64(h, LENS, pooling), TOL, pooling)
+
+
+@pytest.mark.parametrize("cu,match", [
+    ([0, 3, 6], "ends at 6, not T=8"),
+    ([2, 3, 8], "starts at 2, not 0"),
+    ([0, 5, 3, 8], "decreases at entry 2"),
+    ([[0, 3, 8]], r"must be a 1-D \(B\+1,\) tensor"),
+])
+def test_varlen_attention_reference_checks_cu_seqlens(cu, match):
+    # It reads cu_seqlens on the host anyway: a bad one is an error, not rows left unwritten.
+    q, k, v = (torch.randn(8, 2, 16, generator=_gen(7)) for _ in range(3))
+    with pytest.raises(ValueError, match="varlen_attention: cu_seqlens " + match if "1-D" not in match else match):
+        ops.varlen_attention(q, k, v, torch.tensor(cu, dtype=torch.int32), 5)
 
 
 def test_gather_pooled_reference_unknown():

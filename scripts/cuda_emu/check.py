@@ -105,7 +105,9 @@ def check_pooling():
              (torch.bfloat16, 40, [3, 9], 8), (torch.float16, 33, [1, 2], 0), (torch.bfloat16, 256, [20, 1], 0),
              # cls / last: 11 sequences over two blocks of the warp-per-row kernel (8 warps
              # each), a row of 1024; and rows past its bound (block kernel) in fp32
-             (torch.bfloat16, 1024, [1, 4, 2, 9, 1, 3, 5, 1, 2, 7, 1], 0), (torch.float32, 2176, [2, 1, 3], 0)]
+             (torch.bfloat16, 1024, [1, 4, 2, 9, 1, 3, 5, 1, 2, 7, 1], 0), (torch.float32, 2176, [2, 1, 3], 0),
+             # empty first, middle and last sequences: NaN rows (no row read out of bounds)
+             (torch.bfloat16, 1024, [0, 3, 0, 2, 0], 0), (torch.float32, 2176, [0, 2, 0], 0)]
     for dt, H, lens, pad in cases:
         T = sum(lens)
         hid = torch.randn(T, H + pad, dtype=dt)[:, :H]
