@@ -90,11 +90,18 @@ class PendingBatch:
         return self.output
 
 
-# Files one of which every saved tokenizer has. Without any, transformers would build a
-# default tokenizer with an empty vocabulary for some model types (BERT's: every word
-# becomes [UNK]) instead of failing.
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
-                    "sentencepiece.bpe.model", "tokenizer.model")
+# Files holding a tokenizer's vocabulary, one of which every saved tokenizer that has one
+# comes with. Without any, transformers would build a default tokenizer with an empty
+# vocabulary for some model types (BERT's: every word becomes [UNK]) instead of failing,
+# even where a tokenizer_config.json is there.
+_VOCAB_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "merges.txt", "spiece.model", "spm.model",
+                "sentencepiece.bpe.model", "tokenizer.model")
+_TOKENIZER_FILES = _VOCAB_FILES + ("tokenizer_config.json",)
+
+
+def _has_vocab(path) -> bool:
+    names = os.listdir(path)
+    return any(n in _VOCAB_FILES or n.endswith((".model", ".tiktoken")) for n in names)
 
 
 def _load_tokenizer(cfg: EngineConfig):
@@ -113,13 +120,15 @@ def _load_tokenizer(cfg: EngineConfig):
             raise ValueError(f"tokenizer directory {os.fspath(source)!r} has no tokenizer files "
                              f"(any of {', '.join(_TOKENIZER_FILES)})")
         return None  # a checkpoint without a tokenizer: token-id prompts only
+    if os.path.isdir(source) and not _has_vocab(source):
+        raise ValueError(f"{os.fspath(source)!r} has tokenizer settings but no vocabulary (none of "
+                         f"{', '.join(_VOCAB_FILES)}): a tokenizer built from them would read every word as "
+                         "unknown; add the tokenizer's files, or pass tokenizer=<a loaded tokenizer>")
     try:
         # Never remote code: a config.json with an auto_map would otherwise ask on stdin.
         return AutoTokenizer.from_pretrained(os.fspath(source), local_files_only=True, trust_remote_code=False)
-    except (OSError, ValueError, TypeError) as e:
-        if tok is not None:
-            raise ValueError(f"cannot load tokenizer from {os.fspath(source)!r}: {e}") from e
-        return None
+    except Exception as e:  # noqa: BLE001 - files that are there but unreadable (tokenizers raises Exception): say so
+        raise ValueError(f"cannot load the tokenizer from {os.fspath(source)!r}: {type(e).__name__}: {e}") from e
 
 
 class EngineCore:

@@ -185,6 +185,70 @@ def test_model_instance_and_tokenizer_object(tmp_path):
     assert torch.allclose(got, ref, atol=ATOL, rtol=0), report(got, ref)
 
 
+def test_model_instance_runs_as_its_own_class(tmp_path):
+    """An instance is loaded as the class it is: one built with from_config (its config
+    names no architecture) and one fine-tuned from a base checkpoint (its config names the
+    base class) run and match transformers."""
+    from transformers import AutoModelForSequenceClassification, BertForMaskedLM
+
+    from tiny import randomize
+
+    factory, _ = FAMILIES["bert"]
+    cfg = factory(num_labels=2)
+    ids = [{"prompt_token_ids": [2, 17, 30, 41, 3]}]
+    fresh = randomize(AutoModelForSequenceClassification.from_config(cfg), 0.3, 5).eval()
+    assert not getattr(fresh.config, "architectures", None)
+    BertForMaskedLM(cfg).save_pretrained(tmp_path / "mlm")
+    tuned = randomize(AutoModelForSequenceClassification.from_pretrained(tmp_path / "mlm", num_labels=2), 0.3, 6).eval()
+    assert tuned.config.architectures == ["BertForMaskedLM"]
+    for model in (fresh, tuned):
+        got = torch.tensor(LLM(model).classify(ids, use_tqdm=False)[0].outputs.probs)
+        with torch.no_grad():
+            want = model(input_ids=torch.tensor([ids[0]["prompt_token_ids"]])).logits[0].softmax(-1)
+        assert torch.allclose(got, want, atol=ATOL, rtol=0), (got, want)
+
+
+def test_checkpoints_that_would_load_wrong_are_refused(tmp_path):
+    """A tokenizer without its vocabulary, an unreadable tokenizer.json, a quantized
+    checkpoint, a weight the config has no place for: clear errors when the engine is
+    built, not wrong numbers."""
+    import json
+    import os
+
+    from safetensors.torch import load_file, save_file
+    from transformers import LlamaConfig
+
+    factory, _ = FAMILIES["bert"]
+    for name in ("novocab", "corrupt"):
+        save_tiny(tmp_path / name, factory(num_labels=2))
+    os.remove(tmp_path / "novocab" / "tokenizer.json")
+    os.remove(tmp_path / "novocab" / "vocab.txt")
+    with pytest.raises(ValueError, match="has tokenizer settings but no vocabulary"):
+        LLM(str(tmp_path / "novocab"))
+    (tmp_path / "corrupt" / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ValueError, match="cannot load the tokenizer from"):
+        LLM(str(tmp_path / "corrupt"))
+    llama = LlamaConfig(vocab_size=300, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                        num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64, num_labels=2,
+                        pad_token_id=0, attention_bias=True)
+    save_tiny(tmp_path / "biased", llama, tokenizer=None)
+    with pytest.raises(ValueError, match=r"holds a weight for 'layers.0.qkv_b', which this model.*does not have"):
+        LLM(str(tmp_path / "biased"), hf_overrides={"attention_bias": False})
+    # fp8 weights with their scales, as a quantized checkpoint stores them
+    save_tiny(tmp_path / "fp8", llama, tokenizer=None)
+    sd = load_file(tmp_path / "fp8" / "model.safetensors")
+    key = next(k for k in sd if k.endswith("mlp.down_proj.weight"))
+    sd[key], sd[key[:-6] + "weight_scale"] = sd[key].to(torch.float8_e4m3fn), torch.ones(1)
+    save_file(sd, tmp_path / "fp8" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"weight .*down_w.* is stored as torch.float8_e4m3fn"):
+        LLM(str(tmp_path / "fp8"))
+    cfg = json.loads((tmp_path / "fp8" / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fbgemm_fp8"}
+    (tmp_path / "fp8" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"quantized \(quantization_config, quant_method='fbgemm_fp8'\)"):
+        LLM(str(tmp_path / "fp8"))
+
+
 def test_sharded_and_bin_checkpoints(tmp_path):
     factory, _ = FAMILIES["bert"]
     model, tok = save_tiny(tmp_path / "a", factory(num_labels=2))

@@ -193,6 +193,15 @@ def test_batch_invariance_and_probabilities(vl):
     torch.testing.assert_close(together.sum(-1), torch.ones(len(prompts)), atol=1e-6, rtol=0)
 
 
+def test_nested_hf_overrides_update_the_sub_config(vl):
+    # As vLLM applies them: a dict for text_config updates it key by key, not replaces it.
+    path = vl[0]
+    llm = LLM(path, hf_overrides={"text_config": {"max_position_embeddings": 40}})
+    text = llm.engine.hf_config.text_config
+    assert text.max_position_embeddings == 40 and text.hidden_size == 48
+    assert llm.engine.max_model_len == 40
+
+
 def test_token_prompts_expanded_or_not(vl):
     """Token prompts with one placeholder per image, or with every placeholder token
     already (as transformers' processor writes them), give the text prompt's result."""

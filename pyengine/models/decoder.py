@@ -468,6 +468,8 @@ class DecoderForSequenceClassification(nn.Module):
             i, key = parts[1], ".".join(parts[2:])
             p = f"layers.{i}."
             if key.startswith("self_attn.") and key[10:12] in ("q_", "k_", "v_") and "_proj." in key:
+                if not key.endswith((".weight", ".bias")):
+                    return []  # nothing else of a projection is a float weight here (scales are refused earlier)
                 kind = "w" if key.endswith("weight") else "b"
                 return [(p + f"qkv_{kind}", qkv[key[10]], None)]
             I = self.I
@@ -511,6 +513,8 @@ class DecoderForSequenceClassification(nn.Module):
         p = f"layers.{i}."
         I = self.I
         if key.startswith("attention.") and key.split(".")[1] in ("q_proj", "k_proj", "v_proj"):
+            if not key.endswith((".weight", ".bias")):
+                return []
             kind = "w" if key.endswith("weight") else "b"
             return [(p + f"qkv_{kind}", qkv[key.split(".")[1][0]], None)]
         if key == "mlp.up_gate_proj.weight":  # stored [up | gate]; ours is [gate | up]

@@ -11,10 +11,14 @@ import torch
 def load_hf_config(model, hf_overrides=None):
     """The transformers config of ``model`` (a directory or a PreTrainedModel), with
     ``hf_overrides`` applied. Never reaches a hub: a missing directory is an error."""
-    from transformers import AutoConfig, PretrainedConfig
+    from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
     if hasattr(model, "config") and isinstance(model.config, PretrainedConfig):
         config = model.config.__class__.from_dict(model.config.to_dict())
+        if isinstance(model, PreTrainedModel):
+            # The instance's own class, not what its config was saved as (a model built with
+            # from_config names none; one fine-tuned from a base checkpoint names the base).
+            config.architectures = [type(model).__name__]
     else:
         path = os.fspath(model)
         if not os.path.isdir(path):
@@ -26,9 +30,26 @@ def load_hf_config(model, hf_overrides=None):
                 path, local_files_only=True, trust_remote_code=False)
         except (ValueError, KeyError, OSError, json.JSONDecodeError) as e:
             raise ValueError(f"cannot read {os.path.join(path, 'config.json')}: {e}") from e
-    for key, value in (hf_overrides or {}).items():
-        setattr(config, key, value)
+    _override(config, hf_overrides or {})
+    quant = getattr(config, "quantization_config", None)
+    if quant:
+        method = quant.get("quant_method", "?") if isinstance(quant, dict) else getattr(quant, "quant_method", "?")
+        raise ValueError(f"the checkpoint is quantized (quantization_config, quant_method={method!r}); pyengine "
+                         "loads float weights only (float32, float16, bfloat16): use the unquantized checkpoint")
     return config
+
+
+def _override(config, overrides):
+    """hf_overrides onto ``config``: a dict given for a sub-config (``text_config``) updates
+    it key by key, as vLLM applies them; any other value replaces the attribute."""
+    from transformers import PretrainedConfig
+
+    for key, value in overrides.items():
+        current = getattr(config, key, None)
+        if isinstance(value, dict) and isinstance(current, PretrainedConfig):
+            _override(current, value)
+        else:
+            setattr(config, key, value)
 
 
 # Remote-code model types whose config is a transformers config plus extra keys.
@@ -124,6 +145,12 @@ class WeightSink:
 
     def put(self, name, tensor, rows=None):
         """Copy ``tensor`` into parameter ``name`` (into ``rows`` of dim 0 when given)."""
+        if name not in self.params:
+            raise ValueError(f"{self.what}: the checkpoint holds a weight for {name!r}, which this model, as its "
+                             "config describes it, does not have (a bias the config turns off?)")
+        if tensor.is_floating_point() and tensor.element_size() == 1:
+            raise ValueError(f"{self.what}: weight {name!r} is stored as {tensor.dtype}; pyengine loads float "
+                             "weights only (float32, float16, bfloat16)")
         p = self.params[name]
         dst = p.data if rows is None else p.data[rows]
         if dst.shape != tensor.shape:
