@@ -378,3 +378,11 @@ def test_vision_benchmark_with_videos(tmp_path, capsys):
         with pytest.raises(SystemExit):
             bench_main.main(["vision", "--cache-dir", str(tmp_path / "cache")] + bad)
         assert "--video-frames takes a positive frame count" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device,msg", [("foo", "--device 'foo' is not a device"),
+                                        ("meta", "--device 'meta': only cpu and cuda")])
+def test_vision_bad_device_is_a_clear_error(device, msg, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench_vision.main(["--device", device])
+    assert e.value.code == 2 and msg in capsys.readouterr().err

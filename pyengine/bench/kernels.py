@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from pyengine import ops as ops_mod
-from pyengine.bench.report import output_path_error
+from pyengine.bench.report import output_path_error, parse_device
 from pyengine.kernels import _tuned
 
 BACKENDS = ("cuda", "triton", "torch")
@@ -943,14 +943,7 @@ def main(argv=None):
                         "count; 0: compile as the sweep goes)")
     a = p.parse_args(argv)
     if a.device is not None:
-        try:
-            dev = torch.device(a.device)
-        except RuntimeError:
-            p.error(f"--device {a.device!r} is not a device; use cpu, cuda or cuda:N")
-        if dev.type not in ("cpu", "cuda"):
-            p.error(f"--device {a.device!r}: only cpu and cuda are supported")
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            p.error(f"--device {a.device}: torch sees no CUDA device")
+        parse_device(p, a.device)
     if a.repeats is not None and a.repeats < 1:
         p.error(f"--repeats must be a positive integer, got {a.repeats}")
     why = output_path_error(a.json) if a.json is not None else None

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from . import presets as P
 from . import providers as PR
-from .report import environment, format_table, matmul_peak, median, output_path_error, timed
+from .report import environment, format_table, matmul_peak, median, output_path_error, parse_device, timed
 from .workloads import parse_workload, read_dataset, synthetic
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -78,15 +78,7 @@ def _check(args, parser):
     need_positive("single-sample", args.single_sample, zero_ok=True)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        parser.error(f"--device {args.device!r} is not a device; use auto, cpu, cuda or cuda:N")
-    if device.type not in ("cpu", "cuda"):
-        parser.error(f"--device {args.device!r}: only cpu and cuda are supported")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: torch sees no CUDA device")
-    args.device = device
+    device = args.device = parse_device(parser, args.device, "auto, cpu, cuda or cuda:N")
     gpu = device.type == "cuda"
     if args.dtype == "auto":
         args.dtype = torch.bfloat16 if gpu else torch.float32

@@ -50,6 +50,20 @@ def output_path_error(path: str) -> str | None:
     return None
 
 
+def parse_device(parser, spec: str, choices: str = "cpu, cuda or cuda:N") -> torch.device:
+    """``spec`` as a torch device this benchmark runs on (cpu or an available cuda), or a
+    parser error naming what is wrong, before any work."""
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        parser.error(f"--device {spec!r} is not a device; use {choices}")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device {spec!r}: only cpu and cuda are supported")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {spec}: torch sees no CUDA device")
+    return device
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -28,7 +28,7 @@ import os
 import numpy as np
 import torch
 
-from .report import environment, median, output_path_error, timed
+from .report import environment, median, output_path_error, parse_device, timed
 
 _SPECIAL = ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>"]
 # name -> (config class, text config, vision config)
@@ -185,8 +185,8 @@ def hf_run(model, score, prepared, batch, device, video=False):
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    spec = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = parse_device(parser, spec, "auto, cpu, cuda or cuda:N")
     gpu = device.type == "cuda"
     preset = args.preset or ("qwen2-vl-2b" if gpu else "qwen2.5-vl-tiny")
     if preset not in _all_presets():
