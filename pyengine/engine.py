@@ -185,6 +185,9 @@ class EngineCore:
             proc = getattr(self.model, "image_processor", ImageProcessor)
             images = proc.from_checkpoint(src, self.hf_config, self.hf_config.vision_config, cfg.mm_processor_kwargs,
                                           tokenizer=self.tokenizer)
+            table = getattr(self.model, "cos_sin", None)
+            if table is not None:
+                images.max_position = int(table.shape[0])
         elif cfg.mm_processor_kwargs:
             raise ValueError(f"mm_processor_kwargs was given, but {self.arch} takes no images")
         self.inputs = InputProcessor(self.tokenizer, self.max_model_len, self.model.vocab_size,

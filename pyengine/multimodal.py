@@ -58,13 +58,15 @@ _STD = (0.26862954, 0.26130258, 0.27577711)
 _HALF = (0.5, 0.5, 0.5)  # Qwen3-VL's processors' mean and std
 
 
-def smart_resize(height, width, factor, min_pixels, max_pixels):
+def smart_resize(height, width, factor, min_pixels, max_pixels, where="an image"):
     """(h, w) multiples of ``factor`` with h * w in [min_pixels, max_pixels], the aspect
-    ratio kept as closely as possible (the Qwen2-VL processor's rule)."""
+    ratio kept as closely as possible (the Qwen2-VL processor's rule, as transformers has
+    it: a side that rounds to 0 sends the image to the min_pixels branch, which scales both
+    sides up, rather than being raised to one factor on its own)."""
     if max(height, width) / min(height, width) > 200:
-        raise ValueError(f"an image of {height}x{width} has an aspect ratio over 200")
-    h = max(factor, round(height / factor) * factor)
-    w = max(factor, round(width / factor) * factor)
+        raise ValueError(f"{where} is {height}x{width}: its aspect ratio is over 200")
+    h = round(height / factor) * factor
+    w = round(width / factor) * factor
     if h * w > max_pixels:
         beta = math.sqrt(height * width / max_pixels)
         h = max(factor, math.floor(height / beta / factor) * factor)
@@ -92,7 +94,13 @@ def _is_pil(x):
 def _rgb(img, where):
     """(3, H, W) uint8 from a PIL image or a uint8 array."""
     if _is_pil(img):
-        img = np.array(img.convert("RGBA" if "A" in img.mode else "RGB"))
+        # Transparency kept where the image has it in any form (an alpha band, or a
+        # palette's or an RGB PNG's transparent colour), to be composited over white below.
+        alpha = "A" in img.getbands() or img.info.get("transparency") is not None
+        try:
+            img = np.array(img.convert("RGBA" if alpha else "RGB"))
+        except (OSError, ValueError, SyntaxError) as e:  # PIL's errors on a cut or corrupt file
+            raise ValueError(f"{where}: cannot read the image: {e}") from None
     if isinstance(img, np.ndarray):
         img = torch.from_numpy(np.array(img))  # a copy: arrays may be read-only
     if not isinstance(img, torch.Tensor):
@@ -154,6 +162,9 @@ class ImageProcessor:
         self.vision_start_token_id, self.vision_end_token_id = vision_start_token_id, vision_end_token_id
         self.tokenizer, self._stamps = tokenizer, {}
         self.embed_width = embed_width
+        # Rows of the model's rotary table (set by the engine): a prompt whose 3-D positions
+        # reach past it (a long video's time steps) is an error before any work.
+        self.max_position = None
 
     # Settings a user may set for the whole engine (vLLM's LLM(mm_processor_kwargs=...)),
     # e.g. the pixel bounds a checkpoint's own scoring code uses in place of its saved ones;
@@ -218,11 +229,13 @@ class ImageProcessor:
         H, W = x.shape[-2:]
         factor = self.patch * self.merge
         if self.do_resize:
-            h, w = bounds(H, W) if callable(bounds) else smart_resize(H, W, factor, *bounds)
+            h, w = bounds(H, W) if callable(bounds) else smart_resize(H, W, factor, *bounds, where=where)
             if (h, w) != (H, W):
-                # torch's uint8 antialiased bicubic is PIL's filter in the same fixed-point
-                # steps (8-bit between the two passes), so it agrees with PIL to one level
-                # (and is the very op transformers' video processor runs).
+                # torch's uint8 antialiased bicubic: PIL's filter in the same fixed-point
+                # steps (8-bit between the two passes) and the op transformers' video
+                # processor runs. It agrees with PIL to one level where both resize the
+                # same axis first; PIL starts with the axis that shrinks more, which moves
+                # some shapes' pixels by up to ~20 levels of 255.
                 lead = x.shape[:-3]
                 x = F.interpolate(x.reshape(-1, *x.shape[-3:]).contiguous(), size=(h, w), mode="bicubic",
                                   antialias=True, align_corners=False).reshape(*lead, -1, h, w)
@@ -253,7 +266,7 @@ class ImageProcessor:
             x = x[keep]
         if vs.timestamps:  # Qwen3-VL: one pixel budget for the whole video
             n = len(x)
-            x = self._resized(x, where, lambda H, W: vs.frames_size(n, H, W, self.patch * self.merge, self.tp))
+            x = self._resized(x, where, lambda H, W: vs.frames_size(n, H, W, self.patch * self.merge, self.tp, where))
         else:
             x = self._resized(x, where, (vs.min_pixels, vs.max_pixels))
         if pad := -x.shape[0] % self.tp:  # the last frame repeated, as transformers pads
@@ -336,6 +349,12 @@ class ImageProcessor:
         intervals = [self.t_interval(k) for k in mm.kinds or [IMAGE] * len(mm.grids)]
         mm.rope_positions = rope_positions(tokens, mm.grids, self.image_token_id, self.merge, intervals,
                                            self.video_token_id)
+        if self.max_position is not None and len(tokens):
+            top = int(mm.rope_positions.max())
+            if top >= self.max_position:
+                raise ValueError(f"{where} takes rotary positions up to {top}, past the model's {self.max_position} "
+                                 "(a video's positions step with its time: fewer frames, or frames sampled at a "
+                                 "higher fps)")
         return tokens, mm
 
 
@@ -424,7 +443,7 @@ class VideoSettings:
         secs = [i / rate for i in idx]
         return keep, [(secs[i] + secs[i + tp - 1]) / 2 for i in range(0, len(secs), tp)]
 
-    def frames_size(self, n, H, W, factor, tp):
+    def frames_size(self, n, H, W, factor, tp, where="a video"):
         """Qwen3-VL: the (h, w), multiples of ``factor``, of a video's ``n`` frames of H x W:
         its rounded frame count times h * w within [min_pixels, max_pixels] (with the
         per-frame cap where the checkpoint sets ``cap_pixels_per_frame``)."""
@@ -436,7 +455,7 @@ class VideoSettings:
             s = max(factor / H, factor / W)
             H, W = int(H * s), int(W * s)
         if max(H, W) / min(H, W) > 200:
-            raise ValueError(f"a video of {H}x{W} frames has an aspect ratio over 200")
+            raise ValueError(f"{where} has {H}x{W} frames: their aspect ratio is over 200")
         h, w, t = round(H / factor) * factor, round(W / factor) * factor, round(n / tp) * tp
         if t * h * w > hi:
             beta = math.sqrt(n * H * W / hi)
@@ -516,7 +535,10 @@ def _embeds(v, kind, where):
     if not isinstance(rows, torch.Tensor) or not rows.is_floating_point() or rows.ndim not in (2, 3):
         raise ValueError(f"{where}: {what}_embeds must be a float tensor (tokens, width) or (items, tokens, width), "
                          f"got {getattr(rows, 'dtype', type(rows).__name__)} {tuple(getattr(rows, 'shape', ()))}")
-    grid = torch.as_tensor(grid)
+    try:
+        grid = torch.as_tensor(grid)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{where}: {what}_grid_thw must be positive ints (items, 3), got {grid!r:.60}: {e}") from None
     if grid.ndim == 1:
         grid = grid[None]
     if grid.ndim != 2 or grid.shape[1] != 3 or grid.is_floating_point() or (grid < 1).any():

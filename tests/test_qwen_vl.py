@@ -193,6 +193,52 @@ def test_batch_invariance_and_probabilities(vl):
     torch.testing.assert_close(together.sum(-1), torch.ones(len(prompts)), atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("shape", [(10, 150, 3), (150, 10, 3), (5, 300, 3)])  # a side that rounds to 0
+@needs_pil
+def test_thin_images_get_the_processors_grid(shape):
+    # transformers sends an image whose side rounds to 0 patches to its min_pixels branch
+    # (both sides scaled up); the patches are then the same in number and near in value.
+    a = np.random.default_rng(8).integers(0, 256, shape, dtype=np.uint8)
+    ref = _hf_processor()(PIL.fromarray(a), return_tensors="pt")
+    proc = _ours()
+    raw, grid = proc(a, "img")
+    assert grid == tuple(ref["image_grid_thw"][0].tolist())
+    assert proc.finish(raw).shape == ref["pixel_values"].shape
+
+
+@needs_pil
+def test_transparent_colour_is_composited_over_white():
+    # A palette PNG with a transparent entry (no alpha band): transparent pixels become
+    # white, as transformers' RGB conversion makes them.
+    import io
+
+    a = np.random.default_rng(9).integers(0, 256, (56, 56, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    PIL.fromarray(a).quantize(16).save(buf, "PNG", transparency=0)
+    img = PIL.open(io.BytesIO(buf.getvalue()))
+    img.load()
+    assert "A" not in img.getbands() and img.info.get("transparency") is not None
+    ref = _hf_processor()(img, return_tensors="pt")["pixel_values"]
+    proc = _ours()
+    level = 1 / 255 / 0.26130258 + 1e-5
+    torch.testing.assert_close(proc.finish(proc(img, "img")[0]), ref, atol=level, rtol=0)
+
+
+@needs_pil
+def test_unreadable_images_and_grids_name_their_prompt(vl):
+    import io
+
+    path = vl[0]
+    llm = LLM(path, dtype="float32", kernel_backend="torch")
+    buf = io.BytesIO()
+    PIL.new("RGB", (84, 56)).save(buf, "PNG")
+    cut = PIL.open(io.BytesIO(buf.getvalue()[:len(buf.getvalue()) // 2]))
+    for item, match in ((cut, r"prompts\[2\] image 0: cannot read the image"),
+                        (np.zeros((2, 500, 3), np.uint8), r"prompts\[2\] image 0 is 2x500: its aspect ratio is over 200")):
+        with pytest.raises(ValueError, match=match):
+            llm.classify(["a", "b", {"prompt": f"x {IMG}", "multi_modal_data": {"image": item}}], use_tqdm=False)
+
+
 def test_nested_hf_overrides_update_the_sub_config(vl):
     # As vLLM applies them: a dict for text_config updates it key by key, not replaces it.
     path = vl[0]

@@ -164,3 +164,19 @@ def test_bf16_features_on_gpu(gen, tmp_path):
     ref = ref_llm.classify(prompts, use_tqdm=False)
     torch.testing.assert_close(torch.tensor([o.outputs.probs for o in got]),
                                torch.tensor([o.outputs.probs for o in ref]), atol=2e-2, rtol=0)
+
+
+def test_positions_past_the_rotary_table_are_refused(tmp_path):
+    # A video's 3-D positions step with its time (tokens_per_second * temporal_patch / fps
+    # per group in Qwen2.5-VL): 150 groups of one token reach position 600 in a 154-token
+    # prompt, past the 512 rows of the rotary table. Refused before any work, naming the
+    # prompt; the text prompt beside it is not lost to a failed batch.
+    save_vl(tmp_path, "2.5")
+    llm = LLM(str(tmp_path), dtype="float32", kernel_backend="torch")
+    table = llm.engine.model.cos_sin.shape[0]
+    width = llm.engine.hf_config.text_config.hidden_size
+    long = {"prompt": f"x {VID}", "multi_modal_data": {"video": {"video_embeds": torch.randn(150, width),
+                                                                "video_grid_thw": [150, 2, 2]}}}
+    with pytest.raises(ValueError, match=rf"prompts\[1\] takes rotary positions up to \d+, past the model's {table}"):
+        llm.classify(["an unrelated text prompt", long], use_tqdm=False)
+    assert llm.classify("an unrelated text prompt", use_tqdm=False)[0].outputs.probs
