@@ -295,12 +295,14 @@ class EngineCore:
         return [r for r in pending.requests if running.get(r.request_id) is r]
 
     def _launch_next(self):
-        if self.graphs is not None and self.lora is not None:
+        if self.lora is not None:
             # Adapters dropped since (on whichever thread loads them): free their graphs
-            # here, on the thread that replays them.
+            # here, on the thread that replays them (and empty the list without graphs too).
             dropped = self.lora.dropped
             while dropped:
-                self.graphs.forget(dropped.popleft())
+                key = dropped.popleft()
+                if self.graphs is not None:
+                    self.graphs.forget(key)
         oldest = self.waiting.oldest()
         anchored = time.monotonic() - oldest.arrival > self.MAX_WAIT_S
         reqs = self.waiting.pop_batch(self.cfg.max_num_batched_tokens, self.cfg.max_num_seqs, anchored,

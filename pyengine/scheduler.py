@@ -31,16 +31,23 @@ def pack(lengths, max_num_batched_tokens, max_num_seqs):
 def next_batch(lengths, max_num_batched_tokens, max_num_seqs, first=None):
     """The indices of the sequences to run now: the first batch :func:`pack` would cut,
     or, when ``first`` is given, a batch cut from the length-sorted order starting at
-    sequence ``first`` (so a long request that has waited too long runs next instead
-    of yielding forever to shorter arrivals)."""
+    sequence ``first`` and going on to longer ones, then, where those do not fill it,
+    down to shorter ones (so a long request that has waited too long runs next instead
+    of yielding forever to shorter arrivals, in a full batch)."""
     if not lengths:
         return []
     if first is None:
         return pack(lengths, max_num_batched_tokens, max_num_seqs)[0]
     order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i != first))
-    tail = order[order.index(first):]
-    # pack's sort is stable and tail is already sorted, so ``first`` stays in front.
-    return [tail[j] for j in pack([lengths[i] for i in tail], max_num_batched_tokens, max_num_seqs)[0]]
+    at = order.index(first)
+    take, tokens = [], 0
+    for run in (order[at:], order[:at][::-1]):
+        for i in run:
+            if len(take) == max_num_seqs or (take and tokens + lengths[i] > max_num_batched_tokens):
+                break
+            take.append(i)
+            tokens += lengths[i]
+    return take
 
 
 class WaitingQueue:
@@ -127,7 +134,8 @@ class WaitingQueue:
         """Remove and return the items of the next batch, as many as fit under both
         budgets: from the start of the oldest item's group on, by group then length, then
         round to the groups before it; with ``oldest_first``, from the oldest item itself
-        on, with no wrap (so a long item that has waited too long runs next).
+        on and then down from it to shorter items, with no wrap (so an item that has waited
+        too long runs next, in a batch as full as the others).
         target_tokens: fill batches to this many tokens only (at most
         max_num_batched_tokens); an item longer than that still runs, alone."""
         target = max_num_batched_tokens if target_tokens is None else min(target_tokens, max_num_batched_tokens)
@@ -142,17 +150,17 @@ class WaitingQueue:
         by_key, items = self._by_key, []
         tokens = dead = 0
 
-        def walk(i, stop):
-            """Take items from keys[i:stop]; returns (the index it stopped at, whether the
-            batch is full)."""
+        def walk(i, stop, step=1):
+            """Take items from keys[i], keys[i + step], ... up to stop (not included);
+            returns (the index it stopped at, whether the batch is full)."""
             nonlocal tokens, dead
-            while i < stop:
+            while i != stop:
                 if len(items) == max_num_seqs:
                     return i, True
                 entry = by_key.get(keys[i])
                 if entry is None:  # removed since it was indexed
                     dead += 1
-                    i += 1
+                    i += step
                     continue
                 length = (keys[i] >> self._SEQ_BITS) & self._SEQ_MASK
                 if length > max_num_batched_tokens:
@@ -162,13 +170,19 @@ class WaitingQueue:
                     return i, True
                 items.append(entry)
                 tokens += length
-                i += 1
+                i += step
             return i, False
 
         end, full = walk(start, len(keys))
         wrap = 0
         if not full and not oldest_first and start > 0:
             wrap, _ = walk(0, start)
+        elif oldest_first and start > 0 and len(items) < max_num_seqs:
+            # Shorter items fill what the oldest and the longer ones left (all of it where
+            # prompts came longest first, the oldest then being the longest left); the
+            # batch is still one run of the sorted keys.
+            below, _ = walk(start - 1, -1, -1)
+            start = below + 1
         # The batch is one run of the sorted keys (removed keys aside), or two when it
         # wrapped: keys[start:end] and keys[:wrap].
         del keys[start:end]

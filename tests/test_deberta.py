@@ -54,6 +54,24 @@ def test_batch_invariance(deberta):
     assert_batch_invariant(deberta[0], prompts(2, [1, 3, 60, 59, 7, 20, 21, 2]))
 
 
+def test_relative_index_is_one_pair_sliced_by_length(deberta):
+    # Every length reads views of one (N, N) pair, built at the longest length yet
+    # rounded up to a power of two: the same indices as a pair built for that length.
+    llm = LLM(str(deberta[0]), kernel_backend="torch")
+    llm.classify([{"prompt_token_ids": p} for p in prompts(3, [5, 60, 17, 33, 2])], use_tqdm=False)
+    model = llm.engine.model
+    if not model.relative:
+        return  # the absolute variant reads no relative index
+    assert len(model._index) == 1
+    (device, big), = model._index.items()
+    assert big[0].shape == (64, 64)
+    for L in (3, 17, 60):
+        model._index.clear()
+        small = [t.clone() for t in model._rel_index(L, device)]  # built at the power of two above L
+        model._index[device] = big
+        assert all(torch.equal(a, b) for a, b in zip(small, model._rel_index(L, device))), L
+
+
 def test_triton_backend_in_the_interpreter(tmp_path):
     """The Triton norms and pooled-row gather around the model's own attention."""
     model, _ = save_tiny(tmp_path, DebertaV2Config(num_labels=2, **_BASE, **VARIANTS["v3"]), seed=3)

@@ -27,25 +27,30 @@ def test_pack_rejects_sequence_over_budget():
 def test_next_batch_anchored_on_an_old_request():
     lens = [50, 1, 2, 3, 4, 60]
     assert next_batch(lens, 100, 8) == [1, 2, 3, 4, 0]
-    # The oldest (index 0, 50 tokens) waited too long: the batch starts from it.
-    assert next_batch(lens, 100, 8, first=0) == [0]
-    assert next_batch(lens, 120, 8, first=0) == [0, 5]
+    # The oldest (index 0, 50 tokens) waited too long: the batch starts from it, takes
+    # the longer ones, then fills up with the shorter ones, longest first.
+    assert next_batch(lens, 100, 8, first=0) == [0, 4, 3, 2, 1]
+    assert next_batch(lens, 58, 8, first=0) == [0, 4, 3]
+    assert next_batch(lens, 115, 8, first=0) == [0, 5, 4]
+    assert next_batch(lens, 120, 2, first=0) == [0, 5]
     assert next_batch([], 10, 2) == []
 
 
 def _grouped_batch(ref, group, budget, seqs, anchored):
     """The batch of items sorted by (group, length, arrival), from the oldest item's group
-    on and round to the groups before it (anchored: from the oldest item itself on, no
-    wrap), cut under both budgets."""
+    on and round to the groups before it (anchored: from the oldest item itself on, then
+    back down from it), cut under both budgets."""
     order = sorted(ref, key=lambda r: (group[r], ref[r], int(r)))
     oldest = next(iter(ref))
     start = order.index(oldest) if anchored else next(j for j, r in enumerate(order) if group[r] == group[oldest])
     take, tokens = [], 0
-    for r in order[start:] + ([] if anchored else order[:start]):
-        if len(take) == seqs or (take and tokens + ref[r] > budget):
-            break
-        take.append(r)
-        tokens += ref[r]
+    runs = (order[start:], order[:start][::-1]) if anchored else (order[start:] + order[:start],)
+    for run in runs:  # anchored: the second run goes on even where the first stopped short
+        for r in run:
+            if len(take) == seqs or (take and tokens + ref[r] > budget):
+                break
+            take.append(r)
+            tokens += ref[r]
     return take
 
 
@@ -84,6 +89,25 @@ def test_waiting_queue_picks_what_next_batch_picks(groups):
         assert q.oldest() == (("item", next(iter(ref))) if ref else None)
     with pytest.raises(ValueError, match="already queued"):
         q.add("x", 1, None) or q.add("x", 1, None)
+
+
+def test_anchored_batches_stay_full_when_prompts_come_longest_first():
+    # Every prompt of one long call is as old as the others: once the oldest has waited
+    # past the limit each batch is anchored on it, and with prompts given longest first
+    # it is the longest left; the shorter ones fill the batch as an unanchored one would.
+    rng = random.Random(0)
+    lens = sorted((rng.randint(8, 512) for _ in range(3000)), reverse=True)
+    counts = {}
+    for anchored in (False, True):
+        q = WaitingQueue()
+        for i, n in enumerate(lens):
+            q.add(str(i), n, n)
+        batches = []
+        while q:
+            batches.append(q.pop_batch(16384, 256, anchored))
+        assert sorted(x for b in batches for x in b) == sorted(lens)
+        counts[anchored] = len(batches)
+    assert counts[True] == counts[False], counts
 
 
 def test_waiting_queue_rejects_a_sequence_over_budget_and_keeps_it():

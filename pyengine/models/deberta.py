@@ -102,23 +102,27 @@ class DebertaV2ForSequenceClassification(nn.Module):
         P = getattr(config, "pooler_hidden_size", None) or H
         self.pool_w, self.pool_b = _p(P, H, **f32), _p(P, **f32)
         self.out_w, self.out_b = _p(self.num_labels, P, **f32), _p(self.num_labels, **f32)
-        self._index = {}  # group length -> (c2p, p2c) gather indices, (L, L) int64
+        self._index = {}  # device -> (c2p, p2c) gather indices, (N, N) int64, N the longest built yet
 
     # ------------------------------------------------------------------ forward
     def _rel_index(self, L, device):
         """(c2p, p2c), each (L, L) int64 rows of the relative tables: c2p[i, j] is the Kr row
         query i reads against key j (bucket(i - j)); p2c[j, i] the Qr row key j reads
-        against query i (bucket(i - j) negated: the key's view of the same distance)."""
-        key = (L, device)
-        if key not in self._index:
-            ar = torch.arange(L, device=device)
+        against query i (bucket(i - j) negated: the key's view of the same distance). Both
+        depend on i - j only, so every length takes views of one pair, built at the
+        longest length seen yet (rounded up to a power of two): a pair per length would
+        hold 16 L^2 bytes for each one met (hundreds of MB over a corpus)."""
+        built = self._index.get(device)
+        if built is None or built[0].shape[0] < L:
+            n = 1 << max(L - 1, 1).bit_length()
+            ar = torch.arange(n, device=device)
             rel = ar[:, None] - ar[None, :]
             if self.buckets > 0:
                 rel = log_buckets(rel, self.buckets, self.max_rel)
             c2p = (rel + self.span).clamp(0, 2 * self.span - 1)
             p2c = (-rel + self.span).clamp(0, 2 * self.span - 1)
-            self._index[key] = (c2p, p2c)
-        return self._index[key]
+            built = self._index[device] = (c2p, p2c)
+        return built[0][:L, :L], built[1][:L, :L]
 
     def _attention(self, layer, x, batch, rel):
         """x: (T, H) -> (T, nh * hd), each sequence attending within itself."""
