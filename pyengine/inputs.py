@@ -421,7 +421,7 @@ class InputProcessor:
         return fn(self.tokenizer) if fn is not None and self.tokenizer is not None else None
 
     def process_pairs(self, data_1, data_2, truncate_prompt_tokens=None, truncation_side=None, template=None,
-                      progress=None, names=("data_1", "data_2")):
+                      progress=None, names=("data_1", "data_2"), template_vars=None):
         """Cross-encoder pairs: 1:1, 1:N (one query, N documents) or N:N, of texts and
         (vision-language models) images, see :mod:`pyengine.score_items`. Returns
         list[TokenizedPrompt], one per pair. Without a template (``template``, else the
@@ -429,7 +429,8 @@ class InputProcessor:
         keeping token_type_ids, and a pair with an image as query then document back to
         back; with one (see :mod:`pyengine.templates`) each pair is rendered into one text
         and tokenised as a prompt. The model's score suffix ends every prompt. names: what
-        errors call the two sides."""
+        errors call the two sides; template_vars: more variables for the template (an
+        ``instruction``; unused without a template)."""
         d1, d2 = pair_items(data_1, data_2, names)
         template = self.score_template if template is None else template
         images = [i for i, (q, d) in enumerate(zip(d1, d2)) if has_image(q) or has_image(d)]
@@ -438,7 +439,9 @@ class InputProcessor:
             img = next(x for x in (d1[i] if has_image(d1[i]) else d2[i]) if not isinstance(x, str))
             raise ValueError(f"pair {i} has an image or video ({img.where}), but this model takes text only")
         if template is not None:
-            rendered = render_with_images(load_score_template(template), render_pairs, d1, d2,
+            extra = dict(template_vars or {})
+            rendered = render_with_images(load_score_template(template),
+                                          lambda t, qs, ds: render_pairs(t, qs, ds, **extra), d1, d2,
                                           self.image_placeholder if images else None,
                                           self.video_placeholder if images else None)
         else:

@@ -251,7 +251,7 @@ class Server:
 
     def _prepare_pairs(self, req, first, second, names):
         toks = self.core.inputs.process_pairs(first, second, req.truncate_prompt_tokens, req.truncation_side,
-                                              self.score_template, names=names)
+                                              self.score_template, names=names, template_vars=req.template_vars())
         return toks, self._activation(req.use_activation, score_activation(self.core.hf_config))
 
     # ------------------------------------------------------------------ routes

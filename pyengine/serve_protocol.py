@@ -11,6 +11,7 @@ import base64
 import inspect
 from typing import Any, Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from transformers import PreTrainedTokenizerBase
 
@@ -44,11 +45,38 @@ class _Common(BaseModel):
     request_id: str | None = None
     priority: int = 0
     use_activation: bool | None = None
+    # vLLM's older names for use_activation, which it still reads (the first one given
+    # wins); normalize is an embedding model's option, refused when set.
+    activation: bool | None = None
+    softmax: bool | None = None
+    normalize: bool | None = None
     # Taken as vLLM takes them: the salt has nothing to salt here (no prefix cache); the
     # processor and media settings are the server's (checked in pyengine.serve).
     cache_salt: str | None = None
     mm_processor_kwargs: dict[str, Any] | None = None
     media_io_kwargs: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _activation_aliases(self):
+        if self.normalize:
+            raise ValueError("'normalize' applies to embedding models; this server serves classification "
+                             "(use 'use_activation')")
+        if self.use_activation is None:
+            self.use_activation = self.activation if self.activation is not None else self.softmax
+        return self
+
+
+class _TemplateVars(BaseModel):
+    """What /score and /rerank pass to the score template besides query and document,
+    as vLLM's: ``instruction`` (the Qwen3-Reranker template's) and ``chat_template_kwargs``."""
+    instruction: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    def template_vars(self) -> dict:
+        out = dict(self.chat_template_kwargs or {})
+        if self.instruction is not None:
+            out["instruction"] = self.instruction
+        return out
 
 
 class LoadLoRARequest(BaseModel):
@@ -87,7 +115,7 @@ class ClassifyRequest(_Common):
 class PoolingRequest(ClassifyRequest):
     task: str | None = None
     encoding_format: Literal["float", "base64"] = "float"
-    embed_dtype: Literal["float32", "float16"] = "float32"
+    embed_dtype: Literal["float32", "float16", "bfloat16", "fp8_e4m3", "fp8_e5m2"] = "float32"
     endianness: Literal["native", "little", "big"] = "native"
     dimensions: int | None = None
 
@@ -132,7 +160,7 @@ SCORE_FIELDS = (("text_1", "text_2"), ("data_1", "data_2"), ("queries", "documen
 ScoreSide = str | dict[str, Any] | list[str | dict[str, Any]]
 
 
-class ScoreRequest(_Common):
+class ScoreRequest(_TemplateVars, _Common):
     text_1: ScoreSide | None = None
     text_2: ScoreSide | None = None
     data_1: ScoreSide | None = None
@@ -151,9 +179,9 @@ class ScoreRequest(_Common):
                             "'queries'/'documents', 'queries'/'items')")
 
 
-class RerankRequest(_Common):
+class RerankRequest(_TemplateVars, _Common):
     query: str | dict[str, Any]
-    documents: list[str | dict[str, Any]] | dict[str, Any]
+    documents: list[str | dict[str, Any]] | dict[str, Any] | str  # a string: one document, as vLLM takes it
     top_n: int = Field(0, ge=0)  # 0: every document
 
 
@@ -289,7 +317,12 @@ def encode_floats(row, fmt: str, dtype: str, endianness: str):
         return row.tolist()
     import numpy as np
 
-    arr = row.numpy().astype(np.float16 if dtype == "float16" else np.float32)
-    if endianness != "native":
+    # Each value's bytes as the dtype stores them (bfloat16 and fp8 through torch, as raw
+    # 2- and 1-byte integers), then swapped where another byte order is asked for.
+    torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                   "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}[dtype]
+    as_int = {4: torch.int32, 2: torch.int16, 1: torch.uint8}[torch_dtype.itemsize]
+    arr = row.to(torch_dtype).view(as_int).numpy()
+    if endianness != "native" and arr.dtype.itemsize > 1:
         arr = arr.astype(arr.dtype.newbyteorder("<" if endianness == "little" else ">"))
     return base64.b64encode(arr.tobytes()).decode("ascii")

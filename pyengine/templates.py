@@ -50,15 +50,19 @@ def load_score_template(template):
         raise ValueError(f"score_template: Jinja syntax error at line {e.lineno}: {e.message}") from e
 
 
-def render_pairs(template, queries, documents):
-    """One prompt string per pair. queries, documents: equal-length lists of str."""
+def render_pairs(template, queries, documents, **variables):
+    """One prompt string per pair. queries, documents: equal-length lists of str;
+    variables: more for the template (an ``instruction``), not query, document or messages."""
     import jinja2
 
+    clash = sorted(set(variables) & {"query", "document", "messages"})
+    if clash:
+        raise ValueError(f"score template variables may not set {clash}: each pair sets them")
     out = []
     for i, (q, d) in enumerate(zip(queries, documents)):
         try:
-            out.append(template.render(query=q, document=d, messages=[{"role": "query", "content": q},
-                                                                      {"role": "document", "content": d}]))
+            out.append(template.render(**variables, query=q, document=d,
+                                       messages=[{"role": "query", "content": q}, {"role": "document", "content": d}]))
         except jinja2.TemplateError as e:
             raise ValueError(f"score_template failed on pair {i}: {e}") from e
         if not out[-1]:

@@ -121,6 +121,19 @@ def test_classifier_with_a_lora_adapter(clf_dir, tmp_path):
         PyEngineClassifier(clf_dir, lora_path=str(tmp_path / "missing"))
 
 
+def test_served_names_from_the_command_line():
+    # `serve run ... served_model_name=bge-reranker` passes one string (a number where it
+    # reads as one): one name, not its characters.
+    from pyengine.integrations.ray import served_names
+
+    assert served_names("bge-reranker", "/m") == ["bge-reranker"]
+    assert served_names(123, "/m") == ["123"]
+    assert served_names(["a", "b"], "/m") == ["a", "b"]
+    assert served_names(None, "/models/x") == ["/models/x"]
+    with pytest.raises(ValueError, match="served_model_name must be a name or a list of non-empty names"):
+        served_names(["a", ""], "/m")
+
+
 def test_ray_data_two_actors_match_llm(ray_cluster, clf_dir):
     ray = ray_cluster
     prompts = texts(2000, seed=6)

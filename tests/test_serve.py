@@ -183,6 +183,23 @@ def test_classify_messages_use_the_chat_template(cls_env):
     assert close(r["data"][0]["probs"], o.outputs.probs)
 
 
+def test_older_activation_names_and_normalize(ce_env):
+    # vLLM still reads 'activation' and 'softmax' as use_activation; 'normalize' is an
+    # embedding option, refused rather than ignored.
+    client, _, llm = ce_env
+    raw = llm.score("the cat", "a dog", use_activation=False, use_tqdm=False)[0].outputs.score
+    act = llm.score("the cat", "a dog", use_tqdm=False)[0].outputs.score
+    for body, want in (({"activation": False}, raw), ({"softmax": False}, raw), ({"activation": True}, act),
+                       ({"use_activation": True, "activation": False}, act)):
+        status, r = client.post("/score", {"text_1": "the cat", "text_2": "a dog", **body})
+        assert status == 200 and abs(r["data"][0]["score"] - want) < ATOL, (body, r)
+    status, r = client.post("/classify", {"input": "the cat", "softmax": False})
+    logit = llm.classify("the cat", use_activation=False, use_tqdm=False)[0].outputs.probs
+    assert status == 200 and close(r["data"][0]["probs"], logit), r
+    status, r = client.post("/pooling", {"input": "the cat", "normalize": True})
+    assert status == 400 and "normalize" in r["error"]["message"], r
+
+
 def test_request_chat_template_needs_trust(ce_env):
     """Without --trust-request-chat-template a request's own template is refused before
     it is rendered (a template is code, run on the thread every request goes through);
@@ -213,6 +230,19 @@ def test_pooling_matches_encode(cls_env):
     for d, o in zip(r["data"], raw):
         got = torch.frombuffer(bytearray(base64.b64decode(d["data"])), dtype=torch.float32)
         assert torch.allclose(got, o.outputs.data, atol=ATOL, rtol=0)
+    # vLLM's other embed dtypes and byte orders: the values rounded to the dtype, its bytes
+    for dtype, tdt in (("float16", torch.float16), ("bfloat16", torch.bfloat16), ("fp8_e4m3", torch.float8_e4m3fn),
+                       ("fp8_e5m2", torch.float8_e5m2)):
+        for order in ("little", "big"):
+            status, r = client.post("/pooling", {"input": prompts, "encoding_format": "base64", "embed_dtype": dtype,
+                                                 "endianness": order, "use_activation": False})
+            assert status == 200, r
+            for d, o in zip(r["data"], raw):
+                data = bytearray(base64.b64decode(d["data"]))
+                if order == "big" and tdt.itemsize > 1:
+                    data = b"".join(data[i:i + tdt.itemsize][::-1] for i in range(0, len(data), tdt.itemsize))
+                got = torch.frombuffer(bytearray(data), dtype=tdt)
+                assert torch.equal(got.float(), o.outputs.data.to(tdt).float()), (dtype, order)
 
 
 @pytest.mark.parametrize("names", [("text_1", "text_2"), ("data_1", "data_2"), ("queries", "documents")])
@@ -423,7 +453,7 @@ def test_bad_score_input(ce_env, body, status, needle):
 
 
 @pytest.mark.parametrize("body,needle", [({"query": "a", "documents": ["b"], "top_n": -1}, "top_n"),
-                                         ({"query": "a", "documents": "b"}, "documents"),
+
                                          ({"query": "a", "documents": []}, "empty list for documents"),
                                          ({"query": "", "documents": ["b"]}, "query[0] is empty"),
                                          ({"query": "a", "documents": ["b", ""]}, "documents[1] is empty")])
@@ -698,6 +728,46 @@ def test_runtime_lora_loading_and_unloading(lora_env, cls_env, tmp_path):
     assert client.post("/v1/unload_lora_adapter", {"lora_name": "twice"})[0] == 200
     # a server started without the flag has no such routes
     assert cls_env[0].post("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": str(adapter)})[0] == 404
+
+
+def test_rerank_takes_one_document_as_a_string(ce_env):
+    client, _, llm = ce_env
+    status, r = client.post("/rerank", {"query": "the cat", "documents": "a dog"})
+    want = llm.score("the cat", "a dog", use_tqdm=False)[0].outputs.score
+    assert status == 200 and len(r["results"]) == 1 and abs(r["results"][0]["relevance_score"] - want) < ATOL, r
+    assert r["results"][0]["document"] == {"text": "a dog"}
+
+
+def test_instruction_reaches_the_score_template(ce_env):
+    """/score and /rerank pass 'instruction' and chat_template_kwargs to the score
+    template, as vLLM's (the Qwen3-Reranker template reads an instruction)."""
+    _, _, llm = ce_env
+    path = llm.config.model
+    template = '{{ instruction | default("what is") }} {{ query }} {{ document }}'
+    server = Server(EngineCore(EngineConfig(model=str(path))), ["tpl"], chat_template=template)
+    url, stop = serve_in_thread(server.build_app())
+    try:
+        client = Client(url, server)
+        docs = texts(3, 21)
+        default = [o.outputs.score for o in llm.score("the cat", docs, chat_template=template, use_tqdm=False)]
+        told = [o.outputs.score for o in llm.score("the cat", docs, use_tqdm=False,
+                                                   chat_template=template.replace('default("what is")',
+                                                                                  'default("big blue")'))]
+        assert not close(default, told), "the instruction changes nothing: a weak test"
+        for extra, want in (({}, default), ({"instruction": "big blue"}, told),
+                            ({"chat_template_kwargs": {"instruction": "big blue"}}, told)):
+            status, r = client.post("/rerank", {"query": "the cat", "documents": docs, **extra})
+            assert status == 200, r
+            got = [0.0] * len(docs)
+            for x in r["results"]:
+                got[x["index"]] = x["relevance_score"]
+            assert close(got, want), (extra, got, want)
+        status, r = client.post("/score", {"text_1": "the cat", "text_2": docs, "instruction": "big blue"})
+        assert status == 200 and close([d["score"] for d in r["data"]], told), r
+        status, r = client.post("/score", {"text_1": "a", "text_2": "b", "chat_template_kwargs": {"query": "x"}})
+        assert status == 400 and "may not set ['query']" in r["error"]["message"], r
+    finally:
+        stop()
 
 
 def test_chat_template_is_the_score_template(ce_env):

@@ -251,7 +251,8 @@ def serve_app(model, *, num_replicas=1, num_gpus=1, num_cpus=1, served_model_nam
     for what, v in (("num_replicas", num_replicas), ("max_inputs_per_request", max_inputs_per_request)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f"{what} must be a positive int, got {v!r}")
-    names = list(served_model_name or [str(model)])
+    names = served_names(served_model_name, model)
+    api_keys = _as_names(api_keys, "api_keys", "key")
     if lora_modules is not None:
         if not isinstance(lora_modules, dict) or not all(isinstance(k, str) for k in lora_modules):
             raise TypeError(f"lora_modules must be a dict of name -> adapter directory, got {lora_modules!r}")
@@ -283,6 +284,24 @@ def serve_app(model, *, num_replicas=1, num_gpus=1, num_cpus=1, served_model_nam
         del options["num_replicas"]  # Serve refuses both
     options.update(deployment_options or {})
     return serve.deployment(serve.ingress()(PyEngineServer), **options).bind()
+
+
+def _as_names(value, what, one):
+    """A list of non-empty strings from one string (a number, as ``serve run`` may read
+    one) or a list of them; None stays None."""
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)):
+        value = [value if isinstance(value, str) else str(value)]
+    if not value or not all(isinstance(v, str) and v for v in value):
+        raise ValueError(f"{what} must be a {one} or a list of non-empty {one}s, got {value!r}")
+    return list(value)
+
+
+def served_names(served_model_name, model) -> list[str]:
+    """The names a served app answers to: ``served_model_name`` (one name, as ``serve run
+    ... served_model_name=NAME`` passes it, or a list), else the model path."""
+    return _as_names(served_model_name, "served_model_name", "name") or [str(model)]
 
 
 def build_app(args: dict):
