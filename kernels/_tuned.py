@@ -52,10 +52,40 @@ def _bad(path, msg):
     return ValueError(f"tuned kernel configs {path}: {msg}")
 
 
+# The ops that read a tuned config, each with the check of a config's own rules (the
+# launcher's, whatever the shape): (module, function), imported when a file is read.
+CHECKS = {
+    "triton/varlen_attention": ("pyengine.kernels.varlen_attention", "check_config"),
+    "triton/gated_act": ("pyengine.kernels.gated_act", "check_config"),
+    "triton/qk_norm_rotary": ("pyengine.kernels.qk_norm_rotary", "check_config"),
+    "triton/gather_pooled": ("pyengine.kernels.gather_pooled", "check_config"),
+    "triton/pooled_norm": ("pyengine.kernels.pooled_norm", "check_config"),
+    "triton/expert_matmul": ("pyengine.kernels.expert_matmul", "check_config"),
+    "cuda/pooled_norm": ("pyengine.cuda_ops", "_pooled_norm_config"),
+}
+_KEY_DTYPES = ("float16", "bfloat16", "float32")
+
+
+def _check_entry(path, op, key, cfg):
+    """An entry's op, key and config, as the launcher would find them: a name typed wrong
+    would be read and never used, a config against the op's rules fail mid-run."""
+    import importlib
+
+    if op not in CHECKS:
+        raise _bad(path, f"unknown op {op!r}; the ops with tuned configs are {sorted(CHECKS)}")
+    if not isinstance(key, str) or key.split("/")[0] not in _KEY_DTYPES:
+        raise _bad(path, f"{op} {key!r}: a shape key starts with the dtype, one of {', '.join(_KEY_DTYPES)}")
+    module, name = CHECKS[op]
+    try:
+        getattr(importlib.import_module(module), name)(cfg)
+    except ValueError as e:
+        raise _bad(path, f"{op} {key}: {e}") from None
+
+
 def load(path) -> dict[str, dict]:
-    """{"backend/op": {key: config}} from a configs file, checked: format, keys, and each
-    config a list of positive ints or a dict of names to ints or strings. The launchers
-    check a config's values when they use it."""
+    """{"backend/op": {key: config}} from a configs file, checked: format, the op names
+    (those in CHECKS), each key's dtype, and each config against its op's own rules (the
+    launchers check what depends on the shape when they use it)."""
     path = Path(path)
     try:
         data = json.loads(path.read_text())
@@ -81,6 +111,7 @@ def load(path) -> dict[str, dict]:
             if not ok:
                 raise _bad(path, f"{op} {key}: expected {{\"config\": [positive ints] or {{name: value}}}}, "
                                  f"got {entry!r}")
+            _check_entry(path, op, key, cfg)
             table[op][key] = cfg
     return table
 

@@ -64,6 +64,15 @@ SWEEP_CONFIGS = [
 _POW2 = ("block_m", "block_n", "block_k", "num_warps")
 _LIMITS = {"block_m": 256, "block_n": 256, "block_k": 256, "num_warps": 16, "num_stages": 6}
 
+_CONFIG_KEYS = ("block_m", "block_n", "block_k", "num_warps", "num_stages")
+
+
+def check_config(config):
+    """A config dict's own rules, whatever the shape (a tuned-configs file's entries are
+    checked with them when an engine starts): known keys, positive ints, powers of two
+    and limits; the launcher checks what depends on the shape."""
+    _v.launch_config("expert_matmul", config, dict.fromkeys(_CONFIG_KEYS, 1), _POW2, _LIMITS)
+
 
 def tune_key(x, w, experts, weights=None, per_pair=False, config=None):
     """The shape key of a launch in a tuned-configs file (kernels/_tuned.py): the dtype and

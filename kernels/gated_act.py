@@ -96,6 +96,15 @@ SWEEP_CONFIGS = [
 _POW2 = ("block", "num_warps")
 _LIMITS = {"block": 16384, "num_warps": 32}
 
+_CONFIG_KEYS = ("block", "num_warps")
+
+
+def check_config(config):
+    """A config dict's own rules, whatever the shape (a tuned-configs file's entries are
+    checked with them when an engine starts): known keys, positive ints, powers of two
+    and limits; the launcher checks what depends on the shape."""
+    _v.launch_config("gated_act", config, dict.fromkeys(_CONFIG_KEYS, 1), _POW2, _LIMITS)
+
 
 def tune_key(x, kind, config=None):
     """The shape key of a launch in a tuned-configs file (kernels/_tuned.py)."""

@@ -76,6 +76,15 @@ SWEEP_CONFIGS = [
 _POW2 = ("block_h", "block_t", "num_warps")
 _LIMITS = {"block_h": 8192, "block_t": 1024, "num_warps": 32, "stages": 2}
 
+_CONFIG_KEYS = ("block_h", "block_t", "num_warps", "stages")
+
+
+def check_config(config):
+    """A config dict's own rules, whatever the shape (a tuned-configs file's entries are
+    checked with them when an engine starts): known keys, positive ints, powers of two
+    and limits; the launcher checks what depends on the shape."""
+    _v.launch_config("gather_pooled", config, dict.fromkeys(_CONFIG_KEYS, 1), _POW2, _LIMITS)
+
 
 def tune_key(hidden, cu_seqlens, pooling, *rest, **kw):
     """The shape key of a launch in a tuned-configs file (kernels/_tuned.py)."""

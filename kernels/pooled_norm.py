@@ -329,6 +329,15 @@ SWEEP_CONFIGS = [
 _MEAN_WARP_ROWS = {"warp_rows": 1, "block_t": 4, "num_warps": 4, "stages": 2}
 _POW2 = ("block_t", "num_warps")
 _LIMITS = {"block_t": 256, "num_warps": 32, "splits": 64, "stages": 2, "warp_rows": 1, "async_stages": 4}
+
+_CONFIG_KEYS = ("block_t", "num_warps", "splits", "stages", "warp_rows", "async_stages")
+
+
+def check_config(config):
+    """A config dict's own rules, whatever the shape (a tuned-configs file's entries are
+    checked with them when an engine starts): known keys, positive ints, powers of two
+    and limits; the launcher checks what depends on the shape."""
+    _v.launch_config("pooled_norm", config, dict.fromkeys(_CONFIG_KEYS, 1), _POW2, _LIMITS)
 _MEAN_ONLY = ("splits", "stages", "warp_rows", "async_stages")
 
 

@@ -105,6 +105,15 @@ SWEEP_CONFIGS = [
 _POW2 = ("block_h", "num_warps")
 _LIMITS = {"heads": 1 << 16, "block_h": 256, "num_warps": 32}
 
+_CONFIG_KEYS = ("heads", "block_h", "num_warps")
+
+
+def check_config(config):
+    """A config dict's own rules, whatever the shape (a tuned-configs file's entries are
+    checked with them when an engine starts): known keys, positive ints, powers of two
+    and limits; the launcher checks what depends on the shape."""
+    _v.launch_config("qk_norm_rotary", config, dict.fromkeys(_CONFIG_KEYS, 1), _POW2, _LIMITS)
+
 
 def tune_key(q, k, q_weight, k_weight, positions, cos_sin, *rest, **kw):
     """The shape key of a launch in a tuned-configs file (kernels/_tuned.py)."""

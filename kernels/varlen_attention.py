@@ -334,6 +334,22 @@ def sweep_configs(head_dim):
     return table.get(block_d, [])
 
 
+def check_config(config):
+    """A (BLOCK_M, BLOCK_N, num_warps, num_stages[, GROUP[, BLOCK_N_FULL]]) config's own
+    rules, whatever the shape (a tuned-configs file's entries are checked with them when
+    an engine starts): positive ints, the tile sizes, warps and GROUP powers of two."""
+    _check(isinstance(config, (list, tuple)) and len(config) in (4, 5, 6)
+           and all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in config),
+           lambda: f"config must be (BLOCK_M, BLOCK_N, num_warps, num_stages[, GROUP[, BLOCK_N_FULL]]) "
+                   f"positive ints, got {config!r}")
+    bm, bn, warps, _, group, bn_full = config_fields(config)
+    for name, value in (("BLOCK_M", bm), ("BLOCK_N", bn), ("num_warps", warps)):
+        _check(value & (value - 1) == 0, lambda: f"config {name}={value} must be a power of two")
+    _check(group & (group - 1) == 0, lambda: f"GROUP={group} heads per program must be a power of two (tile rows)")
+    _check(bn_full % bn == 0 and bn_full & (bn_full - 1) == 0,
+           lambda: f"BLOCK_N_FULL={bn_full} must be a power of two and a multiple of BLOCK_N={bn}")
+
+
 def config_fields(config):
     """A (BLOCK_M, BLOCK_N, num_warps, num_stages[, GROUP[, BLOCK_N_FULL]]) config as all
     six fields, the absent ones at their defaults (GROUP 1, BLOCK_N_FULL = BLOCK_N)."""
@@ -384,13 +400,10 @@ def _launch(q, k, v, cu_seqlens, max_seqlen, causal=False, scale=None, window=No
         config = _tuned.lookup(q.device, "triton/varlen_attention",
                                lambda: _tuned.attention_key(q.dtype, D, causal, Hq // Hkv, has_window, softcap))
     if config is not None:
-        _check(len(config) in (4, 5, 6) and all(isinstance(c, int) and c > 0 for c in config),
-               lambda: f"config must be (BLOCK_M, BLOCK_N, num_warps, num_stages[, GROUP[, BLOCK_N_FULL]]) "
-                       f"positive ints, got {config!r}")
+        check_config(config)
     cfg = config or config_for(q.dtype, D, _v.rows_16b(q, k, v))
     bm, bn, warps, stages, group, bn_full = config_fields(cfg)
     _check((Hq // Hkv) % group == 0, lambda: f"GROUP={group} heads per program must divide Hq / Hkv = {Hq // Hkv}")
-    _check(group & (group - 1) == 0, lambda: f"GROUP={group} heads per program must be a power of two (tile rows)")
     bm = block_m or bm
     if block_n:
         # Without its own BLOCK_N_FULL the config runs single-width at the override.

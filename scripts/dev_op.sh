@@ -38,7 +38,7 @@ done
 if [ -n "${PYTHON:-}" ]; then PY=$PYTHON
 elif [ -x .venv/bin/python ]; then PY=.venv/bin/python
 else PY=python3; fi
-PY=$(command -v "$PY")
+PY=$(command -v "$PY") || { echo "dev_op.sh: no python at '${PYTHON:-$PY}' (set PYTHON)" >&2; exit 2; }
 export PYTHONUNBUFFERED=1
 
 if [ "$BUILD" = 1 ]; then

@@ -107,8 +107,15 @@ elif "$PY" -c "import importlib.util, sys; sys.exit(0 if importlib.util.find_spe
 else
   skip bench-kernels "pyengine.bench.kernels not in this tree"
 fi
-# the later steps run with the tuned configs, as the engine would with them shipped
-if [ -f "$TUNED" ]; then export PYENGINE_KERNEL_CONFIGS="$TUNED"; echo "gpu_check: PYENGINE_KERNEL_CONFIGS=$TUNED"; fi
+# the later steps run with the tuned configs, as the engine would with them shipped (a file
+# that does not load is reported and left out, so that it cannot fail every later step)
+if [ -f "$TUNED" ]; then
+  if "$PY" -c "import sys; from pyengine.kernels import _tuned; _tuned.load(sys.argv[1])" "$TUNED"; then
+    export PYENGINE_KERNEL_CONFIGS="$TUNED"; echo "gpu_check: PYENGINE_KERNEL_CONFIGS=$TUNED"
+  else
+    echo "gpu_check: $TUNED does not load (above): the later steps run with the shipped configs" >&2
+  fi
+fi
 
 # 3. every GPU test in the tree, after the kernel benchmark (whose timings want an idle
 #    machine) and with the tuned configs it wrote, so the tests run the configs shipped
@@ -126,7 +133,7 @@ if ! want bench; then
   skip bench "not in GPU_CHECK_STEPS"
 elif [ -f pyengine/bench/__main__.py ]; then
   # shellcheck disable=SC2086
-  step bench "${BENCH_S:-200}" "$PY" -m pyengine.bench ${BENCH_ARGS:---preset minilm-l6,bert-base,qwen3-0.6b --repeats 1 --single-sample 32 --providers hf,pyengine-cuda,pyengine-eager --no-progress --json $LOGS/bench.json}
+  step bench "${BENCH_S:-200}" "$PY" -m pyengine.bench ${BENCH_ARGS:---preset minilm-l6,bert-base,qwen3-0.6b --repeats 1 --single-sample 32 --providers hf,pyengine-cuda,pyengine-eager --no-progress --json "$LOGS/bench.json"}
 else
   skip bench "pyengine/bench/__main__.py not in this tree"
 fi

@@ -79,12 +79,38 @@ def test_device_file_name_and_keys():
     (json.dumps({"format": 1, "ops": {"triton/varlen_attention": {"k": {"config": [64, 0, 4, 3]}}}}),
      "positive ints"),
     (json.dumps({"format": 1, "ops": {"triton/gated_act": {"k": {"config": {"block": 1.5}}}}}), "expected"),
+    # an op or a key typed wrong would be read and never used
+    (json.dumps({"format": 1, "ops": {"triton/varlen_atention": {"float32/d16/bidir/r1": {"config": [16, 16, 2, 1]}}}}),
+     "unknown op 'triton/varlen_atention'"),
+    (json.dumps({"format": 1, "ops": {"triton/gated_act": {"fp32/i8/silu": {"config": {"block": 4}}}}}),
+     "'fp32/i8/silu': a shape key starts with the dtype"),
+    # a config against its op's own rules would fail mid-run (a compile error on a GPU)
+    (json.dumps({"format": 1, "ops": {"triton/varlen_attention": {"float32/d16/bidir/r1": {"config": [24, 16, 2, 1]}}}}),
+     r"float32/d16/bidir/r1: varlen_attention: config BLOCK_M=24 must be a power of two"),
+    (json.dumps({"format": 1, "ops": {"triton/gated_act": {"float32/i8/silu": {"config": {"blocks": 4}}}}}),
+     r"gated_act: unknown config key\(s\) \['blocks'\]"),
+    (json.dumps({"format": 1, "ops": {"cuda/pooled_norm": {"bfloat16/h1024/mean/layer": {"config": {"variant": "x"}}}}}),
+     "config variant must be"),
 ])
 def test_bad_file_is_refused_naming_it(tmp_path, content, match):
     path = tmp_path / "bad.json"
     path.write_text(content)
     with pytest.raises(ValueError, match=f"tuned kernel configs {path}: .*{match}"):
         _tuned.load(path)
+
+
+def test_an_engine_refuses_a_bad_file_when_it_starts(configs_env, tmp_path):
+    # README: an engine reads and checks the file when it starts, before any work.
+    from transformers import BertConfig
+
+    from pyengine import LLM
+    from tiny import save_tiny
+
+    save_tiny(tmp_path / "m", BertConfig(vocab_size=160, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                         intermediate_size=64, num_labels=2), tokenizer=None)
+    path = configs_env({"triton/varlen_attention": {"float32/d16/bidir/r1": _entry([16, 16, 2, 1, 3])}})
+    with pytest.raises(ValueError, match=rf"tuned kernel configs {path}: .*GROUP=3 heads per program must be"):
+        LLM(str(tmp_path / "m"), kernel_backend="triton")
 
 
 def test_which_file_applies(tmp_path, monkeypatch):
@@ -216,11 +242,11 @@ def test_cuda_pooled_norm_takes_its_entry(configs_env):
     h = torch.empty(7, 1024, dtype=torch.bfloat16, device="meta")
     cu = torch.empty(3, dtype=torch.int32, device="meta")
     w = torch.empty(1024, dtype=torch.bfloat16, device="meta")
+    # A bad entry fails when the file is read, naming the file, the op and the key.
     configs_env({"cuda/pooled_norm": {"bfloat16/h1024/mean/layer": _entry({"variant": "nope"})}})
-    with pytest.raises(ValueError, match="config variant must be"):
+    with pytest.raises(ValueError, match=r"tuned kernel configs .*cuda/pooled_norm bfloat16/h1024/mean/layer: "
+                                         r".*config variant must be"):
         cuda_ops.pooled_norm(h, cu, "mean", "layer", w, None, 1e-6)
-    with pytest.raises(ValueError, match="must be a CUDA tensor"):
-        cuda_ops.pooled_norm(h, cu, "last", "layer", w, None, 1e-6)
     configs_env({"cuda/pooled_norm": {"bfloat16/h1024/mean/layer": _entry({"variant": "slices", "slice_rows": 64})}})
     with pytest.raises(ValueError, match="must be a CUDA tensor"):
         cuda_ops.pooled_norm(h, cu, "mean", "layer", w, None, 1e-6)
@@ -249,20 +275,28 @@ def test_sweep_verdicts_keep_only_clear_winners():
 
 def test_write_configs_merges_and_round_trips(tmp_path):
     path = tmp_path / "out" / "NVIDIA_TEST.json"
-    first = [_row("gated_act", "k1", None, 1.0), _row("gated_act", "k1", {"block": 4}, 0.5),
-             _row("gated_act", "k2", None, 1.0), _row("gated_act", "k2", {"block": 8}, 0.5)]
+    first = [_row("gated_act", "float32/k1", None, 1.0), _row("gated_act", "float32/k1", {"block": 4}, 0.5),
+             _row("gated_act", "float32/k2", None, 1.0), _row("gated_act", "float32/k2", {"block": 8}, 0.5)]
     kb.write_configs(str(path), first, "cpu", out=io.StringIO())
-    assert _tuned.load(path) == {"triton/gated_act": {"k1": {"block": 4}, "k2": {"block": 8}}}
+    assert _tuned.load(path) == {"triton/gated_act": {"float32/k1": {"block": 4}, "float32/k2": {"block": 8}}}
     # A later sweep of k2 alone where the built-in choice won: k2 goes, k1 stays.
     out = io.StringIO()
-    data = kb.write_configs(str(path), [_row("gated_act", "k2", None, 1.0), _row("gated_act", "k2", {"b": 8}, 1.1)],
+    data = kb.write_configs(str(path), [_row("gated_act", "float32/k2", None, 1.0), _row("gated_act", "float32/k2", {"b": 8}, 1.1)],
                             "cpu", out=out)
-    assert _tuned.load(path) == {"triton/gated_act": {"k1": {"block": 4}}}
+    assert _tuned.load(path) == {"triton/gated_act": {"float32/k1": {"block": 4}}}
     assert data["measured"]["torch"] == torch.__version__ and "built-in choice kept" in out.getvalue()
     path.write_text("[]")
     with pytest.raises(ValueError, match="format"):
         kb.write_configs(str(path), first, "cpu", out=io.StringIO())  # a bad file is not overwritten
     assert path.read_text() == "[]"
+    # A file measured on another GPU is not merged into, and nothing is left half-written.
+    path.write_text(json.dumps({"format": 1, "device": "NVIDIA OTHER", "ops": {}}))
+    with pytest.raises(ValueError, match="measured on 'NVIDIA OTHER', not on this 'cpu'"):
+        kb.write_configs(str(path), first, "cpu", out=io.StringIO())
+    path.write_text(json.dumps({"format": 1}))  # no "ops" yet: merged into all the same
+    kb.write_configs(str(path), first, "cpu", out=io.StringIO())
+    assert _tuned.load(path) == {"triton/gated_act": {"float32/k1": {"block": 4}, "float32/k2": {"block": 8}}}
+    assert [p.name for p in path.parent.iterdir()] == [path.name]
 
 
 def test_sweep_to_file_to_launcher(tmp_path, monkeypatch):

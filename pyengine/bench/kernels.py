@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 from pyengine import ops as ops_mod
 from pyengine.bench.report import output_path_error, parse_device
-from pyengine.kernels import _tuned
+from pyengine.kernels import _tuned, _validate as _v
 
 BACKENDS = ("cuda", "triton", "torch")
 REPEATS, QUICK_REPEATS = 20, 3  # default timed runs per case; quick mode is a fast check, not a measurement
@@ -566,10 +566,11 @@ def _attention_case_sweep(va, case, device, repeats):
     """attention_sweep's rows for one case."""
     args = case.make()
     q, k, v, cu, max_seqlen, causal = args[:6]
-    default = va.config_fields(va.config_for(q.dtype, q.shape[-1]))
+    rows16 = _v.rows_16b(q, k, v)
+    default = va.config_fields(va.config_for(q.dtype, q.shape[-1], rows16))  # the launcher's own choice
     ref = va._launch(q, k, v, cu, max_seqlen, causal)
     rows = []
-    for cfg in _case_candidates(va, case):
+    for cfg in _case_candidates(va, case, rows16):
         group, block_n_full = va.config_fields(cfg)[4:]
         is_default = va.config_fields(cfg) == default
         row = {"op": case.op, "case": case.name, "shape": case.shape, "device": str(device),
@@ -728,11 +729,15 @@ def sweep_jobs(device, attn=True, ops=None):
     return jobs
 
 
-def _case_candidates(va, case):
+def _case_candidates(va, case, rows16=None):
     """An attention case's sweep configs: the built-in one first where the candidates do
-    not list it, then each candidate that fits the case's kv groups."""
+    not list it, then each candidate that fits the case's kv groups. rows16: as
+    _validate.rows_16b of the case's tensors (None: the contiguous (T, H, D) tensors the
+    cases make), which picks the launcher's built-in config for a padded head dim."""
     Hq, Hkv, D = case.attn["heads"]
-    builtin = va.config_for(case.attn["dtype"], D)
+    if rows16 is None:
+        rows16 = D % 8 == 0
+    builtin = va.config_for(case.attn["dtype"], D, rows16)
     candidates = list(va.sweep_configs(D))
     if va.config_fields(builtin) not in {va.config_fields(c) for c in candidates}:
         candidates.insert(0, builtin)
@@ -847,17 +852,23 @@ def write_configs(path, rows, device, out=sys.stdout, margin=0.03):
     format; created if absent): winners set, shapes whose built-in choice won removed,
     other shapes kept. Returns the file's content."""
     device = torch.device(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
     data = {"format": _tuned.FORMAT, "ops": {}}
     if os.path.exists(path):
         _tuned.load(path)  # a bad file is reported, not overwritten
         with open(path) as f:
             data = json.load(f)
+        data.setdefault("ops", {})
+        if data.get("device") not in (None, name):
+            # One file, one GPU: verdicts of two GPUs under one name would mislead both.
+            raise ValueError(f"{path} holds configs measured on {data['device']!r}, not on this {name!r}: "
+                             "write them to another file")
     try:
         import triton
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    data["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
+    data["device"] = name
     data["measured"] = {"date": time.strftime("%Y-%m-%d", time.gmtime()), "torch": torch.__version__,
                         "triton": triton_version, "cuda": torch.version.cuda,
                         "by": "python -m pyengine.bench kernels --write-configs", "margin": margin}
@@ -870,9 +881,15 @@ def write_configs(path, rows, device, out=sys.stdout, margin=0.03):
             table[key] = entry
     data["ops"] = {op: dict(sorted(t.items())) for op, t in sorted(data["ops"].items()) if t}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
+    # A new file renamed over the old one: a run stopped mid-write (a time limit) keeps the
+    # old file whole rather than half of the new one.
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
         json.dump(data, f, indent=1)
         f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
     print(f"\ntuned kernel configs -> {path} (a candidate is kept where it beats the built-in choice by more "
           f"than {margin:.0%})", file=out)
     for (op, key), entry in sorted(verdicts.items()):
@@ -964,11 +981,21 @@ def main(argv=None):
             p.error(f"{flag} needs a CUDA device (the sweep times GPU launch configs; none here)")
     if a.write_configs and not (a.attn_sweep or a.op_sweep):
         p.error("--write-configs needs --attn-sweep and/or --op-sweep (it writes what they measure)")
+    if a.write_configs:
+        why = output_path_error(a.write_configs)
+        if why:
+            p.error(f"--write-configs {why}")
     if a.write_configs and os.path.exists(a.write_configs):
         try:
             _tuned.load(a.write_configs)
+            with open(a.write_configs) as f:
+                there = json.load(f).get("device")
         except ValueError as e:
             p.error(f"--write-configs: {e}")
+        here = torch.cuda.get_device_name(torch.device(a.device or "cuda")) if on_cuda else None
+        if there not in (None, here):
+            p.error(f"--write-configs: {a.write_configs} holds configs measured on {there!r}, not on this "
+                    f"{here!r}: write them to another file")
     if a.precompile is not None and a.precompile < 0:
         p.error(f"--precompile takes a process count >= 0, got {a.precompile}")
     if a.attn_sweep or a.op_sweep:
@@ -977,12 +1004,13 @@ def main(argv=None):
     rows = []
 
     def save(sweep_done):
-        # After each phase, so that a run stopped by a time limit keeps what it measured.
-        if a.write_configs and sweep_done:
-            write_configs(a.write_configs, rows, a.device or "cuda")
+        # After each phase, so that a run stopped by a time limit keeps what it measured
+        # (the rows first: they are the measurement, the configs a verdict on them).
         if a.json:
             with open(a.json, "w") as f:
                 json.dump(rows, f, indent=1)
+        if a.write_configs and sweep_done:
+            write_configs(a.write_configs, rows, a.device or "cuda")
 
     rows += run(a.device, backends, a.quick, None, ops=op_names, repeats=a.repeats, graph=a.graph)
     save(False)
