@@ -20,6 +20,8 @@ import os
 import shutil
 from dataclasses import dataclass
 
+from .inputs import unicode_error
+
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
 
 
@@ -37,7 +39,7 @@ def _bad_value(value, kind, vocab_size=None) -> str | None:
     if kind == "text":
         if not isinstance(value, str) or not value:
             return "expected a non-empty string"
-        return _not_unicode(value)
+        return unicode_error(value)
     ok = isinstance(value, list) and value and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
     if not ok:
         return "expected a non-empty list of token ids"
@@ -47,15 +49,6 @@ def _bad_value(value, kind, vocab_size=None) -> str | None:
             return f"token id {bad} is outside the model's vocabulary [0, {vocab_size})"
     return None
 
-
-def _not_unicode(text) -> str | None:
-    """Why ``text`` is not valid Unicode (a lone surrogate such as JSON's "\\ud83d", left
-    where scraped text was cut mid-character), or None."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        return f"not valid Unicode: {e.reason} at character {e.start}"
-    return None
 
 
 @dataclass

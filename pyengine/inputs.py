@@ -167,15 +167,24 @@ class _BadText(ValueError):
         self.index, self.message = index, message
 
 
+def unicode_error(text) -> str | None:
+    """Why ``text`` is not valid Unicode (a lone surrogate such as JSON's "\\ud83d", left
+    where scraped text was cut mid-character), or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"not valid Unicode: {e.reason} at character {e.start}"
+    return None
+
+
 def _find_unencodable(texts, pairs, offset):
-    """Raise _BadText for the first text (or pair) that is not valid Unicode (a lone
-    surrogate such as JSON's "\\ud800"), which the tokenizer refuses without saying which."""
+    """Raise _BadText for the first text (or pair) that is not valid Unicode, which the
+    tokenizer refuses without saying which."""
     for j, t in enumerate(texts):
         for part, side in ((t, ""), (None if pairs is None else pairs[j], " (its second text)")):
-            try:
-                part is None or part.encode("utf-8")
-            except UnicodeEncodeError as e:
-                raise _BadText(offset + j, f"is not valid Unicode{side}: {e.reason} at character {e.start}") from None
+            why = part is not None and unicode_error(part)
+            if why:
+                raise _BadText(offset + j, f"is {why}".replace(": ", f"{side}: ", 1))
 
 
 class InputProcessor:

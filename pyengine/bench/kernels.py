@@ -847,6 +847,16 @@ def tuned_entries(rows, margin=0.03):
     return out
 
 
+def _other_device(path, data, name) -> str | None:
+    """Why the configs ``data`` read from ``path`` may not take verdicts measured on the
+    device called ``name`` (one file, one GPU: two GPUs' verdicts under one name would
+    mislead both), or None."""
+    there = data.get("device")
+    if there in (None, name):
+        return None
+    return f"{path} holds configs measured on {there!r}, not on this {name!r}: write them to another file"
+
+
 def write_configs(path, rows, device, out=sys.stdout, margin=0.03):
     """Merge a sweep's verdicts into the configs file at ``path`` (pyengine.kernels._tuned's
     format; created if absent): winners set, shapes whose built-in choice won removed,
@@ -859,10 +869,9 @@ def write_configs(path, rows, device, out=sys.stdout, margin=0.03):
         with open(path) as f:
             data = json.load(f)
         data.setdefault("ops", {})
-        if data.get("device") not in (None, name):
-            # One file, one GPU: verdicts of two GPUs under one name would mislead both.
-            raise ValueError(f"{path} holds configs measured on {data['device']!r}, not on this {name!r}: "
-                             "write them to another file")
+        why = _other_device(path, data, name)
+        if why:
+            raise ValueError(why)
     try:
         import triton
         triton_version = triton.__version__
@@ -989,13 +998,12 @@ def main(argv=None):
         try:
             _tuned.load(a.write_configs)
             with open(a.write_configs) as f:
-                there = json.load(f).get("device")
+                why = _other_device(a.write_configs, json.load(f),
+                                    torch.cuda.get_device_name(torch.device(a.device or "cuda")) if on_cuda else None)
         except ValueError as e:
-            p.error(f"--write-configs: {e}")
-        here = torch.cuda.get_device_name(torch.device(a.device or "cuda")) if on_cuda else None
-        if there not in (None, here):
-            p.error(f"--write-configs: {a.write_configs} holds configs measured on {there!r}, not on this "
-                    f"{here!r}: write them to another file")
+            why = str(e)
+        if why:
+            p.error(f"--write-configs: {why}")
     if a.precompile is not None and a.precompile < 0:
         p.error(f"--precompile takes a process count >= 0, got {a.precompile}")
     if a.attn_sweep or a.op_sweep:
