@@ -167,13 +167,13 @@ class _BadText(ValueError):
         self.index, self.message = index, message
 
 
-def unicode_error(text) -> str | None:
+def unicode_error(text, which="") -> str | None:
     """Why ``text`` is not valid Unicode (a lone surrogate such as JSON's "\\ud83d", left
-    where scraped text was cut mid-character), or None."""
+    where scraped text was cut mid-character), or None; ``which`` follows "Unicode"."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
-        return f"not valid Unicode: {e.reason} at character {e.start}"
+        return f"not valid Unicode{which}: {e.reason} at character {e.start}"
     return None
 
 
@@ -182,9 +182,9 @@ def _find_unencodable(texts, pairs, offset):
     tokenizer refuses without saying which."""
     for j, t in enumerate(texts):
         for part, side in ((t, ""), (None if pairs is None else pairs[j], " (its second text)")):
-            why = part is not None and unicode_error(part)
+            why = part is not None and unicode_error(part, side)
             if why:
-                raise _BadText(offset + j, f"is {why}".replace(": ", f"{side}: ", 1))
+                raise _BadText(offset + j, f"is {why}")
 
 
 class InputProcessor:
