@@ -156,6 +156,10 @@ def test_pooler_config_overrides_pooling(tmp_path):
     ({"rope_type": "su", "factor": 2.0}, "rope type 'su' is not supported"),
     ({"rope_type": "default", "partial_rotary_factor": 0.1}, "partial_rotary_factor=0.1 gives a rotary width 1"),
     ({"rope_type": "default", "partial_rotary_factor": 0.5}, "partial_rotary_factor=0.5 is not supported"),
+    # hf_overrides skip transformers' own validation of the llama3 keys
+    ({"rope_type": "llama3", "factor": 8.0}, "'llama3' needs low_freq_factor, high_freq_factor"),
+    ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 1.0},
+     "needs 0 < low_freq_factor < high_freq_factor, got 4.0 and 1.0"),
 ])
 def test_unsupported_rope_is_an_error(tmp_path, rope, match):
     cfg = AutoConfig.for_model("llama", num_attention_heads=4, num_key_value_heads=1, head_dim=16, **_COMMON)
@@ -288,3 +292,14 @@ def test_yarn_model_matches_transformers(tmp_path):
     got = probs(LLM(str(tmp_path), kernel_backend="torch").classify(ids(prompts), use_activation=False,
                                                                     use_tqdm=False))
     torch.testing.assert_close(got, hf_logits(model, prompts), atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["gemma", "llama"])
+def test_bidirectional_attention_on_a_causal_family_is_refused(tmp_path, name):
+    """transformers' sdpa path runs these bidirectional with the flag set; this engine runs
+    them causal, so it refuses the flag instead of giving other numbers."""
+    cfg = CONFIGS[name]() if name == "gemma" else AutoConfig.for_model(
+        "llama", num_attention_heads=4, num_key_value_heads=1, head_dim=16, **_COMMON)
+    save_tiny(tmp_path, cfg, tokenizer="decoder")
+    with pytest.raises(ValueError, match="use_bidirectional_attention=True is not supported"):
+        LLM(str(tmp_path), kernel_backend="torch", hf_overrides={"use_bidirectional_attention": True})

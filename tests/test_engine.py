@@ -208,6 +208,18 @@ def test_model_instance_runs_as_its_own_class(tmp_path):
         assert torch.allclose(got, want, atol=ATOL, rtol=0), (got, want)
 
 
+@pytest.mark.parametrize("override, match", [
+    # transformers runs this causal; the BERT stack here attends both ways
+    ({"is_decoder": True}, "is_decoder=True \\(causal self-attention\\) is not supported"),
+    ({"position_embedding_type": "relative_key"}, "position_embedding_type='relative_key' is not supported"),
+])
+def test_bert_options_this_stack_does_not_run_are_refused(tmp_path, override, match):
+    factory, _ = FAMILIES["bert"]
+    save_tiny(tmp_path, factory(num_labels=2))
+    with pytest.raises(ValueError, match=match):
+        LLM(str(tmp_path), kernel_backend="torch", hf_overrides=override)
+
+
 def test_checkpoints_that_would_load_wrong_are_refused(tmp_path):
     """A tokenizer without its vocabulary, an unreadable tokenizer.json, a quantized
     checkpoint, a weight the config has no place for: clear errors when the engine is

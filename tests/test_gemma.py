@@ -109,7 +109,6 @@ def test_causal_lm_as_a_yes_no_classifier(tmp_path):
 
 @pytest.mark.parametrize("override, match", [
     ({"use_bidirectional_attention": True}, "use_bidirectional_attention=True"),
-    ({"attn_logit_softcapping": -1.0}, "attn_logit_softcapping must be a positive number"),
     # a yes/no head is a linear map of the LM logits only without a final cap
     ({"architectures": ["Gemma3ForCausalLM"], "classifier_from_token": ["no", "yes"], "method": "from_2_way_softmax",
       "final_logit_softcapping": 30.0}, "classifier_from_token with final_logit_softcapping=30.0"),
@@ -117,6 +116,13 @@ def test_causal_lm_as_a_yes_no_classifier(tmp_path):
 def test_unsupported_options_are_refused(gemma3, override, match):
     with pytest.raises(ValueError, match=match):
         LLM(str(gemma3[0]), dtype="float32", kernel_backend="torch", hf_overrides=override)
+
+
+def test_gemma3_ignores_attention_soft_capping_as_transformers_does(tmp_path):
+    """Gemma 3's config carries attn_logit_softcapping, but transformers' Gemma 3 attention
+    never applies it; a small cap (1.0) would move every logit if it were applied."""
+    model, _ = save_tiny(tmp_path, text_config(attn_logit_softcapping=1.0), seed=4, tokenizer="decoder")
+    assert_matches_transformers(tmp_path, model, prompts(7))
 
 
 # ---------------------------------------------------------------------------- Gemma 2
@@ -141,6 +147,9 @@ def test_gemma2_soft_capped_attention_matches_transformers(backend, tmp_path):
     # the cap matters: without it the same weights give other logits
     uncapped = ours(tmp_path, ps, kernel_backend=backend, hf_overrides={"attn_logit_softcapping": None})
     assert (uncapped - ref).abs().max() > 1e-2
+    if backend == "torch":
+        with pytest.raises(ValueError, match="attn_logit_softcapping must be a positive number, got -1.0"):
+            ours(tmp_path, ps, hf_overrides={"attn_logit_softcapping": -1.0})
 
 
 @pytest.mark.gpu

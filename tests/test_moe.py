@@ -110,6 +110,19 @@ def test_a_missing_expert_is_named(moe, tmp_path):
         LLM(str(tmp_path), dtype="float32", kernel_backend="torch")
 
 
+def test_qwen2_moe_without_qkv_bias(tmp_path):
+    """Qwen2-MoE reads its q/k/v bias from config.qkv_bias (Qwen2 always has one)."""
+    cfg = CONFIGS["qwen2-moe"]()
+    cfg.qkv_bias = False
+    model, _ = save_tiny(tmp_path, cfg, tokenizer="decoder")
+    assert model.model.layers[0].self_attn.q_proj.bias is None
+    prompts = random_prompts([1, 7, 40], seed=9)
+    ref = hf_logits(model, prompts)
+    got = probs(LLM(str(tmp_path), dtype="float32", kernel_backend="torch").classify(
+        ids(prompts), use_activation=False, use_tqdm=False))
+    assert torch.allclose(got, ref, atol=1e-4, rtol=1e-5), report(got, ref)
+
+
 def test_converted_causal_lm_with_a_token_head(tmp_path):
     # Qwen3-MoE as a yes/no reranker: the head is W_lm[yes] - W_lm[no] (from_2_way_softmax).
     from transformers import AutoModelForCausalLM

@@ -101,6 +101,9 @@ class BertForSequenceClassification(nn.Module):
         self.ops = ops
         self.prefix, self.roberta_positions, self.head_kind = _FAMILY[arch]
         self.pooling = pooling or self.default_pooling
+        # transformers runs such a model with causal self-attention; this stack is bidirectional.
+        if getattr(config, "is_decoder", False):
+            raise ValueError(f"{arch}: is_decoder=True (causal self-attention) is not supported")
         if getattr(config, "position_embedding_type", "absolute") not in (None, "absolute"):
             raise ValueError(f"{arch}: position_embedding_type={config.position_embedding_type!r} "
                              "is not supported (only 'absolute')")

@@ -42,7 +42,7 @@ class Family:
     post_norm: bool = False          # GteNew: norm after each residual add
     causal: bool = True
     qk_norm: bool = False            # Qwen3: RMSNorm of q and k over head_dim
-    qkv_bias: bool | None = None     # None: from config.attention_bias
+    qkv_bias: bool | None = None     # None: from config.qkv_bias, else attention_bias
     o_bias: bool | None = None
     mlp_bias: bool | None = None     # None: from config.mlp_bias
     gated: bool = True               # act(gate) * up, else act(up)
@@ -74,7 +74,8 @@ FAMILIES["InternLM2"] = Family("model", mlp_bias=False)
 # Mixture-of-experts relatives (pyengine.models.moe adds their sparse layers). Qwen3-MoE's
 # window, where use_sliding_window sets one, covers every layer (no max_window_layers).
 FAMILIES["Qwen3Moe"] = replace(FAMILIES["Qwen3"], sliding="global")
-FAMILIES["Qwen2Moe"], FAMILIES["Mixtral"] = FAMILIES["Qwen2"], FAMILIES["Mistral"]
+# Qwen2-MoE's q/k/v bias is a config option (qkv_bias), always on in Qwen2.
+FAMILIES["Qwen2Moe"], FAMILIES["Mixtral"] = replace(FAMILIES["Qwen2"], qkv_bias=None), FAMILIES["Mistral"]
 # Gemma 2 and 3 (pyengine.models.gemma3 adds their sandwich norms, per-type rotary, soft-capping).
 FAMILIES["Gemma2"] = Family("model", norm_offset=1.0, embed_scale=True, mlp_bias=False, sliding="layer_types")
 FAMILIES["Gemma3"] = FAMILIES["Gemma3Text"] = Family("model", norm_offset=1.0, embed_scale=True, mlp_bias=False,
@@ -205,6 +206,10 @@ class DecoderForSequenceClassification(nn.Module):
         self.pooling = self._pooling(config, pooling)
         self.temperature = float(_cfg(config, "temperature", default=1.0)) if fam.pooling == "config" else 1.0
         self.causal = fam.causal
+        # transformers' sdpa path honours this flag on causal families (Gemma's embedding
+        # variants); running them causal would give other numbers without a word.
+        if fam.causal and getattr(config, "use_bidirectional_attention", False):
+            raise ValueError(f"{arch}: use_bidirectional_attention=True is not supported")
         self.windows = [self._window(config, i) for i in range(L)]
         self.softcap = None  # attention scores soft-capped as c * tanh(s / c) (Gemma 2)
         if fam.layout == "gpt2":
@@ -214,7 +219,8 @@ class DecoderForSequenceClassification(nn.Module):
         else:
             self.scales = [hd ** -0.5] * L
 
-        qkv_bias = fam.qkv_bias if fam.qkv_bias is not None else bool(getattr(config, "attention_bias", False))
+        qkv_bias = fam.qkv_bias if fam.qkv_bias is not None else bool(_cfg(config, "qkv_bias", "attention_bias",
+                                                                           default=False))
         o_bias = fam.o_bias if fam.o_bias is not None else bool(getattr(config, "attention_bias", False))
         mlp_bias = fam.mlp_bias if fam.mlp_bias is not None else bool(getattr(config, "mlp_bias", False))
         kw = dict(dtype=dtype, device=device)

@@ -6,7 +6,8 @@ Gemma's decoder (embeddings scaled by sqrt(hidden), (1 + w) RMSNorms, GELU-tanh 
 with "sandwich" norms (the attention and MLP outputs are normed before they join the
 residual stream), queries scaled by ``query_pre_attn_scalar ** -0.5``, and sliding-window
 layers between global ones. Gemma 2 soft-caps the attention scores
-(``attn_logit_softcapping``: c * tanh(s / c)); Gemma 3 norms q and k per head instead and
+(``attn_logit_softcapping``: c * tanh(s / c)); Gemma 3 norms q and k per head instead (its
+config's ``attn_logit_softcapping`` is ignored, as transformers ignores it) and
 gives each layer type its own rotary base (``rope_parameters`` per layer type, or
 ``rope_local_base_freq`` in older configs). Bidirectional attention (EmbeddingGemma) is
 refused, and so is a yes/no head read from an LM whose logits are soft-capped.
@@ -41,7 +42,8 @@ class Gemma3ForSequenceClassification(DecoderForSequenceClassification):
         for layer in self.layers:
             layer.post_attn_w, layer.post_ff_w = _p(self.H, **kw), _p(self.H, **kw)
         self.scales = [float(getattr(text, "query_pre_attn_scalar", self.hd)) ** -0.5] * self.num_layers
-        softcap = getattr(text, "attn_logit_softcapping", None)
+        # Gemma 3's config keeps the field, but transformers' Gemma 3 attention never applies it.
+        softcap = getattr(text, "attn_logit_softcapping", None) if arch.startswith("Gemma2") else None
         if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
             raise ValueError(f"{arch}: attn_logit_softcapping must be a positive number, got {softcap!r}")
         self.softcap = float(softcap) if softcap is not None else None

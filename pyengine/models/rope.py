@@ -86,7 +86,12 @@ def inv_freq(params, rotary_dim, max_position_embeddings, long=False):
         return _yarn(params, freqs, rotary_dim, max_position_embeddings)
     if kind == "llama3":
         old = params.get("original_max_position_embeddings") or max_position_embeddings
+        missing = [k for k in ("factor", "low_freq_factor", "high_freq_factor") if params.get(k) is None]
+        if missing:
+            raise ValueError(f"rope type 'llama3' needs {', '.join(missing)} in its rope parameters")
         low, high = float(params["low_freq_factor"]), float(params["high_freq_factor"])
+        if not 0 < low < high:
+            raise ValueError(f"rope type 'llama3' needs 0 < low_freq_factor < high_freq_factor, got {low} and {high}")
         wavelen = 2 * math.pi / freqs
         scaled = torch.where(wavelen > old / low, freqs / factor, freqs)
         smooth = (old / wavelen - low) / (high - low)
