@@ -33,8 +33,8 @@ from .templates import read_template
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pyengine.batch", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="local model directory")
-    p.add_argument("--input", required=True, help="a .jsonl or .parquet file")
-    p.add_argument("--output", required=True, help="a .jsonl or .parquet file (its format from its extension)")
+    p.add_argument("--input", required=True, help="a .jsonl / .ndjson / .json or .parquet / .pq file")
+    p.add_argument("--output", required=True, help="a .jsonl / .ndjson / .json or .parquet / .pq file (its format from its extension)")
     p.add_argument("--text-column", default=None, help="column of texts (default: text)")
     p.add_argument("--pair-column", default=None, help="column of second texts: score pairs with a cross-encoder")
     p.add_argument("--score-template", default=None, metavar="FILE",
@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--hf-overrides", type=json.loads, default=None, help="JSON object")
     g.add_argument("--pooler-config", type=json.loads, default=None, help="JSON object")
     g.add_argument("--mm-processor-kwargs", type=json.loads, default=None,
-                   help="JSON object: image preprocessing of a vision-language model (Qwen-VL: min_pixels, max_pixels; "
+                   help="JSON object: image and video preprocessing of a vision-language model (Qwen-VL: min_pixels, "
+                        "max_pixels, fps; "
                         "Nemotron VL: min_dynamic_patch, max_dynamic_patch, dynamic_image_size)")
     g.add_argument("--truncate-prompt-tokens", type=int, default=None, help="-1: the model's maximum")
     g.add_argument("--truncation-side", choices=("left", "right"), default=None)

@@ -498,7 +498,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hf-overrides", type=json.loads, default=None, help="JSON object")
     p.add_argument("--pooler-config", type=json.loads, default=None, help="JSON object")
     p.add_argument("--mm-processor-kwargs", type=json.loads, default=None,
-                   help="JSON object: image preprocessing of a vision-language model (Qwen-VL: min_pixels, max_pixels; "
+                   help="JSON object: image and video preprocessing of a vision-language model (Qwen-VL: min_pixels, "
+                        "max_pixels, fps; "
                         "Nemotron VL: min_dynamic_patch, max_dynamic_patch, dynamic_image_size)")
     p.add_argument("--served-model-name", nargs="+", default=None,
                    help="names clients may use in 'model' (default: --model); the first is reported")

@@ -79,7 +79,7 @@ if [ -z "${PYENGINE_CUDA_ARCHS:-}" ]; then
 fi
 
 # GPU_CHECK_STEPS (default all): a comma list of build, tests, kernels, bench, profile, to
-# split the check over two calls when one call's time limit is short (the build stays).
+# to split the check over two runs (the build stays).
 want() { [[ ",${GPU_CHECK_STEPS:-build,tests,kernels,bench,profile}," == *",$1,"* ]]; }
 
 # 1. build (editable, offline, no dependency resolution)

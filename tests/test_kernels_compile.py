@@ -9,7 +9,7 @@ candidates must fit in registers without spilling.
 
 PYENGINE_COMPILE_TRITON_PATH=DIR adds a second run with DIR first on the script's
 PYTHONPATH: a directory holding another triton package (say 3.6, the GPU image's), so
-the kernels are known to compile with that version too before a GPU session starts.
+the kernels are known to compile with that version too before they run on a GPU.
 """
 import glob
 import importlib

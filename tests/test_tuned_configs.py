@@ -1,4 +1,4 @@
-"""Tuned launch configs (pyengine/kernels/_tuned.py): the file format and its checks,
+"""Tuned launch configs (kernels/_tuned.py): the file format and its checks,
 which file applies, launchers taking a file's config for the shapes it names (and only
 those), the benchmark writing one from its sweeps, and the engine refusing a bad one at
 start. Kernels run in the Triton interpreter on tiny shapes."""

@@ -37,7 +37,8 @@ def build_parser():
     p = argparse.ArgumentParser(
         prog="python -m pyengine.bench", description=__doc__.split("\n\n")[0],
         epilog="Other subcommands: `python -m pyengine.bench kernels ...` (op microbenchmarks), "
-               "`python -m pyengine.bench serve ...` (the HTTP server).")
+               "`python -m pyengine.bench serve ...` (the HTTP server), "
+               "`python -m pyengine.bench vision ...` (a vision-language classifier).")
     p.add_argument("--preset", help=f"comma-separated presets ({', '.join(P.PRESETS)}); default "
                                     f"{','.join(P.GPU_PRESETS)} on a GPU, {','.join(P.CPU_PRESETS)} on CPU")
     p.add_argument("--model", metavar="DIR", help="a local checkpoint directory instead of a preset")
