@@ -190,7 +190,9 @@ def _mean_warp_rows(X, RES, W, B, OUT, slot, lo, hi, n_splits, chunk_stride, str
     tl.store(OUT + slot * stride_o + cols2, total, mask=ok2)
 
 
-@triton.jit
+# n_splits follows the batch's shape (T / B): unspecialised, so that 1 or a multiple of 16
+# does not compile another variant.
+@triton.jit(do_not_specialize=["n_splits"])
 def _pooled_norm_kernel(X, RES, CU_SEQLENS, W, B, OUT, stride_x, stride_r, stride_o, H, eps, offset, n_splits,
                         chunk_stride,
                         POOLING: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -265,7 +267,7 @@ def _pooled_norm_kernel(X, RES, CU_SEQLENS, W, B, OUT, stride_x, stride_r, strid
         tl.store(OUT + seq.to(tl.int64) * stride_o + offs_h, out, mask=h_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_splits"])
 def _mean_finish_kernel(WS, CU_SEQLENS, OUT, stride_o, H, n_splits, BLOCK_H: tl.constexpr):
     """OUT[seq] = sum of the seq's n_splits workspace rows (in order: deterministic) / length."""
     seq = tl.program_id(0)

@@ -894,11 +894,21 @@ def _params(kernel):
             for p in inspect.signature(fn).parameters.values()]
 
 
+def _unspecialised(kernel):
+    """Names of the ints a kernel marks do_not_specialize (compiled or interpreted)."""
+    marked = getattr(kernel, "do_not_specialize", None)
+    if marked is None:
+        marked = getattr(kernel, "kwargs", {}).get("do_not_specialize")
+    names = [n for n, _ in _params(kernel)]
+    return {names[m] if isinstance(m, int) else m for m in marked or ()}
+
+
 def _spec_key(kernel, args, kwargs):
     """What Triton's JIT keys its compiled-kernel cache on: constexpr values, tensor
     dtypes and 16-byte alignment, and for plain ints whether they are 1, divisible by 16,
-    and 32-bit (this module's kernels mark none do_not_specialize, so all ints count)."""
+    and 32-bit (only the last for an int marked do_not_specialize)."""
     names = [n for n, _ in _params(kernel)]
+    unspecialised = _unspecialised(kernel)
     constexpr = {n for n, c in _params(kernel) if c}
     bound = dict(zip(names, args))
     bound.update({k: v for k, v in kwargs.items() if k in names})
@@ -911,6 +921,8 @@ def _spec_key(kernel, args, kwargs):
             key.append((name, v.dtype, v.data_ptr() % 16 == 0))
         elif isinstance(v, bool):
             key.append((name, "i1", v))
+        elif isinstance(v, int) and name in unspecialised:
+            key.append((name, "int", -2 ** 31 <= v < 2 ** 31))
         elif isinstance(v, int):
             key.append((name, "int", v == 1, v % 16 == 0, -2 ** 31 <= v < 2 ** 31))
         elif isinstance(v, float):
@@ -988,12 +1000,34 @@ def test_ragged_shapes_do_not_change_specialisation(op, monkeypatch):
         _ragged_call(op, lens)(_kernel(op))
     assert len(rec.keys) == len(RAGGED)
     # Stronger than the key: no runtime int takes a value that depends on the batch.
-    for name in rec.ints[0]:
+    for name in set(rec.ints[0]) - _unspecialised(kernel):
         values = {ints[name] for ints in rec.ints}
         assert len(values) == 1, f"int argument {name} varies with the ragged shape: {sorted(values)}"
     distinct = set(rec.keys)
     assert len(distinct) == 1, "specialisation differs across ragged batches:\n" + "\n".join(
         str([kv for kv in key if kv not in rec.keys[0]]) for key in distinct)
+
+
+def test_pooled_norm_mean_slices_do_not_change_specialisation(monkeypatch):
+    """Mean pooling cuts sequences into n_splits slices, a number that follows T / B: batches
+    with 1, 2, 16 and 9 slices per sequence (1 and 16 would each split an int's cache entry)
+    share one key in the kernel and in the kernel that sums the slices."""
+    from pyengine.kernels import pooled_norm as mod
+    recs = {name: _Recorder(getattr(mod, name)) for name in ("_pooled_norm_kernel", "_mean_finish_kernel")}
+    for name, rec in recs.items():
+        monkeypatch.setattr(mod, name, rec)
+    # n_splits = min(16, T // (32 B)): 1, 2, 16 and 9
+    batches = [[3, 5], [70, 60], [600], [300, 300]]
+    splits = []
+    for lens in batches:
+        h = _randn(sum(lens), 32, seed=len(lens))
+        splits.append(min(16, max(1, sum(lens) // (32 * len(lens)))))
+        mod.pooled_norm(h, cu_seqlens(lens), "mean", "layer", torch.ones(32), torch.zeros(32), 1e-5)
+    assert splits == [1, 2, 16, 9]
+    for name, rec in recs.items():
+        assert len(set(rec.keys)) == 1, f"{name}: specialisation differs across ragged batches:\n" + "\n".join(
+            str([kv for kv in key if kv not in rec.keys[0]]) for key in set(rec.keys))
+    assert len(recs["_mean_finish_kernel"].keys) == 3  # only batches with more than one slice sum them
 
 
 # ----------------------------------------------------------------------------------------
