@@ -98,6 +98,26 @@ def test_activation_by_problem_type(tmp_path, problem_type, num_labels, act):
     assert torch.allclose(raw, ref_raw, atol=ATOL, rtol=0), report(raw, ref_raw)
 
 
+def test_unknown_problem_type_is_refused(tmp_path):
+    factory, _ = FAMILIES["bert"]
+    save_tiny(tmp_path, factory(num_labels=3, problem_type="ordinal_regression"))
+    with pytest.raises(ValueError, match="unknown problem_type 'ordinal_regression'"):
+        LLM(str(tmp_path))
+
+
+def test_pooler_config_use_activation_false_is_the_default(tmp_path):
+    factory, _ = FAMILIES["bert"]
+    model, tok = save_tiny(tmp_path, factory(num_labels=3), seed=4)
+    texts = random_texts(4, random.Random(5))
+    llm = LLM(str(tmp_path), pooler_config=PoolerConfig(use_activation=False))
+    got = torch.tensor([o.outputs.probs for o in llm.classify(texts, use_tqdm=False)])
+    ref = hf_probs(model, tok, texts, "identity")
+    assert torch.allclose(got, ref, atol=ATOL, rtol=0), report(got, ref)
+    # a call's own use_activation still wins over the default
+    soft = torch.tensor([o.outputs.probs for o in llm.classify(texts, use_activation=True, use_tqdm=False)])
+    assert torch.allclose(soft, ref.softmax(-1), atol=ATOL, rtol=0), report(soft, ref.softmax(-1))
+
+
 def test_lengths_one_to_max_model_len(family):
     # Token-id prompts from 1 token up to exactly max_model_len in one call.
     name, path, model, tok = family
@@ -307,15 +327,33 @@ def test_score_matches_transformers_pairs(cross_encoder):
     assert max(abs(f.outputs.probs[0] - g.item()) for f, g in zip(flat, got)) > 1e-4
 
 
-def test_score_activation_from_sentence_transformers(tmp_path):
+@pytest.mark.parametrize("field, fn, act", [
+    # sentence-transformers' current field, and the older CrossEncoder config field
+    ("sentence_transformers", "torch.nn.modules.linear.Identity", "identity"),
+    ("sbert_ce_default_activation_function", "torch.nn.modules.linear.Identity", "identity"),
+    ("sentence_transformers", "torch.nn.modules.activation.Sigmoid", "sigmoid"),
+])
+def test_score_activation_from_sentence_transformers(tmp_path, field, fn, act):
     factory, _ = FAMILIES["bert"]
     cfg = factory(num_labels=1)
-    cfg.sentence_transformers = {"activation_fn": "torch.nn.modules.linear.Identity"}
+    setattr(cfg, field, {"activation_fn": fn} if field == "sentence_transformers" else fn)
     model, tok = save_tiny(tmp_path, cfg, seed=6)
     llm = LLM(str(tmp_path))
     got = torch.tensor([o.outputs.score for o in llm.score("the cat", ["a dog", "the mat"], use_tqdm=False)])
-    ref = hf_probs(model, tok, ["the cat"] * 2, "identity", pairs=["a dog", "the mat"])[:, 0]
-    assert torch.allclose(got, ref, atol=ATOL, rtol=0)
+    ref = hf_probs(model, tok, ["the cat"] * 2, act, pairs=["a dog", "the mat"])[:, 0]
+    raw = hf_probs(model, tok, ["the cat"] * 2, "identity", pairs=["a dog", "the mat"])[:, 0]
+    assert (raw - raw.sigmoid()).abs().min() > 1e-3  # identity and sigmoid differ here
+    assert torch.allclose(got, ref, atol=ATOL, rtol=0), report(got[:, None], ref[:, None])
+
+
+def test_unsupported_sentence_transformers_activation_is_refused(tmp_path):
+    factory, _ = FAMILIES["bert"]
+    cfg = factory(num_labels=1)
+    cfg.sentence_transformers = {"activation_fn": "torch.nn.modules.activation.Tanh"}
+    save_tiny(tmp_path, cfg, seed=6)
+    with pytest.raises(ValueError, match="unsupported sentence-transformers activation_fn "
+                                         "'torch.nn.modules.activation.Tanh'"):
+        LLM(str(tmp_path)).score("the cat", ["a dog"], use_tqdm=False)
 
 
 @pytest.mark.parametrize("side", ["left", "right", None])
@@ -368,6 +406,10 @@ def test_truncate_minus_one_is_max_model_len(tmp_path):
     assert len(out.prompt_token_ids) == 16
     with pytest.raises(ValueError, match=r"prompts\[0\] has 42 tokens, more than max_model_len=16"):
         llm.classify(long, use_tqdm=False)
+    # the limit itself runs, one token more does not
+    assert len(llm.classify({"prompt_token_ids": [2] + [7] * 14 + [3]}, use_tqdm=False)[0].prompt_token_ids) == 16
+    with pytest.raises(ValueError, match=r"prompts\[0\] has 17 tokens, more than max_model_len=16"):
+        llm.classify({"prompt_token_ids": [2] + [7] * 15 + [3]}, use_tqdm=False)
 
 
 def test_logit_bias_and_scale(tmp_path):
@@ -386,6 +428,25 @@ def test_logit_bias_and_scale(tmp_path):
         ref_mean = model.classifier(model.bert.pooler.activation(model.bert.pooler.dense(h))).softmax(-1)[0]
     got_mean = torch.tensor(mean.classify(texts[0], use_tqdm=False)[0].outputs.probs)
     assert torch.allclose(got_mean, ref_mean, atol=ATOL, rtol=0)
+
+
+def test_logit_bias_under_sigmoid_and_in_mixed_batches(tmp_path):
+    """Softmax cannot see a scalar bias; one label's sigmoid can. A batch that mixes
+    use_activation true and false runs each kind's rows as their own calls do."""
+    factory, _ = FAMILIES["bert"]
+    model, tok = save_tiny(tmp_path, factory(num_labels=1), seed=8)
+    texts = random_texts(6, random.Random(4))
+    llm = LLM(str(tmp_path), pooler_config=PoolerConfig(logit_bias=0.7, logit_scale=2.5))
+    raw = hf_probs(model, tok, texts, "identity")
+    got = torch.tensor([o.outputs.probs for o in llm.classify(texts, use_tqdm=False)])
+    ref = ((raw - 0.7) * 2.5).sigmoid()
+    assert (ref - (raw * 2.5).sigmoid()).abs().max() > 0.05  # the bias shows
+    assert torch.allclose(got, ref, atol=ATOL, rtol=0), report(got, ref)
+    plain = torch.tensor([o.outputs.probs for o in llm.classify(texts, use_activation=False, use_tqdm=False)])
+    params = [PoolingParams(use_activation=i % 2 == 0) for i in range(len(texts))]
+    mixed = torch.tensor([o.outputs.probs for o in llm.classify(texts, pooling_params=params, use_tqdm=False)])
+    want = torch.stack([got[i] if i % 2 == 0 else plain[i] for i in range(len(texts))])
+    assert torch.allclose(mixed, want, atol=1e-6, rtol=0), report(mixed, want)
 
 
 # ------------------------------------------------------------------ bad input
@@ -463,6 +524,14 @@ def test_token_ids_with_types_and_arrays(cross_encoder, tmp_path):
     assert abs(got[2] - want) > 1e-3, "token types made no difference: a weak test"
     cut = llm.classify(prompts[:1], truncate_prompt_tokens=4, truncation_side="right", use_tqdm=False)[0]
     assert cut.prompt_token_ids == enc["input_ids"][:4]
+    # Cut from the left, the types go with their tokens (the last ones are the pair's 1s).
+    ids, types = enc["input_ids"], enc["token_type_ids"]
+    left = llm.classify(prompts[:1], truncate_prompt_tokens=5, truncation_side="left", use_activation=False,
+                        use_tqdm=False)[0]
+    kept = llm.classify([{"prompt_token_ids": ids[-5:], "token_type_ids": types[-5:]}], use_activation=False,
+                        use_tqdm=False)[0]
+    assert types[-5:] != types[:5] and left.prompt_token_ids == ids[-5:]
+    assert left.outputs.probs == pytest.approx(kept.outputs.probs, abs=1e-6)
     bare = tmp_path / "bare"
     bare.mkdir()
     for f in ("config.json", "model.safetensors"):
@@ -504,6 +573,8 @@ def test_mismatched_pairs(cross_encoder):
     llm = LLM(str(path))
     with pytest.raises(ValueError, match="1:1, 1:N or N:N; got 2 items in data_1 and 3 in data_2"):
         llm.score(["a", "b"], ["c", "d", "e"])
+    with pytest.raises(ValueError, match="1:1, 1:N or N:N; got 2 items in data_1 and 1 in data_2"):
+        llm.score(["a", "b"], "c")
     with pytest.raises(ValueError, match=r"data_2\[1\] is empty"):
         llm.score("a", ["c", ""])
     # A lone surrogate (JSON's "\ud800") is not Unicode the tokenizer takes: the error names
@@ -668,6 +739,54 @@ def test_failed_batch_names_its_requests_and_leaves_the_rest(small_llm, monkeypa
     finished = core.step()
     assert [r.request_id for r in finished] == ["l"] and finished[0].output.shape == (3,)
     assert not core.has_unfinished()
+
+
+def test_a_failed_call_leaves_nothing_queued(small_llm, monkeypatch):
+    """LLM.classify whose first batch fails drops the call's other requests, so the next
+    call counts only its own."""
+    from pyengine.engine import BatchError
+
+    llm, _ = small_llm
+    monkeypatch.setattr(llm.engine.cfg, "max_num_seqs", 2)
+    launch, calls = llm.engine.launch_batch, []
+
+    def first_fails(*args):
+        calls.append(len(args[0]))
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return launch(*args)
+
+    monkeypatch.setattr(llm.engine, "launch_batch", first_fails)
+    with pytest.raises(BatchError, match="boom"):
+        llm.classify(["a cat", "the dog", "a mat", "why"], use_tqdm=False)
+    assert not llm.engine.has_unfinished() and calls == [2]
+    (out,) = llm.classify(["the cat"], use_tqdm=False)
+    assert out.prompt_token_ids == llm.get_tokenizer()("the cat")["input_ids"]
+
+
+def test_a_request_that_waited_too_long_runs_next(small_llm, monkeypatch):
+    """Batches take the shortest prompts first; one that has waited past MAX_WAIT_S
+    anchors the next batch instead, so a stream of short prompts cannot starve it."""
+    from pyengine.engine import Request
+    from pyengine.inputs import TokenizedPrompt
+
+    llm, _ = small_llm
+    core = llm.engine
+    monkeypatch.setattr(core.cfg, "max_num_seqs", 2)
+    long_ids = [2] + [9] * 20 + [3]
+    core.add_request(Request("old", TokenizedPrompt(long_ids), None, arrival=time.monotonic() - 10 * core.MAX_WAIT_S))
+    for i in range(4):
+        core.add_request(Request(f"s{i}", TokenizedPrompt([2, 9, 3]), None))
+    assert "old" in [r.request_id for r in core.step()]
+    while core.has_unfinished():
+        core.step()
+    # The same queue with a fresh long request: the short ones go first.
+    core.add_request(Request("new", TokenizedPrompt(long_ids), None))
+    for i in range(4):
+        core.add_request(Request(f"t{i}", TokenizedPrompt([2, 9, 3]), None))
+    assert "new" not in [r.request_id for r in core.step()]
+    while core.has_unfinished():
+        core.step()
 
 
 # ------------------------------------------------------------------ batches in flight
