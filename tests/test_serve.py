@@ -800,3 +800,63 @@ def test_chat_template_is_the_score_template(ce_env):
         stop()
     with pytest.raises(FileNotFoundError, match="neither Jinja source"):
         Server(EngineCore(EngineConfig(model=str(path))), ["x"], chat_template="/no/such.jinja")
+
+
+# ------------------------------------------------------------------ error mapping, activations
+def test_a_type_error_in_the_input_checks_is_a_400(ce_env):
+    """A query of the wrong shape fails a type check deep in the input handling: the
+    request was bad, so 400, not a server fault."""
+    client, _, _ = ce_env
+    status, r = client.post("/rerank", {"query": {"content": [5]}, "documents": ["b"]})
+    assert status == 400, (status, r)
+    status, r = client.post("/rerank", {"query": "a", "documents": ["b"]})
+    assert status == 200, (status, r)
+
+
+def test_a_nan_output_is_a_500_not_the_clients_fault(ce_env, monkeypatch):
+    from pyengine.engine import PendingBatch
+
+    client, _, _ = ce_env
+    core = client.server.core
+    monkeypatch.setattr(core, "launch_batch",
+                        lambda prompts, *a: PendingBatch(torch.full((len(prompts), 1), float("nan"))))
+    status, r = client.post("/score", {"text_1": "a", "text_2": "b"})
+    assert status == 500 and "the output cannot be sent as JSON" in r["error"]["message"], (status, r)
+
+
+def test_pooler_config_use_activation_is_the_servers_default(tmp_path):
+    save_tiny(tmp_path, _config(3), seed=2)
+    core = EngineCore(EngineConfig(model=str(tmp_path), pooler_config={"use_activation": False}))
+    url, stop = serve_in_thread(Server(core, ["m"]).build_app())
+    try:
+        client = Client(url, None)
+        raw = LLM(str(tmp_path)).classify("the cat", use_activation=False, use_tqdm=False)[0].outputs.probs
+        assert abs(sum(raw) - 1) > 1e-2  # raw logits, not probabilities
+        status, r = client.post("/classify", {"input": "the cat"})
+        assert status == 200 and r["data"][0]["probs"] == pytest.approx(raw, abs=ATOL), r
+        status, r = client.post("/classify", {"input": "the cat", "use_activation": True})
+        assert status == 200 and sum(r["data"][0]["probs"]) == pytest.approx(1, abs=1e-5), r
+    finally:
+        stop()
+
+
+def test_score_takes_the_sentence_transformers_activation(tmp_path):
+    cfg = _config(1)
+    cfg.sentence_transformers = {"activation_fn": "torch.nn.modules.linear.Identity"}
+    save_tiny(tmp_path, cfg, seed=6)
+    client, _, stop = _start(tmp_path, ["m"])
+    try:
+        llm = LLM(str(tmp_path))
+        want = [o.outputs.score for o in llm.score("the cat", ["a dog", "the mat"], use_tqdm=False)]
+        raw = [o.outputs.score for o in llm.score("the cat", ["a dog", "the mat"], use_activation=False,
+                                                  use_tqdm=False)]
+        assert want == pytest.approx(raw, abs=1e-6)  # identity: the raw logits
+        for route, body in (("/score", {"text_1": "the cat", "text_2": ["a dog", "the mat"]}),
+                            ("/rerank", {"query": "the cat", "documents": ["a dog", "the mat"]})):
+            status, r = client.post(route, body)
+            assert status == 200, r
+            got = ([d["score"] for d in r["data"]] if route == "/score"
+                   else [d["relevance_score"] for d in sorted(r["results"], key=lambda d: d["index"])])
+            assert got == pytest.approx(want, abs=ATOL), (route, got, want)
+    finally:
+        stop()
