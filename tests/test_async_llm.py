@@ -1,6 +1,7 @@
 """AsyncLLM: the LLM API as coroutines over one worker thread, against the blocking LLM
 on the same weights."""
 import asyncio
+import random
 import time
 
 import pytest
@@ -149,3 +150,34 @@ def test_shutdown_fails_calls_waiting_to_tokenise(paths):
         assert not waiting.cancelled()
 
     asyncio.run(main())
+
+
+def test_a_failed_batch_fails_its_call_and_drops_the_calls_other_sequences(paths):
+    """A batch that raises fails the call that owns it; that call's other sequences never
+    run (nobody would read them), and the engine serves the next call."""
+    clf, _ = paths
+
+    async def main():
+        llm = AsyncLLM(str(clf), max_num_seqs=2)
+        core = llm.engine
+        launch, launched = core.launch_batch, []
+
+        def first_fails(prompts, *args):
+            launched.append(len(prompts))
+            if len(launched) == 1:
+                raise RuntimeError("fault")
+            return launch(prompts, *args)
+
+        core.launch_batch = first_fails
+        try:
+            with pytest.raises(RuntimeError, match="fault"):
+                await llm.classify(random_texts(8, random.Random(1)))
+            ok = await llm.classify(["the cat", "a dog"])
+            return ok, list(launched), core.has_unfinished()
+        finally:
+            llm.shutdown()
+
+    ok, launched, unfinished = asyncio.run(main())
+    assert launched == [2, 2] and not unfinished, launched  # the failed batch, then the next call's
+    close([o.outputs.probs for o in ok],
+          [o.outputs.probs for o in LLM(str(clf)).classify(["the cat", "a dog"], use_tqdm=False)])
