@@ -179,6 +179,27 @@ def test_launchers_take_the_config_of_their_shape(configs_env, monkeypatch):
         (16, 16, 2), built_in[:2] + built_in[2:3], built_in[:2] + built_in[2:3], (32,) + built_in[1:3]]
 
 
+def test_keys_tell_apart_launches_a_config_was_not_measured_on(configs_env):
+    """pooled_norm with and without a residual, gather_pooled per pooling, qk_norm_rotary
+    per rotary width (not its head dim): the documented key format of each."""
+    from pyengine.kernels import gather_pooled, pooled_norm, qk_norm_rotary
+
+    h, cu, w = torch.randn(7, 16), torch.tensor([0, 3, 7], dtype=torch.int32), torch.ones(16)
+    assert pooled_norm.tune_key(h, cu, "last", "rms", w, None, 1e-6, 0.0, h) == "float32/h16/last/rms/residual"
+    assert pooled_norm.tune_key(h, cu, "last", "rms", w, None, 1e-6) == "float32/h16/last/rms"
+    assert [gather_pooled.tune_key(h, cu, p) for p in ("cls", "last", "mean")] == [
+        "float32/h16/cls", "float32/h16/last", "float32/h16/mean"]
+    q, k = torch.randn(7, 4, 16).half(), torch.randn(7, 2, 16).half()
+    cos_sin = torch.randn(20, 8)  # partial rotary: 8 of the 16 dims
+    assert qk_norm_rotary.tune_key(q, k, w, w, torch.zeros(7, dtype=torch.long), cos_sin) == \
+        "float16/hq4/hk2/d16/r8"
+    # A mean-only entry is for mean launches: cls keeps its built-in config, and both work.
+    configs_env({"triton/gather_pooled": {"float32/h16/mean": _entry({"block_t": 2, "stages": 2})}})
+    torch.testing.assert_close(gather_pooled.gather_pooled(h, cu, "cls"), h[[0, 3]])
+    torch.testing.assert_close(gather_pooled.gather_pooled(h, cu, "mean"), torch.stack([h[:3].mean(0),
+                                                                                        h[3:].mean(0)]))
+
+
 def test_expert_matmul_takes_the_config_of_its_expert_shape(configs_env, monkeypatch):
     # Keyed by the dtype and the expert weight's (N, K): any batch of tokens takes it.
     from pyengine.kernels import expert_matmul
