@@ -208,6 +208,13 @@ BAD_INPUTS = [
      r"logit_bias must have 1 or L=3 elements"),
     ("activation", lambda: cuda_ops.activation(_meta(12), "sigmoid"),
      r"logits must be 2-D \(B, L\)"),
+    # a positions vector shorter than T: the kernel would read past its end
+    ("rotary", lambda: cuda_ops.rotary(_meta(4, 2, 8), _meta(4, 1, 8), _meta(3, dtype=torch.int64),
+                                       _meta(16, 8, dtype=torch.float32)),
+     r"positions must be 1-D of length T=4, got \(3,\)"),
+    # a host tensor beside device logits: the kernel would take a host pointer
+    ("activation", lambda: cuda_ops.activation(_meta(4, 3), "softmax", torch.zeros(3)),
+     r"logit_bias is on cpu, expected the logits' device meta"),
 ]
 
 
