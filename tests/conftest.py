@@ -11,6 +11,8 @@ import torch  # noqa: E402
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped on CPU)")
+    config.addinivalue_line("markers", "no_gpu: checks what a machine without a CUDA device does "
+                                       "(skipped where there is one)")
     # Under xdist each worker gets its share of the cores: N workers each running torch's
     # default of one thread per core oversubscribe the machine many times over, and the
     # CPU references of the GPU tests (transformers in fp32) then crawl.
@@ -21,11 +23,10 @@ def pytest_configure(config):
 
 def pytest_collection_modifyitems(config, items):
     # Asked once, at collection end, not when a test module is imported.
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA device")
+    has_gpu = torch.cuda.is_available()
+    skip = pytest.mark.skip(reason="runs where there is no CUDA device" if has_gpu else "needs a CUDA device")
     for item in items:
-        if "gpu" in item.keywords:
+        if ("no_gpu" if has_gpu else "gpu") in item.keywords:
             item.add_marker(skip)
 
 

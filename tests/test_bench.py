@@ -207,7 +207,7 @@ def _never_called(*args, **kwargs):
     raise AssertionError("work started despite a bad argument")
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+@pytest.mark.no_gpu  # checks the no-GPU message
 def test_cuda_without_a_gpu_is_a_clear_error(capsys, monkeypatch):
     with pytest.raises(SystemExit):
         bench_model.main(["--device", "cuda"])

@@ -79,7 +79,7 @@ def test_bad_arguments_are_clear_errors(argv, msg, capsys, monkeypatch):
     assert msg in capsys.readouterr().err
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+@pytest.mark.no_gpu  # checks the no-GPU message
 def test_cuda_device_without_a_gpu_is_a_clear_error(capsys, monkeypatch):
     monkeypatch.setattr(kb, "copy_bandwidth", _never_called)
     with pytest.raises(SystemExit) as e:
@@ -88,7 +88,7 @@ def test_cuda_device_without_a_gpu_is_a_clear_error(capsys, monkeypatch):
     assert "--device cuda: torch sees no CUDA device" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the backends a CPU lacks")
+@pytest.mark.no_gpu  # checks the backends a CPU lacks
 def test_requested_backends_that_cannot_run_are_named(monkeypatch):
     # Off the interpreter Triton does not run on CPU; nor do the CUDA kernels or torch's varlen.
     monkeypatch.setenv("TRITON_INTERPRET", "0")
