@@ -96,6 +96,23 @@ def check_float(op, name, t, ndim, layout):
           lambda: f"{name} must be contiguous in its last dim, got strides {tuple(t.stride())}")
 
 
+def check_tile_span(op, rows, *named):
+    """(name, t) of (T, H, D) views. The kernels form each sequence's or token's base
+    offset in int64 and what lies within one tile in int32: ``rows`` tokens of every head.
+    Strides that put that span past int32 are refused, not read out of bounds."""
+    for name, t in named:
+        span = (rows - 1) * t.stride(0) + (t.shape[1] - 1) * t.stride(1) + t.shape[2]
+        check(op, span < 2 ** 31, lambda: f"{name}'s strides {tuple(t.stride())} put {rows} token(s) of its "
+                                          f"{t.shape[1]} heads {span} elements apart, past int32 offsets")
+
+
+def long_offsets(T, *tensors):
+    """Whether a position within a sequence times a token stride can pass int32: the
+    attention kernels then offset their tiles in int64 (a feature flag: for the usual
+    shapes it stays off, whatever the batch). T bounds every position."""
+    return T * max(t.stride(0) for t in tensors) >= 2 ** 31
+
+
 def check_cu_seqlens(op, cu_seqlens, device, expected, T):
     """cu_seqlens: a contiguous 1-D (B+1,) int32 tensor on device (`expected` names it),
     running from 0 to T (the packed rows) without decreasing. The values are checked
@@ -166,6 +183,7 @@ def rotary_inputs(op, q, k, positions, cos_sin):
     check(op, cos_sin.device == q.device, lambda: f"cos_sin is on {cos_sin.device}, expected {q.device}")
     check(op, cos_sin.stride(1) == 1,
           lambda: f"cos_sin must be contiguous in its last dim, got {tuple(cos_sin.stride())}")
+    check_tile_span(op, 1, ("q", q), ("k", k))
     return T, Hq, D, R
 
 

@@ -63,6 +63,10 @@ def _launch(logits, kind, logit_bias=None, logit_scale=None):
     _check(kind in _KINDS, lambda: f"unknown activation {kind!r}; expected softmax, sigmoid or identity")
     _v.check_float("activation", "logits", logits, 2, "(B, L)")
     B, L = logits.shape
+    # One program holds a whole row: past this the tile outgrows the registers (and, at
+    # 2^20, Triton's largest tensor).
+    _check(L <= _v.MAX_H, lambda: f"L={L} labels is past {_v.MAX_H}, the widest row the kernel holds "
+                                  f"(the torch backend takes any)")
     bias_mode, bias, bias_vec = _as_operand("logit_bias", logit_bias, L, logits.device)
     scale_mode, scale, scale_vec = _as_operand("logit_scale", logit_scale, L, logits.device)
     out = torch.empty((B, L), dtype=torch.float32, device=logits.device)

@@ -37,7 +37,7 @@ def _pooled_query_attention_kernel(Q, K, V, O, CU_SEQLENS, Q_POS, qk_scale,
                                    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
                                    IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                                    PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
-                                   ALIGNED_ROWS: tl.constexpr = False):
+                                   ALIGNED_ROWS: tl.constexpr = False, LONG_OFFSETS: tl.constexpr = False):
     if ALIGNED_ROWS:
         stride_qb, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ob, stride_oh = _multiples_of_8(
             stride_qb, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ob, stride_oh)
@@ -79,8 +79,11 @@ def _pooled_query_attention_kernel(Q, K, V, O, CU_SEQLENS, Q_POS, qk_scale,
     for start_n in range(start, hi, BLOCK_N):
         cols = start_n + offs_n
         ok = (cols >= lo) & (cols < hi)
-        k = tl.load(k_ptrs + start_n * stride_kt, mask=ok[None, :] & d_ok[:, None], other=0.0)
-        v = tl.load(v_ptrs + start_n * stride_vt, mask=ok[:, None] & d_ok[None, :], other=0.0)
+        n0 = start_n
+        if LONG_OFFSETS:  # a key position times the token stride may pass int32 (see the launcher)
+            n0 = tl.cast(start_n, tl.int64)
+        k = tl.load(k_ptrs + n0 * stride_kt, mask=ok[None, :] & d_ok[:, None], other=0.0)
+        v = tl.load(v_ptrs + n0 * stride_vt, mask=ok[:, None] & d_ok[None, :], other=0.0)
         s = _softcap(tl.dot(q, k, input_precision=PRECISION) * qk_scale, SOFTCAP)
         s = tl.where(ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -152,6 +155,9 @@ def _launch(q, k, v, cu_seqlens, max_seqlen, q_pos, causal=False, scale=None, wi
     else:
         bn, warps, stages = (CONFIGS_PADDED if D % 16 and block_d in CONFIGS_PADDED else CONFIGS)[block_d]
     bn = block_n or bn
+    long = _v.long_offsets(T, k, v)
+    if long:
+        _v.check_tile_span("pooled_query_attention", bn, ("k", k), ("v", v))
     # B on grid axis 0 (up to 2^31 - 1 programs), kv heads on axis 1.
     _pooled_query_attention_kernel[(B, Hkv)](
         q, k, v, out, cu_seqlens, q_pos, scale * _LOG2E,
@@ -160,7 +166,7 @@ def _launch(q, k, v, cu_seqlens, max_seqlen, q_pos, causal=False, scale=None, wi
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_G=block_g, BLOCK_N=bn,
         IS_CAUSAL=bool(causal), HAS_WINDOW=has_window,
         PRECISION=_fp32_precision(q.device) if q.dtype == torch.float32 else "tf32", SOFTCAP=softcap,
-        ALIGNED_ROWS=_v.rows_aligned(q, k, v, out), num_warps=warps, num_stages=stages)
+        ALIGNED_ROWS=_v.rows_aligned(q, k, v, out), LONG_OFFSETS=long, num_warps=warps, num_stages=stages)
     return out
 
 

@@ -43,22 +43,25 @@ def _attend_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, offs_m, offs_n, off
                   qk_scale, window_left, window_right, stride_kt, stride_vt,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
                   IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr,
-                  SOFTCAP: tl.constexpr):
+                  SOFTCAP: tl.constexpr, LONG_OFFSETS: tl.constexpr):
     """One key block of the online softmax, as wide as offs_n (BLOCK_N, or BLOCK_N_FULL
     in the unmasked middle; k_ptrs / v_ptrs are built on the same offsets). MASKED
     blocks may hold keys some rows must not see (past the sequence end, above the
     diagonal, outside the window)."""
     cols = start_n + offs_n
     d_ok = offs_d < HEAD_DIM
+    n0 = start_n
+    if LONG_OFFSETS:
+        n0 = tl.cast(start_n, tl.int64)
     if MASKED:
-        k = tl.load(k_ptrs + start_n * stride_kt, mask=(cols < seq_len)[None, :] & d_ok[:, None], other=0.0)
-        v = tl.load(v_ptrs + start_n * stride_vt, mask=(cols < seq_len)[:, None] & d_ok[None, :], other=0.0)
+        k = tl.load(k_ptrs + n0 * stride_kt, mask=(cols < seq_len)[None, :] & d_ok[:, None], other=0.0)
+        v = tl.load(v_ptrs + n0 * stride_vt, mask=(cols < seq_len)[:, None] & d_ok[None, :], other=0.0)
     elif BLOCK_D == HEAD_DIM:
-        k = tl.load(k_ptrs + start_n * stride_kt)
-        v = tl.load(v_ptrs + start_n * stride_vt)
+        k = tl.load(k_ptrs + n0 * stride_kt)
+        v = tl.load(v_ptrs + n0 * stride_vt)
     else:
-        k = tl.load(k_ptrs + start_n * stride_kt, mask=d_ok[:, None], other=0.0)
-        v = tl.load(v_ptrs + start_n * stride_vt, mask=d_ok[None, :], other=0.0)
+        k = tl.load(k_ptrs + n0 * stride_kt, mask=d_ok[:, None], other=0.0)
+        v = tl.load(v_ptrs + n0 * stride_vt, mask=d_ok[None, :], other=0.0)
     s = _softcap(tl.dot(q, k, input_precision=PRECISION) * qk_scale, SOFTCAP)
     if MASKED:
         ok = (cols < seq_len)[None, :]
@@ -116,7 +119,8 @@ def _varlen_attention_kernel(Q, K, V, O, CU_SEQLENS, TILE_SEQ, TILE_INFO, qk_sca
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                              IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                              PRECISION: tl.constexpr, GROUP: tl.constexpr, BLOCK_N_FULL: tl.constexpr,
-                             SOFTCAP: tl.constexpr, ALIGNED_ROWS: tl.constexpr = False):
+                             SOFTCAP: tl.constexpr, ALIGNED_ROWS: tl.constexpr = False,
+                             LONG_OFFSETS: tl.constexpr = False):
     """One tile: BLOCK_M tokens of one sequence for GROUP query heads of one kv group.
     GROUP > 1 stacks the heads as tile rows (row r: head r // BLOCK_M, token r % BLOCK_M),
     so each k/v block is loaded once for the group and the dots are GROUP times taller,
@@ -124,7 +128,9 @@ def _varlen_attention_kernel(Q, K, V, O, CU_SEQLENS, TILE_SEQ, TILE_INFO, qk_sca
     BLOCK_N_FULL (a multiple of BLOCK_N) is the key-block width of the unmasked middle:
     masked blocks stay BLOCK_N wide, so the sequence end and the diagonal waste little,
     while the middle runs fewer online-softmax rescales and wider dots. BLOCK_N_FULL ==
-    BLOCK_N compiles the single-width kernel."""
+    BLOCK_N compiles the single-width kernel. LONG_OFFSETS: a position times a token
+    stride may pass int32 (set by the launcher from T: huge batches of fused-qkv views), so
+    the tile's and the key block's first rows are offset in int64."""
     if ALIGNED_ROWS:
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh = _multiples_of_8(
             stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh)
@@ -147,12 +153,22 @@ def _varlen_attention_kernel(Q, K, V, O, CU_SEQLENS, TILE_SEQ, TILE_INFO, qk_sca
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     if GROUP == 1:
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        q_ptrs = Q + row0 * stride_qt + head * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :]
+        offs_r = tl.arange(0, BLOCK_M)
     else:
-        offs_m = m0 + tl.arange(0, GROUP * BLOCK_M) % BLOCK_M
+        offs_r = tl.arange(0, GROUP * BLOCK_M) % BLOCK_M
         row_head = head + tl.arange(0, GROUP * BLOCK_M) // BLOCK_M
-        q_ptrs = Q + row0 * stride_qt + row_head[:, None] * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :]
+    offs_m = m0 + offs_r
+    # The tile's rows from row_q / offs_q (the plain form unless LONG_OFFSETS; the same
+    # code as ever there, which the measured configs were tuned on).
+    row_q = row0
+    offs_q = offs_m
+    if LONG_OFFSETS:
+        row_q = row0 + m0
+        offs_q = offs_r
+    if GROUP == 1:
+        q_ptrs = Q + row_q * stride_qt + head * stride_qh + offs_q[:, None] * stride_qt + offs_d[None, :]
+    else:
+        q_ptrs = Q + row_q * stride_qt + row_head[:, None] * stride_qh + offs_q[:, None] * stride_qt + offs_d[None, :]
     q = tl.load(q_ptrs, mask=(offs_m < seq_len)[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
     # k is read transposed, (BLOCK_D, BLOCK_N), so the score tile is a plain dot.
     k_ptrs = K + row0 * stride_kt + kv_head * stride_kh + offs_n[None, :] * stride_kt + offs_d[:, None]
@@ -183,7 +199,8 @@ def _varlen_attention_kernel(Q, K, V, O, CU_SEQLENS, TILE_SEQ, TILE_INFO, qk_sca
     for start_n in range(lo, mid_lo, BLOCK_N):
         acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, offs_m, offs_n, offs_d,
                                       seq_len, qk_scale, window_left, window_right, stride_kt, stride_vt,
-                                      HEAD_DIM, BLOCK_D, True, IS_CAUSAL, HAS_WINDOW, PRECISION, SOFTCAP)
+                                      HEAD_DIM, BLOCK_D, True, IS_CAUSAL, HAS_WINDOW, PRECISION, SOFTCAP,
+                                      LONG_OFFSETS)
     narrow_lo = mid_lo
     if BLOCK_N_FULL != BLOCK_N:
         # The unmasked middle in whole BLOCK_N_FULL blocks from mid_lo; what is left of it
@@ -198,15 +215,18 @@ def _varlen_attention_kernel(Q, K, V, O, CU_SEQLENS, TILE_SEQ, TILE_INFO, qk_sca
         for start_n in range(mid_lo, narrow_lo, BLOCK_N_FULL):
             acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, kf_ptrs, vf_ptrs, start_n, offs_m, offs_nf, offs_d,
                                           seq_len, qk_scale, window_left, window_right, stride_kt, stride_vt,
-                                          HEAD_DIM, BLOCK_D, False, IS_CAUSAL, HAS_WINDOW, PRECISION, SOFTCAP)
+                                          HEAD_DIM, BLOCK_D, False, IS_CAUSAL, HAS_WINDOW, PRECISION, SOFTCAP,
+                                      LONG_OFFSETS)
     for start_n in range(narrow_lo, mid_hi, BLOCK_N):
         acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, offs_m, offs_n, offs_d,
                                       seq_len, qk_scale, window_left, window_right, stride_kt, stride_vt,
-                                      HEAD_DIM, BLOCK_D, False, IS_CAUSAL, HAS_WINDOW, PRECISION, SOFTCAP)
+                                      HEAD_DIM, BLOCK_D, False, IS_CAUSAL, HAS_WINDOW, PRECISION, SOFTCAP,
+                                      LONG_OFFSETS)
     for start_n in range(mid_hi, hi, BLOCK_N):
         acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, offs_m, offs_n, offs_d,
                                       seq_len, qk_scale, window_left, window_right, stride_kt, stride_vt,
-                                      HEAD_DIM, BLOCK_D, True, IS_CAUSAL, HAS_WINDOW, PRECISION, SOFTCAP)
+                                      HEAD_DIM, BLOCK_D, True, IS_CAUSAL, HAS_WINDOW, PRECISION, SOFTCAP,
+                                      LONG_OFFSETS)
 
     # Rows past the sequence end saw nothing; keep them finite, they are not stored.
     l_i = tl.where(l_i > 0.0, l_i, 1.0)
@@ -214,10 +234,10 @@ def _varlen_attention_kernel(Q, K, V, O, CU_SEQLENS, TILE_SEQ, TILE_INFO, qk_sca
     # Output pointers are formed here, not next to q's: kept live across the key loop
     # they cost registers.
     if GROUP == 1:
-        o_ptrs = O + row0 * stride_ot + head * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :]
+        o_ptrs = O + row_q * stride_ot + head * stride_oh + offs_q[:, None] * stride_ot + offs_d[None, :]
     else:
         row_head = head + tl.arange(0, GROUP * BLOCK_M) // BLOCK_M
-        o_ptrs = O + row0 * stride_ot + row_head[:, None] * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :]
+        o_ptrs = O + row_q * stride_ot + row_head[:, None] * stride_oh + offs_q[:, None] * stride_ot + offs_d[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty),
              mask=(offs_m < seq_len)[:, None] & (offs_d < HEAD_DIM)[None, :])
 
@@ -410,6 +430,9 @@ def _launch(q, k, v, cu_seqlens, max_seqlen, causal=False, scale=None, window=No
         bn, bn_full = block_n, (bn_full if len(cfg) > 5 else block_n)
     _check(bn_full % bn == 0 and bn_full & (bn_full - 1) == 0,
            lambda: f"BLOCK_N_FULL={bn_full} must be a power of two and a multiple of BLOCK_N={bn}")
+    long = _v.long_offsets(T, q, k, v, out)
+    if long:
+        _v.check_tile_span("varlen_attention", max(bm, bn_full), ("q", q), ("k", k), ("v", v), ("out", out))
     tile_seq, tile_info, n_tiles = tile_map(cu_seqlens, T, bm)
     _varlen_attention_kernel[(n_tiles, Hq // group)](
         q, k, v, out, cu_seqlens, tile_seq, tile_info, scale * _LOG2E,
@@ -421,7 +444,7 @@ def _launch(q, k, v, cu_seqlens, max_seqlen, causal=False, scale=None, window=No
         # the precision is ignored for 16-bit inputs.
         PRECISION=_fp32_precision(q.device) if q.dtype == torch.float32 else "tf32", GROUP=group,
         BLOCK_N_FULL=bn_full, SOFTCAP=softcap, ALIGNED_ROWS=_v.rows_aligned(q, k, v, out),
-        num_warps=warps, num_stages=stages)
+        LONG_OFFSETS=long, num_warps=warps, num_stages=stages)
     return out
 
 

@@ -139,6 +139,13 @@ def _residual(op, residual, like, like_name):
     _last_contiguous(op, "residual", residual)
 
 
+# Rows the norm kernels cache in shared memory as fp32, one (two for pooled_norm's block
+# kernel: row and residual) per block: 128 KB, within every supported GPU's opt-in limit
+# (A100: 163 KB). Past it cudaFuncSetAttribute would fail at launch.
+_MAX_NORM_H = 32768
+_MAX_POOLED_NORM_H = 16384
+
+
 def _check_norm(op, x, residual, weight, bias, real):
     _tensor(op, "x", x)
     _float_dtype(op, "x", x)
@@ -146,6 +153,8 @@ def _check_norm(op, x, residual, weight, bias, real):
     rows, H, x_stride = _rows_2d(op, "x", x)
     if H == 0:
         _fail(op, "x has an empty last dim")
+    if H > _MAX_NORM_H:
+        _fail(op, f"H={H} is past {_MAX_NORM_H}, the widest row the kernel caches in shared memory")
     res_stride = 0
     if residual is not None:
         _residual(op, residual, x, "x")
@@ -558,6 +567,9 @@ def _check_pooled_norm(hidden, cu_seqlens, pooling, norm_kind, weight, bias, res
     _check_hidden(op, hidden)
     _check_cu(op, cu_seqlens)
     H = hidden.shape[1]
+    if (norm_kind is not None or residual is not None) and H > _MAX_POOLED_NORM_H:
+        _fail(op, f"H={H} is past {_MAX_POOLED_NORM_H}, the widest row the kernel normalises in shared "
+                  f"memory (the triton backend takes up to 32768)")
     if residual is not None:
         _residual(op, residual, hidden, "hidden")
     if norm_kind is not None:

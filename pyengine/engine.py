@@ -352,6 +352,14 @@ class EngineCore:
         ``loras``, where given: one LoRAAdapter or None per prompt, an adapter's prompts
         next to each other), pooling and device-to-host copy without waiting for them (on
         CUDA). Returns its :class:`PendingBatch`."""
+        if self.device.type != "cuda":
+            return self._launch_batch(prompts, activations, loras)
+        # Triton launches on torch's current device, not on its tensors' one: on a second
+        # GPU it would fail (or, with peer access, run on the first one, off this stream).
+        with torch.cuda.device(self.device):
+            return self._launch_batch(prompts, activations, loras)
+
+    def _launch_batch(self, prompts, activations, loras) -> PendingBatch:
         types = None
         if any(p.token_type_ids is not None for p in prompts):
             types = [p.token_type_ids for p in prompts]

@@ -315,8 +315,6 @@ def encode_floats(row, fmt: str, dtype: str, endianness: str):
     """One pooled row as a JSON list, or base64 of its bytes (vLLM's encoding_format)."""
     if fmt == "float":
         return row.tolist()
-    import numpy as np
-
     # Each value's bytes as the dtype stores them (bfloat16 and fp8 through torch, as raw
     # 2- and 1-byte integers), then swapped where another byte order is asked for.
     torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,

@@ -11,9 +11,9 @@
 # usage: scripts/gpu_check.sh
 # env:   PYTHON (default python3; the machine's Python with torch), PYENGINE_CUDA_ARCHS
 #        (default: this GPU's architecture), the budgets in seconds BUILD_S=240 TESTS_S=240 KERNELS_S=300
-#        BENCH_S=200, TEST_WORKERS=12 (pytest-xdist workers where it is installed: the GPU
+#        BENCH_S=260, TEST_WORKERS=12 (pytest-xdist workers where it is installed: the GPU
 #        tests are mostly Triton compiles, which run on the CPU), BENCH_ARGS (the model
-#        benchmark's options; default three presets, one timed pass, transformers against
+#        benchmark's options; default four presets, one timed pass, transformers against
 #        pyengine's default with and without CUDA graphs; add pyengine-lora to --providers
 #        for a LoRA adapter's cost, when the device time allows), KERNELS_ARGS (the kernel
 #        benchmark's; default --repeats 10 --attn-sweep --op-sweep --graph --write-configs
@@ -133,7 +133,7 @@ if ! want bench; then
   skip bench "not in GPU_CHECK_STEPS"
 elif [ -f pyengine/bench/__main__.py ]; then
   # shellcheck disable=SC2086
-  step bench "${BENCH_S:-200}" "$PY" -m pyengine.bench ${BENCH_ARGS:---preset minilm-l6,bert-base,qwen3-0.6b --repeats 1 --single-sample 32 --providers hf,pyengine-cuda,pyengine-eager --no-progress --json "$LOGS/bench.json"}
+  step bench "${BENCH_S:-260}" "$PY" -m pyengine.bench ${BENCH_ARGS:---preset minilm-l6,bert-base,qwen3-0.6b,qwen2-1.5b --repeats 1 --single-sample 32 --providers hf,pyengine-cuda,pyengine-eager --no-progress --json "$LOGS/bench.json"}
 else
   skip bench "pyengine/bench/__main__.py not in this tree"
 fi

@@ -153,6 +153,17 @@ def main(arch=90, tuned_files=()):
            softcap=50.0)
     for D in (40, 72, 136):
         pooled(z(2, 4, D, dtype=bf), z(T, 4, D, dtype=bf), z(T, 4, D, dtype=bf), cu, 15, pos, False)
+    # The int64-offset variants, which batches past 2^31 / token stride take: compiled here
+    # (the tiny tensors stand in for them).
+    validate = importlib.import_module("pyengine.kernels._validate")
+    real_long = validate.long_offsets
+    validate.long_offsets = lambda T, *tensors: True
+    try:
+        for D, causal in ((64, False), (128, True)):
+            attention(z(T, 4, D, dtype=bf), z(T, 2, D, dtype=bf), z(T, 2, D, dtype=bf), cu, 15, causal)
+            pooled(z(2, 4, D, dtype=bf), z(T, 2, D, dtype=bf), z(T, 2, D, dtype=bf), cu, 15, pos, causal)
+    finally:
+        validate.long_offsets = real_long
     _patched("gather_pooled", target)(h, cu, "mean")
     _patched("activation", target)(z(4, 3), "softmax", 0.5, z(3))
     _patched("add_layer_norm", target)(h, h, z(H), z(H), 1e-5)

@@ -68,6 +68,21 @@ def test_flop_count_matches_a_hand_count():
     assert P.workload_flops(qcfg, [8]) == 2 * P.linear_params(qcfg) * 8 + 4 * 64 * 16 * 128 * 2 / 2
 
 
+@pytest.mark.parametrize("model_type, experts", [("qwen3_moe", "num_experts"), ("mixtral", "num_local_experts")])
+def test_flop_count_of_a_mixture_of_experts(model_type, experts):
+    """A token goes through its top 2 of 8 experts (fused 3-D weights in transformers 5)
+    and the router; counting every expert, or none, is 4x off either way."""
+    from transformers import AutoConfig
+
+    H, I, kv = 64, 48, 32
+    cfg = AutoConfig.for_model(model_type, hidden_size=H, intermediate_size=I, moe_intermediate_size=I,
+                               num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                               vocab_size=100, num_experts_per_tok=2, **{experts: 8})
+    attention = H * H + 2 * kv * H + H * H
+    per_expert = 3 * H * I  # gate, up, down
+    assert P.linear_params(cfg) == attention + 2 * per_expert + 8 * H  # + the router
+
+
 def _run(argv, capsys):
     rc = bench_main.main(argv)
     out = capsys.readouterr()

@@ -212,6 +212,12 @@ BAD_INPUTS = [
     ("rotary", lambda: cuda_ops.rotary(_meta(4, 2, 8), _meta(4, 1, 8), _meta(3, dtype=torch.int64),
                                        _meta(16, 8, dtype=torch.float32)),
      r"positions must be 1-D of length T=4, got \(3,\)"),
+    # rows past what the kernels cache in shared memory: refused, not a launch error
+    ("add_rms_norm", lambda: cuda_ops.add_rms_norm(_meta(2, 32769), None, _meta(32769), 1e-6),
+     r"H=32769 is past 32768, the widest row the kernel caches in shared memory"),
+    ("pooled_norm", lambda: cuda_ops.pooled_norm(_meta(2, 16385), _meta(3, dtype=torch.int32), "last", "rms",
+                                                 _meta(16385), None, 1e-6),
+     r"H=16385 is past 16384, the widest row the kernel normalises in shared memory"),
     # a host tensor beside device logits: the kernel would take a host pointer
     ("activation", lambda: cuda_ops.activation(_meta(4, 3), "softmax", torch.zeros(3)),
      r"logit_bias is on cpu, expected the logits' device meta"),

@@ -1082,3 +1082,19 @@ def test_cpu_batches_are_filled_to_the_cpu_target(tmp_path):
     assert all(n <= 24 for n in sizes if n != long), sizes
     assert torch.allclose(got, ref, atol=1e-5, rtol=0), report(got, ref)
     assert torch.allclose(got, hf_probs(model, tok, texts, "softmax"), atol=ATOL, rtol=0)
+
+
+@pytest.mark.gpu
+def test_a_model_on_another_gpu_than_the_current_one(tmp_path):
+    """Triton launches on torch's current device: the engine makes its own device current
+    for each batch, so a model on cuda:1 runs there while cuda:0 is current."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    factory, _ = FAMILIES["bert"]
+    model, tok = save_tiny(tmp_path, factory(num_labels=3), seed=9)
+    texts = random_texts(8, random.Random(6))
+    torch.cuda.set_device(0)
+    llm = LLM(str(tmp_path), device="cuda:1", dtype="float32", kernel_backend="triton")
+    got = torch.tensor([o.outputs.probs for o in llm.classify(texts, use_tqdm=False)])
+    ref = hf_probs(model, tok, texts, "softmax")
+    assert torch.allclose(got, ref, atol=1e-3, rtol=0), report(got, ref)

@@ -19,6 +19,7 @@ import triton.language as tl  # noqa: E402
 from pyengine import ops  # noqa: E402
 from kernel_refs import (FP16, FP32, activation64, assert_close, attention64, cu_seqlens,  # noqa: E402
                          gated64, gather64, layer_norm64, positions, rms_norm64, rotary64)
+from pyengine.kernels import _validate as _v, pooled_query_attention as pqa, varlen_attention as va  # noqa: E402
 from pyengine.kernels.gated_act import _erf  # noqa: E402
 
 KERNEL_OPS = ("varlen_attention", "pooled_query_attention", "gather_pooled", "activation", "add_layer_norm", "add_rms_norm",
@@ -418,6 +419,33 @@ def test_pooled_query_attention_views_and_empty_sequence():
     ref = attention64(q_all, k, v, lens, False, 0.2)
     assert_close(out[[0, 2]], ref[rows[[0, 2]]], FP32, "strided views")
     assert torch.equal(out[1], torch.zeros(Hq, D)), "an empty sequence's output must be zeros"
+
+
+def test_attention_offsets_past_int32_in_a_long_sequence():
+    """A position times the token stride passes 2^31 (views of a fused qkv row over a long
+    sequence: 2^31 / ((Hq + 2 Hkv) D) tokens) while one tile stays below it. Here a token
+    stride of 2^27 + 8 with 17 tokens: token 16 sits 2^31 + 128 elements in. The buffer
+    is 4 GiB of address space; only the rows written are touched."""
+    S, T, D = 2 ** 27 + 8, 17, 16
+    buf = torch.empty(16 * S + 64, dtype=torch.float16)
+    q, k, v = (buf.as_strided((T, 1, D), (S, D, 1), off) for off in (0, D, 2 * D))
+    g = torch.Generator().manual_seed(3)
+    for t in (q, k, v):
+        t.copy_(torch.randn(T, 1, D, generator=g).half())
+    cu = cu_seqlens([T])
+    ref = attention64(q.contiguous(), k.contiguous(), v.contiguous(), [T], True, D ** -0.5)
+    # two query tiles and two key blocks of 16: the second of each starts at token 16
+    out = va._launch(q, k, v, cu, T, True, block_m=16, block_n=16)
+    assert_close(out, ref, FP16, "varlen_attention, long sequence")
+    last = pqa._launch(q[T - 1:].contiguous(), k, v, cu, T, torch.tensor([T - 1]), True, block_n=16)
+    assert_close(last, ref[T - 1:], FP16, "pooled_query_attention, long sequence")
+    # A tile past int32 (a stride of 2^27 + 8 over 32 rows) is refused, not read wrong.
+    with pytest.raises(ValueError, match=r"varlen_attention: q's strides \(134217736, 16, 1\) put 32 token\(s\) "
+                                         r"of its 1 heads \d+ elements apart, past int32 offsets"):
+        va._launch(q, k, v, cu, T, True, block_m=32, block_n=16)
+    # The usual shapes keep the plain offsets (the code the configs were measured on).
+    assert not _v.long_offsets(16384, *(torch.empty(1, 24, 128) for _ in range(3)))
+    assert _v.long_offsets(T, q, k, v)
 
 
 @pytest.mark.parametrize("bad,match", [
@@ -840,6 +868,11 @@ def test_prefetching_mean_is_bit_identical():
     ("gather_pooled", lambda: (torch.randn(4, 8), cu_seqlens([4]).long(), "cls"), "cu_seqlens.dtype"),
     ("activation", lambda: (torch.randn(2, 3), "relu"), "unknown activation"),
     ("activation", lambda: (torch.randn(2, 3), "softmax", torch.ones(2)), "logit_bias must have 1 or L=3"),
+    ("activation", lambda: (torch.randn(1, 32769), "softmax"), "L=32769 labels is past 32768, the widest row"),
+    # a head-major view whose last head starts past int32 (2^31 + 32 elements in): refused
+    ("rotary", lambda: (torch.empty(2 ** 31 + 64, dtype=torch.float16).as_strided((1, 2, 16), (16, 2 ** 31 + 32, 1)),
+                        torch.randn(1, 1, 16).half(), torch.arange(1), torch.randn(4, 16)),
+     r"q's strides \(16, 2147483680, 1\) put 1 token\(s\) of its 2 heads 2147483696 elements apart"),
     ("add_layer_norm", lambda: (torch.randn(2, 8), torch.randn(2, 7), torch.ones(8), None, 1e-5), "residual"),
     ("add_rms_norm", lambda: (torch.randn(2, 8), None, torch.ones(7), 1e-5), r"weight must be \(8,\)"),
     ("rotary", lambda: (torch.randn(3, 2, 8), torch.randn(3, 1, 8), torch.arange(3), torch.randn(4, 10)),
@@ -866,11 +899,12 @@ def test_validation_messages(op, args, match):
 # Nothing derived from T, B or max_seqlen may appear here.
 ALLOWED_CONSTEXPRS = {
     # SOFTCAP: a model's constant (Gemma 2), not a shape; ALIGNED_ROWS: from the strides,
-    # which the head count and head dim set, not T or B
+    # which the head count and head dim set, not T or B; LONG_OFFSETS: on only where T times
+    # a token stride passes 2^31 (batches of some 2^31 / ((Hq + 2 Hkv) D) tokens and more)
     "varlen_attention": {"HEAD_DIM", "BLOCK_D", "BLOCK_M", "BLOCK_N", "IS_CAUSAL", "HAS_WINDOW", "PRECISION",
-                         "GROUP", "BLOCK_N_FULL", "SOFTCAP", "ALIGNED_ROWS"},
+                         "GROUP", "BLOCK_N_FULL", "SOFTCAP", "ALIGNED_ROWS", "LONG_OFFSETS"},
     "pooled_query_attention": {"HEAD_DIM", "BLOCK_D", "BLOCK_G", "BLOCK_N", "IS_CAUSAL", "HAS_WINDOW",
-                               "PRECISION", "SOFTCAP", "ALIGNED_ROWS"},
+                               "PRECISION", "SOFTCAP", "ALIGNED_ROWS", "LONG_OFFSETS"},
     "gather_pooled": {"POOLING", "BLOCK_T", "BLOCK_H", "PREFETCH"},
     "activation": {"KIND", "BIAS_MODE", "SCALE_MODE", "BLOCK_L"},
     "add_layer_norm": {"HAS_RESIDUAL", "HAS_BIAS", "BLOCK_H"},

@@ -6,7 +6,6 @@ the whole model against transformers' on the same weights and pixels, and bad in
 import json
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor

@@ -158,14 +158,15 @@ def cases(device="cpu", quick=False):
     out.append(Case("rotary", "neox", f"T={T} Hq={Hq} Hkv={Hkv} D={D}",
                     lambda: (rand(T, Hq, D, seed=9), rand(T, Hkv, D, seed=10), _positions(lens, device),
                              torch.cat([ang.cos(), ang.sin()], 1), True),
-                    bytes=2 * T * (Hq + Hkv) * D * es + T * D * 4 + T * 8))
+                    # the cos / sin table's rows once (as many as the longest sequence), not per token
+                    bytes=2 * T * (Hq + Hkv) * D * es + max(lens) * D * 4 + T * 8))
     # Qwen3's per-head q/k RMSNorm fused with rotary, in place on views of the qkv output.
     def make_qk(Hq=Hq, Hkv=Hkv, D=D):
         qkv = rand(T, Hq + 2 * Hkv, D, seed=23)
         return (qkv[:, :Hq], qkv[:, Hq:Hq + Hkv], rand(D, seed=24), rand(D, seed=25), _positions(lens, device),
                 torch.cat([ang.cos(), ang.sin()], 1), 1e-6)
     out.append(Case("qk_norm_rotary", "qwen3", f"T={T} Hq={Hq} Hkv={Hkv} D={D}", make_qk,
-                    bytes=2 * T * (Hq + Hkv) * D * es + T * D * 4 + T * 8 + 2 * D * es))
+                    bytes=2 * T * (Hq + Hkv) * D * es + max(lens) * D * 4 + T * 8 + 2 * D * es))
     for kind in ("silu", "gelu"):
         out.append(Case("gated_act", kind, f"T={T} I={I}", lambda kind=kind: (rand(T, 2 * I, seed=11), kind),
                         bytes=3 * T * I * es))
@@ -187,7 +188,9 @@ def cases(device="cpu", quick=False):
                     lambda: (ids, _positions(lens, device), ids % 2, rand(V, Hb, seed=13),
                              rand(512, Hb, seed=14), rand(2, Hb, seed=15), rand(Hb, seed=16),
                              rand(Hb, seed=17), 1e-12),
-                    bytes=4 * T * Hb * es + 3 * T * 8))
+                    # ids, positions and types in, rows out; of the tables, each row read once:
+                    # the distinct word ids, the positions up to the longest sequence, 2 types
+                    bytes=(T + ids.unique().numel() + max(lens) + 2) * Hb * es + 3 * T * 8))
     for pooling in ("last", "mean"):
         read = (T if pooling == "mean" else B) * H * es
         out.append(Case("gather_pooled", pooling, f"T={T} B={B} H={H}",

@@ -173,14 +173,30 @@ def model_facts(config) -> dict:
 
 
 def linear_params(config) -> int:
-    """Weights of the per-token linear layers (attention and MLP; embeddings and the
-    per-sequence head excluded), counted on a meta-device model."""
+    """Weights a token goes through in the per-token linear layers (attention and MLP;
+    embeddings and the per-sequence head excluded), counted on a meta-device model. A
+    mixture of experts counts its router and, of its experts' weights (fused 3-D tensors in
+    transformers 5, or one Linear per expert), the share a token's top k of E use."""
     from transformers import AutoModelForSequenceClassification
 
     with torch.device("meta"):
         model = AutoModelForSequenceClassification.from_config(config)
-    return sum(m.weight.numel() for n, m in model.named_modules()
-               if isinstance(m, torch.nn.Linear) and not any(h in n.split(".") for h in _HEAD_NAMES))
+    experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None)
+    top_k = getattr(config, "num_experts_per_tok", None)
+    total = 0.0
+    for module_name, module in model.named_modules():
+        path = module_name.split(".")
+        if any(h in path for h in _HEAD_NAMES):
+            continue
+        for name, p in module.named_parameters(recurse=False):
+            if isinstance(module, torch.nn.Linear):
+                if name != "weight":
+                    continue
+            elif p.dim() < 2 or not ("experts" in path or path[-1] in ("gate", "router")):
+                continue  # embeddings, norms
+            share = top_k / experts if experts and top_k and "experts" in path else 1.0
+            total += p.numel() * share
+    return int(total)
 
 
 def workload_flops(config, lengths, linear: int | None = None) -> float:
