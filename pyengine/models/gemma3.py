@@ -27,8 +27,6 @@ class Gemma3ForSequenceClassification(DecoderForSequenceClassification):
 
     def __init__(self, config, arch, dtype, device, ops, pooling=None):
         text = language_config(config)
-        if getattr(text, "use_bidirectional_attention", False):
-            raise ValueError(f"{arch}: use_bidirectional_attention=True (EmbeddingGemma) is not supported")
         if getattr(text, "classifier_from_token", None) is not None and \
                 getattr(text, "final_logit_softcapping", None) is not None:
             raise ValueError(f"{arch}: classifier_from_token with final_logit_softcapping="
