@@ -58,8 +58,8 @@ from .pooler import score_activation
 from .score_items import item, split_side
 from . import __version__
 from .serve_protocol import (ApiError, ClassifyRequest, DetokenizeRequest, LoadLoRARequest, PoolingRequest,
-                             RerankRequest, ScoreRequest, TokenizeRequest, UnloadLoRARequest, encode_floats,
-                             error_body, parse_input, render_chat, validate)
+                             RerankRequest, ScoreRequest, TokenizeRequest, UnloadLoRARequest, bytes_body,
+                             encode_floats, error_body, parse_input, render_chat, validate)
 from .templates import load_score_template, read_template
 
 log = logging.getLogger("pyengine.serve")
@@ -275,6 +275,15 @@ class Server:
         if req.dimensions is not None:
             raise ApiError(400, "'dimensions' applies to embedding models; this is a classifier")
         out = await self._run_single(request, stats, req)
+        if req.encoding_format in ("bytes", "bytes_only"):
+            body, items = bytes_body(out, req.embed_dtype, req.endianness)
+            headers = None
+            if req.encoding_format == "bytes":
+                # ASCII JSON (json.dumps escapes the rest), as a header value must be
+                head = self._head("pool", req)
+                meta = {k: head[k] for k in ("id", "created", "model")}
+                headers = {"metadata": json.dumps({**meta, "data": items, "usage": self._usage(stats)})}
+            return Response(body, media_type="application/octet-stream", headers=headers)
         data = [{"index": i, "object": "pooling",
                  "data": encode_floats(row, req.encoding_format, req.embed_dtype, req.endianness)}
                 for i, row in enumerate(out)]
@@ -361,7 +370,7 @@ class Server:
         try:
             body = await handler(request, stats)
             try:
-                resp = JSONResponse(body)
+                resp = body if isinstance(body, Response) else JSONResponse(body)
             except ValueError as e:  # JSON has no NaN or infinity: the model's fault, not the request's
                 raise RuntimeError(f"the output cannot be sent as JSON: {e}") from None
         except ApiError as e:

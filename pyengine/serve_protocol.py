@@ -114,7 +114,9 @@ class ClassifyRequest(_Common):
 
 class PoolingRequest(ClassifyRequest):
     task: str | None = None
-    encoding_format: Literal["float", "base64"] = "float"
+    # "bytes": the rows' raw bytes as the body, where each lies in the "metadata" header;
+    # "bytes_only": the body alone (vLLM's binary formats)
+    encoding_format: Literal["float", "base64", "bytes", "bytes_only"] = "float"
     embed_dtype: Literal["float32", "float16", "bfloat16", "fp8_e4m3", "fp8_e5m2"] = "float32"
     endianness: Literal["native", "little", "big"] = "native"
     dimensions: int | None = None
@@ -311,10 +313,8 @@ def render_chat(tokenizer, req: ClassifyRequest, default_template: str | None = 
         raise ApiError(400, f"cannot render the chat template: {type(e).__name__}: {e}") from None
 
 
-def encode_floats(row, fmt: str, dtype: str, endianness: str):
-    """One pooled row as a JSON list, or base64 of its bytes (vLLM's encoding_format)."""
-    if fmt == "float":
-        return row.tolist()
+def pooled_bytes(row, dtype: str, endianness: str) -> bytes:
+    """One pooled row's values in vLLM's embed_dtype and byte order."""
     # Each value's bytes as the dtype stores them (bfloat16 and fp8 through torch, as raw
     # 2- and 1-byte integers), then swapped where another byte order is asked for.
     torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -323,4 +323,25 @@ def encode_floats(row, fmt: str, dtype: str, endianness: str):
     arr = row.to(torch_dtype).view(as_int).numpy()
     if endianness != "native" and arr.dtype.itemsize > 1:
         arr = arr.astype(arr.dtype.newbyteorder("<" if endianness == "little" else ">"))
-    return base64.b64encode(arr.tobytes()).decode("ascii")
+    return arr.tobytes()
+
+
+def encode_floats(row, fmt: str, dtype: str, endianness: str):
+    """One pooled row as a JSON list, or base64 of its bytes (vLLM's encoding_format)."""
+    if fmt == "float":
+        return row.tolist()
+    return base64.b64encode(pooled_bytes(row, dtype, endianness)).decode("ascii")
+
+
+def bytes_body(rows, dtype: str, endianness: str):
+    """vLLM's "bytes" encoding of pooled rows: (body, items), the body every row's bytes
+    one after the other, items where each lies: index, embed_dtype, endianness, start,
+    end (byte offsets into the body) and shape."""
+    chunks, items, offset = [], [], 0
+    for i, row in enumerate(rows):
+        data = pooled_bytes(row, dtype, endianness)
+        items.append({"index": i, "embed_dtype": dtype, "endianness": endianness, "start": offset,
+                      "end": offset + len(data), "shape": list(row.shape)})
+        chunks.append(data)
+        offset += len(data)
+    return b"".join(chunks), items

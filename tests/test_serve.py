@@ -79,6 +79,16 @@ class Client:
     def post(self, path, body=None, raw=None):
         return self.request("POST", path, body, raw)
 
+    def post_binary(self, path, body):
+        """POST a JSON body; (status, headers, body bytes) undecoded."""
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=60)
+        try:
+            conn.request("POST", path, body=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+        finally:
+            conn.close()
+
     def metric(self, name):
         _, text = self.request("GET", "/metrics")
         for line in text.splitlines():
@@ -238,11 +248,49 @@ def test_pooling_matches_encode(cls_env):
                                                  "endianness": order, "use_activation": False})
             assert status == 200, r
             for d, o in zip(r["data"], raw):
-                data = bytearray(base64.b64decode(d["data"]))
-                if order == "big" and tdt.itemsize > 1:
-                    data = b"".join(data[i:i + tdt.itemsize][::-1] for i in range(0, len(data), tdt.itemsize))
-                got = torch.frombuffer(bytearray(data), dtype=tdt)
+                got = _from_bytes(base64.b64decode(d["data"]), tdt, order)
                 assert torch.equal(got.float(), o.outputs.data.to(tdt).float()), (dtype, order)
+
+
+def _from_bytes(data, tdt, order):
+    """Values of tdt from raw bytes in the given byte order (big: each value's bytes reversed)."""
+    data = bytearray(data)
+    if order == "big" and tdt.itemsize > 1:
+        data = b"".join(data[i:i + tdt.itemsize][::-1] for i in range(0, len(data), tdt.itemsize))
+    return torch.frombuffer(bytearray(data), dtype=tdt)
+
+
+@pytest.mark.parametrize("dtype,tdt,order", [
+    ("float32", torch.float32, "native"),     # the default: fp32 as this machine stores it
+    ("bfloat16", torch.bfloat16, "big"),      # a 2-byte dtype, bytes swapped
+    ("fp8_e4m3", torch.float8_e4m3fn, "little"),  # 1 byte: no order to apply
+])
+def test_pooling_bytes_format(cls_env, dtype, tdt, order):
+    """vLLM's encoding_format "bytes": every row's bytes in the body, where each lies and its
+    shape in the JSON "metadata" header; "bytes_only": the same body, no header."""
+    client, _, llm, _ = cls_env
+    prompts = texts(3, 4)
+    raw = llm.encode(prompts, pooling_task="classify", use_activation=False, use_tqdm=False)
+    req = {"input": prompts, "encoding_format": "bytes", "embed_dtype": dtype, "endianness": order,
+           "use_activation": False, "request_id": "r1"}
+    status, headers, body = client.post_binary("/pooling", req)
+    assert status == 200, body
+    assert headers["content-type"] == "application/octet-stream"
+    meta = json.loads(headers["metadata"])
+    assert meta["id"] == "pool-r1" and meta["model"] == "tiny-cls" and isinstance(meta["created"], int)
+    assert meta["usage"]["prompt_tokens"] == sum(len(o.prompt_token_ids) for o in raw)
+    assert [d["index"] for d in meta["data"]] == [0, 1, 2]
+    assert meta["data"][-1]["end"] == len(body)
+    n = raw[0].outputs.data.numel()
+    for d, o in zip(meta["data"], raw):
+        assert (d["embed_dtype"], d["endianness"], d["shape"]) == (dtype, order, [n])
+        assert d["end"] - d["start"] == n * tdt.itemsize
+        got = _from_bytes(body[d["start"]:d["end"]], tdt, order).float()
+        want = o.outputs.data.to(tdt).float()
+        # fp32: the offline run's values within the batch bar; rounded dtypes: the same values
+        assert torch.allclose(got, want, atol=ATOL if tdt == torch.float32 else 0, rtol=0), (dtype, order, got, want)
+    status, headers_only, body_only = client.post_binary("/pooling", {**req, "encoding_format": "bytes_only"})
+    assert status == 200 and body_only == body and "metadata" not in headers_only
 
 
 @pytest.mark.parametrize("names", [("text_1", "text_2"), ("data_1", "data_2"), ("queries", "documents")])
