@@ -15,7 +15,7 @@ $(STAMP): setup.py Makefile
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q "transformers>=4.56" tokenizers safetensors tqdm numpy "triton>=3.0" \
-		pytest pytest-timeout pytest-benchmark pybind11 cmake fastapi uvicorn "ray[data,serve]==2.60.0" "pyarrow>=14" jinja2 \
+		pytest pytest-timeout pytest-benchmark pytest-xdist pybind11 cmake fastapi uvicorn "ray[data,serve]==2.60.0" "pyarrow>=14" jinja2 \
 		peft pillow
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
@@ -23,8 +23,11 @@ $(STAMP): setup.py Makefile
 bench: install
 	$(PY) -m pyengine.bench
 
+# One pytest worker per core (pytest-xdist; conftest.py splits torch's threads between them).
+TEST_WORKERS ?= auto
+
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) tests
 
 # Rebuild the CUDA extension in place, then one op's tests and microbenchmark: make kernel OP=rotary
 kernel: install

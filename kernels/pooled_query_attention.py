@@ -155,6 +155,8 @@ def _launch(q, k, v, cu_seqlens, max_seqlen, q_pos, causal=False, scale=None, wi
     else:
         bn, warps, stages = (CONFIGS_PADDED if D % 16 and block_d in CONFIGS_PADDED else CONFIGS)[block_d]
     bn = block_n or bn
+    # q's (and out's) head offsets within a sequence stay int32, as a tile's
+    _v.check_tile_span(_OP, 1, ("q", q))
     long = _v.long_offsets(T, k, v)
     if long:
         _v.check_tile_span("pooled_query_attention", bn, ("k", k), ("v", v))

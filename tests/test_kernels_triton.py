@@ -873,6 +873,11 @@ def test_prefetching_mean_is_bit_identical():
     ("rotary", lambda: (torch.empty(2 ** 31 + 64, dtype=torch.float16).as_strided((1, 2, 16), (16, 2 ** 31 + 32, 1)),
                         torch.randn(1, 1, 16).half(), torch.arange(1), torch.randn(4, 16)),
      r"q's strides \(16, 2147483680, 1\) put 1 token\(s\) of its 2 heads 2147483696 elements apart"),
+    # ... and a pooled query whose heads span past int32 the same way
+    ("pooled_query_attention",
+     lambda: (torch.empty(2 ** 31 + 64, dtype=torch.float16).as_strided((1, 2, 16), (16, 2 ** 31 + 32, 1)),
+              torch.randn(3, 1, 16).half(), torch.randn(3, 1, 16).half(), cu_seqlens([3]), 3, torch.tensor([2])),
+     r"q's strides \(16, 2147483680, 1\) put 1 token\(s\) of its 2 heads 2147483696 elements apart"),
     ("add_layer_norm", lambda: (torch.randn(2, 8), torch.randn(2, 7), torch.ones(8), None, 1e-5), "residual"),
     ("add_rms_norm", lambda: (torch.randn(2, 8), None, torch.ones(7), 1e-5), r"weight must be \(8,\)"),
     ("rotary", lambda: (torch.randn(3, 2, 8), torch.randn(3, 1, 8), torch.arange(3), torch.randn(4, 10)),
