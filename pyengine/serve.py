@@ -130,6 +130,11 @@ class Server:
     async def _read(self, request: Request, cls):
         """Body -> validated request model, with the checks every pooling route shares."""
         req = validate(cls, await self._body(request))
+        if request.headers.get("x-request-id") and "request_id" in type(req).model_fields:
+            # vLLM's precedence: the header, then the body's field
+            req.request_id = request.headers["x-request-id"]
+        if req.model == "":  # as vLLM: no name is the served model
+            req.model = None
         if req.model is not None and req.model not in self.names and req.model not in self.loras:
             raise ApiError(404, f"The model `{req.model}` does not exist; this server serves "
                                 f"{self.names + list(self.loras)}")
@@ -315,10 +320,11 @@ class Server:
         _, out = await self._run(request, stats, req, self._prepare_pairs, req.query, docs, ("query", "documents"))
         scores = [float(row[0]) for row in out]
         order = sorted(range(len(scores)), key=lambda i: -scores[i])  # stable: ties keep input order
-        if req.top_n:
+        if req.top_n > 0:
             order = order[:req.top_n]
-        results = [{"index": i, "document": {"text": docs[i]} if isinstance(docs[i], str) else
-                    {"multi_modal": sides[i][0]}, "relevance_score": scores[i]} for i in order]
+        # vLLM's RerankDocument: a string document as text, any other (a content part) as it came
+        results = [{"index": i, "document": {"text": sides[i][0], "multi_modal": None} if isinstance(sides[i][0], str)
+                    else {"text": None, "multi_modal": sides[i][0]}, "relevance_score": scores[i]} for i in order]
         return {"id": f"rerank-{req.request_id or uuid.uuid4().hex}", "model": self._model_name(req),
                 "usage": {"prompt_tokens": stats["tokens"], "total_tokens": stats["tokens"]}, "results": results}
 

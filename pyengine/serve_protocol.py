@@ -52,7 +52,7 @@ class _Common(BaseModel):
     normalize: bool | None = None
     # Taken as vLLM takes them: the salt has nothing to salt here (no prefix cache); the
     # processor and media settings are the server's (checked in pyengine.serve).
-    cache_salt: str | None = None
+    cache_salt: str | None = Field(None, min_length=1)
     mm_processor_kwargs: dict[str, Any] | None = None
     media_io_kwargs: dict[str, Any] | None = None
 
@@ -184,7 +184,7 @@ class ScoreRequest(_TemplateVars, _Common):
 class RerankRequest(_TemplateVars, _Common):
     query: str | dict[str, Any]
     documents: list[str | dict[str, Any]] | dict[str, Any] | str  # a string: one document, as vLLM takes it
-    top_n: int = Field(0, ge=0)  # 0: every document
+    top_n: int = 0  # 0 or less: every document (as vLLM)
 
 
 def validate(cls, data):
@@ -221,8 +221,12 @@ def parse_input(value) -> list:
                         f"token-id lists, got {type(value).__name__}")
 
 
-# Arguments of apply_chat_template itself: chat_template_kwargs must not reach them.
-_RESERVED = set(inspect.signature(PreTrainedTokenizerBase.apply_chat_template).parameters) - {"self", "kwargs"}
+# apply_chat_template's own arguments that chat_template_kwargs may set, as vLLM lets it
+# (overriding the request's fields); the others would change what the call returns (token
+# ids, a dict, tensors) or which template runs.
+_TEMPLATE_ARGS = {"tools", "documents", "add_generation_prompt", "continue_final_message"}
+_RESERVED = (set(inspect.signature(PreTrainedTokenizerBase.apply_chat_template).parameters)
+             - {"self", "kwargs", "conversation"} - _TEMPLATE_ARGS)
 
 
 def _message_text(content, where):
@@ -297,8 +301,9 @@ def render_chat(tokenizer, req: ClassifyRequest, default_template: str | None = 
             isinstance(p, dict) and p.get("type") in ("image_url", "video_url") for p in content)
         content = _message_parts(content, where, media) if with_media else _message_text(content, where)
         msgs.append({**m, "content": content})
-    kwargs = dict(req.chat_template_kwargs or {})
-    clash = sorted(set(kwargs) & _RESERVED)
+    kwargs = {"add_generation_prompt": req.add_generation_prompt,
+              "continue_final_message": req.continue_final_message, **(req.chat_template_kwargs or {})}
+    clash = sorted(set(kwargs) & (_RESERVED | {"conversation"}))
     if clash:
         raise ApiError(400, f"chat_template_kwargs may not set {clash}")
     template = req.chat_template if req.chat_template is not None else default_template
@@ -306,9 +311,7 @@ def render_chat(tokenizer, req: ClassifyRequest, default_template: str | None = 
         raise ApiError(400, "the tokenizer has no chat template; start the server with --chat-template (or send "
                             "'chat_template' to a server run with --trust-request-chat-template)")
     try:
-        return tokenizer.apply_chat_template(msgs, chat_template=template, tokenize=False,
-                                             add_generation_prompt=req.add_generation_prompt,
-                                             continue_final_message=req.continue_final_message, **kwargs)
+        return tokenizer.apply_chat_template(msgs, chat_template=template, tokenize=False, **kwargs)
     except Exception as e:  # noqa: BLE001 - a template fault is the caller's template or messages
         raise ApiError(400, f"cannot render the chat template: {type(e).__name__}: {e}") from None
 

@@ -64,11 +64,11 @@ class Client:
         self.host, self.port = urlsplit(url).hostname, urlsplit(url).port
         self.server = server
 
-    def request(self, method, path, body=None, raw=None):
+    def request(self, method, path, body=None, raw=None, headers=None):
         conn = http.client.HTTPConnection(self.host, self.port, timeout=60)
         try:
             data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
-            conn.request(method, path, body=data, headers={"Content-Type": "application/json"})
+            conn.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
             resp = conn.getresponse()
             text = resp.read().decode()
             ctype = resp.getheader("content-type") or ""
@@ -76,8 +76,8 @@ class Client:
         finally:
             conn.close()
 
-    def post(self, path, body=None, raw=None):
-        return self.request("POST", path, body, raw)
+    def post(self, path, body=None, raw=None, headers=None):
+        return self.request("POST", path, body, raw, headers)
 
     def post_binary(self, path, body):
         """POST a JSON body; (status, headers, body bytes) undecoded."""
@@ -157,6 +157,10 @@ def test_classify_matches_offline(cls_env):
         assert status == 200, r
         offline = llm.classify(offline_input or body_input, use_tqdm=False)
         assert r["id"] == "classify-abc" and r["object"] == "list" and r["model"] == "tiny-cls"
+        # vLLM's X-Request-Id header wins over the body's request_id; an empty model name is the served model
+        status, r = client.post("/classify", {"model": "", "input": body_input, "request_id": "abc"},
+                                headers={"X-Request-Id": "hdr-7"})
+        assert status == 200 and r["id"] == "classify-hdr-7" and r["model"] == "tiny-cls", r
         assert len(r["data"]) == len(offline)
         for i, (d, o) in enumerate(zip(r["data"], offline)):
             assert d["index"] == i and d["num_classes"] == 3
@@ -191,6 +195,15 @@ def test_classify_messages_use_the_chat_template(cls_env):
     assert status == 200, r
     (o,) = llm.classify("user the cat sat assistant on a mat", use_tqdm=False)
     assert close(r["data"][0]["probs"], o.outputs.probs)
+    # apply_chat_template's own tools / documents / add_generation_prompt may come through
+    # chat_template_kwargs, as vLLM passes them (overriding the request's own field)
+    extra = ("{% for d in documents %}doc {{ d.text }} {% endfor %}{% for t in tools %}tool {{ t.name }} "
+             "{% endfor %}" + TEMPLATE)
+    kwargs = {"documents": [{"text": "mat"}], "tools": [{"name": "cat"}], "add_generation_prompt": True}
+    status, r = client.post("/tokenize", {"messages": msgs[:1], "chat_template": extra, "add_generation_prompt": False,
+                                          "chat_template_kwargs": kwargs})
+    assert status == 200, r
+    assert r["tokens"] == tok("doc mat tool cat user the cat sat yes", add_special_tokens=False)["input_ids"], r
 
 
 def test_older_activation_names_and_normalize(ce_env):
@@ -321,11 +334,12 @@ def test_rerank_sorted_like_offline(ce_env, path):
     want = sorted(range(len(docs)), key=lambda i: -scores[i])[:4]
     assert [x["index"] for x in r["results"]] == want
     for x in r["results"]:
-        assert x["document"] == {"text": docs[x["index"]]}
+        assert x["document"] == {"text": docs[x["index"]], "multi_modal": None}  # vLLM's RerankDocument
         assert x["relevance_score"] == pytest.approx(scores[x["index"]], abs=ATOL)
     assert r["model"] == "tiny-ce" and r["usage"]["total_tokens"] == r["usage"]["prompt_tokens"] > 0
-    status, r = client.post(path, {"query": query, "documents": docs})  # top_n absent: every document
-    assert status == 200 and len(r["results"]) == len(docs)
+    for top_n in ({}, {"top_n": 0}, {"top_n": -1}):  # absent, 0 or negative: every document, as vLLM
+        status, r = client.post(path, {"query": query, "documents": docs, **top_n}, headers={"X-Request-Id": "h1"})
+        assert status == 200 and len(r["results"]) == len(docs) and r["id"] == "rerank-h1", (top_n, r)
 
 
 def test_models_health_metrics(cls_env):
@@ -444,6 +458,9 @@ BAD = [
     ("/classify", {"input": "the cat " * 40}, None, 400, "max_model_len"),
     ("/classify", {"input": ["a"] * (MAX_INPUTS + 1)}, None, 413, "limit"),
     ("/classify", {"input": "the", "priority": 3}, None, 400, "priority"),
+    ("/classify", {"input": "the", "cache_salt": ""}, None, 400, "cache_salt"),  # vLLM: a non-empty string
+    ("/classify", {"messages": [{"role": "user", "content": "x"}], "chat_template": TEMPLATE,
+                   "chat_template_kwargs": {"return_dict": True}}, None, 400, "chat_template_kwargs"),
     ("/classify", {"input": "the", "mm_processor_kwargs": {"max_pixels": 9}}, None, 400,
      "mm_processor_kwargs per request is not supported; set them for the whole server"),
     ("/score", {"text_1": "a", "text_2": "b", "media_io_kwargs": {"image": {}}}, None, 400,
@@ -500,8 +517,7 @@ def test_bad_score_input(ce_env, body, status, needle):
     assert got == status and needle in r["error"]["message"], r
 
 
-@pytest.mark.parametrize("body,needle", [({"query": "a", "documents": ["b"], "top_n": -1}, "top_n"),
-
+@pytest.mark.parametrize("body,needle", [({"query": "a", "documents": ["b"], "top_n": 1.5}, "top_n"),
                                          ({"query": "a", "documents": []}, "empty list for documents"),
                                          ({"query": "", "documents": ["b"]}, "query[0] is empty"),
                                          ({"query": "a", "documents": ["b", ""]}, "documents[1] is empty")])
@@ -783,7 +799,7 @@ def test_rerank_takes_one_document_as_a_string(ce_env):
     status, r = client.post("/rerank", {"query": "the cat", "documents": "a dog"})
     want = llm.score("the cat", "a dog", use_tqdm=False)[0].outputs.score
     assert status == 200 and len(r["results"]) == 1 and abs(r["results"][0]["relevance_score"] - want) < ATOL, r
-    assert r["results"][0]["document"] == {"text": "a dog"}
+    assert r["results"][0]["document"] == {"text": "a dog", "multi_modal": None}
 
 
 def test_instruction_reaches_the_score_template(ce_env):

@@ -293,7 +293,7 @@ def test_jina_bf16_on_gpu(tmp_path):
 @needs_pil
 def test_server_rerank_and_score_with_images(jina):
     """/rerank with documents as {"content": [parts]} and /score with mixed lists give
-    LLM.score's scores; /rerank echoes an image document as {"multi_modal": part}."""
+    LLM.score's scores; /rerank echoes each content part as vLLM does, {"text": None, "multi_modal": part}."""
     pytest.importorskip("fastapi")
     from pyengine.config import EngineConfig
     from pyengine.engine import EngineCore
@@ -315,7 +315,7 @@ def test_server_rerank_and_score_with_images(jina):
         for r in body["results"]:
             assert r["relevance_score"] == pytest.approx(want[r["index"]], abs=1e-6)
             part = docs[r["index"]]
-            assert r["document"] == ({"text": part["text"]} if part["type"] == "text" else {"multi_modal": part})
+            assert r["document"] == {"text": None, "multi_modal": part}
         status, body = client.post("/score", {"text_1": "the query", "text_2": docs})
         assert status == 200, body
         np.testing.assert_allclose([d["score"] for d in body["data"]], want, atol=1e-6, rtol=0)
@@ -324,7 +324,7 @@ def test_server_rerank_and_score_with_images(jina):
         assert status == 400 and "not fetched from URLs" in body["error"]["message"], body
         # one document as a plain string, as vLLM's current server takes it
         status, body = client.post("/rerank", {"query": "q", "documents": "one string"})
-        assert status == 200 and [r["document"] for r in body["results"]] == [{"text": "one string"}], body
+        assert status == 200 and [r["document"] for r in body["results"]] == [{"text": "one string", "multi_modal": None}], body
     finally:
         stop()
 
