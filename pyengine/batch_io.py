@@ -162,7 +162,9 @@ class _SchemaScan:
         if not self.rows:
             return
         try:
-            schema = pa.Table.from_pylist(self.rows).schema
+            # pa.array takes every row's keys (Table.from_pylist would take the first row's
+            # only, and a field first seen later in the chunk would be dropped)
+            schema = pa.schema(list(pa.array(self.rows).type))
         except (pa.ArrowException, OverflowError, UnicodeError):
             self._locate()
             raise

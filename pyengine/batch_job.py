@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-column", default=None, help="column of texts (default: text)")
     p.add_argument("--pair-column", default=None, help="column of second texts: score pairs with a cross-encoder")
     p.add_argument("--score-template", default=None, metavar="FILE",
-                   help="render each pair with this Jinja score template (LLM-as-reranker models); needs --pair-column")
+                   help="render each pair with this Jinja score template (LLM-as-reranker models); needs "
+                        "--pair-column or --pair-image-column")
     p.add_argument("--token-ids-column", default=None, help="column of token-id lists, instead of texts")
     p.add_argument("--image-column", default=None,
                    help="column of image paths (relative to the input file's directory) for a vision-language "

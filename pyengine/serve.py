@@ -255,8 +255,13 @@ class Server:
         return self.core.inputs.process(prompts, None, None, "prompt", special, check=False)[0].token_ids
 
     def _prepare_pairs(self, req, first, second, names):
+        template = self.score_template
+        if req.chat_template is not None:  # _read refused it unless request templates are trusted
+            if "{" not in req.chat_template:  # never a path: a request names no file on this disk
+                raise ApiError(400, "chat_template must be Jinja source")
+            template = load_score_template(req.chat_template)
         toks = self.core.inputs.process_pairs(first, second, req.truncate_prompt_tokens, req.truncation_side,
-                                              self.score_template, names=names, template_vars=req.template_vars())
+                                              template, names=names, template_vars=req.template_vars())
         return toks, self._activation(req.use_activation, score_activation(self.core.hf_config))
 
     # ------------------------------------------------------------------ routes

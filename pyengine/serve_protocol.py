@@ -68,9 +68,12 @@ class _Common(BaseModel):
 
 class _TemplateVars(BaseModel):
     """What /score and /rerank pass to the score template besides query and document,
-    as vLLM's: ``instruction`` (the Qwen3-Reranker template's) and ``chat_template_kwargs``."""
+    as vLLM's: ``instruction`` (the Qwen3-Reranker template's) and ``chat_template_kwargs``;
+    ``chat_template``: this request's score template (Jinja source), where the server
+    trusts request templates."""
     instruction: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    chat_template: str | None = None
 
     def template_vars(self) -> dict:
         out = dict(self.chat_template_kwargs or {})

@@ -312,13 +312,18 @@ def test_jsonl_to_parquet_widens_and_fills(tmp_path, models, monkeypatch):
     from pyengine import batch_io
 
     monkeypatch.setattr(batch_io._SchemaScan, "CHUNK", 64)
+    # extra from row 150 on (the middle of the third chunk); late only in row 70 (the middle
+    # of the second): a field the first row of every chunk lacks is kept all the same
     rows = [{"text": f"a b {WORDS[i % len(WORDS)]}", "w": i if i % 3 else i + 0.5,
-             **({"extra": [i, i + 1]} if i >= 150 else {})} for i in range(N)]
+             **({"extra": [i, i + 1]} if i >= 150 else {}), **({"late": {"k": i}} if i == 70 else {})}
+            for i in range(N)]
+    assert N > 192
     inp = write_input(rows, tmp_path / "in.jsonl")
     assert job(models[0], inp, tmp_path / "out.parquet") == N
     got = read_output(tmp_path / "out.parquet")
     assert [r["w"] for r in got] == [float(r["w"]) for r in rows]
     assert [r["extra"] for r in got] == [r.get("extra") for r in rows]
+    assert [r["late"] for r in got] == [r.get("late") for r in rows]
 
 
 def test_text_that_is_not_unicode_and_nan_values(tmp_path, models):

@@ -91,10 +91,22 @@ def test_classifier_pairs_and_token_ids(clf_dir, ce_dir):
     ({}, {"text": np.array(["a", None], dtype=object)}, ValueError, "row 1 .*non-empty string"),
     ({}, {"text": np.array(["a"]), "label": np.array(["x"])}, ValueError, "already has column.*label"),
     ({"token_ids_column": "ids"}, {"ids": np.array([[1.5, 2.0]])}, ValueError, "list of token ids"),
+    # the engine's own checks, named by column and row as the ones above
+    ({"token_ids_column": "ids"}, {"ids": [[2, 5, 3], [2, 999, 3]]}, ValueError,
+     r"^column 'ids', row 1 of this batch: has token id 999 outside the vocabulary \[0, 160\)$"),
+    ({}, {"text": np.array(["the cat", " ".join(["cat"] * 80)], dtype=object)}, ValueError,
+     r"^column 'text', row 1 of this batch: has \d+ tokens, more than max_model_len=64"),
 ])
 def test_classifier_bad_batches(clf_dir, kwargs, batch, err, match):
     with pytest.raises(err, match=match):
         PyEngineClassifier(clf_dir, **kwargs)(batch)
+
+
+def test_classifier_bad_pair_names_both_columns(ce_dir):
+    batch = {"q": np.array(["the cat", "a dog"], dtype=object),
+             "d": np.array(["on a mat", " ".join(["mat"] * 80)], dtype=object)}
+    with pytest.raises(ValueError, match=r"^columns 'q', 'd', row 1 of this batch: .*more than max_model_len=64"):
+        PyEngineClassifier(ce_dir, text_column="q", pair_column="d")(batch)
 
 
 @pytest.mark.parametrize("kwargs,err,match", [

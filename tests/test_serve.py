@@ -834,6 +834,40 @@ def test_instruction_reaches_the_score_template(ce_env):
         stop()
 
 
+def test_request_score_template(ce_env):
+    """/score and /rerank take a request's own chat_template as its score template where
+    the server trusts request templates (refused otherwise, as on /classify); it must be
+    Jinja source, never a path on the server's disk."""
+    _, _, llm = ce_env
+    template = "passage {{ document }} asks {{ query }}"
+    docs = texts(3, 22)
+    want = [o.outputs.score for o in llm.score("the cat", docs, chat_template=template, use_tqdm=False)]
+    plain = [o.outputs.score for o in llm.score("the cat", docs, use_tqdm=False)]
+    assert not close(plain, want), "the template changes nothing: a weak test"
+    for trust in (True, False):
+        server = Server(EngineCore(EngineConfig(model=str(llm.config.model))), ["tpl"],
+                        trust_request_chat_template=trust)
+        url, stop = serve_in_thread(server.build_app())
+        try:
+            client = Client(url, server)
+            status, r = client.post("/score", {"text_1": "the cat", "text_2": docs, "chat_template": template})
+            if not trust:
+                assert status == 400 and "--trust-request-chat-template" in r["error"]["message"], r
+                continue
+            assert status == 200 and close([d["score"] for d in r["data"]], want), r
+            status, r = client.post("/rerank", {"query": "the cat", "documents": docs, "chat_template": template})
+            got = [0.0] * len(docs)
+            for x in r["results"]:
+                got[x["index"]] = x["relevance_score"]
+            assert status == 200 and close(got, want), r
+            status, r = client.post("/score", {"text_1": "a", "text_2": "b", "chat_template": str(llm.config.model)})
+            assert status == 400 and "must be Jinja source" in r["error"]["message"], r
+            status, r = client.post("/score", {"text_1": "a", "text_2": "b", "chat_template": "{{ query }}"})
+            assert status == 400 and "'query' and 'document'" in r["error"]["message"], r
+        finally:
+            stop()
+
+
 def test_chat_template_is_the_score_template(ce_env):
     """--chat-template with query and document (vLLM's score template form, read from
     messages): /rerank renders each pair with it, as LLM.score(chat_template=...) does, and

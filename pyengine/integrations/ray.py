@@ -17,9 +17,11 @@ See docs/SCALE_OUT.md.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
+import re
 
 import numpy as np
 
@@ -182,6 +184,22 @@ class PyEngineClassifier:
         outputs = ("score",) if pairs is not None else ("probs", "label")
         self.output_columns = tuple(output_prefix + c for c in outputs)
 
+    @contextlib.contextmanager
+    def _rows_named(self):
+        """The engine's input errors ("prompts[3] has ...", "pairs[3] ...") as this class
+        names a bad row: by its columns and its row in the batch."""
+        try:
+            yield
+        except ValueError as e:
+            m = re.match(r"(?:prompts|pairs)\[(\d+)\]:? (.*)", str(e), re.S)
+            if m is None:
+                raise
+            cols = [c for c in (self.token_ids_column, self.text_column, self.image_column, self.pair_column,
+                                self.pair_image_column) if c is not None]
+            names = ", ".join(repr(c) for c in cols)
+            raise ValueError(f"column{'s' if len(cols) > 1 else ''} {names}, row {m[1]} of this batch: "
+                             f"{m[2]}") from None
+
     def predict(self, batch) -> dict[str, np.ndarray]:
         """The output columns alone for ``batch``, each an array of its length."""
         kind = _kind(batch)
@@ -201,13 +219,16 @@ class PyEngineClassifier:
             else:
                 pairs = [{"type": "image_pil", "image_pil": im} for im in _images(
                     _column(batch, kind, self.pair_image_column), self.pair_image_column, self.image_root)]
-            scores = [o.outputs.score for o in self.llm.score(prompts, pairs, score_template=self.score_template,
-                                                              **self.options)] if prompts else []
+            with self._rows_named():
+                scores = [o.outputs.score for o in self.llm.score(prompts, pairs, score_template=self.score_template,
+                                                                  **self.options)] if prompts else []
             return {self.output_columns[0]: np.asarray(scores, dtype=np.float32)}
         probs = np.empty(len(prompts), dtype=object)  # one float32 array per row: Arrow list<float>
         labels = np.empty(len(prompts), dtype=object)
         if prompts:
-            data = np.stack([o.outputs.data.numpy() for o in self.llm.encode(prompts, **self.options)])
+            with self._rows_named():
+                outs = self.llm.encode(prompts, **self.options)
+            data = np.stack([o.outputs.data.numpy() for o in outs])
             for i, (row, best) in enumerate(zip(data, data.argmax(axis=1))):
                 probs[i], labels[i] = row, self.labels[best]
         return dict(zip(self.output_columns, (probs, labels)))
