@@ -182,11 +182,12 @@ class _ShardClassifier(PyEngineClassifier):
 def _name_row(message, where) -> str:
     """An engine error about prompts[j] (or pairs[j]) of one call, restated for the
     input file: where(j) -> (shard, input row)."""
-    m = re.match(r"(?:(?:prompts|pairs)\[(\d+)\]|column ('[^']*'), row (\d+) of this batch):? ?", message)
+    m = re.match(r"(?:(?:prompts|pairs)\[(\d+)\]|(columns? '[^']*'(?:, '[^']*')*), row (\d+) of this batch):? ?",
+                 message)
     if m is None:
         return message
     k, row = where(int(m.group(1) or m.group(3)))
-    column = f"column {m.group(2)}: " if m.group(2) else ""
+    column = f"{m.group(2)}: " if m.group(2) else ""
     return f"input row {row} (shard {k}): {column}{message[m.end():]}"
 
 

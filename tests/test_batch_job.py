@@ -368,7 +368,8 @@ def test_a_job_that_failed_before_any_shard_does_not_block_the_next(tmp_path, mo
     inp = write_input(long, tmp_path / "in.jsonl")
     out = tmp_path / "out.jsonl"
     # Row 70 is over the 64-token limit: shard 1 fails, shard 0 stays.
-    with pytest.raises(ValueError, match=r"input row 70 \(shard 1\): has 82 tokens, more than max_model_len=64"):
+    with pytest.raises(ValueError,
+                       match=r"input row 70 \(shard 1\): column 'text': has 82 tokens, more than max_model_len=64"):
         job(models[0], inp, out)
     with pytest.raises(ValueError, match="different job.*truncate_prompt_tokens"):
         job(models[0], inp, out, "--truncate-prompt-tokens", "-1")
@@ -389,5 +390,19 @@ def test_a_job_that_failed_before_any_shard_does_not_block_the_next(tmp_path, mo
 def test_ray_input_error_names_the_row(ray_cluster, tmp_path, models):
     rows = [{"text": " ".join(["cat"] * (80 if i == 70 else 3))} for i in range(100)]
     inp = write_input(rows, tmp_path / "in.jsonl")
-    with pytest.raises(ValueError, match=r"^input row 70 \(shard 1\): has 82 tokens"):
+    with pytest.raises(ValueError, match=r"^input row 70 \(shard 1\): column 'text': has 82 tokens"):
         job(models[0], inp, tmp_path / "out.jsonl", "--ray-address", "local", "--num-replicas", "1")
+
+
+def test_row_errors_restated_for_the_input_file():
+    """An engine or classifier error about a row of one call names the input row and shard
+    instead (where(j) -> (shard, row)), keeping the columns it names."""
+    from pyengine.batch_job import _name_row
+
+    def where(j):
+        return 2, 100 + j
+    assert _name_row("prompts[3] has 9 tokens", where) == "input row 103 (shard 2): has 9 tokens"
+    assert (_name_row("columns 'q', 'd', row 3 of this batch: has 9 tokens", where)
+            == "input row 103 (shard 2): columns 'q', 'd': has 9 tokens")
+    assert _name_row("column 'ids', row 0 of this batch: bad", where) == "input row 100 (shard 2): column 'ids': bad"
+    assert _name_row("the model failed", where) == "the model failed"
