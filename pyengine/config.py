@@ -17,7 +17,8 @@ class PoolerConfig:
     """How pooled logits become outputs.
 
     pooling_type: None (the model's own), "CLS", "LAST" or "MEAN".
-    use_activation: apply the activation by default (a request may override it).
+    use_activation: apply the activation by default (a request may override it); None
+    is True, as vLLM's default.
     logit_bias / logit_scale: outputs are act((logits - logit_bias) * logit_scale).
     """
     pooling_type: str | None = None
@@ -31,6 +32,8 @@ class PoolerConfig:
             if p not in ("CLS", "LAST", "MEAN"):
                 raise ValueError(f"PoolerConfig.pooling_type must be CLS, LAST or MEAN, got {self.pooling_type!r}")
             self.pooling_type = p
+        if self.use_activation is None:
+            self.use_activation = True
         if not isinstance(self.use_activation, bool):
             raise TypeError(f"PoolerConfig.use_activation must be a bool, got {self.use_activation!r}")
         for name in ("logit_bias", "logit_scale"):
@@ -39,6 +42,8 @@ class PoolerConfig:
                 raise TypeError(f"PoolerConfig.{name} must be a number, got {type(v).__name__}")
             if v is not None and not math.isfinite(v):
                 raise ValueError(f"PoolerConfig.{name} must be finite, got {v!r}")
+        if self.logit_scale == 0:
+            raise ValueError("PoolerConfig.logit_scale must not be 0 (every output would be act(0))")
 
 
 @dataclass

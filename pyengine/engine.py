@@ -226,8 +226,9 @@ class EngineCore:
         """The adapter of each of n prompts, loaded now (so a bad adapter fails before any
         work starts). lora_request: None, one LoRARequest for all, or a list of n (each
         a LoRARequest or None)."""
-        if lora_request is None:
-            return [None] * n
+        if lora_request is None or (isinstance(lora_request, (list, tuple)) and len(lora_request) == n
+                                    and all(r is None for r in lora_request)):
+            return [None] * n  # None in a list is the base model, LoRA enabled or not (as vLLM)
         if self.lora is None:
             raise ValueError("a lora_request was given, but LoRA is not enabled; pass enable_lora=True")
         if isinstance(lora_request, (list, tuple)):

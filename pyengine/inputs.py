@@ -102,13 +102,14 @@ def _parse_dict(p, where):
 
 
 def parse_prompts(prompts, what="prompts"):
-    """Normalise str | list[str] | {"prompt": str} | {"prompt_token_ids": [...]
-    [, "token_type_ids": [...]]} (or a list of those) into a list of ``str``,
+    """Normalise str | {"prompt": str} | {"prompt_token_ids": [...] [, "token_type_ids":
+    [...]]} | list[int] (token ids), or a list of those, into a list of ``str``,
     ``list[int]`` and (token ids with their types) ``TokenizedPrompt``."""
-    if isinstance(prompts, (str, dict)):
-        prompts = [prompts]
+    if isinstance(prompts, (str, dict)) or (isinstance(prompts, (list, tuple)) and prompts and all_ints(prompts)):
+        prompts = [prompts]  # one prompt: a text, a dict, or token ids (vLLM's list[int])
     if not isinstance(prompts, (list, tuple)):
-        raise TypeError(f"{what} must be a str, a dict or a list of them, got {type(prompts).__name__}")
+        raise TypeError(f"{what} must be a str, a dict, a list of token ids or a list of them, "
+                        f"got {type(prompts).__name__}")
     if not prompts:
         raise ValueError(f"{what} is an empty list")
     out = []
@@ -117,8 +118,10 @@ def parse_prompts(prompts, what="prompts"):
             out.append(_parse_dict(p, f"{what}[{i}]"))
         elif isinstance(p, str):
             out.append(p)
+        elif isinstance(p, (list, tuple)):
+            out.append(_ids(p, f"{what}[{i}]"))  # token ids, as {"prompt_token_ids": p}
         else:
-            raise TypeError(f"{what}[{i}] must be a str or a dict, got {type(p).__name__}")
+            raise TypeError(f"{what}[{i}] must be a str, a dict or a list of token ids, got {type(p).__name__}")
     return out
 
 

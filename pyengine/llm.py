@@ -22,6 +22,45 @@ from .pooler import score_activation
 from .score_items import pair_items
 
 
+def _bar(use_tqdm, total, desc, hidden=False):
+    """A progress bar: tqdm's, none (use_tqdm false, or ``hidden``), or as vLLM, the one
+    that use_tqdm makes when it is callable (a tqdm class or factory)."""
+    if callable(use_tqdm) and not hidden:
+        return use_tqdm(total=total, desc=desc)
+    return tqdm(total=total, desc=desc, unit="prompt", disable=not use_tqdm or hidden)
+
+
+def _tokenization(tokenization_kwargs, truncate_prompt_tokens, truncation_side):
+    """(truncate_prompt_tokens, truncation_side) with vLLM's ``tokenization_kwargs`` folded
+    in: its truncate_prompt_tokens and truncation_side, or the tokenizer's form of a cut,
+    truncation=True with max_length=k."""
+    if tokenization_kwargs is None:
+        return truncate_prompt_tokens, truncation_side
+    if not isinstance(tokenization_kwargs, dict):
+        raise TypeError(f"tokenization_kwargs must be a dict, got {type(tokenization_kwargs).__name__}")
+    kw = dict(tokenization_kwargs)
+    unknown = sorted(set(kw) - {"truncate_prompt_tokens", "truncation_side", "truncation", "max_length"})
+    if unknown:
+        raise ValueError(f"tokenization_kwargs {unknown} are not supported; it takes truncate_prompt_tokens, "
+                         "truncation_side, and truncation=True with max_length")
+    k = kw.get("truncate_prompt_tokens")
+    if kw.get("truncation") not in (None, False, True):
+        raise ValueError(f"tokenization_kwargs truncation must be a bool, got {kw['truncation']!r}")
+    if kw.get("truncation"):
+        if "max_length" not in kw or (k is not None and k != kw["max_length"]):
+            raise ValueError("tokenization_kwargs truncation=True needs max_length (the tokens kept), "
+                             "and no other truncate_prompt_tokens")
+        k = kw["max_length"]
+    elif "max_length" in kw:
+        raise ValueError("tokenization_kwargs max_length cuts prompts only with truncation=True")
+    for name, mine, theirs in (("truncate_prompt_tokens", truncate_prompt_tokens, k),
+                               ("truncation_side", truncation_side, kw.get("truncation_side"))):
+        if mine is not None and theirs is not None:
+            raise ValueError(f"{name} given both as a keyword and in tokenization_kwargs")
+    return (truncate_prompt_tokens if k is None else k,
+            truncation_side if kw.get("truncation_side") is None else kw["truncation_side"])
+
+
 class _Frontend:
     """What LLM and AsyncLLM share: the engine core, and turning a call's arguments into
     (prompts, activation per prompt, adapter per prompt) before any work starts."""
@@ -78,16 +117,16 @@ class _Frontend:
         to prepare, for calls of more than one tokenizer chunk or more than MEDIA_BAR such
         prompts (below that the work is done before a bar would say anything)."""
         inputs = self.engine.inputs
-        return tqdm(total=n_texts + n_media, desc="Preparing inputs" if n_media else "Tokenizing", unit="prompt",
-                    disable=not use_tqdm or (n_texts <= inputs.CHUNK and n_media <= inputs.MEDIA_BAR))
+        return _bar(use_tqdm, n_texts + n_media, "Preparing inputs" if n_media else "Tokenizing",
+                    hidden=n_texts <= inputs.CHUNK and n_media <= inputs.MEDIA_BAR)
 
     def _encode_inputs(self, prompts, pooling_task, truncate_prompt_tokens, truncation_side, use_activation,
-                       lora_request, pooling_params, use_tqdm=False):
+                       lora_request, pooling_params, use_tqdm=False, tokenization_kwargs=None):
         """encode()'s arguments -> (prompts, activations, adapters), one each per prompt."""
-        if isinstance(pooling_task, (PoolingParams, list, tuple)):  # vLLM's encode(prompts, pooling_params)
-            if pooling_params is not None:
-                raise TypeError("pooling_params given twice (second argument and keyword)")
-            pooling_task, pooling_params = "classify", pooling_task
+        if isinstance(pooling_params, str):  # encode(prompts, "classify"): the task, in the second place
+            pooling_task, pooling_params = pooling_params, None
+        truncate_prompt_tokens, truncation_side = _tokenization(tokenization_kwargs, truncate_prompt_tokens,
+                                                                truncation_side)
         if pooling_task != "classify":
             raise ValueError(f"pooling_task={pooling_task!r} is not supported; this engine serves 'classify'")
         parsed = parse_prompts(prompts)
@@ -99,9 +138,12 @@ class _Frontend:
         return toks, acts, self.engine.lora_adapters(lora_request, len(toks))
 
     def _score_inputs(self, data_1, data_2, truncate_prompt_tokens, truncation_side, use_activation,
-                      score_template, lora_request, pooling_params, chat_template=None, use_tqdm=False):
+                      score_template, lora_request, pooling_params, chat_template=None, use_tqdm=False,
+                      tokenization_kwargs=None):
         """score()'s arguments -> (prompts, activations, adapters), one each per pair.
         chat_template is vLLM's name for the score template."""
+        truncate_prompt_tokens, truncation_side = _tokenization(tokenization_kwargs, truncate_prompt_tokens,
+                                                                truncation_side)
         if chat_template is not None:
             if score_template is not None:
                 raise ValueError("give score_template or chat_template (its vLLM name), not both")
@@ -134,7 +176,7 @@ class LLM(_Frontend):
         for r in reqs:
             eng.add_request(r)
         done = 0
-        with tqdm(total=len(reqs), desc=desc, unit="prompt", disable=not use_tqdm) as bar:
+        with _bar(use_tqdm, len(reqs), desc) as bar:
             try:
                 while done < len(reqs):
                     n = len(eng.step())
@@ -147,35 +189,41 @@ class LLM(_Frontend):
                 raise
         return [PoolingRequestOutput(r.request_id, PoolingOutput(r.output), r.prompt.token_ids) for r in reqs]
 
-    def encode(self, prompts, pooling_task="classify", *, truncate_prompt_tokens=None, truncation_side=None,
-               use_activation=None, use_tqdm=True, lora_request=None, pooling_params=None
-               ) -> list[PoolingRequestOutput]:
+    def encode(self, prompts, pooling_params=None, *, pooling_task="classify", truncate_prompt_tokens=None,
+               truncation_side=None, use_activation=None, use_tqdm=True, lora_request=None,
+               tokenization_kwargs=None) -> list[PoolingRequestOutput]:
         """Pooled classifier outputs per prompt: ``.outputs.data`` is (num_labels,) fp32.
 
-        pooling_params: a :class:`PoolingParams` for every prompt or a list of one per
-        prompt (each prompt's truncation and activation), instead of the keywords; as in
-        vLLM it may also come second, in pooling_task's place. lora_request: a
-        :class:`LoRARequest` for every prompt, or a list of one (or None) per prompt;
-        needs ``LLM(enable_lora=True)``."""
+        prompts: a str, a dict ({"prompt": ...} or {"prompt_token_ids": [...]}), a list
+        of token ids, or a list of those. pooling_params (vLLM's second argument): a
+        :class:`PoolingParams` for every prompt or a list of one per prompt (each
+        prompt's truncation and activation), instead of the keywords; a str there is
+        read as pooling_task. tokenization_kwargs: vLLM's form of the truncation
+        keywords (truncate_prompt_tokens / truncation_side, or truncation=True with
+        max_length). lora_request: a :class:`LoRARequest` for every prompt, or a list of
+        one (or None) per prompt; needs ``LLM(enable_lora=True)``. use_tqdm: a bool, or
+        as vLLM a callable that makes the progress bar (a tqdm class)."""
         inputs = self._encode_inputs(prompts, pooling_task, truncate_prompt_tokens, truncation_side, use_activation,
-                                     lora_request, pooling_params, use_tqdm)
+                                     lora_request, pooling_params, use_tqdm, tokenization_kwargs)
         return self._run(*inputs, use_tqdm, "Classifying")
 
-    def classify(self, prompts, *, truncate_prompt_tokens=None, truncation_side=None, use_activation=None,
-                 use_tqdm=True, lora_request=None, pooling_params=None) -> list[ClassificationRequestOutput]:
+    def classify(self, prompts, pooling_params=None, *, truncate_prompt_tokens=None, truncation_side=None,
+                 use_activation=None, use_tqdm=True, lora_request=None, tokenization_kwargs=None
+                 ) -> list[ClassificationRequestOutput]:
         """Class probabilities per prompt: ``.outputs.probs`` is a list of num_labels floats.
         Options as in :meth:`encode`.
 
         A reward model is a classifier with num_labels == 1: ``use_activation=False``
         returns its raw reward (the logit), the default its sigmoid."""
-        outs = self.encode(prompts, "classify", truncate_prompt_tokens=truncate_prompt_tokens,
-                           truncation_side=truncation_side, use_activation=use_activation, use_tqdm=use_tqdm,
-                           lora_request=lora_request, pooling_params=pooling_params)
+        outs = self.encode(prompts, pooling_params, pooling_task="classify",
+                           truncate_prompt_tokens=truncate_prompt_tokens, truncation_side=truncation_side,
+                           use_activation=use_activation, use_tqdm=use_tqdm, lora_request=lora_request,
+                           tokenization_kwargs=tokenization_kwargs)
         return [ClassificationRequestOutput.from_base(o) for o in outs]
 
     def score(self, data_1, data_2, *, truncate_prompt_tokens=None, truncation_side=None, use_activation=None,
-              use_tqdm=True, score_template=None, lora_request=None, pooling_params=None, chat_template=None
-              ) -> list[ScoringRequestOutput]:
+              use_tqdm=True, score_template=None, lora_request=None, pooling_params=None, chat_template=None,
+              tokenization_kwargs=None) -> list[ScoringRequestOutput]:
         """Cross-encoder relevance of pairs (1:1, 1:N or N:N): ``.outputs.score``.
         pooling_params: one :class:`PoolingParams` for every pair, instead of the
         truncation and activation keywords.
@@ -192,7 +240,8 @@ class LLM(_Frontend):
         name for it, is the same; else the model's own, as jina-reranker-m0's) each pair is
         rendered into one prompt and tokenised as a single text."""
         inputs = self._score_inputs(data_1, data_2, truncate_prompt_tokens, truncation_side, use_activation,
-                                    score_template, lora_request, pooling_params, chat_template, use_tqdm)
+                                    score_template, lora_request, pooling_params, chat_template, use_tqdm,
+                                    tokenization_kwargs)
         return [ScoringRequestOutput.from_base(o) for o in self._run(*inputs, use_tqdm, "Scoring")]
 
 
@@ -219,26 +268,30 @@ class AsyncLLM(_Frontend):
         return [PoolingRequestOutput(f"{call}-{i}", PoolingOutput(row), p.token_ids)
                 for i, (p, row) in enumerate(zip(prompts, rows.unbind(0)))]
 
-    async def encode(self, prompts, pooling_task="classify", *, truncate_prompt_tokens=None, truncation_side=None,
-                     use_activation=None, lora_request=None, pooling_params=None) -> list[PoolingRequestOutput]:
+    async def encode(self, prompts, pooling_params=None, *, pooling_task="classify", truncate_prompt_tokens=None,
+                     truncation_side=None, use_activation=None, lora_request=None, tokenization_kwargs=None
+                     ) -> list[PoolingRequestOutput]:
         """As :meth:`LLM.encode`."""
         return await self._run(self._encode_inputs, prompts, pooling_task, truncate_prompt_tokens, truncation_side,
-                               use_activation, lora_request, pooling_params)
+                               use_activation, lora_request, pooling_params, False, tokenization_kwargs)
 
-    async def classify(self, prompts, *, truncate_prompt_tokens=None, truncation_side=None, use_activation=None,
-                       lora_request=None, pooling_params=None) -> list[ClassificationRequestOutput]:
+    async def classify(self, prompts, pooling_params=None, *, truncate_prompt_tokens=None, truncation_side=None,
+                       use_activation=None, lora_request=None, tokenization_kwargs=None
+                       ) -> list[ClassificationRequestOutput]:
         """As :meth:`LLM.classify`."""
-        outs = await self.encode(prompts, "classify", truncate_prompt_tokens=truncate_prompt_tokens,
-                                 truncation_side=truncation_side, use_activation=use_activation,
-                                 lora_request=lora_request, pooling_params=pooling_params)
+        outs = await self.encode(prompts, pooling_params, pooling_task="classify",
+                                 truncate_prompt_tokens=truncate_prompt_tokens, truncation_side=truncation_side,
+                                 use_activation=use_activation, lora_request=lora_request,
+                                 tokenization_kwargs=tokenization_kwargs)
         return [ClassificationRequestOutput.from_base(o) for o in outs]
 
     async def score(self, data_1, data_2, *, truncate_prompt_tokens=None, truncation_side=None, use_activation=None,
-                    score_template=None, lora_request=None, pooling_params=None, chat_template=None
-                    ) -> list[ScoringRequestOutput]:
+                    score_template=None, lora_request=None, pooling_params=None, chat_template=None,
+                    tokenization_kwargs=None) -> list[ScoringRequestOutput]:
         """As :meth:`LLM.score`."""
         outs = await self._run(self._score_inputs, data_1, data_2, truncate_prompt_tokens, truncation_side,
-                               use_activation, score_template, lora_request, pooling_params, chat_template)
+                               use_activation, score_template, lora_request, pooling_params, chat_template, False,
+                               tokenization_kwargs)
         return [ScoringRequestOutput.from_base(o) for o in outs]
 
     def shutdown(self):

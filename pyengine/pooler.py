@@ -44,7 +44,10 @@ def score_activation(config) -> str:
     if fn not in _ST_ACTIVATIONS:
         raise ValueError(f"unsupported sentence-transformers activation_fn {fn!r}; "
                          f"supported: {sorted(_ST_ACTIVATIONS)}")
-    return _ST_ACTIVATIONS[fn]
+    act = _ST_ACTIVATIONS[fn]
+    # a softmax over a cross-encoder's one logit is 1.0 for every pair; vLLM reads the
+    # Softmax class as its classify activation, which is a sigmoid below two labels
+    return "sigmoid" if act == "softmax" and config.num_labels < 2 else act
 
 
 class Pooler:

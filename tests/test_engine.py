@@ -332,6 +332,8 @@ def test_score_matches_transformers_pairs(cross_encoder):
     ("sentence_transformers", "torch.nn.modules.linear.Identity", "identity"),
     ("sbert_ce_default_activation_function", "torch.nn.modules.linear.Identity", "identity"),
     ("sentence_transformers", "torch.nn.modules.activation.Sigmoid", "sigmoid"),
+    # a Softmax over one logit would score every pair 1.0: read as vLLM does, a sigmoid
+    ("sentence_transformers", "torch.nn.modules.activation.Softmax", "sigmoid"),
 ])
 def test_score_activation_from_sentence_transformers(tmp_path, field, fn, act):
     factory, _ = FAMILIES["bert"]
@@ -375,6 +377,15 @@ def test_truncation(tmp_path, side):
     ids = llm.classify({"prompt_token_ids": full}, truncate_prompt_tokens=k, truncation_side=side,
                        use_tqdm=False)[0]
     assert ids.prompt_token_ids == (full[:k] if side == "right" else full[-k:])
+    # vLLM's tokenization_kwargs: the same cuts, in either of its forms; a bare list of token
+    # ids is one prompt, as vLLM takes it
+    for kwargs in ({"truncate_prompt_tokens": k, "truncation_side": side}, {"truncation": True, "max_length": k}):
+        if "truncation" in kwargs and side is not None:
+            kwargs["truncation_side"] = side
+        again = llm.classify(text, tokenization_kwargs=kwargs, use_tqdm=False)[0]
+        assert again.prompt_token_ids == want, kwargs
+        bare = llm.classify(full, tokenization_kwargs=kwargs, use_tqdm=False)[0]
+        assert bare.prompt_token_ids == ids.prompt_token_ids, kwargs
 
 
 def test_truncation_below_the_special_tokens_is_an_error(tmp_path):
@@ -472,7 +483,13 @@ def small_llm(tmp_path_factory):
     # beyond int64
     (lambda l: l.classify([{"prompt_token_ids": [2, 5]}, {"prompt_token_ids": [3, 2 ** 70]}]), ValueError,
      r"prompts\[1\] has token id 1180591620717411303424 outside the vocabulary"),
-    (lambda l: l.classify([3]), TypeError, r"prompts\[0\] must be a str or a dict, got int"),
+    (lambda l: l.classify([3, "x"]), TypeError, r"prompts\[0\] must be a str, a dict or a list of token ids, got int"),
+    (lambda l: l.classify([[2, 5], [2, 1.5]]), TypeError, r"prompts\[1\] must be a list of ints; element 1 is float"),
+    (lambda l: l.classify([2, 5], tokenization_kwargs={"padding": True}), ValueError,
+     r"tokenization_kwargs \['padding'\] are not supported"),
+    (lambda l: l.classify([2, 5], tokenization_kwargs={"max_length": 3}), ValueError, "only with truncation=True"),
+    (lambda l: l.classify([2, 5], truncate_prompt_tokens=3, tokenization_kwargs={"truncate_prompt_tokens": 3}),
+     ValueError, "both as a keyword and in tokenization_kwargs"),
     (lambda l: l.classify([{"prompt_token_ids": [2, True, 3]}]), TypeError, r"must be a list of ints"),
     (lambda l: l.classify([{"prompt_token_ids": [2, 3.0]}]), TypeError, r"must be a list of ints"),
     (lambda l: l.classify([{"text": "x"}]), ValueError, r"unknown key\(s\) \['text'\]"),
@@ -613,6 +630,9 @@ def test_bad_model_and_engine_args(tmp_path, small_llm):
         LLM(str(good), max_model_len=True)
     with pytest.raises(TypeError, match="logit_scale must be a number, got bool"):
         PoolerConfig(logit_scale=True)
+    with pytest.raises(ValueError, match="logit_scale must not be 0"):
+        PoolerConfig(logit_scale=0)
+    assert PoolerConfig(use_activation=None).use_activation is True  # vLLM's default, None
     with pytest.raises(ValueError, match="logit_bias must be finite, got nan"):
         LLM(str(good), pooler_config={"logit_bias": float("nan")})
     with pytest.raises(ValueError, match="max_model_len=64 is larger than max_num_batched_tokens=32"):
@@ -653,6 +673,14 @@ def test_pooling_params_per_prompt(small_llm, tmp_path):
     enc = llm.encode([long_text, short], one, use_tqdm=False)
     kw = llm.encode([long_text, short], truncate_prompt_tokens=4, use_activation=False, use_tqdm=False)
     assert all(torch.equal(a.outputs.data, b.outputs.data) for a, b in zip(enc, kw))
+    # ... with vLLM's pooling_task keyword beside it, and classify's own second argument
+    task = llm.encode([long_text, short], one, pooling_task="classify", use_tqdm=False)
+    cls = llm.classify([long_text, short], one, use_tqdm=False)
+    assert all(torch.equal(a.outputs.data, b.outputs.data) for a, b in zip(task, kw))
+    assert [c.outputs.probs for c in cls] == [b.outputs.data.tolist() for b in kw]
+    positional = llm.encode([short], "classify", use_tqdm=False)[0]  # the task in the second place, as before
+    assert torch.equal(positional.outputs.data, llm.encode([short], pooling_task="classify", use_tqdm=False)[0]
+                       .outputs.data)
     for call, exc, match in [
         (lambda: llm.classify([short], pooling_params=one, use_activation=True), ValueError, "not both"),
         (lambda: llm.classify([short, short], pooling_params=[one]), ValueError, "1 entries for 2 prompts"),
@@ -674,6 +702,32 @@ def test_pooling_params_per_prompt(small_llm, tmp_path):
         ce.score("a", ["b"], pooling_params=[one])
     assert [x.outputs.score for x in a] != [x.outputs.score for x in ce.score("where is the cat", ["on a mat", "no"],
                                                                               use_tqdm=False)]
+
+
+def test_use_tqdm_callable_makes_the_bar(small_llm):
+    """vLLM's use_tqdm may be a callable (a tqdm class): it makes the progress bar."""
+    from tqdm import tqdm
+
+    llm, _ = small_llm
+    made = []
+
+    class Bar(tqdm):
+        def __init__(self, *args, **kwargs):
+            made.append(kwargs)
+            super().__init__(*args, disable=True, **kwargs)
+
+    out = llm.classify(["the cat", "a dog", "the mat"], use_tqdm=Bar)
+    assert [m["total"] for m in made] == [3] and made[0]["desc"] == "Classifying"
+    assert [o.outputs.probs for o in out] == [o.outputs.probs for o in llm.classify(["the cat", "a dog", "the mat"],
+                                                                                     use_tqdm=False)]
+
+
+def test_none_adapters_need_no_lora(small_llm):
+    """lora_request=[None, ...]: the base model for every prompt, LoRA enabled or not (vLLM)."""
+    llm, _ = small_llm
+    a = llm.classify(["the cat", "a dog"], lora_request=[None, None], use_tqdm=False)
+    b = llm.classify(["the cat", "a dog"], use_tqdm=False)
+    assert [x.outputs.probs for x in a] == [x.outputs.probs for x in b]
 
 
 def test_tokenisation_in_chunks_with_a_progress_bar(cross_encoder, capsys):
