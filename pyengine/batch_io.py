@@ -12,6 +12,7 @@ the input order, each with every input column plus the output columns.
 """
 from __future__ import annotations
 
+import base64
 import bisect
 import fcntl
 import json
@@ -366,8 +367,8 @@ def _plain(v):
 def _json_default(v):
     if hasattr(v, "tolist"):  # numpy values
         return v.tolist()
-    if isinstance(v, (bytes, bytearray)):
-        return v.decode("utf-8", "replace")
+    if isinstance(v, (bytes, bytearray)):  # Parquet binary: base64, which loses no byte
+        return base64.b64encode(v).decode("ascii")
     return str(v)  # dates, decimals: as Parquet readers print them
 
 
@@ -429,6 +430,8 @@ class ShardStore:
         parent = os.path.dirname(self.output)
         if not os.path.isdir(parent):
             raise FileNotFoundError(f"output folder {parent!r} does not exist")
+        if os.path.isdir(self.output):
+            raise IsADirectoryError(f"output {self.output!r} is a folder; name a .jsonl or .parquet file")
         if not overwrite and os.path.exists(self.output) and not os.path.isdir(self.dir):
             raise FileExistsError(f"output {self.output!r} exists (a finished job); pass --overwrite to redo it")
         os.makedirs(self.dir, exist_ok=True)
@@ -454,6 +457,10 @@ class ShardStore:
             elif diff:
                 raise ValueError(f"{self.dir} holds shards of a different job (differs in {diff}); "
                                  "pass --overwrite to start over")
+        elif any(n.startswith("part-") and not n.endswith(".tmp") for n in os.listdir(self.dir)):
+            # shards whose job is unknown (its manifest was lost, say in a cleanup cut short)
+            raise ValueError(f"{self.dir} holds shards but no manifest.json, so which job wrote them is "
+                             "unknown; pass --overwrite to start over")
         else:
             self._atomic_write(manifest, json.dumps(job, indent=1, sort_keys=True).encode())
 

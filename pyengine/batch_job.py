@@ -294,7 +294,8 @@ def _run_ray(a, plan, store, pending, kw, bar, on_shard_done):
         for tbl in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             if "__error" in tbl.column_names:
                 raise ValueError(tbl.column("__error")[0].as_py())
-            outs = {c: tbl.column(c).to_pylist() for c in tbl.column_names if not c.startswith("__")}
+            # the bookkeeping columns by name: an --output-prefix may start with "__" too
+            outs = {c: tbl.column(c).to_pylist() for c in tbl.column_names if c not in ("__shard", "__i")}
             new, finished = collector.add(tbl.column("__shard").to_pylist(), tbl.column("__i").to_pylist(), outs)
             bar.update(new)
             for k, vals in finished:

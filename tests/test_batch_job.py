@@ -1,5 +1,6 @@
 """`python -m pyengine.batch`: JSONL and Parquet, in one process and on Ray, resumed
 after an interruption, against the offline LLM."""
+import base64
 import json
 import os
 import random
@@ -229,16 +230,18 @@ def test_ray_interrupted_and_resumed_both_ways(ray_cluster, tmp_path, models, co
     # Each run's finished shards are the other mode's to skip: Ray resumes a local run and
     # a local run resumes Ray's, over both formats in and out.
     on_ray = ["--ray-address", "local", "--num-replicas", "2", "--batch-size", "50"]
+    # outputs named like the job's own bookkeeping columns ("__shard", "__i") are outputs all the same
+    prefix = ["--output-prefix", "__"]
     for src, dst, first, then in (("jsonl", "parquet", on_ray, []), ("parquet", "jsonl", [], on_ray)):
         inp = write_input(corpus, tmp_path / f"in.{src}")
         out = tmp_path / f"out.{dst}"
         hook, done = stop_after(2)
         with pytest.raises(Stop):
-            job(models[0], inp, out, *first, hook=hook)
+            job(models[0], inp, out, *first, *prefix, hook=hook)
         resumed = []
-        job(models[0], inp, out, *then, hook=resumed.append)
+        job(models[0], inp, out, *then, *prefix, hook=resumed.append)
         assert sorted(done + resumed) == [0, 1, 2, 3, 4], f"{src}->{dst}: a shard was redone or skipped"
-        check(read_output(out), corpus, expected)
+        check([{**r, "probs": r["__probs"], "label": r["__label"]} for r in read_output(out)], corpus, expected)
 
 
 def test_local_with_a_lora_adapter(tmp_path, models, corpus):
@@ -406,3 +409,29 @@ def test_row_errors_restated_for_the_input_file():
             == "input row 103 (shard 2): columns 'q', 'd': has 9 tokens")
     assert _name_row("column 'ids', row 0 of this batch: bad", where) == "input row 100 (shard 2): column 'ids': bad"
     assert _name_row("the model failed", where) == "the model failed"
+
+
+def test_binary_columns_and_lost_manifests(tmp_path, models, corpus, expected):
+    """Parquet binary values reach JSONL as base64 (no byte lost); shards left without their
+    manifest (a cleanup cut short) are refused, not taken as this job's; an output path that
+    is a folder is refused before any work."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    blobs = [bytes([i % 256, 255, 0, (7 * i) % 256]) for i in range(N)]
+    pq.write_table(pa.table({"id": list(range(N)), "text": [r["text"] for r in corpus], "blob": blobs}),
+                   tmp_path / "in.parquet")
+    out = tmp_path / "out.jsonl"
+    hook, done = stop_after(2)
+    with pytest.raises(Stop):
+        job(models[0], str(tmp_path / "in.parquet"), out, hook=hook)
+    os.remove(str(out) + ".parts/manifest.json")
+    with pytest.raises(ValueError, match="holds shards but no manifest.json"):
+        job(models[0], str(tmp_path / "in.parquet"), out, "--no-activation")
+    job(models[0], str(tmp_path / "in.parquet"), out, "--overwrite")
+    rows = read_output(out)
+    check(rows, corpus, expected)
+    assert [base64.b64decode(r["blob"]) for r in rows] == blobs
+    (tmp_path / "dir.parquet").mkdir()
+    with pytest.raises(IsADirectoryError, match="is a folder"):
+        job(models[0], str(tmp_path / "in.parquet"), tmp_path / "dir.parquet", "--overwrite")
