@@ -61,6 +61,30 @@ def _tokenization(tokenization_kwargs, truncate_prompt_tokens, truncation_side):
             truncation_side if kw.get("truncation_side") is None else kw["truncation_side"])
 
 
+def _vllm_keywords(task, trust_remote_code, seed, tensor_parallel_size, pipeline_parallel_size, data_parallel_size,
+                   gpu_memory_utilization):
+    """vLLM's LLM keywords that scripts pass and that change nothing here, checked: task
+    (vLLM's older runner choice), trust_remote_code (the architectures run as this engine's
+    own code; no checkpoint code is run either way), seed (inference draws no random
+    numbers), gpu_memory_utilization (no cache is preallocated: memory follows the batch
+    budget); parallel sizes above 1 are refused (scale out as docs/SCALE_OUT.md says)."""
+    if task not in ("auto", "classify", "score", "reward"):
+        raise ValueError(f"task={task!r} is not supported; this engine classifies and scores ('classify', "
+                         "'score', 'reward' or 'auto')")
+    if not isinstance(trust_remote_code, bool):
+        raise TypeError(f"trust_remote_code must be a bool, got {trust_remote_code!r}")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise TypeError(f"seed must be an int or None, got {seed!r}")
+    for name, v in (("tensor_parallel_size", tensor_parallel_size), ("pipeline_parallel_size", pipeline_parallel_size),
+                    ("data_parallel_size", data_parallel_size)):
+        if v != 1 or isinstance(v, bool):
+            raise ValueError(f"{name}={v!r}: this engine runs one model per GPU; for more GPUs run several "
+                             "engines (pyengine.integrations.ray, docs/SCALE_OUT.md)")
+    if gpu_memory_utilization is not None and (isinstance(gpu_memory_utilization, bool) or not isinstance(
+            gpu_memory_utilization, (int, float)) or not 0 < gpu_memory_utilization <= 1):
+        raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization!r}")
+
+
 class _Frontend:
     """What LLM and AsyncLLM share: the engine core, and turning a call's arguments into
     (prompts, activation per prompt, adapter per prompt) before any work starts."""
@@ -69,7 +93,10 @@ class _Frontend:
                  max_num_batched_tokens=16384, max_num_seqs=256, hf_overrides=None,
                  pooler_config: PoolerConfig | dict | None = None, kernel_backend="auto", convert="auto",
                  runner="auto", enforce_eager=False, enable_lora=False, max_loras=1, max_lora_rank=16,
-                 mm_processor_kwargs=None):
+                 mm_processor_kwargs=None, *, task="auto", trust_remote_code=False, seed=None,
+                 tensor_parallel_size=1, pipeline_parallel_size=1, data_parallel_size=1, gpu_memory_utilization=None):
+        _vllm_keywords(task, trust_remote_code, seed, tensor_parallel_size, pipeline_parallel_size,
+                       data_parallel_size, gpu_memory_utilization)
         self.config = EngineConfig(model=model, tokenizer=tokenizer, dtype=dtype, device=device,
                                    max_model_len=max_model_len, max_num_batched_tokens=max_num_batched_tokens,
                                    max_num_seqs=max_num_seqs, hf_overrides=hf_overrides,

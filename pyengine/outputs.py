@@ -10,9 +10,15 @@ import torch
 _O = TypeVar("_O")
 
 
-@dataclass
+@dataclass(eq=False)
 class PoolingOutput:
     data: torch.Tensor  # (num_labels,) fp32 on the host
+
+    def __eq__(self, other):
+        # as vLLM's: equal tensors (a dataclass's field compare would ask a tensor for one bool)
+        if not isinstance(other, PoolingOutput):
+            return NotImplemented
+        return self.data.shape == other.data.shape and bool(torch.equal(self.data, other.data))
 
 
 @dataclass

@@ -722,6 +722,25 @@ def test_use_tqdm_callable_makes_the_bar(small_llm):
                                                                                      use_tqdm=False)]
 
 
+def test_vllm_constructor_keywords(small_llm):
+    """The LLM keywords vLLM scripts pass that change nothing here are taken (checked); more
+    than one GPU per engine, or a task this engine does not run, is refused."""
+    llm, path = small_llm
+    same = LLM(str(path), max_model_len=16, task="classify", trust_remote_code=True, seed=0, tensor_parallel_size=1,
+               gpu_memory_utilization=0.9)
+    a = same.encode(["the cat", "a dog"], use_tqdm=False)
+    b = llm.encode(["the cat", "a dog"], use_tqdm=False)
+    assert a[0].outputs == b[0].outputs and a[0].outputs != b[1].outputs  # PoolingOutput compares its tensors
+    for kwargs, err, match in [({"tensor_parallel_size": 2}, ValueError, "one model per GPU"),
+                               ({"data_parallel_size": 4}, ValueError, "one model per GPU"),
+                               ({"task": "embed"}, ValueError, "task='embed' is not supported"),
+                               ({"gpu_memory_utilization": 1.5}, ValueError, r"in \(0, 1\]"),
+                               ({"seed": "0"}, TypeError, "seed must be an int"),
+                               ({"swap_space": 4}, TypeError, "swap_space")]:
+        with pytest.raises(err, match=match):
+            LLM(str(path), **kwargs)
+
+
 def test_none_adapters_need_no_lora(small_llm):
     """lora_request=[None, ...]: the base model for every prompt, LoRA enabled or not (vLLM)."""
     llm, _ = small_llm
