@@ -16,7 +16,8 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float
 class PoolerConfig:
     """How pooled logits become outputs.
 
-    pooling_type: None (the model's own), "CLS", "LAST" or "MEAN".
+    pooling_type: None (the model's own), "CLS", "LAST" or "MEAN"; seq_pooling_type is
+    vLLM's newer name for it.
     use_activation: apply the activation by default (a request may override it); None
     is True, as vLLM's default.
     logit_bias / logit_scale: outputs are act((logits - logit_bias) * logit_scale).
@@ -25,13 +26,19 @@ class PoolerConfig:
     use_activation: bool = True
     logit_bias: float | None = None
     logit_scale: float | None = None
+    seq_pooling_type: str | None = None
 
     def __post_init__(self):
+        if self.seq_pooling_type is not None:
+            if self.pooling_type is not None and str(self.pooling_type).upper() != str(self.seq_pooling_type).upper():
+                raise ValueError(f"PoolerConfig: pooling_type={self.pooling_type!r} and seq_pooling_type="
+                                 f"{self.seq_pooling_type!r} (its vLLM name) disagree")
+            self.pooling_type = self.seq_pooling_type
         if self.pooling_type is not None:
             p = str(self.pooling_type).upper()
             if p not in ("CLS", "LAST", "MEAN"):
                 raise ValueError(f"PoolerConfig.pooling_type must be CLS, LAST or MEAN, got {self.pooling_type!r}")
-            self.pooling_type = p
+            self.pooling_type = self.seq_pooling_type = p
         if self.use_activation is None:
             self.use_activation = True
         if not isinstance(self.use_activation, bool):

@@ -439,6 +439,11 @@ def test_logit_bias_and_scale(tmp_path):
         ref_mean = model.classifier(model.bert.pooler.activation(model.bert.pooler.dense(h))).softmax(-1)[0]
     got_mean = torch.tensor(mean.classify(texts[0], use_tqdm=False)[0].outputs.probs)
     assert torch.allclose(got_mean, ref_mean, atol=ATOL, rtol=0)
+    # vLLM's newer name for it
+    vllm_name = LLM(str(tmp_path), pooler_config=PoolerConfig(seq_pooling_type="mean"))
+    assert vllm_name.classify(texts[0], use_tqdm=False)[0].outputs.probs == got_mean.tolist()
+    with pytest.raises(ValueError, match="disagree"):
+        PoolerConfig(pooling_type="CLS", seq_pooling_type="MEAN")
 
 
 def test_logit_bias_under_sigmoid_and_in_mixed_batches(tmp_path):
