@@ -377,6 +377,13 @@ def _table_from_rows(rows, schema=None):
     import pyarrow as pa
 
     if schema is not None:
+        # A field of ints and floats is a float column (the scan widened it); Arrow takes
+        # an int into it only while exact (up to 2^53), so wider ones are converted here, as
+        # the scan promised, instead of failing this shard's write.
+        floats = [f.name for f in schema if pa.types.is_floating(f.type)]
+        if floats:
+            rows = [r if not any(type(r.get(n)) is int for n in floats) else
+                    {**r, **{n: float(r[n]) for n in floats if type(r.get(n)) is int}} for r in rows]
         return pa.Table.from_pylist(rows, schema=schema)
     names = list(dict.fromkeys(k for r in rows for k in r))  # every key, in order of appearance
     return pa.table({n: [r.get(n) for r in rows] for n in names})

@@ -320,6 +320,9 @@ def test_jsonl_to_parquet_widens_and_fills(tmp_path, models, monkeypatch):
     rows = [{"text": f"a b {WORDS[i % len(WORDS)]}", "w": i if i % 3 else i + 0.5,
              **({"extra": [i, i + 1]} if i >= 150 else {}), **({"late": {"k": i}} if i == 70 else {})}
             for i in range(N)]
+    # an int past 2^53 in a chunk of ints, in a field that later chunks make a float column
+    for i in range(N):
+        rows[i]["big"] = 2 ** 53 + 1 if i == 10 else (i if i < 64 else i + 0.25)
     assert N > 192
     inp = write_input(rows, tmp_path / "in.jsonl")
     assert job(models[0], inp, tmp_path / "out.parquet") == N
@@ -327,6 +330,7 @@ def test_jsonl_to_parquet_widens_and_fills(tmp_path, models, monkeypatch):
     assert [r["w"] for r in got] == [float(r["w"]) for r in rows]
     assert [r["extra"] for r in got] == [r.get("extra") for r in rows]
     assert [r["late"] for r in got] == [r.get("late") for r in rows]
+    assert [r["big"] for r in got] == [float(r["big"]) for r in rows]
 
 
 def test_text_that_is_not_unicode_and_nan_values(tmp_path, models):
