@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from tqdm.auto import tqdm
 
 from .batch_io import ShardReader, ShardStore, file_format, scan_input
+from .inputs import prompt_error
 from .integrations.ray import PyEngineClassifier
 from .templates import read_template
 
@@ -182,13 +183,15 @@ class _ShardClassifier(PyEngineClassifier):
 def _name_row(message, where) -> str:
     """An engine error about prompts[j] (or pairs[j]) of one call, restated for the
     input file: where(j) -> (shard, input row)."""
-    m = re.match(r"(?:(?:prompts|pairs)\[(\d+)\]|(columns? '[^']*'(?:, '[^']*')*), row (\d+) of this batch):? ?",
-                 message)
+    found = prompt_error(message)
+    if found is not None:
+        k, row = where(found[0])
+        return f"input row {row} (shard {k}): {found[1]}"
+    m = re.match(r"(columns? '[^']*'(?:, '[^']*')*), row (\d+) of this batch:? ?", message)  # PyEngineClassifier's
     if m is None:
         return message
-    k, row = where(int(m.group(1) or m.group(3)))
-    column = f"{m.group(2)}: " if m.group(2) else ""
-    return f"input row {row} (shard {k}): {column}{message[m.end():]}"
+    k, row = where(int(m[2]))
+    return f"input row {row} (shard {k}): {m[1]}: {message[m.end():]}"
 
 
 

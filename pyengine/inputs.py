@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from bisect import bisect_right
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -160,6 +161,16 @@ def _load(img):
         img.load()
     except Exception:  # noqa: BLE001 - the prompt that holds it reports the error
         pass
+
+
+_PROMPT_ERROR = re.compile(r"(?:prompts|pairs)\[(\d+)\]:? ?")
+
+
+def prompt_error(message: str) -> tuple[int, str] | None:
+    """(i, the rest) of an input error this module raises about prompts[i] or pairs[i] of
+    one call, for callers that name the row their own way; None for any other message."""
+    m = _PROMPT_ERROR.match(message)
+    return None if m is None else (int(m[1]), message[m.end():])
 
 
 class _BadText(ValueError):

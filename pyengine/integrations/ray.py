@@ -21,10 +21,10 @@ import contextlib
 import inspect
 import json
 import os
-import re
 
 import numpy as np
 
+from ..inputs import prompt_error
 from ..llm import LLM
 from ..lora import LoRARequest
 from ..templates import load_score_template
@@ -191,14 +191,14 @@ class PyEngineClassifier:
         try:
             yield
         except ValueError as e:
-            m = re.match(r"(?:prompts|pairs)\[(\d+)\]:? (.*)", str(e), re.S)
-            if m is None:
+            found = prompt_error(str(e))
+            if found is None:
                 raise
             cols = [c for c in (self.token_ids_column, self.text_column, self.image_column, self.pair_column,
                                 self.pair_image_column) if c is not None]
             names = ", ".join(repr(c) for c in cols)
-            raise ValueError(f"column{'s' if len(cols) > 1 else ''} {names}, row {m[1]} of this batch: "
-                             f"{m[2]}") from None
+            raise ValueError(f"column{'s' if len(cols) > 1 else ''} {names}, row {found[0]} of this batch: "
+                             f"{found[1]}") from None
 
     def predict(self, batch) -> dict[str, np.ndarray]:
         """The output columns alone for ``batch``, each an array of its length."""
