@@ -58,15 +58,20 @@ class PoolingParams:
     """One request's pooling options, as vLLM's class of that name.
 
     truncate_prompt_tokens: None (an over-long prompt is an error), -1 (the model's
-    maximum) or k > 0; use_activation: None takes the engine's default; task: None,
+    maximum) or k > 0; use_activation: None takes the engine's default (``softmax`` and
+    ``activation``, vLLM's older names, are read where it is None); task: None,
     "classify" or "score"; dimensions: for embedding models only, so it must stay None.
     """
     truncate_prompt_tokens: int | None = None
     use_activation: bool | None = None
     dimensions: int | None = None
     task: str | None = None
+    softmax: bool | None = field(default=None, kw_only=True)
+    activation: bool | None = field(default=None, kw_only=True)
 
     def __post_init__(self):
+        if self.use_activation is None:
+            self.use_activation = self.softmax if self.softmax is not None else self.activation
         k = self.truncate_prompt_tokens
         if k is not None and (not isinstance(k, int) or isinstance(k, bool) or (k < 1 and k != -1)):
             raise ValueError(f"PoolingParams.truncate_prompt_tokens must be None, -1 or a positive int, got {k!r}")

@@ -132,7 +132,9 @@ class _Frontend:
         if not one and len(params) != n:
             raise ValueError(f"pooling_params has {len(params)} entries for {n} prompts")
         for p in params:
-            if p.task not in (None, task):
+            # a cross-encoder's score is its classify head's output: vLLM's newest score
+            # calls take task "classify", its older ones "score"
+            if p.task not in (None, task) and not (task == "score" and p.task == "classify"):
                 raise ValueError(f"PoolingParams.task={p.task!r} given to a {task} call")
         acts = [self._activation(p.use_activation, kind) for p in params]
         if one:

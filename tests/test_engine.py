@@ -705,6 +705,12 @@ def test_pooling_params_per_prompt(small_llm, tmp_path):
     assert [x.outputs.score for x in a] == [x.outputs.score for x in b]
     with pytest.raises(TypeError, match="one PoolingParams for every pair"):
         ce.score("a", ["b"], pooling_params=[one])
+    # vLLM's task names for a score call (its newest "classify", its older "score"), and
+    # its older names for use_activation
+    for params in (PoolingParams(use_activation=False, task="classify"), PoolingParams(softmax=False, task="score"),
+                   PoolingParams(activation=False)):
+        c = ce.score("where is the cat", ["on a mat", "no"], pooling_params=params, use_tqdm=False)
+        assert [x.outputs.score for x in c] == [x.outputs.score for x in b], params
     assert [x.outputs.score for x in a] != [x.outputs.score for x in ce.score("where is the cat", ["on a mat", "no"],
                                                                               use_tqdm=False)]
 
