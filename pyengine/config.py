@@ -53,6 +53,13 @@ class PoolerConfig:
             raise ValueError("PoolerConfig.logit_scale must not be 0 (every output would be act(0))")
 
 
+def use_activation_of(use_activation, activation=None, softmax=None):
+    """use_activation, else vLLM's older names for it (activation, then softmax)."""
+    if use_activation is not None:
+        return use_activation
+    return activation if activation is not None else softmax
+
+
 @dataclass
 class PoolingParams:
     """One request's pooling options, as vLLM's class of that name.
@@ -70,8 +77,7 @@ class PoolingParams:
     activation: bool | None = field(default=None, kw_only=True)
 
     def __post_init__(self):
-        if self.use_activation is None:
-            self.use_activation = self.softmax if self.softmax is not None else self.activation
+        self.use_activation = use_activation_of(self.use_activation, self.activation, self.softmax)
         k = self.truncate_prompt_tokens
         if k is not None and (not isinstance(k, int) or isinstance(k, bool) or (k < 1 and k != -1)):
             raise ValueError(f"PoolingParams.truncate_prompt_tokens must be None, -1 or a positive int, got {k!r}")

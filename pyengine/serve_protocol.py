@@ -15,6 +15,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from transformers import PreTrainedTokenizerBase
 
+from .config import use_activation_of
 from .inputs import all_ints
 from .multimodal import image_from_data_url, video_from_data_url
 
@@ -61,8 +62,7 @@ class _Common(BaseModel):
         if self.normalize:
             raise ValueError("'normalize' applies to embedding models; this server serves classification "
                              "(use 'use_activation')")
-        if self.use_activation is None:
-            self.use_activation = self.activation if self.activation is not None else self.softmax
+        self.use_activation = use_activation_of(self.use_activation, self.activation, self.softmax)
         return self
 
 
