@@ -19,6 +19,7 @@ import json
 import math
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 
 from .inputs import unicode_error
@@ -113,6 +114,9 @@ def _scan_jsonl(path, shard_size, prompt_columns, kind, output_columns, files, v
                 obj = json.loads(line)
             except ValueError as e:
                 raise ValueError(f"{where}: not valid JSON: {e}") from None
+            except RecursionError:
+                raise ValueError(f"{where}: nests deeper than Python's JSON reader takes "
+                                 f"({sys.getrecursionlimit()} levels)") from None
             if not isinstance(obj, dict):
                 raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
             for c in prompt_columns:
@@ -213,6 +217,9 @@ class _SchemaScan:
         if schema is None:
             self._conflict()
         for field in schema:
+            if 1 + _parquet_levels(field.type) > 100:
+                raise ValueError(f"{self.path}: field {field.name!r} nests deeper than Parquet readers take (100 "
+                                 "levels; a list is 2, an object 1); flatten it, or write JSONL")
             if _has_empty_struct(field.type):
                 line = next(a for s, a, _ in self.parts if field.name in s.names and _has_empty_struct(
                     s.field(field.name).type))
@@ -241,6 +248,20 @@ class _SchemaScan:
         raise ValueError(f"{self.path}: the rows' fields do not share one Parquet schema; write JSONL")
 
 
+def _parquet_levels(t) -> int:
+    """Levels of Parquet schema that a column of Arrow type ``t`` takes (Arrow's Parquet
+    reader refuses a file whose schema, root included, is deeper than 100)."""
+    import pyarrow as pa
+
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        return 2 + _parquet_levels(t.value_type)
+    if pa.types.is_map(t):
+        return 2 + max(_parquet_levels(t.key_type), _parquet_levels(t.item_type))
+    if pa.types.is_struct(t):
+        return 1 + max((_parquet_levels(t.field(i).type) for i in range(t.num_fields)), default=0)
+    return 1
+
+
 def _has_empty_struct(t) -> bool:
     import pyarrow as pa
 
@@ -249,6 +270,25 @@ def _has_empty_struct(t) -> bool:
     if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
         return _has_empty_struct(t.value_type)
     return False
+
+
+def _check_utf8(col, where):
+    """Raise ValueError naming the first value of string column ``col`` that is not valid
+    UTF-8 (Parquet does not check what writers put in a string column); ``where(i)`` names
+    row i."""
+    import pyarrow as pa
+
+    try:
+        col.validate(full=True)
+        return
+    except pa.ArrowInvalid:
+        pass
+    for i, v in enumerate(col.cast(pa.large_binary() if pa.types.is_large_string(col.type) else pa.binary())):
+        raw = v.as_py()
+        try:
+            raw is None or raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{where(i)}: not valid UTF-8 ({e.reason} at byte {e.start}), got {raw!r:.60}") from None
 
 
 def _scan_parquet(path, shard_size, prompt_columns, kind, output_columns, files, vocab_size):
@@ -278,6 +318,8 @@ def _scan_parquet(path, shard_size, prompt_columns, kind, output_columns, files,
     for batch in pf.iter_batches(batch_size=65536, columns=list(prompt_columns)):
         for c in prompt_columns:
             col = batch.column(c)
+            if kind == "text":
+                _check_utf8(col, lambda i: f"{path} row {base + i}, column {c!r}")
             lengths = pc.utf8_length(col) if kind == "text" else pc.list_value_length(col)
             bad = pc.or_kleene(pc.is_null(col), pc.equal(lengths, 0)).fill_null(True)
             if kind == "ids":  # a null inside a list marks its row bad
@@ -390,14 +432,60 @@ def _table_from_rows(rows, schema=None):
 
 
 def _finite(v):
-    """``v`` with every NaN or infinity (nested too) as None: JSON has no such numbers."""
-    if isinstance(v, float):
-        return v if math.isfinite(v) else None
-    if isinstance(v, dict):
-        return {k: _finite(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_finite(x) for x in v]
-    return v
+    """``v`` with every NaN or infinity (nested too) as None: JSON has no such numbers.
+    A loop, not recursion: a JSON value may nest deeper than Python's recursion limit."""
+    def fix(x):
+        if isinstance(x, float):
+            return x if math.isfinite(x) else None
+        if isinstance(x, dict):
+            y = dict(x)
+        elif isinstance(x, (list, tuple)):
+            y = list(x)
+        else:
+            return x
+        todo.append(y)
+        return y
+
+    todo = []
+    root = fix(v)
+    while todo:
+        y = todo.pop()
+        for key in (y.keys() if isinstance(y, dict) else range(len(y))):
+            y[key] = fix(y[key])
+    return root
+
+
+def _column_values(col, name) -> list:
+    """A Parquet column as Python values for a JSON line. Values Python cannot hold are
+    kept as text instead of failing the shard: dates and times past year 9999 as Arrow
+    prints them (else their integer count of units), and strings that are not valid UTF-8
+    with each bad byte as a lone surrogate (written as "\\udcXX", which gives the byte back)."""
+    import pyarrow as pa
+
+    try:
+        return col.to_pylist()
+    except (OverflowError, ValueError, UnicodeDecodeError, pa.ArrowException):
+        pass
+    t = col.type
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        raw = col.cast(pa.large_binary()).to_pylist()
+        return [None if b is None else b.decode("utf-8", "surrogateescape") for b in raw]
+    if pa.types.is_temporal(t):
+        out = []
+        for x in col:
+            try:
+                out.append(x.as_py())
+            except (OverflowError, ValueError):
+                text = x.cast(pa.string()).as_py()
+                if text.startswith("<"):  # beyond Arrow's calendar too
+                    text = str(x.cast(pa.int64()).as_py())
+                out.append(text)
+        return out
+    try:
+        return col.to_pylist()
+    except (OverflowError, ValueError, UnicodeDecodeError, pa.ArrowException) as e:
+        raise ValueError(f"column {name!r} ({t}) holds a value JSON output cannot take ({e}); "
+                         "write Parquet, or drop the column") from None
 
 
 def _json_line(row) -> str:
@@ -489,7 +577,10 @@ class ShardStore:
     def write(self, k: int, rows, outputs: dict):
         """Shard ``k``: its input rows (list of dicts or Table) plus the output columns."""
         if self.fmt == "jsonl":
-            rows = rows.to_pylist() if not isinstance(rows, list) else rows
+            if not isinstance(rows, list):
+                names = rows.column_names
+                columns = [_column_values(c, n) for c, n in zip(rows.columns, names)]
+                rows = [dict(zip(names, vals)) for vals in zip(*columns)]
             lines = []
             for i, row in enumerate(rows):
                 row = {**row, **{name: _plain(vals[i]) for name, vals in outputs.items()}}

@@ -1,6 +1,7 @@
 """`python -m pyengine.batch`: JSONL and Parquet, in one process and on Ray, resumed
 after an interruption, against the offline LLM."""
 import base64
+import functools
 import json
 import os
 import random
@@ -439,3 +440,77 @@ def test_binary_columns_and_lost_manifests(tmp_path, models, corpus, expected):
     (tmp_path / "dir.parquet").mkdir()
     with pytest.raises(IsADirectoryError, match="is a folder"):
         job(models[0], str(tmp_path / "in.parquet"), tmp_path / "dir.parquet", "--overwrite")
+
+
+def _utf8_column(pa, raw):
+    """A Parquet string column holding ``raw`` bytes as they are (writers need not check UTF-8)."""
+    offsets = np.cumsum([0] + [len(b) for b in raw]).astype(np.int32)
+    return pa.Array.from_buffers(pa.string(), len(raw), [None, pa.py_buffer(offsets.tobytes()),
+                                                         pa.py_buffer(b"".join(raw))])
+
+
+def test_values_json_or_parquet_cannot_take_plainly(tmp_path, models):
+    """Values that used to fail a shard after scoring: Parquet dates past year 9999 and
+    strings that are not UTF-8 reach JSONL as text (the bytes recoverable), a prompt that is
+    not UTF-8 fails the scan naming its row, a NaN nested past Python's recursion limit is
+    null, and a field nested deeper than Parquet readers take fails before any work."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    texts = [" ".join(random.Random(i).choice(WORDS) for _ in range(3)) for i in range(80)]
+    days = [i * 50_000 for i in range(80)]  # from 1970 on; past year 9999 from row 59 (shard 0 has none)
+    notes = [f"n{i}".encode() + (b"\xff\xfe" if i % 9 == 4 else b"") for i in range(80)]
+    pq.write_table(pa.table({"text": texts, "d": pa.array(days, pa.date32()), "note": _utf8_column(pa, notes)}),
+                   tmp_path / "in.parquet", row_group_size=32)
+    job(models[0], str(tmp_path / "in.parquet"), tmp_path / "out.jsonl")
+    got = read_output(tmp_path / "out.jsonl")
+    assert [r["d"] for r in got] == pa.array(days, pa.date32()).cast(pa.string()).to_pylist()
+    assert any(int(r["d"][:r["d"].index("-")]) > 9999 for r in got)
+    assert [r["note"].encode("utf-8", "surrogateescape") for r in got] == notes
+    want = np.array([o.outputs.probs for o in LLM(models[0]).classify(texts, use_tqdm=False)])
+    np.testing.assert_allclose(np.array([r["probs"] for r in got]), want, atol=ATOL, rtol=0)
+
+    bad = [t.encode() for t in texts]
+    bad[45] = b"cat \xc3("  # a two-byte sequence cut short
+    pq.write_table(pa.table({"text": _utf8_column(pa, bad)}), tmp_path / "bad.parquet", row_group_size=32)
+    with pytest.raises(ValueError, match=r"row 45, column 'text': not valid UTF-8 \(invalid continuation byte"):
+        job(models[0], str(tmp_path / "bad.parquet"), tmp_path / "bad.parquet.jsonl")
+    assert not (tmp_path / "bad.parquet.jsonl.parts").exists()
+
+    deep = "NaN"
+    for _ in range(700):  # deeper than a recursive walk of the value could go
+        deep = f"[{deep}, 1.5]"
+    (tmp_path / "deep.jsonl").write_text('{"text": "a b", "x": %s}\n{"text": "c", "x": [2.5]}\n' % deep)
+    job(models[0], str(tmp_path / "deep.jsonl"), tmp_path / "deep_out.jsonl")
+    x = read_output(tmp_path / "deep_out.jsonl")[0]["x"]
+    for _ in range(700):
+        assert x[1] == 1.5
+        x = x[0]
+    assert x is None
+    lists = json.dumps(functools.reduce(lambda v, _: [v], range(50), 2.5))  # 101 levels with the root
+    (tmp_path / "deep.jsonl").write_text('{"text": "a b", "x": %s}\n{"text": "c"}\n' % lists)
+    with pytest.raises(ValueError, match="field 'x' nests deeper than Parquet readers take"):
+        job(models[0], str(tmp_path / "deep.jsonl"), tmp_path / "deep_out.parquet")
+    assert not (tmp_path / "deep_out.parquet.parts").exists()
+
+
+@pytest.mark.parametrize("wrap, n", [
+    (lambda v: [v], 49), (lambda v: [v], 50),                      # lists: 2 levels each
+    (lambda v: {"a": v}, 98), (lambda v: {"a": v}, 99),            # objects: 1 level each
+    (lambda v: {"a": [v]}, 32), (lambda v: {"a": [v]}, 33),        # both
+])
+def test_parquet_depth_rule_matches_the_reader(tmp_path, wrap, n):
+    """The scan's depth rule says a file is unreadable exactly when Arrow's reader refuses it."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+    from pyengine.batch_io import _parquet_levels
+
+    table = pa.table({"x": [functools.reduce(lambda v, _: wrap(v), range(n), 1.5)]})
+    pq.write_table(table, tmp_path / "t.parquet")
+    try:
+        pq.read_table(tmp_path / "t.parquet")
+        readable = True
+    except OSError as e:
+        assert "too deeply nested" in str(e)
+        readable = False
+    assert (1 + _parquet_levels(table.schema.field("x").type) <= 100) == readable
