@@ -629,6 +629,10 @@ def test_bad_model_and_engine_args(tmp_path, small_llm):
         LLM(str(tmp_path / "corrupt"))
     with pytest.raises(ValueError, match="exceeds the model's maximum 64"):
         LLM(str(good), max_model_len=100)
+    # RoBERTa's positions start after its pad token: without one the model is not defined
+    save_tiny(tmp_path / "roberta", FAMILIES["roberta"][0](), tokenizer="roberta")
+    with pytest.raises(ValueError, match="pad_token_id must be a non-negative int .* got None"):
+        LLM(str(tmp_path / "roberta"), hf_overrides={"pad_token_id": None})
     with pytest.raises(ValueError, match="max_num_seqs must be a positive int"):
         LLM(str(good), max_num_seqs=0)
     with pytest.raises(ValueError, match="max_model_len must be a positive int or None, got True"):

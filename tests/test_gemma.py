@@ -179,3 +179,24 @@ def test_bf16_on_gpu(tmp_path):
     ref = logits(model.float(), ps).softmax(-1)
     assert torch.allclose(got, ref, atol=2e-2, rtol=0), report(got, ref)
     assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.99
+
+
+@pytest.mark.parametrize("arch, keys", [
+    # Gemma 2 reads hidden_activation, and "gelu" there is the exact GELU (not Gemma 1's tanh)
+    ("gemma2", {"hidden_activation": "gelu"}),
+    # Gemma 3's text model, the same
+    ("gemma3_text", {"hidden_activation": "gelu"}),
+    # Gemma 1 reads hidden_act alone: a stray hidden_activation key changes nothing
+    ("gemma", {"hidden_act": "silu", "hidden_activation": "gelu_pytorch_tanh"}),
+])
+def test_mlp_activation_read_from_the_families_own_key(tmp_path, arch, keys):
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.for_model(arch, vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
+                               num_labels=3, pad_token_id=0, architectures=[f"{arch.title().replace('_', '')}"
+                                                                            "ForSequenceClassification"])
+    for k, v in keys.items():  # set after __init__, as a config.json carrying them is read
+        setattr(cfg, k, v)
+    model, _ = save_tiny(tmp_path, cfg, seed=15, tokenizer="decoder")
+    assert_matches_transformers(tmp_path, model, prompts(16))

@@ -120,7 +120,12 @@ class BertForSequenceClassification(nn.Module):
         self.eps = getattr(config, "layer_norm_eps", 1e-12)  # DistilBERT's LayerNorms: 1e-12, not in its config
         self.num_labels = config.num_labels
         self.vocab_size = V
-        self.pad_offset = (config.pad_token_id + 1) if self.roberta_positions else 0
+        pad = getattr(config, "pad_token_id", None)
+        if self.roberta_positions and (not isinstance(pad, int) or isinstance(pad, bool) or pad < 0):
+            # RoBERTa's positions count from pad_token_id + 1: without one they are undefined
+            raise ValueError(f"{arch}: pad_token_id must be a non-negative int (RoBERTa-style positions start "
+                             f"after it), got {pad!r}")
+        self.pad_offset = (pad + 1) if self.roberta_positions else 0
         self.max_model_len = config.max_position_embeddings - self.pad_offset
         kw = dict(dtype=dtype, device=device)
         f32 = dict(dtype=torch.float32, device=device)

@@ -51,6 +51,9 @@ class Family:
     sliding: str = "none"            # "none" | "global" (Mistral) | "layer_types" (Qwen2/3)
     partial_rotary: bool = False     # honours partial_rotary_factor (Phi-3)
     fused: bool = False              # the checkpoint packs qkv_proj and gate_up_proj (Phi-3)
+    # The config keys naming the MLP activation, first set wins (as each family's modeling code reads them).
+    act_keys: tuple = ("hidden_activation", "hidden_act", "activation_function")
+    gelu_means_tanh: bool = False    # Gemma 1: its legacy "gelu" is the tanh form (its config class says so)
 
 
 FAMILIES = {
@@ -59,7 +62,8 @@ FAMILIES = {
     "Mistral": Family("model", qkv_bias=False, o_bias=False, mlp_bias=False, sliding="global"),
     "Qwen2": Family("model", qkv_bias=True, o_bias=False, mlp_bias=False, sliding="layer_types"),
     "Qwen3": Family("model", qk_norm=True, mlp_bias=False, sliding="layer_types"),
-    "Gemma": Family("model", norm_offset=1.0, embed_scale=True, mlp_bias=False),
+    "Gemma": Family("model", norm_offset=1.0, embed_scale=True, mlp_bias=False, act_keys=("hidden_act",),
+                    gelu_means_tanh=True),
     "Granite": Family("model"),  # pyengine.models.granite adds its multipliers
     "Phi3": Family("model", qkv_bias=False, o_bias=False, mlp_bias=False, sliding="global", partial_rotary=True,
                    fused=True),
@@ -77,9 +81,9 @@ FAMILIES["Qwen3Moe"] = replace(FAMILIES["Qwen3"], sliding="global")
 # Qwen2-MoE's q/k/v bias is a config option (qkv_bias), always on in Qwen2.
 FAMILIES["Qwen2Moe"], FAMILIES["Mixtral"] = replace(FAMILIES["Qwen2"], qkv_bias=None), FAMILIES["Mistral"]
 # Gemma 2 and 3 (pyengine.models.gemma3 adds their sandwich norms, per-type rotary, soft-capping).
-FAMILIES["Gemma2"] = Family("model", norm_offset=1.0, embed_scale=True, mlp_bias=False, sliding="layer_types")
-FAMILIES["Gemma3"] = FAMILIES["Gemma3Text"] = Family("model", norm_offset=1.0, embed_scale=True, mlp_bias=False,
-                                                     qk_norm=True, sliding="layer_types")
+FAMILIES["Gemma2"] = Family("model", norm_offset=1.0, embed_scale=True, mlp_bias=False, sliding="layer_types",
+                            act_keys=("hidden_activation",))
+FAMILIES["Gemma3"] = FAMILIES["Gemma3Text"] = replace(FAMILIES["Gemma2"], qk_norm=True)
 # ModernBERT's layer options (biases, windows, rotary tables, head) come from its config in
 # pyengine.models.modernbert.
 FAMILIES["ModernBert"] = Family("model", layout="modernbert", norm="layer", causal=False, head="modernbert",
@@ -188,9 +192,9 @@ class DecoderForSequenceClassification(nn.Module):
         if fam.layout == "gte" and getattr(config, "layer_norm_type", "layer_norm") == "rms_norm":
             norm_kind = "rms"
         self.norm_kind = norm_kind
-        act = _cfg(config, "hidden_activation", "hidden_act", "activation_function", default="silu")
-        if fam.norm_offset:  # Gemma: "gelu" in its configs means the tanh approximation
-            act = "gelu_pytorch_tanh" if act == "gelu" else act
+        act = _cfg(config, *fam.act_keys, default="gelu_pytorch_tanh" if fam.norm_offset else "silu")
+        if fam.gelu_means_tanh and act == "gelu":
+            act = "gelu_pytorch_tanh"
         if fam.gated and act not in _GATED:
             raise ValueError(f"{arch}: hidden_act={act!r} is not supported for a gated MLP; "
                              f"supported: {sorted(_GATED)}")
