@@ -61,8 +61,8 @@ def _tokenization(tokenization_kwargs, truncate_prompt_tokens, truncation_side):
             truncation_side if kw.get("truncation_side") is None else kw["truncation_side"])
 
 
-def _vllm_keywords(task, trust_remote_code, seed, tensor_parallel_size, pipeline_parallel_size, data_parallel_size,
-                   gpu_memory_utilization):
+def _vllm_keywords(task="auto", trust_remote_code=False, seed=None, tensor_parallel_size=1, pipeline_parallel_size=1,
+                   data_parallel_size=1, gpu_memory_utilization=None):
     """vLLM's LLM keywords that scripts pass and that change nothing here, checked: task
     (vLLM's older runner choice), trust_remote_code (the architectures run as this engine's
     own code; no checkpoint code is run either way), seed (inference draws no random
@@ -83,6 +83,17 @@ def _vllm_keywords(task, trust_remote_code, seed, tensor_parallel_size, pipeline
     if gpu_memory_utilization is not None and (isinstance(gpu_memory_utilization, bool) or not isinstance(
             gpu_memory_utilization, (int, float)) or not 0 < gpu_memory_utilization <= 1):
         raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization!r}")
+
+
+_VLLM_ONLY = ("task", "trust_remote_code", "seed", "tensor_parallel_size", "pipeline_parallel_size",
+              "data_parallel_size", "gpu_memory_utilization")
+
+
+def engine_config(model, **kwargs) -> EngineConfig:
+    """The EngineConfig of ``LLM(model, **kwargs)``, checked as LLM checks it (vLLM's
+    keywords that change nothing here are checked, then dropped); loads nothing."""
+    _vllm_keywords(**{k: kwargs.pop(k) for k in _VLLM_ONLY if k in kwargs})
+    return EngineConfig(model=model, **kwargs)
 
 
 class _Frontend:

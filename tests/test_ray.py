@@ -1,4 +1,5 @@
 """PyEngineClassifier (Ray Data) and serve_app (Ray Serve) against the offline LLM."""
+import inspect
 import json
 import random
 import socket
@@ -114,6 +115,8 @@ def test_classifier_bad_pair_names_both_columns(ce_dir):
     ({"token_ids_column": "ids", "text_column": "t"}, ValueError, "token_ids_column alone"),
     ({"max_num_seq": 4}, TypeError, "unknown keyword.*max_num_seq"),
     ({"truncate_prompt_tokens": 0}, ValueError, "truncate_prompt_tokens"),
+    # an input column named as an output would be overwritten by it
+    ({"text_column": "label"}, ValueError, "input column 'label' is also an output column's name"),
 ])
 def test_classifier_bad_arguments(clf_dir, kwargs, err, match):
     with pytest.raises(err, match=match):
@@ -144,6 +147,49 @@ def test_served_names_from_the_command_line():
     assert served_names(None, "/models/x") == ["/models/x"]
     with pytest.raises(ValueError, match="served_model_name must be a name or a list of non-empty names"):
         served_names(["a", ""], "/m")
+
+
+def test_classifier_unreadable_image_names_the_row(tmp_path, monkeypatch):
+    """An image PIL refuses as a decompression bomb is a bad row, named as a missing file is."""
+    Image = pytest.importorskip("PIL.Image")
+    from pyengine.integrations.ray import _images
+
+    Image.new("RGB", (10, 10)).save(tmp_path / "a.png")
+    Image.new("RGB", (40, 30)).save(tmp_path / "b.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # PIL refuses past twice this: b's 1200 pixels
+    with pytest.raises(ValueError, match=r"^column 'img', row 1 of this batch: cannot read image .*b.png.*exceeds"):
+        _images(np.array(["a.png", "b.png"], dtype=object), "img", str(tmp_path))
+
+
+def test_serve_app_checks_its_arguments_before_any_replica(clf_dir):
+    """Bad engine or server values fail serve_app itself (not every replica, as a deploy
+    that retries); a device the head node lacks is the replicas' to have; the caller's
+    ray_actor_options are merged with num_gpus / num_cpus; build_app reads the text
+    options as text."""
+    pytest.importorskip("ray.serve")
+    from pyengine.integrations.ray import build_app, serve_app
+
+    for kwargs, err, match in [({"max_num_seqs": 0}, ValueError, "max_num_seqs must be a positive int"),
+                               ({"dtype": "float99"}, ValueError, "dtype must be"),
+                               ({"kernel_backend": "nope"}, ValueError, "unknown kernel backend 'nope'"),
+                               ({"pooler_config": {"pooling": "CLS"}}, TypeError, "unexpected keyword"),
+                               ({"seed": "x"}, TypeError, "seed must be an int"),
+                               ({"device": "gpu:0"}, ValueError, "device 'gpu:0'"),
+                               ({"max_request_bytes": -5}, ValueError, "max_request_bytes must be a positive int"),
+                               ({"chat_template": 123}, TypeError, "chat_template must be Jinja source")]:
+        with pytest.raises(err, match=match):
+            serve_app(clf_dir, num_gpus=0, **kwargs)
+    app = serve_app(clf_dir, num_gpus=1, num_cpus=4, device="cuda", seed=0,
+                    deployment_options={"ray_actor_options": {"runtime_env": {"env_vars": {"A": "1"}}}})
+    assert app._bound_deployment.ray_actor_options == {"num_gpus": 1, "num_cpus": 4,
+                                                       "runtime_env": {"env_vars": {"A": "1"}}}
+    app = build_app({"model": clf_dir, "num_gpus": "0", "num_cpus": "0.5", "served_model_name": "2.10",
+                     "api_keys": "1e5", "device": "cpu"})
+    dep = app._bound_deployment
+    assert dep.ray_actor_options == {"num_gpus": 0, "num_cpus": 0.5}
+    served = inspect.getclosurevars(dep.func_or_class.__mro__[1].__init__).nonlocals  # the replica's class
+    assert served["names"] == ["2.10"] and served["api_keys"] == ["1e5"]
+    assert build_app({"model": clf_dir, "num_gpus": "0", "served_model_name": '["a", "b"]'}) is not None
 
 
 def test_ray_data_two_actors_match_llm(ray_cluster, clf_dir):

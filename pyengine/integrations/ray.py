@@ -23,9 +23,10 @@ import json
 import os
 
 import numpy as np
+import torch
 
 from ..inputs import prompt_error
-from ..llm import LLM
+from ..llm import LLM, engine_config
 from ..lora import LoRARequest
 from ..templates import load_score_template
 
@@ -81,7 +82,7 @@ def _images(values, name, root) -> list:
         try:
             img = Image.open(path)
             img.load()
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
             raise ValueError(f"column {name!r}, row {i} of this batch: cannot read image {path!r}: {e}") from None
         out.append(img)
     return out
@@ -156,6 +157,12 @@ class PyEngineClassifier:
                 raise ValueError(f"{what} needs pillow to read the images: pip install pillow") from None
         if use_activation is not None and not isinstance(use_activation, bool):
             raise TypeError(f"use_activation must be a bool or None, got {use_activation!r}")
+        outputs = ("score",) if pair_column is not None or pair_image_column is not None else ("probs", "label")
+        self.output_columns = tuple(output_prefix + c for c in outputs)
+        clash = [c for c in (text_column, pair_column, token_ids_column, image_col) if c in self.output_columns]
+        if clash:
+            raise ValueError(f"input column {clash[0]!r} is also an output column's name; pass output_prefix=... "
+                             "to name the outputs")
         if lora_path is not None:
             engine_kwargs.setdefault("enable_lora", True)
         self.llm = LLM(model, **engine_kwargs)
@@ -181,8 +188,6 @@ class PyEngineClassifier:
         self.options = dict(truncate_prompt_tokens=truncate_prompt_tokens, truncation_side=truncation_side,
                             use_activation=use_activation, use_tqdm=False, lora_request=lora)
         self.labels = labels_of(engine)
-        outputs = ("score",) if pairs is not None else ("probs", "label")
-        self.output_columns = tuple(output_prefix + c for c in outputs)
 
     @contextlib.contextmanager
     def _rows_named(self):
@@ -269,9 +274,23 @@ def serve_app(model, *, num_replicas=1, num_gpus=1, num_cpus=1, served_model_nam
     unknown = sorted(set(engine_kwargs) - ENGINE_KWARGS)
     if unknown:
         raise TypeError(f"serve_app got unknown keyword(s) {unknown}; the engine takes {sorted(ENGINE_KWARGS)}")
-    for what, v in (("num_replicas", num_replicas), ("max_inputs_per_request", max_inputs_per_request)):
+    for what, v in (("num_replicas", num_replicas), ("max_inputs_per_request", max_inputs_per_request),
+                    ("max_request_bytes", max_request_bytes)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f"{what} must be a positive int, got {v!r}")
+    if chat_template is not None and not isinstance(chat_template, str):
+        raise TypeError(f"chat_template must be Jinja source or a file's path, got {type(chat_template).__name__}")
+    if not isinstance(trust_request_chat_template, bool):
+        raise TypeError(f"trust_request_chat_template must be a bool, got {trust_request_chat_template!r}")
+    # The engine's keywords are checked here, not first in every replica: a device this
+    # node lacks (a CPU-only head node) is the replicas' to have, so only its name is read.
+    device = engine_kwargs.get("device", "auto")
+    if device not in (None, "auto"):
+        try:
+            torch.device(device)
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(f"device {device!r}: {e}") from None
+    engine_config(model, **{**engine_kwargs, "device": "cpu"})
     names = served_names(served_model_name, model)
     api_keys = _as_names(api_keys, "api_keys", "key")
     if lora_modules is not None:
@@ -284,11 +303,11 @@ def serve_app(model, *, num_replicas=1, num_gpus=1, num_cpus=1, served_model_nam
 
         def __init__(self):
             # Absolute imports: Ray pickles this class by value, without its package.
-            from pyengine.config import EngineConfig
             from pyengine.engine import EngineCore
+            from pyengine.llm import engine_config
             from pyengine.serve import Server
 
-            core = EngineCore(EngineConfig(model=model, **engine_kwargs))
+            core = EngineCore(engine_config(model, **engine_kwargs))
             self.server = Server(core, names, max_inputs_per_request, max_request_bytes, lora_modules,
                                  chat_template=chat_template, api_keys=api_keys,
                                  trust_request_chat_template=trust_request_chat_template)
@@ -301,9 +320,15 @@ def serve_app(model, *, num_replicas=1, num_gpus=1, num_cpus=1, served_model_nam
                "ray_actor_options": {"num_gpus": num_gpus, "num_cpus": num_cpus}}
     if deployment_options is not None and not isinstance(deployment_options, dict):
         raise TypeError(f"deployment_options must be a dict, got {type(deployment_options).__name__}")
-    if deployment_options and "autoscaling_config" in deployment_options:
+    deployment_options = dict(deployment_options or {})
+    if "autoscaling_config" in deployment_options:
         del options["num_replicas"]  # Serve refuses both
-    options.update(deployment_options or {})
+    actor = deployment_options.pop("ray_actor_options", None) or {}
+    if not isinstance(actor, dict):
+        raise TypeError(f"deployment_options['ray_actor_options'] must be a dict, got {type(actor).__name__}")
+    # merged, not replaced: a runtime_env given there keeps num_gpus / num_cpus (its own win)
+    options["ray_actor_options"].update(actor)
+    options.update(deployment_options)
     return serve.deployment(serve.ingress()(PyEngineServer), **options).bind()
 
 
@@ -325,20 +350,29 @@ def served_names(served_model_name, model) -> list[str]:
     return _as_names(served_model_name, "served_model_name", "name") or [str(model)]
 
 
+# serve_app's options whose values are text (served_model_name and api_keys may be lists)
+_TEXT_OPTIONS = frozenset({"model", "tokenizer", "dtype", "device", "kernel_backend", "convert", "runner", "task",
+                           "chat_template", "served_model_name", "api_keys"})
+
+
 def build_app(args: dict):
     """Builder for Ray Serve's CLI and config files:
     ``serve run pyengine.integrations.ray:build_app model=/models/x num_replicas=8``.
-    Each value given as a string is read as JSON where it parses (``8``, ``0.5``,
-    ``true``, ``{...}``) and kept as the string otherwise (paths)."""
-    def value(v):
+    A value given as a string is read as JSON where it parses (``8``, ``0.5``, ``true``,
+    ``{...}``) and kept as the string otherwise, except the options that are text (paths,
+    names, keys, templates: ``2.10`` stays "2.10"), where only a JSON list is read."""
+    def value(k, v):
         if not isinstance(v, str):
             return v
         try:
-            return json.loads(v)
+            parsed = json.loads(v)
         except ValueError:
             return v
+        if k in _TEXT_OPTIONS and not isinstance(parsed, list):
+            return v
+        return parsed
 
-    args = {k: value(v) for k, v in args.items()}
+    args = {k: value(k, v) for k, v in args.items()}
     if "model" not in args:
         raise ValueError("build_app needs model=DIR")
     return serve_app(**args)
