@@ -543,6 +543,9 @@ def _embeds(v, kind, where):
         grid = grid[None]
     if grid.ndim != 2 or grid.shape[1] != 3 or grid.is_floating_point() or (grid < 1).any():
         raise ValueError(f"{where}: {what}_grid_thw must be positive ints (items, 3), got {tuple(grid.shape)}")
+    if not bool(torch.isfinite(rows).all()):
+        bad = int(torch.isfinite(rows).logical_not().reshape(-1, rows.shape[-1]).any(-1).nonzero()[0, 0])
+        raise ValueError(f"{where}: {what}_embeds holds NaN or infinity (row {bad} of its tokens)")
     per_item = None
     if rows.ndim == 3:
         if rows.shape[0] != grid.shape[0]:
@@ -613,11 +616,13 @@ def media_list(data, where):
 
 
 def _frames(frames, where):
-    """(T, C, H, W) uint8 from a (T, H, W[, C]) uint8 array or a list of frames of one size."""
+    """(T, C, H, W) uint8 from a (T, H, W[, C]) uint8 array or a list of frames of one size.
+    A 3-D array whose last size is 3 or 4 is one (H, W, C) frame, as transformers reads it
+    (frames 3 or 4 pixels wide are no video); other 3-D arrays are T grey frames."""
     if getattr(frames, "ndim", None) is not None:
         if frames.ndim not in (3, 4):
             raise ValueError(f"{where} has shape {tuple(frames.shape)}; a video is (T, H, W[, 3 or 4]) frames")
-        frames = list(frames)
+        frames = [frames] if frames.ndim == 3 and frames.shape[-1] in (3, 4) else list(frames)
     if not isinstance(frames, (list, tuple)) or not frames:
         raise TypeError(f"{where} must be a uint8 array (T, H, W[, 3 or 4]) or a non-empty list of frames, "
                         f"got {type(frames).__name__}")

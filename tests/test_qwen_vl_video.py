@@ -238,6 +238,20 @@ def test_bad_video_inputs(vlv, prompt, exc, match):
         llm.classify([prompt(frames(1, 2, 4, 6))], use_tqdm=False)
 
 
+def test_a_three_dimensional_colour_array_is_one_frame(vlv):
+    """A (H, W, 3) video is one frame, as transformers' make_batched_videos reads it (not
+    56 grey frames 3 pixels wide); (T, H, W) with another last size stays T grey frames."""
+    if vlv[1].gen != "2.5":
+        pytest.skip("the reading of frames is the same for both generations")
+    llm = LLM(vlv[0], dtype="float32", kernel_backend="torch")
+    v = frames(3, 1, 4, 6)
+    one, batched, grey = llm.classify([{"prompt": f"x {VID}", "multi_modal_data": {"video": x}}
+                                       for x in (v[0], v, v[..., 0])], use_tqdm=False)
+    assert one.prompt_token_ids == batched.prompt_token_ids
+    assert one.outputs.probs == batched.outputs.probs
+    assert _processed(llm, {"prompt": f"x {VID}", "multi_modal_data": {"video": v[..., 0]}}).mm.grids == [(1, 4, 6)]
+
+
 def test_models_without_video_refuse_it(tmp_path):
     # Nemotron VL cuts images into tiles and has no video placeholder.
     from test_nemotron_vl import save_nemotron

@@ -110,6 +110,9 @@ def test_video_features_score_as_their_frames(vle):
     (lambda r, g: {"image": {"image_embeds": r, "grid_thw": g}},
      r"embedding inputs are a dict of exactly \['image_embeds', 'image_grid_thw'\]"),
     (lambda r, g: {"image": {"image_embeds": r.long(), "image_grid_thw": g}}, r"must be a float tensor"),
+    # features that would carry NaN through every layer into the scores
+    (lambda r, g: {"image": {"image_embeds": r.index_fill(0, torch.tensor([9]), float("nan")), "image_grid_thw": g}},
+     r"image_embeds holds NaN or infinity \(row 9 of its tokens\)"),
     (lambda r, g: {"image": {"image_embeds": r, "image_grid_thw": [[1.0, 4, 6]]}}, r"must be positive ints"),
     (lambda r, g: {"image": {"image_embeds": r, "image_grid_thw": [[1, 3, 6], [1, 8, 4]]}},
      r"grid \(1, 3, 6\) is not a multiple of the merge size 2"),
