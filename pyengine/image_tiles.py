@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .multimodal import VIDEO, Embeds, MMData, Video, _rgb, _runs, checkpoint_json
+from .multimodal import VIDEO, Embeds, MMData, Video, _check_pixels, _rgb, _runs, checkpoint_json
 
 PLACEHOLDER = "<image>"
 START, CONTEXT, END = "<img>", "<IMG_CONTEXT>", "</img>"
@@ -133,13 +133,23 @@ class TileProcessor:
         """uint8 tiles (N, 3, S, S), on the device -> SigLIP's input, fp32."""
         return (tiles.float() / 255 - 0.5) / 0.5
 
-    def prompt(self, ids, images, where):
-        """Token ids with each image's context tokens widened to its tiles' count ->
-        (token ids, MMData with the tiles and the tiles per image)."""
+    def check(self, ids, images, where):
+        """The checks of :meth:`prompt` that read no pixels."""
         if any(isinstance(x, Video) or (isinstance(x, Embeds) and x.kind == VIDEO) for x in images):
             raise ValueError(f"{where} has a video; this model takes images only")
         if any(isinstance(x, Embeds) for x in images):
             raise ValueError(f"{where} has image embeddings; this model takes pixels only")
+        runs = _runs(ids, self.image_token_id)
+        if len(runs) != len(images):  # one run of tokens per image, in either form
+            raise ValueError(f"{where} has {len(runs)} image placeholder(s) for {len(images)} image(s) (needs one "
+                             f"{PLACEHOLDER} in a text prompt, or one <IMG_CONTEXT> token, per image)")
+        for j, img in enumerate(images):
+            _check_pixels(img, f"{where} image {j}")
+
+    def prompt(self, ids, images, where):
+        """Token ids with each image's context tokens widened to its tiles' count ->
+        (token ids, MMData with the tiles and the tiles per image)."""
+        self.check(ids, images, where)
         tiles = [self.tiles(img, f"{where} image {j}") for j, img in enumerate(images)]
         counts = [t.shape[0] * self.tokens_per_tile for t in tiles]
         runs = _runs(ids, self.image_token_id)

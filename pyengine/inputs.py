@@ -255,18 +255,24 @@ class InputProcessor:
                                  f"{need[pair] + reserve} special tokens this model adds to a "
                                  f"{'text pair' if pair else 'text'}; pass at least {need[pair] + reserve}")
 
-    def _check(self, prompts, what):
+    def _check(self, prompts, what, index=None):
+        """Raise ValueError for the first prompt that is too long, empty or holds an id
+        outside the vocabulary (or the token types); index: each prompt's own index, where
+        ``prompts`` is a subset."""
+        def at(i):
+            return f"{what}[{i if index is None else index[i]}]"
+
         for i, p in enumerate(prompts):
             n = len(p.token_ids)
             if n == 0:  # text without special tokens can tokenise to nothing
-                raise ValueError(f"{what}[{i}] has no tokens")
+                raise ValueError(f"{at(i)} has no tokens")
             if n > self.max_model_len:
-                raise ValueError(f"{what}[{i}] has {n} tokens, more than max_model_len={self.max_model_len}; "
+                raise ValueError(f"{at(i)} has {n} tokens, more than max_model_len={self.max_model_len}; "
                                  "shorten it or pass truncate_prompt_tokens")
             types = p.token_type_ids
             if types is not None and (min(types) < 0 or max(types) >= self.type_vocab_size):
                 bad = next(t for t in types if t < 0 or t >= self.type_vocab_size)
-                raise ValueError(f"{what}[{i}] has token type id {bad} outside the model's token types "
+                raise ValueError(f"{at(i)} has token type id {bad} outside the model's token types "
                                  f"[0, {self.type_vocab_size})")
         ends = list(accumulate(len(p.token_ids) for p in prompts))
         try:
@@ -276,7 +282,7 @@ class InputProcessor:
             flat = None
         if flat is None or (flat.size and (flat.min() < 0 or flat.max() >= self.vocab_size)):
             i, bad = self._first_bad_id(prompts, flat, ends)
-            raise ValueError(f"{what}[{i}] has token id {bad} outside the vocabulary [0, {self.vocab_size})")
+            raise ValueError(f"{at(i)} has token id {bad} outside the vocabulary [0, {self.vocab_size})")
         if self.images is not None:
             # The prompts holding a placeholder, each once (an image prompt holds hundreds).
             marks = [self.images.image_token_id, getattr(self.images, "video_token_id", None)]
@@ -284,7 +290,7 @@ class InputProcessor:
                                    side="right")
             i = next((int(i) for i in np.unique(hits) if prompts[i].mm is None), None)
             if i is not None:
-                raise ValueError(f"{what}[{i}] has an image or video placeholder token but no image or video; pass "
+                raise ValueError(f"{at(i)} has an image or video placeholder token but no image or video; pass "
                                  "it as {'prompt': ..., 'multi_modal_data': {'image': img}} ('video': frames)")
         for p, start, end in zip(prompts, [0] + ends[:-1], ends):
             p.id_array = flat[start:end]
@@ -357,8 +363,6 @@ class InputProcessor:
         out: list[TokenizedPrompt | None] = [None] * len(prompts)
         texts_by_limit = {}  # one tokenizer call per distinct (k, side, pair or not)
         with_images = [i for i, p in enumerate(prompts) if isinstance(p, ImagePrompt)]
-        if with_images:
-            self._with_images(prompts, with_images, limits, out, what, add_special_tokens, suffix, progress)
         for i, p in enumerate(prompts):
             if isinstance(p, ImagePrompt):
                 continue
@@ -381,6 +385,11 @@ class InputProcessor:
                 raise ValueError(f"{what}[{idx[e.index]}] {e.message}") from None
             for i, tp in zip(idx, toks):
                 out[i] = tp
+        if with_images:
+            if check:  # the other prompts first: their checks are cheap, reading images is not
+                plain = [i for i in range(len(prompts)) if out[i] is not None]
+                self._check([out[i] for i in plain], what, plain)
+            self._with_images(prompts, with_images, limits, out, what, add_special_tokens, suffix, progress)
         if suffix:
             for tp in out:
                 if tp.mm is None:  # an image prompt took its suffix before its positions were laid out
@@ -409,6 +418,14 @@ class InputProcessor:
 
         def prepare(i):
             return proc.prompt(list(ids[i]) + list(suffix), prompts[i].images, f"{what}[{i}]")
+
+        # Every prompt's checks that read no pixels come first, so that a bad prompt is
+        # reported before any image is decoded or resized.
+        for i in idx:
+            bad = next((t for t in ids[i] if not 0 <= t < self.vocab_size), None)
+            if bad is not None:
+                raise ValueError(f"{what}[{i}] has token id {bad} outside the vocabulary [0, {self.vocab_size})")
+            proc.check(list(ids[i]) + list(suffix), prompts[i].images, f"{what}[{i}]")
 
         # Images are read on a few threads (decoding and resizing release the GIL); the
         # results are taken in prompt order, so the first bad prompt is the one reported.

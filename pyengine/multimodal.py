@@ -343,6 +343,10 @@ class ImageProcessor:
     def prepare_text(self, text):
         return text
 
+    def check(self, ids, items, where):
+        """The checks of :meth:`prompt` that read no pixels."""
+        check_items(ids, items, self, where)
+
     def prompt(self, ids, items, where):
         """Token ids with each image's and video's placeholder expanded -> (token ids, MMData)."""
         tokens, mm = expand(ids, items, self, where)
@@ -684,12 +688,34 @@ def _kind(x):
     return x.kind if isinstance(x, Embeds) else VIDEO if isinstance(x, Video) else IMAGE
 
 
-def expand(ids, items, proc, where):
-    """Token ids with each image's and video's placeholder expanded -> (token ids, MMData
-    without positions). ``ids`` holds, per kind, one placeholder per item, or every
-    placeholder token already; grids come in token order. A Qwen3-VL video is one grid
-    (1, h, w) per patch group, each run of its tokens after the group's timestamp text.
-    Features given beforehand (:class:`Embeds`) take the place of their item's pixels."""
+def _check_pixels(x, where):
+    """Raise the error :func:`_rgb` gives for an array image it refuses (dtype, shape, size),
+    without converting a good one; PIL images are read later."""
+    if _is_pil(x):
+        return
+    if isinstance(x, (np.ndarray, torch.Tensor)) and x.dtype in (np.uint8, torch.uint8) and (
+            x.ndim == 2 or (x.ndim == 3 and x.shape[2] in (3, 4))) and min(x.shape[:2]) >= 1:
+        return
+    _rgb(x, where)
+
+
+def _check_video(v, where):
+    """As :func:`_check_pixels`, for each frame of a video."""
+    frames = v.frames
+    if getattr(frames, "ndim", None) is not None:
+        if frames.ndim not in (3, 4) or frames.dtype not in (np.uint8, torch.uint8) or frames.ndim == 4 and (
+                frames.shape[-1] not in (3, 4)):
+            _frames(frames, where)  # its error
+        return
+    if isinstance(frames, (list, tuple)) and frames:
+        for i, f in enumerate(frames):
+            _check_pixels(f, f"{where} frame {i}")
+
+
+def check_items(ids, items, proc, where):
+    """The checks of one prompt's images and videos that read no pixels (kinds the model
+    takes, placeholder counts, array dtypes and shapes), made for every prompt before any
+    image is decoded or resized -> (images, videos), features split per item."""
     if any(isinstance(x, Embeds) for x in items):
         if proc.embed_width is None:
             raise ValueError(f"{where} has image or video embeddings; this model takes pixels only")
@@ -708,6 +734,28 @@ def expand(ids, items, proc, where):
     if vt is not None and not videos and vt in ids:
         raise ValueError(f"{where} has a video placeholder token but no video; pass it as "
                          "{'prompt': ..., 'multi_modal_data': {'video': frames}}")
+    for what, tok, xs in (("image", proc.image_token_id, images), ("video", vt, videos)):
+        have = sum(1 for t in ids if t == tok) if tok is not None else 0
+        if have < len(xs):  # one token per item at least, in either form
+            raise ValueError(f"{where} has {have} {what} placeholder token(s) for {len(xs)} {what}(s) (needs "
+                             f"one placeholder per {what})")
+    for j, x in enumerate(images):
+        if not isinstance(x, Embeds):
+            _check_pixels(x, f"{where} image {j}")
+    for j, x in enumerate(videos):
+        if isinstance(x, Video):
+            _check_video(x, f"{where} video {j}")
+    return images, videos
+
+
+def expand(ids, items, proc, where):
+    """Token ids with each image's and video's placeholder expanded -> (token ids, MMData
+    without positions). ``ids`` holds, per kind, one placeholder per item, or every
+    placeholder token already; grids come in token order. A Qwen3-VL video is one grid
+    (1, h, w) per patch group, each run of its tokens after the group's timestamp text.
+    Features given beforehand (:class:`Embeds`) take the place of their item's pixels."""
+    images, videos = check_items(ids, items, proc, where)
+    vs, vt = proc.video_settings, proc.video_token_id
     token = {IMAGE: proc.image_token_id, VIDEO: vt}
     # per kind, per item: (patches or None, [grid per token run], [token ids standing for
     # the item], [given features per token run] or None)

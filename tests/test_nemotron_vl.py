@@ -547,3 +547,17 @@ def test_bf16_on_gpu(tmp_path):
     again = [o.outputs.probs for o in llm.classify(text, use_tqdm=False)]
     first = [o.outputs.probs for (t, im), o in zip(prompts, got) if not im]
     torch.testing.assert_close(torch.tensor(again), torch.tensor(first), atol=2e-2, rtol=0)
+
+
+def test_a_late_bad_prompt_is_reported_before_any_image_is_tiled(nemotron, monkeypatch):
+    llm = LLM(nemotron[0], dtype="float32", kernel_backend="torch")
+    tiled = []
+    monkeypatch.setattr(TileProcessor, "tiles", lambda self, *a: tiled.append(1) or 1 / 0)
+    good = _dicts(_prompts(7))
+    for bad, err, match in [({"prompt": "<image> and <image>", "multi_modal_data": {"image": images(1)[0]}},
+                             ValueError, r"prompts\[4\] has 2 image placeholder\(s\) for 1 image\(s\)"),
+                            ({"prompt": "<image>", "multi_modal_data": {"image": images(1)[0][..., :2]}},
+                             ValueError, r"prompts\[4\] image 0 has shape \(40, 80, 2\)")]:
+        with pytest.raises(err, match=match):
+            llm.classify(good + [bad], use_tqdm=False)
+    assert tiled == []

@@ -593,3 +593,30 @@ def test_batch_job_with_an_image_column(vl, tmp_path, capsys):
     with pytest.raises(ValueError, match="image_column needs a vision-language model; "
                                          "BertForSequenceClassification takes text only"):
         PyEngineClassifier(str(tmp_path / "bert"), image_column="image")
+
+
+@pytest.mark.parametrize("bad, err, match", [
+    # an image prompt whose array no processor takes
+    ({"prompt": f"x {IMG}", "multi_modal_data": {"image": np.zeros((28, 28, 3), np.float32)}}, TypeError,
+     r"prompts\[5\] image 0 is a torch.float32 array"),
+    # two images for one placeholder
+    ({"prompt": f"x {IMG}", "multi_modal_data": {"image": [np.zeros((28, 28, 3), np.uint8)] * 2}}, ValueError,
+     r"prompts\[5\] has 1 image placeholder token\(s\) for 2 image\(s\)"),
+    # a token prompt with an id past the vocabulary
+    ({"prompt_token_ids": [3, 10 ** 6]}, ValueError, r"prompts\[5\] has token id 1000000 outside the vocabulary"),
+    # an image prompt whose own token ids are out of the vocabulary
+    ({"prompt_token_ids": [10 ** 6], "multi_modal_data": {"image": np.zeros((28, 28, 3), np.uint8)}}, ValueError,
+     r"prompts\[5\] has token id 1000000 outside the vocabulary"),
+])
+def test_a_late_bad_prompt_is_reported_before_any_image_is_read(vl, monkeypatch, bad, err, match):
+    """Checks that read no pixels run over every prompt first: the last prompt's mistake
+    costs no image decoding or resizing of the prompts before it."""
+    if vl[1].gen != "2.5":
+        pytest.skip("the order of the checks is the same for every generation")
+    llm = LLM(vl[0], dtype="float32", kernel_backend="torch")
+    read = []
+    monkeypatch.setattr(ImageProcessor, "_resized", lambda self, *a, **k: read.append(1) or 1 / 0)
+    good = [{"prompt": f"p{i} {IMG}", "multi_modal_data": {"image": im}} for i, im in enumerate(images(3) * 2)]
+    with pytest.raises(err, match=match):
+        llm.classify(good[:5] + [bad], use_tqdm=False)
+    assert read == []
