@@ -1,6 +1,7 @@
 """Configuration dataclasses, validated when built."""
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -67,7 +68,9 @@ class PoolingParams:
     truncate_prompt_tokens: None (an over-long prompt is an error), -1 (the model's
     maximum) or k > 0; use_activation: None takes the engine's default (``softmax`` and
     ``activation``, vLLM's older names, are read where it is None); task: None,
-    "classify" or "score"; dimensions: for embedding models only, so it must stay None.
+    "classify" or "score"; dimensions and normalize (embedding models), step_tag_id and
+    returned_token_ids (step reward models) must stay None, as vLLM refuses them for
+    classification; extra_kwargs (vLLM's plugin poolers) None or empty.
     """
     truncate_prompt_tokens: int | None = None
     use_activation: bool | None = None
@@ -75,6 +78,14 @@ class PoolingParams:
     task: str | None = None
     softmax: bool | None = field(default=None, kw_only=True)
     activation: bool | None = field(default=None, kw_only=True)
+    normalize: bool | None = field(default=None, kw_only=True)
+    step_tag_id: int | None = field(default=None, kw_only=True)
+    returned_token_ids: list | None = field(default=None, kw_only=True)
+    extra_kwargs: dict | None = field(default=None, kw_only=True)
+
+    def clone(self) -> "PoolingParams":
+        """A deep copy (vLLM's method of that name)."""
+        return copy.deepcopy(self)
 
     def __post_init__(self):
         self.use_activation = use_activation_of(self.use_activation, self.activation, self.softmax)
@@ -83,8 +94,13 @@ class PoolingParams:
             raise ValueError(f"PoolingParams.truncate_prompt_tokens must be None, -1 or a positive int, got {k!r}")
         if self.use_activation is not None and not isinstance(self.use_activation, bool):
             raise TypeError(f"PoolingParams.use_activation must be a bool or None, got {self.use_activation!r}")
-        if self.dimensions is not None:
-            raise ValueError("PoolingParams.dimensions applies to embedding models; this engine serves classifiers")
+        for name, kind in (("dimensions", "embedding"), ("normalize", "embedding"), ("step_tag_id", "step reward"),
+                           ("returned_token_ids", "step reward")):
+            if getattr(self, name) is not None:
+                raise ValueError(f"PoolingParams.{name} applies to {kind} models; this engine serves classifiers")
+        if self.extra_kwargs:
+            raise ValueError(f"PoolingParams.extra_kwargs {sorted(map(str, self.extra_kwargs))}: they go to vLLM's "
+                             "plugin poolers, which this engine does not have")
         if self.task not in (None, "classify", "score"):
             raise ValueError(f"PoolingParams.task={self.task!r} is not supported; this engine serves "
                              "'classify' and 'score'")

@@ -684,7 +684,8 @@ def test_pooling_params_per_prompt(small_llm, tmp_path):
     assert all(torch.equal(a.outputs.data, b.outputs.data) for a, b in zip(enc, kw))
     # ... with vLLM's pooling_task keyword beside it, and classify's own second argument
     task = llm.encode([long_text, short], one, pooling_task="classify", use_tqdm=False)
-    cls = llm.classify([long_text, short], one, use_tqdm=False)
+    cls = llm.classify([long_text, short], one.clone(), use_tqdm=False)
+    assert one.clone() == one and one.clone() is not one and PoolingParams(extra_kwargs={}).extra_kwargs == {}
     assert all(torch.equal(a.outputs.data, b.outputs.data) for a, b in zip(task, kw))
     assert [c.outputs.probs for c in cls] == [b.outputs.data.tolist() for b in kw]
     positional = llm.encode([short], "classify", use_tqdm=False)[0]  # the task in the second place, as before
@@ -696,6 +697,9 @@ def test_pooling_params_per_prompt(small_llm, tmp_path):
         (lambda: llm.classify([short], pooling_params={"use_activation": False}), TypeError, "PoolingParams"),
         (lambda: llm.classify([short], pooling_params=PoolingParams(task="score")), ValueError, "to a classify"),
         (lambda: PoolingParams(dimensions=8), ValueError, "embedding models"),
+        (lambda: PoolingParams(normalize=True), ValueError, "normalize applies to embedding models"),
+        (lambda: PoolingParams(step_tag_id=5), ValueError, "step_tag_id applies to step reward models"),
+        (lambda: PoolingParams(extra_kwargs={"k": 1}), ValueError, r"extra_kwargs \['k'\]: .* plugin poolers"),
         (lambda: PoolingParams(truncate_prompt_tokens=0), ValueError, "truncate_prompt_tokens"),
     ]:
         with pytest.raises(exc, match=match):
