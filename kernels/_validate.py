@@ -130,6 +130,23 @@ def check_cu_seqlens(op, cu_seqlens, device, expected, T):
         check(op, bool((cu_seqlens[1:] >= cu_seqlens[:-1]).all()), "cu_seqlens must not decrease")
 
 
+def check_index_range(op, name, t, hi, table):
+    """The values of int tensor ``t`` (indices into the ``hi`` rows of ``table``) lie in
+    [0, hi); checked where they sit on the host, as cu_seqlens (on a GPU the caller's promise)."""
+    if t.device.type == "cpu" and t.numel():
+        lo_v, hi_v = int(t.min()), int(t.max())
+        check(op, lo_v >= 0 and hi_v < hi,
+              lambda: f"{name} must lie in [0, {hi}) (the rows of {table}), got values from {lo_v} to {hi_v}")
+
+
+def check_no_overlap(op, name, t):
+    """``t`` has no two elements at one address (a stride-0, expanded dim): an op that
+    writes it in place would race with itself."""
+    dim = next((d for d in range(t.dim()) if t.stride(d) == 0 and t.shape[d] > 1), None)
+    check(op, dim is None, lambda: f"{name} is written in place but its dim {dim} has stride 0 (an expanded view, "
+                                   "whose elements share memory); pass a tensor of its own")
+
+
 def check_max_seqlen(op, max_seqlen):
     """max_seqlen as a non-negative int (the longest sequence)."""
     check(op, hasattr(max_seqlen, "__index__") and not isinstance(max_seqlen, bool) and int(max_seqlen) >= 0,
@@ -184,6 +201,9 @@ def rotary_inputs(op, q, k, positions, cos_sin):
     check(op, cos_sin.stride(1) == 1,
           lambda: f"cos_sin must be contiguous in its last dim, got {tuple(cos_sin.stride())}")
     check_tile_span(op, 1, ("q", q), ("k", k))
+    check_no_overlap(op, "q", q)
+    check_no_overlap(op, "k", k)
+    check_index_range(op, "positions", positions, cos_sin.shape[0], "cos_sin")
     return T, Hq, D, R
 
 

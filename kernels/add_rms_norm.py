@@ -43,7 +43,7 @@ def _launch(x, residual, weight, eps, offset=0.0):
         return out, summed
     r2 = x2 if residual is None else _v.rows(residual, H)
     o2 = out.view(-1, H)
-    s2 = summed.view(-1, H)
+    s2 = o2 if residual is None else summed.view(-1, H)  # unwritten without a residual; x may not view
     block_h = _v.next_pow2(H)
     warps = 4 if block_h <= 1024 else (8 if block_h <= 4096 else 16)
     _add_rms_norm_kernel[(x2.shape[0],)](

@@ -74,6 +74,10 @@ def _launch(input_ids, positions, token_type_ids, word, pos, type_, weight, bias
         _check(t.device == dev, lambda: f"{name} is on {t.device}, expected word's device {dev}")
         _check(t.stride(-1) == 1, lambda: f"{name} must be contiguous in its last dim, got {tuple(t.stride())}")
     _check(word.stride(1) == 1, lambda: f"word must be contiguous in its last dim, got {tuple(word.stride())}")
+    _v.check_index_range("embed_layer_norm", "input_ids", input_ids, word.shape[0], "word")
+    _v.check_index_range("embed_layer_norm", "positions", positions, pos.shape[0], "pos")
+    if type_ is not None:
+        _v.check_index_range("embed_layer_norm", "token_type_ids", token_type_ids, type_.shape[0], "type_")
     out = torch.empty((T, H), dtype=word.dtype, device=dev)
     if T == 0:
         return out

@@ -117,8 +117,9 @@ def _launch(x, w, experts, weights=None, per_pair=False, config=None):
     _check(w.dtype == x.dtype and w.device == x.device,
            lambda: f"w must match x's dtype and device ({x.dtype}, {x.device}), got {w.dtype}, {w.device}")
     _check(w.stride(2) == 1 and x.stride(1) == 1, lambda: "x and w must be contiguous in their last dim")
-    _check(isinstance(experts, torch.Tensor) and experts.dim() == 2 and not experts.is_floating_point()
-           and experts.device == x.device, lambda: "experts must be an int tensor (T, k) on x's device")
+    _check(isinstance(experts, torch.Tensor) and experts.dim() == 2 and experts.dtype in (torch.int32, torch.int64)
+           and experts.device == x.device, lambda: "experts must be an int32/int64 tensor (T, k) on x's device")
+    _v.check_index_range("expert_matmul", "experts", experts, E, "w")
     T, k = experts.shape
     _check(x.shape[0] == (T * k if per_pair else T),
            lambda: f"x must have {T * k if per_pair else T} rows ({'pairs' if per_pair else 'tokens'}), "

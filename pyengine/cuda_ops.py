@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from pyengine.kernels import _tuned
+from pyengine.kernels import _validate as _v
 
 __all__ = ["add_rms_norm", "add_layer_norm", "rotary", "gather_pooled", "pooled_norm",
            "activation", "extension", "is_available", "SWEEP_CONFIGS"]
@@ -343,6 +344,9 @@ def _check_rotary(q, k, positions, cos_sin, real):
     if R == 0 or R % 2 or R > D:
         _fail(op, f"the rotated width R=cos_sin.shape[1]={R} must be even, > 0 and <= head_dim={D}")
     _same_device(op, [("q", q), ("k", k), ("positions", positions), ("cos_sin", cos_sin)], real)
+    for name, t in (("q", q), ("k", k)):
+        _v.check_no_overlap(op, name, t)
+    _v.check_index_range(op, "positions", positions, cos_sin.shape[0], "cos_sin")  # host tensors only
 
 
 def _rotary_impl(q: Tensor, k: Tensor, positions: Tensor, cos_sin: Tensor, neox: bool) -> None:

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .kernels import _validate as _v
+
 BACKENDS = ("cuda", "triton", "torch")
 ENV_VAR = "PYENGINE_KERNEL_BACKEND"
 
@@ -135,6 +137,22 @@ def _host_cu(op, cu_seqlens, T):
     return cu
 
 
+def _attention_inputs(op, q, k, v, rows_of_q):
+    """The reference's own checks of q (·, Hq, D), k and v (T, Hkv, D): one float dtype,
+    shapes that agree (T = q's rows where rows_of_q), Hkv dividing Hq, as the Triton
+    launchers check them."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _v.check(op, isinstance(t, torch.Tensor) and t.dim() == 3 and t.dtype in _v.DTYPES,
+                 lambda: f"{name} must be a float16/bfloat16/float32 (·, H, D) tensor, got "
+                         f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
+    _v.check(op, k.dtype == q.dtype == v.dtype, lambda: f"q, k, v must share a dtype, got {q.dtype} {k.dtype} {v.dtype}")
+    T = q.shape[0] if rows_of_q else k.shape[0]
+    _v.check(op, k.shape == v.shape and k.shape[0] == T and k.shape[2] == q.shape[2],
+             lambda: f"k and v must be (T={T}, Hkv, D={q.shape[2]}), got k {tuple(k.shape)} v {tuple(v.shape)}")
+    _v.check(op, k.shape[1] >= 1 and q.shape[1] % k.shape[1] == 0,
+             lambda: f"Hq ({q.shape[1]}) must be a multiple of Hkv ({k.shape[1]})")
+
+
 def varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=False, scale=None, window=None, softcap=None):
     """Attention within each packed sequence.
 
@@ -147,6 +165,9 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=False, scale=None, 
     sequences of like length are gathered into small padded groups (few launches), keys
     masked past each sequence's end, and a group of equal lengths needs no mask.
     """
+    _attention_inputs("varlen_attention", q, k, v, rows_of_q=True)
+    max_seqlen = _v.check_max_seqlen("varlen_attention", max_seqlen)
+    softcap = _v.check_softcap("varlen_attention", softcap) or None
     T, Hq, D = q.shape
     Hkv = k.shape[1]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
@@ -206,10 +227,12 @@ def pooled_query_attention(q, k, v, cu_seqlens, max_seqlen, q_pos, causal=False,
     q: (B, Hq, D); k, v: (T, Hkv, D); cu_seqlens: (B+1,) int32; max_seqlen: int;
     q_pos: (B,) int64, the query's position inside its sequence (0 for CLS, len-1 for
     the last token); softcap: as in varlen_attention. Returns (B, Hq, D) in q's dtype."""
+    _attention_inputs("pooled_query_attention", q, k, v, rows_of_q=False)
+    softcap = _v.check_softcap("pooled_query_attention", softcap) or None
     B, Hq, D = q.shape
     Hkv = k.shape[1]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    S = int(max_seqlen)
+    S = _v.check_max_seqlen("pooled_query_attention", max_seqlen)
     if cu_seqlens.device.type == "cpu":  # free to check here (on a GPU: the caller's promise)
         cu = _host_cu("pooled_query_attention", cu_seqlens, k.shape[0])
         S = max([S] + [b - a for a, b in zip(cu[:-1], cu[1:])])  # a short max_seqlen would drop keys
@@ -230,6 +253,8 @@ def gather_pooled(hidden, cu_seqlens, pooling):
     """One row per sequence. hidden: (T, H); cu_seqlens: (B+1,) int32;
     pooling: "cls" (first token), "last" (true last token) or "mean". Returns (B, H).
     An empty sequence's row is NaN whatever the pooling (mean's 0 / 0)."""
+    if cu_seqlens.device.type == "cpu":  # free to check here (on a GPU: the caller's promise)
+        _host_cu("gather_pooled", cu_seqlens, hidden.shape[0])
     if pooling in ("cls", "last"):
         starts, ends = cu_seqlens[:-1].long(), cu_seqlens[1:].long()
         rows = starts if pooling == "cls" else ends - 1
@@ -287,6 +312,9 @@ def rotary(q, k, positions, cos_sin, neox=True):
     positions: (T,) int64, restarting at 0 per sequence; cos_sin: (max_pos, R) fp32 with
     cos in the first R/2 columns and sin in the last R/2, R <= D the rotated width.
     neox=True rotates halves (Llama/Qwen); False rotates interleaved pairs (GPT-J)."""
+    for name, x in (("q", q), ("k", k)):
+        _v.check_no_overlap("rotary", name, x)
+    _v.check_index_range("rotary", "positions", positions, cos_sin.shape[0], "cos_sin")  # -1 would wrap
     R = cos_sin.shape[1]
     cos, sin = cos_sin[positions].chunk(2, dim=-1)  # (T, R/2)
     cos, sin = cos[:, None, :], sin[:, None, :]
@@ -307,6 +335,7 @@ def qk_norm_rotary(q, k, q_weight, k_weight, positions, cos_sin, eps, offset=0.0
     q: (T, Hq, D); k: (T, Hkv, D), same float dtype (views of a fused qkv tensor work);
     q_weight, k_weight: (D,); eps, offset: as in add_rms_norm (each head normed over D in
     fp32 and rounded to q's dtype); positions, cos_sin, neox: as in rotary. Returns (q, k)."""
+    _v.check_index_range("qk_norm_rotary", "positions", positions, cos_sin.shape[0], "cos_sin")  # before q changes
     q.copy_(add_rms_norm(q, None, q_weight, eps, offset)[0])
     k.copy_(add_rms_norm(k, None, k_weight, eps, offset)[0])
     return rotary(q, k, positions, cos_sin, neox)
@@ -330,6 +359,9 @@ def expert_matmul(x, w, experts, weights=None, per_pair=False):
     (times weights[token, slot] where given), e = experts[token, slot]. x: (T, K), or
     with per_pair (T * k, K); w: (E, N, K); experts, weights: (T, k). Returns (T * k, N).
     One matmul per expert over its pairs, sorted by expert (reads the counts on the host)."""
+    _v.check("expert_matmul", experts.dtype in (torch.int32, torch.int64),
+             lambda: f"experts must be an int32/int64 tensor (T, k), got {experts.dtype}")
+    _v.check_index_range("expert_matmul", "experts", experts, w.shape[0], "w")
     T, k = experts.shape
     flat = experts.reshape(-1)
     order = torch.argsort(flat, stable=True)
@@ -352,6 +384,10 @@ def embed_layer_norm(input_ids, positions, token_type_ids, word, pos, type_, wei
     """BERT embeddings: LayerNorm(word[ids] + pos[positions] + type[token_type_ids] (+ extra)).
     input_ids, positions, token_type_ids: (T,) int64; word: (V, H); pos: (P, H);
     type_: (TT, H) or None; extra: (H,) or None (Ernie's task-type row). Returns (T, H)."""
+    for name, ids, table, tname in (("input_ids", input_ids, word, "word"), ("positions", positions, pos, "pos"),
+                                    ("token_type_ids", token_type_ids, type_, "type_")):
+        if table is not None:
+            _v.check_index_range("embed_layer_norm", name, ids, table.shape[0], tname)
     x = F.embedding(input_ids, word) + F.embedding(positions, pos)
     if type_ is not None:
         x = x + F.embedding(token_type_ids, type_)

@@ -1241,3 +1241,67 @@ def test_gpu_pooled_query_attention_bf16(causal, Hq, Hkv, D, window, kind):
     # The same rows of full varlen attention (the Triton kernel, checked on its own above).
     full = _kernel("varlen_attention")(q_all, k, v, cu, max(lens), causal, None, window)
     assert_close(out, full[rows], tol, "vs varlen_attention rows")
+
+
+def _rot_args(pos=None, q=None):
+    ang = _randn(8, 4, seed=37)
+    k = _randn(4, 2, 8, seed=38)
+    q = _randn(4, 3, 8, seed=39) if q is None else q
+    return q, k, torch.tensor([0, 1, 2, 3]) if pos is None else pos, torch.cat([ang.cos(), ang.sin()], 1)
+
+
+def _embed_args(ids=(1, 6, 0), pos=(0, 1, 9), types=(0, 1, 1)):
+    t = lambda v: torch.tensor(v)  # noqa: E731
+    return (t(ids), t(pos), t(types), _randn(7, 16, seed=80), _randn(10, 16, seed=81), _randn(2, 16, seed=82),
+            _randn(16, seed=83), _randn(16, seed=84), 1e-5)
+
+
+def _moe_args(experts):
+    return _randn(2, 16, seed=85), _randn(3, 16, 16, seed=86), experts
+
+
+@pytest.mark.parametrize("op, args, match", [
+    # positions past the cos/sin table, or negative (torch's indexing would wrap -1 to the last row)
+    ("rotary", lambda: _rot_args(pos=torch.tensor([0, 1, 2, 8])), r"positions must lie in \[0, 8\) .* 0 to 8"),
+    ("rotary", lambda: _rot_args(pos=torch.tensor([0, -1, 2, 3])), r"positions must lie in \[0, 8\) .* -1 to 3"),
+    ("qk_norm_rotary", lambda: (*_rot_args(pos=torch.tensor([0, 1, 2, 8]))[:2], torch.ones(8), torch.ones(8),
+                                torch.tensor([0, 1, 2, 8]), _rot_args()[3], 1e-6), r"positions must lie in \[0, 8\)"),
+    # a q whose tokens share memory: an in-place write would race with itself
+    ("rotary", lambda: _rot_args(q=_randn(1, 3, 8, seed=40).expand(4, 3, 8)), "q is written in place .* stride 0"),
+    # ids past their tables (word 7 rows, pos 10, type 2), or negative
+    ("embed_layer_norm", lambda: _embed_args(ids=(1, 7, 0)), r"input_ids must lie in \[0, 7\)"),
+    ("embed_layer_norm", lambda: _embed_args(ids=(1, -1, 0)), r"input_ids must lie in \[0, 7\) .* -1 to 1"),
+    ("embed_layer_norm", lambda: _embed_args(pos=(0, 1, 10)), r"positions must lie in \[0, 10\)"),
+    ("embed_layer_norm", lambda: _embed_args(types=(0, 2, 1)), r"token_type_ids must lie in \[0, 2\)"),
+    # expert ids past the 3 experts, or not integers
+    ("expert_matmul", lambda: _moe_args(torch.tensor([[0, 3], [1, 2]])), r"experts must lie in \[0, 3\)"),
+    ("expert_matmul", lambda: _moe_args(torch.tensor([[0, 1], [-1, 2]])), r"experts must lie in \[0, 3\)"),
+    ("expert_matmul", lambda: _moe_args(torch.tensor([[True, False], [True, True]])), "int32/int64"),
+    # cu_seqlens that does not cover the T rows (the reference clamped its reads)
+    ("gather_pooled", lambda: (_randn(9, 8, seed=87), torch.tensor([0, 3, 3, 7, 8], dtype=torch.int32), "last"),
+     "cu_seqlens .*T=9"),
+    # what the attention kernels refuse, the reference refuses too
+    ("varlen_attention", lambda: (*(x.int() for x in _qkv([4, 4], 4, 2, 16, torch.float32)), cu_seqlens([4, 4]), 4),
+     "q.dtype must be float16, bfloat16 or float32|q must be a float16/bfloat16/float32"),
+    ("varlen_attention", lambda: (*_qkv([4, 4], 3, 2, 16, torch.float32), cu_seqlens([4, 4]), 4),
+     r"Hq \(3\) must be a multiple of Hkv \(2\)"),
+    ("varlen_attention", lambda: (*_qkv([4, 4], 4, 2, 16, torch.float32), cu_seqlens([4, 4]), -1),
+     "max_seqlen must be a non-negative int"),
+])
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_both_backends_refuse_the_same_bad_inputs(op, args, match, backend):
+    """Out-of-table indices and racing in-place views are refused by the launcher and the
+    torch reference alike, with the op's own message, where they would read out of bounds,
+    wrap around or race."""
+    fn = getattr(ops, op) if backend == "torch" else getattr(importlib.import_module(f"pyengine.kernels.{op}"), op)
+    with pytest.raises(ValueError, match=match):
+        fn(*args())
+
+
+@pytest.mark.parametrize("op", ["add_rms_norm", "add_layer_norm"])
+def test_norm_of_a_view_without_a_residual(op):
+    """x (..., H) whose leading dims cannot be flattened into a view, with no residual."""
+    x = _randn(3, 5, 8, seed=88).transpose(0, 1)
+    args = (x, None, _randn(8, seed=89)) + ((_randn(8, seed=90),) if op == "add_layer_norm" else ()) + (1e-5,)
+    out, _ = _kernel(op)(*args)
+    assert_close(out, getattr(ops, op)(*args)[0], FP32, op)
