@@ -42,7 +42,11 @@ _LORA_KEY = re.compile(r"(.+)\.lora_([AB])\.weight")
 # Configuration that changes what the weights mean, which this engine does not run.
 _UNSUPPORTED = {"use_dora": "DoRA (use_dora)", "lora_bias": "lora_bias", "layer_replication": "layer_replication",
                 "target_parameters": "target_parameters", "alora_invocation_tokens": "aLoRA",
-                "trainable_token_indices": "trainable_token_indices", "use_qalora": "QALoRA"}
+                "trainable_token_indices": "trainable_token_indices", "use_qalora": "QALoRA",
+                # variants whose saved tensors or forward differ from a plain B @ A
+                "velora_config": "VeLoRA (velora_config)", "monteclora_config": "MonteCLoRA (monteclora_config)",
+                "kasa_config": "KaSA (kasa_config)", "use_bdlora": "BD-LoRA (use_bdlora)",
+                "arrow_config": "Arrow routing (arrow_config)"}
 
 
 @dataclass(frozen=True)
@@ -236,6 +240,19 @@ def _check_config(cfg, what):
         v = cfg.get(key)
         if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
             raise ValueError(f"{what}: adapter_config.json {key}={v!r} is not a positive number")
+    for key in ("rank_pattern", "alpha_pattern"):
+        v = cfg.get(key) or {}
+        if not isinstance(v, dict):
+            raise ValueError(f"{what}: adapter_config.json {key} must be an object of pattern -> number, got "
+                             f"{type(v).__name__}")
+        for pattern, n in v.items():
+            if not isinstance(n, (int, float)) or isinstance(n, bool) or n <= 0:
+                raise ValueError(f"{what}: adapter_config.json {key}[{pattern!r}]={n!r} is not a positive number")
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"{what}: adapter_config.json {key} key {pattern!r} is not a regular expression: "
+                                 f"{e}") from None
 
 
 def _alpha(cfg, module):
@@ -287,7 +304,7 @@ def load_adapter(request: LoRARequest, model, max_rank: int) -> LoRAAdapter:
             have = next(iter(ab))
             raise ValueError(f"{what}: {module} has lora_{have} but not lora_{'B' if have == 'A' else 'A'}")
         a, b = ab["A"], ab["B"]
-        r = a.shape[0]
+        r = a.shape[0] if a.ndim == 2 else -1
         if a.ndim != 2 or b.ndim != 2 or b.shape[1] != r:
             raise ValueError(f"{what}: {module} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}, which do "
                              "not make a rank-r product")
@@ -301,10 +318,13 @@ def load_adapter(request: LoRARequest, model, max_rank: int) -> LoRAAdapter:
         for param, rows, how in targets:
             # A Conv1D's ("t") LoRA pair is stored as a Linear's, so only row picks apply.
             src = (b[how[1]] if isinstance(how, tuple) else b).float() * scale
+            layer, _, leaf = param.removeprefix("layers.").partition(".")
+            if param.startswith("layers.") and not int(layer) < len(model.layers):
+                raise ValueError(f"{what}: {module} adapts layer {layer}, but this model has {len(model.layers)} "
+                                 "layers (an adapter for a deeper model?)")
             full = getattr(model, param, None) if "." not in param else model.get_parameter(param)
             if full is None:
                 raise ValueError(f"{what}: {module} adapts {param}, which this model does not have")
-            layer, _, leaf = param.removeprefix("layers.").partition(".")
             if param not in model.head_params and (not param.startswith("layers.") or leaf not in model.lora_weights):
                 raise ValueError(f"{what}: {module} adapts {param}, which does not take LoRA here (supported: "
                                  f"{', '.join(model.lora_weights)} of each layer and the head)")

@@ -334,8 +334,23 @@ def test_bad_adapters_fail_before_any_work(bert, tmp_path):
     qwen = tmp_path / "qwen"
     save_tiny(qwen, FAMILIES["qwen3"][0](3), tokenizer=None)
     (tmp_path / "empty").mkdir()
+    deeper = FAMILIES["bert"][0](3)
+    deeper.num_hidden_layers = 4  # the same width and head: only its layer count tells it apart
+    save_tiny(tmp_path / "deeper", deeper, tokenizer=None)
     cases = [
         (LoRARequest("x", 1, str(tmp_path / "missing")), FileNotFoundError, "does not exist"),
+        (LoRARequest("x", 1, str(make_adapter(tmp_path / "deeper", tmp_path / "deep_a", seed=1,
+                                              target_modules=["query"], layers_to_transform=[3]))),
+         ValueError, r"layer\.3\.attention\.self\.query adapts layer 3, but this model has 2 layers"),
+        # PEFT's variants whose tensors are not a plain B @ A
+        (LoRARequest("x", 1, str(_edited(a, tmp_path / "kasa", kasa_config={"r": 4}))), ValueError, "KaSA"),
+        # a hand-edited config: clear errors, not a crash in the middle of loading
+        (LoRARequest("x", 1, str(_edited(a, tmp_path / "ap_list", alpha_pattern=["query"]))), ValueError,
+         "alpha_pattern must be an object of pattern -> number, got list"),
+        (LoRARequest("x", 1, str(_edited(a, tmp_path / "ap_re", alpha_pattern={"query[": 8}))), ValueError,
+         r"alpha_pattern key 'query\[' is not a regular expression"),
+        (LoRARequest("x", 1, str(_edited(a, tmp_path / "ap_str", rank_pattern={"query": "8"}))), ValueError,
+         r"rank_pattern\['query'\]='8' is not a positive number"),
         (LoRARequest("x", 1, str(tmp_path / "empty")), FileNotFoundError, "not a PEFT adapter"),
         (LoRARequest("x", 1, str(_edited(a, tmp_path / "dora", use_dora=True))), ValueError, "DoRA"),
         (LoRARequest("x", 1, str(_edited(a, tmp_path / "bias", bias="all"))), ValueError, "bias='all'"),

@@ -242,9 +242,11 @@ class BertForSequenceClassification(nn.Module):
             return []
         idx, key = rest[len("encoder.layer."):].split(".", 1)
         if key.startswith("attention.self."):
-            which, kind = key[len("attention.self."):].split(".")
+            which, _, kind = key[len("attention.self."):].partition(".")
+            if which not in _QKV or kind not in ("weight", "bias"):
+                return []
             j = _QKV[which]
-            return [(f"layers.{idx}.qkv_{'w' if kind == 'weight' else 'b'}", slice(j * H, (j + 1) * H), None)]
+            return [(f"layers.{idx}.qkv_{kind[0]}", slice(j * H, (j + 1) * H), None)]
         return [(f"layers.{idx}.{_LAYER[key]}", None, None)] if key in _LAYER else []
 
     def load_weights(self, weights):
