@@ -3,7 +3,8 @@ rendering of (query, document) pairs that hold them into one prompt each.
 
 An item (one query or one document) is a str, ``{"prompt": str}``, a content part, or
 ``{"content": [part, ...]}`` (vLLM's ScoreMultiModalParam: one item whose parts are
-written one after another, text as it is and each image as the model's placeholder).
+written one after another, text as it is and each image as the model's placeholder;
+text parts alone are joined by newlines, as vLLM joins them).
 Parts: ``{"type": "text", "text": str}``, ``{"type": "image_url", "image_url": {"url":
 "data:image/...;base64,..."}}`` (the url may also stand alone), ``{"type": "image_pil",
 "image_pil": img}`` (a PIL image, or a uint8 array as in multi_modal_data), ``{"type":
@@ -90,7 +91,8 @@ def item(x, where):
         if not isinstance(content, (list, tuple)) or not content:
             raise TypeError(f"{where}['content'] must be a non-empty list of content parts, got {content!r:.60}")
         parts = [_part(p, f"{where}['content'][{j}]") for j, p in enumerate(content)]
-        return ScoreParts(parts) if any(isinstance(p, ScoreImage) for p in parts) else "".join(parts)
+        # text parts alone are joined by newlines, as vLLM's parser of chat content joins them
+        return ScoreParts(parts) if any(isinstance(p, ScoreImage) for p in parts) else "\n".join(parts)
     if "prompt" in x:
         if "multi_modal_data" in x:
             raise ValueError(f"{where}: score() takes images as content parts ({{'content': [{{'type': "

@@ -325,6 +325,11 @@ def test_score_matches_transformers_pairs(cross_encoder):
     # Without token types the scores differ: the check above could fail.
     flat = LLM(str(path)).classify([{"prompt_token_ids": tok(q, d)["input_ids"]} for d in docs], use_tqdm=False)
     assert max(abs(f.outputs.probs[0] - g.item()) for f, g in zip(flat, got)) > 1e-4
+    # A document of text parts reads as vLLM joins them: one line each (not glued into one word)
+    parts = {"content": [{"type": "text", "text": "the cat"}, {"type": "text", "text": "sat on a mat"}]}
+    from_parts, lines = llm.score(q, [parts, "the cat\nsat on a mat"], use_tqdm=False)
+    assert from_parts.prompt_token_ids == lines.prompt_token_ids == tok(q, "the cat\nsat on a mat")["input_ids"]
+    assert from_parts.prompt_token_ids != tok(q, "the catsat on a mat")["input_ids"]
 
 
 @pytest.mark.parametrize("field, fn, act", [
