@@ -102,18 +102,25 @@ def _parse_dict(p, where):
     return p["prompt"]
 
 
+def _is_text_array(x) -> bool:
+    """A 1-D numpy array of str (dtype str_ or object holding str)."""
+    if not isinstance(x, np.ndarray) or x.ndim != 1:
+        return False
+    return x.dtype.kind == "U" or (x.dtype.kind == "O" and all(isinstance(v, str) for v in x))
+
+
 def parse_prompts(prompts, what="prompts"):
     """Normalise str | {"prompt": str} | {"prompt_token_ids": [...] [, "token_type_ids":
     [...]]} | list[int] (token ids), or a list of those, into a list of ``str``,
     ``list[int]`` and (token ids with their types) ``TokenizedPrompt``."""
     if isinstance(prompts, (str, dict)) or (isinstance(prompts, (list, tuple)) and prompts and all_ints(prompts)):
         prompts = [prompts]  # one prompt: a text, a dict, or token ids (vLLM's list[int])
+    if _is_text_array(prompts):  # a numpy array of strings, as vLLM takes it (a sequence of str)
+        prompts = [str(p) for p in prompts]
     if not isinstance(prompts, (list, tuple)):
         raise TypeError(f"{what} must be a str, a dict, a list of token ids or a list of them, "
                         f"got {type(prompts).__name__}")
-    if not prompts:
-        raise ValueError(f"{what} is an empty list")
-    out = []
+    out = []  # no prompts: no outputs, as vLLM returns for an empty list
     for i, p in enumerate(prompts):
         if isinstance(p, dict):
             out.append(_parse_dict(p, f"{what}[{i}]"))

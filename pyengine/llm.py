@@ -304,6 +304,8 @@ class AsyncLLM(_Frontend):
     async def _run(self, prepare, *args) -> list[PoolingRequestOutput]:
         call = next(self._calls)  # ids in call order, the same as the engine core's
         prompts, activations, loras = await self._driver.preprocess(prepare, *args)
+        if not prompts:  # an empty list of prompts: no outputs, as LLM and vLLM
+            return []
         rows = await self._driver.run(prompts, activations, loras, request_id=call)
         return [PoolingRequestOutput(f"{call}-{i}", PoolingOutput(row), p.token_ids)
                 for i, (p, row) in enumerate(zip(prompts, rows.unbind(0)))]

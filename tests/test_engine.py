@@ -479,6 +479,26 @@ def small_llm(tmp_path_factory):
     return LLM(str(path), max_model_len=16), path
 
 
+def test_empty_and_numpy_prompt_lists_as_vllm_takes_them(small_llm):
+    """No prompts give no outputs (vLLM returns []), still after the arguments are checked;
+    a numpy array of strings is a list of prompts."""
+    import asyncio
+
+    import numpy as np
+    from pyengine import AsyncLLM
+
+    llm, _ = small_llm
+    assert llm.classify([], use_tqdm=False) == [] and llm.encode([], use_tqdm=False) == []
+    with pytest.raises(ValueError, match="truncate_prompt_tokens must be"):
+        llm.classify([], truncate_prompt_tokens=0)
+    texts = ["the cat sat", "a dog"]
+    got = llm.classify(np.array(texts), use_tqdm=False)
+    assert [o.outputs.probs for o in got] == [o.outputs.probs for o in llm.classify(texts, use_tqdm=False)]
+    assert [o.prompt_token_ids for o in llm.classify(np.array(texts, dtype=object), use_tqdm=False)] == \
+        [o.prompt_token_ids for o in got]
+    assert asyncio.run(AsyncLLM(llm.config.model).classify([])) == []
+
+
 @pytest.mark.parametrize("call,err,match", [
     (lambda l: l.classify(["the cat", " ".join(["dog"] * 30)]), ValueError,
      r"prompts\[1\] has 32 tokens, more than max_model_len=16"),
@@ -517,7 +537,6 @@ def small_llm(tmp_path_factory):
     (lambda l: l.classify([{"prompt": "x", "token_type_ids": [0]}]), ValueError, "go with prompt_token_ids"),
     (lambda l: l.classify([{"prompt_token_ids": torch.tensor([[2, 5]])}]), TypeError, "1-D integer array"),
     (lambda l: l.classify([{"prompt_token_ids": torch.tensor([2.0, 5.0])}]), TypeError, "1-D integer array"),
-    (lambda l: l.classify([]), ValueError, "empty list"),
     (lambda l: l.classify("cat", truncate_prompt_tokens=0), ValueError, "truncate_prompt_tokens must be"),
     (lambda l: l.classify("cat", truncate_prompt_tokens=99), ValueError, "greater than max_model_len=16"),
     (lambda l: l.classify("cat", truncate_prompt_tokens=4, truncation_side="middle"), ValueError,
