@@ -104,7 +104,10 @@ def _has_vocab(path) -> bool:
     return any(n in _VOCAB_FILES or n.endswith((".model", ".tiktoken")) for n in names)
 
 
-def _load_tokenizer(cfg: EngineConfig):
+def load_tokenizer(cfg: EngineConfig):
+    """The tokenizer of ``cfg`` (its ``tokenizer`` or the model's own files), or None for
+    a checkpoint without tokenizer files (token-id prompts only); ValueError for files a
+    tokenizer cannot be built from."""
     from transformers import AutoTokenizer
 
     tok = cfg.tokenizer
@@ -156,7 +159,7 @@ class EngineCore:
         self.hf_config = load_hf_config(cfg.model, cfg.hf_overrides)
         self.arch = resolve_architecture(self.hf_config, cfg.convert)
         # Loaded before the model: a head built from classifier_from_token needs token ids.
-        self.tokenizer = _load_tokenizer(cfg)
+        self.tokenizer = load_tokenizer(cfg)
         resolve_token_ids(self.hf_config, self.tokenizer)
         self.ops = resolve_ops(cfg.kernel_backend, self.device)
         if set(self.ops.chosen.values()) - {"torch"}:

@@ -3,6 +3,7 @@ an end-to-end run on a one-layer tiny preset, a dataset run, and argument errors
 import json
 import math
 import os
+import re
 import tempfile
 from types import SimpleNamespace
 
@@ -209,6 +210,9 @@ def test_an_unregistered_architecture_is_skipped(tmp_path, capsys, monkeypatch):
      "300 tokens per prompt exceed --max-num-batched-tokens 256"),
     (["--single-sample", "-3"], "--single-sample must be >= 0"),
     (["--threads", "0"], "--threads must be a positive integer"),
+    # below the 2 special tokens around every encoder prompt (and the workloads' shortest prompt)
+    (["--preset", "tiny", "--max-num-batched-tokens", "4"], "--max-num-batched-tokens must be at least 8"),
+    (["--preset", "tiny", "--cache-dir", "/proc/no-such-dir"], "--cache-dir '/proc/no-such-dir' cannot be created"),
 ])
 def test_bad_arguments_are_clear_errors(argv, msg, capsys, monkeypatch):
     monkeypatch.setattr(bench_model, "matmul_peak", _never_called)  # refused before any work
@@ -216,6 +220,26 @@ def test_bad_arguments_are_clear_errors(argv, msg, capsys, monkeypatch):
         bench_model.main(argv)
     assert e.value.code == 2
     assert msg in " ".join(capsys.readouterr().err.split())
+
+
+def test_model_dirs_that_cannot_serve_the_run_are_refused_first(tmp_path, capsys, monkeypatch):
+    """A --model without weights, and --dataset over a --model without tokenizer files (its
+    texts would become unknown tokens), fail before any work, as the engine refuses them."""
+    from transformers import BertConfig
+
+    monkeypatch.setattr(bench_model, "matmul_peak", _never_called)
+    cfg = BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=64, num_labels=1)
+    save_tiny(str(tmp_path / "ids_only"), cfg, tokenizer=None)
+    (tmp_path / "no_weights").mkdir()
+    cfg.save_pretrained(tmp_path / "no_weights")
+    (tmp_path / "d.txt").write_text("the cat\n")
+    for argv, msg in [(["--model", str(tmp_path / "no_weights")], "--model: no weights in"),
+                      (["--model", str(tmp_path / "ids_only"), "--dataset", str(tmp_path / "d.txt")],
+                       "--dataset needs a tokenizer: --model .* has no tokenizer files")]:
+        with pytest.raises(SystemExit) as e:
+            bench_model.main(argv)
+        assert e.value.code == 2 and re.search(msg, " ".join(capsys.readouterr().err.split())), argv
 
 
 def _never_called(*args, **kwargs):

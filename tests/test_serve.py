@@ -665,6 +665,20 @@ def test_concurrent_clients_match_offline(cls_env, ce_env):
     assert counts["ok"] >= 64 and counts["bad"] > 0
 
 
+@pytest.mark.parametrize("argv, msg", [
+    (["--request-timeout", "-1"], "--request-timeout must be positive"),
+    (["--start-timeout", "0"], "--start-timeout must be positive"),
+    (["--json", "/nonexistent/dir/r.json"], "--json"),
+])
+def test_bench_serve_bad_arguments_before_the_server_starts(argv, msg, capsys, monkeypatch):
+    from pyengine.bench import serve as bench_serve
+
+    monkeypatch.setattr(bench_serve, "_start_server", lambda *a, **k: pytest.fail("the server was started"))
+    with pytest.raises(SystemExit) as e:
+        bench_serve.main(argv)
+    assert e.value.code == 2 and msg in capsys.readouterr().err
+
+
 def test_bench_serve_smoke(tmp_path):
     # The benchmark end to end (server subprocess, clients, report), briefly.
     from pyengine.bench import serve as bench_serve

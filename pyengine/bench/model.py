@@ -92,6 +92,12 @@ def _check(args, parser):
     if args.model is not None:
         if not os.path.isfile(os.path.join(args.model, "config.json")):
             parser.error(f"--model {args.model!r} is not a checkpoint directory (no config.json)")
+        from ..models.loader import _weight_files
+
+        try:
+            _weight_files(args.model)
+        except FileNotFoundError as e:
+            parser.error(f"--model: {e}")
         if args.layers is not None:
             parser.error("--layers applies to presets only, not to --model")
         args.presets = []
@@ -108,6 +114,18 @@ def _check(args, parser):
             parser.error("--dataset and --workload exclude each other")
         if not os.path.isfile(args.dataset):
             parser.error(f"--dataset {args.dataset!r} does not exist")
+        from ..config import EngineConfig
+        from ..engine import load_tokenizer
+
+        try:  # the engine's own rules: no tokenizer files, or settings without a vocabulary, are refused
+            tok = load_tokenizer(EngineConfig(model=args.model, device="cpu"))
+        except ValueError as e:
+            parser.error(f"--dataset: {e}")
+        if tok is None:
+            parser.error(f"--dataset needs a tokenizer: --model {args.model!r} has no tokenizer files")
+    if args.max_num_batched_tokens is not None and args.max_num_batched_tokens < 8:
+        parser.error(f"--max-num-batched-tokens must be at least 8 (the workloads' shortest prompt), got "
+                     f"{args.max_num_batched_tokens}")
     args.workload = args.workload or "mixed"
     try:
         _, fixed = parse_workload(args.workload)
@@ -136,6 +154,13 @@ def _check(args, parser):
             parser.error(f"--json {why}")
     args.cache_dir = args.cache_dir or os.environ.get("PYENGINE_BENCH_CACHE") or \
         os.path.join(os.path.expanduser("~"), ".cache", "pyengine", "bench")
+    if args.presets:  # the presets' checkpoints are written there
+        try:
+            os.makedirs(args.cache_dir, exist_ok=True)
+        except OSError as e:
+            parser.error(f"--cache-dir {args.cache_dir!r} cannot be created: {e}")
+        if not os.access(args.cache_dir, os.W_OK):
+            parser.error(f"--cache-dir {args.cache_dir!r} is not writable")
     return args
 
 
@@ -174,9 +199,10 @@ def _prepare(args, name):
     facts = P.model_facts(config)
     limit = min(facts["max_len"], args.max_num_batched_tokens)
     if args.dataset:
-        from transformers import AutoTokenizer
+        from ..config import EngineConfig
+        from ..engine import load_tokenizer
 
-        tok = AutoTokenizer.from_pretrained(args.model, local_files_only=True, trust_remote_code=False)
+        tok = load_tokenizer(EngineConfig(model=args.model, device="cpu"))
         workload = read_dataset(args.dataset, tok, limit, args.num_prompts)
     else:
         workload = synthetic(args.workload, args.num_prompts, args.seed, config.vocab_size, facts["ends"],
@@ -294,7 +320,8 @@ def bench_one(args, name, bar) -> dict:
         tokens = sum(len(p) for p in prompts)
         flops = flops_all if len(idx) == n else P.workload_flops(config, [len(p) for p in prompts], linear)
         row.update(times_s=times, median_s=t, seq_per_s=len(idx) / t, tok_per_s=tokens / t,
-                   flops=flops, cpu_s=median(cpu), peak_mem_bytes=mem, ops=ops)
+                   flops=flops, cpu_s=cpu[sorted(range(len(times)), key=times.__getitem__)[(len(times) - 1) // 2]],
+                   peak_mem_bytes=mem, ops=ops)  # cpu_s: that of the median pass (the lower of two)
         if prov.sampled:
             row["note"] = (f"{prov.name} ran on a seeded sample of {len(idx)} of {n} prompts; its seq/s and tok/s "
                            "are rates on that sample, taken as the rates of the whole workload")

@@ -131,7 +131,7 @@ def format_table(report: dict) -> str:
         for p in res["providers"]:
             label = p["label"] + (f" [{p['num_prompts']} sampled]" if p.get("sampled") else "")
             if p["status"] != "ok":
-                lines.append(f"{label:<42}  skipped: {p['reason']}")
+                lines.append(f"{label:<42}  {p['status']}: {p['reason']}")
                 continue
             frac = None if p["frac_peak"] is None else 100 * p["frac_peak"]
             agree = None if p["argmax_agree"] is None else 100 * p["argmax_agree"]

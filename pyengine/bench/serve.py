@@ -65,6 +65,15 @@ def _check(args, parser):
         parser.error("--duration must be positive and --warmup not negative")
     if args.model is not None and not os.path.isdir(args.model):
         parser.error(f"--model {args.model!r} is not a directory")
+    for name in ("request_timeout", "start_timeout"):
+        if not getattr(args, name) > 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.json is not None:
+        from .report import output_path_error
+
+        why = output_path_error(args.json)
+        if why:
+            parser.error(f"--json {why}")
 
 
 def build_checkpoint(preset: str, path: str) -> str:
