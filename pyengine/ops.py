@@ -138,12 +138,12 @@ def _host_cu(op, cu_seqlens, T):
 
 
 def _attention_inputs(op, q, k, v, rows_of_q):
-    """The reference's own checks of q (·, Hq, D), k and v (T, Hkv, D): one float dtype,
-    shapes that agree (T = q's rows where rows_of_q), Hkv dividing Hq, as the Triton
-    launchers check them."""
+    """The reference's own checks of q (·, Hq, D), k and v (T, Hkv, D): one float dtype
+    (float64 too: tests use the reference as a float64 oracle), shapes that agree (T = q's
+    rows where rows_of_q), Hkv dividing Hq, as the Triton launchers check them."""
     for name, t in (("q", q), ("k", k), ("v", v)):
-        _v.check(op, isinstance(t, torch.Tensor) and t.dim() == 3 and t.dtype in _v.DTYPES,
-                 lambda: f"{name} must be a float16/bfloat16/float32 (·, H, D) tensor, got "
+        _v.check(op, isinstance(t, torch.Tensor) and t.dim() == 3 and t.is_floating_point(),
+                 lambda: f"{name} must be a floating-point (·, H, D) tensor, got "
                          f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
     _v.check(op, k.dtype == q.dtype == v.dtype, lambda: f"q, k, v must share a dtype, got {q.dtype} {k.dtype} {v.dtype}")
     T = q.shape[0] if rows_of_q else k.shape[0]

@@ -1282,7 +1282,7 @@ def _moe_args(experts):
      "cu_seqlens .*T=9"),
     # what the attention kernels refuse, the reference refuses too
     ("varlen_attention", lambda: (*(x.int() for x in _qkv([4, 4], 4, 2, 16, torch.float32)), cu_seqlens([4, 4]), 4),
-     "q.dtype must be float16, bfloat16 or float32|q must be a float16/bfloat16/float32"),
+     "q.dtype must be float16, bfloat16 or float32|q must be a floating-point"),
     ("varlen_attention", lambda: (*_qkv([4, 4], 3, 2, 16, torch.float32), cu_seqlens([4, 4]), 4),
      r"Hq \(3\) must be a multiple of Hkv \(2\)"),
     ("varlen_attention", lambda: (*_qkv([4, 4], 4, 2, 16, torch.float32), cu_seqlens([4, 4]), -1),
