@@ -139,7 +139,7 @@ PYBIND11_MODULE(_C, m) {
       py::arg("eps"), py::arg("offset"), py::arg("out"), py::arg("hidden_size"),
       py::arg("device"), py::arg("stream"), py::arg("variant") = 0, py::arg("slice_rows") = 0,
       py::arg("warps") = 8, py::arg("rows_per_warp") = 1, py::arg("blocks_per_sm") = 0,
-      py::arg("tokens") = 0, py::arg("workspace") = 0, py::arg("workspace_rows") = 0);
+      py::arg("tokens") = -1, py::arg("workspace") = 0, py::arg("workspace_rows") = 0);
 
   m.def("activation", &pyengine::launch_activation, py::arg("dtype"), py::arg("logits"),
         py::arg("row_stride"), py::arg("batch"), py::arg("labels"), py::arg("kind"),

@@ -200,6 +200,10 @@ __device__ __forceinline__ float warp_max(float v) {
   return v;
 }
 
+// Bytes of the static __shared__ scratch that kernels calling block_sum hold: the driver
+// counts them against the 48 KiB a block may use without the opt-in.
+constexpr size_t kBlockSumScratchBytes = 32 * sizeof(float);
+
 // Sum over the whole (1-D) block; every thread gets the result. `scratch` holds 32 floats.
 __device__ __forceinline__ float block_sum(float v, float* scratch) {
   const int lane = threadIdx.x & 31;

@@ -22,7 +22,7 @@ __global__ void add_norm_kernel(const T* __restrict__ x, int64_t x_stride,
                                 T* __restrict__ out, T* __restrict__ summed, int hidden,
                                 float eps, float offset) {
   extern __shared__ float srow[];  // hidden floats, element (i*VEC + j) at j*nvec + i
-  __shared__ float scratch[32];
+  __shared__ float scratch[kBlockSumScratchBytes / sizeof(float)];
   const int64_t row = blockIdx.x;
   const int nvec = hidden / VEC;
   const T* xr = x + row * x_stride;
@@ -91,7 +91,8 @@ void launch_typed(const char* op, uintptr_t x, int64_t x_stride, uintptr_t resid
   const int64_t nvec = hidden / VEC;
   const int threads = static_cast<int>(std::min<int64_t>(1024, std::max(32, round_up32(nvec))));
   const size_t smem = static_cast<size_t>(hidden) * sizeof(float);
-  if (smem > 48 * 1024) {
+  // the kernel's static scratch counts against the same 48 KiB (H = 12288 needs the opt-in)
+  if (smem + kBlockSumScratchBytes > 48 * 1024) {
     PYE_CUDA_CHECK(op, cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                             static_cast<int>(smem)));
   }

@@ -42,7 +42,7 @@ struct PooledNormConfig {
   int warps = 8;              // warps per block, 1..8
   int rows_per_warp = 1;      // 1, 2 or 4 rows' loads in flight per warp (an upper bound)
   int blocks_per_sm = 0;      // 0: one block per slice; k: k * SM-count blocks loop over them
-  int64_t tokens = 0;         // hidden's rows T
+  int64_t tokens = -1;        // hidden's rows T (variant 1 needs it)
   uintptr_t workspace = 0;    // float32 (workspace_rows, H), needed when 0 < slice_rows < T
   int64_t workspace_rows = 0; // at least ceil(T / slice_rows) + B
 };

@@ -116,6 +116,10 @@ void launch_gather_typed(const char* op, uintptr_t hidden, int64_t row_stride,
   const int64_t packs = hidden_size / VEC;
   const int tx = static_cast<int>(std::min<int64_t>(128, std::max(32, round_up32(packs))));
   const int ty = POOL == 2 ? kMeanRows : 1;
+  if (ceil_div(packs, tx) > 65535) {  // grid.y's limit: one block per tx packs of a row
+    throw_bad_arg(op, "hidden_size " + std::to_string(hidden_size) + " is too wide for the gather kernel (at most " +
+                          std::to_string(65535LL * tx * VEC) + " here)");
+  }
   const dim3 grid(static_cast<unsigned>(batch), static_cast<unsigned>(ceil_div(packs, tx)));
   const size_t smem = POOL == 2 ? static_cast<size_t>(ty - 1) * VEC * tx * sizeof(float) : 0;
   gather_pooled_kernel<T, O, VEC, POOL><<<grid, dim3(tx, ty), smem, stream>>>(
@@ -171,7 +175,7 @@ __global__ void pooled_norm_kernel(const T* __restrict__ hidden, int64_t h_strid
   // [0, H): the current row in fp32; [H, 2H): the running sum of normed rows. Element
   // (i*VEC + j) sits at j*nvec + i, and each thread only touches its own elements.
   extern __shared__ float smem[];
-  __shared__ float scratch[32];
+  __shared__ float scratch[kBlockSumScratchBytes / sizeof(float)];
   const int H = hidden_size;
   const int nvec = H / VEC;
   float* srow = smem;
@@ -673,7 +677,8 @@ void launch_pooled_norm_typed(uintptr_t hidden, int64_t h_stride, uintptr_t resi
   const int64_t nvec = hidden_size / VEC;
   const int threads = static_cast<int>(std::min<int64_t>(1024, std::max(32, round_up32(nvec))));
   const size_t smem = 2 * static_cast<size_t>(hidden_size) * sizeof(float);
-  if (smem > 48 * 1024) {
+  // the kernel's static scratch counts against the same 48 KiB (H = 12288 needs the opt-in)
+  if (smem + kBlockSumScratchBytes > 48 * 1024) {
     PYE_CUDA_CHECK(op, cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                             static_cast<int>(smem)));
   }
@@ -847,7 +852,9 @@ void launch_pooled_norm(int dtype, int wdtype, uintptr_t hidden, int64_t h_strid
     if (config.blocks_per_sm < 0 || config.blocks_per_sm > 64) {
       throw_bad_arg(op, "config blocks_per_sm must be in [0, 64]");
     }
-    if (config.tokens < 0) throw_bad_arg(op, "config tokens must be >= 0");
+    // T bounds the slices; left unset (-1), the kernel would take every sequence for a
+    // partial one and write through the absent workspace
+    if (config.tokens < 0) throw_bad_arg(op, "variant 'slices' needs tokens = T, the packed rows of hidden (>= 0)");
   }
   if (norm_kind != 0 && wdtype != dtype && wdtype != kFloat32) {
     throw_bad_arg(op, std::string("weight dtype ") + dtype_name(wdtype) +
