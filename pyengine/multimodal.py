@@ -547,8 +547,9 @@ def _embeds(v, kind, where):
         grid = grid[None]
     if grid.ndim != 2 or grid.shape[1] != 3 or grid.is_floating_point() or (grid < 1).any():
         raise ValueError(f"{where}: {what}_grid_thw must be positive ints (items, 3), got {tuple(grid.shape)}")
-    if not bool(torch.isfinite(rows).all()):
-        bad = int(torch.isfinite(rows).logical_not().reshape(-1, rows.shape[-1]).any(-1).nonzero()[0, 0])
+    finite = torch.isfinite(rows)
+    if not bool(finite.all()):
+        bad = int(finite.logical_not().reshape(-1, rows.shape[-1]).any(-1).nonzero()[0, 0])
         raise ValueError(f"{where}: {what}_embeds holds NaN or infinity (row {bad} of its tokens)")
     per_item = None
     if rows.ndim == 3:
