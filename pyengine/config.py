@@ -161,9 +161,10 @@ class EngineConfig:
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.runner not in ("auto", "pooling"):
             raise ValueError(f"runner={self.runner!r}: this engine runs pooling models only; use 'auto' or 'pooling'")
-        if self.kernel_backend not in (None, "auto", "cuda", "triton", "torch"):  # ops.BACKENDS
-            raise ValueError(f"unknown kernel backend {self.kernel_backend!r}; expected one of "
-                             "('cuda', 'triton', 'torch') or 'auto'")
+        from .ops import BACKENDS
+
+        if self.kernel_backend not in (None, "auto", *BACKENDS):  # resolve_ops' own check, before any loading
+            raise ValueError(f"unknown kernel backend {self.kernel_backend!r}; expected one of {BACKENDS} or 'auto'")
         if self.convert not in ("auto", "classify", "none"):
             raise ValueError(f"convert must be 'auto', 'classify' or 'none', got {self.convert!r}")
         if self.device in (None, "auto"):
