@@ -56,7 +56,10 @@ def check_norms():
     cases = [(torch.float32, 64, 3, True, None, 0), (torch.float16, 384, 4, True, None, 0),
              (torch.bfloat16, 96, 2, False, torch.float32, 0), (torch.float16, 37, 3, True, None, 0),
              (torch.bfloat16, 128, 3, True, None, 3), (torch.float32, 2048, 2, True, None, 0),
-             (torch.float16, 4096, 1, False, None, 0), (torch.float32, 16384, 2, True, None, 1)]
+             (torch.float16, 4096, 1, False, None, 0), (torch.float32, 16384, 2, True, None, 1),
+             # 48 KiB of dynamic shared memory: with the kernel's static scratch, past what a
+             # block may use without the opt-in (the emulator refuses the launch as a GPU does)
+             (torch.float32, 12288, 1, True, None, 0)]
     for dt, H, rows, res, wdt, pad in cases:
         base = torch.randn(rows, H + pad, dtype=dt)
         x = base[:, pad:] if pad == 1 else base[:, :H]
@@ -107,7 +110,9 @@ def check_pooling():
              # each), a row of 1024; and rows past its bound (block kernel) in fp32
              (torch.bfloat16, 1024, [1, 4, 2, 9, 1, 3, 5, 1, 2, 7, 1], 0), (torch.float32, 2176, [2, 1, 3], 0),
              # empty first, middle and last sequences: NaN rows (no row read out of bounds)
-             (torch.bfloat16, 1024, [0, 3, 0, 2, 0], 0), (torch.float32, 2176, [0, 2, 0], 0)]
+             (torch.bfloat16, 1024, [0, 3, 0, 2, 0], 0), (torch.float32, 2176, [0, 2, 0], 0),
+             # the block kernel's 2 * H floats of dynamic shared memory at 48 KiB (see check_norms)
+             (torch.float32, 6144, [2, 1], 0)]
     for dt, H, lens, pad in cases:
         T = sum(lens)
         hid = torch.randn(T, H + pad, dtype=dt)[:, :H]

@@ -9,6 +9,7 @@
 #include <functional>
 #include <memory>
 #include <thread>
+#include <map>
 #include <vector>
 #include <cstdio>
 
@@ -32,6 +33,14 @@ inline float g_warp_buf[32][32];
 alignas(16) inline char g_dyn_smem[256 * 1024];
 inline thread_local int t_lin;
 inline long g_launches = 0;
+// Launch limits as the driver applies them: dynamic shared memory past 48 KiB less the
+// kernel's static shared memory needs the cudaFuncSetAttribute opt-in (the static part is
+// taken as 128 B, the block-sum scratch of the block kernels; a kernel holding more is
+// checked less strictly than a GPU would), and grid.y, grid.z at most 65535. A refused
+// launch runs nothing; the next cudaGetLastError reports it, as on a GPU.
+constexpr long kStaticSmem = 128;
+inline std::map<const void*, int> g_max_dyn_smem;  // kernel -> its opted-in bytes
+inline bool g_launch_refused = false;
 
 template <class K>
 struct Launcher {
@@ -39,6 +48,14 @@ struct Launcher {
   template <class... A>
   void operator()(A... args) {
     ++g_launches;
+    const auto key = reinterpret_cast<const void*>(kernel);
+    const long limit = g_max_dyn_smem.count(key) ? g_max_dyn_smem[key] : 48 * 1024 - kStaticSmem;
+    if (static_cast<long>(smem) > limit || grid.y > 65535 || grid.z > 65535) {
+      std::fprintf(stderr, "EMU launch refused: grid (%u, %u, %u), %zu B dynamic shared memory, limit %ld\n",
+                   grid.x, grid.y, grid.z, smem, limit);
+      g_launch_refused = true;
+      return;
+    }
     g_blockDim = block; g_gridDim = grid;
     const unsigned nt = block.x * block.y * block.z;
     if (nt == 0 || nt > 1024 || smem > sizeof(g_dyn_smem)) { std::fprintf(stderr, "EMU bad launch nt=%u smem=%zu\n", nt, smem); std::abort(); }
