@@ -464,8 +464,8 @@ def _column_values(col, name) -> list:
 
     try:
         return col.to_pylist()
-    except (OverflowError, ValueError, UnicodeDecodeError, pa.ArrowException):
-        pass
+    except (OverflowError, ValueError, UnicodeDecodeError, pa.ArrowException) as e:
+        failure = e
     t = col.type
     if pa.types.is_string(t) or pa.types.is_large_string(t):
         raw = col.cast(pa.large_binary()).to_pylist()
@@ -481,11 +481,9 @@ def _column_values(col, name) -> list:
                     text = str(x.cast(pa.int64()).as_py())
                 out.append(text)
         return out
-    try:
-        return col.to_pylist()
-    except (OverflowError, ValueError, UnicodeDecodeError, pa.ArrowException) as e:
-        raise ValueError(f"column {name!r} ({t}) holds a value JSON output cannot take ({e}); "
-                         "write Parquet, or drop the column") from None
+    # a value nested inside a list or struct: name the column and what Arrow could not convert
+    raise ValueError(f"column {name!r} ({t}) holds a value JSON output cannot take ({failure}); "
+                     "write Parquet, or drop the column") from None
 
 
 def _json_line(row) -> str:

@@ -312,9 +312,19 @@ def rotary(q, k, positions, cos_sin, neox=True):
     positions: (T,) int64, restarting at 0 per sequence; cos_sin: (max_pos, R) fp32 with
     cos in the first R/2 columns and sin in the last R/2, R <= D the rotated width.
     neox=True rotates halves (Llama/Qwen); False rotates interleaved pairs (GPT-J)."""
+    _rotary_inputs("rotary", q, k, positions, cos_sin)
+    return _rotate(q, k, positions, cos_sin, neox)
+
+
+def _rotary_inputs(op, q, k, positions, cos_sin):
+    """What the in-place rotary references refuse before writing anything: q or k whose
+    tokens share memory, positions outside cos_sin's rows (-1 would wrap to the last)."""
     for name, x in (("q", q), ("k", k)):
-        _v.check_no_overlap("rotary", name, x)
-    _v.check_index_range("rotary", "positions", positions, cos_sin.shape[0], "cos_sin")  # -1 would wrap
+        _v.check_no_overlap(op, name, x)
+    _v.check_index_range(op, "positions", positions, cos_sin.shape[0], "cos_sin")
+
+
+def _rotate(q, k, positions, cos_sin, neox):
     R = cos_sin.shape[1]
     cos, sin = cos_sin[positions].chunk(2, dim=-1)  # (T, R/2)
     cos, sin = cos[:, None, :], sin[:, None, :]
@@ -335,10 +345,10 @@ def qk_norm_rotary(q, k, q_weight, k_weight, positions, cos_sin, eps, offset=0.0
     q: (T, Hq, D); k: (T, Hkv, D), same float dtype (views of a fused qkv tensor work);
     q_weight, k_weight: (D,); eps, offset: as in add_rms_norm (each head normed over D in
     fp32 and rounded to q's dtype); positions, cos_sin, neox: as in rotary. Returns (q, k)."""
-    _v.check_index_range("qk_norm_rotary", "positions", positions, cos_sin.shape[0], "cos_sin")  # before q changes
+    _rotary_inputs("qk_norm_rotary", q, k, positions, cos_sin)  # before q changes
     q.copy_(add_rms_norm(q, None, q_weight, eps, offset)[0])
     k.copy_(add_rms_norm(k, None, k_weight, eps, offset)[0])
-    return rotary(q, k, positions, cos_sin, neox)
+    return _rotate(q, k, positions, cos_sin, neox)
 
 
 def gated_act(x, kind):

@@ -123,6 +123,7 @@ def _check(args, parser):
             parser.error(f"--dataset: {e}")
         if tok is None:
             parser.error(f"--dataset needs a tokenizer: --model {args.model!r} has no tokenizer files")
+        args.dataset_tokenizer = tok  # loaded once, here, for _prepare
     if args.max_num_batched_tokens is not None and args.max_num_batched_tokens < 8:
         parser.error(f"--max-num-batched-tokens must be at least 8 (the workloads' shortest prompt), got "
                      f"{args.max_num_batched_tokens}")
@@ -199,11 +200,7 @@ def _prepare(args, name):
     facts = P.model_facts(config)
     limit = min(facts["max_len"], args.max_num_batched_tokens)
     if args.dataset:
-        from ..config import EngineConfig
-        from ..engine import load_tokenizer
-
-        tok = load_tokenizer(EngineConfig(model=args.model, device="cpu"))
-        workload = read_dataset(args.dataset, tok, limit, args.num_prompts)
+        workload = read_dataset(args.dataset, args.dataset_tokenizer, limit, args.num_prompts)
     else:
         workload = synthetic(args.workload, args.num_prompts, args.seed, config.vocab_size, facts["ends"],
                              facts["special_ids"], limit)
